@@ -1,0 +1,247 @@
+"""The engine against stock transformers, a brute-force reference, itself one sample at a time, and its cache."""
+import pytest
+import torch
+
+from batches import N_VIS, make_samples, pad_batch, vision_features
+from hidrop.engine import ScheduledModel
+from hidrop.schedule import DropEvent, PositionMode, QueryRule, Schedule, Selector, preset, vanilla
+from hidrop.tiny import TINY_IMAGE_TOKEN, tiny_llama, tiny_llava
+from reference import reference_forward
+
+ATOL = 2e-4
+
+
+def _schedules(n_layers=8):
+    return {
+        "fastv": preset("fastv", n_layers, N_VIS),
+        "pdrop": preset("pdrop", n_layers, N_VIS),
+        "hidrop": preset("hidrop_tok64", n_layers, N_VIS),
+        # explicit schedules that reach every position mode and both scoring conventions
+        "hidrop_group": Schedule(
+            num_layers=n_layers, num_vision_tokens=N_VIS, inject_layer=2, exit_layer=7,
+            drops=(DropEvent(after_layer=3, keep=9), DropEvent(after_layer=5, keep=3, score_layer=5)),
+            position_mode=PositionMode.group, name="group",
+        ),
+        "compacted_inject": Schedule(
+            num_layers=n_layers, num_vision_tokens=N_VIS, inject_layer=3, exit_layer=8,
+            drops=(DropEvent(after_layer=4, keep_ratio=0.5), DropEvent(after_layer=6, keep=2)),
+            position_mode=PositionMode.compacted, name="compacted_inject",
+        ),
+    }
+
+
+def _llama_inputs(samples, left=True):
+    ids, vis, am = pad_batch(samples, left=left)
+    feats = vision_features(samples)
+    return ids, vis, am, torch.cat(feats)
+
+
+def _sample_embeds(sm, ids, vis, feats):
+    e = sm.backbone.embed(ids)
+    if vis.any():
+        e = e.clone()
+        e[vis] = feats
+    return e
+
+
+# ---- 1. keep-everything == stock transformers ------------------------------------------------
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_vanilla_matches_stock_llama(impl, batch):
+    model = tiny_llama(attn_implementation=impl)
+    samples = make_samples(lengths=((5, 9), (2, 4), (7, 3))[:batch])
+    ids, vis, am = pad_batch(samples, left=True)
+    ids = ids.masked_fill(vis, 5)  # a plain LM: no image positions
+    pos = (am.cumsum(1) - 1).clamp(min=0)
+    # the first real token is never a target (HF would let a padding row predict it; we do not)
+    labels = ids.masked_fill((am == 0) | (pos == 0), -100)
+    stock = model(input_ids=ids, attention_mask=am, position_ids=pos, labels=labels)
+    ours = ScheduledModel(model, vanilla(8, N_VIS))(ids, am, labels=labels)
+    real = am.bool()
+    assert torch.allclose(stock.logits[real], ours.logits[real], atol=ATOL)
+    assert torch.allclose(stock.loss, ours.loss, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_vanilla_matches_stock_llava(impl, batch):
+    model = tiny_llava(attn_implementation=impl)
+    samples = make_samples(lengths=((5, 9), (2, 4), (7, 3))[:batch])
+    ids, vis, am = pad_batch(samples, left=True)
+    pixels = torch.randn(batch, 3, 32, 32)
+    pos = (am.cumsum(1) - 1).clamp(min=0)
+    labels = ids.masked_fill((am == 0) | vis | (pos == 0), -100)
+    stock = model(input_ids=ids, attention_mask=am, position_ids=pos, pixel_values=pixels, labels=labels)
+    ours = ScheduledModel(model, vanilla(8, N_VIS))(ids, am, pixel_values=pixels, labels=labels)
+    real = am.bool()
+    assert torch.allclose(stock.logits[real], ours.logits[real], atol=ATOL)
+    assert torch.allclose(stock.loss, ours.loss, atol=1e-5)
+
+
+# ---- 2. engine == brute-force reference ------------------------------------------------------
+@pytest.mark.parametrize("name", list(_schedules()))
+@pytest.mark.parametrize("left", [True, False])
+def test_engine_matches_reference(name, left):
+    schedule = _schedules()[name]
+    model = tiny_llama(attn_implementation="sdpa")
+    sm = ScheduledModel(model, schedule, image_token_id=TINY_IMAGE_TOKEN)
+    samples = make_samples()
+    ids, vis, am, feats = _llama_inputs(samples, left=left)
+    with torch.no_grad():
+        out = sm(ids, am, vision_embeds=feats)
+    per_sample_feats = vision_features(samples)
+    for row, ((s_ids, s_vis), s_feats) in enumerate(zip(samples, per_sample_feats)):
+        ref_logits, alive, keeps, _ = reference_forward(sm, _sample_embeds(sm, s_ids, s_vis, s_feats), s_vis)
+        cols = am[row].nonzero()[:, 0]
+        ours = out.logits[row, cols]
+        live = torch.tensor(alive)
+        assert torch.allclose(ours[live], ref_logits[live], atol=ATOL), (name, row)
+        if s_vis.any():
+            for drop_index, chosen in enumerate(keeps):
+                ours_kept = set(out.keep_masks[drop_index][row, cols].nonzero()[:, 0].tolist())
+                assert ours_kept == chosen, (name, row, drop_index)
+        counts = out.layer_vision_counts[:, row].tolist()
+        expected = schedule.tokens_per_layer() if s_vis.any() else [0] * schedule.num_layers
+        assert counts == expected
+
+
+def test_multi_round_training_matches_reference():
+    schedule = _schedules()["hidrop_group"].model_copy(update={"query_rule": QueryRule.multi_round})
+    schedule = Schedule.model_validate(schedule.model_dump())
+    model = tiny_llama(attn_implementation="eager")
+    sm = ScheduledModel(model, schedule, image_token_id=TINY_IMAGE_TOKEN)
+    samples = make_samples(lengths=((3, 12), (4, 10), None))
+    ids, vis, am, feats = _llama_inputs(samples, left=False)
+    labels = torch.full_like(ids, -100)
+    # two answer spans in row 0 (multi-round), one in row 1, none in the text-only row 2
+    labels[0, 3 + N_VIS + 2: 3 + N_VIS + 5] = ids[0, 3 + N_VIS + 2: 3 + N_VIS + 5]
+    labels[0, 3 + N_VIS + 8: 3 + N_VIS + 11] = ids[0, 3 + N_VIS + 8: 3 + N_VIS + 11]
+    labels[1, 4 + N_VIS + 3: 4 + N_VIS + 9] = ids[1, 4 + N_VIS + 3: 4 + N_VIS + 9]
+    out = sm(ids, am, vision_embeds=feats, labels=labels)
+    total_nll, total_n = 0.0, 0
+    for row, ((s_ids, s_vis), s_feats) in enumerate(zip(samples, vision_features(samples))):
+        n = len(s_ids)
+        ref_logits, alive, keeps, ref_loss = reference_forward(
+            sm, _sample_embeds(sm, s_ids, s_vis, s_feats), s_vis, labels=labels[row, :n]
+        )
+        live = torch.tensor(alive)
+        assert torch.allclose(out.logits[row, :n][live], ref_logits[live], atol=ATOL)
+        for drop_index, chosen in enumerate(keeps):
+            assert set(out.keep_masks[drop_index][row, :n].nonzero()[:, 0].tolist()) == chosen
+        k = int((labels[row, :n][live][1:] != -100).sum())
+        total_nll, total_n = total_nll + float(ref_loss) * k, total_n + k
+    assert abs(float(out.loss) - total_nll / total_n) < 1e-4
+
+
+def test_llava_schedule_matches_reference():
+    model = tiny_llava(attn_implementation="sdpa")
+    sm = ScheduledModel(model, _schedules()["hidrop"])
+    samples = make_samples(lengths=((5, 9), None, (2, 4)))
+    ids, vis, am = pad_batch(samples, left=True)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = sm(ids, am, pixel_values=pixels)
+        feats = sm.backbone.image_features(pixels).view(2, N_VIS, -1)
+    image_rows = iter(feats)
+    for row, (s_ids, s_vis) in enumerate(samples):
+        f = next(image_rows) if s_vis.any() else None
+        ref_logits, alive, _, _ = reference_forward(sm, _sample_embeds(sm, s_ids, s_vis, f), s_vis)
+        cols = am[row].nonzero()[:, 0]
+        live = torch.tensor(alive)
+        assert torch.allclose(out.logits[row, cols][live], ref_logits[live], atol=ATOL)
+
+
+# ---- 3, 4, 6. cache, generation, batching ---------------------------------------------------
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "hidrop", "hidrop_group"])
+def test_cached_generation_equals_recomputation(name):
+    sm = ScheduledModel(tiny_llama(), _schedules()[name], image_token_id=TINY_IMAGE_TOKEN)
+    samples = make_samples()
+    ids, vis, am, feats = _llama_inputs(samples, left=True)
+    seq, cache, keeps = sm.generate(ids, am, vision_embeds=feats, max_new_tokens=6, return_cache=True)
+    assert cache.get_seq_length() == seq.shape[1] - 1  # logical length: the last token is not yet fed
+    L = ids.shape[1]
+    for t in range(1, seq.shape[1] - L + 1):
+        prefix = seq[:, : L + t - 1]
+        mask = torch.cat([am, torch.ones(len(samples), t - 1, dtype=am.dtype)], 1)
+        forced = [torch.nn.functional.pad(k, (0, t - 1)) for k in keeps]
+        with torch.no_grad():
+            full = sm(prefix, mask, vision_embeds=feats, vision_mask=torch.nn.functional.pad(vis, (0, t - 1)),
+                      forced_keep=forced, logits_to_keep=1)
+        assert torch.equal(full.logits[:, -1].argmax(-1), seq[:, L + t - 1]), (name, t)
+
+
+def test_cached_logits_equal_recomputed_logits():
+    sm = ScheduledModel(tiny_llama(), _schedules()["compacted_inject"], image_token_id=TINY_IMAGE_TOKEN)
+    samples = make_samples()
+    ids, vis, am, feats = _llama_inputs(samples, left=True)
+    with torch.no_grad():
+        pre = sm(ids, am, vision_embeds=feats, use_cache=True, logits_to_keep=1)
+        nxt = torch.randint(3, 100, (len(samples), 3))
+        cached = sm(nxt, past_key_values=pre.past_key_values).logits
+        full = sm(torch.cat([ids, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1), vision_embeds=feats,
+                  vision_mask=torch.nn.functional.pad(vis, (0, 3)),
+                  forced_keep=[torch.nn.functional.pad(k, (0, 3)) for k in pre.keep_masks])
+    assert torch.allclose(cached, full.logits[:, -3:], atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["vanilla", "fastv", "pdrop", "hidrop"])
+def test_batch_equals_one_by_one(name):
+    schedule = vanilla(8, N_VIS) if name == "vanilla" else _schedules()[name]
+    sm = ScheduledModel(tiny_llama(), schedule, image_token_id=TINY_IMAGE_TOKEN)
+    samples = make_samples()
+    ids, vis, am, feats = _llama_inputs(samples, left=True)
+    batched = sm.generate(ids, am, vision_embeds=feats, max_new_tokens=8)
+    per_feats = vision_features(samples)
+    for row, ((s_ids, s_vis), f) in enumerate(zip(samples, per_feats)):
+        alone = sm.generate(s_ids[None], vision_embeds=f if s_vis.any() else None, max_new_tokens=8)
+        assert torch.equal(batched[row, ids.shape[1]:], alone[0, len(s_ids):]), (name, row)
+        with torch.no_grad():
+            a = sm(s_ids[None], vision_embeds=f if s_vis.any() else None).logits[0]
+            b = sm(ids, am, vision_embeds=feats).logits[row, am[row].bool()]
+        assert torch.allclose(a, b, atol=ATOL)
+
+
+def test_scoring_pass_never_writes_the_cache():
+    schedule = _schedules()["hidrop_group"]  # scores with the next layer AND with a layer's own q/k
+    sm = ScheduledModel(tiny_llama(), schedule, image_token_id=TINY_IMAGE_TOKEN)
+    ids, vis = make_samples(lengths=((5, 9),))[0]
+    feats = vision_features([(ids, vis)])[0]
+    with torch.no_grad():
+        out = sm(ids[None], vision_embeds=feats, use_cache=True)
+        cache = out.past_key_values
+        text = int((~vis).sum())
+        assert [cache.physical_length(i) for i in range(8)] == [text + n for n in schedule.tokens_per_layer()]
+        sm(torch.tensor([[7]]), past_key_values=cache)
+        assert [cache.physical_length(i) for i in range(8)] == [text + n + 1 for n in schedule.tokens_per_layer()]
+        assert cache.get_seq_length() == len(ids) + 1
+
+
+# ---- 7. DTop-K ---------------------------------------------------------------------------------
+def test_dtopk_learnable_ratio_gets_gradient_and_keeps_exact_topk():
+    base = _schedules()["hidrop"]
+    schedule = Schedule.model_validate({**base.model_dump(), "selector": Selector.dtopk_learnable})
+    sm = ScheduledModel(tiny_llama(), schedule, image_token_id=TINY_IMAGE_TOKEN, budget_weight=0.0)
+    sm.train()
+    samples = make_samples()
+    ids, vis, am, feats = _llama_inputs(samples, left=False)
+    labels = ids.masked_fill((am == 0) | vis, -100)
+    out = sm(ids, am, vision_embeds=feats, labels=labels)
+    out.loss.backward()
+    assert sm.keep_fractions.grad is not None and sm.keep_fractions.grad.abs().sum() > 0
+    # the forward pass is the hard selection: identical to the released (fixed-ratio) selector
+    fixed = ScheduledModel(sm.model, base, image_token_id=TINY_IMAGE_TOKEN)
+    with torch.no_grad():
+        ref = fixed(ids, am, vision_embeds=feats, labels=labels)
+    assert all(torch.equal(a, b) for a, b in zip(out.keep_masks, ref.keep_masks))
+    assert torch.allclose(out.loss.detach(), ref.loss, atol=1e-5)
+
+
+def test_budget_loss_pulls_keep_ratio_toward_target():
+    base = _schedules()["hidrop"]
+    schedule = Schedule.model_validate({**base.model_dump(), "selector": Selector.dtopk_learnable})
+    sm = ScheduledModel(tiny_llama(), schedule, budget_target=1.0)
+    loss = sm.budget_loss()
+    loss.backward()
+    assert float(loss) > 0 and bool((sm.keep_fractions.grad > 0).all())  # gradient descent lowers the counts
+    at_target = ScheduledModel(tiny_llama(), schedule)
+    assert float(at_target.budget_loss()) == pytest.approx(0.0, abs=1e-10)
