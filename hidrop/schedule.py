@@ -196,6 +196,10 @@ class Schedule(BaseModel):
 
         inject = scale(self.inject_layer)
         end = num_layers + 1 if self.exit_layer is None else min(max(scale(self.exit_layer), inject + 1), num_layers)
+        if self.drops and end - inject < 2:  # a drop needs a layer before it and one after it inside the window
+            end = inject + 2
+            if end > num_layers + 1:
+                inject, end = max(1, num_layers - 1), num_layers + 1
         events: list[DropEvent] = []
         for drop in self.drops:
             after = min(max(scale(drop.after_layer + 1) - 1, inject), end - 2)
@@ -309,7 +313,7 @@ PRESETS = {
     "hidrop_tok48": lambda n, v: hidrop("tok48", n, v),
     "hidrop_tok64": lambda n, v: hidrop("tok64", n, v),
     "hidrop_tok80": lambda n, v: hidrop("tok80", n, v),
-    "hidrop_mobilellama": lambda n, v: hidrop_mobilellama(num_vision_tokens=v).scaled_to(n, v),
+    "hidrop_mobilellama": lambda n, v: hidrop_mobilellama().scaled_to(n, v),
 }
 
 

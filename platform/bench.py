@@ -1,0 +1,140 @@
+"""Prefill benchmark: every method on the same random-weight model, one run, ratios to vanilla.
+
+Timing is wall clock with warm-up and the median of repeats (CUDA-synchronised on GPU). Beside each
+time: whole-model TFLOPs for the batch, so the gap between the token-count limit and the measured
+speed-up is visible. The scoring overhead is measured directly: the same HiDrop forward with its
+keep sets frozen (no scoring pass) versus with scoring, as a share of a vanilla forward.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hidrop.cost import ModelShape, model_tflops
+from hidrop.engine import ScheduledModel
+from hidrop.schedule import Schedule, preset
+from hidrop_platform.config import ExperimentConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _random_lm(shape: ModelShape, dtype, device, attn: str) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=4096,
+    )
+    config._attn_implementation = attn
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def _time(fn: Callable[[], object], warmup: int, repeats: int, device: str) -> list[float]:
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_prefill_bench(
+    config: ExperimentConfig,
+    device: Optional[str] = None,
+    small: Optional[bool] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bench = config.bench
+    small = (device == "cpu") if small is None else small
+    shape = bench.cpu_shape if small else config.model.shape
+    batch = bench.cpu_batch_size if small else bench.batch_size
+    dtype = DTYPES[bench.dtype] if device != "cpu" else torch.float32
+    attn = config.model.attn_implementation
+    torch.manual_seed(config.seed)
+    model = _random_lm(shape, dtype, device, attn)
+
+    n_vis, text = shape.num_vision_tokens, bench.text_tokens
+    L = n_vis + text
+    g = torch.Generator(device="cpu").manual_seed(config.seed)
+    ids = torch.randint(3, shape.vocab_size, (batch, L), generator=g).to(device)
+    vision_mask = torch.zeros(batch, L, dtype=torch.bool, device=device)
+    vision_mask[:, 5:5 + n_vis] = True  # a short system prompt, the image, then the question
+    vision = torch.randn(batch * n_vis, shape.hidden_size, generator=g).to(device, dtype)
+
+    methods: list[Schedule] = [preset(m, shape.num_layers, n_vis) for m in bench.methods]
+    main = config.main_schedule
+    if main.name not in bench.methods and not main.is_vanilla():
+        methods.append(main.scaled_to(shape.num_layers, n_vis))
+    cost_shape = shape.model_copy(update={"text_tokens": text, "logits_positions": 1})
+
+    results = []
+    with torch.no_grad():
+        for schedule in methods:
+            if progress:
+                progress(schedule.name)
+            sm = ScheduledModel(model, schedule)
+
+            def forward(forced=None, sm=sm):
+                return sm(ids, vision_embeds=vision, vision_mask=vision_mask, logits_to_keep=1, forced_keep=forced)
+
+            times = _time(forward, bench.warmup, bench.repeats, device)
+            peak = None
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+                forward()
+                peak = torch.cuda.max_memory_allocated() / 2**30
+            row = {
+                "name": schedule.name,
+                "plan": schedule.describe(),
+                "avg_vision_tokens": schedule.avg_tokens(),
+                "latency_ms": 1000 * statistics.median(times),
+                "latency_ms_all": [1000 * t for t in times],
+                "throughput_samples_s": batch / statistics.median(times),
+                "model_tflops_per_sample": model_tflops(schedule, cost_shape),
+                "peak_memory_gib": peak,
+            }
+            if schedule.drops:
+                keeps = forward().keep_masks
+                frozen = _time(lambda: forward(keeps), bench.warmup, bench.repeats, device)
+                row["latency_ms_without_scoring"] = 1000 * statistics.median(frozen)
+            results.append(row)
+    base = next((r for r in results if r["name"] == "vanilla"), results[0])
+    for r in results:
+        r["speedup_vs_vanilla"] = base["latency_ms"] / r["latency_ms"]
+        r["flops_ratio_vs_vanilla"] = base["model_tflops_per_sample"] / r["model_tflops_per_sample"]
+        if "latency_ms_without_scoring" in r:
+            r["scoring_overhead_pct_of_vanilla"] = (
+                100.0 * (r["latency_ms"] - r["latency_ms_without_scoring"]) / base["latency_ms"]
+            )
+    return {
+        "experiment": config.name,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn_implementation": attn,
+        "shape": "cpu_shape (small)" if small else "model.shape",
+        "model": shape.model_dump(exclude={"vision_encoder"}),
+        "batch_size": batch,
+        "sequence": {"vision_tokens": n_vis, "text_tokens": text},
+        "warmup": bench.warmup,
+        "repeats": bench.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "methods": results,
+    }

@@ -1,0 +1,122 @@
+"""The `hidrop` command line."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Vision-token schedules for LLaVA-style models.")
+bench_app = typer.Typer(no_args_is_help=True, help="Speed benchmarks (ratios measured in one run).")
+app.add_typer(bench_app, name="bench")
+# piped output (CI logs, `| less`) gets wide tables instead of rich's 80-column default
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _load(path: str, overrides: Optional[List[str]] = None):
+    from hidrop_platform.config import ConfigError, load_config
+
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as e:
+        _fail(str(e))
+
+
+@app.command()
+def validate(
+    experiment: str = typer.Argument(..., help="experiment YAML"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides"),
+    as_json: bool = typer.Option(False, "--json", help="print the resolved config as JSON"),
+):
+    """Load and validate an experiment; print the resolved config, token plan, avg tokens and TFLOPs."""
+    from hidrop.cost import cost_report
+
+    cfg = _load(experiment, overrides)
+    shape = cfg.model.shape
+    reports = [cost_report(s, shape) for s in cfg.schedules()]
+    if as_json:
+        print(json.dumps({"config": cfg.model_dump(mode="json"), "schedules": reports}, indent=2))
+        return
+    out.print(f"[bold green]ok[/] {experiment}: [bold]{cfg.name}[/] ({cfg.model.kind}, {shape.num_layers} layers, "
+              f"{shape.num_vision_tokens} vision tokens)")
+    for s, r in zip(cfg.schedules(), reports):
+        out.print(f"  [bold]{s.name}[/]: inject L{s.inject_layer}, exit {('L' + str(s.exit_layer)) if s.exit_layer else '-'}, "
+                  f"drops {[(d.after_layer, k) for d, k in zip(s.drops, s.keep_counts)]}, {s.position_mode.value} positions, "
+                  f"{s.selector.value}")
+        out.print(f"    per-layer tokens: {r['plan']}")
+        out.print(f"    avg tokens {r['avg_vision_tokens']:.2f}, vision {r['vision_tflops']:.3f} TFLOPs "
+                  f"({r['vision_pct_of_vanilla']:.1f}% of vanilla), whole model {r['model_tflops']:.3f} TFLOPs")
+
+
+@app.command()
+def flops(
+    experiments: List[str] = typer.Argument(..., help="one or more experiment YAMLs"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Cost accounting for each experiment's model shape and schedule(s)."""
+    from hidrop.cost import cost_report
+
+    rows = []
+    for path in experiments:
+        cfg = _load(path)
+        for s in cfg.schedules():
+            rows.append({"experiment": cfg.name, "file": path, **cost_report(s, cfg.model.shape)})
+    if as_json:
+        print(json.dumps({"schedules": rows}, indent=2))
+        return
+    table = Table(title="Vision-token cost (paper formula: sum_l 4nd^2 + 2n^2d + 3ndm, MACs)")
+    for col in ("experiment", "schedule", "avg tokens", "vision TFLOPs", "% of vanilla", "whole-model TFLOPs", "per-layer tokens"):
+        table.add_column(col, justify="right" if col not in ("experiment", "schedule", "per-layer tokens") else "left")
+    for r in rows:
+        table.add_row(r["experiment"], r["name"], f"{r['avg_vision_tokens']:.2f}", f"{r['vision_tflops']:.3f}",
+                      f"{r['vision_pct_of_vanilla']:.1f}", f"{r['model_tflops']:.3f}", r["plan"])
+    out.print(table)
+
+
+@bench_app.command("prefill")
+def bench_prefill(
+    experiment: str = typer.Argument(..., help="experiment YAML (model shape, bench section)"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides, e.g. bench.repeats=10"),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
+    small: Optional[bool] = typer.Option(None, "--small/--full", help="bench.cpu_shape instead of model.shape (default: small on CPU)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Prefill latency of vanilla, FastV, PDrop and HiDrop on one random-weight model, with ratios."""
+    from hidrop_platform.bench import run_prefill_bench
+
+    cfg = _load(experiment, overrides)
+    if as_json:
+        result = run_prefill_bench(cfg, device=device, small=small)
+        print(json.dumps(result, indent=2))
+        return
+    with out.status("benchmarking...") as status:
+        result = run_prefill_bench(cfg, device=device, small=small, progress=lambda n: status.update(f"benchmarking {n}"))
+    m = result["model"]
+    table = Table(title=f"Prefill on {result['device']} ({result['dtype']}, batch {result['batch_size']}, "
+                        f"{result['sequence']['vision_tokens']} vision + {result['sequence']['text_tokens']} text tokens, "
+                        f"{m['num_layers']} layers x {m['hidden_size']}, median of {result['repeats']})")
+    for col in ("method", "avg vis tokens", "latency ms", "speed-up", "FLOPs ratio", "scoring % of vanilla", "TFLOPs/sample"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in result["methods"]:
+        overhead = r.get("scoring_overhead_pct_of_vanilla")
+        table.add_row(r["name"], f"{r['avg_vision_tokens']:.1f}", f"{r['latency_ms']:.1f}", f"{r['speedup_vs_vanilla']:.2f}x",
+                      f"{r['flops_ratio_vs_vanilla']:.2f}x", "-" if overhead is None else f"{overhead:.1f}%",
+                      f"{r['model_tflops_per_sample']:.4f}")
+    out.print(table)
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="hidrop")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

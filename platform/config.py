@@ -1,0 +1,184 @@
+"""Experiment configs: YAML (+ `a.b=c` overrides) -> one validated pydantic object.
+
+The same dotted names are used by command-line overrides, (later) Tune search spaces and MLflow params.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hidrop.cost import ModelShape
+from hidrop.schedule import DropEvent, PositionMode, QueryRule, Schedule, ScheduleError, Selector, preset
+
+
+class ConfigError(ValueError):
+    """A user mistake in an experiment file or override; the message is one line naming the field."""
+
+
+class ScheduleSpec(BaseModel):
+    """A schedule as written in YAML: a preset (optionally adjusted) or explicit fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Optional[str] = None
+    name: Optional[str] = None
+    inject_layer: Optional[int] = None
+    exit_layer: Optional[int] = None
+    drops: Optional[list[DropEvent]] = None
+    position_mode: Optional[PositionMode] = None
+    query_rule: Optional[QueryRule] = None
+    selector: Optional[Selector] = None
+
+    def resolve(self, num_layers: int, num_vision_tokens: int) -> Schedule:
+        fields = self.model_dump(exclude_none=True, exclude={"preset"})
+        if self.preset is not None:
+            base = preset(self.preset, num_layers, num_vision_tokens).model_dump()
+            base.update(fields)
+            if self.drops is not None:  # explicit drops replace the preset's
+                base["drops"] = [d.model_dump() for d in self.drops]
+            return Schedule.model_validate(base)
+        if "name" not in fields:
+            fields["name"] = "custom"
+        return Schedule(num_layers=num_layers, num_vision_tokens=num_vision_tokens, **fields)
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["shape", "llama", "llava_hf", "tiny_llama", "tiny_llava"] = "shape"
+    path: Optional[str] = None  # local checkpoint folder for llama / llava_hf
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    shape: ModelShape = Field(default_factory=ModelShape)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "ModelConfig":
+        if self.kind in ("llama", "llava_hf") and not self.path:
+            raise ValueError(f"model.kind={self.kind} needs model.path (a local checkpoint folder)")
+        return self
+
+
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(default=8, gt=0)
+    text_tokens: int = Field(default=64, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    warmup: int = Field(default=2, ge=0)
+    repeats: int = Field(default=5, gt=0)
+    methods: list[str] = Field(default_factory=lambda: ["vanilla", "fastv", "pdrop", "hidrop_tok64"])
+    # used when the run is on a CPU and the experiment's shape is too large for it (the mini-LLaVA LM)
+    cpu_shape: ModelShape = Field(
+        default_factory=lambda: ModelShape(
+            num_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+            num_key_value_heads=3, vocab_size=49152, num_vision_tokens=196, vision_encoder=None,
+        )
+    )
+    cpu_batch_size: int = Field(default=2, gt=0)
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    schedule: ScheduleSpec = Field(default_factory=lambda: ScheduleSpec(preset="vanilla"))
+    compare: list[ScheduleSpec] = Field(default_factory=list)  # extra schedules for tables and benches
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _schedules_resolve(self) -> "ExperimentConfig":
+        self.schedules()  # raise now, with the field named, rather than deep inside a run
+        return self
+
+    def schedules(self) -> list[Schedule]:
+        shape = self.model.shape
+        out = []
+        for where, spec in [("schedule", self.schedule)] + [(f"compare.{i}", s) for i, s in enumerate(self.compare)]:
+            try:
+                out.append(spec.resolve(shape.num_layers, shape.num_vision_tokens))
+            except ValidationError as err:
+                raise ScheduleError(f"{where}: {_first_error(err)}") from None
+            except ScheduleError as err:
+                raise ScheduleError(f"{where}: {err}") from None
+        return out
+
+    @property
+    def main_schedule(self) -> Schedule:
+        return self.schedules()[0]
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            node = node[int(key)]
+            continue
+        node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load, apply `a.b=c` overrides (values parsed as YAML), validate. Raises ConfigError (one line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such experiment file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like a.b=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {_first_error(err)}") from None
+    except ScheduleError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def flatten(config: ExperimentConfig) -> dict[str, Any]:
+    """Dotted-name view of the resolved config (MLflow params, Tune keys)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(f"{prefix}.{i}", v)
+        else:
+            out[prefix] = node
+
+    walk("", config.model_dump(mode="json"))
+    return out

@@ -1,0 +1,107 @@
+"""Experiment YAMLs, overrides, bad input and the command line."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hidrop_platform.cli import app
+from hidrop_platform.config import ConfigError, flatten, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_yaml_validates(path):
+    cfg = load_config(path)
+    assert cfg.schedules() and all(s.num_layers == cfg.model.shape.num_layers for s in cfg.schedules())
+
+
+def test_flops_json_prints_method_table():
+    files = [str(ROOT / "experiments" / f"llava15_7b_{n}.yaml") for n in ("vanilla", "pdrop", "fastv", "hidrop", "hidrop_tok48", "hidrop_tok80")]
+    result = runner.invoke(app, ["flops", *files, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["schedules"]
+    assert [f"{r['vision_tflops']:.3f}" for r in rows] == ["3.817", "1.777", "2.007", "0.421", "0.317", "0.529"]
+    assert [round(r["avg_vision_tokens"], 2) for r in rows] == [576, 270, 306, 64.0, 48.0, 80.03]
+    for r in rows:
+        assert len(r["tokens_per_layer"]) == 32 and r["model_tflops"] > r["vision_tflops"]
+
+
+def test_flops_table_human_output():
+    result = runner.invoke(app, ["flops", str(ROOT / "experiments/llava15_7b_hidrop.yaml")])
+    assert result.exit_code == 0 and "0.421" in result.output and "64.00" in result.output
+
+
+def test_validate_prints_plan():
+    result = runner.invoke(app, ["validate", str(ROOT / "experiments/llava15_7b_hidrop.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "0x8, 576x2, 215x4, 10x2, 5x2, 1x6, 0x8" in result.output and "0.421" in result.output
+
+
+def test_overrides_use_dotted_names(tmp_path):
+    cfg = load_config(ROOT / "experiments/llava15_7b_hidrop.yaml", ["schedule.exit_layer=27", "schedule.position_mode=compacted"])
+    assert cfg.main_schedule.exit_layer == 27 and cfg.main_schedule.position_mode.value == "compacted"
+    flat = flatten(cfg)
+    assert flat["schedule.exit_layer"] == 27 and flat["model.shape.hidden_size"] == 4096
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\nschedule: {preset: hidrop_tok64, exit_layer: 5}\n", "exit_layer=5 must come after inject_layer=9"),
+        ("name: x\nschedule: {inject_layer: 3, drops: [{after_layer: 4, keep: 900}]}\n", "keep=900 is larger than the number of vision tokens (576)"),
+        ("name: x\nschedule: {preset: nope}\n", "unknown schedule preset 'nope'"),
+        ("name: x\nmodel: {shape: {num_layers: many}}\n", "model.shape.num_layers"),
+        ("name: x\nbogus: 1\n", "bogus"),
+        ("name: [unclosed\n", "malformed YAML"),
+        ("- a\n- b\n", "expected a mapping"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(tmp_path, text, message):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(path)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert message in result.output.replace("\n", " ") or message.split("(")[0].strip() in result.output
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    result = runner.invoke(app, ["validate", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2 and "no such experiment file" in result.output
+    with pytest.raises(ConfigError, match="must look like a.b=value"):
+        load_config(ROOT / "experiments/llava15_7b_hidrop.yaml", ["schedule.exit_layer"])
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nschedule: {preset: hidrop_tok64, exit_layer: 5}\n")
+    exe = Path(sys.executable).with_name("hidrop")
+    proc = subprocess.run([str(exe), "validate", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "schedule" in lines[0] and "exit_layer=5" in lines[0]
+
+
+def test_stdlib_platform_is_not_shadowed_from_repo_root():
+    code = "import platform; print(platform.system()); import hidrop_platform.config"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() in ("Linux", "Darwin", "Windows")
+    assert not (ROOT / "platform" / "__init__.py").exists()
+
+
+def test_hidrop_package_does_not_import_platform_stack():
+    code = ("import sys, hidrop.engine, hidrop.schedule, hidrop.cost, hidrop.tiny; "
+            "bad = [m for m in ('ray', 'mlflow', 'deepspeed') if m in sys.modules]; print(bad); assert not bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
