@@ -245,3 +245,40 @@ def test_budget_loss_pulls_keep_ratio_toward_target():
     assert float(loss) > 0 and bool((sm.keep_fractions.grad > 0).all())  # gradient descent lowers the counts
     at_target = ScheduledModel(tiny_llama(), schedule)
     assert float(at_target.budget_loss()) == pytest.approx(0.0, abs=1e-10)
+
+
+# ---- training path -----------------------------------------------------------------------------
+def test_gradient_checkpointing_gives_the_same_gradients():
+    schedule = _schedules()["hidrop"]
+    samples = make_samples()
+    ids, vis, am, feats = _llama_inputs(samples, left=False)
+    labels = ids.masked_fill((am == 0) | vis, -100)
+    grads = []
+    for ckpt in (False, True):
+        sm = ScheduledModel(tiny_llama(), schedule, image_token_id=TINY_IMAGE_TOKEN)
+        sm.train()
+        if ckpt:
+            sm.gradient_checkpointing_enable()
+        sm(ids, am, vision_embeds=feats, labels=labels).loss.backward()
+        grads.append(sm.model.model.layers[3].mlp.down_proj.weight.grad.clone())
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_flops_budget_loss():
+    base = _schedules()["hidrop"]
+    schedule = Schedule.model_validate({**base.model_dump(), "selector": Selector.dtopk_learnable})
+    sm = ScheduledModel(tiny_llama(), schedule, budget_kind="flops", budget_target=2.0)
+    loss = sm.budget_loss()
+    loss.backward()
+    assert float(loss) > 0 and bool((sm.keep_fractions.grad > 0).all())
+
+
+def test_wrong_inputs_are_named():
+    sm = ScheduledModel(tiny_llama(), _schedules()["hidrop"], image_token_id=TINY_IMAGE_TOKEN)
+    ids, vis = make_samples(lengths=((5, 9),))[0]
+    with pytest.raises(ValueError, match="no pixel_values / vision_embeds"):
+        sm(ids[None])
+    with pytest.raises(ValueError, match="0 or 16 vision tokens"):
+        sm(ids[None, :-12], vision_embeds=torch.randn(int(vis[:-12].sum()), 64))
+    with pytest.raises(ValueError, match="is for 8 layers but the model has 4"):
+        ScheduledModel(tiny_llama(num_layers=4), _schedules()["hidrop"])
