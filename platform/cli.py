@@ -46,8 +46,12 @@ def validate(
     if as_json:
         print(json.dumps({"config": cfg.model_dump(mode="json"), "schedules": reports}, indent=2))
         return
+    import yaml
+
     out.print(f"[bold green]ok[/] {experiment}: [bold]{cfg.name}[/] ({cfg.model.kind}, {shape.num_layers} layers, "
               f"{shape.num_vision_tokens} vision tokens)")
+    out.print("[dim]resolved config:[/]")
+    out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip(), highlight=False, markup=False)
     for s, r in zip(cfg.schedules(), reports):
         out.print(f"  [bold]{s.name}[/]: inject L{s.inject_layer}, exit {('L' + str(s.exit_layer)) if s.exit_layer else '-'}, "
                   f"drops {[(d.after_layer, k) for d, k in zip(s.drops, s.keep_counts)]}, {s.position_mode.value} positions, "

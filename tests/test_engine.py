@@ -130,7 +130,7 @@ def test_multi_round_training_matches_reference():
             assert set(out.keep_masks[drop_index][row, :n].nonzero()[:, 0].tolist()) == chosen
         k = int((labels[row, :n][live][1:] != -100).sum())
         total_nll, total_n = total_nll + float(ref_loss) * k, total_n + k
-    assert abs(float(out.loss) - total_nll / total_n) < 1e-4
+    assert abs(out.loss.item() - total_nll / total_n) < 1e-4
 
 
 def test_llava_schedule_matches_reference():
@@ -242,7 +242,7 @@ def test_budget_loss_pulls_keep_ratio_toward_target():
     sm = ScheduledModel(tiny_llama(), schedule, budget_target=1.0)
     loss = sm.budget_loss()
     loss.backward()
-    assert float(loss) > 0 and bool((sm.keep_fractions.grad > 0).all())  # gradient descent lowers the counts
+    assert loss.item() > 0 and bool((sm.keep_fractions.grad > 0).all())  # gradient descent lowers the counts
     at_target = ScheduledModel(tiny_llama(), schedule)
     assert float(at_target.budget_loss()) == pytest.approx(0.0, abs=1e-10)
 
@@ -270,7 +270,7 @@ def test_flops_budget_loss():
     sm = ScheduledModel(tiny_llama(), schedule, budget_kind="flops", budget_target=2.0)
     loss = sm.budget_loss()
     loss.backward()
-    assert float(loss) > 0 and bool((sm.keep_fractions.grad > 0).all())
+    assert loss.item() > 0 and bool((sm.keep_fractions.grad > 0).all())
 
 
 def test_wrong_inputs_are_named():
