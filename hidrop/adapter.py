@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 from transformers import DynamicCache, LlavaForConditionalGeneration, PreTrainedModel
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 TESTED_TRANSFORMERS = "5.23.0"
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
@@ -104,9 +104,9 @@ class Backbone:
         k = attn.k_proj(layer.input_layernorm(key_hidden))
         q = q.view(*q.shape[:2], -1, d).transpose(1, 2)
         k = k.view(*k.shape[:2], -1, d).transpose(1, 2)
-        # apply_rotary_pos_emb rotates q and k with the same cos/sin: call it once for each side.
-        q, _ = apply_rotary_pos_emb(q, q[:, :1, :1], *query_rope)
-        _, k = apply_rotary_pos_emb(k[:, :1, :1], k, *key_rope)
+        # queries and keys sit at different positions, so each side gets its own cos/sin (Llama's RoPE)
+        q = _rotate(q, *query_rope)
+        k = _rotate(k, *key_rope)
         k = repeat_kv(k, self.num_heads // self.num_kv_heads)
         return q, k, attn.scaling
 
@@ -120,6 +120,11 @@ class Backbone:
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min
         )
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D): broadcast over heads
+    return x * cos + rotate_half(x) * sin
 
 
 class ScheduleCache(DynamicCache):
