@@ -244,7 +244,7 @@ def test_budget_loss_pulls_keep_ratio_toward_target():
     loss.backward()
     assert loss.item() > 0 and bool((sm.keep_fractions.grad > 0).all())  # gradient descent lowers the counts
     at_target = ScheduledModel(tiny_llama(), schedule)
-    assert float(at_target.budget_loss()) == pytest.approx(0.0, abs=1e-10)
+    assert at_target.budget_loss().item() == pytest.approx(0.0, abs=1e-10)
 
 
 # ---- training path -----------------------------------------------------------------------------
