@@ -40,15 +40,15 @@ class ModelShape(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_layers: int = 32
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 32
-    vocab_size: int = 32000
-    num_vision_tokens: int = 576
-    text_tokens: int = 64  # typical prompt length used for the whole-model figure
-    logits_positions: int = 1  # 1 = inference prefill (generate reads the last row); use all for training
+    num_layers: int = Field(default=32, gt=0)
+    hidden_size: int = Field(default=4096, gt=0)
+    intermediate_size: int = Field(default=11008, gt=0)
+    num_attention_heads: int = Field(default=32, gt=0)
+    num_key_value_heads: int = Field(default=32, gt=0)
+    vocab_size: int = Field(default=32000, gt=0)
+    num_vision_tokens: int = Field(default=576, gt=0)
+    text_tokens: int = Field(default=64, ge=0)  # typical prompt length used for the whole-model figure
+    logits_positions: int = Field(default=1, ge=0)  # 1 = inference prefill (generate reads the last row)
     vision_encoder: Optional[VisionEncoderShape] = Field(default_factory=VisionEncoderShape)
     projector_hidden_size: Optional[int] = 4096  # mlp2x_gelu: d_vis -> d -> d
 
@@ -83,7 +83,7 @@ def model_tflops(schedule: Schedule, shape: ModelShape) -> float:
     total = sum(_decoder_layer_macs(t + n, shape) for n in schedule.tokens_per_layer())
     counts = [0] + schedule.tokens_per_layer()
     for drop in schedule.drops:
-        total += _scoring_macs(t + counts[drop.scored_by], shape)
+        total += _scoring_macs(t + counts[drop.after_layer], shape)  # scored before the drop applies
     total += shape.logits_positions * shape.hidden_size * shape.vocab_size
     if shape.vision_encoder is not None:
         total += shape.vision_encoder.macs()

@@ -97,6 +97,14 @@ class ScheduledModel(nn.Module):
         self._score_next = {d.after_layer - 1: i for i, d in enumerate(schedule.drops) if d.scored_by != d.after_layer}
         self._drop_at = {d.after_layer: i for i, d in enumerate(schedule.drops)}  # 0-indexed first layer after
 
+    def _apply(self, fn, *args, **kwargs):
+        # keep the learnable keep fractions in fp32: bf16 turns 453/576 into 452 tokens
+        saved = None if self.keep_fractions is None else self.keep_fractions.data.clone()
+        result = super()._apply(fn, *args, **kwargs)
+        if saved is not None:
+            self.keep_fractions.data = saved.to(self.keep_fractions.device)
+        return result
+
     # ---- public API --------------------------------------------------------------------------
     @property
     def config(self):
@@ -213,8 +221,9 @@ class ScheduledModel(nn.Module):
             cfg = self.backbone.text_config
             d, m = cfg.hidden_size, cfg.intermediate_size
             value = paper_layer_macs(expected, d, m).sum()
-            target_counts = torch.full_like(expected, self.budget_target)
-            target = paper_layer_macs(target_counts, d, m).sum()
+            # the schedule's own per-layer counts, scaled to the target average: zero loss at the default
+            planned = torch.tensor([float(n) for n in s.tokens_per_layer()], device=expected.device)
+            target = paper_layer_macs(planned * (self.budget_target / s.avg_tokens()), d, m).sum()
             scale = float(paper_layer_macs(torch.tensor(float(n_vis)), d, m) * s.num_layers)
         return self.budget_weight * ((value - target) / scale) ** 2
 
@@ -266,7 +275,8 @@ class ScheduledModel(nn.Module):
             position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)
         if s.position_mode == PositionMode.group:
             text_rank = (text.long().cumsum(1) - 1).clamp(min=0)
-            start = torch.where(vision, text_rank + 1, torch.full_like(text_rank, L)).min(1).values
+            text_before = text.long().cumsum(1) - text.long()  # text tokens strictly before each column
+            start = torch.where(vision, text_before, torch.full_like(text_rank, L)).min(1).values
             start = torch.where(has_image, start, torch.zeros_like(start))
             # vision numbered from the text rank at the image start; text numbered as if no image
             base_pos = torch.where(vision, start[:, None] + (vision.long().cumsum(1) - 1), text_rank)
@@ -282,11 +292,13 @@ class ScheduledModel(nn.Module):
         text_x = F.pad(text, (0, 1))
 
         # query rows for scoring, in the original layout
+        # multi-round queries: the live tokens right before an answer, found in each stage's layout
+        # (the token before an answer may itself be pruned, e.g. the last image token in plain format)
         query_x = None
         if s.query_rule == QueryRule.multi_round and labels is not None:
-            lab = labels.masked_fill(~valid, IGNORE_INDEX)
-            q = (lab[:, :-1] == IGNORE_INDEX) & (lab[:, 1:] != IGNORE_INDEX)
-            query_x = F.pad(F.pad(q, (0, 1)) & valid, (0, 1))
+            query_x = F.pad(labels.masked_fill(~valid, IGNORE_INDEX), (0, 1), value=IGNORE_INDEX)
+        if logits_to_keep == 1 and not s.is_vanilla() and bool((vision & (valid.long().cumsum(1) == valid.sum(1, keepdim=True)) & valid).any()):
+            raise ValueError("the prompt ends with an image token; it must end with text for next-token logits under pruning")
 
         live_vision = vision_x if s.inject_layer == 1 else torch.zeros_like(vision_x)
         stage = self._make_stage(text_x | live_vision, vision_x, base_pos, pad_left, full)
@@ -438,7 +450,9 @@ class ScheduledModel(nn.Module):
 
         # query rows in this stage's layout
         if query_x is not None:
-            qmask = query_x.gather(1, stage.idx) & stage.ok
+            lab = query_x.gather(1, stage.idx).masked_fill(~stage.ok, IGNORE_INDEX)
+            qmask = torch.zeros_like(stage.ok)
+            qmask[:, :-1] = (lab[:, :-1] == IGNORE_INDEX) & (lab[:, 1:] != IGNORE_INDEX) & stage.ok[:, :-1]
         else:
             qmask = torch.zeros_like(stage.ok)
             qmask.scatter_(1, self._last_entry(stage)[:, None], True)

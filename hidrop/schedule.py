@@ -20,7 +20,7 @@ import math
 from enum import Enum
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class PositionMode(str, Enum):
@@ -186,7 +186,7 @@ class Schedule(BaseModel):
         Layer numbers scale by relative depth, with every event kept strictly ordered; absolute keep
         counts scale by the vision-token ratio (ratios are unchanged).
         """
-        n_vis = num_vision_tokens or self.num_vision_tokens
+        n_vis = self.num_vision_tokens if num_vision_tokens is None else num_vision_tokens
         if num_layers == self.num_layers and n_vis == self.num_vision_tokens:
             return self
 
@@ -195,14 +195,20 @@ class Schedule(BaseModel):
             return int(math.floor((layer - 1) * num_layers / self.num_layers + 0.5)) + 1
 
         inject = scale(self.inject_layer)
-        end = num_layers + 1 if self.exit_layer is None else min(max(scale(self.exit_layer), inject + 1), num_layers)
+
+        def rel(layer: int) -> int:
+            # later boundaries scale as distances from the injection layer, so the widths of the stages
+            # (and the average token count) stay close to the original instead of compounding rounding
+            return inject + int(math.floor((layer - self.inject_layer) * num_layers / self.num_layers + 0.5))
+
+        end = num_layers + 1 if self.exit_layer is None else min(max(rel(self.exit_layer), inject + 1), num_layers)
         if self.drops and end - inject < 2:  # a drop needs a layer before it and one after it inside the window
             end = inject + 2
             if end > num_layers + 1:
                 inject, end = max(1, num_layers - 1), num_layers + 1
         events: list[DropEvent] = []
         for drop in self.drops:
-            after = min(max(scale(drop.after_layer + 1) - 1, inject), end - 2)
+            after = min(max(rel(drop.after_layer + 1) - 1, inject), end - 2)
             if after < inject:
                 raise ScheduleError(
                     f"cannot scale {self.name!r} to {num_layers} layers: no room for drops between layers {inject} and {end}"
@@ -308,8 +314,9 @@ def hidrop_mobilellama(keeps: tuple[int, ...] = (215, 10, 5, 1), num_vision_toke
 
 PRESETS = {
     "vanilla": lambda n, v: vanilla(n, v),
-    "fastv": lambda n, v: fastv(2, 0.5, 32, v).scaled_to(n, v),
-    "pdrop": lambda n, v: pdrop(num_layers=32, num_vision_tokens=v).scaled_to(n, v),
+    # built at the paper's shape, then scaled, so that events made redundant by a small token count merge
+    "fastv": lambda n, v: fastv(2, 0.5).scaled_to(n, v),
+    "pdrop": lambda n, v: pdrop().scaled_to(n, v),
     "hidrop_tok48": lambda n, v: hidrop("tok48", n, v),
     "hidrop_tok64": lambda n, v: hidrop("tok64", n, v),
     "hidrop_tok80": lambda n, v: hidrop("tok80", n, v),
@@ -321,4 +328,9 @@ def preset(name: str, num_layers: int = 32, num_vision_tokens: int = 576) -> Sch
     """A named preset at the given depth and vision-token count."""
     if name not in PRESETS:
         raise ScheduleError(f"unknown schedule preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
-    return PRESETS[name](num_layers, num_vision_tokens)
+    if num_layers < 1 or num_vision_tokens < 1:
+        raise ScheduleError(f"preset {name!r} needs num_layers >= 1 and num_vision_tokens >= 1")
+    try:
+        return PRESETS[name](num_layers, num_vision_tokens)
+    except ValidationError as err:
+        raise ScheduleError(f"preset {name!r} at {num_layers} layers / {num_vision_tokens} tokens: {err.errors()[0]['msg']}") from None

@@ -80,9 +80,9 @@ def run_prefill_bench(
     vision = torch.randn(batch * n_vis, shape.hidden_size, generator=g).to(device, dtype)
 
     methods: list[Schedule] = [preset(m, shape.num_layers, n_vis) for m in bench.methods]
-    main = config.main_schedule
-    if main.name not in bench.methods and not main.is_vanilla():
-        methods.append(main.scaled_to(shape.num_layers, n_vis))
+    main = config.main_schedule.scaled_to(shape.num_layers, n_vis)
+    if main not in methods and not main.is_vanilla():
+        methods.append(main)
     cost_shape = shape.model_copy(update={"text_tokens": text, "logits_positions": 1})
 
     results = []

@@ -78,6 +78,15 @@ class BenchConfig(BaseModel):
     )
     cpu_batch_size: int = Field(default=2, gt=0)
 
+    @model_validator(mode="after")
+    def _known_methods(self) -> "BenchConfig":
+        from hidrop.schedule import PRESETS
+
+        unknown = [m for m in self.methods if m not in PRESETS]
+        if unknown:
+            raise ValueError(f"methods: unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
+        return self
+
 
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -142,7 +151,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise ConfigError(f"{path}: no such experiment file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -157,7 +168,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        _set_dotted(data, key.strip(), value)
+        try:
+            _set_dotted(data, key.strip(), value)
+        except (IndexError, ValueError, TypeError, AttributeError):
+            raise ConfigError(f"override {item!r}: {key.strip()!r} does not name a field of {path}") from None
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:

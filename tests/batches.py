@@ -8,7 +8,7 @@ from hidrop.tiny import TINY_IMAGE_TOKEN
 N_VIS = 16
 
 
-def make_samples(seed=0, lengths=((5, 9), (2, 4), (7, 3), None), vocab=100):
+def make_samples(seed=0, lengths=((5, 9), (2, 4), (7, 3), None, (0, 6)), vocab=100):
     """Each sample: (ids, vision mask). A spec (a, b) = a text tokens, the image, b text tokens; None = text only."""
     g = torch.Generator().manual_seed(seed)
     samples = []

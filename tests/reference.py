@@ -84,9 +84,11 @@ def reference_forward(sm, embeds, vision, labels=None, forced=None):
     has_image = any(vision)
     alive = [not v or s.inject_layer == 1 for v in vision]
     h = embeds.clone()
-    queries = [T - 1]
-    if s.query_rule == QueryRule.multi_round and labels is not None:
-        queries = [j for j in range(T - 1) if labels[j] == -100 and labels[j + 1] != -100]
+    def queries():
+        if s.query_rule == QueryRule.multi_round and labels is not None:
+            cols = [j for j in range(T) if alive[j]]
+            return [a for a, b in zip(cols[:-1], cols[1:]) if labels[a] == -100 and labels[b] != -100]
+        return [T - 1]
     keeps, pending = [], None
     for layer_number in range(1, s.num_layers + 1):
         if layer_number == s.inject_layer and layer_number > 1:
@@ -106,10 +108,10 @@ def reference_forward(sm, embeds, vision, labels=None, forced=None):
             drop = s.drops[drop_index]
             if forced is not None:
                 chosen = {j for j in range(T) if bool(forced[drop_index][j])}
-            elif not has_image or not queries:
+            elif not has_image or not queries():
                 chosen = {j for j in range(T) if vision[j] and alive[j]}
             else:
-                sc = _scores(bb.layers[score_layer_number - 1], h, alive, queries, positions, cfg)
+                sc = _scores(bb.layers[score_layer_number - 1], h, alive, queries(), positions, cfg)
                 cand = [j for j in range(T) if vision[j] and alive[j]]
                 k = min(drop.keep_count(s.num_vision_tokens), len(cand))
                 chosen = set(sorted(cand, key=lambda j: -float(sc[j]))[:k])

@@ -8,6 +8,7 @@ from hidrop_platform.cli import app
 
 TINY = """
 name: bench_smoke
+schedule: {preset: fastv}  # the experiment's own schedule is benchmarked once, not twice
 model:
   shape: {num_layers: 8, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4,
           num_key_value_heads: 2, vocab_size: 256, num_vision_tokens: 32, vision_encoder: null}

@@ -116,7 +116,9 @@ def test_multi_round_training_matches_reference():
     # two answer spans in row 0 (multi-round), one in row 1, none in the text-only row 2
     labels[0, 3 + N_VIS + 2: 3 + N_VIS + 5] = ids[0, 3 + N_VIS + 2: 3 + N_VIS + 5]
     labels[0, 3 + N_VIS + 8: 3 + N_VIS + 11] = ids[0, 3 + N_VIS + 8: 3 + N_VIS + 11]
-    labels[1, 4 + N_VIS + 3: 4 + N_VIS + 9] = ids[1, 4 + N_VIS + 3: 4 + N_VIS + 9]
+    # plain (pretraining) format in row 1: the answer starts right after the image, so the query row is
+    # the last image token until a drop removes it, then the last live token before the answer
+    labels[1, 4 + N_VIS: 4 + N_VIS + 9] = ids[1, 4 + N_VIS: 4 + N_VIS + 9]
     out = sm(ids, am, vision_embeds=feats, labels=labels)
     total_nll, total_n = 0.0, 0
     for row, ((s_ids, s_vis), s_feats) in enumerate(zip(samples, vision_features(samples))):
@@ -131,6 +133,7 @@ def test_multi_round_training_matches_reference():
         k = int((labels[row, :n][live][1:] != -100).sum())
         total_nll, total_n = total_nll + float(ref_loss) * k, total_n + k
     assert abs(out.loss.item() - total_nll / total_n) < 1e-4
+    assert out.layer_vision_counts[:, 1].tolist() == schedule.tokens_per_layer()  # row 1 pruned at every drop
 
 
 def test_llava_schedule_matches_reference():
@@ -271,6 +274,15 @@ def test_flops_budget_loss():
     loss = sm.budget_loss()
     loss.backward()
     assert loss.item() > 0 and bool((sm.keep_fractions.grad > 0).all())
+    at_target = ScheduledModel(tiny_llama(), schedule, budget_kind="flops")
+    assert at_target.budget_loss().item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_learnable_fractions_stay_fp32_under_bf16():
+    schedule = Schedule.model_validate({**preset("hidrop_tok80", 8, 576).model_dump(), "selector": Selector.dtopk_learnable})
+    sm = ScheduledModel(tiny_llama(), schedule).to(torch.bfloat16)
+    assert sm.keep_fractions.dtype == torch.float32
+    assert [round(float(f) * 576) for f in sm.keep_fractions.detach()] == schedule.keep_counts
 
 
 def test_wrong_inputs_are_named():
@@ -280,5 +292,8 @@ def test_wrong_inputs_are_named():
         sm(ids[None])
     with pytest.raises(ValueError, match="0 or 16 vision tokens"):
         sm(ids[None, :-12], vision_embeds=torch.randn(int(vis[:-12].sum()), 64))
+    ends_with_image = torch.cat([ids[:5], ids[vis]])
+    with pytest.raises(ValueError, match="must end with text"):
+        sm.generate(ends_with_image[None], vision_embeds=torch.randn(N_VIS, 64), max_new_tokens=2)
     with pytest.raises(ValueError, match="is for 8 layers but the model has 4"):
         ScheduledModel(tiny_llama(num_layers=4), _schedules()["hidrop"])

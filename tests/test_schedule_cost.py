@@ -62,6 +62,19 @@ def test_presets_scale_to_any_depth(name, depth):
     assert counts == sorted(counts, reverse=True) and max(counts) == 196  # never grows, starts full
 
 
+@pytest.mark.parametrize("name", list(TABLE) + ["hidrop_mobilellama"])
+def test_presets_at_tiny_token_counts_and_every_depth(name):
+    for tokens in (1, 2, 3, 5, 6, 17):
+        for depth in range(2, 70, 3):
+            s = preset(name, depth, tokens)
+            assert s.num_vision_tokens == tokens and all(k < tokens for k in s.keep_counts)
+
+
+def test_scaling_keeps_stage_widths():
+    s = preset("hidrop_tok64", 30, 196)
+    assert s.describe() == "0x8, 196x2, 73x4, 3x2, 2x1, 1x6, 0x7"  # two full-resolution layers, as at 32
+
+
 def test_scaling_keeps_relative_depth():
     s = preset("hidrop_tok64", 64, 576)
     assert (s.inject_layer, s.exit_layer) == (17, 49)
