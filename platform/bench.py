@@ -85,36 +85,51 @@ def run_prefill_bench(
         methods.append(main)
     cost_shape = shape.model_copy(update={"text_tokens": text, "logits_positions": 1})
 
-    results = []
+    # Every timed variant (each method, and each pruned method with its keep sets frozen so that no
+    # scoring pass runs) is timed once per round, round-robin, so slow drift of a shared machine
+    # affects all of them alike; the median over rounds is reported.
+    variants: list[tuple[Schedule, Callable[[], object]]] = []
+    frozen: dict[str, Callable[[], object]] = {}
     with torch.no_grad():
         for schedule in methods:
-            if progress:
-                progress(schedule.name)
             sm = ScheduledModel(model, schedule)
 
             def forward(forced=None, sm=sm):
                 return sm(ids, vision_embeds=vision, vision_mask=vision_mask, logits_to_keep=1, forced_keep=forced)
 
-            times = _time(forward, bench.warmup, bench.repeats, device)
+            variants.append((schedule, forward))
+            if schedule.drops:
+                keeps = forward().keep_masks
+                frozen[schedule.name] = lambda forward=forward, keeps=keeps: forward(keeps)
+        calls = [(s.name, f) for s, f in variants] + [(f"{n}#frozen", f) for n, f in frozen.items()]
+        times: dict[str, list[float]] = {name: [] for name, _ in calls}
+        for round_number in range(bench.warmup + bench.repeats):
+            if progress:
+                progress(f"round {round_number + 1}/{bench.warmup + bench.repeats}")
+            for name, fn in calls:
+                t = _time(fn, 0, 1, device)[0]
+                if round_number >= bench.warmup:
+                    times[name].append(t)
+        results = []
+        for schedule, forward in variants:
             peak = None
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
                 forward()
                 peak = torch.cuda.max_memory_allocated() / 2**30
+            median = statistics.median(times[schedule.name])
             row = {
                 "name": schedule.name,
                 "plan": schedule.describe(),
                 "avg_vision_tokens": schedule.avg_tokens(),
-                "latency_ms": 1000 * statistics.median(times),
-                "latency_ms_all": [1000 * t for t in times],
-                "throughput_samples_s": batch / statistics.median(times),
+                "latency_ms": 1000 * median,
+                "latency_ms_all": [1000 * t for t in times[schedule.name]],
+                "throughput_samples_s": batch / median,
                 "model_tflops_per_sample": model_tflops(schedule, cost_shape),
                 "peak_memory_gib": peak,
             }
-            if schedule.drops:
-                keeps = forward().keep_masks
-                frozen = _time(lambda: forward(keeps), bench.warmup, bench.repeats, device)
-                row["latency_ms_without_scoring"] = 1000 * statistics.median(frozen)
+            if schedule.name in frozen:
+                row["latency_ms_without_scoring"] = 1000 * statistics.median(times[f"{schedule.name}#frozen"])
             results.append(row)
     base = next((r for r in results if r["name"] == "vanilla"), results[0])
     for r in results:
