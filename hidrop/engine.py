@@ -285,13 +285,11 @@ class ScheduledModel(nn.Module):
             base_pos = position_ids
             next_pos = position_ids.masked_fill(~valid, -1).max(1).values + 1
         base_pos = F.pad(base_pos, (0, 1))
-        self._columns = L + 1
         full = F.pad(embeds, (0, 0, 0, 1))
         valid_x = F.pad(valid, (0, 1))
         vision_x = F.pad(vision, (0, 1))
         text_x = F.pad(text, (0, 1))
 
-        # query rows for scoring, in the original layout
         # multi-round queries: the live tokens right before an answer, found in each stage's layout
         # (the token before an answer may itself be pruned, e.g. the last image token in plain format)
         query_x = None
@@ -336,10 +334,10 @@ class ScheduledModel(nn.Module):
                 cache.layer_stage.append(stage_number)
 
             if idx in self._score_self:
-                pending = self._select(self._score_self[idx], idx, hidden, stage, query_x, forced, fractions)
+                pending = self._select(self._score_self[idx], idx, hidden, stage, query_x, forced, fractions, L + 1)
             hidden = self._run_layer(idx, hidden, stage, cache)
             if idx in self._score_next:
-                pending = self._select(self._score_next[idx], idx + 1, hidden, stage, query_x, forced, fractions)
+                pending = self._select(self._score_next[idx], idx + 1, hidden, stage, query_x, forced, fractions, L + 1)
             if pending is not None and (idx + 1) in self._drop_at:
                 keep_masks.append(pending[0][:, :L] & vision)
 
@@ -431,7 +429,7 @@ class ScheduledModel(nn.Module):
         return self.keep_fractions.clamp(1.0 / n, 1.0)
 
     # ---- selection ---------------------------------------------------------------------------
-    def _select(self, drop_number, score_idx, hidden, stage: Stage, query_x, forced, fractions):
+    def _select(self, drop_number, score_idx, hidden, stage: Stage, query_x, forced, fractions, Lx):
         """Decide which vision tokens survive drop `drop_number`.
 
         Returns (live mask over the original columns (B, L+1), soft DTop-K mask over the original
@@ -440,7 +438,6 @@ class ScheduledModel(nn.Module):
         s = self.schedule
         drop = s.drops[drop_number]
         B, W, _ = hidden.shape
-        Lx = self._columns
         text_live = torch.zeros(B, Lx, dtype=torch.bool, device=hidden.device)
         text_live.scatter_(1, stage.idx, stage.ok & ~stage.vision)
         text_live[:, -1] = False
@@ -449,18 +446,19 @@ class ScheduledModel(nn.Module):
             return text_live | keep, None
 
         # query rows in this stage's layout
+        last = self._last_entry(stage)
         if query_x is not None:
             lab = query_x.gather(1, stage.idx).masked_fill(~stage.ok, IGNORE_INDEX)
             qmask = torch.zeros_like(stage.ok)
             qmask[:, :-1] = (lab[:, :-1] == IGNORE_INDEX) & (lab[:, 1:] != IGNORE_INDEX) & stage.ok[:, :-1]
         else:
             qmask = torch.zeros_like(stage.ok)
-            qmask.scatter_(1, self._last_entry(stage)[:, None], True)
+            qmask.scatter_(1, last[:, None], True)
         q_count = qmask.sum(1)
         Q = max(int(q_count.max()), 1)
         q_order = torch.sort((~qmask).to(torch.int8), dim=1, stable=True).indices[:, :Q]
         q_ok = torch.arange(Q, device=hidden.device)[None] < q_count[:, None]
-        fallback = self._last_entry(stage)[:, None].expand(-1, Q)
+        fallback = last[:, None].expand(-1, Q)
         q_idx = torch.where(q_ok, q_order, fallback)
 
         with torch.no_grad():  # scores never receive gradient (DTop-K ranks are piecewise constant)

@@ -38,21 +38,16 @@ def _random_lm(shape: ModelShape, dtype, device, attn: str) -> LlamaForCausalLM:
     return model.eval()
 
 
-def _time(fn: Callable[[], object], warmup: int, repeats: int, device: str) -> list[float]:
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
+def _timed_call(fn: Callable[[], object], device: str) -> float:
+    """Seconds for one call, with the GPU queue drained before and after."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def run_prefill_bench(
@@ -107,7 +102,7 @@ def run_prefill_bench(
             if progress:
                 progress(f"round {round_number + 1}/{bench.warmup + bench.repeats}")
             for name, fn in calls:
-                t = _time(fn, 0, 1, device)[0]
+                t = _timed_call(fn, device)
                 if round_number >= bench.warmup:
                     times[name].append(t)
         results = []

@@ -174,10 +174,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             raise ConfigError(f"override {item!r}: {key.strip()!r} does not name a field of {path}") from None
     try:
         return ExperimentConfig.model_validate(data)
-    except ValidationError as err:
+    except ValidationError as err:  # schedule errors raised while validating arrive wrapped here too
         raise ConfigError(f"{path}: {_first_error(err)}") from None
-    except ScheduleError as err:
-        raise ConfigError(f"{path}: {err}") from None
 
 
 def flatten(config: ExperimentConfig) -> dict[str, Any]:
