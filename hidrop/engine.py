@@ -166,6 +166,7 @@ class ScheduledModel(nn.Module):
         top_p: float = 1.0,
         generator: Optional[torch.Generator] = None,
         return_cache: bool = False,
+        forced_keep: Optional[list[torch.Tensor]] = None,
     ):
         """Prefill once with the schedule, then decode with the per-layer cache. Needs left padding.
 
@@ -183,6 +184,7 @@ class ScheduledModel(nn.Module):
             vision_mask=vision_mask,
             use_cache=True,
             logits_to_keep=1,
+            forced_keep=forced_keep,
         )
         cache, keep_masks = out.past_key_values, out.keep_masks
         sequences = input_ids

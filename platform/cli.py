@@ -86,6 +86,72 @@ def flops(
     out.print(table)
 
 
+@app.command("eval")
+def eval_command(
+    experiment: str = typer.Argument(..., help="experiment YAML (model, schedule(s), eval section)"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides, e.g. eval.batch_size=4"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Score the experiment's schedule(s) and the baselines on its benchmarks (offline ones by default)."""
+    from hidrop_platform.evaluate import EvalSetupError, build_model, run_eval
+
+    cfg = _load(experiment, overrides)
+    try:
+        if as_json:
+            report = run_eval(cfg)
+            print(json.dumps(report, indent=2))
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        with out.status(f"loading {cfg.model.kind} model..."):
+            vlm = build_model(cfg)
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=out, transient=False) as bar:
+            task = bar.add_task("evaluating", total=None)
+
+            def progress(done: int, total: int, label: str) -> None:
+                bar.update(task, completed=done, total=total, description=f"evaluating {label}")
+
+            report = run_eval(cfg, progress=progress, vlm=vlm)
+    except EvalSetupError as e:
+        _fail(str(e))
+    _print_eval(report)
+
+
+def _print_eval(report: dict) -> None:
+    names = [b["name"] for b in report["benchmarks"]]
+    table = Table(title=f"{report['experiment']}: {report['samples_evaluated']} samples on {report['device']} "
+                        f"in {report['wall_time_s']:.0f} s (relative score vs {report['reference']})")
+    table.add_column("method")
+    for n in names:
+        table.add_column(n, justify="right")
+    for col in ("relative %", "avg vis tokens", "vision TFLOPs", "model TFLOPs", "evidence recall"):
+        table.add_column(col, justify="right")
+    for r in report["methods"]:
+        recall = next((b["evidence_recall"] for b in r["benchmarks"].values() if "evidence_recall" in b), None)
+        rel = r["relative_score"]
+        table.add_row(
+            r["method"], *[f"{r['benchmarks'][n]['score']:.1f}" for n in names],
+            "-" if rel is None else f"{rel:.1f}", f"{r['avg_vision_tokens']:.1f}", f"{r['vision_tflops']:.4f}",
+            f"{r['model_tflops']:.4f}", "-" if not recall else " / ".join(f"{x:.2f}" for x in recall),
+        )
+    out.print(table)
+    families = sorted({f"{bn}/{k.removeprefix('family/')}" for r in report["methods"] for bn, b in r["benchmarks"].items()
+                       for k in b if k.startswith("family/")})
+    if families:
+        fam = Table(title="per family (%)")
+        fam.add_column("method")
+        for f in families:
+            fam.add_column(f, justify="right")
+        for r in report["methods"]:
+            merged = {f"{bn}/{k.removeprefix('family/')}": v for bn, b in r["benchmarks"].items()
+                      for k, v in b.items() if k.startswith("family/")}
+            fam.add_row(r["method"], *[f"{merged[f]:.1f}" if f in merged else "-" for f in families])
+        out.print(fam)
+    for note in report["notes"]:
+        out.print(f"[bold yellow]note:[/] {note}", highlight=False)
+
+
 @bench_app.command("prefill")
 def bench_prefill(
     experiment: str = typer.Argument(..., help="experiment YAML (model shape, bench section)"),

@@ -45,19 +45,78 @@ class ScheduleSpec(BaseModel):
         return Schedule(num_layers=num_layers, num_vision_tokens=num_vision_tokens, **fields)
 
 
+# Shapes of the models that need no checkpoint path, filled in when the YAML gives none.
+MINI_LLAVA_SHAPE = dict(
+    num_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+    vocab_size=49152, num_vision_tokens=196, text_tokens=48,
+    vision_encoder={"fixed_gmacs": 0.3}, projector_hidden_size=576,
+)
+TINY_LLAVA_SHAPE = dict(
+    num_layers=8, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=128, num_vision_tokens=16, text_tokens=24, vision_encoder=None, projector_hidden_size=None,
+)
+DEFAULT_SHAPES = {"mini_llava": MINI_LLAVA_SHAPE, "tiny_llava": TINY_LLAVA_SHAPE}
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["shape", "llama", "llava_hf", "tiny_llama", "tiny_llava"] = "shape"
-    path: Optional[str] = None  # local checkpoint folder for llama / llava_hf
+    # shape: cost accounting only; mini_llava: the offline model (EfficientNet-Lite0 + SmolLM2-135M);
+    # llava_hf / llama: a local checkpoint folder; tiny_*: random test models
+    kind: Literal["shape", "mini_llava", "llama", "llava_hf", "tiny_llama", "tiny_llava"] = "shape"
+    path: Optional[str] = None  # checkpoint folder: llava-hf model, or a saved hidrop model (e.g. trained projector)
+    feature: Literal["block10", "head448"] = "block10"  # mini_llava: which EfficientNet grid feeds the projector
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     shape: ModelShape = Field(default_factory=ModelShape)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_shape(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") in DEFAULT_SHAPES:
+            given = data.get("shape") or {}
+            data = {**data, "shape": {**DEFAULT_SHAPES[data["kind"]], **given}}
+        return data
 
     @model_validator(mode="after")
     def _path_needed(self) -> "ModelConfig":
         if self.kind in ("llama", "llava_hf") and not self.path:
             raise ValueError(f"model.kind={self.kind} needs model.path (a local checkpoint folder)")
         return self
+
+
+class BenchmarkSpec(BaseModel):
+    """One benchmark of the registry; `options` go to its constructor (e.g. families, split)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    limit: Optional[int] = Field(default=None, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> "BenchmarkSpec":
+        from hidrop.evaluation.registry import known_benchmarks
+
+        if self.name not in known_benchmarks():
+            raise ValueError(f"unknown benchmark {self.name!r}; known: {', '.join(known_benchmarks())}")
+        return self
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    benchmarks: list[BenchmarkSpec] = Field(
+        default_factory=lambda: [BenchmarkSpec(name="easy_vqa", limit=200), BenchmarkSpec(name="probes", limit=20)]
+    )
+    baselines: list[Literal["all_tokens", "blind", "random", "oracle"]] = Field(
+        default_factory=lambda: ["all_tokens", "blind", "random", "oracle"]
+    )
+    mode: Literal["auto", "closed", "generate"] = "auto"
+    batch_size: int = Field(default=8, gt=0)
+    max_new_tokens: int = Field(default=8, gt=0)
+    include_compare: bool = True  # also evaluate the `compare` schedules
+    device: Optional[str] = None  # default: cuda when available
 
 
 class BenchConfig(BaseModel):
@@ -97,6 +156,7 @@ class ExperimentConfig(BaseModel):
     schedule: ScheduleSpec = Field(default_factory=lambda: ScheduleSpec(preset="vanilla"))
     compare: list[ScheduleSpec] = Field(default_factory=list)  # extra schedules for tables and benches
     bench: BenchConfig = Field(default_factory=BenchConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     seed: int = 0
 
     @model_validator(mode="after")

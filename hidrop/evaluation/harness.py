@@ -1,0 +1,363 @@
+"""Batched evaluation of schedules and baselines on registered benchmarks.
+
+The loop is batch-major: each batch's images go through the vision tower once, then every method
+(the schedules under test and the baselines) runs on the same batch. Baselines:
+- all_tokens: the unpruned model (the reference of the relative score),
+- blind: the same questions with no image at all,
+- random: the main schedule's keep counts, tokens chosen uniformly at random,
+- oracle: the main schedule's keep counts, evidence tokens first (benchmarks with evidence only).
+Random and oracle replay their choices through the engine's `forced_keep`, nested across drops.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from hidrop.cost import ModelShape, VisionEncoderShape, cost_report
+from hidrop.data import Collator, encode_sample, get_template
+from hidrop.evaluation.metrics import evidence_recall, mean, relative_score
+from hidrop.evaluation.registry import Benchmark
+from hidrop.models import VisionLanguageModel
+from hidrop.sample import Sample
+from hidrop.schedule import Schedule, vanilla
+
+BASELINES = ("all_tokens", "blind", "random", "oracle")
+REFERENCE = "all_tokens"
+MODES = ("auto", "closed", "generate")
+
+
+class EvalError(ValueError):
+    """A benchmark/model combination that cannot be evaluated as asked (one-line message)."""
+
+
+@dataclasses.dataclass
+class Method:
+    name: str
+    schedule: Schedule
+    kind: str  # "schedule" or one of BASELINES
+
+
+def _methods(schedules: Sequence[Schedule], baselines: Sequence[str], n_layers: int, n_vis: int) -> list[Method]:
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise EvalError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
+    if not schedules:
+        raise EvalError("nothing to evaluate: no schedule given")
+    unpruned = vanilla(n_layers, n_vis).model_copy(update={"name": REFERENCE})
+    methods = [Method(REFERENCE, unpruned, REFERENCE)]  # always: it is the reference
+    seen = {REFERENCE}
+    for s in schedules:
+        if s.is_vanilla():
+            continue  # identical to all_tokens; reported under that name
+        name = s.name if s.name not in seen else f"{s.name}#{len(methods)}"
+        seen.add(name)
+        methods.append(Method(name, s, "schedule"))
+    main = next((s for s in schedules if not s.is_vanilla()), None)
+    for b in baselines:
+        if b == REFERENCE:
+            continue
+        if b in ("random", "oracle") and main is None:
+            continue  # nothing is pruned: random/oracle would equal all_tokens
+        methods.append(Method(b, main if b in ("random", "oracle") else unpruned.model_copy(update={"name": b}), b))
+    return methods
+
+
+def _one_line(e: Exception) -> str:
+    errors = getattr(e, "errors", None)  # pydantic: the first error's message, not the banner
+    if callable(errors):
+        first = errors()[0]
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        msg = first["msg"].removeprefix("Value error, ")
+        return f"{loc}: {msg}" if loc else msg
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _first_token_ids(tokenizer, candidates: Sequence[str]) -> list[list[int]]:
+    """Per candidate, the first-token ids of its spellings ('yes', 'Yes'); raises when two candidates share one."""
+    owner: dict[int, str] = {}
+    unk = getattr(tokenizer, "unk_token_id", None)
+    out = []
+    for cand in candidates:
+        ids = []
+        for variant in dict.fromkeys([cand, cand.capitalize(), cand.upper()]):
+            toks = tokenizer.encode(variant, add_special_tokens=False)
+            if toks and toks[0] not in ids and (toks[0] != unk or variant == cand):
+                ids.append(toks[0])
+        for t in ids:
+            if t in owner and owner[t] != cand:
+                raise EvalError(
+                    f"candidates {owner[t]!r} and {cand!r} share their first token under this tokenizer; "
+                    "closed-vocabulary scoring cannot tell them apart (use eval.mode=generate)"
+                )
+            owner[t] = cand
+        out.append(ids)
+    return out
+
+
+def model_shape(vlm: VisionLanguageModel, text_tokens: int) -> ModelShape:
+    """The cost-accounting shape of a loaded model; the vision tower is measured, not assumed."""
+    cfg = vlm.lm.config
+    cfg = cfg.text_config if hasattr(cfg, "text_config") else cfg
+    encoder = None
+    if vlm.image_processor is not None and (vlm.kind != "llama" or vlm.vision_fn is not None):
+        encoder = VisionEncoderShape(fixed_gmacs=_vision_gmacs(vlm))
+    return ModelShape(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        vocab_size=cfg.vocab_size,
+        num_vision_tokens=vlm.num_vision_tokens,
+        text_tokens=max(0, int(round(text_tokens))),
+        vision_encoder=encoder,
+        projector_hidden_size=None,  # measured together with the encoder
+    )
+
+
+_GMACS_CACHE: dict[int, float] = {}
+
+
+def _vision_gmacs(vlm: VisionLanguageModel) -> float:
+    key = id(vlm.model)
+    if key not in _GMACS_CACHE:
+        from PIL import Image
+        from torch.utils.flop_counter import FlopCounterMode
+
+        pixels = vlm.image_processor(Image.new("RGB", (64, 64)))[None].to(vlm.device)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            vlm.vision_embeds(pixels)
+        _GMACS_CACHE[key] = counter.get_total_flops() / 2 / 1e9  # FLOPs -> MACs, the paper's convention
+    return _GMACS_CACHE[key]
+
+
+class _Batch:
+    """One batch of samples, encoded with and without the image, plus its vision embeddings."""
+
+    def __init__(self, vlm: VisionLanguageModel, samples: Sequence[Sample], template, need_blind: bool):
+        device = vlm.device
+        tok = vlm.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        collate = Collator(pad, padding_side="left")
+        kw = dict(image_token_id=vlm.image_token_id, num_image_tokens=vlm.num_vision_tokens, for_generation=True)
+        self.samples = list(samples)
+        enc = [encode_sample(s, tok, template, **kw) for s in samples]
+        b = collate(enc)
+        self.input_ids, self.attention_mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+        self.vision = self.input_ids == vlm.image_token_id
+        self.image_rows = [i for i, s in enumerate(samples) if s.has_image]
+        self.vision_embeds = None
+        if self.image_rows:
+            images = [samples[i].load_image() for i in self.image_rows]
+            pixels = torch.stack([vlm.image_processor(im) for im in images]).to(device)
+            with torch.no_grad():
+                self.vision_embeds = vlm.vision_embeds(pixels)  # (n_img, N, D)
+        self.blind = None
+        if need_blind:
+            eb = collate([encode_sample(dataclasses.replace(s, image=None), tok, template, **kw) for s in samples])
+            self.blind = (eb["input_ids"].to(device), eb["attention_mask"].to(device))
+
+    def forced_keep(self, schedule: Schedule, priority: torch.Tensor) -> list[torch.Tensor]:
+        """Nested keep masks (one per drop) in the (B, L) layout: the top-k of `priority` (n_img, N)."""
+        order = priority.argsort(dim=1, descending=True)
+        masks = []
+        for k in schedule.keep_counts:
+            grid_keep = torch.zeros_like(priority, dtype=torch.bool).scatter_(1, order[:, :k], True)
+            full = torch.zeros_like(self.vision)
+            full[self.vision] = grid_keep.flatten()
+            masks.append(full)
+        return masks
+
+
+def evaluate(
+    vlm: VisionLanguageModel,
+    schedules: Sequence[Schedule],
+    benchmarks: Sequence[Benchmark],
+    *,
+    baselines: Sequence[str] = BASELINES,
+    mode: str = "auto",
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    seed: int = 0,
+    progress: Optional[Callable[[int, int, str], None]] = None,
+    keep_predictions: bool = False,
+) -> dict:
+    """Score every schedule and baseline on every benchmark. Returns a JSON-ready report.
+
+    progress(done_batches, total_batches, label) is called after each batch.
+    """
+    if mode not in MODES:
+        raise EvalError(f"unknown mode {mode!r}; choose from {list(MODES)}")
+    if vlm.tokenizer is None:
+        raise EvalError("the model has no tokenizer; evaluation needs one")
+    template = get_template(vlm.template)
+    n_layers, n_vis = vlm.num_layers, vlm.num_vision_tokens
+    for s in schedules:
+        if s.num_layers != n_layers or s.num_vision_tokens != n_vis:
+            raise EvalError(f"schedule {s.name!r} is for {s.num_layers} layers / {s.num_vision_tokens} tokens, "
+                            f"the model has {n_layers} / {n_vis}")
+    methods = _methods(schedules, baselines, n_layers, n_vis)
+    engines = {m.name: vlm.scheduled(m.schedule) for m in methods}
+    benches = [b.for_grid(vlm.grid) if hasattr(b, "for_grid") and vlm.grid else b for b in benchmarks]
+    plans = []
+    for bench in benches:
+        try:
+            samples = bench.samples()
+        except (ValueError, FileNotFoundError) as e:  # bad options, missing data files
+            raise EvalError(f"benchmark {bench.name!r}: {_one_line(e)}") from None
+        if not samples:
+            raise EvalError(f"benchmark {bench.name!r} yielded no samples")
+        bench_mode = bench.default_mode if mode == "auto" else mode
+        if bench_mode == "closed" and any(not s.candidates for s in samples):
+            raise EvalError(f"benchmark {bench.name!r} has open answers; closed-vocabulary scoring needs candidates (mode=generate)")
+        plans.append((bench, samples, bench_mode))
+    total_batches = sum(math.ceil(len(s) / batch_size) for _, s, _ in plans)
+
+    start = time.perf_counter()
+    done = 0
+    per_method: dict[str, dict] = {m.name: {"benchmarks": {}, "recall": [], "vision_counts": []} for m in methods}
+    text_tokens = []
+    was_training = vlm.model.training
+    vlm.model.eval()
+    try:
+        for bench, samples, bench_mode in plans:
+            cand_cache: dict[tuple, list[list[int]]] = {}
+            scores = {m.name: [] for m in methods}
+            preds = {m.name: [] for m in methods}
+            recalls = {m.name: [] for m in methods}
+            for b0 in range(0, len(samples), batch_size):
+                chunk = samples[b0 : b0 + batch_size]
+                batch = _Batch(vlm, chunk, template, need_blind=any(m.kind == "blind" for m in methods))
+                text_tokens.append(float(((batch.attention_mask.bool()) & ~batch.vision).sum(1).float().mean()))
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + done)
+                noise = None if batch.vision_embeds is None else torch.rand(len(batch.image_rows), n_vis, generator=gen)
+                for m in methods:
+                    texts, keep_masks, counts = _run_method(
+                        vlm, engines[m.name], m, batch, bench_mode, cand_cache, max_new_tokens, noise
+                    )
+                    scores[m.name].extend(bench.score(s, p) for s, p in zip(chunk, texts))
+                    preds[m.name].extend(texts)
+                    if counts is not None:
+                        per_method[m.name]["vision_counts"].append(counts)
+                    if keep_masks and batch.vision_embeds is not None:
+                        recalls[m.name].extend(_recalls(batch, keep_masks))
+                done += 1
+                if progress is not None:
+                    progress(done, total_batches, bench.name)
+            for m in methods:
+                figures = bench.aggregate(samples, scores[m.name])
+                rec = recalls[m.name]
+                entry = {**figures, "samples": len(samples), "mode": bench_mode}
+                if rec and any(r is not None for r in rec[0]):
+                    entry["evidence_recall"] = [mean(r[i] for r in rec if r[i] is not None) for i in range(len(rec[0]))]
+                if keep_predictions:
+                    entry["predictions"] = {s.id: p for s, p in zip(samples, preds[m.name])}
+                per_method[m.name]["benchmarks"][bench.name] = entry
+    finally:
+        vlm.model.train(was_training)
+    wall = time.perf_counter() - start
+    return _report(vlm, methods, per_method, plans, mean(text_tokens), wall, mode)
+
+
+def _run_method(vlm, engine, m: Method, batch: _Batch, mode, cand_cache, max_new_tokens, noise):
+    """Predictions (strings), keep masks after each drop, and measured vision tokens per layer."""
+    if m.kind == "blind":
+        ids, am = batch.blind
+        vis_embeds, vis_mask = None, torch.zeros_like(ids, dtype=torch.bool)
+    else:
+        ids, am = batch.input_ids, batch.attention_mask
+        vis_embeds = None if batch.vision_embeds is None else batch.vision_embeds.flatten(0, 1)
+        vis_mask = batch.vision
+    forced = None
+    if m.kind in ("random", "oracle") and noise is not None and m.schedule.drops:
+        priority = noise.clone()
+        if m.kind == "oracle":
+            for j, row in enumerate(batch.image_rows):
+                ev = batch.samples[row].evidence
+                if ev:
+                    priority[j, list(ev)] += 1.0  # evidence first, random order among the rest
+        forced = batch.forced_keep(m.schedule, priority.to(ids.device))
+    tok = vlm.tokenizer
+    with torch.no_grad():
+        if mode == "closed":
+            out = engine(ids, am, vision_embeds=vis_embeds, vision_mask=vis_mask, logits_to_keep=1, forced_keep=forced)
+            logp = out.logits[:, -1].float().log_softmax(-1)
+            texts = []
+            for row, s in enumerate(batch.samples):
+                key = tuple(s.candidates)
+                if key not in cand_cache:
+                    cand_cache[key] = _first_token_ids(tok, s.candidates)
+                best = max(range(len(s.candidates)), key=lambda c: float(torch.logsumexp(logp[row, cand_cache[key][c]], 0)))
+                texts.append(s.candidates[best])
+            keep_masks, counts = out.keep_masks, out.layer_vision_counts
+        else:
+            eos = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int) and t >= 0]
+            seqs, _, keep_masks = engine.generate(
+                ids, am, vision_embeds=vis_embeds, vision_mask=vis_mask, max_new_tokens=max_new_tokens,
+                eos_token_id=eos or None, return_cache=True, forced_keep=forced,
+            )
+            new = seqs[:, ids.shape[1]:]
+            texts = [tok.decode(row, skip_special_tokens=True) for row in new.tolist()]
+            counts = None
+    if counts is not None:
+        counts = counts.float().mean().item()
+    return texts, keep_masks, counts
+
+
+def _recalls(batch: _Batch, keep_masks: list[torch.Tensor]) -> list[list[Optional[float]]]:
+    """Per image row: evidence recall after each drop."""
+    out = []
+    grids = [mask[batch.vision].view(len(batch.image_rows), -1).cpu() for mask in keep_masks]
+    for j, row in enumerate(batch.image_rows):
+        ev = batch.samples[row].evidence
+        out.append([evidence_recall(g[j].tolist(), ev) for g in grids])
+    return out
+
+
+def _report(vlm, methods: list[Method], per_method: dict, plans, text_tokens: float, wall: float, mode: str) -> dict:
+    shape = model_shape(vlm, text_tokens)
+    scores = {m.name: {b: e["score"] for b, e in per_method[m.name]["benchmarks"].items()} for m in methods}
+    reference = scores[REFERENCE]
+    rows = []
+    for m in methods:
+        cost = cost_report(m.schedule, shape)
+        if m.kind == "blind":
+            cost.update(avg_vision_tokens=0.0, vision_tflops=0.0, tokens_per_layer=[0] * shape.num_layers, plan="none")
+        rows.append({
+            "method": m.name,
+            "kind": m.kind,
+            "schedule": m.schedule.model_dump(mode="json") if m.kind != "blind" else None,
+            "plan": cost["plan"],
+            "benchmarks": per_method[m.name]["benchmarks"],
+            "relative_score": relative_score(scores[m.name], reference),
+            "avg_vision_tokens": cost["avg_vision_tokens"],
+            "measured_avg_vision_tokens": mean(per_method[m.name]["vision_counts"]) if per_method[m.name]["vision_counts"] else None,
+            "vision_tflops": cost["vision_tflops"],
+            "model_tflops": cost["model_tflops"],
+        })
+    notes = []
+    blind = scores.get("blind")
+    if blind:
+        gap = mean(reference[b] - blind[b] for b in reference if b in blind)
+        if gap < 5.0:
+            notes.append(
+                f"all_tokens is only {gap:.1f} points above the blind baseline on average: the model barely uses "
+                "the image (e.g. an untrained projector), so scores and relative scores say little about the schedules"
+            )
+    if getattr(vlm, "projector_trained", True) is False:
+        notes.append("the projector is untrained (fresh mini-LLaVA): expect scores near the blind baseline")
+    return {
+        "model": {"kind": vlm.kind, "num_layers": vlm.num_layers, "num_vision_tokens": vlm.num_vision_tokens},
+        "reference": REFERENCE,
+        "methods": rows,
+        "samples_evaluated": sum(len(s) for _, s, _ in plans),
+        "benchmarks": [{"name": b.name, "samples": len(s), "mode": md} for b, s, md in plans],
+        "mean_text_tokens": text_tokens,
+        "wall_time_s": wall,
+        "notes": notes,
+    }

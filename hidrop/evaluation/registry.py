@@ -1,0 +1,77 @@
+"""The benchmark registry: every benchmark (offline here, the paper's eleven later) plugs in the same way.
+
+A benchmark yields `Sample`s, scores one prediction with its official rule, and aggregates per-sample
+scores into its reported figures. The harness never needs to know which benchmark it runs.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+from hidrop.evaluation.metrics import exact_match, mean
+from hidrop.sample import Sample
+
+BENCHMARKS: dict[str, type["Benchmark"]] = {}
+
+
+class Benchmark:
+    """Base class. Subclasses set `name`, implement `load()`, and override `score`/`aggregate` when the
+    official rule differs from exact match averaged x 100."""
+
+    name: str = ""
+    # "closed": rank the closed answer vocabulary by next-token logits (one forward, no generation);
+    # "generate": greedy generation then the official matching rule
+    default_mode: str = "closed"
+    description: str = ""
+
+    def __init__(self, limit: Optional[int] = None, seed: int = 0, **options):
+        self.limit = limit
+        self.seed = seed
+        self.options = options
+        self._samples: Optional[list[Sample]] = None
+
+    def load(self) -> list[Sample]:
+        raise NotImplementedError
+
+    def samples(self) -> list[Sample]:
+        if self._samples is None:
+            self._samples = self.load()
+        return self._samples
+
+    def score(self, sample: Sample, prediction: str) -> float:
+        return exact_match(prediction, sample.answer or "")
+
+    def aggregate(self, samples: Sequence[Sample], scores: Sequence[float]) -> dict[str, float]:
+        """{"score": the headline figure, plus per-family figures}, all in percent."""
+        out = {"score": 100.0 * mean(scores)}
+        families = sorted({s.family for s in samples if s.family})
+        if len(families) > 1:
+            for fam in families:
+                out[f"family/{fam}"] = 100.0 * mean(sc for s, sc in zip(samples, scores) if s.family == fam)
+        return out
+
+
+def register(name: str) -> Callable[[type[Benchmark]], type[Benchmark]]:
+    def wrap(cls: type[Benchmark]) -> type[Benchmark]:
+        if name in BENCHMARKS:
+            raise ValueError(f"benchmark {name!r} registered twice")
+        cls.name = name
+        BENCHMARKS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_benchmark(name: str, **kwargs) -> Benchmark:
+    _load_builtin()
+    if name not in BENCHMARKS:
+        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
+    return BENCHMARKS[name](**kwargs)
+
+
+def known_benchmarks() -> list[str]:
+    _load_builtin()
+    return sorted(BENCHMARKS)
+
+
+def _load_builtin() -> None:
+    import hidrop.evaluation.offline  # noqa: F401  (registers on import)

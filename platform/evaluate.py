@@ -1,0 +1,70 @@
+"""`hidrop eval`: build the experiment's model, run its schedules and baselines on its benchmarks."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from hidrop_platform.config import ExperimentConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EvalSetupError(RuntimeError):
+    """The experiment cannot be evaluated as configured (one line for the CLI)."""
+
+
+def build_model(cfg: ExperimentConfig, device: Optional[str] = None):
+    """The experiment's `VisionLanguageModel` on `device`, checked against the YAML's shape."""
+    from hidrop.models import ModelLoadError, load_llava_hf, load_model, mini_llava
+    from hidrop.tiny import tiny_vlm
+
+    m = cfg.model
+    dtype = DTYPES[m.dtype]
+    device = device or cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if m.kind == "mini_llava":
+            vlm = mini_llava(m.feature, dtype=dtype, attn_implementation=m.attn_implementation, checkpoint=m.path)
+        elif m.kind == "llava_hf":
+            vlm = load_llava_hf(m.path, dtype=dtype, attn_implementation=m.attn_implementation)
+        elif m.kind == "llama" or (m.kind == "tiny_llava" and m.path):
+            vlm = load_model(m.path, dtype=dtype, attn_implementation=m.attn_implementation)
+        elif m.kind == "tiny_llava":
+            vlm = tiny_vlm(seed=cfg.seed, num_layers=m.shape.num_layers)
+        else:
+            raise EvalSetupError(f"model.kind={m.kind} has no weights to evaluate; use mini_llava, llava_hf or tiny_llava")
+    except ModelLoadError as e:
+        raise EvalSetupError(str(e)) from None
+    except OSError as e:
+        raise EvalSetupError(f"cannot load model from {m.path}: {str(e).splitlines()[0]}") from None
+    if (vlm.num_layers, vlm.num_vision_tokens) != (m.shape.num_layers, m.shape.num_vision_tokens):
+        raise EvalSetupError(
+            f"model.shape says {m.shape.num_layers} layers / {m.shape.num_vision_tokens} vision tokens but the "
+            f"loaded model has {vlm.num_layers} / {vlm.num_vision_tokens}; fix model.shape in the YAML"
+        )
+    vlm.model.to(device)
+    return vlm
+
+
+def run_eval(cfg: ExperimentConfig, progress: Optional[Callable[[int, int, str], None]] = None, vlm=None) -> dict:
+    from hidrop.evaluation.harness import EvalError, evaluate
+    from hidrop.evaluation.registry import get_benchmark
+
+    torch.manual_seed(cfg.seed)
+    vlm = vlm or build_model(cfg)
+    schedules = cfg.schedules() if cfg.eval.include_compare else [cfg.main_schedule]
+    try:
+        benchmarks = [get_benchmark(b.name, limit=b.limit, seed=cfg.seed, **b.options) for b in cfg.eval.benchmarks]
+    except (KeyError, TypeError, ValueError) as e:  # unknown benchmark or option
+        raise EvalSetupError(f"eval.benchmarks: {str(e).strip(chr(39))}") from None
+    try:
+        report = evaluate(
+            vlm, schedules, benchmarks,
+            baselines=cfg.eval.baselines, mode=cfg.eval.mode, batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed, progress=progress,
+        )
+    except EvalError as e:
+        raise EvalSetupError(str(e)) from None
+    report["experiment"] = cfg.name
+    report["device"] = str(vlm.device)
+    return report
