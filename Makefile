@@ -19,14 +19,16 @@ $(BIN)/.installed: pyproject.toml constraints/cpu.txt
 
 install: $(BIN)/.installed
 
-# The main job for now: validate the paper experiments, print their cost table, and time prefill of
-# vanilla / FastV / PDrop / HiDrop on the mini-LLaVA shape (random weights).
+# The main job for now: validate the paper experiments, print their cost table, time prefill of
+# vanilla / FastV / PDrop / HiDrop on the mini-LLaVA shape (random weights), and evaluate them on the
+# real offline mini-LLaVA with the offline benchmarks.
 demo: install
 	$(BIN)/hidrop validate experiments/llava15_7b_hidrop.yaml
 	$(BIN)/hidrop flops experiments/llava15_7b_vanilla.yaml experiments/llava15_7b_pdrop.yaml \
 		experiments/llava15_7b_fastv.yaml experiments/llava15_7b_hidrop.yaml \
 		experiments/llava15_7b_hidrop_tok48.yaml experiments/llava15_7b_hidrop_tok80.yaml
 	$(BIN)/hidrop bench prefill experiments/smollm2_hidrop.yaml
+	$(BIN)/hidrop eval experiments/mini_llava_eval.yaml eval.benchmarks.0.limit=48 eval.benchmarks.1.limit=4
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -93,6 +93,12 @@ def model_tflops(schedule: Schedule, shape: ModelShape) -> float:
     return total / 1e12
 
 
+def text_only_tflops(shape: ModelShape) -> float:
+    """The same forward with no image at all (the blind baseline): text rows and the LM head only."""
+    total = shape.num_layers * _decoder_layer_macs(shape.text_tokens, shape)
+    return (total + shape.logits_positions * shape.hidden_size * shape.vocab_size) / 1e12
+
+
 def cost_report(schedule: Schedule, shape: ModelShape) -> dict:
     """Everything `hidrop flops --json` prints for one schedule."""
     if schedule.num_layers != shape.num_layers or schedule.num_vision_tokens != shape.num_vision_tokens:

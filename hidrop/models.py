@@ -44,6 +44,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_IMAGE_TOKEN = "<empty_output>"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+PROJECTOR_FILE = "projector.safetensors"
 FORMAT_KEY = "hidrop"  # the block in config.json that carries the schedule and how to rebuild the model
 
 
@@ -286,9 +287,17 @@ class VisionLanguageModel:
         raise ValueError(f"a {self.kind} model has no vision tower")
 
     # ---- save / load -----------------------------------------------------------------------
-    def save(self, folder: str | Path, schedule: Optional[Schedule] = None) -> Path:
-        """Weights as safetensors; the schedule and rebuild recipe travel in config.json."""
+    def save(self, folder: str | Path, schedule: Optional[Schedule] = None, weights: str = "all") -> Path:
+        """Weights as safetensors; the schedule and rebuild recipe travel in config.json.
+
+        weights="projector" (mini-LLaVA only) writes just the projector (~1.6 MB) and records that the
+        encoder and LM come from the packages: the small checkpoint the project ships.
+        """
         folder = Path(folder)
+        if weights not in ("all", "projector"):
+            raise ValueError(f"weights must be 'all' or 'projector', not {weights!r}")
+        if weights == "projector" and not isinstance(self.model, MiniLlava):
+            raise ValueError("weights='projector' needs a mini-LLaVA (its encoder and LM ship in packages)")
         folder.mkdir(parents=True, exist_ok=True)
         schedule = schedule or self.schedule
         meta = {
@@ -302,8 +311,12 @@ class VisionLanguageModel:
         }
         if isinstance(self.model, MiniLlava):
             meta["encoder"] = {"name": "efficientnet-lite0", "feature": self.model.encoder.feature}
+            meta["weights"] = weights
             config = {FORMAT_KEY: meta, "text_config": self.model.lm.config.to_dict()}
             (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            if weights == "projector":
+                save_safetensors_from(self.model.projector, str(folder / PROJECTOR_FILE))
+                return folder  # tokenizer and LM come from the packaged SmolLM2
             save_safetensors_from(self.model, str(folder / WEIGHTS_FILE))  # handles SmolLM2's tied embeddings
         else:
             self.model.config.update({FORMAT_KEY: meta})
@@ -325,6 +338,17 @@ def load_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, attn_i
         raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
     meta = config.get(FORMAT_KEY) or {}
     schedule = Schedule.model_validate(meta["schedule"]) if meta.get("schedule") else None
+    if meta.get("kind") == "mini_llava" and meta.get("weights") == "projector":
+        if not (folder / PROJECTOR_FILE).is_file():
+            raise ModelLoadError(f"{folder / PROJECTOR_FILE} not found")
+        vlm = mini_llava(meta["encoder"]["feature"], dtype=dtype, attn_implementation=attn_implementation)
+        if vlm.lm.config.num_hidden_layers != config["text_config"]["num_hidden_layers"]:
+            raise ModelLoadError(f"{folder}: its projector was trained for a different LM than the packaged SmolLM2")
+        load_model_safetensors(vlm.model.projector, folder / PROJECTOR_FILE)
+        vlm.model.projector.to(dtype)
+        vlm.schedule, vlm.template = schedule, meta["template"]
+        vlm.projector_trained = bool(meta.get("projector_trained", True))
+        return vlm
     if meta.get("kind") == "mini_llava":
         if not (folder / WEIGHTS_FILE).is_file():
             raise ModelLoadError(f"{folder / WEIGHTS_FILE} not found")

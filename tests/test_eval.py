@@ -144,6 +144,7 @@ def test_baselines_recall_and_costs(vlm):
     assert 0.0 <= r2 < 1.0
     blind = _method(report, "blind")
     assert blind["measured_avg_vision_tokens"] == 0.0 and blind["vision_tflops"] == 0.0
+    assert 0 < blind["model_tflops"] < _method(report, "test_hidrop")["model_tflops"]
     ref = _method(report, "all_tokens")
     assert ref["measured_avg_vision_tokens"] == 16.0
     hid = _method(report, "test_hidrop")

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from hidrop.cost import ModelShape, VisionEncoderShape, cost_report
+from hidrop.cost import ModelShape, VisionEncoderShape, cost_report, text_only_tflops
 from hidrop.data import Collator, encode_sample, get_template
 from hidrop.evaluation.metrics import evidence_recall, mean, relative_score
 from hidrop.evaluation.registry import Benchmark
@@ -77,23 +77,32 @@ def _one_line(e: Exception) -> str:
 
 
 def _first_token_ids(tokenizer, candidates: Sequence[str]) -> list[list[int]]:
-    """Per candidate, the first-token ids of its spellings ('yes', 'Yes'); raises when two candidates share one."""
-    owner: dict[int, str] = {}
+    """Per candidate, the first-token ids of its spellings: the candidate itself (which must be unique:
+    else EvalError) plus its capitalized form when that first token belongs to no other candidate."""
     unk = getattr(tokenizer, "unk_token_id", None)
+
+    def first(text: str) -> Optional[int]:
+        toks = tokenizer.encode(text, add_special_tokens=False)
+        return toks[0] if toks else None
+
+    primary = [first(c) for c in candidates]
+    owner: dict[int, str] = {}
+    for cand, t in zip(candidates, primary):
+        if t in owner:
+            raise EvalError(
+                f"candidates {owner[t]!r} and {cand!r} share their first token under this tokenizer; "
+                "closed-vocabulary scoring cannot tell them apart (use eval.mode=generate)"
+            )
+        owner[t] = cand
+    variants = [first(c.capitalize()) for c in candidates]
+    counts: dict[int, int] = {}
+    for v in variants:
+        counts[v] = counts.get(v, 0) + 1
     out = []
-    for cand in candidates:
-        ids = []
-        for variant in dict.fromkeys([cand, cand.capitalize(), cand.upper()]):
-            toks = tokenizer.encode(variant, add_special_tokens=False)
-            if toks and toks[0] not in ids and (toks[0] != unk or variant == cand):
-                ids.append(toks[0])
-        for t in ids:
-            if t in owner and owner[t] != cand:
-                raise EvalError(
-                    f"candidates {owner[t]!r} and {cand!r} share their first token under this tokenizer; "
-                    "closed-vocabulary scoring cannot tell them apart (use eval.mode=generate)"
-                )
-            owner[t] = cand
+    for t, v in zip(primary, variants):
+        ids = [t]
+        if v is not None and v != t and v != unk and v not in owner and counts[v] == 1:
+            ids.append(v)
         out.append(ids)
     return out
 
@@ -327,7 +336,7 @@ def _report(vlm, methods: list[Method], per_method: dict, plans, text_tokens: fl
     for m in methods:
         cost = cost_report(m.schedule, shape)
         if m.kind == "blind":
-            cost.update(avg_vision_tokens=0.0, vision_tflops=0.0, tokens_per_layer=[0] * shape.num_layers, plan="none")
+            cost.update(avg_vision_tokens=0.0, vision_tflops=0.0, model_tflops=text_only_tflops(shape), plan="no image")
         rows.append({
             "method": m.name,
             "kind": m.kind,
