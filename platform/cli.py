@@ -118,6 +118,30 @@ def eval_command(
     _print_eval(report)
 
 
+@app.command()
+def train(
+    experiment: str = typer.Argument(..., help="experiment YAML (model, schedule, train and tracking sections)"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides, e.g. train.num_workers=2"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+):
+    """Train with Ray Train workers running DeepSpeed (LLaVA stage 1 or 2, schedule active), tracked in MLflow."""
+    from hidrop_platform.train import TrainSetupError, run_training
+
+    cfg = _load(experiment, overrides)
+    try:
+        result = run_training(cfg)
+    except TrainSetupError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    out.print(f"[bold green]done[/] {cfg.name} in {result['wall_time_s']:.0f} s: loss {result['metrics'].get('loss', float('nan')):.4f} "
+              f"at step {result['metrics'].get('step')}")
+    out.print(f"  checkpoint (DeepSpeed state): {result['checkpoint']}")
+    out.print(f"  exported model (safetensors + schedule): {result['export']}")
+    out.print(f"  MLflow: {result['tracking_uri']}")
+
+
 def _print_eval(report: dict) -> None:
     names = [b["name"] for b in report["benchmarks"]]
     table = Table(title=f"{report['experiment']}: {report['samples_evaluated']} samples on {report['device']} "

@@ -147,6 +147,80 @@ class BenchConfig(BaseModel):
         return self
 
 
+class DataSpec(BaseModel):
+    """One training source: easy_vqa (train split), probes (train seeds), or LLaVA JSON + image folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["easy_vqa", "probes", "llava_json"]
+    limit: Optional[int] = Field(default=None, gt=0)  # probes: per family
+    path: Optional[str] = None  # llava_json: the .json / .jsonl file
+    image_folder: Optional[str] = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DataSpec":
+        if self.name == "llava_json" and not self.path:
+            raise ValueError("data name=llava_json needs path (a LLaVA JSON/JSONL file)")
+        return self
+
+
+class TrainConfig(BaseModel):
+    """LLaVA's two stages under Ray Train + DeepSpeed. Defaults follow LLaVA-1.5 where they apply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Literal["pretrain", "finetune"] = "pretrain"
+    lora: Optional[dict[str, Any]] = None  # finetune only: {r, alpha, dropout, target_modules}
+    data: list[DataSpec] = Field(default_factory=lambda: [DataSpec(name="easy_vqa", limit=2000)])
+    template: Optional[str] = None  # default: the model's (chatml for the mini-LLaVA); "plain" for LLaVA stage 1
+    max_length: Optional[int] = Field(default=None, gt=0)
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: Optional[int] = Field(default=None, gt=0)  # optimizer steps; overrides epochs
+    micro_batch_size: int = Field(default=4, gt=0)  # per worker
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=1e-3, gt=0)  # LLaVA-1.5: 1e-3 pretrain, 2e-5 finetune
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = Field(default=0, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    gradient_checkpointing: bool = False
+    deepspeed: dict[str, Any] = Field(default_factory=dict)  # merged over the generated DeepSpeed config
+    budget_weight: float = Field(default=1.0, ge=0)  # dtopk_learnable: weight of the budget loss
+    num_workers: int = Field(default=1, gt=0)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    storage_path: str = "runs"  # Ray RunConfig storage (shared storage on a cluster)
+    checkpoint_every: int = Field(default=50, gt=0)  # optimizer steps between DeepSpeed checkpoints
+    export_every: Optional[int] = Field(default=None, gt=0)  # steps between safetensors exports (always at the end)
+    keep_checkpoints: int = Field(default=2, gt=0)
+    max_failures: int = Field(default=0, ge=0)
+    log_every: int = Field(default=1, gt=0)
+    ray_address: Optional[str] = None  # None: a local Ray
+
+    @model_validator(mode="after")
+    def _lora_stage(self) -> "TrainConfig":
+        if self.lora is not None and self.stage != "finetune":
+            raise ValueError("lora applies to stage=finetune only")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        return self
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    uri: Optional[str] = None  # None: a local sqlite store under ./mlruns; a cluster: http://host:5000
+    experiment: Optional[str] = None  # None: the experiment's name
+
+
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -157,6 +231,8 @@ class ExperimentConfig(BaseModel):
     compare: list[ScheduleSpec] = Field(default_factory=list)  # extra schedules for tables and benches
     bench: BenchConfig = Field(default_factory=BenchConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     seed: int = 0
 
     @model_validator(mode="after")

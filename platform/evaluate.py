@@ -7,7 +7,7 @@ import torch
 
 from hidrop_platform.config import ExperimentConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from hidrop_platform.bench import DTYPES
 
 
 class EvalSetupError(RuntimeError):
@@ -68,3 +68,10 @@ def run_eval(cfg: ExperimentConfig, progress: Optional[Callable[[int, int, str],
     report["experiment"] = cfg.name
     report["device"] = str(vlm.device)
     return report
+
+
+def model_shape_for_cost(cfg: ExperimentConfig, vlm):
+    """The loaded model's cost shape at the experiment's typical prompt length."""
+    from hidrop.evaluation.harness import model_shape
+
+    return model_shape(vlm, cfg.model.shape.text_tokens)

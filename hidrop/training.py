@@ -1,0 +1,135 @@
+"""The model side of training: what trains in each LLaVA stage, datasets, and the loss of one batch.
+
+Pure torch (no ray, deepspeed or mlflow): the platform's Ray/DeepSpeed worker drives these pieces, and a
+plain single-process loop can drive them too (the overhead benchmark compares both).
+
+Stage 1 (pretrain): the projector only; encoder and LM frozen. Stage 2 (finetune): projector + LM
+(full, or LoRA adapters through peft). The schedule is active in both: the engine runs the pruned
+forward with multi-round queries when the schedule asks for them, and a learnable keep ratio adds its
+budget loss.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from hidrop.data import Collator, SupervisedDataset, get_template
+from hidrop.engine import ScheduledModel
+from hidrop.models import MiniLlava, VisionLanguageModel
+from hidrop.sample import Sample
+from hidrop.schedule import Schedule
+
+STAGES = ("pretrain", "finetune")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def set_trainable(vlm: VisionLanguageModel, stage: str, lora: Optional[dict] = None) -> list[str]:
+    """Freeze/unfreeze per stage; returns the names of the trainable parameters."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, not {stage!r}")
+    model = vlm.model
+    model.requires_grad_(False)
+    projector = _projector(vlm)
+    projector.requires_grad_(True)
+    if stage == "finetune":
+        lm = vlm.lm if not hasattr(vlm.lm, "language_model") else vlm.lm
+        if lora:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            cfg = LoraConfig(
+                r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)), lora_dropout=float(lora.get("dropout", 0.0)),
+                target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
+            )
+            inject_adapter_in_model(cfg, _decoder(vlm))
+            for name, p in _decoder(vlm).named_parameters():
+                p.requires_grad_("lora_" in name)
+        else:
+            _decoder(vlm).requires_grad_(True)
+            lm.lm_head.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _projector(vlm: VisionLanguageModel) -> nn.Module:
+    if isinstance(vlm.model, MiniLlava):
+        return vlm.model.projector
+    if hasattr(vlm.model, "model") and hasattr(vlm.model.model, "multi_modal_projector"):
+        return vlm.model.model.multi_modal_projector
+    raise ValueError(f"a {vlm.kind} model has no projector to train")
+
+
+def _decoder(vlm: VisionLanguageModel) -> nn.Module:
+    lm = vlm.lm
+    if hasattr(lm, "model") and hasattr(lm.model, "language_model"):
+        return lm.model.language_model
+    return lm.model
+
+
+class TrainStep(nn.Module):
+    """The module DeepSpeed wraps: a batch in, the training loss out (LM loss + budget loss)."""
+
+    def __init__(self, vlm: VisionLanguageModel, schedule: Schedule, budget_weight: float = 1.0):
+        super().__init__()
+        self.vlm = vlm
+        self.model = vlm.model  # registered so DeepSpeed sees (and partitions) every parameter
+        self.engine = ScheduledModel(vlm.lm, schedule, image_token_id=vlm.image_token_id, budget_weight=budget_weight)
+
+    def forward(self, batch: dict) -> dict:
+        device = next(self.model.parameters()).device
+        ids = batch["input_ids"].to(device)
+        vision = None
+        if "pixel_values" in batch:
+            vision = self.vlm.vision_embeds(batch["pixel_values"].to(device)).flatten(0, 1)
+        out = self.engine(
+            ids, batch["attention_mask"].to(device), vision_embeds=vision,
+            vision_mask=ids == self.vlm.image_token_id, labels=batch["labels"].to(device), return_logits=False,
+        )
+        loss = out.loss
+        total = loss if out.budget_loss is None else loss + out.budget_loss
+        counts = out.layer_vision_counts
+        return {
+            "loss": total,
+            "lm_loss": loss.detach(),
+            "budget_loss": None if out.budget_loss is None else out.budget_loss.detach(),
+            "vision_tokens": None if counts is None else counts.float().mean().detach(),
+            "tokens": batch["attention_mask"].sum().to(device),
+        }
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"loss is {value} at step {step}; lower the learning rate or check the data")
+
+
+def make_dataset(vlm: VisionLanguageModel, samples: Sequence[Sample], template: Optional[str] = None,
+                 max_length: Optional[int] = None) -> SupervisedDataset:
+    return SupervisedDataset(
+        samples, vlm.tokenizer, get_template(template or vlm.template),
+        image_token_id=vlm.image_token_id, num_image_tokens=vlm.num_vision_tokens,
+        image_processor=vlm.image_processor, max_length=max_length,
+    )
+
+
+def make_collator(vlm: VisionLanguageModel) -> Collator:
+    tok = vlm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    return Collator(pad, padding_side="right")
+
+
+def lr_at(step: int, total: int, base: float, schedule: str = "cosine", warmup_ratio: float = 0.03) -> float:
+    """LLaVA's schedule: linear warm-up then cosine decay to 0 (or constant / linear decay)."""
+    warmup = int(math.ceil(total * warmup_ratio))
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return base * max(0.0, 1.0 - progress)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

@@ -1,0 +1,284 @@
+"""`hidrop train`: a Ray TorchTrainer whose workers train with DeepSpeed, tracked in MLflow.
+
+The driver validates the config, prepares the MLflow store once (concurrent workers must not race on a
+new sqlite schema), and fits the trainer. DeepSpeed is imported inside the worker only: the driver may
+have no GPU. Rank 0 logs; the MLflow run id travels inside every checkpoint so a restarted worker group
+(FailureConfig) or a re-run with the same name and storage path continues the SAME run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from hidrop_platform.config import ExperimentConfig
+
+STATE_FILE = "hidrop_state.json"
+DS_TAG = "deepspeed"
+
+
+class TrainSetupError(RuntimeError):
+    """The run cannot start or failed for a reason the user can fix (one line for the CLI)."""
+
+
+def deepspeed_config(cfg: ExperimentConfig) -> dict:
+    """The DeepSpeed config generated from `train:`, with `train.deepspeed` merged over it."""
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if t.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # we pass torch AdamW: no JIT-compiled optimizer
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, t.deepspeed)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def training_samples(cfg: ExperimentConfig, grid: int):
+    from hidrop.data import easy_vqa_samples, load_llava_json
+    from hidrop.evaluation.offline import Probes
+
+    samples = []
+    for spec in cfg.train.data:
+        if spec.name == "easy_vqa":
+            samples += easy_vqa_samples("train", limit=spec.limit, seed=cfg.seed)
+        elif spec.name == "probes":
+            samples += Probes(limit=spec.limit or 100, seed=cfg.seed, split="train", grid=grid or 14, **spec.options).samples()
+        else:
+            samples += load_llava_json(spec.path, spec.image_folder, limit=spec.limit)
+    return samples
+
+
+# ---- the worker ---------------------------------------------------------------------------------
+def train_worker(payload: dict) -> None:
+    import deepspeed
+    import ray.train
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from hidrop.cost import cost_report
+    from hidrop.training import TrainStep, check_finite, lr_at, make_collator, make_dataset, set_trainable
+    from hidrop_platform.evaluate import build_model
+    from hidrop_platform.tracking import Tracker, package_versions, system_metrics
+
+    cfg = ExperimentConfig.model_validate(payload["config"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if t.use_gpu and torch.cuda.is_available():
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)  # before deepspeed.initialize, from Ray's assignment
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(cfg.seed)
+
+    vlm = build_model(cfg, device=str(device))
+    set_trainable(vlm, t.stage, t.lora)
+    schedule = cfg.main_schedule
+    step_module = TrainStep(vlm, schedule, budget_weight=t.budget_weight)
+    if t.gradient_checkpointing:
+        step_module.engine.gradient_checkpointing_enable()
+    params = [p for p in step_module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    engine, optimizer, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=deepspeed_config(cfg))
+
+    dataset = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=make_collator(vlm))
+    per_epoch = max(1, len(loader) // t.grad_accum)
+    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+
+    # resume: DeepSpeed state (model, optimizer, scheduler position) + our counters + the MLflow run
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "run_id": None, "accel_seconds": 0.0}
+    checkpoint = ray.train.get_checkpoint()
+    resumed = checkpoint is not None
+    fail_at = int(os.environ.get("HIDROP_TEST_FAIL_AT_STEP", "0"))  # tests: kill the first attempt here
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag=DS_TAG)
+            state.update(json.loads((Path(d) / STATE_FILE).read_text()))
+    tracker = Tracker(payload["tracking_uri"], payload["experiment"], run_id=state["run_id"], run_name=cfg.name,
+                      enabled=rank == 0 and cfg.tracking.enabled,
+                      tags={"device_type": device.type, "num_workers": str(world), "stage": t.stage})
+    tracker.start()
+    if state["run_id"] is None and rank == 0:
+        tracker.log_config(cfg)
+        tracker.log_params({f"schedule_plan.{i + 1}": n for i, n in enumerate(schedule.tokens_per_layer())})
+        tracker.log_params({f"version.{k}": v for k, v in package_versions().items()})
+        tracker.log_dict(deepspeed_config(cfg), "config/deepspeed.json")
+    state["run_id"] = tracker.run_id
+
+    from hidrop_platform.evaluate import model_shape_for_cost
+
+    cost = cost_report(schedule, model_shape_for_cost(cfg, vlm))
+    step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
+    last_time, window_samples, window_tokens = time.perf_counter(), 0, 0
+    accel_seconds = state["accel_seconds"]
+    while step < total:
+        sampler.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if i < skip:
+                continue  # batches this epoch already consumed before the restart
+            out = engine(batch)
+            check_finite(out["loss"], step)
+            engine.backward(out["loss"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, t.lr, t.lr_schedule, t.warmup_ratio)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            window_samples += batch["input_ids"].shape[0] * world
+            window_tokens += int(out["tokens"]) * world
+            state["batches_in_epoch"] = i + 1
+            if not boundary:
+                continue
+            step += 1
+            now = time.perf_counter()
+            elapsed, last_time = now - last_time, now
+            accel_seconds += elapsed * world
+            if step % t.log_every == 0 or step == total:
+                loss = _mean_across(out["lm_loss"], world)
+                metrics = {
+                    "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                    "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed,
+                    "epoch": epoch + (i + 1) / max(1, len(loader)),
+                    "accelerator_hours": accel_seconds / 3600,
+                    "vision_tflops_per_sample": cost["vision_tflops"], "model_tflops_per_sample": cost["model_tflops"],
+                }
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                if out["vision_tokens"] is not None:
+                    metrics["vision_tokens_kept"] = float(out["vision_tokens"])
+                if out["budget_loss"] is not None:
+                    metrics["budget_loss"] = float(out["budget_loss"])
+                if rank == 0:
+                    tracker.log_metrics({**metrics, **system_metrics()}, step=step)
+                    print(f"[hidrop train] step {step}/{total} loss {loss:.4f} lr {metrics['lr']:.2e} "
+                          f"{metrics['samples_per_s']:.2f} samples/s", flush=True)
+                window_samples = window_tokens = 0
+            state.update(step=step, epoch=epoch, accel_seconds=accel_seconds)
+            if step % t.checkpoint_every == 0 or step == total:
+                _report_checkpoint(engine, state, {"loss": float(out["lm_loss"]), "step": step})
+            if rank == 0 and ((t.export_every and step % t.export_every == 0) or step == total):
+                folder = Path(payload["export_dir"]) / ("final" if step == total else f"step-{step}")
+                weights = "projector" if vlm.kind == "mini_llava" and t.stage == "pretrain" else "all"
+                vlm.projector_trained = True
+                vlm.save(folder, schedule=schedule, weights=weights)
+                tracker.log_artifact(folder, "model" if step == total else f"model/step-{step}")
+            if step == fail_at and not resumed:
+                raise RuntimeError(f"injected failure at step {step} (HIDROP_TEST_FAIL_AT_STEP)")
+            if step >= total:
+                break
+        else:
+            epoch, skip = epoch + 1, 0
+            state.update(epoch=epoch, batches_in_epoch=0)
+            continue
+        skip = 0
+    tracker.finish()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # avoids "terminate called without an active exception" at exit (stack.md)
+
+
+def _mean_across(value: torch.Tensor, world: int) -> float:
+    import torch.distributed as dist
+
+    v = value.detach().float().reshape(1).clone()
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(v)
+        v /= world
+    return float(v)
+
+
+def _report_checkpoint(engine, state: dict, metrics: dict) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag=DS_TAG)  # every rank writes its shards
+        (Path(d) / STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+def run_training(cfg: ExperimentConfig, progress: bool = True) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri, prepare
+
+    t = cfg.train
+    uri = cfg.tracking.uri or default_tracking_uri()
+    experiment = cfg.tracking.experiment or cfg.name
+    if cfg.tracking.enabled:
+        try:
+            prepare(uri, experiment)
+        except TrackingUnavailable as e:
+            print(f"warning: {e}; training continues and metrics are buffered locally", flush=True)
+    storage = Path(t.storage_path).resolve()
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address=t.ray_address, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": _worker_env()})
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "experiment": experiment,
+                           "export_dir": str(storage / cfg.name / "export")},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker),
+        run_config=RunConfig(
+            name=cfg.name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        ),
+    )
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # TrainingFailedError wraps the worker's exception
+        raise TrainSetupError(_root_message(e)) from None
+    metrics = dict(result.metrics or {})
+    return {
+        "experiment": cfg.name, "wall_time_s": time.perf_counter() - start, "metrics": metrics,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "export": str(storage / cfg.name / "export" / "final"), "tracking_uri": uri,
+    }
+
+
+def _worker_env() -> dict:
+    env = {"HF_HUB_OFFLINE": "1"}
+    for key in ("HIDROP_CACHE", "HIDROP_TEST_FAIL_AT_STEP", "TORCH_EXTENSIONS_DIR"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def _root_message(e: BaseException) -> str:
+    text = str(e)
+    for marker in ("TrainingDiverged: ", "TrainSetupError: ", "EvalSetupError: ", "ModelLoadError: ", "ValueError: "):
+        if marker in text:
+            return text.split(marker, 1)[1].strip().splitlines()[0]
+    return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
