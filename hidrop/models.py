@@ -222,11 +222,18 @@ def smollm2_dir() -> Path:
     fresh.load_state_dict(gguf_model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    fresh.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     try:
-        os.replace(tmp, target)  # atomic; concurrent converters (Ray workers) race harmlessly
-    except OSError:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable
+        if target.exists() and not (target / WEIGHTS_FILE).is_file():
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier copy
+        try:
+            os.replace(tmp, target)  # atomic; concurrent converters (Ray workers) race harmlessly
+        except OSError:
+            if not ((target / WEIGHTS_FILE).is_file() and (target / "tokenizer.json").is_file()):
+                raise ModelLoadError(f"cannot write the SmolLM2 cache at {target}; remove it and retry") from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -357,9 +364,10 @@ def load_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, attn_i
         text_config._attn_implementation = attn_implementation
         lm = LlamaForCausalLM(text_config)
         model = MiniLlava(encoder, lm, meta["image_token_id"])
-        missing, unexpected = load_model_safetensors(model, folder / WEIGHTS_FILE)
-        model = model.to(dtype).eval()
-        model.encoder.float()  # the frozen CNN stays fp32 (batch norm in bf16 loses the grid detail)
+        load_model_safetensors(model, folder / WEIGHTS_FILE)
+        model.lm.to(dtype)  # the frozen CNN stays fp32 (batch norm in bf16 loses the grid detail)
+        model.projector.to(dtype)
+        model.eval()
         return VisionLanguageModel(
             model=model,
             tokenizer=AutoTokenizer.from_pretrained(folder),
@@ -439,8 +447,9 @@ def mini_llava(
     image_token_id = tokenizer.convert_tokens_to_ids(SMOLLM2_IMAGE_TOKEN)
     encoder = EfficientNetLite0Features(feature)
     torch.manual_seed(seed)
-    model = MiniLlava(encoder, lm, image_token_id).to(dtype).eval()
-    model.encoder.float()
+    model = MiniLlava(encoder, lm, image_token_id).eval()
+    model.lm.to(dtype)  # the encoder stays fp32
+    model.projector.to(dtype)
     return VisionLanguageModel(
         model=model,
         tokenizer=tokenizer,

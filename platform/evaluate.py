@@ -42,7 +42,10 @@ def build_model(cfg: ExperimentConfig, device: Optional[str] = None):
             f"model.shape says {m.shape.num_layers} layers / {m.shape.num_vision_tokens} vision tokens but the "
             f"loaded model has {vlm.num_layers} / {vlm.num_vision_tokens}; fix model.shape in the YAML"
         )
-    vlm.model.to(device)
+    try:
+        vlm.model.to(device)
+    except (AssertionError, RuntimeError) as e:  # no CUDA build / no such device
+        raise EvalSetupError(f"cannot use device {device!r}: {str(e).splitlines()[0]}") from None
     return vlm
 
 
@@ -56,7 +59,8 @@ def run_eval(cfg: ExperimentConfig, progress: Optional[Callable[[int, int, str],
     try:
         benchmarks = [get_benchmark(b.name, limit=b.limit, seed=cfg.seed, **b.options) for b in cfg.eval.benchmarks]
     except (KeyError, TypeError, ValueError) as e:  # unknown benchmark or option
-        raise EvalSetupError(f"eval.benchmarks: {str(e).strip(chr(39))}") from None
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise EvalSetupError(f"eval.benchmarks: {msg}") from None
     try:
         report = evaluate(
             vlm, schedules, benchmarks,

@@ -101,6 +101,14 @@ def _configure_http_env() -> None:
         os.environ.setdefault(key, value)  # the user's own settings win
 
 
+def _warn(message: str) -> None:
+    """Warn, attributed to the first frame outside this module (calls reach here at varying depths)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, TrackingWarning, stacklevel=level)
+
+
 # ---------------------------------------------------------------------------------- reachability
 
 
@@ -317,8 +325,7 @@ class Tracker:
                 clean[str(key)] = value
             elif key not in self._warned_nonfinite:
                 self._warned_nonfinite.add(key)
-                warnings.warn(f"metric {key!r} is {value} at step {step}; non-finite values are not logged",
-                              TrackingWarning, stacklevel=2)
+                _warn(f"metric {key!r} is {value} at step {step}; non-finite values are not logged")
         if clean:
             self._submit({"op": "metrics", "metrics": clean, "step": int(step), "timestamp": _now_ms()})
 
@@ -368,12 +375,10 @@ class Tracker:
             self._flush(implicit=False)
             self._submit({"op": "finish", "status": status, "end_time": _now_ms()})
             if self._pending:
-                warnings.warn(
+                _warn(
                     f"MLflow run not fully synced to {_redact(self.tracking_uri)}; {len(self._pending)} records "
                     f"kept in {self.spool_path}. Replay them later with: python -c \"from hidrop_platform."
-                    f"tracking import sync_spool; sync_spool('{self.spool_path}')\"",
-                    TrackingWarning, stacklevel=2,
-                )
+                    f"tracking import sync_spool; sync_spool('{self.spool_path}')\"")
 
     @property
     def offline(self) -> bool:
@@ -511,17 +516,14 @@ class Tracker:
                 raise
             if not self._stuck:
                 self._stuck = True
-                warnings.warn(
+                _warn(
                     f"MLflow store {_redact(self.tracking_uri)} rejected a buffered {self._pending[0]['op']!r} "
-                    f"record ({_short_reason(err)}); it and later records stay in {self.spool_path}",
-                    TrackingWarning, stacklevel=3,
-                )
+                    f"record ({_short_reason(err)}); it and later records stay in {self.spool_path}")
             return False
         self._remove_spool()
-        warnings.warn(
+        _warn(
             f"MLflow tracking server {_redact(self.tracking_uri)} reachable again; synced {sent} buffered "
-            f"records into run {self.run_id}", TrackingWarning, stacklevel=3,
-        )
+            f"records into run {self.run_id}")
         self._warned_offline = False  # a new outage gets its own warning
         return True
 
@@ -547,11 +549,9 @@ class Tracker:
         if not self._warned_offline:
             self._warned_offline = True
             why = f" ({reason})" if reason else ""
-            warnings.warn(
+            _warn(
                 f"MLflow tracking server {_redact(self.tracking_uri)} unreachable{why}; buffering to "
-                f"{self.spool_path}, will retry (if it stays down: hidrop_platform.tracking.sync_spool(path))",
-                TrackingWarning, stacklevel=4,
-            )
+                f"{self.spool_path}, will retry (if it stays down: hidrop_platform.tracking.sync_spool(path))")
 
     def _copy_into_spool(self, record: dict) -> dict:
         source = Path(record["path"])
@@ -629,7 +629,10 @@ def _proc_kib(path: str, key: str) -> float:
 
 
 def system_metrics() -> dict[str, float]:
-    """CPU percent, process RSS, system memory used (GB = 1e9 bytes) and, when CUDA is in use, GPU memory."""
+    """CPU percent, process RSS, system memory used (GB = 1e9 bytes) and, when CUDA is in use, GPU memory.
+
+    Keys are prefixed `system/`. The first CPU reading of a process is not meaningful (psutil reports 0).
+    """
     gb = 1e9
     out: dict[str, float] = {}
     try:
@@ -640,10 +643,11 @@ def system_metrics() -> dict[str, float]:
         vm = psutil.virtual_memory()
         out["system/memory_used_gb"] = (vm.total - vm.available) / gb
     except ImportError:
-        out["system/cpu_percent"] = _proc_cpu_percent()
-        out["system/process_rss_gb"] = _proc_kib("/proc/self/status", "VmRSS") * 1024 / gb
-        total, available = _proc_kib("/proc/meminfo", "MemTotal"), _proc_kib("/proc/meminfo", "MemAvailable")
-        out["system/memory_used_gb"] = (total - available) * 1024 / gb
+        if Path("/proc/meminfo").exists():  # Linux; elsewhere without psutil there is nothing cheap to read
+            out["system/cpu_percent"] = _proc_cpu_percent()
+            out["system/process_rss_gb"] = _proc_kib("/proc/self/status", "VmRSS") * 1024 / gb
+            total, available = _proc_kib("/proc/meminfo", "MemTotal"), _proc_kib("/proc/meminfo", "MemAvailable")
+            out["system/memory_used_gb"] = (total - available) * 1024 / gb
     # only a process that already uses torch has GPU memory of its own; never import it (or init CUDA) here
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():

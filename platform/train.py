@@ -115,7 +115,7 @@ def train_worker(payload: dict) -> None:
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "run_id": None, "accel_seconds": 0.0}
     checkpoint = ray.train.get_checkpoint()
     resumed = checkpoint is not None
-    fail_at = int(os.environ.get("HIDROP_TEST_FAIL_AT_STEP", "0"))  # tests: kill the first attempt here
+    fail_at = int(payload.get("fail_at_step") or 0)  # tests: kill the first attempt at this step
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG)
@@ -247,7 +247,8 @@ def run_training(cfg: ExperimentConfig, progress: bool = True) -> dict:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "experiment": experiment,
-                           "export_dir": str(storage / cfg.name / "export")},
+                           "export_dir": str(storage / cfg.name / "export"),
+                           "fail_at_step": os.environ.get("HIDROP_TEST_FAIL_AT_STEP")},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker),
         run_config=RunConfig(
             name=cfg.name, storage_path=str(storage),
@@ -270,7 +271,7 @@ def run_training(cfg: ExperimentConfig, progress: bool = True) -> dict:
 
 def _worker_env() -> dict:
     env = {"HF_HUB_OFFLINE": "1"}
-    for key in ("HIDROP_CACHE", "HIDROP_TEST_FAIL_AT_STEP", "TORCH_EXTENSIONS_DIR"):
+    for key in ("HIDROP_CACHE", "TORCH_EXTENSIONS_DIR"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

@@ -183,6 +183,7 @@ def test_server_down_spools_then_sync_spool_replays(store, down_uri, tmp_path):
     messages = tracking_warnings(caught)
     down = [m for m in messages if "unreachable" in m]
     assert len(down) == 1 and down_uri in down[0] and str(t.spool_path) in down[0]
+    assert {w.filename for w in caught if issubclass(w.category, TrackingWarning)} == {__file__}  # the caller
     left = [m for m in messages if "not fully synced" in m]
     assert len(left) == 1 and "sync_spool" in left[0]
     assert t.run_id is None and t.spool_path.is_file()
@@ -259,6 +260,31 @@ def test_server_lost_mid_run_resumes_into_the_same_run(store, down_uri, tmp_path
     assert t.run_id == run_id
     assert [s for s, _, _ in history(store, run_id, "loss")] == [0, 1, 2]
     assert len(runs_in(store, "exp-lost")) == 1
+
+
+def test_rejected_record_stays_in_the_spool(store, down_uri, tmp_path):
+    """A record the store refuses (here: a param changed while offline) must not be dropped or block logging."""
+    from mlflow.exceptions import MlflowException
+
+    t = Tracker(store, "exp-rejected", spool_dir=tmp_path, retry_interval=0).start()
+    t.log_params({"lr": 1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.tracking_uri = down_uri
+        t.log_params({"lr": 2})
+        t.log_metrics({"loss": 1.0}, step=0)
+        t.tracking_uri = store
+        t.log_metrics({"loss": 0.5}, step=1)  # the replay hits the changed param
+        t.log_metrics({"loss": 0.25}, step=2)
+        t.finish()
+    messages = tracking_warnings(caught)
+    assert len([m for m in messages if "rejected a buffered 'params' record" in m]) == 1
+    assert len([m for m in messages if "not fully synced" in m]) == 1
+    ops = [json.loads(line)["op"] for line in t.spool_path.read_text().splitlines()]
+    assert ops == ["run", "params", "metrics", "metrics", "metrics", "finish"]
+    assert client(store).get_run(t.run_id).data.params == {"lr": "1"}
+    with pytest.raises(MlflowException):
+        sync_spool(t.spool_path)
 
 
 def test_retry_interval_throttles_implicit_replays(store, down_uri, tmp_path):

@@ -49,7 +49,7 @@ def _methods(schedules: Sequence[Schedule], baselines: Sequence[str], n_layers: 
         raise EvalError("nothing to evaluate: no schedule given")
     unpruned = vanilla(n_layers, n_vis).model_copy(update={"name": REFERENCE})
     methods = [Method(REFERENCE, unpruned, REFERENCE)]  # always: it is the reference
-    seen = {REFERENCE}
+    seen = set(BASELINES)  # a schedule named "oracle" must not overwrite the oracle baseline's row
     for s in schedules:
         if s.is_vanilla():
             continue  # identical to all_tokens; reported under that name
@@ -213,17 +213,24 @@ def evaluate(
     methods = _methods(schedules, baselines, n_layers, n_vis)
     engines = {m.name: vlm.scheduled(m.schedule) for m in methods}
     benches = [b.for_grid(vlm.grid) if hasattr(b, "for_grid") and vlm.grid else b for b in benchmarks]
-    plans = []
+    plans, fallback_notes = [], []
     for bench in benches:
         try:
             samples = bench.samples()
-        except (ValueError, FileNotFoundError) as e:  # bad options, missing data files
+        except (ValueError, TypeError, FileNotFoundError) as e:  # bad options, missing data files
             raise EvalError(f"benchmark {bench.name!r}: {_one_line(e)}") from None
         if not samples:
             raise EvalError(f"benchmark {bench.name!r} yielded no samples")
         bench_mode = bench.default_mode if mode == "auto" else mode
         if bench_mode == "closed" and any(not s.candidates for s in samples):
             raise EvalError(f"benchmark {bench.name!r} has open answers; closed-vocabulary scoring needs candidates (mode=generate)")
+        if bench_mode == "closed" and mode == "auto":
+            try:
+                for cands in {tuple(s.candidates) for s in samples}:
+                    _first_token_ids(vlm.tokenizer, cands)
+            except EvalError as e:  # e.g. a tokenizer that spells digits as "▁" + digit
+                bench_mode = "generate"
+                fallback_notes.append(f"{bench.name}: {e}; scored by generation instead")
         plans.append((bench, samples, bench_mode))
     total_batches = sum(math.ceil(len(s) / batch_size) for _, s, _ in plans)
 
@@ -262,7 +269,7 @@ def evaluate(
                 figures = bench.aggregate(samples, scores[m.name])
                 rec = recalls[m.name]
                 entry = {**figures, "samples": len(samples), "mode": bench_mode}
-                if rec and any(r is not None for r in rec[0]):
+                if rec and any(x is not None for r in rec for x in r):
                     entry["evidence_recall"] = [mean(r[i] for r in rec if r[i] is not None) for i in range(len(rec[0]))]
                 if keep_predictions:
                     entry["predictions"] = {s.id: p for s, p in zip(samples, preds[m.name])}
@@ -270,7 +277,9 @@ def evaluate(
     finally:
         vlm.model.train(was_training)
     wall = time.perf_counter() - start
-    return _report(vlm, methods, per_method, plans, mean(text_tokens), wall, mode)
+    report = _report(vlm, methods, per_method, plans, mean(text_tokens), wall, mode)
+    report["notes"] = fallback_notes + report["notes"]
+    return report
 
 
 def _run_method(vlm, engine, m: Method, batch: _Batch, mode, cand_cache, max_new_tokens, noise):
@@ -313,8 +322,9 @@ def _run_method(vlm, engine, m: Method, batch: _Batch, mode, cand_cache, max_new
             new = seqs[:, ids.shape[1]:]
             texts = [tok.decode(row, skip_special_tokens=True) for row in new.tolist()]
             counts = None
-    if counts is not None:
-        counts = counts.float().mean().item()
+    if counts is not None:  # (num_layers, B): average over the rows that carry an image
+        rows = batch.image_rows if m.kind != "blind" else list(range(ids.shape[0]))
+        counts = (counts[:, rows].float().sum().item(), counts.shape[0] * len(rows)) if rows else None
     return texts, keep_masks, counts
 
 
@@ -326,6 +336,11 @@ def _recalls(batch: _Batch, keep_masks: list[torch.Tensor]) -> list[list[Optiona
         ev = batch.samples[row].evidence
         out.append([evidence_recall(g[j].tolist(), ev) for g in grids])
     return out
+
+
+def _weighted(pairs: list[tuple[float, int]]) -> Optional[float]:
+    total = sum(n for _, n in pairs)
+    return sum(v for v, _ in pairs) / total if total else None
 
 
 def _report(vlm, methods: list[Method], per_method: dict, plans, text_tokens: float, wall: float, mode: str) -> dict:
@@ -345,7 +360,7 @@ def _report(vlm, methods: list[Method], per_method: dict, plans, text_tokens: fl
             "benchmarks": per_method[m.name]["benchmarks"],
             "relative_score": relative_score(scores[m.name], reference),
             "avg_vision_tokens": cost["avg_vision_tokens"],
-            "measured_avg_vision_tokens": mean(per_method[m.name]["vision_counts"]) if per_method[m.name]["vision_counts"] else None,
+            "measured_avg_vision_tokens": _weighted(per_method[m.name]["vision_counts"]),
             "vision_tflops": cost["vision_tflops"],
             "model_tflops": cost["model_tflops"],
         })

@@ -1,0 +1,122 @@
+"""Training: the DeepSpeed config, LR schedule, what each stage trains, and (slow) real Ray Train +
+DeepSpeed runs: 2 workers ZeRO-2 with the loss going down, a killed run resuming into the same MLflow
+run, and a diverging run stopping with a clear error."""
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hidrop.training import lr_at, set_trainable
+from hidrop.tiny import tiny_vlm
+from hidrop_platform.config import load_config
+from hidrop_platform.train import deepspeed_config
+
+SMOKE = "experiments/tiny_train_smoke.yaml"
+
+
+def test_deepspeed_config_from_yaml_and_merge():
+    cfg = load_config(SMOKE, ["train.zero_stage=3", "train.offload_param=true", "train.precision=bf16",
+                              "train.grad_accum=4", "train.deepspeed={zero_optimization: {reduce_bucket_size: 1000}}"])
+    ds = deepspeed_config(cfg)
+    assert ds["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"}, "reduce_bucket_size": 1000}
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_micro_batch_size_per_gpu"] == 4
+
+
+@pytest.mark.parametrize("bad,msg", [("train.offload_param=true", "zero_stage=3"), ("train.lora={r: 4}", "finetune"),
+                                      ("train.zero_stage=4", "less than or equal")])
+def test_train_config_errors(bad, msg):
+    from hidrop_platform.config import ConfigError
+
+    extra = ["train.stage=pretrain"] if "lora" in bad else []
+    with pytest.raises(ConfigError, match=msg):
+        load_config(SMOKE, extra + [bad])
+
+
+def test_lr_schedule_hand_computed():
+    # 10 steps, 20% warm-up: steps 0-1 ramp to base, then cosine from base to 0
+    assert lr_at(0, 10, 1.0, "cosine", 0.2) == pytest.approx(0.5)
+    assert lr_at(1, 10, 1.0, "cosine", 0.2) == pytest.approx(1.0)
+    assert lr_at(2, 10, 1.0, "cosine", 0.2) == pytest.approx(1.0)
+    assert lr_at(6, 10, 1.0, "cosine", 0.2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(6, 10, 1.0, "linear", 0.2) == pytest.approx(0.5)
+    assert lr_at(9, 10, 2.0, "constant", 0.0) == 2.0
+
+
+def test_set_trainable_per_stage():
+    vlm = tiny_vlm()
+    names = set_trainable(vlm, "pretrain")
+    assert names and all("multi_modal_projector" in n for n in names)
+    vlm = tiny_vlm()
+    names = set_trainable(vlm, "finetune")
+    assert any("multi_modal_projector" in n for n in names) and any("layers.0.self_attn" in n for n in names)
+    assert any("lm_head" in n for n in names) and not any("vision_tower" in n for n in names)
+    vlm = tiny_vlm()
+    names = set_trainable(vlm, "finetune", lora={"r": 2})
+    lm_names = [n for n in names if "multi_modal_projector" not in n]
+    assert lm_names and all("lora_" in n for n in lm_names)
+
+
+# ---- real runs (Ray Train workers running DeepSpeed on CPU) ----------------------------------
+def _run(tmp_path, monkeypatch, *overrides):
+    from hidrop_platform.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    args = ["train", str(pytest.ROOT / SMOKE), f"train.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--json", *overrides]
+    return CliRunner().invoke(app, args)
+
+
+def _runs(tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(exps)
+
+
+@pytest.fixture(autouse=True)
+def _root(request):
+    from pathlib import Path
+
+    pytest.ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_two_worker_zero2_run_trains_and_tracks(tmp_path, monkeypatch):
+    result = _run(tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1
+    run = runs[0]
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "accelerator_hours", "vision_tokens_kept", "model_tflops_per_sample"):
+        assert key in run.data.metrics, key
+    assert run.data.params["train.zero_stage"] == "2" and run.data.tags["device_type"] == "cpu"
+    from hidrop.models import load_model
+
+    out = json.loads(result.stdout[result.stdout.index("{"):])
+    exported = load_model(out["export"])
+    assert exported.schedule.name.startswith("hidrop")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_into_the_same_mlflow_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("HIDROP_TEST_FAIL_AT_STEP", "6")
+    result = _run(tmp_path, monkeypatch, "train.max_failures=1", "train.num_workers=1")
+    assert result.exit_code == 0, result.output
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")})
+    assert steps == list(range(1, 9))  # no gap: restarted from the step-4 checkpoint
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
+    result = _run(tmp_path, monkeypatch, "train.lr=1e30", "train.num_workers=1")
+    assert result.exit_code == 2, result.output
+    assert "loss is nan" in result.output.lower() or "loss is inf" in result.output.lower()
+    assert "Traceback" not in result.output
