@@ -25,10 +25,6 @@ from hidrop.schedule import Schedule
 STAGES = ("pretrain", "finetune")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
 def set_trainable(vlm: VisionLanguageModel, stage: str, lora: Optional[dict] = None) -> list[str]:
     """Freeze/unfreeze per stage; returns the names of the trainable parameters."""
     if stage not in STAGES:
@@ -99,12 +95,6 @@ class TrainStep(nn.Module):
             "vision_tokens": None if counts is None else counts.float().mean().detach(),
             "tokens": batch["attention_mask"].sum().to(device),
         }
-
-
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise TrainingDiverged(f"loss is {value} at step {step}; lower the learning rate or check the data")
 
 
 def make_dataset(vlm: VisionLanguageModel, samples: Sequence[Sample], template: Optional[str] = None,

@@ -20,6 +20,7 @@ import torch
 from hidrop_platform.config import ExperimentConfig
 
 STATE_FILE = "hidrop_state.json"
+DIVERGED_FILE = "diverged.txt"
 DS_TAG = "deepspeed"
 
 
@@ -79,7 +80,7 @@ def train_worker(payload: dict) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from hidrop.cost import cost_report
-    from hidrop.training import TrainStep, check_finite, lr_at, make_collator, make_dataset, set_trainable
+    from hidrop.training import TrainStep, lr_at, make_collator, make_dataset, set_trainable
     from hidrop_platform.evaluate import build_model
     from hidrop_platform.tracking import Tracker, package_versions, system_metrics
 
@@ -121,7 +122,7 @@ def train_worker(payload: dict) -> None:
             engine.load_checkpoint(d, tag=DS_TAG)
             state.update(json.loads((Path(d) / STATE_FILE).read_text()))
     tracker = Tracker(payload["tracking_uri"], payload["experiment"], run_id=state["run_id"], run_name=cfg.name,
-                      enabled=rank == 0 and cfg.tracking.enabled,
+                      enabled=rank == 0 and cfg.tracking.enabled, spool_dir=payload["spool_dir"],
                       tags={"device_type": device.type, "num_workers": str(world), "stage": t.stage})
     tracker.start()
     if state["run_id"] is None and rank == 0:
@@ -143,7 +144,15 @@ def train_worker(payload: dict) -> None:
             if i < skip:
                 continue  # batches this epoch already consumed before the restart
             out = engine(batch)
-            check_finite(out["loss"], step)
+            loss_all = _mean_across(out["loss"], world)  # every rank sees the same value: they stop together
+            if not math.isfinite(loss_all):
+                message = f"loss is {loss_all} at step {step + 1}; lower the learning rate or check the data"
+                tracker.set_tags({"diverged": message})
+                tracker.finish("FAILED")
+                if rank == 0:  # the driver reads this and fails with one line (no worker traceback)
+                    Path(payload["run_dir"]).mkdir(parents=True, exist_ok=True)
+                    (Path(payload["run_dir"]) / DIVERGED_FILE).write_text(message)
+                return
             engine.backward(out["loss"])
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, t.lr, t.lr_schedule, t.warmup_ratio)
@@ -181,6 +190,7 @@ def train_worker(payload: dict) -> None:
                 window_samples = window_tokens = 0
             state.update(step=step, epoch=epoch, accel_seconds=accel_seconds)
             if step % t.checkpoint_every == 0 or step == total:
+                state["run_id"] = tracker.run_id or state["run_id"]  # a run created after an outage
                 _report_checkpoint(engine, state, {"loss": float(out["lm_loss"]), "step": step})
             if rank == 0 and ((t.export_every and step % t.export_every == 0) or step == total):
                 folder = Path(payload["export_dir"]) / ("final" if step == total else f"step-{step}")
@@ -229,7 +239,7 @@ def run_training(cfg: ExperimentConfig, progress: bool = True) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri, prepare
+    from hidrop_platform.tracking import DEFAULT_TRACKING_DIR, TrackingUnavailable, default_tracking_uri, prepare
 
     t = cfg.train
     uri = cfg.tracking.uri or default_tracking_uri()
@@ -247,7 +257,8 @@ def run_training(cfg: ExperimentConfig, progress: bool = True) -> dict:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "experiment": experiment,
-                           "export_dir": str(storage / cfg.name / "export"),
+                           "export_dir": str(storage / cfg.name / "export"), "run_dir": str(storage / cfg.name),
+                           "spool_dir": str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool"),
                            "fail_at_step": os.environ.get("HIDROP_TEST_FAIL_AT_STEP")},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker),
         run_config=RunConfig(
@@ -256,11 +267,15 @@ def run_training(cfg: ExperimentConfig, progress: bool = True) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
     )
+    diverged = storage / cfg.name / DIVERGED_FILE
+    diverged.unlink(missing_ok=True)
     start = time.perf_counter()
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception
         raise TrainSetupError(_root_message(e)) from None
+    if diverged.is_file():
+        raise TrainSetupError(diverged.read_text().strip())
     metrics = dict(result.metrics or {})
     return {
         "experiment": cfg.name, "wall_time_s": time.perf_counter() - start, "metrics": metrics,
@@ -279,7 +294,7 @@ def _worker_env() -> dict:
 
 def _root_message(e: BaseException) -> str:
     text = str(e)
-    for marker in ("TrainingDiverged: ", "TrainSetupError: ", "EvalSetupError: ", "ModelLoadError: ", "ValueError: "):
+    for marker in ("TrainSetupError: ", "EvalSetupError: ", "ModelLoadError: ", "ValueError: "):
         if marker in text:
             return text.split(marker, 1)[1].strip().splitlines()[0]
     return text.strip().splitlines()[-1] if text.strip() else type(e).__name__

@@ -241,3 +241,28 @@ def test_eval_cli_table_and_errors(tmp_path):
     assert bad.exit_code == 2 and "probes" in bad.output and "Traceback" not in bad.output
     shape = runner.invoke(app, ["eval", str(_write(tmp_path, TINY_EXP)), "model.kind=shape"])
     assert shape.exit_code == 2 and "no weights" in shape.output
+
+
+def test_schedule_named_like_a_baseline_keeps_both_rows(vlm):
+    named = SCHEDULE.model_copy(update={"name": "oracle"})
+    report = evaluate(vlm, [named], [ColourBench(n=4)], batch_size=4)
+    names = [m["method"] for m in report["methods"]]
+    assert len(names) == len(set(names)) and "oracle" in names
+    assert _method(report, "oracle")["benchmarks"]["colour_test"]["evidence_recall"] == [1.0, 1.0]
+
+
+class MixedBench(ColourBench):
+    """First sample has no evidence, second has no image: recall and token counts must survive both."""
+
+    def load(self):
+        base = super().load()
+        first = Sample(**{**base[0].__dict__, "evidence": ()})
+        text_only = Sample(id="t", conversations=({"from": "human", "value": "what color is the square ?"},),
+                           answer="red", candidates=COLOURS)
+        return [first, text_only] + base[1:]
+
+
+def test_recall_and_counts_with_evidence_less_and_text_only_samples(vlm):
+    report = evaluate(vlm, [SCHEDULE], [MixedBench(n=6)], batch_size=4)
+    assert _method(report, "oracle")["benchmarks"]["colour_test"]["evidence_recall"] == [1.0, 1.0]
+    assert _method(report, "all_tokens")["measured_avg_vision_tokens"] == 16.0
