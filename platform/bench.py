@@ -7,8 +7,10 @@ keep sets frozen (no scoring pass) versus with scoring, as a share of a vanilla 
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -147,4 +149,70 @@ def run_prefill_bench(
         "repeats": bench.repeats,
         "torch_threads": torch.get_num_threads(),
         "methods": results,
+    }
+
+
+# ---- training step: Ray Train + DeepSpeed vs a plain loop ------------------------------------------
+def run_train_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3, storage: Optional[str] = None) -> dict:
+    """Median optimizer-step time of `hidrop train` (one Ray worker running DeepSpeed) and of a plain
+    single-process loop over the same model, data order, batch size and thread count; ratio of the two."""
+    import math
+    import tempfile
+
+    from torch.utils.data import DataLoader
+
+    from hidrop.training import TrainStep, lr_at, make_collator, make_dataset, set_trainable
+    from hidrop_platform.evaluate import build_model
+    from hidrop_platform.train import STEP_TIMES_FILE, run_training, training_samples
+
+    t = cfg.train
+    threads = max(1, int(t.resources_per_worker.get("CPU", 1)))
+    total = warmup + steps
+    storage = storage or tempfile.mkdtemp(prefix="hidrop-bench-")
+    ray_cfg = cfg.model_copy(deep=True)
+    ray_cfg.train = t.model_copy(update={"num_workers": 1, "max_steps": total, "checkpoint_every": 10**9,
+                                         "export_every": None, "storage_path": storage, "max_failures": 0})
+    ray_cfg.tracking = cfg.tracking.model_copy(update={"enabled": False})
+    run_training(ray_cfg)
+    ray_times = json.loads((Path(storage) / cfg.name / STEP_TIMES_FILE).read_text())[warmup:]
+
+    # the plain loop: same pieces, no Ray, no DeepSpeed
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(cfg.seed)
+        vlm = build_model(cfg, device="cpu")
+        set_trainable(vlm, t.stage, t.lora)
+        module = TrainStep(vlm, cfg.main_schedule, budget_weight=t.budget_weight)
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        data = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
+        loader = DataLoader(data, batch_size=t.micro_batch_size, shuffle=True, collate_fn=make_collator(vlm),
+                            generator=torch.Generator().manual_seed(cfg.seed))
+        plain_times, batches = [], iter(loader)
+        for step in range(total):
+            start = time.perf_counter()
+            for _ in range(t.grad_accum):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    batches = iter(loader)
+                    batch = next(batches)
+                (module(batch)["loss"] / t.grad_accum).backward()
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, t.lr, t.lr_schedule, t.warmup_ratio)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            plain_times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    plain = statistics.median(plain_times[warmup:])
+    ray_median = statistics.median(ray_times)
+    return {
+        "experiment": cfg.name, "steps_timed": steps, "warmup": warmup, "threads": threads,
+        "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "zero_stage": t.zero_stage,
+        "plain_step_s": plain, "ray_deepspeed_step_s": ray_median, "overhead_ratio": ray_median / plain,
+        "goal": "<= 1.10x",
     }

@@ -21,6 +21,7 @@ from hidrop_platform.config import ExperimentConfig
 
 STATE_FILE = "hidrop_state.json"
 DIVERGED_FILE = "diverged.txt"
+STEP_TIMES_FILE = "step_times.json"
 DS_TAG = "deepspeed"
 
 
@@ -138,6 +139,7 @@ def train_worker(payload: dict) -> None:
     step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
     last_time, window_samples, window_tokens = time.perf_counter(), 0, 0
     accel_seconds = state["accel_seconds"]
+    step_times: list[float] = []  # optimizer-step wall times of this attempt (the overhead benchmark reads them)
     while step < total:
         sampler.set_epoch(epoch)
         for i, batch in enumerate(loader):
@@ -166,6 +168,7 @@ def train_worker(payload: dict) -> None:
             step += 1
             now = time.perf_counter()
             elapsed, last_time = now - last_time, now
+            step_times.append(elapsed)
             accel_seconds += elapsed * world
             if step % t.log_every == 0 or step == total:
                 loss = _mean_across(out["lm_loss"], world)
@@ -208,6 +211,9 @@ def train_worker(payload: dict) -> None:
             continue
         skip = 0
     tracker.finish()
+    if rank == 0:
+        Path(payload["run_dir"]).mkdir(parents=True, exist_ok=True)
+        (Path(payload["run_dir"]) / STEP_TIMES_FILE).write_text(json.dumps(step_times))
     import torch.distributed as dist
 
     if dist.is_initialized():

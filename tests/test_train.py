@@ -120,3 +120,36 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     assert "loss is nan" in result.output.lower() or "loss is inf" in result.output.lower()
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_unreachable_tracking_server_training_continues_and_spools(tmp_path, monkeypatch):
+    from hidrop_platform.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", str(pytest.ROOT / SMOKE), f"train.storage_path={tmp_path / 'runs'}",
+                                      "tracking.uri=http://127.0.0.1:9", "train.num_workers=1", "train.max_steps=3"])
+    assert result.exit_code == 0, result.output
+    assert "unreachable" in result.output
+    spools = list((tmp_path / "mlruns" / "spool").glob("*.jsonl"))
+    assert spools, "metrics were not buffered"
+    # replay into a local store: every step arrives
+    import mlflow
+
+    from hidrop_platform.tracking import sync_spool
+
+    uri = f"sqlite:///{tmp_path / 'later.db'}"
+    run_id = sync_spool(spools[0], tracking_uri=uri)
+    steps = sorted(m.step for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "loss"))
+    assert steps == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_bench_train_overhead_smoke(tmp_path, monkeypatch):
+    from hidrop_platform.bench import run_train_bench
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(pytest.ROOT / SMOKE)
+    result = run_train_bench(cfg, steps=2, warmup=1, storage=str(tmp_path / "runs"))
+    assert result["plain_step_s"] > 0 and result["ray_deepspeed_step_s"] > 0
+    assert result["overhead_ratio"] == pytest.approx(result["ray_deepspeed_step_s"] / result["plain_step_s"])
