@@ -11,7 +11,7 @@ budget loss.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -72,11 +72,16 @@ class TrainStep(nn.Module):
     def __init__(self, vlm: VisionLanguageModel, schedule: Schedule, budget_weight: float = 1.0):
         super().__init__()
         self.vlm = vlm
-        self.model = vlm.model  # registered so DeepSpeed sees (and partitions) every parameter
+        if isinstance(vlm.model, MiniLlava):
+            # the frozen CNN stays outside what DeepSpeed wraps: its batch-norm buffers would not follow
+            # a bf16 cast of the parameters, and it never trains
+            self.lm, self.projector = vlm.model.lm, vlm.model.projector
+        else:
+            self.model = vlm.model  # registered so DeepSpeed sees (and partitions) every parameter
         self.engine = ScheduledModel(vlm.lm, schedule, image_token_id=vlm.image_token_id, budget_weight=budget_weight)
 
     def forward(self, batch: dict) -> dict:
-        device = next(self.model.parameters()).device
+        device = next(self.parameters()).device
         ids = batch["input_ids"].to(device)
         vision = None
         if "pixel_values" in batch:
@@ -85,16 +90,34 @@ class TrainStep(nn.Module):
             ids, batch["attention_mask"].to(device), vision_embeds=vision,
             vision_mask=ids == self.vlm.image_token_id, labels=batch["labels"].to(device), return_logits=False,
         )
-        loss = out.loss
-        total = loss if out.budget_loss is None else loss + out.budget_loss
+        total = out.loss  # the engine already adds the budget term for learnable keep ratios
+        lm_loss = total.detach() if out.budget_loss is None else (total - out.budget_loss).detach()
         counts = out.layer_vision_counts
         return {
             "loss": total,
-            "lm_loss": loss.detach(),
+            "lm_loss": lm_loss,
             "budget_loss": None if out.budget_loss is None else out.budget_loss.detach(),
             "vision_tokens": None if counts is None else counts.float().mean().detach(),
             "tokens": batch["attention_mask"].sum().to(device),
         }
+
+
+def merged_lora_export(vlm: VisionLanguageModel, save: Callable[[], object]) -> object:
+    """Run `save` with LoRA adapters merged into plain Linear layers (a checkpoint any loader reads),
+    then restore the adapters so training can go on."""
+    swapped = []
+    for name, module in list(vlm.model.named_modules()):
+        if hasattr(module, "base_layer") and hasattr(module, "merge"):
+            module.merge()
+            parent = vlm.model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else vlm.model
+            setattr(parent, name.rsplit(".", 1)[-1], module.base_layer)
+            swapped.append((parent, name.rsplit(".", 1)[-1], module))
+    try:
+        return save()
+    finally:
+        for parent, attr, module in swapped:
+            setattr(parent, attr, module)
+            module.unmerge()
 
 
 def make_dataset(vlm: VisionLanguageModel, samples: Sequence[Sample], template: Optional[str] = None,

@@ -159,7 +159,8 @@ def run_train_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3, sto
     import math
     import tempfile
 
-    from torch.utils.data import DataLoader
+    import ray
+    from torch.utils.data import DataLoader, DistributedSampler
 
     from hidrop.training import TrainStep, lr_at, make_collator, make_dataset, set_trainable
     from hidrop_platform.evaluate import build_model
@@ -175,6 +176,7 @@ def run_train_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3, sto
     ray_cfg.tracking = cfg.tracking.model_copy(update={"enabled": False})
     run_training(ray_cfg)
     ray_times = json.loads((Path(storage) / cfg.name / STEP_TIMES_FILE).read_text())[warmup:]
+    ray.shutdown()  # the plain loop must not share the cores with an idle Ray cluster
 
     # the plain loop: same pieces, no Ray, no DeepSpeed
     previous = torch.get_num_threads()
@@ -187,8 +189,9 @@ def run_train_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3, sto
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         data = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
-        loader = DataLoader(data, batch_size=t.micro_batch_size, shuffle=True, collate_fn=make_collator(vlm),
-                            generator=torch.Generator().manual_seed(cfg.seed))
+        # the same sampler as one Ray worker, so both paths see the same batches in the same order
+        sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed, drop_last=True)
+        loader = DataLoader(data, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=make_collator(vlm))
         plain_times, batches = [], iter(loader)
         for step in range(total):
             start = time.perf_counter()

@@ -236,6 +236,17 @@ class ExperimentConfig(BaseModel):
     seed: int = 0
 
     @model_validator(mode="after")
+    def _precision_matches_weights(self) -> "ExperimentConfig":
+        if self.train.precision == "fp32" and self.model.dtype != "float32" and self.model.kind != "shape":
+            raise ValueError(f"train.precision=fp32 needs model.dtype=float32 (got {self.model.dtype}): "
+                             "AdamW on half-precision weights loses small updates; use train.precision=bf16")
+        reserved = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16", "fp16"}
+        clash = sorted(reserved & set(self.train.deepspeed))
+        if clash:
+            raise ValueError(f"train.deepspeed must not set {clash}: use train.micro_batch_size / grad_accum / precision")
+        return self
+
+    @model_validator(mode="after")
     def _schedules_resolve(self) -> "ExperimentConfig":
         self.schedules()  # raise now, with the field named, rather than deep inside a run
         return self

@@ -7,6 +7,7 @@ have no GPU. Rank 0 logs; the MLflow run id travels inside every checkpoint so a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import torch
 from hidrop_platform.config import ExperimentConfig
 
 STATE_FILE = "hidrop_state.json"
-DIVERGED_FILE = "diverged.txt"
+STOPPED_FILE = "stopped.txt"
 STEP_TIMES_FILE = "step_times.json"
 DS_TAG = "deepspeed"
 
@@ -81,7 +82,7 @@ def train_worker(payload: dict) -> None:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from hidrop.cost import cost_report
-    from hidrop.training import TrainStep, lr_at, make_collator, make_dataset, set_trainable
+    from hidrop.training import TrainStep, lr_at, make_collator, make_dataset, merged_lora_export, set_trainable
     from hidrop_platform.evaluate import build_model
     from hidrop_platform.tracking import Tracker, package_versions, system_metrics
 
@@ -94,6 +95,8 @@ def train_worker(payload: dict) -> None:
         torch.cuda.set_device(device)  # before deepspeed.initialize, from Ray's assignment
     else:
         device = torch.device("cpu")
+    if device.type == "cpu":  # one intra-op thread per CPU Ray gave this worker
+        torch.set_num_threads(max(1, int(t.resources_per_worker.get("CPU", 1))))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
 
@@ -110,6 +113,11 @@ def train_worker(payload: dict) -> None:
     dataset = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=make_collator(vlm))
+    if len(loader) == 0:  # every rank sees the same lengths, so all stop here together
+        if rank == 0:
+            _stop(payload, f"{len(dataset)} training samples cannot fill one batch of {t.micro_batch_size} "
+                           f"on each of {world} workers")
+        return
     per_epoch = max(1, len(loader) // t.grad_accum)
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
 
@@ -138,6 +146,7 @@ def train_worker(payload: dict) -> None:
     cost = cost_report(schedule, model_shape_for_cost(cfg, vlm))
     step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
     last_time, window_samples, window_tokens = time.perf_counter(), 0, 0
+    window_start = last_time
     accel_seconds = state["accel_seconds"]
     step_times: list[float] = []  # optimizer-step wall times of this attempt (the overhead benchmark reads them)
     while step < total:
@@ -151,9 +160,8 @@ def train_worker(payload: dict) -> None:
                 message = f"loss is {loss_all} at step {step + 1}; lower the learning rate or check the data"
                 tracker.set_tags({"diverged": message})
                 tracker.finish("FAILED")
-                if rank == 0:  # the driver reads this and fails with one line (no worker traceback)
-                    Path(payload["run_dir"]).mkdir(parents=True, exist_ok=True)
-                    (Path(payload["run_dir"]) / DIVERGED_FILE).write_text(message)
+                if rank == 0:
+                    _stop(payload, message)
                 return
             engine.backward(out["loss"])
             for group in optimizer.param_groups:
@@ -170,11 +178,12 @@ def train_worker(payload: dict) -> None:
             elapsed, last_time = now - last_time, now
             step_times.append(elapsed)
             accel_seconds += elapsed * world
+            window = now - window_start
             if step % t.log_every == 0 or step == total:
                 loss = _mean_across(out["lm_loss"], world)
                 metrics = {
                     "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                    "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed,
+                    "samples_per_s": window_samples / window, "tokens_per_s": window_tokens / window,
                     "epoch": epoch + (i + 1) / max(1, len(loader)),
                     "accelerator_hours": accel_seconds / 3600,
                     "vision_tflops_per_sample": cost["vision_tflops"], "model_tflops_per_sample": cost["model_tflops"],
@@ -191,16 +200,22 @@ def train_worker(payload: dict) -> None:
                     print(f"[hidrop train] step {step}/{total} loss {loss:.4f} lr {metrics['lr']:.2e} "
                           f"{metrics['samples_per_s']:.2f} samples/s", flush=True)
                 window_samples = window_tokens = 0
+                window_start = now
             state.update(step=step, epoch=epoch, accel_seconds=accel_seconds)
             if step % t.checkpoint_every == 0 or step == total:
                 state["run_id"] = tracker.run_id or state["run_id"]  # a run created after an outage
-                _report_checkpoint(engine, state, {"loss": float(out["lm_loss"]), "step": step})
-            if rank == 0 and ((t.export_every and step % t.export_every == 0) or step == total):
+                _report_checkpoint(engine, state, {"loss": float(out["lm_loss"]), "step": step}, rank)
+            if (t.export_every and step % t.export_every == 0) or step == total:
                 folder = Path(payload["export_dir"]) / ("final" if step == total else f"step-{step}")
                 weights = "projector" if vlm.kind == "mini_llava" and t.stage == "pretrain" else "all"
                 vlm.projector_trained = True
-                vlm.save(folder, schedule=schedule, weights=weights)
-                tracker.log_artifact(folder, "model" if step == total else f"model/step-{step}")
+                # ZeRO-3 partitions parameters: every rank gathers them, rank 0 writes
+                gather = (deepspeed.zero.GatheredParameters(list(step_module.parameters()), modifier_rank=None)
+                          if t.zero_stage == 3 else contextlib.nullcontext())
+                with gather:
+                    if rank == 0:
+                        merged_lora_export(vlm, lambda: vlm.save(folder, schedule=schedule, weights=weights))
+                        tracker.log_artifact(folder, "model" if step == total else f"model/step-{step}")
             if step == fail_at and not resumed:
                 raise RuntimeError(f"injected failure at step {step} (HIDROP_TEST_FAIL_AT_STEP)")
             if step >= total:
@@ -220,6 +235,12 @@ def train_worker(payload: dict) -> None:
         dist.barrier()  # avoids "terminate called without an active exception" at exit (stack.md)
 
 
+def _stop(payload: dict, message: str) -> None:
+    """Tell the driver why the run stopped; it fails with this one line (no worker traceback)."""
+    Path(payload["run_dir"]).mkdir(parents=True, exist_ok=True)
+    (Path(payload["run_dir"]) / STOPPED_FILE).write_text(message)
+
+
 def _mean_across(value: torch.Tensor, world: int) -> float:
     import torch.distributed as dist
 
@@ -230,12 +251,13 @@ def _mean_across(value: torch.Tensor, world: int) -> float:
     return float(v)
 
 
-def _report_checkpoint(engine, state: dict, metrics: dict) -> None:
+def _report_checkpoint(engine, state: dict, metrics: dict, rank: int) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag=DS_TAG)  # every rank writes its shards
-        (Path(d) / STATE_FILE).write_text(json.dumps(state))
+        if rank == 0:  # Ray merges every rank's folder: only rank 0 knows the MLflow run id
+            (Path(d) / STATE_FILE).write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -273,15 +295,15 @@ def run_training(cfg: ExperimentConfig, progress: bool = True) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
     )
-    diverged = storage / cfg.name / DIVERGED_FILE
-    diverged.unlink(missing_ok=True)
+    stopped = storage / cfg.name / STOPPED_FILE
+    stopped.unlink(missing_ok=True)
     start = time.perf_counter()
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception
         raise TrainSetupError(_root_message(e)) from None
-    if diverged.is_file():
-        raise TrainSetupError(diverged.read_text().strip())
+    if stopped.is_file():
+        raise TrainSetupError(stopped.read_text().strip())
     metrics = dict(result.metrics or {})
     return {
         "experiment": cfg.name, "wall_time_s": time.perf_counter() - start, "metrics": metrics,

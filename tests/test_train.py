@@ -153,3 +153,35 @@ def test_bench_train_overhead_smoke(tmp_path, monkeypatch):
     result = run_train_bench(cfg, steps=2, warmup=1, storage=str(tmp_path / "runs"))
     assert result["plain_step_s"] > 0 and result["ray_deepspeed_step_s"] > 0
     assert result["overhead_ratio"] == pytest.approx(result["ray_deepspeed_step_s"] / result["plain_step_s"])
+
+
+def test_lora_export_merges_adapters_into_a_loadable_checkpoint(tmp_path):
+    from hidrop.models import load_model
+    from hidrop.schedule import preset
+    from hidrop.training import merged_lora_export
+
+    vlm = tiny_vlm(seed=2)
+    set_trainable(vlm, "finetune", lora={"r": 2})
+    with torch.no_grad():
+        for name, p in vlm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter: non-zero update
+    ids = torch.tensor([[4, 6, 23, 25, 5]])
+    with torch.no_grad():
+        before = vlm.model(input_ids=ids).logits
+    merged_lora_export(vlm, lambda: vlm.save(tmp_path / "m", schedule=preset("pdrop", 8, 16)))
+    with torch.no_grad():
+        after = vlm.model(input_ids=ids).logits  # adapters restored after the export
+        loaded = load_model(tmp_path / "m").model(input_ids=ids).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    assert torch.allclose(before, loaded, atol=1e-4)
+    assert any("lora_" in n for n, _ in vlm.model.named_parameters())
+
+
+def test_precision_must_match_weights():
+    from hidrop_platform.config import ConfigError
+
+    with pytest.raises(ConfigError, match="precision=fp32 needs model.dtype=float32"):
+        load_config(SMOKE, ["model.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="must not set"):
+        load_config(SMOKE, ["train.deepspeed={gradient_accumulation_steps: 8}"])
