@@ -14,12 +14,25 @@ class EvalSetupError(RuntimeError):
     """The experiment cannot be evaluated as configured (one line for the CLI)."""
 
 
+def resolve_path(path: Optional[str]) -> Optional[str]:
+    """A relative path as given (from the working directory), else from the project root, so shipped
+    checkpoints such as checkpoints/mini_llava_projector work from anywhere."""
+    from pathlib import Path
+
+    if path is None or Path(path).is_absolute() or Path(path).exists():
+        return path
+    import hidrop
+
+    candidate = Path(hidrop.__file__).resolve().parents[1] / path
+    return str(candidate) if candidate.exists() else path
+
+
 def build_model(cfg: ExperimentConfig, device: Optional[str] = None):
     """The experiment's `VisionLanguageModel` on `device`, checked against the YAML's shape."""
     from hidrop.models import ModelLoadError, load_llava_hf, load_model, mini_llava
     from hidrop.tiny import tiny_vlm
 
-    m = cfg.model
+    m = cfg.model.model_copy(update={"path": resolve_path(cfg.model.path)})
     dtype = DTYPES[m.dtype]
     device = device or cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -168,3 +168,14 @@ def test_real_mini_llava_projector_checkpoint(mini, tmp_path):
     assert back.projector_trained and back.schedule.name == preset("fastv", 30, 196).name
     x = torch.randn(1, 3, 224, 224)
     assert torch.equal(back.vision_embeds(x), mini.vision_embeds(x))
+
+
+@pytest.mark.slow
+def test_shipped_projector_checkpoint_loads():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "checkpoints" / "mini_llava_projector"
+    vlm = load_model(folder)
+    assert vlm.kind == "mini_llava" and vlm.projector_trained and vlm.num_vision_tokens == 196
+    x = vlm.vision_embeds(torch.zeros(1, 3, 224, 224))
+    assert x.shape == (1, 196, 576) and torch.isfinite(x).all()
