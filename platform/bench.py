@@ -153,32 +153,57 @@ def run_prefill_bench(
 
 
 # ---- training step: Ray Train + DeepSpeed vs a plain loop ------------------------------------------
-def run_train_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3, storage: Optional[str] = None) -> dict:
+def run_train_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3, storage: Optional[str] = None,
+                    repeats: int = 1) -> dict:
     """Median optimizer-step time of `hidrop train` (one Ray worker running DeepSpeed) and of a plain
-    single-process loop over the same model, data order, batch size and thread count; ratio of the two."""
-    import math
+    single-process loop over the same model, data order, batch size and thread count; ratio of the two.
+
+    With repeats > 1 the two paths alternate and the reported ratio is the median of the per-pair
+    ratios: on a small shared machine the run-to-run noise is larger than the overhead being measured.
+    """
     import tempfile
 
     import ray
-    from torch.utils.data import DataLoader, DistributedSampler
 
-    from hidrop.training import TrainStep, lr_at, make_collator, make_dataset, set_trainable
-    from hidrop_platform.evaluate import build_model
-    from hidrop_platform.train import STEP_TIMES_FILE, run_training, training_samples
+    from hidrop_platform.train import STEP_TIMES_FILE, run_training
 
     t = cfg.train
     threads = max(1, int(t.resources_per_worker.get("CPU", 1)))
     total = warmup + steps
     storage = storage or tempfile.mkdtemp(prefix="hidrop-bench-")
-    ray_cfg = cfg.model_copy(deep=True)
-    ray_cfg.train = t.model_copy(update={"num_workers": 1, "max_steps": total, "checkpoint_every": 10**9,
-                                         "export_every": None, "storage_path": storage, "max_failures": 0})
-    ray_cfg.tracking = cfg.tracking.model_copy(update={"enabled": False})
-    run_training(ray_cfg)
-    ray_times = json.loads((Path(storage) / cfg.name / STEP_TIMES_FILE).read_text())[warmup:]
-    ray.shutdown()  # the plain loop must not share the cores with an idle Ray cluster
+    pairs = []
+    for r in range(repeats):
+        ray_cfg = cfg.model_copy(deep=True)
+        # log once (at the end): per-step log lines make Ray's log monitor compete for the same cores
+        ray_cfg.train = t.model_copy(update={"num_workers": 1, "max_steps": total, "checkpoint_every": 10**9,
+                                             "log_every": total, "export_every": None,
+                                             "storage_path": str(Path(storage) / f"repeat-{r}"), "max_failures": 0})
+        ray_cfg.tracking = cfg.tracking.model_copy(update={"enabled": False})
+        run_training(ray_cfg)
+        ray_times = json.loads((Path(storage) / f"repeat-{r}" / cfg.name / STEP_TIMES_FILE).read_text())[warmup:]
+        ray.shutdown()  # the plain loop must not share the cores with an idle Ray cluster
+        plain_times = _plain_loop_times(cfg, total, threads)[warmup:]
+        pairs.append((statistics.median(plain_times), statistics.median(ray_times)))
+    ratios = [r / p for p, r in pairs]
+    return {
+        "experiment": cfg.name, "steps_timed": steps, "warmup": warmup, "threads": threads, "repeats": repeats,
+        "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "zero_stage": t.zero_stage,
+        "plain_step_s": statistics.median(p for p, _ in pairs),
+        "ray_deepspeed_step_s": statistics.median(r for _, r in pairs),
+        "overhead_ratio": statistics.median(ratios), "pair_ratios": ratios,
+        "goal": "<= 1.10x",
+    }
 
-    # the plain loop: same pieces, no Ray, no DeepSpeed
+
+def _plain_loop_times(cfg: ExperimentConfig, total: int, threads: int) -> list[float]:
+    """The plain loop: the same pieces as the worker, no Ray, no DeepSpeed."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from hidrop.training import TrainStep, lr_at, make_collator, make_dataset, set_trainable
+    from hidrop_platform.evaluate import build_model
+    from hidrop_platform.train import training_samples
+
+    t = cfg.train
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -192,7 +217,7 @@ def run_train_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3, sto
         # the same sampler as one Ray worker, so both paths see the same batches in the same order
         sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed, drop_last=True)
         loader = DataLoader(data, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=make_collator(vlm))
-        plain_times, batches = [], iter(loader)
+        times, batches = [], iter(loader)
         for step in range(total):
             start = time.perf_counter()
             for _ in range(t.grad_accum):
@@ -208,14 +233,7 @@ def run_train_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3, sto
                 g["lr"] = lr_at(step, total, t.lr, t.lr_schedule, t.warmup_ratio)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            plain_times.append(time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
+        return times
     finally:
         torch.set_num_threads(previous)
-    plain = statistics.median(plain_times[warmup:])
-    ray_median = statistics.median(ray_times)
-    return {
-        "experiment": cfg.name, "steps_timed": steps, "warmup": warmup, "threads": threads,
-        "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "zero_stage": t.zero_stage,
-        "plain_step_s": plain, "ray_deepspeed_step_s": ray_median, "overhead_ratio": ray_median / plain,
-        "goal": "<= 1.10x",
-    }

@@ -214,6 +214,7 @@ def bench_train(
     overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides"),
     steps: int = typer.Option(12, help="timed optimizer steps (after warm-up)"),
     warmup: int = typer.Option(3, help="untimed warm-up steps"),
+    repeats: int = typer.Option(3, help="alternating Ray/plain pairs; the ratio is their median"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Step time of Ray Train + DeepSpeed (one worker) against a plain single-process loop; prints the ratio."""
@@ -223,20 +224,21 @@ def bench_train(
     cfg = _load(experiment, overrides)
     try:
         with out.status("timing Ray Train + DeepSpeed, then the plain loop..."):
-            result = run_train_bench(cfg, steps=steps, warmup=warmup)
+            result = run_train_bench(cfg, steps=steps, warmup=warmup, repeats=repeats)
     except TrainSetupError as e:
         _fail(str(e))
     if as_json:
         print(json.dumps(result, indent=2))
         return
     table = Table(title=f"Training step, {result['experiment']} (batch {result['micro_batch_size']} x accum "
-                        f"{result['grad_accum']}, ZeRO-{result['zero_stage']}, {result['threads']} thread(s), median of {steps})")
+                        f"{result['grad_accum']}, ZeRO-{result['zero_stage']}, {result['threads']} thread(s), "
+                        f"median of {steps} steps, {result['repeats']} alternating pairs)")
     for col in ("path", "step s", "ratio"):
         table.add_column(col, justify="left" if col == "path" else "right")
     table.add_row("plain loop", f"{result['plain_step_s']:.4f}", "1.00x")
     table.add_row("Ray Train + DeepSpeed", f"{result['ray_deepspeed_step_s']:.4f}", f"{result['overhead_ratio']:.2f}x")
     out.print(table)
-    out.print(f"goal: {result['goal']}")
+    out.print(f"per-pair ratios: {', '.join(f'{r:.2f}x' for r in result['pair_ratios'])}; goal: {result['goal']}")
 
 
 def main() -> None:  # pragma: no cover

@@ -196,7 +196,8 @@ def train_worker(payload: dict) -> None:
                 if out["budget_loss"] is not None:
                     metrics["budget_loss"] = float(out["budget_loss"])
                 if rank == 0:
-                    tracker.log_metrics({**metrics, **system_metrics()}, step=step)
+                    if tracker.enabled:
+                        tracker.log_metrics({**metrics, **system_metrics()}, step=step)
                     print(f"[hidrop train] step {step}/{total} loss {loss:.4f} lr {metrics['lr']:.2e} "
                           f"{metrics['samples_per_s']:.2f} samples/s", flush=True)
                 window_samples = window_tokens = 0
