@@ -8,6 +8,7 @@ have no GPU. Rank 0 logs; the MLflow run id travels inside every checkpoint so a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -111,14 +112,16 @@ def train_worker(payload: dict) -> None:
     engine, optimizer, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=deepspeed_config(cfg))
 
     dataset = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler = _ResumableSampler(DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                                   seed=cfg.seed, drop_last=True))
     loader = DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=make_collator(vlm))
     if len(loader) == 0:  # every rank sees the same lengths, so all stop here together
         if rank == 0:
             _stop(payload, f"{len(dataset)} training samples cannot fill one batch of {t.micro_batch_size} "
                            f"on each of {world} workers")
         return
-    per_epoch = max(1, len(loader) // t.grad_accum)
+    batches_per_epoch = len(loader)  # before any mid-epoch skip shortens the loader
+    per_epoch = max(1, batches_per_epoch // t.grad_accum)
     total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
 
     # resume: DeepSpeed state (model, optimizer, scheduler position) + our counters + the MLflow run
@@ -151,9 +154,8 @@ def train_worker(payload: dict) -> None:
     step_times: list[float] = []  # optimizer-step wall times of this attempt (the overhead benchmark reads them)
     while step < total:
         sampler.set_epoch(epoch)
-        for i, batch in enumerate(loader):
-            if i < skip:
-                continue  # batches this epoch already consumed before the restart
+        sampler.skip = skip * t.micro_batch_size  # batches this epoch consumed before a restart: never loaded
+        for i, batch in enumerate(loader, start=skip):
             out = engine(batch)
             loss_all = _mean_across(out["loss"], world)  # every rank sees the same value: they stop together
             if not math.isfinite(loss_all):
@@ -184,7 +186,7 @@ def train_worker(payload: dict) -> None:
                 metrics = {
                     "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                     "samples_per_s": window_samples / window, "tokens_per_s": window_tokens / window,
-                    "epoch": epoch + (i + 1) / max(1, len(loader)),
+                    "epoch": epoch + (i + 1) / batches_per_epoch,
                     "accelerator_hours": accel_seconds / 3600,
                     "vision_tflops_per_sample": cost["vision_tflops"], "model_tflops_per_sample": cost["model_tflops"],
                 }
@@ -234,6 +236,22 @@ def train_worker(payload: dict) -> None:
 
     if dist.is_initialized():
         dist.barrier()  # avoids "terminate called without an active exception" at exit (stack.md)
+
+
+class _ResumableSampler(torch.utils.data.Sampler):
+    """A DistributedSampler that can start mid-epoch, so a resumed run does not reload skipped images."""
+
+    def __init__(self, base):
+        self.base, self.skip = base, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.base) - self.skip
 
 
 def _stop(payload: dict, message: str) -> None:

@@ -185,3 +185,18 @@ def test_precision_must_match_weights():
         load_config(SMOKE, ["model.dtype=bfloat16"])
     with pytest.raises(ConfigError, match="must not set"):
         load_config(SMOKE, ["train.deepspeed={gradient_accumulation_steps: 8}"])
+
+
+def test_resumable_sampler_starts_mid_epoch_on_the_same_order():
+    from torch.utils.data import DistributedSampler
+
+    from hidrop_platform.train import _ResumableSampler
+
+    data = list(range(50))
+    full = DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3, drop_last=True)
+    full.set_epoch(4)
+    expected = list(iter(full))
+    resumed = _ResumableSampler(DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3, drop_last=True))
+    resumed.set_epoch(4)
+    resumed.skip = 8
+    assert list(iter(resumed)) == expected[8:] and len(resumed) == len(expected) - 8
