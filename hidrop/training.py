@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional, Sequence
 
-import torch
 from torch import nn
 
 from hidrop.data import Collator, SupervisedDataset, get_template
@@ -34,7 +33,7 @@ def set_trainable(vlm: VisionLanguageModel, stage: str, lora: Optional[dict] = N
     projector = _projector(vlm)
     projector.requires_grad_(True)
     if stage == "finetune":
-        lm = vlm.lm if not hasattr(vlm.lm, "language_model") else vlm.lm
+        lm = vlm.lm
         if lora:
             from peft import LoraConfig, inject_adapter_in_model
 
