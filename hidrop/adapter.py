@@ -56,6 +56,11 @@ class Backbone:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.embed_tokens(input_ids)
 
+    @property
+    def projector(self) -> Optional[nn.Module]:
+        """llava-hf's multi-modal projector (None for a plain causal LM)."""
+        return self.model.model.multi_modal_projector if self.is_llava else None
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projector outputs for every image, concatenated: (num_images * N_v, hidden)."""
         if not self.is_llava:

@@ -34,6 +34,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from hidrop.adapter import Backbone
 from hidrop.engine import ScheduledModel
 from hidrop.schedule import Schedule
 
@@ -289,8 +290,8 @@ class VisionLanguageModel:
         if isinstance(self.model, MiniLlava):
             return self.model.image_features(pixel_values)
         if isinstance(self.model, LlavaForConditionalGeneration):
-            out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
-            return torch.stack(list(out.pooler_output))
+            flat = Backbone(self.model).image_features(pixel_values)  # transformers calls stay in the adapter
+            return flat.view(pixel_values.shape[0], -1, flat.shape[-1])
         raise ValueError(f"a {self.kind} model has no vision tower")
 
     # ---- save / load -----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 from torch import nn
 
+from hidrop.adapter import Backbone
 from hidrop.data import Collator, SupervisedDataset, get_template
 from hidrop.engine import ScheduledModel
 from hidrop.models import MiniLlava, VisionLanguageModel
@@ -51,18 +52,14 @@ def set_trainable(vlm: VisionLanguageModel, stage: str, lora: Optional[dict] = N
 
 
 def _projector(vlm: VisionLanguageModel) -> nn.Module:
-    if isinstance(vlm.model, MiniLlava):
-        return vlm.model.projector
-    if hasattr(vlm.model, "model") and hasattr(vlm.model.model, "multi_modal_projector"):
-        return vlm.model.model.multi_modal_projector
-    raise ValueError(f"a {vlm.kind} model has no projector to train")
+    projector = vlm.model.projector if isinstance(vlm.model, MiniLlava) else Backbone(vlm.model).projector
+    if projector is None:
+        raise ValueError(f"a {vlm.kind} model has no projector to train")
+    return projector
 
 
 def _decoder(vlm: VisionLanguageModel) -> nn.Module:
-    lm = vlm.lm
-    if hasattr(lm, "model") and hasattr(lm.model, "language_model"):
-        return lm.model.language_model
-    return lm.model
+    return Backbone(vlm.lm).decoder
 
 
 class TrainStep(nn.Module):
