@@ -266,6 +266,12 @@ class Collator:
         self.padding_side = padding_side
         self.pad_to_multiple_of = pad_to_multiple_of
 
+    @classmethod
+    def for_tokenizer(cls, tokenizer, padding_side: str = "right") -> "Collator":
+        """Pads with the tokenizer's pad token, else its EOS (SmolLM2 and Llama have no pad token)."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        return cls(pad, padding_side=padding_side)
+
     def __call__(self, items: list[Encoded]) -> dict[str, Union[torch.Tensor, list]]:
         if not items:
             raise ValueError("cannot collate an empty batch")

@@ -126,9 +126,7 @@ def make_dataset(vlm: VisionLanguageModel, samples: Sequence[Sample], template: 
 
 
 def make_collator(vlm: VisionLanguageModel) -> Collator:
-    tok = vlm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    return Collator(pad, padding_side="right")
+    return Collator.for_tokenizer(vlm.tokenizer, padding_side="right")
 
 
 def lr_at(step: int, total: int, base: float, schedule: str = "cosine", warmup_ratio: float = 0.03) -> float:

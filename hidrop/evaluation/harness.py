@@ -151,8 +151,7 @@ class _Batch:
     def __init__(self, vlm: VisionLanguageModel, samples: Sequence[Sample], template, need_blind: bool):
         device = vlm.device
         tok = vlm.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        collate = Collator(pad, padding_side="left")
+        collate = Collator.for_tokenizer(tok, padding_side="left")
         kw = dict(image_token_id=vlm.image_token_id, num_image_tokens=vlm.num_vision_tokens, for_generation=True)
         self.samples = list(samples)
         enc = [encode_sample(s, tok, template, **kw) for s in samples]
