@@ -223,15 +223,17 @@ def evaluate(
         bench_mode = bench.default_mode if mode == "auto" else mode
         if bench_mode == "closed" and any(not s.candidates for s in samples):
             raise EvalError(f"benchmark {bench.name!r} has open answers; closed-vocabulary scoring needs candidates (mode=generate)")
-        if bench_mode == "closed" and mode == "auto":
+        cand_ids: dict[tuple, list[list[int]]] = {}  # candidate set -> first-token ids per candidate
+        if bench_mode == "closed":
             try:
-                for cands in {tuple(s.candidates) for s in samples}:
-                    _first_token_ids(vlm.tokenizer, cands)
+                cand_ids = {c: _first_token_ids(vlm.tokenizer, c) for c in {tuple(s.candidates) for s in samples}}
             except EvalError as e:  # e.g. a tokenizer that spells digits as "▁" + digit
+                if mode != "auto":
+                    raise
                 bench_mode = "generate"
                 fallback_notes.append(f"{bench.name}: {e}; scored by generation instead")
-        plans.append((bench, samples, bench_mode))
-    total_batches = sum(math.ceil(len(s) / batch_size) for _, s, _ in plans)
+        plans.append((bench, samples, bench_mode, cand_ids))
+    total_batches = sum(math.ceil(len(p[1]) / batch_size) for p in plans)
 
     start = time.perf_counter()
     done = 0
@@ -240,8 +242,7 @@ def evaluate(
     was_training = vlm.model.training
     vlm.model.eval()
     try:
-        for bench, samples, bench_mode in plans:
-            cand_cache: dict[tuple, list[list[int]]] = {}
+        for bench, samples, bench_mode, cand_ids in plans:
             scores = {m.name: [] for m in methods}
             preds = {m.name: [] for m in methods}
             recalls = {m.name: [] for m in methods}
@@ -253,7 +254,7 @@ def evaluate(
                 noise = None if batch.vision_embeds is None else torch.rand(len(batch.image_rows), n_vis, generator=gen)
                 for m in methods:
                     texts, keep_masks, counts = _run_method(
-                        vlm, engines[m.name], m, batch, bench_mode, cand_cache, max_new_tokens, noise
+                        vlm, engines[m.name], m, batch, bench_mode, cand_ids, max_new_tokens, noise
                     )
                     scores[m.name].extend(bench.score(s, p) for s, p in zip(chunk, texts))
                     preds[m.name].extend(texts)
@@ -281,7 +282,7 @@ def evaluate(
     return report
 
 
-def _run_method(vlm, engine, m: Method, batch: _Batch, mode, cand_cache, max_new_tokens, noise):
+def _run_method(vlm, engine, m: Method, batch: _Batch, mode, cand_ids, max_new_tokens, noise):
     """Predictions (strings), keep masks after each drop, and measured vision tokens per layer."""
     if m.kind == "blind":
         ids, am = batch.blind
@@ -306,10 +307,8 @@ def _run_method(vlm, engine, m: Method, batch: _Batch, mode, cand_cache, max_new
             logp = out.logits[:, -1].float().log_softmax(-1)
             texts = []
             for row, s in enumerate(batch.samples):
-                key = tuple(s.candidates)
-                if key not in cand_cache:
-                    cand_cache[key] = _first_token_ids(tok, s.candidates)
-                best = max(range(len(s.candidates)), key=lambda c: float(torch.logsumexp(logp[row, cand_cache[key][c]], 0)))
+                ids_per_cand = cand_ids[tuple(s.candidates)]
+                best = max(range(len(s.candidates)), key=lambda c: float(torch.logsumexp(logp[row, ids_per_cand[c]], 0)))
                 texts.append(s.candidates[best])
             keep_masks, counts = out.keep_masks, out.layer_vision_counts
         else:
@@ -378,8 +377,8 @@ def _report(vlm, methods: list[Method], per_method: dict, plans, text_tokens: fl
         "model": {"kind": vlm.kind, "num_layers": vlm.num_layers, "num_vision_tokens": vlm.num_vision_tokens},
         "reference": REFERENCE,
         "methods": rows,
-        "samples_evaluated": sum(len(s) for _, s, _ in plans),
-        "benchmarks": [{"name": b.name, "samples": len(s), "mode": md} for b, s, md in plans],
+        "samples_evaluated": sum(len(p[1]) for p in plans),
+        "benchmarks": [{"name": b.name, "samples": len(s), "mode": md} for b, s, md, _ in plans],
         "mean_text_tokens": text_tokens,
         "wall_time_s": wall,
         "notes": notes,
