@@ -44,6 +44,14 @@ class ScheduleError(ValueError):
     """An impossible schedule. The message names the offending field."""
 
 
+def first_error_line(err: ValidationError) -> str:
+    """A pydantic error as one line: the first error's field and message, not the multi-line banner."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
 class DropEvent(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

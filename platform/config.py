@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hidrop.cost import ModelShape
-from hidrop.schedule import DropEvent, PositionMode, QueryRule, Schedule, ScheduleError, Selector, preset
+from hidrop.schedule import DropEvent, PositionMode, QueryRule, Schedule, ScheduleError, Selector, first_error_line, preset
 
 
 class ConfigError(ValueError):
@@ -258,7 +258,7 @@ class ExperimentConfig(BaseModel):
             try:
                 out.append(spec.resolve(shape.num_layers, shape.num_vision_tokens))
             except ValidationError as err:
-                raise ScheduleError(f"{where}: {_first_error(err)}") from None
+                raise ScheduleError(f"{where}: {first_error_line(err)}") from None
             except ScheduleError as err:
                 raise ScheduleError(f"{where}: {err}") from None
         return out
@@ -267,12 +267,6 @@ class ExperimentConfig(BaseModel):
     def main_schedule(self) -> Schedule:
         return self.schedules()[0]
 
-
-def _first_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg}" if loc else msg
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -322,7 +316,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:  # schedule errors raised while validating arrive wrapped here too
-        raise ConfigError(f"{path}: {_first_error(err)}") from None
+        raise ConfigError(f"{path}: {first_error_line(err)}") from None
 
 
 def flatten(config: ExperimentConfig) -> dict[str, Any]:

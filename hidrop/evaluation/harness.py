@@ -16,6 +16,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 import torch
+from pydantic import ValidationError
 
 from hidrop.cost import ModelShape, VisionEncoderShape, cost_report, text_only_tflops
 from hidrop.data import Collator, encode_sample, get_template
@@ -23,7 +24,7 @@ from hidrop.evaluation.metrics import evidence_recall, mean, relative_score
 from hidrop.evaluation.registry import Benchmark
 from hidrop.models import VisionLanguageModel
 from hidrop.sample import Sample
-from hidrop.schedule import Schedule, vanilla
+from hidrop.schedule import Schedule, first_error_line, vanilla
 
 BASELINES = ("all_tokens", "blind", "random", "oracle")
 REFERENCE = "all_tokens"
@@ -67,12 +68,8 @@ def _methods(schedules: Sequence[Schedule], baselines: Sequence[str], n_layers: 
 
 
 def _one_line(e: Exception) -> str:
-    errors = getattr(e, "errors", None)  # pydantic: the first error's message, not the banner
-    if callable(errors):
-        first = errors()[0]
-        loc = ".".join(str(p) for p in first.get("loc", ()))
-        msg = first["msg"].removeprefix("Value error, ")
-        return f"{loc}: {msg}" if loc else msg
+    if isinstance(e, ValidationError):  # pydantic: the first error's message, not the banner
+        return first_error_line(e)
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
