@@ -342,3 +342,112 @@ def preset(name: str, num_layers: int = 32, num_vision_tokens: int = 576) -> Sch
         return PRESETS[name](num_layers, num_vision_tokens)
     except ValidationError as err:
         raise ScheduleError(f"preset {name!r} at {num_layers} layers / {num_vision_tokens} tokens: {err.errors()[0]['msg']}") from None
+
+
+# ---- the curve form: a schedule from a few numbers (what searches sample) -----------------------
+
+def spread_layers(inject_layer: int, vision_end: int, stages: int) -> list[int]:
+    """`stages` filtering layers spread evenly over the vision window, the first right after injection.
+
+    A drop may follow any layer in inject_layer..vision_end-2 (it needs one layer before and after it).
+    """
+    positions = vision_end - 1 - inject_layer
+    if stages < 0:
+        raise ScheduleError(f"stages={stages} must be >= 0")
+    if stages > positions:
+        raise ScheduleError(
+            f"stages={stages} do not fit: the vision window (layers {inject_layer}..{vision_end - 1}) has room "
+            f"for {max(positions, 0)} filtering layer(s)"
+        )
+    return [inject_layer + (i * positions) // stages for i in range(stages)]
+
+
+def keep_curve(first_keep: int, stages: int, keep_decay: float = 0.5, tail_keeps: Optional[list[int]] = None) -> list[int]:
+    """Keep counts of a pyramid: the first stage keeps `first_keep`, each later stage `keep_decay` of the
+    previous one (rounded; at least one less, and enough left for the stages after it), or `tail_keeps`."""
+    if stages == 0:
+        return []
+    if tail_keeps is not None:
+        if len(tail_keeps) != stages - 1:
+            raise ScheduleError(f"tail_keeps has {len(tail_keeps)} entries; {stages} stages need {stages - 1}")
+        return [first_keep, *tail_keeps]
+    if not 0.0 < keep_decay < 1.0:
+        raise ScheduleError(f"keep_decay={keep_decay} must be in (0, 1)")
+    keeps = [first_keep]
+    for i in range(1, stages):
+        floor_for_rest = stages - i  # later stages still need to decrease by one each
+        keeps.append(max(floor_for_rest, min(keeps[-1] - 1, int(math.floor(keeps[-1] * keep_decay + 0.5)))))
+    return keeps
+
+
+def pyramid(
+    num_layers: int,
+    num_vision_tokens: int,
+    *,
+    inject_layer: int = 1,
+    exit_layer: Optional[int] = None,
+    drop_layers: Optional[list[int]] = None,
+    stages: Optional[int] = None,
+    first_keep_ratio: Optional[float] = None,
+    avg_tokens: Optional[float] = None,
+    keep_decay: float = 0.5,
+    tail_keeps: Optional[list[int]] = None,
+    **fields,
+) -> Schedule:
+    """A pruning pyramid from its window, its filtering layers and its keep curve.
+
+    Filtering layers: `drop_layers` explicitly, or `stages` spread over the window. First keep:
+    `first_keep_ratio` of the original tokens, or solved so that the average per layer is closest to
+    `avg_tokens` (HiDrop's Tok48/64/80 differ only there). Later keeps: `tail_keeps`, or `keep_decay`.
+    Raises ScheduleError, naming the field, for anything impossible (nothing is clamped silently).
+    """
+    end = num_layers + 1 if exit_layer is None else exit_layer
+    if drop_layers is None:
+        if stages is None:
+            raise ScheduleError("give drop_layers or stages")
+        drop_layers = spread_layers(inject_layer, end, stages)
+    elif stages is not None and stages != len(drop_layers):
+        raise ScheduleError(f"stages={stages} but drop_layers has {len(drop_layers)} entries")
+    k = len(drop_layers)
+    lowest = k if tail_keeps is None else (max(tail_keeps) + 1 if tail_keeps else 1)
+
+    def build(first: int) -> Schedule:
+        keeps = keep_curve(first, k, keep_decay, tail_keeps)
+        drops = tuple(DropEvent(after_layer=l, keep=n) for l, n in zip(drop_layers, keeps))
+        return Schedule(num_layers=num_layers, num_vision_tokens=num_vision_tokens, inject_layer=inject_layer,
+                        exit_layer=exit_layer, drops=drops, **fields)
+
+    if k == 0:
+        if first_keep_ratio is not None or avg_tokens is not None:
+            raise ScheduleError("first_keep_ratio / avg_tokens need at least one filtering layer")
+        return build(0)
+    if (first_keep_ratio is None) == (avg_tokens is None):
+        raise ScheduleError("give exactly one of first_keep_ratio / avg_tokens")
+    if first_keep_ratio is not None:
+        if not 0.0 < first_keep_ratio < 1.0:
+            raise ScheduleError(f"first_keep_ratio={first_keep_ratio} must be in (0, 1)")
+        first = int(math.floor(first_keep_ratio * num_vision_tokens + 0.5))
+        if not lowest <= first < num_vision_tokens:
+            raise ScheduleError(
+                f"first_keep_ratio={first_keep_ratio} keeps {first} of {num_vision_tokens} tokens; "
+                f"{k} stage(s) need {lowest}..{num_vision_tokens - 1}"
+            )
+        return build(first)
+    # avg_tokens: the average grows with the first keep, so search the integer first keep
+    if lowest >= num_vision_tokens:
+        raise ScheduleError(f"{k} stage(s) cannot fit under {num_vision_tokens} vision tokens")
+    low, high = build(lowest).avg_tokens(), build(num_vision_tokens - 1).avg_tokens()
+    if not low - 0.5 <= avg_tokens <= high + 0.5:
+        raise ScheduleError(
+            f"avg_tokens={avg_tokens:g} is unreachable with this window and these filtering layers: "
+            f"they allow {low:.1f}..{high:.1f}"
+        )
+    lo, hi = lowest, num_vision_tokens - 1
+    while lo < hi:  # the smallest first keep whose average reaches the target
+        mid = (lo + hi) // 2
+        if build(mid).avg_tokens() < avg_tokens:
+            lo = mid + 1
+        else:
+            hi = mid
+    best = min({max(lowest, lo - 1), lo}, key=lambda f: (abs(build(f).avg_tokens() - avg_tokens), f))
+    return build(best)

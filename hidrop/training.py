@@ -11,7 +11,7 @@ budget loss.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from torch import nn
 
@@ -140,3 +140,64 @@ def lr_at(step: int, total: int, base: float, schedule: str = "cosine", warmup_r
     if schedule == "linear":
         return base * max(0.0, 1.0 - progress)
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def plain_training(
+    vlm: VisionLanguageModel,
+    schedule: Schedule,
+    dataset: SupervisedDataset,
+    *,
+    steps: int,
+    stage: str = "finetune",
+    lora: Optional[dict] = None,
+    micro_batch_size: int = 4,
+    grad_accum: int = 1,
+    lr: float = 1e-3,
+    lr_schedule: str = "cosine",
+    warmup_ratio: float = 0.03,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    budget_weight: float = 1.0,
+    seed: int = 0,
+) -> Iterator[dict]:
+    """A single-process loop over the same pieces as the Ray/DeepSpeed worker (same sampler order as one
+    worker). Yields {"step", "loss", "seconds"} after every optimizer step; used by the overhead benchmark
+    and by short trained search trials (where nesting Ray Train inside Tune trials costs more than it gives).
+    """
+    import time
+
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    set_trainable(vlm, stage, lora)
+    module = TrainStep(vlm, schedule, budget_weight=budget_weight)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=make_collator(vlm))
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} training samples make no batch of {micro_batch_size}")
+    batches, epoch = iter(loader), 0
+    module.train()
+    for step in range(steps):
+        start = time.perf_counter()
+        loss = 0.0
+        for _ in range(grad_accum):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                epoch += 1
+                sampler.set_epoch(epoch)
+                batches = iter(loader)
+                batch = next(batches)
+            out = module(batch)["loss"] / grad_accum
+            out.backward()
+            loss += float(out.detach())
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, lr_schedule, warmup_ratio)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        yield {"step": step + 1, "loss": loss, "seconds": time.perf_counter() - start}
+    module.eval()

@@ -197,9 +197,7 @@ def run_train_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3, sto
 
 def _plain_loop_times(cfg: ExperimentConfig, total: int, threads: int) -> list[float]:
     """The plain loop: the same pieces as the worker, no Ray, no DeepSpeed."""
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from hidrop.training import TrainStep, lr_at, make_collator, make_dataset, set_trainable
+    from hidrop.training import make_dataset, plain_training
     from hidrop_platform.evaluate import build_model
     from hidrop_platform.train import training_samples
 
@@ -209,31 +207,12 @@ def _plain_loop_times(cfg: ExperimentConfig, total: int, threads: int) -> list[f
     try:
         torch.manual_seed(cfg.seed)
         vlm = build_model(cfg, device="cpu")
-        set_trainable(vlm, t.stage, t.lora)
-        module = TrainStep(vlm, cfg.main_schedule, budget_weight=t.budget_weight)
-        params = [p for p in module.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         data = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
-        # the same sampler as one Ray worker, so both paths see the same batches in the same order
-        sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed, drop_last=True)
-        loader = DataLoader(data, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=make_collator(vlm))
-        times, batches = [], iter(loader)
-        for step in range(total):
-            start = time.perf_counter()
-            for _ in range(t.grad_accum):
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    batches = iter(loader)
-                    batch = next(batches)
-                (module(batch)["loss"] / t.grad_accum).backward()
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, t.lr, t.lr_schedule, t.warmup_ratio)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - start)
-        return times
+        loop = plain_training(
+            vlm, cfg.main_schedule, data, steps=total, stage=t.stage, lora=t.lora, micro_batch_size=t.micro_batch_size,
+            grad_accum=t.grad_accum, lr=t.lr, lr_schedule=t.lr_schedule, warmup_ratio=t.warmup_ratio,
+            weight_decay=t.weight_decay, grad_clip=t.grad_clip, budget_weight=t.budget_weight, seed=cfg.seed,
+        )
+        return [info["seconds"] for info in loop]
     finally:
         torch.set_num_threads(previous)

@@ -176,6 +176,75 @@ def _print_eval(report: dict) -> None:
         out.print(f"[bold yellow]note:[/] {note}", highlight=False)
 
 
+@app.command("tune")
+def tune_command(
+    experiment: str = typer.Argument(..., help="experiment YAML with a tune section (space, algorithm, objective)"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides, e.g. tune.num_samples=8"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted sweep (finished trials are kept)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Ray Tune search over schedules; every trial is an MLflow run under the sweep's parent run."""
+    from hidrop_platform.config import ConfigError, load_config_data, validate_config
+    from hidrop_platform.tune import TuneSetupError, run_tune
+
+    try:
+        base = load_config_data(experiment, overrides or [])
+        cfg = validate_config(base, experiment)
+    except ConfigError as e:
+        _fail(str(e))
+    try:
+        if as_json:
+            summary = run_tune(cfg, base, resume=resume)
+            print(json.dumps(summary, indent=2, default=str))
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=out) as bar:
+            task = bar.add_task("preparing", total=None)
+
+            def progress(label: str, done: int, total: int) -> None:
+                if total:
+                    bar.update(task, description=f"trials (last: {label})", completed=done, total=total)
+                else:
+                    bar.update(task, description=label)
+
+            summary = run_tune(cfg, base, resume=resume, progress=progress)
+    except TuneSetupError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; finished trials are kept. Continue with: hidrop tune {experiment} --resume")
+    _print_sweep(summary)
+
+
+def _print_sweep(summary: dict) -> None:
+    rows = [r for r in summary["trials"]]
+    benches = list(summary["reference_scores"])
+    table = Table(title=f"Sweep {summary['sweep']}: {len(rows)} trials ({summary['failed']} failed), "
+                        f"{summary['rejected']} invalid samples rejected, {summary['concurrency']} at a time, "
+                        f"{summary['wall_time_s']:.0f} s")
+    for col in ("trial", "front", "relative score", *benches, "avg tokens", "vision TFLOPs", "overrides"):
+        table.add_column(col, justify="left" if col in ("trial", "overrides") else "right")
+    ok = sorted((r for r in rows if "relative_score" in r), key=lambda r: r["vision_tflops"])
+    for r in ok:
+        overrides = ", ".join(f"{k.removeprefix('schedule.')}={v}" for k, v in r["overrides"].items()) if not r["seed"] else ""
+        table.add_row(r["label"], "*" if r.get("pareto") else "", f"{r['relative_score']:.1f}",
+                      *[f"{r['scores'].get(b, float('nan')):.1f}" for b in benches],
+                      f"{r['avg_vision_tokens']:.1f}", f"{r['vision_tflops']:.4f}", overrides[:80])
+    out.print(table)
+    out.print(f"reference (all tokens): " + ", ".join(f"{b} {v:.1f}" for b, v in summary["reference_scores"].items())
+              + f"; blind baseline: {summary['blind_relative_score']:.1f}% relative")
+    for r in rows:
+        if r["status"] == "error":
+            out.print(f"[red]failed[/] {r['label']}: {r.get('error', '')}")
+    for reason, count in summary["rejections"].items():
+        out.print(f"[dim]rejected {count}x: {reason}[/]")
+    for n in summary["notes"]:
+        out.print(f"[yellow]note:[/] {n}")
+    out.print(f"Pareto front: {', '.join(summary['pareto'])}. Parent MLflow run {summary['parent_run_id']} "
+              f"({summary['tracking_uri']}); plot and table in {summary['sweep_dir']}/summary")
+
+
 @bench_app.command("prefill")
 def bench_prefill(
     experiment: str = typer.Argument(..., help="experiment YAML (model shape, bench section)"),

@@ -11,15 +11,24 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hidrop.cost import ModelShape
-from hidrop.schedule import DropEvent, PositionMode, QueryRule, Schedule, ScheduleError, Selector, first_error_line, preset
+from hidrop.schedule import (DropEvent, PositionMode, QueryRule, Schedule, ScheduleError, Selector, first_error_line,
+                             preset, pyramid)
 
 
 class ConfigError(ValueError):
     """A user mistake in an experiment file or override; the message is one line naming the field."""
 
 
+CURVE_FIELDS = ("drop_layers", "stages", "first_keep_ratio", "avg_tokens", "keep_decay", "tail_keeps")
+
+
 class ScheduleSpec(BaseModel):
-    """A schedule as written in YAML: a preset (optionally adjusted) or explicit fields."""
+    """A schedule as written in YAML: a preset (optionally adjusted), explicit fields, or the curve form.
+
+    The curve form (what `hidrop tune` samples) replaces `drops` by a few numbers: the filtering layers
+    (`drop_layers`, or `stages` spread over the window) and the keep curve (`first_keep_ratio` or
+    `avg_tokens` for the first stage; `keep_decay` or `tail_keeps` for the rest). See `hidrop.schedule.pyramid`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -31,9 +40,33 @@ class ScheduleSpec(BaseModel):
     position_mode: Optional[PositionMode] = None
     query_rule: Optional[QueryRule] = None
     selector: Optional[Selector] = None
+    drop_layers: Optional[list[int]] = None
+    stages: Optional[int] = Field(default=None, ge=0)
+    first_keep_ratio: Optional[float] = None
+    avg_tokens: Optional[float] = Field(default=None, gt=0)
+    keep_decay: Optional[float] = None
+    tail_keeps: Optional[list[int]] = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "ScheduleSpec":
+        if self.drops is not None and self.uses_curve():
+            raise ValueError(f"give drops or the curve form ({', '.join(CURVE_FIELDS)}), not both")
+        return self
+
+    def uses_curve(self) -> bool:
+        return any(getattr(self, f) is not None for f in CURVE_FIELDS)
 
     def resolve(self, num_layers: int, num_vision_tokens: int) -> Schedule:
-        fields = self.model_dump(exclude_none=True, exclude={"preset"})
+        fields = self.model_dump(exclude_none=True, exclude={"preset", *CURVE_FIELDS})
+        if self.uses_curve():
+            base = preset(self.preset, num_layers, num_vision_tokens).model_dump() if self.preset else {}
+            base.update(fields)
+            for key in ("drops", "num_layers", "num_vision_tokens"):
+                base.pop(key, None)
+            if self.name is None:  # the preset's drops are gone: its name would mislead
+                base["name"] = f"{self.preset}_curve" if self.preset else "pyramid"
+            curve = self.model_dump(include=set(CURVE_FIELDS), exclude_none=True)
+            return pyramid(num_layers, num_vision_tokens, **base, **curve)
         if self.preset is not None:
             base = preset(self.preset, num_layers, num_vision_tokens).model_dump()
             base.update(fields)
@@ -221,6 +254,90 @@ class TrackingConfig(BaseModel):
     experiment: Optional[str] = None  # None: the experiment's name
 
 
+class Dimension(BaseModel):
+    """One searched knob: `{choice: [...]}`, `{int: [lo, hi]}` (inclusive, optional step) or `{float: [lo, hi]}`
+    (optional log)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    choice: Optional[list[Any]] = None
+    int_range: Optional[tuple[int, int]] = Field(default=None, alias="int")
+    float_range: Optional[tuple[float, float]] = Field(default=None, alias="float")
+    step: Optional[int] = Field(default=None, gt=0)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Dimension":
+        given = [k for k in ("choice", "int_range", "float_range") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of choice / int / float")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        for rng in (self.int_range, self.float_range):
+            if rng is not None and rng[0] > rng[1]:
+                raise ValueError(f"range {list(rng)} has low > high")
+        if self.step is not None and self.int_range is None:
+            raise ValueError("step applies to int ranges only")
+        if self.log and (self.float_range is None or self.float_range[0] <= 0):
+            raise ValueError("log needs a float range above 0")
+        return self
+
+    @property
+    def discrete(self) -> bool:
+        return self.float_range is None
+
+    def values(self) -> list[Any]:
+        """Every value (grid search); float ranges have none."""
+        if self.choice is not None:
+            return list(self.choice)
+        if self.int_range is not None:
+            return list(range(self.int_range[0], self.int_range[1] + 1, self.step or 1))
+        raise ValueError("a float range has no finite set of values")
+
+
+class SweepConfig(BaseModel):
+    """`hidrop tune`: what is searched (dotted config names -> dimensions), how, and with what resources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Optional[str] = None  # the sweep's folder and parent MLflow run; default: the experiment's name
+    kind: Literal["training_free", "trained"] = "training_free"
+    algorithm: Literal["grid", "random", "optuna"] = "optuna"
+    # pareto: maximize relative score and minimize vision TFLOPs (multi-objective);
+    # score: maximize relative score among schedules under max_vision_tflops
+    objective: Literal["pareto", "score"] = "pareto"
+    max_vision_tflops: Optional[float] = Field(default=None, gt=0)
+    num_samples: int = Field(default=16, gt=0)  # searched trials (grid: every valid point instead)
+    # evaluated first: preset names or schedule mappings (e.g. one proposed by `hidrop analyze`)
+    seeds: list[Any] = Field(default_factory=lambda: ["vanilla", "fastv", "pdrop", "hidrop_tok64"])
+    space: dict[str, Dimension] = Field(default_factory=dict)
+    resources_per_trial: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    max_concurrent: Optional[int] = Field(default=None, gt=0)  # default: as many trials as the cluster fits
+    max_failures: int = Field(default=1, ge=0)  # retries of a trial that raises
+    max_rejections: int = Field(default=2000, gt=0)  # invalid samples in a row before the search gives up
+    storage_path: str = "runs/tune"
+    ray_address: Optional[str] = None
+    # trained trials: a short finetune (train section's optimizer settings) with evaluations for ASHA
+    train_steps: int = Field(default=20, gt=0)
+    eval_every: int = Field(default=5, gt=0)
+    grace_period: int = Field(default=1, gt=0)  # ASHA: evaluations before a trial may be stopped
+    reduction_factor: int = Field(default=2, gt=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SweepConfig":
+        if self.objective == "score" and self.max_vision_tflops is None:
+            raise ValueError("objective=score needs max_vision_tflops (the budget)")
+        if self.algorithm == "grid":
+            floats = [k for k, d in self.space.items() if not d.discrete]
+            if floats:
+                raise ValueError(f"grid search needs choice or int dimensions; {floats} are float ranges")
+        if self.kind == "trained" and self.eval_every > self.train_steps:
+            raise ValueError(f"eval_every={self.eval_every} is more than train_steps={self.train_steps}")
+        if not self.space and self.algorithm != "grid" and not self.seeds:
+            raise ValueError("nothing to search: give space or seeds")
+        return self
+
+
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -233,6 +350,7 @@ class ExperimentConfig(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tune: SweepConfig = Field(default_factory=SweepConfig)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -244,6 +362,18 @@ class ExperimentConfig(BaseModel):
         clash = sorted(reserved & set(self.train.deepspeed))
         if clash:
             raise ValueError(f"train.deepspeed must not set {clash}: use train.micro_batch_size / grad_accum / precision")
+        return self
+
+    @model_validator(mode="after")
+    def _space_names_fields(self) -> "ExperimentConfig":
+        for key in self.tune.space:
+            if not names_a_field(key):
+                raise ValueError(f"tune.space: {key!r} does not name a config field (use dotted names, e.g. schedule.inject_layer)")
+            if key.split(".")[0] in ("tune", "name"):
+                raise ValueError(f"tune.space: {key!r} cannot be searched")
+        for i, seed in enumerate(self.tune.seeds):
+            if not isinstance(seed, (str, dict)):
+                raise ValueError(f"tune.seeds.{i}: give a preset name or a schedule mapping")
         return self
 
     @model_validator(mode="after")
@@ -269,6 +399,36 @@ class ExperimentConfig(BaseModel):
 
 
 
+def names_a_field(dotted: str) -> bool:
+    """Whether `a.b.c` names a field of ExperimentConfig (list items by index; free-form dicts accept any key)."""
+    import typing
+
+    node: Any = ExperimentConfig
+    for part in dotted.split("."):
+        while True:  # unwrap Optional[...] / list[...] / dict[...]
+            origin = typing.get_origin(node)
+            if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+                node = next(a for a in typing.get_args(node) if a is not type(None))
+            elif origin in (list, tuple):
+                if not part.isdigit():
+                    return False
+                node = typing.get_args(node)[0]
+                break
+            elif origin is dict or node is Any:
+                return True
+            else:
+                break
+        if origin in (list, tuple):
+            continue
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            if part not in node.model_fields:
+                return False
+            node = node.model_fields[part].annotation
+        else:
+            return False
+    return True
+
+
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data
@@ -288,6 +448,31 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Load, apply `a.b=c` overrides (values parsed as YAML), validate. Raises ConfigError (one line)."""
+    return validate_config(load_config_data(path, overrides), str(path))
+
+
+def validate_config(data: dict, where: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:  # schedule errors raised while validating arrive wrapped here too
+        raise ConfigError(f"{where}: {first_error_line(err)}") from None
+
+
+def with_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """A deep copy of raw config data with {dotted name: value} applied (a search trial's config)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for key, value in overrides.items():
+        try:
+            _set_dotted(data, key, copy.deepcopy(value))
+        except (IndexError, ValueError, TypeError, AttributeError):
+            raise ConfigError(f"{key!r} does not name a field of the config") from None
+    return data
+
+
+def load_config_data(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The YAML mapping with `a.b=c` overrides applied, not yet validated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such experiment file")
@@ -313,10 +498,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             _set_dotted(data, key.strip(), value)
         except (IndexError, ValueError, TypeError, AttributeError):
             raise ConfigError(f"override {item!r}: {key.strip()!r} does not name a field of {path}") from None
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValidationError as err:  # schedule errors raised while validating arrive wrapped here too
-        raise ConfigError(f"{path}: {first_error_line(err)}") from None
+    return data
 
 
 def flatten(config: ExperimentConfig) -> dict[str, Any]:

@@ -191,10 +191,13 @@ def evaluate(
     seed: int = 0,
     progress: Optional[Callable[[int, int, str], None]] = None,
     keep_predictions: bool = False,
+    reference_scores: Optional[dict[str, float]] = None,
 ) -> dict:
     """Score every schedule and baseline on every benchmark. Returns a JSON-ready report.
 
-    progress(done_batches, total_batches, label) is called after each batch.
+    progress(done_batches, total_batches, label) is called after each batch. `reference_scores`
+    (benchmark -> all_tokens score from an earlier run with the same benchmarks and seed) skips the
+    unpruned pass and scores relative to those figures: a search evaluates its reference once.
     """
     if mode not in MODES:
         raise EvalError(f"unknown mode {mode!r}; choose from {list(MODES)}")
@@ -207,6 +210,10 @@ def evaluate(
             raise EvalError(f"schedule {s.name!r} is for {s.num_layers} layers / {s.num_vision_tokens} tokens, "
                             f"the model has {n_layers} / {n_vis}")
     methods = _methods(schedules, baselines, n_layers, n_vis)
+    if reference_scores is not None and len(methods) > 1:
+        methods = [m for m in methods if m.name != REFERENCE]
+    else:
+        reference_scores = None
     engines = {m.name: vlm.scheduled(m.schedule) for m in methods}
     benches = [b.for_grid(vlm.grid) if hasattr(b, "for_grid") and vlm.grid else b for b in benchmarks]
     plans, fallback_notes = [], []
@@ -274,7 +281,7 @@ def evaluate(
     finally:
         vlm.model.train(was_training)
     wall = time.perf_counter() - start
-    report = _report(vlm, methods, per_method, plans, mean(text_tokens), wall, mode)
+    report = _report(vlm, methods, per_method, plans, mean(text_tokens), wall, mode, reference_scores)
     report["notes"] = fallback_notes + report["notes"]
     return report
 
@@ -338,10 +345,14 @@ def _weighted(pairs: list[tuple[float, int]]) -> Optional[float]:
     return sum(v for v, _ in pairs) / total if total else None
 
 
-def _report(vlm, methods: list[Method], per_method: dict, plans, text_tokens: float, wall: float, mode: str) -> dict:
+def _report(vlm, methods: list[Method], per_method: dict, plans, text_tokens: float, wall: float, mode: str,
+            reference_scores: Optional[dict[str, float]] = None) -> dict:
     shape = model_shape(vlm, text_tokens)
     scores = {m.name: {b: e["score"] for b, e in per_method[m.name]["benchmarks"].items()} for m in methods}
-    reference = scores[REFERENCE]
+    reference = scores[REFERENCE] if reference_scores is None else reference_scores
+    missing = [b for b in next(iter(scores.values())) if b not in reference]
+    if missing:
+        raise EvalError(f"reference_scores lack benchmark(s) {missing}")
     rows = []
     for m in methods:
         cost = cost_report(m.schedule, shape)

@@ -1,0 +1,616 @@
+"""`hidrop tune`: Ray Tune over vision-token schedules, one MLflow run per trial under a parent run.
+
+A trial's config is the experiment's YAML with a few dotted names overridden (the `tune.space` sample,
+or a seed schedule), validated exactly like `hidrop eval` would validate it. Invalid samples are
+rejected by the searcher before they become trials (and counted, with their reasons). The unpruned
+reference is evaluated once per sweep, so a training-free trial runs only its own schedule.
+
+Layout of a sweep folder (`tune.storage_path/<name>`): Ray Tune's experiment state, plus
+`sweep.json` (the parent MLflow run), `reference.json` (the all-tokens scores) and `trial_runs/`
+(trial id -> MLflow run id, so a retried or resumed trial logs into the same run).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from hidrop_platform.config import ConfigError, ExperimentConfig, ScheduleSpec, flatten, validate_config, with_overrides
+
+OBJECTIVES = {"pareto": (["relative_score", "vision_tflops"], ["max", "min"]), "score": ("relative_score", "max")}
+REFERENCE_FILE, SWEEP_FILE, RUNS_DIR = "reference.json", "sweep.json", "trial_runs"
+
+
+class TuneSetupError(RuntimeError):
+    """A sweep that cannot start or finish; one line for the user."""
+
+
+# ---- building trial configs --------------------------------------------------------------------
+
+def seed_overrides(seed: Any) -> tuple[str, dict]:
+    """(label, overrides) of a seed: a preset name, or a schedule mapping (the whole schedule section)."""
+    if isinstance(seed, str):
+        return f"seed:{seed}", {"schedule": {"preset": seed}}
+    spec = ScheduleSpec.model_validate(seed)
+    name = spec.name or spec.preset or "custom"
+    return f"seed:{name}", {"schedule": spec.model_dump(mode="json", exclude_none=True)}
+
+
+def trial_config(base: dict, overrides: dict) -> ExperimentConfig:
+    """The validated config of one trial (ConfigError names the problem)."""
+    return validate_config(with_overrides(base, overrides), "trial")
+
+
+def _budget_problem(cfg: ExperimentConfig) -> Optional[str]:
+    from hidrop.cost import cost_report
+
+    budget = cfg.tune.max_vision_tflops
+    if cfg.tune.objective != "score" or budget is None:
+        return None
+    tflops = cost_report(cfg.main_schedule, cfg.model.shape)["vision_tflops"]
+    return f"over the vision-TFLOPs budget ({tflops:.4f} > {budget:g})" if tflops > budget else None
+
+
+def _reason(err: Exception) -> str:
+    """A rejection reason with the trial's numbers stripped, so equal causes count together."""
+    text = str(err).removeprefix("trial: ")
+    return text.split(" (", 1)[0] if "budget" in text else text
+
+
+# ---- the searcher: seeds first, then valid samples only ----------------------------------------
+
+def _domain(dim) -> Any:
+    from ray import tune
+
+    if dim.choice is not None:  # Optuna's categorical values must be scalars: search the index
+        return tune.choice(list(range(len(dim.choice))))
+    if dim.int_range is not None:
+        lo, hi = dim.int_range
+        return tune.qrandint(lo, hi, dim.step) if dim.step else tune.randint(lo, hi + 1)
+    lo, hi = dim.float_range
+    return tune.loguniform(lo, hi) if dim.log else tune.uniform(lo, hi)
+
+
+def _decode(space: dict, raw: dict) -> dict:
+    out = {}
+    for key, dim in space.items():
+        value = raw[key]
+        if dim.choice is not None:
+            value = dim.choice[int(value)]
+        elif dim.int_range is not None:
+            value = int(value)
+        else:
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def _searcher_base():
+    from ray.tune.search import Searcher
+
+    return Searcher
+
+
+class ScheduleSearcher(_searcher_base()):
+    """Suggests seed schedules first, then samples of `tune.space` from grid / random / Optuna.
+
+    Every suggestion is turned into a trial config and validated here; an impossible schedule (or one
+    over the FLOPs budget in `score` mode) never reaches a trial: it is counted by reason and, for
+    Optuna, told as a failed trial so the sampler moves on.
+    """
+
+    def __init__(self, base: dict, cfg: ExperimentConfig):
+        metric, mode = OBJECTIVES[cfg.tune.objective]
+        super().__init__(metric=None, mode=None)  # Tune's own metric stays unset: the objectives are ours
+        self.base, self.algorithm = base, cfg.tune.algorithm
+        self.space = cfg.tune.space
+        self.max_rejections = cfg.tune.max_rejections
+        self.pending_seeds = [seed_overrides(s) for s in cfg.tune.seeds]
+        self.rejections: Counter = Counter()
+        self.suggested = 0
+        self.inner_ids: dict[str, str] = {}
+        self.grid: list[dict] = []
+        self.num_searched = cfg.tune.num_samples if self.space else 0
+        self.rng_state: Optional[dict] = None
+        self.inner = None
+        if self.algorithm == "grid" and self.space:
+            self.grid = self._valid_grid()
+            self.num_searched = len(self.grid)
+        elif self.algorithm == "optuna" and self.space:
+            import optuna
+            from ray.tune.search.optuna import OptunaSearch
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(4, cfg.tune.num_samples // 4))
+            self.inner = OptunaSearch(space={k: _domain(d) for k, d in self.space.items()}, metric=metric, mode=mode,
+                                      sampler=sampler)
+        elif self.algorithm == "random":
+            import numpy as np
+
+            self.rng_state = np.random.default_rng(cfg.seed).bit_generator.state
+
+    @property
+    def total_trials(self) -> int:
+        return len(self.pending_seeds) + self.num_searched
+
+    def _check(self, overrides: dict) -> Optional[str]:
+        try:
+            return _budget_problem(trial_config(self.base, overrides))
+        except ConfigError as e:
+            return _reason(e)
+
+    def _valid_grid(self) -> list[dict]:
+        import itertools
+
+        keys = list(self.space)
+        points = []
+        for values in itertools.product(*(self.space[k].values() for k in keys)):
+            point = dict(zip(keys, values))
+            problem = self._check(point)
+            if problem is None:
+                points.append(point)
+            else:
+                self.rejections[problem] += 1
+        if not points:
+            top = self.rejections.most_common(1)[0][0] if self.rejections else "empty space"
+            raise TuneSetupError(f"tune.space: no grid point is a valid schedule (e.g. {top})")
+        return points
+
+    def _draw(self, trial_id: str, attempt: int) -> tuple[Optional[dict], Optional[str]]:
+        """One raw sample (decoded to config values) and the inner searcher's id for it."""
+        if self.algorithm == "grid":
+            return self.grid[self.suggested - len_seeds_done(self)], None
+        if self.algorithm == "random":
+            import numpy as np
+
+            rng = np.random.default_rng()
+            rng.bit_generator.state = self.rng_state
+            raw = {k: _domain(d).sample(random_state=rng) for k, d in self.space.items()}
+            self.rng_state = rng.bit_generator.state
+            return _decode(self.space, {k: (v[0] if isinstance(v, list) else v) for k, v in raw.items()}), None
+        inner_id = f"{trial_id}~{attempt}"
+        raw = self.inner.suggest(inner_id)
+        if raw is None or raw == self.FINISHED:
+            return None, None
+        return _decode(self.space, raw), inner_id
+
+    def suggest(self, trial_id: str) -> Optional[dict]:
+        if self.pending_seeds:
+            label, overrides = self.pending_seeds.pop(0)
+            self.suggested += 1
+            self._seeds_done = getattr(self, "_seeds_done", 0) + 1
+            return {"label": label, "overrides": overrides, "seed": True}
+        if self.suggested - len_seeds_done(self) >= self.num_searched:
+            return self.FINISHED
+        for attempt in range(self.max_rejections):
+            point, inner_id = self._draw(trial_id, attempt)
+            if point is None:
+                return None
+            problem = None if self.algorithm == "grid" else self._check(point)
+            if problem is None:
+                if inner_id is not None:
+                    self.inner_ids[trial_id] = inner_id
+                number = self.suggested - len_seeds_done(self) + 1
+                self.suggested += 1
+                return {"label": f"trial-{number:03d}", "overrides": point, "seed": False}
+            self.rejections[problem] += 1
+            if inner_id is not None:
+                self.inner.on_trial_complete(inner_id, result=None, error=True)
+        top = self.rejections.most_common(1)[0][0]
+        raise TuneSetupError(f"tune.space: {self.max_rejections} invalid samples in a row (most often: {top}); narrow the ranges")
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.inner is not None and trial_id in self.inner_ids:
+            self.inner.on_trial_result(self.inner_ids[trial_id], result)
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if self.inner is not None and trial_id in self.inner_ids:
+            self.inner.on_trial_complete(self.inner_ids.pop(trial_id), result=result, error=error)
+
+    # -- checkpointing: Tuner.restore must not repeat seeds or re-draw finished samples --------------
+
+    def get_state(self) -> dict:
+        state = {"pending_seeds": self.pending_seeds, "rejections": dict(self.rejections), "suggested": self.suggested,
+                 "seeds_done": len_seeds_done(self), "inner_ids": self.inner_ids, "rng_state": self.rng_state}
+        if self.inner is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.inner.save(os.path.join(tmp, "inner"))
+                state["inner"] = base64.b64encode(Path(tmp, "inner").read_bytes()).decode()
+        return state
+
+    def set_state(self, state: dict) -> None:
+        self.pending_seeds = [tuple(s) for s in state["pending_seeds"]]
+        self.rejections = Counter(state["rejections"])
+        self.suggested, self._seeds_done = state["suggested"], state["seeds_done"]
+        self.inner_ids, self.rng_state = state["inner_ids"], state["rng_state"]
+        if self.inner is not None and state.get("inner"):
+            with tempfile.TemporaryDirectory() as tmp:
+                Path(tmp, "inner").write_bytes(base64.b64decode(state["inner"]))
+                self.inner.restore(os.path.join(tmp, "inner"))  # Ray's own OptunaSearch format, written by us
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps(self.get_state()))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.set_state(json.loads(Path(checkpoint_path).read_text()))
+
+
+def len_seeds_done(searcher: ScheduleSearcher) -> int:
+    return getattr(searcher, "_seeds_done", 0)
+
+
+# ---- one trial (runs in a Ray actor) -----------------------------------------------------------
+
+_MODEL_CACHE: dict[str, Any] = {}  # training-free trials in a reused actor share the loaded model
+
+
+def _trial_model(cfg: ExperimentConfig, fresh: bool):
+    from hidrop_platform.evaluate import build_model
+
+    key = json.dumps([cfg.model.model_dump(mode="json"), cfg.seed])
+    if fresh:
+        return build_model(cfg)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = build_model(cfg)
+    return _MODEL_CACHE[key]
+
+
+def _evaluate(cfg: ExperimentConfig, vlm, reference: dict) -> dict:
+    """Metrics of the trial's schedule, relative to the sweep's reference."""
+    from hidrop.evaluation.harness import evaluate
+    from hidrop.evaluation.registry import get_benchmark
+
+    schedule = cfg.main_schedule
+    benches = [get_benchmark(b.name, limit=b.limit, seed=cfg.seed, **b.options) for b in cfg.eval.benchmarks]
+    report = evaluate(vlm, [schedule], benches, baselines=[], mode=cfg.eval.mode, batch_size=cfg.eval.batch_size,
+                      max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed,
+                      reference_scores=None if schedule.is_vanilla() else reference["scores"])
+    row = report["methods"][0] if schedule.is_vanilla() else next(r for r in report["methods"] if r["kind"] == "schedule")
+    metrics = {
+        "relative_score": row["relative_score"], "avg_vision_tokens": row["avg_vision_tokens"],
+        "vision_tflops": row["vision_tflops"], "model_tflops": row["model_tflops"],
+        "samples": report["samples_evaluated"],
+    }
+    if row["measured_avg_vision_tokens"] is not None:
+        metrics["measured_avg_vision_tokens"] = row["measured_avg_vision_tokens"]
+    for bench, entry in row["benchmarks"].items():
+        metrics[f"score/{bench}"] = entry["score"]
+    return metrics
+
+
+def _trial_run_id(ctx: dict, trial_id: str) -> tuple[Optional[str], int]:
+    path = Path(ctx["sweep_dir"]) / RUNS_DIR / f"{trial_id}.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return data.get("run_id"), int(data.get("attempts", 0))
+    return None, 0
+
+
+def _save_trial_run(ctx: dict, trial_id: str, run_id: Optional[str], attempts: int) -> None:
+    folder = Path(ctx["sweep_dir"]) / RUNS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{trial_id}.tmp"
+    tmp.write_text(json.dumps({"run_id": run_id, "attempts": attempts}))
+    tmp.replace(folder / f"{trial_id}.json")
+
+
+def run_trial(config: dict, ctx: dict) -> None:
+    """Tune's function trainable: build the trial config, (train,) evaluate, report, log to MLflow."""
+    import torch
+    from ray import tune
+
+    from hidrop_platform.tracking import Tracker
+
+    torch.set_num_threads(max(1, int(ctx["threads"])))
+    cfg = trial_config(ctx["base"], config["overrides"])
+    trial_id = tune.get_context().get_trial_id()
+    run_id, attempts = _trial_run_id(ctx, trial_id)
+    attempts += 1
+    tracker = Tracker(ctx["tracking_uri"], ctx["experiment"], run_id=run_id, run_name=config["label"],
+                      parent_run_id=ctx["parent_run_id"], spool_dir=ctx["spool_dir"], enabled=ctx["tracking"],
+                      tags={"hidrop.sweep": ctx["sweep"], "hidrop.trial_id": trial_id, "hidrop.seed": str(config["seed"]),
+                            "device_type": ctx["device_type"]}).start()
+    _save_trial_run(ctx, trial_id, tracker.run_id or run_id, attempts)
+    schedule = cfg.main_schedule
+    start = time.perf_counter()
+    try:
+        tracker.set_tags({"attempts": attempts, "status": "running"})
+        params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}
+        params.update({f"search.{k}": v for k, v in config["overrides"].items()})
+        params.update({"schedule.plan": schedule.describe(), "schedule.keep_counts": schedule.keep_counts,
+                       "schedule.drop_layers": [d.after_layer for d in schedule.drops],
+                       "schedule.resolved_name": schedule.name})
+        tracker.log_params(params)
+        if os.environ.get("HIDROP_TEST_FAIL_TRIAL") == config["label"] and attempts == 1:
+            raise RuntimeError(f"injected failure in {config['label']} (HIDROP_TEST_FAIL_TRIAL)")
+        devices = float(ctx["devices_per_trial"])
+        if cfg.tune.kind == "trained":
+            metrics = _trained(cfg, ctx, tracker, start, devices)
+        else:
+            metrics = _evaluate(cfg, _trial_model(cfg, fresh=False), ctx["reference"])
+            metrics["accelerator_hours"] = (time.perf_counter() - start) * devices / 3600
+            metrics["wall_s"] = time.perf_counter() - start
+            tracker.log_metrics(metrics, step=0)
+            tune.report(metrics)
+        tracker.set_tags({"status": "finished"})
+        tracker.finish("FINISHED")
+    except BaseException as e:
+        tracker.set_tags({"status": "failed", "error": str(e).splitlines()[0][:500] if str(e) else type(e).__name__})
+        tracker.finish("FAILED")
+        raise
+
+
+def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: float) -> dict:
+    """A short finetune with the schedule active, evaluated every `eval_every` steps (ASHA stops the
+    weak ones early). Single process: nesting Ray Train groups inside trials leaks placement groups
+    when ASHA stops them (ray-project/ray#54305)."""
+    from ray import tune
+
+    from hidrop.training import make_dataset, plain_training
+    from hidrop_platform.train import training_samples
+
+    t, s = cfg.train, cfg.tune
+    vlm = _trial_model(cfg, fresh=True)
+    data = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
+    loop = plain_training(
+        vlm, cfg.main_schedule, data, steps=s.train_steps, stage=t.stage, lora=t.lora,
+        micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, lr=t.lr, lr_schedule=t.lr_schedule,
+        warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+        budget_weight=t.budget_weight, seed=cfg.seed,
+    )
+    metrics: dict = {}
+    for info in loop:
+        if not math.isfinite(info["loss"]):
+            raise RuntimeError(f"loss is {info['loss']} at step {info['step']}")
+        tracker.log_metrics({"loss": info["loss"]}, step=info["step"])
+        if info["step"] % s.eval_every == 0 or info["step"] == s.train_steps:
+            metrics = _evaluate(cfg, vlm, ctx["reference"])
+            metrics.update(train_step=info["step"], loss=info["loss"], wall_s=time.perf_counter() - start,
+                           accelerator_hours=(time.perf_counter() - start) * devices / 3600)
+            tracker.log_metrics(metrics, step=info["step"])
+            tune.report(metrics)  # ASHA may stop the trial here
+    return metrics
+
+
+# ---- the driver --------------------------------------------------------------------------------
+
+def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callable[[str], None]]) -> dict:
+    """All-tokens and blind scores of the base model on the sweep's benchmarks, computed once per sweep."""
+    path = sweep_dir / REFERENCE_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    from hidrop.schedule import vanilla
+    from hidrop_platform.evaluate import EvalSetupError, build_model
+
+    if progress:
+        progress("evaluating the unpruned reference")
+    from hidrop.evaluation.harness import EvalError, evaluate
+    from hidrop.evaluation.registry import get_benchmark
+
+    try:
+        vlm = build_model(cfg)
+        benches = [get_benchmark(b.name, limit=b.limit, seed=cfg.seed, **b.options) for b in cfg.eval.benchmarks]
+        shape = cfg.model.shape
+        report = evaluate(vlm, [vanilla(shape.num_layers, shape.num_vision_tokens)], benches, baselines=["blind"],
+                          mode=cfg.eval.mode, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                          seed=cfg.seed)
+    except (EvalSetupError, EvalError, ValueError, KeyError) as e:
+        raise TuneSetupError(f"reference evaluation: {str(e).splitlines()[0]}") from None
+    rows = {r["method"]: r for r in report["methods"]}
+    ref = {
+        "scores": {b: e["score"] for b, e in rows["all_tokens"]["benchmarks"].items()},
+        "blind_scores": {b: e["score"] for b, e in rows["blind"]["benchmarks"].items()},
+        "blind_relative_score": rows["blind"]["relative_score"],
+        "vision_tflops": rows["all_tokens"]["vision_tflops"], "notes": report["notes"],
+        "samples": report["samples_evaluated"],
+    }
+    path.write_text(json.dumps(ref, indent=2))
+    del vlm
+    return ref
+
+
+def _check_resources(cfg: ExperimentConfig, cluster: dict) -> tuple[int, float]:
+    """(trials that fit at once, devices per trial); raises when a trial can never be placed."""
+    wanted = {k: float(v) for k, v in cfg.tune.resources_per_trial.items() if float(v) > 0}
+    if not wanted:
+        raise TuneSetupError("tune.resources_per_trial asks for nothing; give at least CPU")
+    fits = []
+    for key, amount in wanted.items():
+        have = float(cluster.get(key, 0))
+        if amount > have:
+            raise TuneSetupError(f"tune.resources_per_trial asks for {key}={amount:g} but the cluster has {have:g}; "
+                                 "no trial could ever start")
+        fits.append(int(have // amount))
+    at_once = max(1, min(fits))
+    devices = wanted.get("GPU", 1.0)
+    return (min(at_once, cfg.tune.max_concurrent) if cfg.tune.max_concurrent else at_once), devices
+
+
+def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
+             progress: Optional[Callable[[str, int, int], None]] = None) -> dict:
+    """Run (or resume) the sweep; returns every trial, the Pareto front and where the seeds sit."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from hidrop_platform.tracking import DEFAULT_TRACKING_DIR, TrackingUnavailable, Tracker, default_tracking_uri, prepare
+    from hidrop_platform.train import _worker_env
+
+    s = cfg.tune
+    name = s.name or cfg.name
+    storage = Path(s.storage_path).resolve()
+    sweep_dir = storage / name
+    can_restore = tune.Tuner.can_restore(str(sweep_dir)) if sweep_dir.exists() else False
+    if resume and not can_restore:
+        raise TuneSetupError(f"nothing to resume at {sweep_dir} (no Tune state there)")
+    if not resume and sweep_dir.exists() and any(sweep_dir.iterdir()):
+        raise TuneSetupError(f"sweep {name!r} already exists at {sweep_dir}: pass --resume to continue it, "
+                             "or set tune.name=... for a new one")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    note = (lambda msg: progress(msg, 0, 0)) if progress else None
+
+    # the parent MLflow run, created once and found again on resume
+    uri = cfg.tracking.uri or default_tracking_uri()
+    experiment = cfg.tracking.experiment or cfg.name
+    if cfg.tracking.enabled:
+        try:
+            prepare(uri, experiment)  # once, here: concurrent trials must not race on a new sqlite schema
+        except TrackingUnavailable as e:
+            print(f"warning: {e}; the sweep continues and its runs are buffered locally", flush=True)
+    sweep_file = sweep_dir / SWEEP_FILE
+    sweep_state = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
+    spool_dir = str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool")
+    parent = Tracker(uri, experiment, run_id=sweep_state.get("parent_run_id"), run_name=f"sweep:{name}",
+                     spool_dir=spool_dir, enabled=cfg.tracking.enabled,
+                     tags={"hidrop.sweep": name, "hidrop.kind": "sweep"}).start()
+    sweep_state.update(parent_run_id=parent.run_id, name=name, base=base)
+    sweep_file.write_text(json.dumps(sweep_state, indent=2))
+    if not resume:
+        parent.log_params({k: v for k, v in flatten(cfg).items()})
+        parent.log_config(cfg)
+
+    try:
+        reference = _reference(cfg, sweep_dir, note)
+        parent.log_metrics({f"reference/{b}": v for b, v in reference["scores"].items()}
+                           | {f"blind/{b}": v for b, v in reference["blind_scores"].items()}, step=0)
+
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(address=s.ray_address, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": _worker_env()})
+        at_once, devices = _check_resources(cfg, ray.cluster_resources())
+        device_type = "gpu" if s.resources_per_trial.get("GPU", 0) > 0 else "cpu"
+        ctx = {"base": base, "reference": reference, "sweep_dir": str(sweep_dir), "sweep": name,
+               "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent.run_id,
+               "tracking": cfg.tracking.enabled, "spool_dir": spool_dir,
+               "threads": s.resources_per_trial.get("CPU", 1), "devices_per_trial": devices, "device_type": device_type}
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+                                        {k.lower() if k in ("CPU", "GPU") else k: v for k, v in s.resources_per_trial.items()})
+
+        searcher = ScheduleSearcher(base, cfg)
+        total = searcher.total_trials
+        done = {"n": 0}
+
+        callback = _ProgressCallback(progress, total)
+        scheduler = None
+        if s.kind == "trained":
+            scheduler = ASHAScheduler(time_attr="training_iteration", metric="relative_score", mode="max",
+                                      max_t=math.ceil(s.train_steps / s.eval_every), grace_period=s.grace_period,
+                                      reduction_factor=s.reduction_factor)
+        run_config = tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[callback],
+                                    failure_config=tune.FailureConfig(max_failures=s.max_failures))
+        start = time.perf_counter()
+        if resume:
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space={},
+                               tune_config=tune.TuneConfig(search_alg=searcher, num_samples=total, scheduler=scheduler,
+                                                           max_concurrent_trials=at_once, reuse_actors=s.kind == "training_free"),
+                               run_config=run_config)
+        grid = tuner.fit()
+        wall = time.perf_counter() - start
+        live = _searcher_of(tuner) or searcher
+        summary = _summarize(grid, reference, live, name, at_once, wall)
+        _log_summary(parent, summary, sweep_dir, name, reference)
+        parent.set_tags({"status": "finished"})
+        parent.finish("FINISHED")
+        summary.update(parent_run_id=parent.run_id, tracking_uri=uri, sweep_dir=str(sweep_dir))
+        return summary
+    except BaseException as e:
+        parent.set_tags({"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"})
+        parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class _ProgressCallback(_callback_base()):
+    """Counts finished trials for the CLI's bar. Tune pickles its run config: the bar is not carried."""
+
+    def __init__(self, progress: Optional[Callable[[str, int, int], None]], total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __getstate__(self) -> dict:
+        return {"progress": None, "total": self.total, "done": 0}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        if self.progress:
+            self.progress(trial.config.get("label", trial.trial_id), self.done, self.total)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.on_trial_complete(iteration, trials, trial)
+
+
+def _searcher_of(tuner) -> Optional[ScheduleSearcher]:
+    """The searcher Tune actually used (a restored tuner carries its own copy)."""
+    try:
+        alg = tuner._local_tuner._tune_config.search_alg  # the only way to read the restored one's counts
+    except AttributeError:
+        return None
+    return alg if isinstance(alg, ScheduleSearcher) else None
+
+
+def _summarize(grid, reference: dict, searcher: Optional[ScheduleSearcher], name: str, at_once: int, wall: float) -> dict:
+    from hidrop_dashboards.pareto import pareto_front
+
+    rows = []
+    for result in grid:
+        config = result.config or {}
+        metrics = dict(result.metrics or {})
+        row = {"label": config.get("label", "?"), "seed": bool(config.get("seed")), "overrides": config.get("overrides", {}),
+               "status": "error" if result.error else "ok"}
+        if result.error:
+            row["error"] = str(result.error).strip().splitlines()[-1][:300]
+        for key in ("relative_score", "vision_tflops", "model_tflops", "avg_vision_tokens", "measured_avg_vision_tokens",
+                    "accelerator_hours", "train_step"):
+            if key in metrics:
+                row[key] = metrics[key]
+        row["scores"] = {k.removeprefix("score/"): v for k, v in metrics.items() if k.startswith("score/")}
+        rows.append(row)
+    rows.sort(key=lambda r: (not r["seed"], r["label"]))
+    ok = [r for r in rows if r["status"] == "ok" and "relative_score" in r]
+    front = pareto_front([(r["relative_score"], r["vision_tflops"]) for r in ok])
+    for i, r in enumerate(ok):
+        r["pareto"] = i in front
+    return {
+        "sweep": name, "trials": rows, "pareto": [ok[i]["label"] for i in front],
+        "reference_scores": reference["scores"], "blind_relative_score": reference["blind_relative_score"],
+        "rejections": dict(searcher.rejections) if searcher else {},
+        "rejected": sum(searcher.rejections.values()) if searcher else 0,
+        "failed": sum(r["status"] == "error" for r in rows), "concurrency": at_once, "wall_time_s": wall,
+        "accelerator_hours": sum(r.get("accelerator_hours", 0.0) for r in rows), "notes": reference.get("notes", []),
+    }
+
+
+def _log_summary(parent, summary: dict, sweep_dir: Path, name: str, reference: dict) -> None:
+    from hidrop_dashboards.pareto import plot_pareto
+
+    out = sweep_dir / "summary"
+    out.mkdir(exist_ok=True)
+    ok = [r for r in summary["trials"] if "relative_score" in r]
+    lines = ["| trial | on front | relative score | vision TFLOPs | avg tokens | schedule overrides |", "|---|---|---|---|---|---|"]
+    for r in sorted(ok, key=lambda r: r["vision_tflops"]):
+        lines.append(f"| {r['label']} | {'yes' if r.get('pareto') else ''} | {r['relative_score']:.1f} | "
+                     f"{r['vision_tflops']:.4f} | {r['avg_vision_tokens']:.1f} | `{json.dumps(r['overrides'])}` |")
+    (out / "pareto.md").write_text("\n".join(lines) + "\n")
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
+    if ok:
+        plot_pareto(ok, out / "pareto.png", f"{name}: relative score vs vision TFLOPs",
+                    reference_lines={"blind": reference["blind_relative_score"]})
+    for path in out.iterdir():
+        parent.log_artifact(path, "pareto")
+    parent.log_metrics({"trials": len(summary["trials"]), "failed_trials": summary["failed"],
+                        "rejected_samples": summary["rejected"], "pareto_size": len(summary["pareto"]),
+                        "accelerator_hours": summary["accelerator_hours"], "wall_s": summary["wall_time_s"]}, step=0)
