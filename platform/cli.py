@@ -212,8 +212,9 @@ def tune_command(
             summary = run_tune(cfg, base, resume=resume, progress=progress)
     except TuneSetupError as e:
         _fail(str(e))
-    except KeyboardInterrupt:
-        _fail(f"interrupted; finished trials are kept. Continue with: hidrop tune {experiment} --resume")
+    except KeyboardInterrupt as e:
+        detail = f" ({e})" if str(e) else ""
+        _fail(f"sweep interrupted{detail}; finished trials are kept. Continue with: hidrop tune {experiment} --resume")
     _print_sweep(summary)
 
 

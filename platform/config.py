@@ -430,16 +430,27 @@ def names_a_field(dotted: str) -> bool:
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in nested dicts/lists. A mapping whose own keys contain dots (tune.space) is matched
+    greedily: `tune.space.schedule.stages.int` reaches the key "schedule.stages" under tune.space."""
     keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
+    node: Any = data
+    i = 0
+    while i < len(keys) - 1:
         if isinstance(node, list):
-            node = node[int(key)]
+            node = node[int(keys[i])]
+            i += 1
             continue
-        node = node.setdefault(key, {})
+        for j in range(len(keys) - 1, i, -1):  # the longest dotted key this mapping already has
+            joined = ".".join(keys[i:j])
+            if j - i > 1 and joined in node:
+                break
+        else:
+            joined, j = keys[i], i + 1
+        node = node.setdefault(joined, {})
         if not isinstance(node, (dict, list)):
-            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
-    last = keys[-1]
+            raise ConfigError(f"override {dotted!r}: {joined!r} is not a section")
+        i = j
+    last = keys[-1] if i == len(keys) - 1 else ".".join(keys[i:])
     if isinstance(node, list):
         node[int(last)] = value
     else:

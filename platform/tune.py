@@ -24,11 +24,16 @@ from typing import Any, Callable, Optional
 from hidrop_platform.config import ConfigError, ExperimentConfig, ScheduleSpec, flatten, validate_config, with_overrides
 
 OBJECTIVES = {"pareto": (["relative_score", "vision_tflops"], ["max", "min"]), "score": ("relative_score", "max")}
+OPTUNA_STREAK = 20  # rejected Optuna proposals in a row before a random valid point is enqueued for it
 REFERENCE_FILE, SWEEP_FILE, RUNS_DIR = "reference.json", "sweep.json", "trial_runs"
 
 
 class TuneSetupError(RuntimeError):
     """A sweep that cannot start or finish; one line for the user."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Tune stopped early (Ctrl+C, SIGTERM): its state is saved and `--resume` continues it."""
 
 
 # ---- building trial configs --------------------------------------------------------------------
@@ -54,13 +59,12 @@ def _budget_problem(cfg: ExperimentConfig) -> Optional[str]:
     if cfg.tune.objective != "score" or budget is None:
         return None
     tflops = cost_report(cfg.main_schedule, cfg.model.shape)["vision_tflops"]
-    return f"over the vision-TFLOPs budget ({tflops:.4f} > {budget:g})" if tflops > budget else None
+    return f"over the vision-TFLOPs budget of {budget:g}" if tflops > budget else None
 
 
 def _reason(err: Exception) -> str:
-    """A rejection reason with the trial's numbers stripped, so equal causes count together."""
-    text = str(err).removeprefix("trial: ")
-    return text.split(" (", 1)[0] if "budget" in text else text
+    """A rejection reason, as the config loader words it."""
+    return str(err).removeprefix("trial: ")
 
 
 # ---- the searcher: seeds first, then valid samples only ----------------------------------------
@@ -128,9 +132,9 @@ class ScheduleSearcher(_searcher_base()):
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(4, cfg.tune.num_samples // 4))
-            self.inner = OptunaSearch(space={k: _domain(d) for k, d in self.space.items()}, metric=metric, mode=mode,
-                                      sampler=sampler)
-        elif self.algorithm == "random":
+            space = OptunaSearch.convert_search_space({k: _domain(d) for k, d in self.space.items()})
+            self.inner = OptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler)
+        if self.algorithm in ("random", "optuna"):
             import numpy as np
 
             self.rng_state = np.random.default_rng(cfg.seed).bit_generator.state
@@ -167,18 +171,25 @@ class ScheduleSearcher(_searcher_base()):
         if self.algorithm == "grid":
             return self.grid[self.suggested - len_seeds_done(self)], None
         if self.algorithm == "random":
-            import numpy as np
-
-            rng = np.random.default_rng()
-            rng.bit_generator.state = self.rng_state
-            raw = {k: _domain(d).sample(random_state=rng) for k, d in self.space.items()}
-            self.rng_state = rng.bit_generator.state
-            return _decode(self.space, {k: (v[0] if isinstance(v, list) else v) for k, v in raw.items()}), None
+            return _decode(self.space, self._random_raw()), None
+        if attempt >= OPTUNA_STREAK:
+            # TPE ignores failed trials, so it can keep proposing the same impossible corner: hand it a
+            # random point to evaluate instead (it is told the result like any of its own)
+            self.inner._ot_study.enqueue_trial(self._random_raw())
         inner_id = f"{trial_id}~{attempt}"
         raw = self.inner.suggest(inner_id)
         if raw is None or raw == self.FINISHED:
             return None, None
         return _decode(self.space, raw), inner_id
+
+    def _random_raw(self) -> dict:
+        import numpy as np
+
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self.rng_state
+        raw = {k: _domain(d).sample(random_state=rng) for k, d in self.space.items()}
+        self.rng_state = rng.bit_generator.state
+        return {k: (v[0] if isinstance(v, list) else v) for k, v in raw.items()}
 
     def suggest(self, trial_id: str) -> Optional[dict]:
         if self.pending_seeds:
@@ -384,8 +395,12 @@ def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: f
 def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callable[[str], None]]) -> dict:
     """All-tokens and blind scores of the base model on the sweep's benchmarks, computed once per sweep."""
     path = sweep_dir / REFERENCE_FILE
+    key = json.loads(json.dumps({"model": cfg.model.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json"),
+                                 "seed": cfg.seed}))
     if path.is_file():
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:  # a sweep that did not start, run again with the same model and benchmarks
+            return cached
     from hidrop.schedule import vanilla
     from hidrop_platform.evaluate import EvalSetupError, build_model
 
@@ -409,7 +424,7 @@ def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callab
         "blind_scores": {b: e["score"] for b, e in rows["blind"]["benchmarks"].items()},
         "blind_relative_score": rows["blind"]["relative_score"],
         "vision_tflops": rows["all_tokens"]["vision_tflops"], "notes": report["notes"],
-        "samples": report["samples_evaluated"],
+        "samples": report["samples_evaluated"], "key": key,
     }
     path.write_text(json.dumps(ref, indent=2))
     del vlm
@@ -450,7 +465,7 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
     can_restore = tune.Tuner.can_restore(str(sweep_dir)) if sweep_dir.exists() else False
     if resume and not can_restore:
         raise TuneSetupError(f"nothing to resume at {sweep_dir} (no Tune state there)")
-    if not resume and sweep_dir.exists() and any(sweep_dir.iterdir()):
+    if not resume and can_restore:
         raise TuneSetupError(f"sweep {name!r} already exists at {sweep_dir}: pass --resume to continue it, "
                              "or set tune.name=... for a new one")
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -466,6 +481,10 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
             print(f"warning: {e}; the sweep continues and its runs are buffered locally", flush=True)
     sweep_file = sweep_dir / SWEEP_FILE
     sweep_state = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
+    if resume and "base" in sweep_state:  # a resumed sweep keeps the config it started with
+        base = sweep_state["base"]
+        cfg = validate_config(base, str(sweep_file))
+        s = cfg.tune
     spool_dir = str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool")
     parent = Tracker(uri, experiment, run_id=sweep_state.get("parent_run_id"), run_name=f"sweep:{name}",
                      spool_dir=spool_dir, enabled=cfg.tracking.enabled,
@@ -477,15 +496,15 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
         parent.log_config(cfg)
 
     try:
-        reference = _reference(cfg, sweep_dir, note)
-        parent.log_metrics({f"reference/{b}": v for b, v in reference["scores"].items()}
-                           | {f"blind/{b}": v for b, v in reference["blind_scores"].items()}, step=0)
-
         if not ray.is_initialized():
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(address=s.ray_address, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": _worker_env()})
         at_once, devices = _check_resources(cfg, ray.cluster_resources())
+        reference = _reference(cfg, sweep_dir, note)
+        parent.log_metrics({f"reference/{b}": v for b, v in reference["scores"].items()}
+                           | {f"blind/{b}": v for b, v in reference["blind_scores"].items()}, step=0)
+
         device_type = "gpu" if s.resources_per_trial.get("GPU", 0) > 0 else "cpu"
         ctx = {"base": base, "reference": reference, "sweep_dir": str(sweep_dir), "sweep": name,
                "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent.run_id,
@@ -517,6 +536,8 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
         grid = tuner.fit()
         wall = time.perf_counter() - start
         live = _searcher_of(tuner) or searcher
+        if len(grid) < live.total_trials or grid.num_terminated + grid.num_errors < len(grid):
+            raise SweepInterrupted(f"{grid.num_terminated + grid.num_errors} of {live.total_trials} trials finished")
         summary = _summarize(grid, reference, live, name, at_once, wall)
         _log_summary(parent, summary, sweep_dir, name, reference)
         parent.set_tags({"status": "finished"})

@@ -1,0 +1,325 @@
+"""Schedule search: the curve form against brute force, the searcher's validity guarantee and resume state,
+the Pareto front against a brute-force definition, and (slow) real Ray Tune sweeps on a tiny model with
+MLflow: one nested run per trial, a failing trial retried, an interrupted sweep resumed."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hidrop.schedule import ScheduleError, hidrop, keep_curve, pyramid, spread_layers
+from hidrop_dashboards.pareto import pareto_front
+from hidrop_platform.config import ConfigError, load_config, load_config_data, validate_config, with_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the curve form --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,layers", [("tok48", [10, 14, 16, 18]), ("tok64", [10, 14, 16, 18]), ("tok80", [10, 13, 16, 19])])
+def test_pyramid_reproduces_hidrop_from_its_average(variant, layers):
+    target = {"tok48": 48.0, "tok64": 64.0, "tok80": 80.03}[variant]
+    s = pyramid(32, 576, inject_layer=9, exit_layer=25, drop_layers=layers, avg_tokens=target, tail_keeps=[10, 5, 1])
+    assert s.tokens_per_layer() == hidrop(variant).tokens_per_layer()
+
+
+def test_avg_tokens_solver_matches_brute_force():
+    rng = random.Random(0)
+    for _ in range(40):
+        n_layers, n_vis = rng.randint(8, 32), rng.choice([16, 64, 196, 576])
+        inject = rng.randint(1, n_layers // 2)
+        exit_layer = rng.randint(inject + 3, n_layers + 1)
+        exit_layer = None if exit_layer > n_layers else exit_layer
+        end = n_layers + 1 if exit_layer is None else exit_layer
+        stages = rng.randint(1, min(4, end - 1 - inject))
+        decay = rng.uniform(0.05, 0.9)
+        kw = dict(inject_layer=inject, exit_layer=exit_layer, stages=stages, keep_decay=decay)
+        # brute force: every admissible first keep, the closest average (ties: the smaller keep)
+        options = []
+        for first in range(stages, n_vis):
+            try:
+                options.append(_with_first(n_layers, n_vis, first, **kw))
+            except ScheduleError:
+                continue
+        target = rng.uniform(min(o.avg_tokens() for o in options), max(o.avg_tokens() for o in options))
+        best = min(options, key=lambda o: (abs(o.avg_tokens() - target), o.keep_counts[0]))
+        got = pyramid(n_layers, n_vis, avg_tokens=target, **kw)
+        assert abs(got.avg_tokens() - target) == pytest.approx(abs(best.avg_tokens() - target))
+
+
+def _with_first(n_layers, n_vis, first, inject_layer, exit_layer, stages, keep_decay):
+    from hidrop.schedule import DropEvent, Schedule
+
+    end = n_layers + 1 if exit_layer is None else exit_layer
+    keeps = keep_curve(first, stages, keep_decay)
+    drops = tuple(DropEvent(after_layer=l, keep=k) for l, k in zip(spread_layers(inject_layer, end, stages), keeps))
+    return Schedule(num_layers=n_layers, num_vision_tokens=n_vis, inject_layer=inject_layer, exit_layer=exit_layer, drops=drops)
+
+
+def test_spread_layers_and_keep_curve_always_valid():
+    for inject, end, stages in itertools.product(range(1, 6), range(3, 12), range(0, 6)):
+        if stages > end - 1 - inject:
+            with pytest.raises(ScheduleError, match="do not fit"):
+                spread_layers(inject, end, stages)
+            continue
+        layers = spread_layers(inject, end, stages)
+        assert layers == sorted(set(layers)) and all(inject <= l <= end - 2 for l in layers)
+    for first, stages, decay in itertools.product([4, 9, 100], range(1, 5), [0.01, 0.3, 0.5, 0.99]):
+        if first < stages:
+            continue
+        keeps = keep_curve(first, stages, decay)
+        assert keeps[0] == first and all(a > b >= 1 for a, b in zip(keeps, keeps[1:]))
+
+
+def test_curve_errors_name_the_problem():
+    with pytest.raises(ScheduleError, match="avg_tokens=10 is unreachable"):
+        pyramid(32, 576, inject_layer=5, exit_layer=28, drop_layers=[10, 14, 16, 18], avg_tokens=10, tail_keeps=[10, 5, 1])
+    with pytest.raises(ScheduleError, match="exactly one of first_keep_ratio / avg_tokens"):
+        pyramid(32, 576, stages=2)
+    with pytest.raises(ScheduleError, match="tail_keeps has 1 entries"):
+        pyramid(32, 576, stages=3, first_keep_ratio=0.5, tail_keeps=[4])
+
+
+def _tiny(tmp_path, **tune) -> dict:
+    data = {
+        "name": "tiny_tune", "model": {"kind": "tiny_llava"},
+        "schedule": {"inject_layer": 2, "exit_layer": 7, "stages": 2, "first_keep_ratio": 0.5},
+        "eval": {"benchmarks": [{"name": "easy_vqa", "limit": 8}], "baselines": [], "batch_size": 8},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        "tune": {"algorithm": "random", "num_samples": 3, "seeds": ["vanilla"], "storage_path": str(tmp_path / "runs"),
+                 "space": {"schedule.inject_layer": {"int": [1, 6]}, "schedule.exit_layer": {"int": [3, 8]},
+                           "schedule.stages": {"int": [1, 3]}, "schedule.first_keep_ratio": {"float": [0.1, 0.9]}}},
+    }
+    data["tune"].update(tune)
+    return data
+
+
+def test_curve_form_in_yaml_and_config_errors(tmp_path):
+    cfg = validate_config(_tiny(tmp_path))
+    assert [d.after_layer for d in cfg.main_schedule.drops] == [2, 4] and cfg.main_schedule.keep_counts == [8, 4]
+    bad = [
+        ({"schedule": {"drops": [{"after_layer": 3, "keep": 4}], "stages": 1, "first_keep_ratio": 0.5}}, "not both"),
+        ({"tune": {"space": {"schedule.nope": {"int": [1, 2]}}}}, "does not name a config field"),
+        ({"tune": {"space": {"schedule.stages": {"int": [3, 1]}}}}, "low > high"),
+        ({"tune": {"space": {"schedule.stages": {"int": [1, 3], "choice": [1]}}}}, "exactly one of choice / int / float"),
+        ({"tune": {"algorithm": "grid", "space": {"schedule.first_keep_ratio": {"float": [0.1, 0.5]}}}}, "grid search needs"),
+        ({"tune": {"objective": "score"}}, "needs max_vision_tflops"),
+    ]
+    for patch, msg in bad:
+        data = _tiny(tmp_path)
+        for section, value in patch.items():
+            data[section] = {**data[section], **value} if section == "tune" else value
+        with pytest.raises(ConfigError, match=msg):
+            validate_config(data)
+
+
+def test_every_experiment_search_space_produces_valid_trials():
+    from hidrop_platform.tune import ScheduleSearcher, trial_config
+
+    searched = 0
+    for path in sorted((ROOT / "experiments").glob("*.yaml")):
+        base = load_config_data(path)
+        cfg = validate_config(base, str(path))
+        if not cfg.tune.space:
+            continue
+        searched += 1
+        searcher = ScheduleSearcher(base, cfg)
+        for i in range(len(cfg.tune.seeds) + 3):
+            s = searcher.suggest(f"t{i}")
+            trial_config(base, s["overrides"])
+            searcher.on_trial_complete(f"t{i}", result={"relative_score": 90.0, "vision_tflops": 0.1 * (i + 1)})
+    assert searched >= 2  # the mini-LLaVA search and the paper-scale one
+
+
+# ---- the searcher ----------------------------------------------------------------------------------
+
+def _suggest_all(searcher, limit=200):
+    out = []
+    for i in range(limit):
+        s = searcher.suggest(f"t{i}")
+        if s == searcher.FINISHED:
+            break
+        assert s is not None
+        out.append(s)
+        searcher.on_trial_complete(f"t{i}", result={"relative_score": 50.0 + i, "vision_tflops": 1.0 / (i + 1)})
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["random", "optuna"])
+def test_searcher_only_suggests_valid_schedules_and_counts_rejections(tmp_path, algorithm):
+    from hidrop_platform.tune import ScheduleSearcher, trial_config
+
+    base = _tiny(tmp_path, algorithm=algorithm, num_samples=12, seeds=["vanilla", "fastv"])
+    searcher = ScheduleSearcher(base, validate_config(base))
+    got = _suggest_all(searcher)
+    assert [s["label"] for s in got[:2]] == ["seed:vanilla", "seed:fastv"]
+    assert len(got) == 14 and len({s["label"] for s in got}) == 14
+    for s in got:  # each one validates; none is a leftover invalid sample
+        trial_config(base, s["overrides"])
+    # the space has many impossible corners (exit before inject, too many stages for the window)
+    assert sum(searcher.rejections.values()) > 0
+    assert any("exit_layer" in r or "do not fit" in r for r in searcher.rejections)
+
+
+def test_grid_enumerates_exactly_the_valid_points(tmp_path):
+    from hidrop_platform.tune import ScheduleSearcher
+
+    space = {"schedule.inject_layer": {"int": [1, 5]}, "schedule.exit_layer": {"choice": [4, 6, None]},
+             "schedule.stages": {"int": [1, 3]}, "schedule.first_keep_ratio": {"choice": [0.25, 0.75]}}
+    base = _tiny(tmp_path, algorithm="grid", space=space, seeds=[])
+    searcher = ScheduleSearcher(base, validate_config(base))
+    got = _suggest_all(searcher)
+    brute = 0
+    for inject, exit_layer, stages, ratio in itertools.product(range(1, 6), [4, 6, None], range(1, 4), [0.25, 0.75]):
+        data = with_overrides(base, {"schedule.inject_layer": inject, "schedule.exit_layer": exit_layer,
+                                     "schedule.stages": stages, "schedule.first_keep_ratio": ratio})
+        try:
+            validate_config(data)
+            brute += 1
+        except ConfigError:
+            pass
+    assert len(got) == brute and sum(searcher.rejections.values()) == 5 * 3 * 3 * 2 - brute
+
+
+def test_score_objective_rejects_schedules_over_the_budget_before_they_run(tmp_path):
+    from hidrop.cost import cost_report
+    from hidrop_platform.tune import ScheduleSearcher, trial_config
+
+    base = _tiny(tmp_path, objective="score", max_vision_tflops=1.5e-6, num_samples=6, seeds=[])
+    searcher = ScheduleSearcher(base, validate_config(base))
+    for s in _suggest_all(searcher):
+        cfg = trial_config(base, s["overrides"])
+        assert cost_report(cfg.main_schedule, cfg.model.shape)["vision_tflops"] <= 1.5e-6
+    assert any("budget" in r for r in searcher.rejections)
+
+
+@pytest.mark.parametrize("algorithm", ["random", "optuna"])
+def test_searcher_state_round_trip_continues_without_repeats(tmp_path, algorithm):
+    from hidrop_platform.tune import ScheduleSearcher
+
+    base = _tiny(tmp_path, algorithm=algorithm, num_samples=6, seeds=["vanilla", "pdrop"])
+    full = _suggest_all(ScheduleSearcher(base, validate_config(base)))
+    first = ScheduleSearcher(base, validate_config(base))
+    head = [first.suggest(f"t{i}") for i in range(3)]
+    for i in range(3):
+        first.on_trial_complete(f"t{i}", result={"relative_score": 50.0 + i, "vision_tflops": 1.0 / (i + 1)})
+    first.save(str(tmp_path / "state.json"))
+    second = ScheduleSearcher(base, validate_config(base))
+    second.restore(str(tmp_path / "state.json"))
+    tail = []
+    for i in range(3, 50):
+        s = second.suggest(f"t{i}")
+        if s == second.FINISHED:
+            break
+        tail.append(s)
+        second.on_trial_complete(f"t{i}", result={"relative_score": 50.0 + i, "vision_tflops": 1.0 / (i + 1)})
+    labels = [s["label"] for s in head + tail]
+    assert labels == [s["label"] for s in full] and len(set(labels)) == len(labels)
+    if algorithm == "random":  # the same stream of samples, as if never interrupted
+        assert [s["overrides"] for s in head + tail] == [s["overrides"] for s in full]
+
+
+# ---- the Pareto front ------------------------------------------------------------------------------
+
+def test_pareto_front_against_brute_force():
+    assert pareto_front([(90, 1.0), (80, 0.5), (85, 2.0), (90, 1.0), (70, 0.5)]) == [1, 0, 3]
+    rng = random.Random(1)
+    for _ in range(50):
+        pts = [(rng.choice([50, 60, 70, 80, 90]), rng.choice([0.1, 0.2, 0.3, 0.4])) for _ in range(rng.randint(1, 25))]
+        brute = {i for i, (s, c) in enumerate(pts)
+                 if not any((s2 >= s and c2 <= c) and (s2, c2) != (s, c) for s2, c2 in pts)}
+        assert set(pareto_front(pts)) == brute
+
+
+# ---- real sweeps (Ray Tune + MLflow) ---------------------------------------------------------------
+
+def _runs(db: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("tiny_tune")
+    return client.search_runs([exp.experiment_id], max_results=1000), client
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "hidrop_platform.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, **kw)
+
+
+@pytest.mark.slow
+def test_sweep_completes_with_one_nested_run_per_trial_and_a_failing_trial_retried(tmp_path):
+    exp = tmp_path / "tune.yaml"
+    exp.write_text(yaml.safe_dump(_tiny(tmp_path, seeds=["vanilla", "hidrop_tok64"], num_samples=3)))
+    proc = _cli("tune", str(exp), "--json", cwd=tmp_path, env={"HIDROP_TEST_FAIL_TRIAL": "trial-002"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    assert len(summary["trials"]) == 5 and summary["failed"] == 0
+    assert summary["pareto"] and set(summary["pareto"]) <= {t["label"] for t in summary["trials"]}
+    runs, client = _runs(tmp_path / "mlflow.db")
+    parent = [r for r in runs if r.data.tags.get("hidrop.kind") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("hidrop.kind") != "sweep"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in trials) == sorted(t["label"] for t in summary["trials"])
+    for r in trials:
+        assert r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id and r.info.status == "FINISHED"
+        assert {"relative_score", "vision_tflops", "avg_vision_tokens", "accelerator_hours"} <= set(r.data.metrics)
+    failed_once = next(r for r in trials if r.info.run_name == "trial-002")
+    assert failed_once.data.tags["attempts"] == "2"  # the retry logged into the same run
+    arts = {a.path for a in client.list_artifacts(parent[0].info.run_id, "pareto")}
+    assert {"pareto/pareto.png", "pareto/pareto.md", "pareto/sweep.json"} <= arts
+    # the vanilla seed is the reference itself
+    vanilla = next(t for t in summary["trials"] if t["label"] == "seed:vanilla")
+    assert vanilla["relative_score"] == pytest.approx(100.0)
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
+    exp = tmp_path / "tune.yaml"
+    exp.write_text(yaml.safe_dump(_tiny(tmp_path, seeds=["vanilla"], num_samples=5, max_concurrent=1)))
+    proc = subprocess.Popen([sys.executable, "-m", "hidrop_platform.cli", "tune", str(exp), "--json"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    runs_dir = tmp_path / "runs" / "tiny_tune" / "trial_runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(runs_dir.glob("*.json"))) < 3:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 2 and "--resume" in err, err[-2000:]
+    runs, _ = _runs(tmp_path / "mlflow.db")
+    done_before = {r.info.run_id for r in runs if r.info.status == "FINISHED" and r.data.tags.get("hidrop.kind") != "sweep"}
+    assert 1 <= len(done_before) < 6
+
+    again = _cli("tune", str(exp), "--resume", "--json", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs, client = _runs(tmp_path / "mlflow.db")
+    parents = [r for r in runs if r.data.tags.get("hidrop.kind") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("hidrop.kind") != "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    names = [r.info.run_name for r in trials]
+    assert len(names) == 6 and len(set(names)) == 6  # every trial exactly once
+    for r in trials:
+        assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        if r.info.run_id in done_before:  # finished before the interruption: not evaluated again
+            assert len(client.get_metric_history(r.info.run_id, "relative_score")) == 1
+
+
+def test_tune_cli_errors_are_one_line(tmp_path):
+    exp = tmp_path / "tune.yaml"
+    data = _tiny(tmp_path, resources_per_trial={"CPU": 1, "GPU": 1})
+    exp.write_text(yaml.safe_dump(data))
+    proc = _cli("tune", str(exp), "--resume", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("tune", str(exp), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and "asks for GPU=1 but the cluster has 0" in proc.stderr, proc.stderr[-2000:]
+    bad = _cli("tune", str(exp), "tune.space.schedule.stages.int=[3,1]", cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and "low > high" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
