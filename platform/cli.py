@@ -129,7 +129,21 @@ def train(
 
     cfg = _load(experiment, overrides)
     try:
-        result = run_training(cfg)
+        if as_json:
+            result = run_training(cfg)
+        else:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
+            with Progress(*columns, console=out) as bar:
+                task = bar.add_task(f"training {cfg.name}", total=None, stats="starting Ray workers...")
+
+                def progress(info: dict) -> None:
+                    bar.update(task, completed=info["step"], total=info["total"],
+                               stats=f"loss {info['loss']:.4f}  lr {info['lr']:.2e}  {info['samples_per_s']:.1f} samples/s")
+
+                result = run_training(cfg, progress=progress)
     except TrainSetupError as e:
         _fail(str(e))
     if as_json:

@@ -13,9 +13,10 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -24,6 +25,7 @@ from hidrop_platform.config import ExperimentConfig
 STATE_FILE = "hidrop_state.json"
 STOPPED_FILE = "stopped.txt"
 STEP_TIMES_FILE = "step_times.json"
+PROGRESS_FILE = "progress.json"
 DS_TAG = "deepspeed"
 
 
@@ -200,8 +202,7 @@ def train_worker(payload: dict) -> None:
                 if rank == 0:
                     if tracker.enabled:
                         tracker.log_metrics({**metrics, **system_metrics()}, step=step)
-                    print(f"[hidrop train] step {step}/{total} loss {loss:.4f} lr {metrics['lr']:.2e} "
-                          f"{metrics['samples_per_s']:.2f} samples/s", flush=True)
+                    _write_progress(payload["run_dir"], {"step": step, "total": total, **metrics})
                 window_samples = window_tokens = 0
                 window_start = now
             state.update(step=step, epoch=epoch, accel_seconds=accel_seconds)
@@ -254,6 +255,23 @@ class _ResumableSampler(torch.utils.data.Sampler):
         return len(self.base) - self.skip
 
 
+def _write_progress(run_dir: str, info: dict) -> None:
+    """Rank 0's latest step, for the driver's progress bar (worker stdout reaches the driver as log lines,
+    where a bar cannot redraw)."""
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{PROGRESS_FILE}.tmp"
+    tmp.write_text(json.dumps(info))
+    tmp.replace(folder / PROGRESS_FILE)
+
+
+def read_progress(run_dir: str | Path) -> Optional[dict]:
+    try:
+        return json.loads((Path(run_dir) / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _stop(payload: dict, message: str) -> None:
     """Tell the driver why the run stopped; it fails with this one line (no worker traceback)."""
     Path(payload["run_dir"]).mkdir(parents=True, exist_ok=True)
@@ -281,7 +299,8 @@ def _report_checkpoint(engine, state: dict, metrics: dict, rank: int) -> None:
 
 
 # ---- the driver ---------------------------------------------------------------------------------
-def run_training(cfg: ExperimentConfig, progress: bool = True) -> dict:
+def run_training(cfg: ExperimentConfig, progress: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run the Ray Train job; `progress(info)` is called about once a second with rank 0's latest step."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -316,11 +335,25 @@ def run_training(cfg: ExperimentConfig, progress: bool = True) -> dict:
     )
     stopped = storage / cfg.name / STOPPED_FILE
     stopped.unlink(missing_ok=True)
+    (storage / cfg.name / PROGRESS_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(1.0):
+            info = read_progress(storage / cfg.name)
+            if info is not None:
+                progress(info)
+
+    watcher = threading.Thread(target=poll, daemon=True) if progress else None
+    if watcher:
+        watcher.start()
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception
         raise TrainSetupError(_root_message(e)) from None
+    finally:
+        done.set()
     if stopped.is_file():
         raise TrainSetupError(stopped.read_text().strip())
     metrics = dict(result.metrics or {})

@@ -63,8 +63,10 @@ def _budget_problem(cfg: ExperimentConfig) -> Optional[str]:
 
 
 def _reason(err: Exception) -> str:
-    """A rejection reason, as the config loader words it."""
-    return str(err).removeprefix("trial: ")
+    """A rejection reason with the sample's numbers masked, so that one cause is counted once."""
+    import re
+
+    return re.sub(r"-?\d+(\.\d+)?(e-?\d+)?", "#", str(err).removeprefix("trial: "))
 
 
 # ---- the searcher: seeds first, then valid samples only ----------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -323,3 +324,22 @@ def test_tune_cli_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and "asks for GPU=1 but the cluster has 0" in proc.stderr, proc.stderr[-2000:]
     bad = _cli("tune", str(exp), "tune.space.schedule.stages.int=[3,1]", cwd=tmp_path, timeout=120)
     assert bad.returncode == 2 and "low > high" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_trained_sweep_finetunes_each_trial_under_asha(tmp_path):
+    data = _tiny(tmp_path, kind="trained", seeds=["vanilla"], num_samples=3, train_steps=4, eval_every=2)
+    data["train"] = {"stage": "finetune", "data": [{"name": "easy_vqa", "limit": 32}], "micro_batch_size": 4,
+                     "lr": 3.0e-3, "warmup_ratio": 0.0, "lr_schedule": "constant"}
+    exp = tmp_path / "tune.yaml"
+    exp.write_text(yaml.safe_dump(data))
+    proc = _cli("tune", str(exp), "--json", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    assert len(summary["trials"]) == 4 and summary["failed"] == 0
+    assert all(t["train_step"] in (2, 4) for t in summary["trials"])  # ASHA may stop a trial after its first evaluation
+    runs, client = _runs(tmp_path / "mlflow.db")
+    trials = [r for r in runs if r.data.tags.get("hidrop.kind") != "sweep"]
+    for r in trials:
+        losses = client.get_metric_history(r.info.run_id, "loss")
+        assert len(losses) >= 2 and all(math.isfinite(m.value) for m in losses)
