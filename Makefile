@@ -21,7 +21,8 @@ install: $(BIN)/.installed
 
 # The main job for now: validate the paper experiments, print their cost table, time prefill of
 # vanilla / FastV / PDrop / HiDrop on the mini-LLaVA shape (random weights), and evaluate them on the
-# real offline mini-LLaVA with the offline benchmarks.
+# real offline mini-LLaVA with the offline benchmarks, then a small schedule search on it (local Ray,
+# MLflow in ./mlruns; `hidrop ui` is not there yet: `mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`).
 demo: install
 	$(BIN)/hidrop validate experiments/llava15_7b_hidrop.yaml
 	$(BIN)/hidrop flops experiments/llava15_7b_vanilla.yaml experiments/llava15_7b_pdrop.yaml \
@@ -29,6 +30,8 @@ demo: install
 		experiments/llava15_7b_hidrop_tok48.yaml experiments/llava15_7b_hidrop_tok80.yaml
 	$(BIN)/hidrop bench prefill experiments/smollm2_hidrop.yaml
 	$(BIN)/hidrop eval experiments/mini_llava_eval.yaml eval.benchmarks.0.limit=48 eval.benchmarks.1.limit=4
+	$(BIN)/hidrop tune experiments/mini_llava_tune.yaml tune.num_samples=6 eval.benchmarks.0.limit=32 \
+		tune.name=demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -242,10 +242,11 @@ def _print_sweep(summary: dict) -> None:
         table.add_column(col, justify="left" if col in ("trial", "overrides") else "right")
     ok = sorted((r for r in rows if "relative_score" in r), key=lambda r: r["vision_tflops"])
     for r in ok:
-        overrides = ", ".join(f"{k.removeprefix('schedule.')}={v}" for k, v in r["overrides"].items()) if not r["seed"] else ""
+        overrides = ", ".join(f"{k.removeprefix('schedule.')}={v:.4g}" if isinstance(v, float) else f"{k.removeprefix('schedule.')}={v}"
+                              for k, v in r["overrides"].items()) if not r["seed"] else ""
         table.add_row(r["label"], "*" if r.get("pareto") else "", f"{r['relative_score']:.1f}",
                       *[f"{r['scores'].get(b, float('nan')):.1f}" for b in benches],
-                      f"{r['avg_vision_tokens']:.1f}", f"{r['vision_tflops']:.4f}", overrides[:80])
+                      f"{r['avg_vision_tokens']:.1f}", f"{r['vision_tflops']:.4g}", overrides)
     out.print(table)
     out.print(f"reference (all tokens): " + ", ".join(f"{b} {v:.1f}" for b, v in summary["reference_scores"].items())
               + f"; blind baseline: {summary['blind_relative_score']:.1f}% relative")
