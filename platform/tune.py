@@ -118,6 +118,7 @@ class ScheduleSearcher(_searcher_base()):
         self.space = cfg.tune.space
         self.max_rejections = cfg.tune.max_rejections
         self.pending_seeds = [seed_overrides(s) for s in cfg.tune.seeds]
+        self.num_seeds = len(self.pending_seeds)
         self.rejections: Counter = Counter()
         self.suggested = 0
         self.inner_ids: dict[str, str] = {}
@@ -143,7 +144,7 @@ class ScheduleSearcher(_searcher_base()):
 
     @property
     def total_trials(self) -> int:
-        return len(self.pending_seeds) + self.num_searched
+        return self.num_seeds + self.num_searched
 
     def _check(self, overrides: dict) -> Optional[str]:
         try:
