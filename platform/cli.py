@@ -257,6 +257,9 @@ def _print_sweep(summary: dict) -> None:
         out.print(f"[dim]rejected {count}x: {reason}[/]")
     for n in summary["notes"]:
         out.print(f"[yellow]note:[/] {n}")
+    out.print(f"{summary['valid_share'] * 100:.0f}% of uniformly random samples of the space are valid schedules")
+    if "best_under_budget" in summary:
+        out.print(f"best under the vision-TFLOPs budget: {summary['best_under_budget'] or 'none fits'}")
     out.print(f"Pareto front: {', '.join(summary['pareto'])}. Parent MLflow run {summary['parent_run_id']} "
               f"({summary['tracking_uri']}); plot and table in {summary['sweep_dir']}/summary")
 

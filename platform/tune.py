@@ -255,6 +255,21 @@ class ScheduleSearcher(_searcher_base()):
         self.set_state(json.loads(Path(checkpoint_path).read_text()))
 
 
+def valid_share(base: dict, cfg: ExperimentConfig, draws: int = 300) -> tuple[float, Counter]:
+    """The share of uniformly random samples of the space that make valid trials, with the reasons of
+    the rest: a space that is (almost) all impossible fails here, before any cluster time is spent."""
+    random_cfg = cfg.tune.model_copy(update={"algorithm": "random", "seeds": [], "num_samples": draws})
+    probe = ScheduleSearcher(base, cfg.model_copy(update={"tune": random_cfg}))
+    if not probe.space:
+        return 1.0, Counter()
+    reasons: Counter = Counter()
+    for _ in range(draws):
+        problem = probe._check(_decode(probe.space, probe._random_raw()))
+        if problem is not None:
+            reasons[problem] += 1
+    return 1.0 - sum(reasons.values()) / draws, reasons
+
+
 def len_seeds_done(searcher: ScheduleSearcher) -> int:
     return getattr(searcher, "_seeds_done", 0)
 
@@ -471,6 +486,10 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
     if not resume and can_restore:
         raise TuneSetupError(f"sweep {name!r} already exists at {sweep_dir}: pass --resume to continue it, "
                              "or set tune.name=... for a new one")
+    share, reasons = valid_share(base, cfg) if s.algorithm != "grid" else (1.0, Counter())
+    if share == 0.0:
+        raise TuneSetupError(f"tune.space: none of 300 random samples is a valid schedule (most often: "
+                             f"{reasons.most_common(1)[0][0]}); widen or fix the ranges")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     note = (lambda msg: progress(msg, 0, 0)) if progress else None
 
@@ -542,6 +561,10 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
         if len(grid) < live.total_trials or grid.num_terminated + grid.num_errors < len(grid):
             raise SweepInterrupted(f"{grid.num_terminated + grid.num_errors} of {live.total_trials} trials finished")
         summary = _summarize(grid, reference, live, name, at_once, wall)
+        summary["valid_share"] = share
+        if s.objective == "score":
+            fits = [r for r in summary["trials"] if "relative_score" in r and r["vision_tflops"] <= s.max_vision_tflops]
+            summary["best_under_budget"] = max(fits, key=lambda r: r["relative_score"])["label"] if fits else None
         _log_summary(parent, summary, sweep_dir, name, reference)
         parent.set_tags({"status": "finished"})
         parent.finish("FINISHED")

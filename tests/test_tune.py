@@ -343,3 +343,15 @@ def test_trained_sweep_finetunes_each_trial_under_asha(tmp_path):
     for r in trials:
         losses = client.get_metric_history(r.info.run_id, "loss")
         assert len(losses) >= 2 and all(math.isfinite(m.value) for m in losses)
+
+
+def test_an_all_impossible_space_fails_before_any_trial(tmp_path):
+    from hidrop_platform.tune import TuneSetupError, run_tune, valid_share
+
+    base = _tiny(tmp_path)
+    share, reasons = valid_share(base, validate_config(base))
+    assert 0.0 < share < 1.0 and reasons  # the tiny space mixes valid and impossible corners
+    base = _tiny(tmp_path, space={"schedule.exit_layer": {"int": [1, 2]}, "schedule.stages": {"int": [1, 2]}})
+    with pytest.raises(TuneSetupError, match="none of 300 random samples is a valid schedule"):
+        run_tune(validate_config(base), base)
+    assert not (tmp_path / "runs").exists()  # nothing was started
