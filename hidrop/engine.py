@@ -13,6 +13,8 @@ attention mask and RoPE tables, built once and sized to the stage.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hidrop.adapter import Backbone, ScheduleCache
 from hidrop.cost import paper_layer_macs
-from hidrop.schedule import PositionMode, QueryRule, Schedule, Selector
+from hidrop.schedule import DropEvent, PositionMode, QueryRule, Schedule, Selector
 from hidrop.selection import dtopk_soft_mask, straight_through
 
 IGNORE_INDEX = -100
@@ -87,23 +89,49 @@ class ScheduledModel(nn.Module):
         self.gradient_checkpointing = False
         # DTop-K with a learnable ratio: one keep fraction (of the original count) per filtering layer.
         n_vis = schedule.num_vision_tokens
+        # Stored as a fixed fp32 start plus a learned offset: mixed-precision trainers (DeepSpeed bf16)
+        # flatten every parameter into bf16, which would turn 453/576 into 452 tokens; a small offset
+        # keeps its relative precision in bf16, and the start is a buffer kept in fp32 (see _apply).
         if schedule.selector == Selector.dtopk_learnable and schedule.drops:
             init = torch.tensor([k / n_vis for k in schedule.keep_counts], dtype=torch.float32)
-            self.keep_fractions = nn.Parameter(init)
+            self.register_buffer("keep_fraction_init", init)
+            self.keep_fraction_delta = nn.Parameter(torch.zeros_like(init))
         else:
-            self.keep_fractions = None
+            self.keep_fraction_init = None
+            self.keep_fraction_delta = None
         # 0-indexed layer -> drop number, for the two scoring conventions
         self._score_self = {d.scored_by - 1: i for i, d in enumerate(schedule.drops) if d.scored_by == d.after_layer}
         self._score_next = {d.after_layer - 1: i for i, d in enumerate(schedule.drops) if d.scored_by != d.after_layer}
         self._drop_at = {d.after_layer: i for i, d in enumerate(schedule.drops)}  # 0-indexed first layer after
 
     def _apply(self, fn, *args, **kwargs):
-        # keep the learnable keep fractions in fp32: bf16 turns 453/576 into 452 tokens
-        saved = None if self.keep_fractions is None else self.keep_fractions.data.clone()
+        # module.to(bf16) / .bfloat16() must not round the fp32 start of the learnable keep fractions
+        saved = None if self.keep_fraction_init is None else self.keep_fraction_init.clone()
         result = super()._apply(fn, *args, **kwargs)
         if saved is not None:
-            self.keep_fractions.data = saved.to(self.keep_fractions.device)
+            self.keep_fraction_init = saved.to(self.keep_fraction_init.device)
         return result
+
+    def learned_schedule(self) -> Schedule:
+        """The schedule with the learned keep counts (rounded, still strictly decreasing and >= 1): what a
+        trained model exports. The schedule itself when its ratios are fixed."""
+        if self.keep_fraction_delta is None:
+            return self.schedule
+        n_vis, drops, previous = self.schedule.num_vision_tokens, [], self.schedule.num_vision_tokens
+        fractions = self._clamped_fractions().detach().cpu().tolist()
+        for i, (drop, f) in enumerate(zip(self.schedule.drops, fractions)):
+            room = len(self.schedule.drops) - i - 1  # later drops still need one token less each
+            keep = min(previous - 1, max(1 + room, int(math.floor(f * n_vis + 0.5))))
+            drops.append(DropEvent(after_layer=drop.after_layer, keep=keep, score_layer=drop.score_layer))
+            previous = keep
+        return Schedule.model_validate({**self.schedule.model_dump(), "drops": [d.model_dump() for d in drops]})
+
+    @property
+    def keep_fractions(self) -> Optional[torch.Tensor]:
+        """Learnable keep fractions (of the original count) per filtering layer, in fp32; None when fixed."""
+        if self.keep_fraction_delta is None:
+            return None
+        return self.keep_fraction_init.float() + self.keep_fraction_delta.float()
 
     # ---- public API --------------------------------------------------------------------------
     @property
@@ -208,7 +236,7 @@ class ScheduledModel(nn.Module):
         if self.keep_fractions is None:
             return None
         s, n_vis = self.schedule, self.schedule.num_vision_tokens
-        counts = [torch.tensor(float(n), device=self.keep_fractions.device) for n in s.tokens_per_layer()]
+        counts = [torch.tensor(float(n), device=self.keep_fraction_init.device) for n in s.tokens_per_layer()]
         fractions = self._clamped_fractions()
         for layer in range(s.num_layers):  # replace the fixed drop counts by the soft (learnable) ones
             if counts[layer] > 0:

@@ -199,6 +199,8 @@ def train_worker(payload: dict) -> None:
                     metrics["vision_tokens_kept"] = float(out["vision_tokens"])
                 if out["budget_loss"] is not None:
                     metrics["budget_loss"] = float(out["budget_loss"])
+                    for i, keep in enumerate(step_module.engine.learned_schedule().keep_counts):
+                        metrics[f"learned_keep/{i + 1}"] = float(keep)
                 if rank == 0:
                     if tracker.enabled:
                         tracker.log_metrics({**metrics, **system_metrics()}, step=step)
@@ -218,7 +220,8 @@ def train_worker(payload: dict) -> None:
                           if t.zero_stage == 3 else contextlib.nullcontext())
                 with gather:
                     if rank == 0:
-                        merged_lora_export(vlm, lambda: vlm.save(folder, schedule=schedule, weights=weights))
+                        learned = step_module.engine.learned_schedule()  # learnable keep ratios: what they became
+                        merged_lora_export(vlm, lambda: vlm.save(folder, schedule=learned, weights=weights))
                         tracker.log_artifact(folder, "model" if step == total else f"model/step-{step}")
             if step == fail_at and not resumed:
                 raise RuntimeError(f"injected failure at step {step} (HIDROP_TEST_FAIL_AT_STEP)")

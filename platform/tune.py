@@ -314,19 +314,17 @@ def _evaluate(cfg: ExperimentConfig, vlm, reference: dict) -> dict:
     return metrics
 
 
-def _trial_run_id(ctx: dict, trial_id: str) -> tuple[Optional[str], int]:
+def _trial_record(ctx: dict, trial_id: str) -> dict:
+    """What earlier attempts of this trial left: its MLflow run id, attempts, and its result once done."""
     path = Path(ctx["sweep_dir"]) / RUNS_DIR / f"{trial_id}.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return data.get("run_id"), int(data.get("attempts", 0))
-    return None, 0
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _save_trial_run(ctx: dict, trial_id: str, run_id: Optional[str], attempts: int) -> None:
+def _save_trial_record(ctx: dict, trial_id: str, record: dict) -> None:
     folder = Path(ctx["sweep_dir"]) / RUNS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{trial_id}.tmp"
-    tmp.write_text(json.dumps({"run_id": run_id, "attempts": attempts}))
+    tmp.write_text(json.dumps(record))
     tmp.replace(folder / f"{trial_id}.json")
 
 
@@ -340,13 +338,18 @@ def run_trial(config: dict, ctx: dict) -> None:
     torch.set_num_threads(max(1, int(ctx["threads"])))
     cfg = trial_config(ctx["base"], config["overrides"])
     trial_id = tune.get_context().get_trial_id()
-    run_id, attempts = _trial_run_id(ctx, trial_id)
-    attempts += 1
+    record = _trial_record(ctx, trial_id)
+    if "result" in record:
+        # finished before an interruption that Tune's state did not see: report it again, do not re-run it
+        tune.report(record["result"])
+        return
+    run_id, attempts = record.get("run_id"), int(record.get("attempts", 0)) + 1
     tracker = Tracker(ctx["tracking_uri"], ctx["experiment"], run_id=run_id, run_name=config["label"],
                       parent_run_id=ctx["parent_run_id"], spool_dir=ctx["spool_dir"], enabled=ctx["tracking"],
                       tags={"hidrop.sweep": ctx["sweep"], "hidrop.trial_id": trial_id, "hidrop.seed": str(config["seed"]),
                             "device_type": ctx["device_type"]}).start()
-    _save_trial_run(ctx, trial_id, tracker.run_id or run_id, attempts)
+    run_id = tracker.run_id or run_id
+    _save_trial_record(ctx, trial_id, {"run_id": run_id, "attempts": attempts})
     schedule = cfg.main_schedule
     start = time.perf_counter()
     try:
@@ -367,13 +370,21 @@ def run_trial(config: dict, ctx: dict) -> None:
             metrics["accelerator_hours"] = (time.perf_counter() - start) * devices / 3600
             metrics["wall_s"] = time.perf_counter() - start
             tracker.log_metrics(metrics, step=0)
-            tune.report(metrics)
+        # the result is kept before Tune hears of it: a trial Tune's saved state still calls running
+        # after an interruption is then reported again on resume, not evaluated again
+        _save_trial_record(ctx, trial_id, {"run_id": tracker.run_id or run_id, "attempts": attempts, "result": metrics})
         tracker.set_tags({"status": "finished"})
         tracker.finish("FINISHED")
+    except (KeyboardInterrupt, SystemExit):  # the sweep was interrupted, or ASHA stopped a trained trial
+        tracker.set_tags({"status": "stopped"})
+        tracker.finish("KILLED")
+        raise
     except BaseException as e:
         tracker.set_tags({"status": "failed", "error": str(e).splitlines()[0][:500] if str(e) else type(e).__name__})
         tracker.finish("FAILED")
         raise
+    if cfg.tune.kind != "trained":  # trained trials reported after every evaluation already
+        tune.report(metrics)  # outside the try: Tune stopping the sweep here does not undo a finished run
 
 
 def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: float) -> dict:

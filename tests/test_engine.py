@@ -230,7 +230,7 @@ def test_dtopk_learnable_ratio_gets_gradient_and_keeps_exact_topk():
     labels = ids.masked_fill((am == 0) | vis, -100)
     out = sm(ids, am, vision_embeds=feats, labels=labels)
     out.loss.backward()
-    assert sm.keep_fractions.grad is not None and sm.keep_fractions.grad.abs().sum() > 0
+    assert sm.keep_fraction_delta.grad is not None and sm.keep_fraction_delta.grad.abs().sum() > 0
     # the forward pass is the hard selection: identical to the released (fixed-ratio) selector
     fixed = ScheduledModel(sm.model, base, image_token_id=TINY_IMAGE_TOKEN)
     with torch.no_grad():
@@ -245,7 +245,7 @@ def test_budget_loss_pulls_keep_ratio_toward_target():
     sm = ScheduledModel(tiny_llama(), schedule, budget_target=1.0)
     loss = sm.budget_loss()
     loss.backward()
-    assert loss.item() > 0 and bool((sm.keep_fractions.grad > 0).all())  # gradient descent lowers the counts
+    assert loss.item() > 0 and bool((sm.keep_fraction_delta.grad > 0).all())  # gradient descent lowers the counts
     at_target = ScheduledModel(tiny_llama(), schedule)
     assert at_target.budget_loss().item() == pytest.approx(0.0, abs=1e-10)
 
@@ -273,7 +273,7 @@ def test_flops_budget_loss():
     sm = ScheduledModel(tiny_llama(), schedule, budget_kind="flops", budget_target=2.0)
     loss = sm.budget_loss()
     loss.backward()
-    assert loss.item() > 0 and bool((sm.keep_fractions.grad > 0).all())
+    assert loss.item() > 0 and bool((sm.keep_fraction_delta.grad > 0).all())
     at_target = ScheduledModel(tiny_llama(), schedule, budget_kind="flops")
     assert at_target.budget_loss().item() == pytest.approx(0.0, abs=1e-12)
 
@@ -283,6 +283,16 @@ def test_learnable_fractions_stay_fp32_under_bf16():
     sm = ScheduledModel(tiny_llama(), schedule).to(torch.bfloat16)
     assert sm.keep_fractions.dtype == torch.float32
     assert [round(float(f) * 576) for f in sm.keep_fractions.detach()] == schedule.keep_counts
+    # what DeepSpeed's bf16 optimizers do: every parameter becomes a view into one bf16 buffer
+    flat = torch.cat([p.detach().reshape(-1).bfloat16() for p in sm.parameters()])
+    offset = 0
+    for p in sm.parameters():
+        p.data = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    assert [round(float(f) * 576) for f in sm.keep_fractions.detach()] == schedule.keep_counts
+    with torch.no_grad():
+        sm.keep_fraction_delta.add_(torch.tensor(-3 / 576).bfloat16())  # a learned step of 3 tokens stays 3 tokens
+    assert [round(float(f) * 576) for f in sm.keep_fractions.detach()] == [k - 3 for k in schedule.keep_counts]
 
 
 def test_wrong_inputs_are_named():
@@ -297,3 +307,19 @@ def test_wrong_inputs_are_named():
         sm.generate(ends_with_image[None], vision_embeds=torch.randn(N_VIS, 64), max_new_tokens=2)
     with pytest.raises(ValueError, match="is for 8 layers but the model has 4"):
         ScheduledModel(tiny_llama(num_layers=4), _schedules()["hidrop"])
+
+
+def test_learned_schedule_exports_the_learned_keep_counts():
+    schedule = Schedule(num_layers=8, num_vision_tokens=576, inject_layer=2, exit_layer=8, selector=Selector.dtopk_learnable,
+                        drops=[{"after_layer": l, "keep": k} for l, k in ((3, 453), (4, 10), (5, 5), (6, 1))])
+    sm = ScheduledModel(tiny_llama(), schedule)
+    assert sm.learned_schedule() == schedule  # nothing learned yet
+    with torch.no_grad():  # the first stage learned to keep 40 fewer tokens, the others collapsed below 1
+        n = len(schedule.drops)
+        sm.keep_fraction_delta.copy_(torch.tensor([-40 / 576] + [-1.0] * (n - 1)))
+    learned = sm.learned_schedule()
+    k = schedule.keep_counts
+    assert n >= 3 and learned.keep_counts == [k[0] - 40, *range(n - 1, 0, -1)]  # clamped: still decreasing, >= 1
+    assert [d.after_layer for d in learned.drops] == [d.after_layer for d in schedule.drops]
+    fixed = preset("hidrop_tok64", 8, 576)
+    assert ScheduledModel(tiny_llama(), fixed).learned_schedule() is fixed
