@@ -264,6 +264,58 @@ def _print_sweep(summary: dict) -> None:
               f"({summary['tracking_uri']}); plot and table in {summary['sweep_dir']}/summary")
 
 
+@app.command("analyze")
+def analyze_command(
+    experiment: str = typer.Argument(..., help="experiment YAML (model, eval.benchmarks for calibration, analyze section)"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides, e.g. analyze.samples=16"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Layer diagnostics (S_intra, S_cross, ILVAS, exit and injection sweeps) and a proposed schedule."""
+    from hidrop_platform.analyze import AnalyzeSetupError, run_analyze
+    from hidrop_platform.config import ConfigError, load_config_data, validate_config
+
+    try:
+        base = load_config_data(experiment, overrides or [])
+        cfg = validate_config(base, experiment)
+    except ConfigError as e:
+        _fail(str(e))
+    try:
+        if as_json:
+            print(json.dumps(run_analyze(cfg, base), indent=2, default=str))
+            return
+        with out.status("analyzing...") as status:
+            result = run_analyze(cfg, base, progress=lambda msg: status.update(msg))
+    except AnalyzeSetupError as e:
+        _fail(str(e))
+    c, p = result["curves"], result["proposal"]
+    table = Table(title=f"{result['experiment']}: layer diagnostics on {c['samples']} samples "
+                        f"({result['wall_time_s']:.0f} s)")
+    sw = result["sweeps"]
+    cols = ["layer", "S_intra", "S_cross", "ILVAS (mean)"] + (["exit before L", "inject at L"] if sw else [])
+    for col in cols:
+        table.add_column(col, justify="right")
+    by_layer = dict(zip(sw["layers"], zip(sw["exit"], sw["inject"]))) if sw else {}
+    drops = {d["after_layer"] for d in p["schedule"]["drops"]}
+    for l in range(1, c["num_layers"] + 1):
+        ilvas = c["ilvas_mean"][l - 1]
+        mark = (" inj" if l == p["schedule"]["inject_layer"] else "") + (" exit" if l == p["schedule"]["exit_layer"] else "") + \
+               (" drop" if l in drops else "")
+        row = [f"L{l}{mark}", f"{c['s_intra'][l - 1]:.3f}", f"{c['s_cross'][l - 1]:.3f}", "-" if ilvas is None else f"{ilvas:.3f}"]
+        if sw:
+            e, j = by_layer.get(l, (None, None))
+            row += ["-" if e is None else f"{e:.1f}", "-" if j is None else f"{j:.1f}"]
+        table.add_row(*row)
+    out.print(table)
+    if sw:
+        out.print(f"all tokens {sw['all_tokens']:.1f}, blind {sw['blind']:.1f} ({sw['samples']} samples)")
+    if result["findings"]:
+        out.print(f"[bold]shallow layers:[/] {result['findings']['summary']}")
+    out.print(f"[bold green]proposed[/] {p['plan']} (avg {p['avg_tokens']:.2f} tokens)")
+    for key, reason in p["why"].items():
+        out.print(f"  {key}: {reason}", highlight=False)
+    out.print(f"experiment YAML: {result['output']}/proposed.yaml; curves: {result['output']}/curves.png")
+
+
 @bench_app.command("prefill")
 def bench_prefill(
     experiment: str = typer.Argument(..., help="experiment YAML (model shape, bench section)"),

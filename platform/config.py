@@ -338,6 +338,27 @@ class SweepConfig(BaseModel):
         return self
 
 
+class AnalyzeConfig(BaseModel):
+    """`hidrop analyze`: layer diagnostics on a calibration set drawn from eval.benchmarks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    samples: int = Field(default=32, gt=0)  # calibration samples for the layer curves
+    sweep_samples: int = Field(default=64, gt=0)  # per benchmark, for the exit / injection sweeps
+    sweeps: bool = True
+    sweep_stride: int = Field(default=1, gt=0)
+    ilvas_k: list[int] = Field(default_factory=lambda: [5, 20, 50])
+    ilvas_n: list[int] = Field(default_factory=lambda: [4, 8])
+    reference: Literal["gray", "shuffled"] = "gray"  # the reference image of S_cross
+    batch_size: int = Field(default=8, gt=0)
+    avg_tokens: Optional[float] = Field(default=None, gt=0)  # budget of the proposal; default 64/576 of the tokens
+    stages: int = Field(default=4, gt=0)
+    keep_decay: float = Field(default=0.5, gt=0, lt=1)
+    exit_tolerance: float = Field(default=2.0, ge=0)  # score points below all tokens that still count as the plateau
+    onset_fraction: float = Field(default=0.1, gt=0, lt=1)
+    output: str = "runs/analyze"
+
+
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -351,6 +372,7 @@ class ExperimentConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tune: SweepConfig = Field(default_factory=SweepConfig)
+    analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
     seed: int = 0
 
     @model_validator(mode="after")
