@@ -119,6 +119,7 @@ class ScheduleSearcher(_searcher_base()):
         self.max_rejections = cfg.tune.max_rejections
         self.pending_seeds = [seed_overrides(s) for s in cfg.tune.seeds]
         self.num_seeds = len(self.pending_seeds)
+        self.seeds_done = 0
         self.rejections: Counter = Counter()
         self.suggested = 0
         self.inner_ids: dict[str, str] = {}
@@ -172,7 +173,7 @@ class ScheduleSearcher(_searcher_base()):
     def _draw(self, trial_id: str, attempt: int) -> tuple[Optional[dict], Optional[str]]:
         """One raw sample (decoded to config values) and the inner searcher's id for it."""
         if self.algorithm == "grid":
-            return self.grid[self.suggested - len_seeds_done(self)], None
+            return self.grid[self.suggested - self.seeds_done], None
         if self.algorithm == "random":
             return _decode(self.space, self._random_raw()), None
         if attempt >= OPTUNA_STREAK:
@@ -198,9 +199,9 @@ class ScheduleSearcher(_searcher_base()):
         if self.pending_seeds:
             label, overrides = self.pending_seeds.pop(0)
             self.suggested += 1
-            self._seeds_done = getattr(self, "_seeds_done", 0) + 1
+            self.seeds_done += 1
             return {"label": label, "overrides": overrides, "seed": True}
-        if self.suggested - len_seeds_done(self) >= self.num_searched:
+        if self.suggested - self.seeds_done >= self.num_searched:
             return self.FINISHED
         for attempt in range(self.max_rejections):
             point, inner_id = self._draw(trial_id, attempt)
@@ -210,7 +211,7 @@ class ScheduleSearcher(_searcher_base()):
             if problem is None:
                 if inner_id is not None:
                     self.inner_ids[trial_id] = inner_id
-                number = self.suggested - len_seeds_done(self) + 1
+                number = self.suggested - self.seeds_done + 1
                 self.suggested += 1
                 return {"label": f"trial-{number:03d}", "overrides": point, "seed": False}
             self.rejections[problem] += 1
@@ -231,7 +232,7 @@ class ScheduleSearcher(_searcher_base()):
 
     def get_state(self) -> dict:
         state = {"pending_seeds": self.pending_seeds, "rejections": dict(self.rejections), "suggested": self.suggested,
-                 "seeds_done": len_seeds_done(self), "inner_ids": self.inner_ids, "rng_state": self.rng_state}
+                 "seeds_done": self.seeds_done, "inner_ids": self.inner_ids, "rng_state": self.rng_state}
         if self.inner is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 self.inner.save(os.path.join(tmp, "inner"))
@@ -241,7 +242,7 @@ class ScheduleSearcher(_searcher_base()):
     def set_state(self, state: dict) -> None:
         self.pending_seeds = [tuple(s) for s in state["pending_seeds"]]
         self.rejections = Counter(state["rejections"])
-        self.suggested, self._seeds_done = state["suggested"], state["seeds_done"]
+        self.suggested, self.seeds_done = state["suggested"], state["seeds_done"]
         self.inner_ids, self.rng_state = state["inner_ids"], state["rng_state"]
         if self.inner is not None and state.get("inner"):
             with tempfile.TemporaryDirectory() as tmp:
@@ -268,10 +269,6 @@ def valid_share(base: dict, cfg: ExperimentConfig, draws: int = 300) -> tuple[fl
         if problem is not None:
             reasons[problem] += 1
     return 1.0 - sum(reasons.values()) / draws, reasons
-
-
-def len_seeds_done(searcher: ScheduleSearcher) -> int:
-    return getattr(searcher, "_seeds_done", 0)
 
 
 # ---- one trial (runs in a Ray actor) -----------------------------------------------------------
@@ -548,7 +545,6 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
 
         searcher = ScheduleSearcher(base, cfg)
         total = searcher.total_trials
-        done = {"n": 0}
 
         callback = _ProgressCallback(progress, total)
         scheduler = None
