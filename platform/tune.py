@@ -648,6 +648,10 @@ def _summarize(grid, reference: dict, searcher: Optional[ScheduleSearcher], name
     }
 
 
+def _rounded(overrides: dict) -> dict:
+    return {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in overrides.items()}
+
+
 def _log_summary(parent, summary: dict, sweep_dir: Path, name: str, reference: dict) -> None:
     from hidrop_dashboards.pareto import plot_pareto
 
@@ -657,7 +661,7 @@ def _log_summary(parent, summary: dict, sweep_dir: Path, name: str, reference: d
     lines = ["| trial | on front | relative score | vision TFLOPs | avg tokens | schedule overrides |", "|---|---|---|---|---|---|"]
     for r in sorted(ok, key=lambda r: r["vision_tflops"]):
         lines.append(f"| {r['label']} | {'yes' if r.get('pareto') else ''} | {r['relative_score']:.1f} | "
-                     f"{r['vision_tflops']:.4f} | {r['avg_vision_tokens']:.1f} | `{json.dumps(r['overrides'])}` |")
+                     f"{r['vision_tflops']:.4g} | {r['avg_vision_tokens']:.1f} | `{json.dumps(_rounded(r['overrides']))}` |")
     (out / "pareto.md").write_text("\n".join(lines) + "\n")
     (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
     if ok:
