@@ -266,6 +266,12 @@ def propose(curves: dict, sweeps: Optional[dict], *, avg_tokens: float, stages: 
     inject = max(1, min(intra_layer, cross_onset))
     why["inject_layer"] = (f"S_intra's deepest dip in layers 2..{half} is at L{intra_layer}; S_cross reaches "
                            f"{onset_fraction:.0%} of its maximum at L{cross_onset}; the earlier of the two")
+    if sweeps is not None:  # the injection sweep measures directly what the two curves suggest
+        passive = passive_shallow_layers(sweeps, exit_tolerance)
+        if passive < inject:
+            inject = passive
+            why["inject_layer"] += (f"; but the injection sweep loses more than {exit_tolerance:g} points when the image "
+                                    f"arrives after L{passive}, so L{passive}")
     # exit: where the exit sweep reaches its plateau
     exit_layer: Optional[int] = None
     if sweeps is not None:

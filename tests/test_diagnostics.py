@@ -138,6 +138,10 @@ def test_proposal_from_constructed_curves():
     # a budget the window cannot reach: the nearest reachable average, and the reason says so
     p = propose(curves, sweeps, avg_tokens=0.5, stages=4)
     assert "unreachable" in p["why"]["keeps"] and p["avg_tokens"] > 0.5
+    # an injection sweep that already loses points at L3: the proposal injects no later than L2
+    strict = dict(sweeps, inject=[70.0, 50.0] + [40.0] * (len(sweeps["layers"]) - 2))
+    p = propose(curves, strict, avg_tokens=25.0)
+    assert p["schedule_fields"]["inject_layer"] == 2 and "injection sweep" in p["why"]["inject_layer"]
     # no sweep: vision stays to the end
     assert propose(curves, None, avg_tokens=12.0)["schedule_fields"].get("exit_layer") is None
 
