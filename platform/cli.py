@@ -23,10 +23,16 @@ def _fail(message: str) -> None:
 
 
 def _load(path: str, overrides: Optional[List[str]] = None):
-    from hidrop_platform.config import ConfigError, load_config
+    return _load_with_data(path, overrides)[0]
+
+
+def _load_with_data(path: str, overrides: Optional[List[str]] = None):
+    """(validated config, raw YAML mapping with the overrides): searches rebuild trial configs from the raw one."""
+    from hidrop_platform.config import ConfigError, load_config_data, validate_config
 
     try:
-        return load_config(path, overrides or [])
+        base = load_config_data(path, overrides or [])
+        return validate_config(base, path), base
     except ConfigError as e:
         _fail(str(e))
 
@@ -198,14 +204,9 @@ def tune_command(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Ray Tune search over schedules; every trial is an MLflow run under the sweep's parent run."""
-    from hidrop_platform.config import ConfigError, load_config_data, validate_config
     from hidrop_platform.tune import TuneSetupError, run_tune
 
-    try:
-        base = load_config_data(experiment, overrides or [])
-        cfg = validate_config(base, experiment)
-    except ConfigError as e:
-        _fail(str(e))
+    cfg, base = _load_with_data(experiment, overrides)
     try:
         if as_json:
             summary = run_tune(cfg, base, resume=resume)
@@ -272,13 +273,8 @@ def analyze_command(
 ):
     """Layer diagnostics (S_intra, S_cross, ILVAS, exit and injection sweeps) and a proposed schedule."""
     from hidrop_platform.analyze import AnalyzeSetupError, run_analyze
-    from hidrop_platform.config import ConfigError, load_config_data, validate_config
 
-    try:
-        base = load_config_data(experiment, overrides or [])
-        cfg = validate_config(base, experiment)
-    except ConfigError as e:
-        _fail(str(e))
+    cfg, base = _load_with_data(experiment, overrides)
     try:
         if as_json:
             print(json.dumps(run_analyze(cfg, base), indent=2, default=str))
