@@ -197,6 +197,23 @@ def _ensure_experiment(client: Any, tracking_uri: str, name: str, artifact_root:
         return found.experiment_id
 
 
+def close_if_running(tracking_uri: str, run_id: str, status: str, tags: dict) -> bool:
+    """End a run its own process could not end (e.g. a search trial whose actor was stopped from outside).
+    Returns True when it was still running; quietly False when the store cannot be reached."""
+    try:
+        client = _client(tracking_uri)
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        for key, value in tags.items():
+            client.set_tag(run_id, key, str(value))
+        client.set_terminated(run_id, status=status)
+        return True
+    except Exception as err:  # noqa: BLE001 - the sweep's result must not depend on the tracking store
+        if _is_unreachable(err):
+            return False
+        raise
+
+
 def prepare(tracking_uri: str, experiment: str, artifact_root: Optional[str] = None) -> str:
     """Create the store and experiment once, on the driver, before workers start; returns the experiment id.
 

@@ -349,6 +349,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     _save_trial_record(ctx, trial_id, {"run_id": run_id, "attempts": attempts})
     schedule = cfg.main_schedule
     start = time.perf_counter()
+    reported: dict = {}  # the last evaluation a trained trial reported to Tune
     try:
         tracker.set_tags({"attempts": attempts, "status": "running"})
         params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}
@@ -361,7 +362,7 @@ def run_trial(config: dict, ctx: dict) -> None:
             raise RuntimeError(f"injected failure in {config['label']} (HIDROP_TEST_FAIL_TRIAL)")
         devices = float(ctx["devices_per_trial"])
         if cfg.tune.kind == "trained":
-            metrics = _trained(cfg, ctx, tracker, start, devices)
+            metrics = _trained(cfg, ctx, tracker, start, devices, reported)
         else:
             metrics = _evaluate(cfg, _trial_model(cfg, fresh=False), ctx["reference"])
             metrics["accelerator_hours"] = (time.perf_counter() - start) * devices / 3600
@@ -373,8 +374,12 @@ def run_trial(config: dict, ctx: dict) -> None:
         tracker.set_tags({"status": "finished"})
         tracker.finish("FINISHED")
     except (KeyboardInterrupt, SystemExit):  # the sweep was interrupted, or ASHA stopped a trained trial
-        tracker.set_tags({"status": "stopped"})
-        tracker.finish("KILLED")
+        if reported:  # it has evaluated results: stopping early is an outcome, not a failure
+            tracker.set_tags({"status": "stopped_early"})
+            tracker.finish("FINISHED")
+        else:
+            tracker.set_tags({"status": "stopped"})
+            tracker.finish("KILLED")
         raise
     except BaseException as e:
         tracker.set_tags({"status": "failed", "error": str(e).splitlines()[0][:500] if str(e) else type(e).__name__})
@@ -384,7 +389,7 @@ def run_trial(config: dict, ctx: dict) -> None:
         tune.report(metrics)  # outside the try: Tune stopping the sweep here does not undo a finished run
 
 
-def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: float) -> dict:
+def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: float, reported: dict) -> dict:
     """A short finetune with the schedule active, evaluated every `eval_every` steps (ASHA stops the
     weak ones early). Single process: nesting Ray Train groups inside trials leaks placement groups
     when ASHA stops them (ray-project/ray#54305)."""
@@ -412,6 +417,7 @@ def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: f
             metrics.update(train_step=info["step"], loss=info["loss"], wall_s=time.perf_counter() - start,
                            accelerator_hours=(time.perf_counter() - start) * devices / 3600)
             tracker.log_metrics(metrics, step=info["step"])
+            reported.update(metrics)
             tune.report(metrics)  # ASHA may stop the trial here
     return metrics
 
@@ -546,7 +552,7 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
         searcher = ScheduleSearcher(base, cfg)
         total = searcher.total_trials
 
-        callback = _ProgressCallback(progress, total)
+        callback = _ProgressCallback(progress, total, ctx)
         scheduler = None
         if s.kind == "trained":
             scheduler = ASHAScheduler(time_attr="training_iteration", metric="relative_score", mode="max",
@@ -590,18 +596,30 @@ def _callback_base():
 
 
 class _ProgressCallback(_callback_base()):
-    """Counts finished trials for the CLI's bar. Tune pickles its run config: the bar is not carried."""
+    """Counts finished trials for the CLI's bar, and ends the MLflow run of a trial stopped from outside
+    (ASHA stops a trained trial's actor: its own code never gets to end the run). Tune pickles its run
+    config: the bar is not carried."""
 
-    def __init__(self, progress: Optional[Callable[[str, int, int], None]], total: int):
-        self.progress, self.total, self.done = progress, total, 0
+    def __init__(self, progress: Optional[Callable[[str, int, int], None]], total: int, ctx: Optional[dict] = None):
+        self.progress, self.total, self.done, self.ctx = progress, total, 0, ctx
 
     def __getstate__(self) -> dict:
-        return {"progress": None, "total": self.total, "done": 0}
+        return {"progress": None, "total": self.total, "done": 0, "ctx": self.ctx}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
+        self._close_run(trial.trial_id)
         if self.progress:
             self.progress(trial.config.get("label", trial.trial_id), self.done, self.total)
+
+    def _close_run(self, trial_id: str) -> None:
+        if not self.ctx or not self.ctx["tracking"]:
+            return
+        from hidrop_platform.tracking import close_if_running
+
+        run_id = _trial_record(self.ctx, trial_id).get("run_id")
+        if run_id:  # still running here means stopped early after a reported evaluation
+            close_if_running(self.ctx["tracking_uri"], run_id, "FINISHED", {"status": "stopped_early"})
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.on_trial_complete(iteration, trials, trial)

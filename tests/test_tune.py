@@ -341,7 +341,7 @@ def test_trained_sweep_finetunes_each_trial_under_asha(tmp_path):
     runs, client = _runs(tmp_path / "mlflow.db")
     trials = [r for r in runs if r.data.tags.get("hidrop.kind") != "sweep"]
     for r in trials:
-        assert r.info.status in ("FINISHED", "KILLED") and r.data.tags["status"] in ("finished", "stopped")
+        assert r.info.status == "FINISHED" and r.data.tags["status"] in ("finished", "stopped_early")
         losses = client.get_metric_history(r.info.run_id, "loss")
         assert len(losses) >= 2 and all(math.isfinite(m.value) for m in losses)
 
