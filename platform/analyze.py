@@ -19,8 +19,7 @@ class AnalyzeSetupError(RuntimeError):
 def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[str], None]] = None, vlm=None) -> dict:
     from hidrop.diagnostics import default_budget, layer_curves, passive_shallow_layers, propose, run_sweeps
     from hidrop.evaluation.harness import EvalError
-    from hidrop.evaluation.registry import get_benchmark
-    from hidrop_platform.evaluate import EvalSetupError, build_model
+    from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
 
     a = cfg.analyze
     say = progress or (lambda msg: None)
@@ -29,8 +28,7 @@ def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[
         say(f"loading {cfg.model.kind} model")
         vlm = vlm or build_model(cfg)
         calibration = []
-        for spec in cfg.eval.benchmarks:  # the calibration set: image samples of the experiment's benchmarks
-            bench = get_benchmark(spec.name, limit=a.samples, seed=cfg.seed, **spec.options)
+        for bench in benchmarks_for(cfg, limit=a.samples):  # the calibration set: the benchmarks' image samples
             bench = bench.for_grid(vlm.grid) if hasattr(bench, "for_grid") and vlm.grid else bench
             calibration += [s for s in bench.samples() if s.has_image]
         calibration = calibration[:a.samples]
@@ -39,7 +37,7 @@ def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[
                               batch_size=a.batch_size)
         sweeps = None
         if a.sweeps:
-            benches = [get_benchmark(spec.name, limit=a.sweep_samples, seed=cfg.seed, **spec.options) for spec in cfg.eval.benchmarks]
+            benches = benchmarks_for(cfg, limit=a.sweep_samples)
             say(f"exit and injection sweeps ({2 * len(range(2, vlm.num_layers + 1, a.sweep_stride))} schedules)")
             sweeps = run_sweeps(vlm, benches, stride=a.sweep_stride, mode=cfg.eval.mode, batch_size=cfg.eval.batch_size,
                                 seed=cfg.seed, progress=lambda done, total, label: say(f"sweeps: batch {done}/{total}"))

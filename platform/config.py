@@ -423,13 +423,14 @@ class ExperimentConfig(BaseModel):
 
 def names_a_field(dotted: str) -> bool:
     """Whether `a.b.c` names a field of ExperimentConfig (list items by index; free-form dicts accept any key)."""
+    import types
     import typing
 
     node: Any = ExperimentConfig
     for part in dotted.split("."):
         while True:  # unwrap Optional[...] / list[...] / dict[...]
             origin = typing.get_origin(node)
-            if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            if origin in (typing.Union, types.UnionType):
                 node = next(a for a in typing.get_args(node) if a is not type(None))
             elif origin in (list, tuple):
                 if not part.isdigit():

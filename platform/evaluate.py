@@ -62,18 +62,24 @@ def build_model(cfg: ExperimentConfig, device: Optional[str] = None):
     return vlm
 
 
+def benchmarks_for(cfg: ExperimentConfig, limit: Optional[int] = None) -> list:
+    """The experiment's `eval.benchmarks`, built with its seed; `limit` replaces each one's own limit."""
+    from hidrop.evaluation.registry import get_benchmark
+
+    try:
+        return [get_benchmark(b.name, limit=limit or b.limit, seed=cfg.seed, **b.options) for b in cfg.eval.benchmarks]
+    except (KeyError, TypeError, ValueError) as e:  # unknown benchmark or option
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise EvalSetupError(f"eval.benchmarks: {msg}") from None
+
+
 def run_eval(cfg: ExperimentConfig, progress: Optional[Callable[[int, int, str], None]] = None, vlm=None) -> dict:
     from hidrop.evaluation.harness import EvalError, evaluate
-    from hidrop.evaluation.registry import get_benchmark
 
     torch.manual_seed(cfg.seed)
     vlm = vlm or build_model(cfg)
     schedules = cfg.schedules() if cfg.eval.include_compare else [cfg.main_schedule]
-    try:
-        benchmarks = [get_benchmark(b.name, limit=b.limit, seed=cfg.seed, **b.options) for b in cfg.eval.benchmarks]
-    except (KeyError, TypeError, ValueError) as e:  # unknown benchmark or option
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        raise EvalSetupError(f"eval.benchmarks: {msg}") from None
+    benchmarks = benchmarks_for(cfg)
     try:
         report = evaluate(
             vlm, schedules, benchmarks,

@@ -21,7 +21,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ray.tune import Callback
+from ray.tune.search import Searcher
+
 from hidrop_platform.config import ConfigError, ExperimentConfig, ScheduleSpec, flatten, validate_config, with_overrides
+from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
 
 OBJECTIVES = {"pareto": (["relative_score", "vision_tflops"], ["max", "min"]), "score": ("relative_score", "max")}
 OPTUNA_STREAK = 20  # rejected Optuna proposals in a row before a random valid point is enqueued for it
@@ -97,13 +101,7 @@ def _decode(space: dict, raw: dict) -> dict:
     return out
 
 
-def _searcher_base():
-    from ray.tune.search import Searcher
-
-    return Searcher
-
-
-class ScheduleSearcher(_searcher_base()):
+class ScheduleSearcher(Searcher):
     """Suggests seed schedules first, then samples of `tune.space` from grid / random / Optuna.
 
     Every suggestion is turned into a trial config and validated here; an impossible schedule (or one
@@ -119,7 +117,6 @@ class ScheduleSearcher(_searcher_base()):
         self.max_rejections = cfg.tune.max_rejections
         self.pending_seeds = [seed_overrides(s) for s in cfg.tune.seeds]
         self.num_seeds = len(self.pending_seeds)
-        self.seeds_done = 0
         self.rejections: Counter = Counter()
         self.suggested = 0
         self.inner_ids: dict[str, str] = {}
@@ -142,6 +139,10 @@ class ScheduleSearcher(_searcher_base()):
             import numpy as np
 
             self.rng_state = np.random.default_rng(cfg.seed).bit_generator.state
+
+    @property
+    def seeds_done(self) -> int:
+        return self.num_seeds - len(self.pending_seeds)
 
     @property
     def total_trials(self) -> int:
@@ -199,7 +200,6 @@ class ScheduleSearcher(_searcher_base()):
         if self.pending_seeds:
             label, overrides = self.pending_seeds.pop(0)
             self.suggested += 1
-            self.seeds_done += 1
             return {"label": label, "overrides": overrides, "seed": True}
         if self.suggested - self.seeds_done >= self.num_searched:
             return self.FINISHED
@@ -232,7 +232,7 @@ class ScheduleSearcher(_searcher_base()):
 
     def get_state(self) -> dict:
         state = {"pending_seeds": self.pending_seeds, "rejections": dict(self.rejections), "suggested": self.suggested,
-                 "seeds_done": self.seeds_done, "inner_ids": self.inner_ids, "rng_state": self.rng_state}
+                 "inner_ids": self.inner_ids, "rng_state": self.rng_state}
         if self.inner is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 self.inner.save(os.path.join(tmp, "inner"))
@@ -242,7 +242,7 @@ class ScheduleSearcher(_searcher_base()):
     def set_state(self, state: dict) -> None:
         self.pending_seeds = [tuple(s) for s in state["pending_seeds"]]
         self.rejections = Counter(state["rejections"])
-        self.suggested, self.seeds_done = state["suggested"], state["seeds_done"]
+        self.suggested = state["suggested"]
         self.inner_ids, self.rng_state = state["inner_ids"], state["rng_state"]
         if self.inner is not None and state.get("inner"):
             with tempfile.TemporaryDirectory() as tmp:
@@ -277,8 +277,6 @@ _MODEL_CACHE: dict[str, Any] = {}  # training-free trials in a reused actor shar
 
 
 def _trial_model(cfg: ExperimentConfig, fresh: bool):
-    from hidrop_platform.evaluate import build_model
-
     key = json.dumps([cfg.model.model_dump(mode="json"), cfg.seed])
     if fresh:
         return build_model(cfg)
@@ -288,13 +286,11 @@ def _trial_model(cfg: ExperimentConfig, fresh: bool):
     return _MODEL_CACHE[key]
 
 
-def _evaluate(cfg: ExperimentConfig, vlm, reference: dict) -> dict:
-    """Metrics of the trial's schedule, relative to the sweep's reference."""
+def _evaluate(cfg: ExperimentConfig, vlm, reference: dict, benches: list) -> dict:
+    """Metrics of the trial's schedule on `benches`, relative to the sweep's reference."""
     from hidrop.evaluation.harness import evaluate
-    from hidrop.evaluation.registry import get_benchmark
 
     schedule = cfg.main_schedule
-    benches = [get_benchmark(b.name, limit=b.limit, seed=cfg.seed, **b.options) for b in cfg.eval.benchmarks]
     report = evaluate(vlm, [schedule], benches, baselines=[], mode=cfg.eval.mode, batch_size=cfg.eval.batch_size,
                       max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed,
                       reference_scores=None if schedule.is_vanilla() else reference["scores"])
@@ -364,7 +360,7 @@ def run_trial(config: dict, ctx: dict) -> None:
         if cfg.tune.kind == "trained":
             metrics = _trained(cfg, ctx, tracker, start, devices, reported)
         else:
-            metrics = _evaluate(cfg, _trial_model(cfg, fresh=False), ctx["reference"])
+            metrics = _evaluate(cfg, _trial_model(cfg, fresh=False), ctx["reference"], benchmarks_for(cfg))
             metrics["accelerator_hours"] = (time.perf_counter() - start) * devices / 3600
             metrics["wall_s"] = time.perf_counter() - start
             tracker.log_metrics(metrics, step=0)
@@ -407,13 +403,14 @@ def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: f
         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
         budget_weight=t.budget_weight, seed=cfg.seed,
     )
+    benches = benchmarks_for(cfg)  # built once: the trial evaluates every eval_every steps
     metrics: dict = {}
     for info in loop:
         if not math.isfinite(info["loss"]):
             raise RuntimeError(f"loss is {info['loss']} at step {info['step']}")
         tracker.log_metrics({"loss": info["loss"]}, step=info["step"])
         if info["step"] % s.eval_every == 0 or info["step"] == s.train_steps:
-            metrics = _evaluate(cfg, vlm, ctx["reference"])
+            metrics = _evaluate(cfg, vlm, ctx["reference"], benches)
             metrics.update(train_step=info["step"], loss=info["loss"], wall_s=time.perf_counter() - start,
                            accelerator_hours=(time.perf_counter() - start) * devices / 3600)
             tracker.log_metrics(metrics, step=info["step"])
@@ -434,16 +431,14 @@ def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callab
         if cached.get("key") == key:  # a sweep that did not start, run again with the same model and benchmarks
             return cached
     from hidrop.schedule import vanilla
-    from hidrop_platform.evaluate import EvalSetupError, build_model
 
     if progress:
         progress("evaluating the unpruned reference")
     from hidrop.evaluation.harness import EvalError, evaluate
-    from hidrop.evaluation.registry import get_benchmark
 
     try:
         vlm = build_model(cfg)
-        benches = [get_benchmark(b.name, limit=b.limit, seed=cfg.seed, **b.options) for b in cfg.eval.benchmarks]
+        benches = benchmarks_for(cfg)
         shape = cfg.model.shape
         report = evaluate(vlm, [vanilla(shape.num_layers, shape.num_vision_tokens)], benches, baselines=["blind"],
                           mode=cfg.eval.mode, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
@@ -589,13 +584,7 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
         raise
 
 
-def _callback_base():
-    from ray.tune import Callback
-
-    return Callback
-
-
-class _ProgressCallback(_callback_base()):
+class _ProgressCallback(Callback):
     """Counts finished trials for the CLI's bar, and ends the MLflow run of a trial stopped from outside
     (ASHA stops a trained trial's actor: its own code never gets to end the run). Tune pickles its run
     config: the bar is not carried."""
