@@ -19,19 +19,11 @@ $(BIN)/.installed: pyproject.toml constraints/cpu.txt
 
 install: $(BIN)/.installed
 
-# The main job for now: validate the paper experiments, print their cost table, time prefill of
-# vanilla / FastV / PDrop / HiDrop on the mini-LLaVA shape (random weights), and evaluate them on the
-# real offline mini-LLaVA with the offline benchmarks, then a small schedule search on it (local Ray,
-# MLflow in ./mlruns; `hidrop ui` is not there yet: `mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`).
+# The main job: `hidrop demo` on embedded defaults (local Ray, MLflow in ./mlruns, the offline mini-LLaVA
+# with its trained projector, offline benchmarks): paper presets + a small schedule search, two short
+# trainings, the report in reports/demo. Then `.venv/bin/hidrop ui` to browse. DEMO_ARGS=--size=small|large
 demo: install
-	$(BIN)/hidrop validate experiments/llava15_7b_hidrop.yaml
-	$(BIN)/hidrop flops experiments/llava15_7b_vanilla.yaml experiments/llava15_7b_pdrop.yaml \
-		experiments/llava15_7b_fastv.yaml experiments/llava15_7b_hidrop.yaml \
-		experiments/llava15_7b_hidrop_tok48.yaml experiments/llava15_7b_hidrop_tok80.yaml
-	$(BIN)/hidrop bench prefill experiments/smollm2_hidrop.yaml
-	$(BIN)/hidrop eval experiments/mini_llava_eval.yaml eval.benchmarks.0.limit=48 eval.benchmarks.1.limit=4
-	$(BIN)/hidrop tune experiments/mini_llava_tune.yaml tune.num_samples=6 eval.benchmarks.0.limit=32 \
-		tune.name=demo-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/hidrop demo $(DEMO_ARGS)
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_model as load_safetensors_into, save_model as save_safetensors_from
+from safetensors.torch import load_model as load_safetensors_into, save_file as save_safetensors_file
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -323,15 +323,33 @@ class VisionLanguageModel:
             config = {FORMAT_KEY: meta, "text_config": self.model.lm.config.to_dict()}
             (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
             if weights == "projector":
-                save_safetensors_from(self.model.projector, str(folder / PROJECTOR_FILE))
+                save_module(self.model.projector, folder / PROJECTOR_FILE)
                 return folder  # tokenizer and LM come from the packaged SmolLM2
-            save_safetensors_from(self.model, str(folder / WEIGHTS_FILE))  # handles SmolLM2's tied embeddings
+            save_module(self.model, folder / WEIGHTS_FILE)
         else:
             self.model.config.update({FORMAT_KEY: meta})
             self.model.save_pretrained(folder)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
         return folder
+
+
+def save_module(module: nn.Module, path: str | Path) -> None:
+    """A module's state dict as safetensors, readable by `safetensors.torch.load_model`.
+
+    Unlike `safetensors.torch.save_model` this accepts parameters that are views into a larger buffer:
+    DeepSpeed ZeRO-1/2 points the trainable ones at slices of one flat tensor, so a mid-training export
+    copies them (the live parameters stay untouched). Tied weights (SmolLM2's embeddings) are saved once.
+    """
+    state, seen = {}, set()
+    for name, tensor in module.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key in seen:  # the same tensor under a second name: load_model restores the tie
+            continue
+        seen.add(key)
+        whole = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        state[name] = tensor.detach() if whole else tensor.detach().clone().contiguous()
+    save_safetensors_file(state, str(path), metadata={"format": "pt"})
 
 
 def load_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> VisionLanguageModel:

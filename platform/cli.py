@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -249,7 +250,7 @@ def _print_sweep(summary: dict) -> None:
                       *[f"{r['scores'].get(b, float('nan')):.1f}" for b in benches],
                       f"{r['avg_vision_tokens']:.1f}", f"{r['vision_tflops']:.4g}", overrides)
     out.print(table)
-    out.print(f"reference (all tokens): " + ", ".join(f"{b} {v:.1f}" for b, v in summary["reference_scores"].items())
+    out.print("reference (all tokens): " + ", ".join(f"{b} {v:.1f}" for b, v in summary["reference_scores"].items())
               + f"; blind baseline: {summary['blind_relative_score']:.1f}% relative")
     for r in rows:
         if r["status"] == "error":
@@ -310,6 +311,169 @@ def analyze_command(
     for key, reason in p["why"].items():
         out.print(f"  {key}: {reason}", highlight=False)
     out.print(f"experiment YAML: {result['output']}/proposed.yaml; curves: {result['output']}/curves.png")
+
+
+def _report_source(experiment: str, tracking_uri: Optional[str]) -> tuple[str, str]:
+    """(tracking URI, MLflow experiment name) from a name or an experiment YAML's tracking section."""
+    from hidrop_platform.tracking import default_tracking_uri
+
+    if experiment.endswith((".yaml", ".yml")):
+        cfg = _load(experiment)
+        return tracking_uri or cfg.tracking.uri or default_tracking_uri(), cfg.tracking.experiment or cfg.name
+    return tracking_uri or default_tracking_uri(), experiment
+
+
+@app.command("report")
+def report_command(
+    experiment: str = typer.Argument(..., help="MLflow experiment name (e.g. demo), or an experiment YAML"),
+    sweep: Optional[str] = typer.Option(None, help="which sweep (tune.name); default: the newest finished one"),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="output folder (default: reports/<experiment>)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="default: the local store ./mlruns/mlflow.db"),
+    publish: bool = typer.Option(True, "--publish/--no-publish", help="attach the files to the sweep's parent run"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Dashboards from MLflow: Pareto plot, methods x benchmarks table, training-cost table, diagnostics."""
+    from hidrop_dashboards.report import ReportError, build_report
+    from hidrop_platform.tracking import TrackingUnavailable, check_readable
+
+    uri, name = _report_source(experiment, tracking_uri)
+    target = out_dir or f"reports/{name}"
+    try:
+        check_readable(uri)
+        result = build_report(uri, name, target, sweep=sweep, publish=publish)
+    except (ReportError, TrackingUnavailable) as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    out.print(f"[bold green]report[/] {result['html']}  ({result['trials']} trials, {result['trainings']} training runs"
+              f"{', diagnostics' if result['diagnostics'] else ''})")
+    out.print(f"  methods: {', '.join(result['methods']) or '-'}")
+    if result["published_to_run"]:
+        out.print(f"  also attached to the sweep's parent run {result['published_to_run']} (artifacts/report)")
+
+
+@app.command("ui")
+def ui_command(
+    port: int = typer.Option(5000, help="port to listen on"),
+    host: str = typer.Option("127.0.0.1", help="interface to bind; anything but loopback exposes your runs"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="default: the local store ./mlruns/mlflow.db"),
+):
+    """Start the MLflow UI over the local store (127.0.0.1 by default); Ctrl+C stops it."""
+    import signal
+
+    from hidrop_platform.tracking import UI_TRAINING_VIEW, TrackingUnavailable, default_tracking_uri, serve_ui, stop_ui
+
+    uri = tracking_uri or default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _fail(f"{uri} is already an MLflow server: open it in a browser (hidrop ui serves local stores)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach this machine can read and change your runs")
+    try:
+        with out.status("starting the MLflow UI..."):
+            process = serve_ui(uri, host=host, port=port)
+    except TrackingUnavailable as e:
+        _fail(str(e))
+    url = f"http://{host}:{port}/#/experiments{UI_TRAINING_VIEW}"
+    out.print(f"[bold green]MLflow UI[/] {url}  (store {uri}); Ctrl+C to stop", highlight=False)
+    out.print("  reports: the sweep's parent run > Artifacts > report/report.html, or the files under reports/")
+    def stop(signum, frame):  # Ctrl+C or `kill`: stop the server and its workers, then exit cleanly
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # also when started in the background, where SIGINT is ignored
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_ui(process)
+
+
+@app.command("demo")
+def demo_command(
+    size: str = typer.Option("default", help="small (~3 min), default (~8 min on 2 cores) or large (~30 min)"),
+    trials: Optional[int] = typer.Option(None, help="searched trials after the 6 presets (overrides --size)"),
+    samples: Optional[int] = typer.Option(None, help="easy-vqa questions per trial (overrides --size)"),
+    train_steps: Optional[int] = typer.Option(None, help="steps per training run; 0 skips training (overrides --size)"),
+    out_dir: str = typer.Option("reports/demo", "--out", help="where the report is written"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """The quickstart: presets + a small schedule search, two short trainings, and the report (all local)."""
+    import dataclasses
+    import time
+
+    from hidrop_platform.demo import SIZES, DemoProgress, run_demo
+
+    if size not in SIZES:
+        _fail(f"--size must be one of {', '.join(SIZES)}, not {size!r}")
+    chosen = SIZES[size]
+    for name, value in (("searched", trials), ("easy_vqa", samples), ("train_steps", train_steps)):
+        if value is not None:
+            if value < (0 if name == "train_steps" else 1):
+                _fail(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'train_steps' else '>= 1'}, not {value}")
+            chosen = dataclasses.replace(chosen, **{name: value})
+    from hidrop_dashboards.report import ReportError
+    from hidrop_platform.train import TrainSetupError
+    from hidrop_platform.tune import TuneSetupError
+
+    try:
+        if as_json:
+            result = run_demo(chosen, out_dir)
+            print(json.dumps(result, indent=2, default=str))
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[stats]}"))
+        with Progress(*columns, console=out) as bar:
+            task = bar.add_task("starting", total=None, stats="")
+
+            class Shown(DemoProgress):
+                def stage(self, name: str, index: int, total: int) -> None:
+                    bar.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] [{index}/{total}] {name}", highlight=False)
+                    bar.update(task, description=f"[{index}/{total}] {name}", completed=0, total=None, stats="")
+
+                def sweep(self, label: str, done: int, total: int) -> None:
+                    if total:
+                        bar.update(task, completed=done, total=total, stats=f"last: {label}")
+                    else:
+                        bar.update(task, stats=label)
+
+                def train(self, info: dict) -> None:
+                    bar.update(task, completed=info["step"], total=info["total"], stats=f"loss {info['loss']:.3f}")
+
+            result = run_demo(chosen, out_dir, progress=Shown())
+    except (TuneSetupError, TrainSetupError, ReportError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("demo interrupted; what finished is in MLflow (hidrop ui) and ./runs/demo")
+    rows = sorted((t for t in result["trials"] if t["relative_score"] is not None), key=lambda t: t["vision_tflops"])
+    table = Table(title=f"hidrop demo: {len(rows)} schedules on the mini-LLaVA ({result['wall_time_s']:.0f} s)")
+    for col in ("schedule", "front", "relative score", "avg vision tokens", "vision TFLOPs"):
+        table.add_column(col, justify="left" if col == "schedule" else "right")
+    for t in rows:
+        table.add_row(t["label"], "*" if t["pareto"] else "", f"{t['relative_score']:.1f}",
+                      f"{t['avg_vision_tokens']:.1f}", f"{t['vision_tflops']:.4g}")
+    out.print(table)
+    for t in result["trainings"]:
+        out.print(f"trained {t['method']}: {t['wall_time_s']:.0f} s, final loss {t['loss']:.3f}")
+    out.print(f"[bold]Report:[/] {Path(result['report']['html']).resolve()}")
+    out.print(f"[bold]Browse every run:[/] {_own_command()} ui   (from this folder; it prints the address, "
+              "then open the experiment 'demo')", highlight=False)
+
+
+def _own_command() -> str:
+    """How the user ran us (`.venv/bin/hidrop`, `hidrop`), so the printed next command works as typed."""
+    import os
+    import shutil
+
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) != "hidrop":
+        return "hidrop"
+    if os.sep in argv0 and shutil.which("hidrop") != os.path.abspath(argv0):
+        return os.path.relpath(argv0) if not os.path.relpath(argv0).startswith("..") else argv0
+    return "hidrop"
 
 
 @bench_app.command("prefill")

@@ -233,6 +233,8 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(default=2, gt=0)
     max_failures: int = Field(default=0, ge=0)
     log_every: int = Field(default=1, gt=0)
+    log_model: bool = True  # exported models also become MLflow artifacts (a copy per export)
+    eval_after: bool = False  # rank 0 scores the trained model on eval.benchmarks (and unpruned) into the same run
     ray_address: Optional[str] = None  # None: a local Ray
 
     @model_validator(mode="after")
@@ -243,6 +245,9 @@ class TrainConfig(BaseModel):
             raise ValueError("offload_param needs zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1")
+        if self.eval_after and self.zero_stage == 3:
+            raise ValueError("eval_after needs zero_stage <= 2 (ZeRO-3 shards the weights); "
+                             "score the export with hidrop eval instead")
         return self
 
 

@@ -29,10 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 if TYPE_CHECKING:  # only for annotations: the config module pulls in the schedule code
+    import subprocess
+
     from hidrop_platform.config import ExperimentConfig
 
 DEFAULT_TRACKING_DIR = "mlruns"
 DB_FILE = "mlflow.db"
+# MLflow 3's UI opens on its GenAI pages; this query opens the model-training view (runs, metrics)
+UI_TRAINING_VIEW = "?workflowType=machine_learning"
 SPOOL_VERSION = 1
 
 # mlflow's own limits (mlflow.utils.validation), repeated here so that importing this module stays cheap
@@ -231,6 +235,78 @@ def prepare(tracking_uri: str, experiment: str, artifact_root: Optional[str] = N
                 f"MLflow tracking store {_redact(tracking_uri)} unavailable ({_short_reason(err)})"
             ) from None
         raise
+
+
+def check_readable(tracking_uri: str) -> None:
+    """Raise TrackingUnavailable (one line) unless the store exists and answers. Reading commands call it
+    first: mlflow would silently create an empty sqlite store, or retry an unreachable server for minutes."""
+    _configure_http_env()
+    db = _sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():
+        raise TrackingUnavailable(f"no MLflow store at {db} (run `hidrop demo` or another command first, "
+                                  "or pass --tracking-uri)")
+    reason = _probe(tracking_uri)
+    if reason is not None:
+        raise TrackingUnavailable(f"MLflow tracking server {_redact(tracking_uri)} unreachable ({reason})")
+
+
+def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, ready_timeout: float = 120.0) -> "subprocess.Popen":
+    """Start `mlflow ui` over `tracking_uri` and return once it answers; the caller waits on the process.
+    Raises TrackingUnavailable for a missing store, a port in use, or a server that dies while starting."""
+    import socket
+    import subprocess
+
+    import requests
+
+    check_readable(tracking_uri)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise TrackingUnavailable(f"cannot listen on {host}:{port} ({err.strerror or err}); "
+                                      "pick another port with --port") from None
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
+               "--host", host, "--port", str(port), "--workers", "1"]
+    db = _sqlite_path(tracking_uri)
+    log = (db.parent if db else Path(DEFAULT_TRACKING_DIR)) / "ui.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # no background job runner (it serves GenAI judges and starts a handful of worker processes)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+            raise TrackingUnavailable(f"the MLflow UI exited while starting: {lines[-1] if lines else process.returncode} "
+                                      f"(log: {log})")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return process
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    stop_ui(process)
+    raise TrackingUnavailable(f"the MLflow UI did not answer at {url} within {ready_timeout:.0f} s (log: {log})")
+
+
+def stop_ui(process: "subprocess.Popen") -> None:
+    """Stop the UI server and its workers (they share its process group)."""
+    import signal
+    import subprocess
+
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
 
 
 # ---------------------------------------------------------------------------------- the tracker

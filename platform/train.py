@@ -112,6 +112,7 @@ def train_worker(payload: dict) -> None:
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     engine, optimizer, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=deepspeed_config(cfg))
+    frozen = any(not p.requires_grad for p in step_module.parameters())  # stage 1 and LoRA: most of the model
 
     dataset = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
     sampler = _ResumableSampler(DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
@@ -133,11 +134,13 @@ def train_worker(payload: dict) -> None:
     fail_at = int(payload.get("fail_at_step") or 0)  # tests: kill the first attempt at this step
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=DS_TAG)
+            # frozen weights are not in the checkpoint: they come from model.path, as on the first attempt
+            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not frozen)
             state.update(json.loads((Path(d) / STATE_FILE).read_text()))
     tracker = Tracker(payload["tracking_uri"], payload["experiment"], run_id=state["run_id"], run_name=cfg.name,
                       enabled=rank == 0 and cfg.tracking.enabled, spool_dir=payload["spool_dir"],
-                      tags={"device_type": device.type, "num_workers": str(world), "stage": t.stage})
+                      tags={"hidrop.kind": "train", "device_type": device.type, "num_workers": str(world),
+                            "stage": t.stage})
     tracker.start()
     if state["run_id"] is None and rank == 0:
         tracker.log_config(cfg)
@@ -191,6 +194,7 @@ def train_worker(payload: dict) -> None:
                     "epoch": epoch + (i + 1) / batches_per_epoch,
                     "accelerator_hours": accel_seconds / 3600,
                     "vision_tflops_per_sample": cost["vision_tflops"], "model_tflops_per_sample": cost["model_tflops"],
+                    "avg_vision_tokens": cost["avg_vision_tokens"],
                 }
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
@@ -210,7 +214,7 @@ def train_worker(payload: dict) -> None:
             state.update(step=step, epoch=epoch, accel_seconds=accel_seconds)
             if step % t.checkpoint_every == 0 or step == total:
                 state["run_id"] = tracker.run_id or state["run_id"]  # a run created after an outage
-                _report_checkpoint(engine, state, {"loss": float(out["lm_loss"]), "step": step}, rank)
+                _report_checkpoint(engine, state, {"loss": float(out["lm_loss"]), "step": step}, rank, frozen)
             if (t.export_every and step % t.export_every == 0) or step == total:
                 folder = Path(payload["export_dir"]) / ("final" if step == total else f"step-{step}")
                 weights = "projector" if vlm.kind == "mini_llava" and t.stage == "pretrain" else "all"
@@ -222,7 +226,12 @@ def train_worker(payload: dict) -> None:
                     if rank == 0:
                         learned = step_module.engine.learned_schedule()  # learnable keep ratios: what they became
                         merged_lora_export(vlm, lambda: vlm.save(folder, schedule=learned, weights=weights))
-                        tracker.log_artifact(folder, "model" if step == total else f"model/step-{step}")
+                        if t.log_model:
+                            tracker.log_artifact(folder, "model" if step == total else f"model/step-{step}")
+            if step == total and t.eval_after and rank == 0:  # the others wait at the barrier below
+                scores = _score_trained(cfg, vlm, step_module.engine.learned_schedule())
+                if tracker.enabled:
+                    tracker.log_metrics(scores, step=step)
             if step == fail_at and not resumed:
                 raise RuntimeError(f"injected failure at step {step} (HIDROP_TEST_FAIL_AT_STEP)")
             if step >= total:
@@ -240,6 +249,28 @@ def train_worker(payload: dict) -> None:
 
     if dist.is_initialized():
         dist.barrier()  # avoids "terminate called without an active exception" at exit (stack.md)
+
+
+def _score_trained(cfg: ExperimentConfig, vlm, schedule) -> dict[str, float]:
+    """The trained model on eval.benchmarks: its schedule's scores, relative to the same model unpruned."""
+    from hidrop.evaluation.harness import evaluate
+    from hidrop_platform.evaluate import benchmarks_for
+
+    was_training = vlm.model.training
+    vlm.model.eval()
+    try:
+        with torch.no_grad():
+            report = evaluate(vlm, [schedule], benchmarks_for(cfg), baselines=[], mode=cfg.eval.mode,
+                              batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
+    finally:
+        vlm.model.train(was_training)
+    row = report["methods"][0] if schedule.is_vanilla() else next(r for r in report["methods"] if r["kind"] == "schedule")
+    scores = {"relative_score": row["relative_score"]}
+    scores.update({f"score/{b}": e["score"] for b, e in row["benchmarks"].items()})
+    reference = next((r for r in report["methods"] if r["kind"] != "schedule"), None)
+    if reference is not None and reference is not row:
+        scores.update({f"all_tokens/{b}": e["score"] for b, e in reference["benchmarks"].items()})
+    return scores
 
 
 class _ResumableSampler(torch.utils.data.Sampler):
@@ -291,11 +322,12 @@ def _mean_across(value: torch.Tensor, world: int) -> float:
     return float(v)
 
 
-def _report_checkpoint(engine, state: dict, metrics: dict, rank: int) -> None:
+def _report_checkpoint(engine, state: dict, metrics: dict, rank: int, frozen: bool) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
-        engine.save_checkpoint(d, tag=DS_TAG)  # every rank writes its shards
+        # every rank writes its shards; frozen weights are left out (LoRA on a 7B: megabytes, not 13 GB)
+        engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=frozen)
         if rank == 0:  # Ray merges every rank's folder: only rank 0 knows the MLflow run id
             (Path(d) / STATE_FILE).write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -304,7 +336,6 @@ def _report_checkpoint(engine, state: dict, metrics: dict, rank: int) -> None:
 # ---- the driver ---------------------------------------------------------------------------------
 def run_training(cfg: ExperimentConfig, progress: Optional[Callable[[dict], None]] = None) -> dict:
     """Run the Ray Train job; `progress(info)` is called about once a second with rank 0's latest step."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -319,10 +350,7 @@ def run_training(cfg: ExperimentConfig, progress: Optional[Callable[[dict], None
         except TrackingUnavailable as e:
             print(f"warning: {e}; training continues and metrics are buffered locally", flush=True)
     storage = Path(t.storage_path).resolve()
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address=t.ray_address, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": _worker_env()})
+    start_ray(t.ray_address)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "experiment": experiment,
@@ -365,6 +393,23 @@ def run_training(cfg: ExperimentConfig, progress: Optional[Callable[[dict], None
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "export": str(storage / cfg.name / "export" / "final"), "tracking_uri": uri,
     }
+
+
+def start_ray(address: Optional[str] = None) -> None:
+    """Connect to `address`, or start a local Ray, once per process. Worker output stays in Ray's log files
+    (/tmp/ray/session_latest/logs): the driver shows progress bars, and --json prints only JSON."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's boxed banner ignores verbose=0
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": _worker_env()})
+    for name in ("ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _worker_env() -> dict:

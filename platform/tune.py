@@ -483,7 +483,7 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
     from ray.tune.schedulers import ASHAScheduler
 
     from hidrop_platform.tracking import DEFAULT_TRACKING_DIR, TrackingUnavailable, Tracker, default_tracking_uri, prepare
-    from hidrop_platform.train import _worker_env
+    from hidrop_platform.train import start_ray
 
     s = cfg.tune
     name = s.name or cfg.name
@@ -527,10 +527,7 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
         parent.log_config(cfg)
 
     try:
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(address=s.ray_address, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": _worker_env()})
+        start_ray(s.ray_address)
         at_once, devices = _check_resources(cfg, ray.cluster_resources())
         reference = _reference(cfg, sweep_dir, note)
         parent.log_metrics({f"reference/{b}": v for b, v in reference["scores"].items()}

@@ -179,3 +179,31 @@ def test_shipped_projector_checkpoint_loads():
     assert vlm.kind == "mini_llava" and vlm.projector_trained and vlm.num_vision_tokens == 196
     x = vlm.vision_embeds(torch.zeros(1, 3, 224, 224))
     assert x.shape == (1, 196, 576) and torch.isfinite(x).all()
+
+
+def test_save_module_with_flat_buffer_views_and_tied_weights(tmp_path):
+    """DeepSpeed ZeRO-1/2 points trainable parameters at slices of one flat buffer (safetensors' own
+    save_model refuses those); tied weights must still be written once and restored tied."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model as load_safetensors
+
+    from hidrop.models import save_module
+    from torch import nn
+
+    def make() -> nn.Module:
+        m = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 10, bias=False))
+        m[2].weight = m[0].weight  # tied, like SmolLM2's embeddings and LM head
+        return m
+
+    src = make()
+    flat = torch.randn(4 + 4)  # norm weight and bias as views of one buffer, like ZeRO-2's fp32 groups
+    src[1].weight.data, src[1].bias.data = flat[:4], flat[4:]
+    save_module(src, tmp_path / "w.safetensors")
+    assert src[1].weight.data_ptr() == flat.data_ptr()  # the live parameters still point into the buffer
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as f:
+        assert len(list(f.keys())) == 3  # embedding (once), norm weight, norm bias
+    dst = make()
+    load_safetensors(dst, str(tmp_path / "w.safetensors"))
+    for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
+        assert torch.equal(a, b)
+    assert dst[2].weight is dst[0].weight

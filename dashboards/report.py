@@ -1,0 +1,358 @@
+"""`hidrop report`: the dashboards of one MLflow experiment, read back from MLflow.
+
+What it reads (everything the other commands log, nothing else):
+- the latest (or a chosen) schedule sweep: the parent run `sweep:<name>` with the unpruned reference and
+  blind scores, and its nested trial runs (relative score, per-benchmark scores, tokens, TFLOPs, hours);
+- training runs (`hidrop train`): accelerator-hours, tokens kept, TFLOPs per sample, loss, and scores
+  when the run evaluated its model (`train.eval_after`);
+- the latest `hidrop analyze` run's curves.
+
+What it writes to `out_dir` and, as artifacts under `report/`, on the sweep's parent run:
+`report.html` (one self-contained page: the PNGs are embedded), `pareto.png`, `training_cost.png`,
+`curves.png` when an analysis exists, `report.json` with every number in the tables.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from hidrop_dashboards.pareto import pareto_front, plot_pareto
+
+# the order and names of the paper's rows; anything else is a searched trial
+PRESET_NAMES = {
+    "vanilla": "LLaVA (all tokens)", "fastv": "FastV", "pdrop": "PDrop",
+    "hidrop_tok48": "HiDrop Tok48", "hidrop_tok64": "HiDrop Tok64", "hidrop_tok80": "HiDrop Tok80",
+}
+MAX_SEARCHED_ROWS = 8  # searched trials in Table 1: the Pareto front, best first
+
+
+class ReportError(RuntimeError):
+    """A report that cannot be built (no such experiment, nothing logged yet): one line for the CLI."""
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _all_runs(client, experiment_id: str, filter_string: str = "") -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
+                                  order_by=["attributes.start_time DESC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _tag(run, key: str, default: str = "") -> str:
+    return run.data.tags.get(key, default)
+
+
+def _method_name(label: str) -> str:
+    name = label.removeprefix("seed:")
+    return PRESET_NAMES.get(name, name)
+
+
+def collect(tracking_uri: str, experiment: str, sweep: Optional[str] = None) -> dict:
+    """Every number the report shows, as plain data (also written as report.json)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except MlflowException as e:
+        raise ReportError(f"cannot read the MLflow store {tracking_uri}: {str(e).splitlines()[0]}") from None
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ReportError(f"no MLflow experiment named {experiment!r} at {tracking_uri}"
+                          + (f" (there are: {', '.join(names)})" if names else " (the store is empty)"))
+    runs = _all_runs(client, exp.experiment_id)
+    sweeps = [r for r in runs if _tag(r, "hidrop.kind") == "sweep"]
+    if sweep is not None:
+        sweeps = [r for r in sweeps if _tag(r, "hidrop.sweep") == sweep]
+        if not sweeps:
+            raise ReportError(f"experiment {experiment!r} has no sweep named {sweep!r}")
+    finished = [r for r in sweeps if r.info.status == "FINISHED"]
+    parent = (finished or sweeps or [None])[0]  # newest finished sweep, else the newest at all
+    data: dict[str, Any] = {"experiment": experiment, "tracking_uri": tracking_uri, "sweep": None,
+                            "trials": [], "trainings": _trainings(runs), "analysis": None}
+    if parent is not None:
+        data["sweep"] = _sweep(parent, [r for r in runs if _tag(r, "mlflow.parentRunId") == parent.info.run_id])
+        data["trials"] = data["sweep"].pop("trials")
+    analyses = [r for r in runs if _tag(r, "hidrop.kind") == "analyze" and r.info.status == "FINISHED"]
+    if analyses:
+        data["analysis"] = {"run_id": analyses[0].info.run_id, "name": analyses[0].info.run_name,
+                            "proposed": {k.removeprefix("proposed."): v for k, v in analyses[0].data.params.items()
+                                         if k.startswith("proposed.")}}
+    if parent is None and not data["trainings"] and data["analysis"] is None:
+        raise ReportError(f"experiment {experiment!r} has no sweep, training or analysis runs yet")
+    return data
+
+
+def _sweep(parent, children: list) -> dict:
+    m = parent.data.metrics
+    reference = {k.removeprefix("reference/"): v for k, v in m.items() if k.startswith("reference/")}
+    blind = {k.removeprefix("blind/"): v for k, v in m.items() if k.startswith("blind/")}
+    ratios = [100.0 * blind[b] / reference[b] for b in reference if b in blind and reference[b] > 0]
+    trials = []
+    for run in children:
+        metrics = run.data.metrics
+        row = {"label": run.info.run_name, "run_id": run.info.run_id, "seed": _tag(run, "hidrop.seed") == "True",
+               "status": _tag(run, "status", run.info.status.lower()),
+               "plan": run.data.params.get("schedule.plan", ""),
+               "search": {k.removeprefix("search."): v for k, v in run.data.params.items() if k.startswith("search.")},
+               "scores": {k.removeprefix("score/"): v for k, v in metrics.items() if k.startswith("score/")}}
+        for key in ("relative_score", "avg_vision_tokens", "vision_tflops", "model_tflops", "accelerator_hours",
+                    "wall_s", "train_step"):
+            if key in metrics:
+                row[key] = metrics[key]
+        trials.append(row)
+    scored = [r for r in trials if "relative_score" in r and "vision_tflops" in r]
+    front = set(pareto_front([(r["relative_score"], r["vision_tflops"]) for r in scored]))
+    for i, r in enumerate(scored):
+        r["pareto"] = i in front
+    trials.sort(key=lambda r: (not r["seed"], r.get("vision_tflops", math.inf)))
+    return {"name": _tag(parent, "hidrop.sweep"), "run_id": parent.info.run_id, "status": parent.info.status,
+            "reference_scores": reference, "blind_scores": blind,
+            "blind_relative_score": sum(ratios) / len(ratios) if ratios else None,
+            "benchmarks": sorted(reference), "wall_s": m.get("wall_s"), "accelerator_hours": m.get("accelerator_hours"),
+            "device_type": next((_tag(c, "device_type") for c in children if _tag(c, "device_type")), "cpu"),
+            "trials": trials}
+
+
+def _trainings(runs: list) -> list[dict]:
+    """`hidrop train` runs, newest first (older runs carry no hidrop.kind tag, but always a stage tag)."""
+    rows = []
+    for run in runs:
+        if _tag(run, "hidrop.kind") not in ("train", "") or not _tag(run, "stage") or _tag(run, "mlflow.parentRunId"):
+            continue
+        m, p = run.data.metrics, run.data.params
+        rows.append({
+            "name": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status, "stage": _tag(run, "stage"),
+            "device_type": _tag(run, "device_type", "cpu"), "workers": _tag(run, "num_workers", "1"),
+            "schedule": p.get("schedule.preset") or p.get("schedule.name") or "",
+            "avg_vision_tokens": m.get("avg_vision_tokens", m.get("vision_tokens_kept")),
+            "accelerator_hours": m.get("accelerator_hours"), "vision_tflops": m.get("vision_tflops_per_sample"),
+            "model_tflops": m.get("model_tflops_per_sample"), "loss": m.get("loss"), "steps": p.get("train.max_steps"),
+            "samples_per_s": m.get("samples_per_s"), "relative_score": m.get("relative_score"),
+            "scores": {k.removeprefix("score/"): v for k, v in m.items() if k.startswith("score/")},
+        })
+    return rows
+
+
+# ---- tables ---------------------------------------------------------------------------------------------
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def methods_table(data: dict) -> dict:
+    """Table 1: methods x benchmarks. The presets in the paper's order, then the searched trials on the
+    Pareto front (at most MAX_SEARCHED_ROWS, highest score first), then the blind baseline."""
+    sweep = data["sweep"]
+    if not sweep:
+        return {"columns": [], "rows": []}
+    benches = sweep["benchmarks"]
+    order = list(PRESET_NAMES)
+    presets = sorted((t for t in data["trials"] if t["seed"] and "relative_score" in t),
+                     key=lambda t: order.index(t["label"].removeprefix("seed:")) if t["label"].removeprefix("seed:") in order else len(order))
+    searched = sorted((t for t in data["trials"] if not t["seed"] and t.get("pareto")),
+                      key=lambda t: -t["relative_score"])[:MAX_SEARCHED_ROWS]
+    rows = []
+    for kind, group in (("preset", presets), ("searched", searched)):
+        for t in group:
+            rows.append({"method": _method_name(t["label"]), "kind": kind, "pareto": bool(t.get("pareto")),
+                         "avg_vision_tokens": t.get("avg_vision_tokens"), "vision_tflops": t.get("vision_tflops"),
+                         "scores": {b: t["scores"].get(b) for b in benches}, "relative_score": t["relative_score"],
+                         "plan": t["plan"]})
+    if sweep["blind_relative_score"] is not None:
+        rows.append({"method": "blind (no image)", "kind": "baseline", "pareto": False, "avg_vision_tokens": 0.0,
+                     "vision_tflops": 0.0, "scores": {b: sweep["blind_scores"].get(b) for b in benches},
+                     "relative_score": sweep["blind_relative_score"], "plan": ""})
+    return {"columns": benches, "rows": rows}
+
+
+def training_table(data: dict) -> list[dict]:
+    """Table 2: what training cost, per run: tokens kept, accelerator-hours, TFLOPs per sample, outcome."""
+    return [{k: t[k] for k in ("name", "stage", "schedule", "avg_vision_tokens", "accelerator_hours", "device_type",
+                               "workers", "vision_tflops", "model_tflops", "loss", "relative_score", "scores",
+                               "samples_per_s", "status")}
+            for t in data["trainings"]]
+
+
+def _markdown(table: dict, trainings: list[dict], hours_label: str) -> str:
+    lines = []
+    if table["rows"]:
+        head = ["method", "avg tokens", *table["columns"], "Avg (%)"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in table["rows"]:
+            lines.append("| " + " | ".join([r["method"] + (" *" if r["pareto"] else ""), _fmt(r["avg_vision_tokens"]),
+                                             *(_fmt(r["scores"][b]) for b in table["columns"]),
+                                             _fmt(r["relative_score"])]) + " |")
+    if trainings:
+        lines += ["", f"| training run | stage | avg tokens | {hours_label} | vision TFLOPs | model TFLOPs | loss | Avg (%) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in trainings:
+            lines.append(f"| {t['name']} | {t['stage']} | {_fmt(t['avg_vision_tokens'])} | {_fmt(t['accelerator_hours'], 4)} | "
+                         f"{_fmt(t['vision_tflops'], 4)} | {_fmt(t['model_tflops'], 4)} | {_fmt(t['loss'], 3)} | "
+                         f"{_fmt(t['relative_score'])} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- figures --------------------------------------------------------------------------------------------
+
+def plot_training_cost(trainings: list[dict], path: Path, hours_label: str) -> Optional[Path]:
+    rows = [t for t in trainings if t["accelerator_hours"] is not None]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 0.5 * len(rows) + 1.8), dpi=120)
+    names = [t["name"] for t in rows]
+    axes[0].barh(names, [t["accelerator_hours"] for t in rows], color="#4a7ab5")
+    axes[0].set_xlabel(hours_label)
+    axes[1].barh(names, [t["vision_tflops"] or 0.0 for t in rows], color="#d9822b")
+    axes[1].set_xlabel("vision TFLOPs per sample")
+    axes[1].set_yticklabels([])
+    for ax in axes:
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("training cost", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---- the page -------------------------------------------------------------------------------------------
+
+def _img(path: Optional[Path], alt: str) -> str:
+    if path is None or not path.is_file():
+        return ""
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def _html_table(head: list[str], rows: list[list[str]], row_classes: Optional[list[str]] = None) -> str:
+    out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    for i, row in enumerate(rows):
+        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.5em} h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.9em;margin:.5em 0} th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+th:first-child,td:first-child{text-align:left} tr.preset td{background:#fdf3e7} tr.baseline td{color:#777}
+tr.front td:first-child{font-weight:600} img{max-width:100%;border:1px solid #eee} .note{color:#555;font-size:.9em}
+code{background:#f4f4f4;padding:0 .2em}
+"""
+
+
+def render_html(data: dict, table: dict, trainings: list[dict], figures: dict[str, Optional[Path]], hours_label: str) -> str:
+    sweep = data["sweep"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>hidrop report: {html.escape(data['experiment'])}</title>"
+             f"<style>{STYLE}</style></head><body>",
+             f"<h1>hidrop report: {html.escape(data['experiment'])}</h1>",
+             f"<p class='note'>MLflow store <code>{html.escape(data['tracking_uri'])}</code>"]
+    if sweep:
+        parts.append(f"; sweep <code>{html.escape(sweep['name'])}</code> (parent run {sweep['run_id'][:8]}, "
+                     f"{len(data['trials'])} trials, status {sweep['status'].lower()})")
+    parts.append(".</p>")
+    if sweep:
+        parts.append("<h2 id='pareto'>Relative score vs vision TFLOPs</h2>" + _img(figures.get("pareto"), "Pareto plot"))
+        parts.append("<p class='note'>Relative score: the mean over benchmarks of score / all-tokens score x 100 (the paper's "
+                     "Avg %). Vision TFLOPs: the paper's formula per sample. Presets are labelled; the dashed lines are "
+                     "all tokens (100%) and the blind baseline (no image).</p>")
+        parts.append("<h2 id='methods'>Methods x benchmarks (Table 1 layout)</h2>")
+        head = ["method", "avg vision tokens", *table["columns"], "Avg (%)"]
+        rows = [[r["method"] + (" (front)" if r["pareto"] and r["kind"] == "preset" else ""), _fmt(r["avg_vision_tokens"]),
+                 *(_fmt(r["scores"][b]) for b in table["columns"]), _fmt(r["relative_score"])] for r in table["rows"]]
+        classes = [r["kind"] + (" front" if r["pareto"] else "") for r in table["rows"]]
+        parts.append(_html_table(head, rows, classes))
+        parts.append(f"<p class='note'>All-tokens scores: {html.escape(json.dumps({b: round(v, 2) for b, v in sweep['reference_scores'].items()}))}. "
+                     f"Searched rows are the Pareto-front trials, best first (at most {MAX_SEARCHED_ROWS}).</p>")
+        trials_rows = [[t["label"], "yes" if t.get("pareto") else "", _fmt(t.get("relative_score")), _fmt(t.get("avg_vision_tokens")),
+                        _fmt(t.get("vision_tflops"), 4), t["status"], t["plan"]] for t in data["trials"]]
+        parts.append("<h2 id='trials'>All trials</h2>" + _html_table(
+            ["trial", "front", "Avg (%)", "avg tokens", "vision TFLOPs", "status", "per-layer plan"], trials_rows))
+    parts.append("<h2 id='training'>Training cost (Table 2 layout)</h2>")
+    if trainings:
+        head = ["run", "stage", "avg vision tokens", hours_label, "vision TFLOPs / sample", "model TFLOPs / sample",
+                "samples/s", "final loss", "Avg (%)", "scores"]
+        rows = [[t["name"], t["stage"], _fmt(t["avg_vision_tokens"]), _fmt(t["accelerator_hours"], 4), _fmt(t["vision_tflops"], 4),
+                 _fmt(t["model_tflops"], 4), _fmt(t["samples_per_s"], 2), _fmt(t["loss"], 3), _fmt(t["relative_score"]),
+                 ", ".join(f"{b} {v:.1f}" for b, v in t["scores"].items())] for t in trainings]
+        parts.append(_html_table(head, rows) + _img(figures.get("training_cost"), "training cost"))
+        parts.append(f"<p class='note'>{html.escape(hours_label)} = wall time x devices, measured in the run (not estimated).</p>")
+    else:
+        parts.append("<p class='note'>No training runs in this experiment (<code>hidrop train</code> logs them).</p>")
+    if figures.get("curves"):
+        proposed = data["analysis"]["proposed"]
+        parts.append("<h2 id='diagnostics'>Layer diagnostics</h2>" + _img(figures["curves"], "diagnostics curves"))
+        if proposed:
+            parts.append("<p class='note'>Proposed schedule: " + html.escape(", ".join(f"{k}={v}" for k, v in proposed.items())) + "</p>")
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def build_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep: Optional[str] = None,
+                 publish: bool = True) -> dict:
+    """Collect, draw, write; then attach the files to the sweep's parent run. Returns what was written."""
+    data = collect(tracking_uri, experiment, sweep)
+    out = Path(out_dir).resolve()  # absolute: the paths are printed and returned
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_info = data["sweep"]
+    device = (sweep_info or {}).get("device_type") or next((t["device_type"] for t in data["trainings"]), "cpu")
+    hours_label = "GPU-hours" if device == "gpu" else "CPU-hours"
+    figures: dict[str, Optional[Path]] = {}
+    table = methods_table(data)
+    if sweep_info:
+        scored = [dict(t, label=t["label"]) for t in data["trials"] if "relative_score" in t and "vision_tflops" in t]
+        lines = {"all tokens": 100.0}
+        if sweep_info["blind_relative_score"] is not None:
+            lines["blind"] = sweep_info["blind_relative_score"]
+        if scored:
+            figures["pareto"] = plot_pareto(scored, out / "pareto.png",
+                                            f"{experiment} / {sweep_info['name']}: relative score vs vision TFLOPs",
+                                            reference_lines=lines)
+    trainings = training_table(data)
+    figures["training_cost"] = plot_training_cost(trainings, out / "training_cost.png", hours_label)
+    if data["analysis"]:
+        try:
+            local = _client(tracking_uri).download_artifacts(data["analysis"]["run_id"], "analysis/curves.png", str(out))
+            figures["curves"] = Path(local).replace(out / "curves.png")
+        except Exception:  # an analysis logged without its plot (tracking was offline): the report goes on
+            figures["curves"] = None
+    (out / "report.html").write_text(render_html(data, table, trainings, figures, hours_label))
+    (out / "report.md").write_text(_markdown(table, trainings, hours_label))
+    (out / "report.json").write_text(json.dumps({**data, "methods_table": table, "training_table": trainings},
+                                                indent=2, default=str))
+    written = sorted(p for p in out.iterdir() if p.is_file() and p.suffix in (".html", ".md", ".json", ".png"))
+    published_to = None
+    if publish and sweep_info:
+        client = _client(tracking_uri)
+        for path in written:
+            client.log_artifact(sweep_info["run_id"], str(path), "report")
+        published_to = sweep_info["run_id"]
+    return {"experiment": experiment, "out_dir": str(out), "html": str(out / "report.html"),
+            "files": [str(p) for p in written], "published_to_run": published_to,
+            "methods": [r["method"] for r in table["rows"]], "trials": len(data["trials"]),
+            "trainings": len(trainings), "diagnostics": bool(figures.get("curves"))}

@@ -1,0 +1,176 @@
+"""`hidrop report` on a store written through the project's own Tracker, with hand-chosen figures: every
+number in the tables is checked against what was logged, the blind row and Pareto flags against
+hand/brute-force computation, and the files against what was published on the parent run."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hidrop_dashboards.pareto import pareto_front
+from hidrop_dashboards.report import ReportError, build_report, collect, methods_table
+from hidrop_platform.tracking import TrackingUnavailable, Tracker, check_readable, default_tracking_uri, prepare
+
+REFERENCE = {"easy_vqa": 60.0, "probes": 80.0}
+BLIND = {"easy_vqa": 30.0, "probes": 60.0}  # relative: (50 + 75) / 2 = 62.5
+# label, seed, per-benchmark scores, avg tokens, vision TFLOPs
+TRIALS = [
+    ("seed:vanilla", True, {"easy_vqa": 60.0, "probes": 80.0}, 196.0, 1.00),
+    ("seed:fastv", True, {"easy_vqa": 57.0, "probes": 76.0}, 104.5, 0.53),
+    ("seed:pdrop", True, {"easy_vqa": 54.0, "probes": 78.0}, 94.0, 0.48),
+    ("seed:hidrop_tok64", True, {"easy_vqa": 36.0, "probes": 64.0}, 23.3, 0.12),
+    ("trial-001", False, {"easy_vqa": 45.0, "probes": 70.0}, 30.0, 0.15),  # front
+    ("trial-002", False, {"easy_vqa": 33.0, "probes": 60.0}, 40.0, 0.20),  # dominated by trial-001
+    ("trial-003", False, {"easy_vqa": 30.0, "probes": 56.0}, 8.0, 0.04),  # front: the cheapest
+]
+
+
+def relative(scores: dict) -> float:
+    return sum(100.0 * scores[b] / REFERENCE[b] for b in REFERENCE) / len(REFERENCE)
+
+
+def _log_sweep(uri: str, experiment: str, name: str, trials=TRIALS, finish: str = "FINISHED") -> str:
+    parent = Tracker(uri, experiment, run_name=f"sweep:{name}", tags={"hidrop.sweep": name, "hidrop.kind": "sweep"}).start()
+    parent.log_metrics({**{f"reference/{b}": v for b, v in REFERENCE.items()},
+                        **{f"blind/{b}": v for b, v in BLIND.items()}}, step=0)
+    for label, seed, scores, tokens, tflops in trials:
+        child = Tracker(uri, experiment, run_name=label, parent_run_id=parent.run_id,
+                        tags={"hidrop.sweep": name, "hidrop.seed": str(seed), "device_type": "cpu"}).start()
+        child.log_params({"schedule.plan": f"plan of {label}"})
+        child.log_metrics({"relative_score": relative(scores), "avg_vision_tokens": tokens, "vision_tflops": tflops,
+                           "model_tflops": tflops + 0.5, "accelerator_hours": 0.001,
+                           **{f"score/{b}": v for b, v in scores.items()}}, step=0)
+        child.set_tags({"status": "finished"})
+        child.finish()
+    parent.finish(finish)
+    return parent.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("store")
+    uri = default_tracking_uri(root)
+    prepare(uri, "exp")
+    spool = root / "spool"
+    old = _log_sweep(uri, "exp", "old", trials=TRIALS[:2])
+    parent = _log_sweep(uri, "exp", "s1")
+    _log_sweep(uri, "exp", "broken", trials=TRIALS[:1], finish="FAILED")  # newest, but not finished
+    for method, tokens, hours in (("vanilla", 196.0, 0.02), ("hidrop", 23.3, 0.011)):
+        run = Tracker(uri, "exp", run_name=f"train-{method}", spool_dir=spool,
+                      tags={"hidrop.kind": "train", "stage": "finetune", "device_type": "cpu", "num_workers": "2"}).start()
+        run.log_params({"schedule.preset": method})
+        for step, loss in ((1, 2.0), (2, 1.5)):
+            run.log_metrics({"loss": loss, "accelerator_hours": hours * step / 2, "avg_vision_tokens": tokens,
+                             "vision_tflops_per_sample": tokens / 196, "model_tflops_per_sample": 1.0,
+                             "samples_per_s": 3.0}, step=step)
+        run.log_metrics({"relative_score": 90.0 if method == "hidrop" else 100.0, "score/easy_vqa": 55.0}, step=2)
+        run.finish()
+    # an analysis with its plot
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    png = root / "curves.png"
+    plt.figure(figsize=(2, 2)).savefig(png)
+    plt.close("all")
+    run = Tracker(uri, "exp", run_name="analyze:x", tags={"hidrop.kind": "analyze"}, spool_dir=spool).start()
+    run.log_params({"proposed.inject_layer": 3, "proposed.exit_layer": 25})
+    run.log_artifact(png, "analysis")
+    run.finish()
+    return {"uri": uri, "parent": parent, "old": old, "root": root}
+
+
+def test_collect_reads_the_newest_finished_sweep(store):
+    data = collect(store["uri"], "exp")
+    assert data["sweep"]["run_id"] == store["parent"] and data["sweep"]["name"] == "s1"
+    assert data["sweep"]["reference_scores"] == REFERENCE and data["sweep"]["blind_scores"] == BLIND
+    assert data["sweep"]["blind_relative_score"] == pytest.approx(62.5)
+    assert sorted(t["label"] for t in data["trials"]) == sorted(t[0] for t in TRIALS)
+    # Pareto flags against brute force over what was logged
+    points = [(relative(s), c) for _, _, s, _, c in TRIALS]
+    expected = {TRIALS[i][0] for i in pareto_front(points)}
+    assert {t["label"] for t in data["trials"] if t["pareto"]} == expected
+    assert "trial-001" in expected and "trial-002" not in expected and "trial-003" in expected
+    # a chosen sweep
+    assert collect(store["uri"], "exp", sweep="old")["sweep"]["run_id"] == store["old"]
+
+
+def test_methods_table_matches_the_logged_figures(store):
+    table = methods_table(collect(store["uri"], "exp"))
+    assert table["columns"] == ["easy_vqa", "probes"]
+    methods = [r["method"] for r in table["rows"]]
+    # presets in the paper's order, then searched front trials best first, then blind
+    assert methods == ["LLaVA (all tokens)", "FastV", "PDrop", "HiDrop Tok64", "trial-001", "trial-003", "blind (no image)"]
+    by_name = {r["method"]: r for r in table["rows"]}
+    for label, _, scores, tokens, _ in TRIALS:
+        name = {"seed:vanilla": "LLaVA (all tokens)", "seed:fastv": "FastV", "seed:pdrop": "PDrop",
+                "seed:hidrop_tok64": "HiDrop Tok64"}.get(label, label)
+        if name in by_name:
+            assert by_name[name]["scores"] == scores
+            assert by_name[name]["relative_score"] == pytest.approx(relative(scores))
+            assert by_name[name]["avg_vision_tokens"] == tokens
+    assert by_name["blind (no image)"]["scores"] == BLIND
+    assert by_name["blind (no image)"]["relative_score"] == pytest.approx(62.5)
+
+
+def test_build_report_writes_and_publishes(store, tmp_path):
+    result = build_report(store["uri"], "exp", tmp_path / "r")
+    out = tmp_path / "r"
+    for name in ("report.html", "report.md", "report.json", "pareto.png", "training_cost.png", "curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 100, name
+    page = (out / "report.html").read_text()
+    # self-contained: three figures inline, no external references
+    assert page.count("data:image/png;base64,") == 3
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    for text in ("HiDrop Tok64", "FastV", "PDrop", "trial-001", "blind (no image)", "train-hidrop", "CPU-hours",
+                 "inject_layer=3"):
+        assert text in page, text
+    # Table 2 from the training runs' latest values
+    saved = json.loads((out / "report.json").read_text())
+    rows = {t["name"]: t for t in saved["training_table"]}
+    assert rows["train-vanilla"]["accelerator_hours"] == pytest.approx(0.02)
+    assert rows["train-hidrop"]["avg_vision_tokens"] == pytest.approx(23.3)
+    assert rows["train-hidrop"]["loss"] == pytest.approx(1.5)
+    assert rows["train-hidrop"]["relative_score"] == pytest.approx(90.0)
+    # the same files are artifacts on the sweep's parent run
+    from mlflow.tracking import MlflowClient
+
+    assert result["published_to_run"] == store["parent"]
+    listed = {Path(a.path).name for a in MlflowClient(store["uri"]).list_artifacts(store["parent"], "report")}
+    assert {"report.html", "pareto.png", "report.json"} <= listed
+    md = (out / "report.md").read_text()
+    assert "| HiDrop Tok64 * | 23.3 | 36.0 | 64.0 | 70.0 |" in md  # on the front; (60% + 80%) / 2 = 70
+
+
+def test_report_errors_are_one_line(store, tmp_path):
+    with pytest.raises(ReportError, match=r"no MLflow experiment named 'nope'.*there are: .*exp"):
+        collect(store["uri"], "nope")
+    with pytest.raises(ReportError, match="no sweep named 'zzz'"):
+        collect(store["uri"], "exp", sweep="zzz")
+    with pytest.raises(TrackingUnavailable, match="no MLflow store at"):
+        check_readable(default_tracking_uri(tmp_path / "empty"))
+    assert not (tmp_path / "empty" / "mlruns").exists()  # reading never creates a store
+
+
+def test_cli_report_and_errors(store, tmp_path):
+    hidrop = [sys.executable, "-m", "hidrop_platform.cli"]
+    done = subprocess.run([*hidrop, "report", "exp", "--tracking-uri", store["uri"], "--out", str(tmp_path / "c"),
+                           "--no-publish", "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["methods"][:4] == ["LLaVA (all tokens)", "FastV", "PDrop", "HiDrop Tok64"]
+    assert result["published_to_run"] is None and result["diagnostics"] is True
+    for args, message in (
+        (["report", "nope", "--tracking-uri", store["uri"]], "no MLflow experiment named 'nope'"),
+        (["report", "exp", "--tracking-uri", default_tracking_uri(tmp_path / "x")], "no MLflow store at"),
+        (["report", "exp", "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+        (["ui", "--tracking-uri", default_tracking_uri(tmp_path / "x")], "no MLflow store at"),
+        (["demo", "--size", "huge"], "--size must be one of"),
+    ):
+        done = subprocess.run([*hidrop, *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        lines = [l for l in done.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and message in lines[0], (args, done.stderr)
