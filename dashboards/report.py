@@ -110,7 +110,7 @@ def _sweep(parent, children: list) -> dict:
                "search": {k.removeprefix("search."): v for k, v in run.data.params.items() if k.startswith("search.")},
                "scores": {k.removeprefix("score/"): v for k, v in metrics.items() if k.startswith("score/")}}
         for key in ("relative_score", "avg_vision_tokens", "vision_tflops", "model_tflops", "accelerator_hours",
-                    "wall_s", "train_step"):
+                    "wall_s", "train_step", "samples"):
             if key in metrics:
                 row[key] = metrics[key]
         trials.append(row)
@@ -123,6 +123,7 @@ def _sweep(parent, children: list) -> dict:
             "reference_scores": reference, "blind_scores": blind,
             "blind_relative_score": sum(ratios) / len(ratios) if ratios else None,
             "benchmarks": sorted(reference), "wall_s": m.get("wall_s"), "accelerator_hours": m.get("accelerator_hours"),
+            "samples": max((int(t["samples"]) for t in trials if "samples" in t), default=None),
             "device_type": next((_tag(c, "device_type") for c in children if _tag(c, "device_type")), "cpu"),
             "trials": trials}
 
@@ -274,7 +275,10 @@ def render_html(data: dict, table: dict, trainings: list[dict], figures: dict[st
              f"<p class='note'>MLflow store <code>{html.escape(data['tracking_uri'])}</code>"]
     if sweep:
         parts.append(f"; sweep <code>{html.escape(sweep['name'])}</code> (parent run {sweep['run_id'][:8]}, "
-                     f"{len(data['trials'])} trials, status {sweep['status'].lower()})")
+                     f"{len(data['trials'])} trials, status {sweep['status'].lower()}"
+                     + (f", {sweep['samples']} questions per trial over {len(sweep['benchmarks'])} benchmarks: "
+                        f"one answer moves a benchmark's score by {100 * len(sweep['benchmarks']) / sweep['samples']:.1f} "
+                        "points on average, so small differences are noise" if sweep["samples"] else "") + ")")
     parts.append(".</p>")
     if sweep:
         parts.append("<h2 id='pareto'>Relative score vs vision TFLOPs</h2>" + _img(figures.get("pareto"), "Pareto plot"))

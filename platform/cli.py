@@ -430,9 +430,9 @@ def demo_command(
             task = bar.add_task("starting", total=None, stats="")
 
             class Shown(DemoProgress):
-                def stage(self, name: str, index: int, total: int) -> None:
+                def stage(self, name: str, index: int, total: int, short: str = "") -> None:
                     bar.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] [{index}/{total}] {name}", highlight=False)
-                    bar.update(task, description=f"[{index}/{total}] {name}", completed=0, total=None, stats="")
+                    bar.update(task, description=f"[{index}/{total}] {short or name}", completed=0, total=None, stats="")
 
                 def sweep(self, label: str, done: int, total: int) -> None:
                     if total:
@@ -451,7 +451,7 @@ def demo_command(
     rows = sorted((t for t in result["trials"] if t["relative_score"] is not None), key=lambda t: t["vision_tflops"])
     table = Table(title=f"hidrop demo: {len(rows)} schedules on the mini-LLaVA ({result['wall_time_s']:.0f} s)")
     for col in ("schedule", "front", "relative score", "avg vision tokens", "vision TFLOPs"):
-        table.add_column(col, justify="left" if col == "schedule" else "right")
+        table.add_column(col, justify="left" if col == "schedule" else "right", no_wrap=col == "schedule")
     for t in rows:
         table.add_row(t["label"], "*" if t["pareto"] else "", f"{t['relative_score']:.1f}",
                       f"{t['avg_vision_tokens']:.1f}", f"{t['vision_tflops']:.4g}")

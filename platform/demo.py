@@ -105,7 +105,7 @@ def quiet_libraries() -> None:
 class DemoProgress:
     """What the CLI shows; the default prints nothing."""
 
-    def stage(self, name: str, index: int, total: int) -> None: ...
+    def stage(self, name: str, index: int, total: int, short: str = "") -> None: ...
 
     def sweep(self, label: str, done: int, total: int) -> None: ...
 
@@ -126,7 +126,8 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
     quiet_libraries()
     start_ray()
 
-    progress.stage("schedule search (presets first)", 1, stages)
+    progress.stage(f"schedule search: {len(PRESETS)} presets, then {size.searched} Optuna trials "
+                   f"({size.easy_vqa} easy-vqa + {6 * size.probes} probe questions each)", 1, stages, "search")
     base = sweep_config(size, stamp)
     t0 = time.perf_counter()
     summary = run_tune(validate_config(base, "hidrop demo"), base, progress=progress.sweep)
@@ -135,14 +136,15 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
     trainings = []
     if size.train_steps > 0:
         for i, method in enumerate(("vanilla", "hidrop")):
-            progress.stage(f"training ({method}, {size.train_steps} steps, then scored)", 2 + i, stages)
+            progress.stage(f"training with {method}: {size.train_steps} LoRA steps on 1 Ray worker (DeepSpeed ZeRO-2), "
+                           "then scored", 2 + i, stages, f"train {method}")
             t0 = time.perf_counter()
             result = run_training(validate_config(train_config(size, stamp, method), "hidrop demo"), progress=progress.train)
             timings[f"train_{method}_s"] = time.perf_counter() - t0
             trainings.append({"method": method, "wall_time_s": timings[f"train_{method}_s"],
                               "loss": result["metrics"].get("loss"), "export": result["export"]})
 
-    progress.stage("report", stages, stages)
+    progress.stage(f"report: {report_dir}", stages, stages, "report")
     t0 = time.perf_counter()
     uri = default_tracking_uri()
     report = build_report(uri, EXPERIMENT, report_dir, sweep=summary["sweep"])

@@ -40,7 +40,7 @@ def _log_sweep(uri: str, experiment: str, name: str, trials=TRIALS, finish: str 
                         tags={"hidrop.sweep": name, "hidrop.seed": str(seed), "device_type": "cpu"}).start()
         child.log_params({"schedule.plan": f"plan of {label}"})
         child.log_metrics({"relative_score": relative(scores), "avg_vision_tokens": tokens, "vision_tflops": tflops,
-                           "model_tflops": tflops + 0.5, "accelerator_hours": 0.001,
+                           "model_tflops": tflops + 0.5, "accelerator_hours": 0.001, "samples": 40,
                            **{f"score/{b}": v for b, v in scores.items()}}, step=0)
         child.set_tags({"status": "finished"})
         child.finish()
@@ -126,7 +126,7 @@ def test_build_report_writes_and_publishes(store, tmp_path):
     assert page.count("data:image/png;base64,") == 3
     assert not re.search(r'(src|href)="(?!data:)', page)
     for text in ("HiDrop Tok64", "FastV", "PDrop", "trial-001", "blind (no image)", "train-hidrop", "CPU-hours",
-                 "inject_layer=3"):
+                 "inject_layer=3", "40 questions per trial over 2 benchmarks: one answer moves a benchmark's score by 5.0"):
         assert text in page, text
     # Table 2 from the training runs' latest values
     saved = json.loads((out / "report.json").read_text())
