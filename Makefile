@@ -31,8 +31,9 @@ test: install
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
 
+# the LLaVA-1.5-7B shape in bf16 on a GPU; on a CPU each command falls back to bench.cpu_shape
 bench: install
-	$(BIN)/hidrop bench prefill experiments/llava15_7b_hidrop.yaml
+	for kind in prefill generate train; do $(BIN)/hidrop bench $$kind experiments/llava15_7b_hidrop.yaml || exit 1; done
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

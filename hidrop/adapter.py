@@ -83,7 +83,9 @@ class Backbone:
         out = self.layers[idx](
             hidden,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            # RoPE comes in position_embeddings. FlashAttention would read position ids with gaps (pruned
+            # tokens keep their positions) as packed sequences, and check them with a host sync per layer
+            position_ids=None if self.uses_flash else position_ids,
             past_key_values=cache,
             use_cache=cache is not None,
             position_embeddings=position_embeddings,

@@ -63,8 +63,12 @@ class ScheduledModel(nn.Module):
         budget_weight: float = 1.0,
         budget_target: Optional[float] = None,
         budget_kind: str = "tokens",
+        parallel_vision: bool = True,
     ):
         super().__init__()
+        # late injection: encode the image while the text-only shallow layers run (a second CUDA stream),
+        # and join at the injection layer; on CPU the same deferred injection runs sequentially
+        self.parallel_vision = parallel_vision
         self.model = model
         self.backbone = Backbone(model)
         if image_token_id is not None:
@@ -168,12 +172,14 @@ class ScheduledModel(nn.Module):
         if past_key_values is not None and past_key_values.prefilled:
             embeds = self.backbone.embed(input_ids) if inputs_embeds is None else inputs_embeds
             return self._decode(embeds, past_key_values, logits_to_keep)
-        embeds, vision = self._embed(input_ids, inputs_embeds, pixel_values, vision_embeds, vision_mask)
+        defer = self.parallel_vision and pixel_values is not None and self.schedule.inject_layer > 1
+        embeds, vision, deferred = self._embed(input_ids, inputs_embeds, pixel_values, vision_embeds, vision_mask, defer)
         cache = None
         if use_cache:
             cache = past_key_values if past_key_values is not None else ScheduleCache(self.backbone.text_config)
         return self._prefill(
-            embeds, vision, attention_mask, labels, position_ids, cache, logits_to_keep, forced_keep, return_logits
+            embeds, vision, attention_mask, labels, position_ids, cache, logits_to_keep, forced_keep, return_logits,
+            deferred,
         )
 
     @torch.no_grad()
@@ -258,7 +264,10 @@ class ScheduledModel(nn.Module):
         return self.budget_weight * ((value - target) / scale) ** 2
 
     # ---- inputs ------------------------------------------------------------------------------
-    def _embed(self, input_ids, inputs_embeds, pixel_values, vision_embeds, vision_mask):
+    def _embed(self, input_ids, inputs_embeds, pixel_values, vision_embeds, vision_mask, defer: bool = False):
+        """Token embeddings with the image features in the image positions, and the image mask. With
+        `defer`, the features are returned separately (the encoder running on a side stream on CUDA)
+        and written in at the injection layer: nothing reads the image rows before it."""
         bb = self.backbone
         if inputs_embeds is None:
             if input_ids is None:
@@ -270,6 +279,8 @@ class ScheduledModel(nn.Module):
             embeds = inputs_embeds
         if vision_mask is None:
             vision_mask = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        if pixel_values is not None and defer:
+            return embeds, vision_mask, self._start_vision(pixel_values, int(vision_mask.sum()))
         if pixel_values is not None:
             vision_embeds = bb.image_features(pixel_values)
         if vision_embeds is not None:
@@ -281,10 +292,39 @@ class ScheduledModel(nn.Module):
             embeds = embeds.masked_scatter(vision_mask[..., None], vision_embeds)
         elif bool(vision_mask.any()) and inputs_embeds is None:
             raise ValueError("the input has image positions but no pixel_values / vision_embeds")
-        return embeds, vision_mask
+        return embeds, vision_mask, None
+
+    def _start_vision(self, pixel_values: torch.Tensor, positions: int) -> tuple:
+        """Launch the encoder + projector; returns (features, event or None). On CUDA they run on a side
+        stream that first waits for the work queued so far (the pixels), so the main stream can go on
+        with the text-only layers; `_join_vision` makes the main stream wait for the event."""
+        expected = pixel_values.shape[0] * self.schedule.num_vision_tokens
+        if expected != positions:
+            raise ValueError(f"{expected} vision features for {positions} image positions")
+        if not pixel_values.is_cuda:
+            return self.backbone.image_features(pixel_values), None
+        main = torch.cuda.current_stream(pixel_values.device)
+        side = torch.cuda.Stream(pixel_values.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            features = self.backbone.image_features(pixel_values)
+            done = torch.cuda.Event()
+            done.record(side)
+        return features, done
+
+    @staticmethod
+    def _join_vision(full: torch.Tensor, vision_x: torch.Tensor, deferred: tuple) -> torch.Tensor:
+        features, done = deferred
+        if done is not None:
+            main = torch.cuda.current_stream(full.device)
+            main.wait_event(done)
+            features.record_stream(main)  # made on the side stream, used on this one: keep it alive
+        features = features.reshape(-1, full.shape[-1]).to(full.dtype)
+        return full.masked_scatter(vision_x[..., None], features)
 
     # ---- prefill -----------------------------------------------------------------------------
-    def _prefill(self, embeds, vision, attention_mask, labels, position_ids, cache, logits_to_keep, forced, return_logits):
+    def _prefill(self, embeds, vision, attention_mask, labels, position_ids, cache, logits_to_keep, forced, return_logits,
+                 deferred=None):
         bb, s = self.backbone, self.schedule
         B, L, H = embeds.shape
         dev = embeds.device
@@ -350,6 +390,8 @@ class ScheduledModel(nn.Module):
                 change, soft = text_x, None
             if change is not None:
                 full = full.scatter(1, stage.idx[..., None].expand(-1, -1, H), hidden)
+                if deferred is not None and idx == s.inject_layer - 1:
+                    full = self._join_vision(full, vision_x, deferred)
                 stage = self._make_stage(change, vision_x, base_pos, pad_left, full)
                 hidden = full.gather(1, stage.idx[..., None].expand(-1, -1, H))
                 if learnable and soft is not None and torch.is_grad_enabled():

@@ -476,40 +476,92 @@ def _own_command() -> str:
     return "hidrop"
 
 
-@bench_app.command("prefill")
-def bench_prefill(
-    experiment: str = typer.Argument(..., help="experiment YAML (model shape, bench section)"),
-    overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides, e.g. bench.repeats=10"),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if available)"),
-    small: Optional[bool] = typer.Option(None, "--small/--full", help="bench.cpu_shape instead of model.shape (default: small on CPU)"),
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-):
-    """Prefill latency of vanilla, FastV, PDrop and HiDrop on one random-weight model, with ratios."""
-    from hidrop_platform.bench import run_prefill_bench
+_BENCH_ARGS = {
+    "experiment": lambda: typer.Argument(..., help="experiment YAML (model shape, bench section)"),
+    "overrides": lambda: typer.Argument(None, help="a.b=value overrides, e.g. bench.repeats=10"),
+    "device": lambda: typer.Option(None, help="cpu or cuda (default: cuda if available)"),
+    "small": lambda: typer.Option(None, "--small/--full", help="bench.cpu_shape instead of model.shape (default: small on CPU)"),
+    "as_json": lambda: typer.Option(False, "--json", help="machine-readable output"),
+}
 
+
+def _run_method_bench(kind: str, experiment: str, overrides, device, small, as_json: bool) -> None:
+    """prefill / generate / train: every method on one random-weight model, a table of ratios to vanilla."""
+    from hidrop_platform import bench
+
+    run = {"prefill": bench.run_prefill_bench, "generate": bench.run_generate_bench, "train": bench.run_train_step_bench}[kind]
     cfg = _load(experiment, overrides)
+    if device not in (None, "cpu") and not device.startswith("cuda"):
+        _fail(f"--device must be cpu or cuda, not {device!r}")
+    if device and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("--device cuda: no CUDA device here")
     if as_json:
-        result = run_prefill_bench(cfg, device=device, small=small)
-        print(json.dumps(result, indent=2))
+        print(json.dumps(run(cfg, device=device, small=small), indent=2))
         return
-    with out.status("benchmarking...") as status:
-        result = run_prefill_bench(cfg, device=device, small=small, progress=lambda n: status.update(f"benchmarking {n}"))
-    m = result["model"]
-    table = Table(title=f"Prefill on {result['device']} ({result['dtype']}, batch {result['batch_size']}, "
-                        f"{result['sequence']['vision_tokens']} vision + {result['sequence']['text_tokens']} text tokens, "
+    with out.status(f"benchmarking {kind}...") as status:
+        result = run(cfg, device=device, small=small, progress=lambda n: status.update(f"benchmarking {kind}: {n}"))
+    m, seq = result["model"], result["sequence"]
+    what = {"prefill": "Prefill", "generate": f"Generation of {result.get('new_tokens')} tokens", "train": "Training step"}[kind]
+    table = Table(title=f"{what} on {result['device']} ({result['dtype']}, batch {result['batch_size']}, "
+                        f"{seq['vision_tokens']} vision + {seq['text_tokens']} text tokens, "
                         f"{m['num_layers']} layers x {m['hidden_size']}, median of {result['repeats']})")
-    for col in ("method", "avg vis tokens", "latency ms", "speed-up", "FLOPs ratio", "scoring % of vanilla", "TFLOPs/sample"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    columns = {
+        "prefill": [("latency ms", "latency_ms", ".1f"), ("speed-up", "speedup_vs_vanilla", ".2fx"),
+                    ("FLOPs ratio", "flops_ratio_vs_vanilla", ".2fx"), ("scoring % of vanilla", "scoring_overhead_pct_of_vanilla", ".1f%"),
+                    ("TFLOPs/sample", "model_tflops_per_sample", ".4f")],
+        "generate": [("total ms", "latency_ms", ".1f"), ("speed-up", "speedup_vs_vanilla", ".2fx"),
+                     ("first token ms", "time_to_first_token_ms", ".1f"), ("decode ms/token", "decode_ms_per_token", ".2f"),
+                     ("decode speed-up", "decode_speedup_vs_vanilla", ".2fx"), ("tokens/s", "tokens_per_s", ".1f"),
+                     ("KV cache MiB", "kv_cache_mib", ".1f")],
+        "train": [("step ms", "latency_ms", ".1f"), ("speed-up", "speedup_vs_vanilla", ".2fx"),
+                  ("FLOPs ratio", "flops_ratio_vs_vanilla", ".2fx"), ("samples/s", "throughput_samples_s", ".2f"),
+                  ("train TFLOPs/sample", "train_tflops_per_sample", ".4f")],
+    }[kind]
+    if any(r.get("peak_memory_gib") is not None for r in result["methods"]):
+        columns.append(("peak GiB", "peak_memory_gib", ".2f"))
+    table.add_column("method")
+    table.add_column("avg vis tokens", justify="right")
+    for title, _, _ in columns:
+        table.add_column(title, justify="right")
     for r in result["methods"]:
-        overhead = r.get("scoring_overhead_pct_of_vanilla")
-        table.add_row(r["name"], f"{r['avg_vision_tokens']:.1f}", f"{r['latency_ms']:.1f}", f"{r['speedup_vs_vanilla']:.2f}x",
-                      f"{r['flops_ratio_vs_vanilla']:.2f}x", "-" if overhead is None else f"{overhead:.1f}%",
-                      f"{r['model_tflops_per_sample']:.4f}")
+        cells = []
+        for _, key, fmt in columns:
+            value = r.get(key)
+            suffix = fmt[-1] if fmt[-1] in "x%" else ""
+            cells.append("-" if value is None else f"{value:{fmt.rstrip('x%')}}{suffix}")
+        table.add_row(r["name"], f"{r['avg_vision_tokens']:.1f}", *cells)
     out.print(table)
 
 
+@bench_app.command("prefill")
+def bench_prefill(experiment: str = _BENCH_ARGS["experiment"](), overrides: Optional[List[str]] = _BENCH_ARGS["overrides"](),
+                  device: Optional[str] = _BENCH_ARGS["device"](), small: Optional[bool] = _BENCH_ARGS["small"](),
+                  as_json: bool = _BENCH_ARGS["as_json"]()):
+    """Prefill latency of vanilla, FastV, PDrop and HiDrop on one random-weight model, with ratios."""
+    _run_method_bench("prefill", experiment, overrides, device, small, as_json)
+
+
+@bench_app.command("generate")
+def bench_generate(experiment: str = _BENCH_ARGS["experiment"](), overrides: Optional[List[str]] = _BENCH_ARGS["overrides"](),
+                   device: Optional[str] = _BENCH_ARGS["device"](), small: Optional[bool] = _BENCH_ARGS["small"](),
+                   as_json: bool = _BENCH_ARGS["as_json"]()):
+    """Greedy generation (bench.new_tokens): first-token time, per-token decode, KV cache size, ratios."""
+    _run_method_bench("generate", experiment, overrides, device, small, as_json)
+
+
 @bench_app.command("train")
-def bench_train(
+def bench_train(experiment: str = _BENCH_ARGS["experiment"](), overrides: Optional[List[str]] = _BENCH_ARGS["overrides"](),
+                device: Optional[str] = _BENCH_ARGS["device"](), small: Optional[bool] = _BENCH_ARGS["small"](),
+                as_json: bool = _BENCH_ARGS["as_json"]()):
+    """Training step (forward + backward, schedule active) per method on one random-weight model, with ratios."""
+    _run_method_bench("train", experiment, overrides, device, small, as_json)
+
+
+@bench_app.command("overhead")
+def bench_overhead(
     experiment: str = typer.Argument(..., help="experiment YAML with a train section (e.g. experiments/tiny_train_smoke.yaml)"),
     overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides"),
     steps: int = typer.Option(12, help="timed optimizer steps (after warm-up)"),
@@ -518,13 +570,13 @@ def bench_train(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Step time of Ray Train + DeepSpeed (one worker) against a plain single-process loop; prints the ratio."""
-    from hidrop_platform.bench import run_train_bench
+    from hidrop_platform.bench import run_overhead_bench
     from hidrop_platform.train import TrainSetupError
 
     cfg = _load(experiment, overrides)
     try:
         with out.status("timing Ray Train + DeepSpeed, then the plain loop..."):
-            result = run_train_bench(cfg, steps=steps, warmup=warmup, repeats=repeats)
+            result = run_overhead_bench(cfg, steps=steps, warmup=warmup, repeats=repeats)
     except TrainSetupError as e:
         _fail(str(e))
     if as_json:

@@ -160,6 +160,7 @@ class BenchConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     warmup: int = Field(default=2, ge=0)
     repeats: int = Field(default=5, gt=0)
+    new_tokens: int = Field(default=32, gt=0)  # bench generate: greedy tokens per sample (no early stop)
     methods: list[str] = Field(default_factory=lambda: ["vanilla", "fastv", "pdrop", "hidrop_tok64"])
     # used when the run is on a CPU and the experiment's shape is too large for it (the mini-LLaVA LM)
     cpu_shape: ModelShape = Field(

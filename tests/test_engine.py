@@ -323,3 +323,79 @@ def test_learned_schedule_exports_the_learned_keep_counts():
     assert [d.after_layer for d in learned.drops] == [d.after_layer for d in schedule.drops]
     fixed = preset("hidrop_tok64", 8, 576)
     assert ScheduledModel(tiny_llama(), fixed).learned_schedule() is fixed
+
+
+def _decoupling_case(device: str):
+    torch.manual_seed(0)
+    model = tiny_llava(attn_implementation="sdpa").to(device)
+    samples = make_samples(lengths=((5, 9), None, (2, 4)))
+    ids, _, am = pad_batch(samples, left=True)
+    ids, am = ids.to(device), am.to(device)
+    labels = ids.masked_fill(am == 0, -100)
+    pixels = torch.randn(2, 3, 32, 32, device=device)
+    results = []
+    for parallel in (False, True):
+        sm = ScheduledModel(model, _schedules()["hidrop"], parallel_vision=parallel)
+        model.zero_grad(set_to_none=True)
+        out = sm(ids, am, pixel_values=pixels, labels=labels)
+        out.loss.backward()
+        projector_grads = [p.grad.clone() for p in sm.backbone.projector.parameters()]
+        with torch.no_grad():
+            tokens = sm.generate(ids, am, pixel_values=pixels, max_new_tokens=4)
+        results.append((out.logits.detach(), out.loss.detach(), projector_grads, tokens))
+    return results
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_parallel_vision_decoupling_gives_identical_outputs(device):
+    """Late injection lets the encoder run beside the text-only shallow layers (a side stream on CUDA,
+    deferred injection on CPU): logits, loss, the projector's gradients and generated tokens equal the
+    embed-everything-first path."""
+    (logits_a, loss_a, grads_a, tokens_a), (logits_b, loss_b, grads_b, tokens_b) = _decoupling_case(device)
+    assert torch.allclose(logits_a, logits_b, atol=1e-5) and torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))
+    assert any(bool(g.abs().sum() > 0) for g in grads_b)  # the image really flows into the loss
+    assert torch.equal(tokens_a, tokens_b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("left", [True, False])
+def test_flash_attention_matches_sdpa(left):
+    """The engine's FlashAttention path (2D padding masks per stage, no position ids handed to the kernel
+    wrapper, so persistent positions with gaps are not taken for packed sequences) matches SDPA on the
+    same fp16 weights: prefill logits where live, the loss, and cached decode steps, for a padded batch
+    and for a single row (no mask at all)."""
+    pytest.importorskip("flash_attn")
+    torch.manual_seed(0)
+    sdpa = tiny_llama(attn_implementation="sdpa").to("cuda", torch.float16)
+    flash = tiny_llama(attn_implementation="flash_attention_2").to("cuda", torch.float16)
+    flash.load_state_dict(sdpa.state_dict())
+    samples = make_samples()
+    ids, vis, am, feats = _llama_inputs(samples, left=left)
+    ids, vis, am, feats = ids.cuda(), vis.cuda(), am.cuda(), feats.cuda().half()
+    labels = ids.masked_fill(am == 0, -100)
+    for name, schedule in _schedules().items():
+        for rows in (slice(None), slice(0, 1)):  # the batch, and one unpadded row (if left padding keeps it so)
+            r_ids, r_vis, r_am, r_lab = ids[rows], vis[rows], am[rows], labels[rows]
+            r_feats = feats[: int(r_vis.sum())] if rows == slice(0, 1) else feats
+            if rows == slice(0, 1):
+                keep = r_am[0].bool()
+                r_ids, r_vis, r_am, r_lab = r_ids[:, keep], r_vis[:, keep], None, r_lab[:, keep]
+            outs = []
+            with torch.no_grad():
+                for model in (sdpa, flash):
+                    sm = ScheduledModel(model, schedule)
+                    out = sm(r_ids, r_am, vision_embeds=r_feats, vision_mask=r_vis, labels=r_lab, logits_to_keep=0)
+                    outs.append(out)
+            live = (outs[0].logits.abs().sum(-1) > 0) & (r_am.bool() if r_am is not None else True)
+            assert torch.allclose(outs[0].logits[live].float(), outs[1].logits[live].float(), atol=2e-2, rtol=2e-2), name
+            assert abs(outs[0].loss.item() - outs[1].loss.item()) < 2e-2, name
+        if left:  # cached generation needs left padding
+            steps = []
+            with torch.no_grad():
+                for model in (sdpa, flash):
+                    sm = ScheduledModel(model, schedule)
+                    seq, cache, _ = sm.generate(ids, am, vision_embeds=feats, vision_mask=vis, max_new_tokens=1, return_cache=True)
+                    nxt = sm(seq[:, -1:], past_key_values=cache, logits_to_keep=1).logits
+                    steps.append(nxt.float())
+            assert torch.allclose(steps[0], steps[1], atol=2e-2, rtol=2e-2), name

@@ -146,11 +146,11 @@ def test_unreachable_tracking_server_training_continues_and_spools(tmp_path, mon
 
 @pytest.mark.slow
 def test_bench_train_overhead_smoke(tmp_path, monkeypatch):
-    from hidrop_platform.bench import run_train_bench
+    from hidrop_platform.bench import run_overhead_bench
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(pytest.ROOT / SMOKE)
-    result = run_train_bench(cfg, steps=2, warmup=1, storage=str(tmp_path / "runs"))
+    result = run_overhead_bench(cfg, steps=2, warmup=1, storage=str(tmp_path / "runs"))
     assert result["plain_step_s"] > 0 and result["ray_deepspeed_step_s"] > 0
     assert result["overhead_ratio"] == pytest.approx(result["ray_deepspeed_step_s"] / result["plain_step_s"])
 
