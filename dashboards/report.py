@@ -17,10 +17,13 @@ import base64
 import html
 import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from hidrop_dashboards.pareto import pareto_front, plot_pareto
+from hidrop_platform.tracking import redact_uri
 
 # the order and names of the paper's rows; anything else is a searched trial
 PRESET_NAMES = {
@@ -68,10 +71,10 @@ def collect(tracking_uri: str, experiment: str, sweep: Optional[str] = None) -> 
     try:
         exp = client.get_experiment_by_name(experiment)
     except MlflowException as e:
-        raise ReportError(f"cannot read the MLflow store {tracking_uri}: {str(e).splitlines()[0]}") from None
+        raise ReportError(f"cannot read the MLflow store {redact_uri(tracking_uri)}: {str(e).splitlines()[0]}") from None
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise ReportError(f"no MLflow experiment named {experiment!r} at {tracking_uri}"
+        raise ReportError(f"no MLflow experiment named {experiment!r} at {redact_uri(tracking_uri)}"
                           + (f" (there are: {', '.join(names)})" if names else " (the store is empty)"))
     runs = _all_runs(client, exp.experiment_id)
     sweeps = [r for r in runs if _tag(r, "hidrop.kind") == "sweep"]
@@ -81,7 +84,7 @@ def collect(tracking_uri: str, experiment: str, sweep: Optional[str] = None) -> 
             raise ReportError(f"experiment {experiment!r} has no sweep named {sweep!r}")
     finished = [r for r in sweeps if r.info.status == "FINISHED"]
     parent = (finished or sweeps or [None])[0]  # newest finished sweep, else the newest at all
-    data: dict[str, Any] = {"experiment": experiment, "tracking_uri": tracking_uri, "sweep": None,
+    data: dict[str, Any] = {"experiment": experiment, "tracking_uri": redact_uri(tracking_uri), "sweep": None,
                             "trials": [], "trainings": _trainings(runs), "analysis": None}
     if parent is not None:
         data["sweep"] = _sweep(parent, [r for r in runs if _tag(r, "mlflow.parentRunId") == parent.info.run_id])
@@ -105,7 +108,7 @@ def _sweep(parent, children: list) -> dict:
     for run in children:
         metrics = run.data.metrics
         row = {"label": run.info.run_name, "run_id": run.info.run_id, "seed": _tag(run, "hidrop.seed") == "True",
-               "status": _tag(run, "status", run.info.status.lower()),
+               "status": _tag(run, "status", run.info.status.lower()), "pareto": False,
                "plan": run.data.params.get("schedule.plan", ""),
                "search": {k.removeprefix("search."): v for k, v in run.data.params.items() if k.startswith("search.")},
                "scores": {k.removeprefix("score/"): v for k, v in metrics.items() if k.startswith("score/")}}
@@ -114,7 +117,8 @@ def _sweep(parent, children: list) -> dict:
             if key in metrics:
                 row[key] = metrics[key]
         trials.append(row)
-    scored = [r for r in trials if "relative_score" in r and "vision_tflops" in r]
+    # as `hidrop tune` does: a failed or killed trial's last metrics are not an outcome
+    scored = [r for r in trials if "relative_score" in r and "vision_tflops" in r and r["status"] in ("finished", "stopped_early")]
     front = set(pareto_front([(r["relative_score"], r["vision_tflops"]) for r in scored]))
     for i, r in enumerate(scored):
         r["pareto"] = i in front
@@ -185,11 +189,24 @@ def methods_table(data: dict) -> dict:
 
 
 def training_table(data: dict) -> list[dict]:
-    """Table 2: what training cost, per run: tokens kept, accelerator-hours, TFLOPs per sample, outcome."""
-    return [{k: t[k] for k in ("name", "stage", "schedule", "avg_vision_tokens", "accelerator_hours", "device_type",
+    """Table 2: what training cost, per run: tokens kept, accelerator-hours, TFLOPs per sample, outcome.
+
+    `vs_all_tokens_training`: the paper's Avg (%) of each trained model against the newest all-tokens
+    (vanilla) training with scores on the same benchmarks; `relative_score` is the run's own (its
+    model pruned vs the same model unpruned)."""
+    rows = [{k: t[k] for k in ("name", "run_id", "stage", "schedule", "avg_vision_tokens", "accelerator_hours", "device_type",
                                "workers", "vision_tflops", "model_tflops", "loss", "relative_score", "scores",
                                "samples_per_s", "status")}
             for t in data["trainings"]]
+    base = next((t for t in rows if t["schedule"] == "vanilla" and t["scores"]), None)
+    for t in rows:
+        shared = [b for b in t["scores"] if base and b in base["scores"] and base["scores"][b] > 0]
+        t["vs_all_tokens_training"] = (sum(100.0 * t["scores"][b] / base["scores"][b] for b in shared) / len(shared)
+                                       if shared and len(shared) == len(base["scores"]) else None)
+    names = [t["name"] for t in rows]
+    for t in rows:  # the same YAML trained twice: tell the bars apart
+        t["label"] = f"{t['name']} ({t['run_id'][:6]})" if names.count(t["name"]) > 1 else t["name"]
+    return rows
 
 
 def _markdown(table: dict, trainings: list[dict], hours_label: str) -> str:
@@ -202,12 +219,12 @@ def _markdown(table: dict, trainings: list[dict], hours_label: str) -> str:
                                              *(_fmt(r["scores"][b]) for b in table["columns"]),
                                              _fmt(r["relative_score"])]) + " |")
     if trainings:
-        lines += ["", f"| training run | stage | avg tokens | {hours_label} | vision TFLOPs | model TFLOPs | loss | Avg (%) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"| training run | stage | avg tokens | {hours_label} | vision TFLOPs | model TFLOPs | loss | "
+                      "Avg (% of all-tokens training) |", "|---|---|---|---|---|---|---|---|"]
         for t in trainings:
-            lines.append(f"| {t['name']} | {t['stage']} | {_fmt(t['avg_vision_tokens'])} | {_fmt(t['accelerator_hours'], 4)} | "
+            lines.append(f"| {t['label']} | {t['stage']} | {_fmt(t['avg_vision_tokens'])} | {_fmt(t['accelerator_hours'], 4)} | "
                          f"{_fmt(t['vision_tflops'], 4)} | {_fmt(t['model_tflops'], 4)} | {_fmt(t['loss'], 3)} | "
-                         f"{_fmt(t['relative_score'])} |")
+                         f"{_fmt(t['vs_all_tokens_training'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -223,7 +240,7 @@ def plot_training_cost(trainings: list[dict], path: Path, hours_label: str) -> O
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 0.5 * len(rows) + 1.8), dpi=120)
-    names = [t["name"] for t in rows]
+    names = [t["label"] for t in rows]
     axes[0].barh(names, [t["accelerator_hours"] for t in rows], color="#4a7ab5")
     axes[0].set_xlabel(hours_label)
     axes[1].barh(names, [t["vision_tflops"] or 0.0 for t in rows], color="#d9822b")
@@ -300,12 +317,15 @@ def render_html(data: dict, table: dict, trainings: list[dict], figures: dict[st
     parts.append("<h2 id='training'>Training cost (Table 2 layout)</h2>")
     if trainings:
         head = ["run", "stage", "avg vision tokens", hours_label, "vision TFLOPs / sample", "model TFLOPs / sample",
-                "samples/s", "final loss", "Avg (%)", "scores"]
-        rows = [[t["name"], t["stage"], _fmt(t["avg_vision_tokens"]), _fmt(t["accelerator_hours"], 4), _fmt(t["vision_tflops"], 4),
-                 _fmt(t["model_tflops"], 4), _fmt(t["samples_per_s"], 2), _fmt(t["loss"], 3), _fmt(t["relative_score"]),
-                 ", ".join(f"{b} {v:.1f}" for b, v in t["scores"].items())] for t in trainings]
+                "samples/s", "final loss", "scores", "Avg (% of all-tokens training)", "Avg (% of itself unpruned)"]
+        rows = [[t["label"], t["stage"], _fmt(t["avg_vision_tokens"]), _fmt(t["accelerator_hours"], 4), _fmt(t["vision_tflops"], 4),
+                 _fmt(t["model_tflops"], 4), _fmt(t["samples_per_s"], 2), _fmt(t["loss"], 3),
+                 ", ".join(f"{b} {v:.1f}" for b, v in t["scores"].items()), _fmt(t["vs_all_tokens_training"]),
+                 _fmt(t["relative_score"])] for t in trainings]
         parts.append(_html_table(head, rows) + _img(figures.get("training_cost"), "training cost"))
-        parts.append(f"<p class='note'>{html.escape(hours_label)} = wall time x devices, measured in the run (not estimated).</p>")
+        parts.append(f"<p class='note'>{html.escape(hours_label)} = wall time x devices, measured in the run (not estimated). "
+                     "Scores need <code>train.eval_after: true</code>; Avg (% of all-tokens training) compares each trained "
+                     "model with the newest all-tokens training on the same benchmarks.</p>")
     else:
         parts.append("<p class='note'>No training runs in this experiment (<code>hidrop train</code> logs them).</p>")
     if figures.get("curves"):
@@ -324,8 +344,8 @@ def build_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep:
     out = Path(out_dir).resolve()  # absolute: the paths are printed and returned
     out.mkdir(parents=True, exist_ok=True)
     sweep_info = data["sweep"]
-    device = (sweep_info or {}).get("device_type") or next((t["device_type"] for t in data["trainings"]), "cpu")
-    hours_label = "GPU-hours" if device == "gpu" else "CPU-hours"
+    gpu = any(t["device_type"] in ("cuda", "gpu") for t in data["trainings"])  # Table 2 is about the trainings
+    hours_label = "GPU-hours" if gpu else "CPU-hours"
     figures: dict[str, Optional[Path]] = {}
     table = methods_table(data)
     if sweep_info:
@@ -341,15 +361,17 @@ def build_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep:
     figures["training_cost"] = plot_training_cost(trainings, out / "training_cost.png", hours_label)
     if data["analysis"]:
         try:
-            local = _client(tracking_uri).download_artifacts(data["analysis"]["run_id"], "analysis/curves.png", str(out))
-            figures["curves"] = Path(local).replace(out / "curves.png")
+            with tempfile.TemporaryDirectory() as tmp:
+                local = _client(tracking_uri).download_artifacts(data["analysis"]["run_id"], "analysis/curves.png", tmp)
+                figures["curves"] = Path(shutil.copyfile(local, out / "curves.png"))
         except Exception:  # an analysis logged without its plot (tracking was offline): the report goes on
             figures["curves"] = None
     (out / "report.html").write_text(render_html(data, table, trainings, figures, hours_label))
     (out / "report.md").write_text(_markdown(table, trainings, hours_label))
     (out / "report.json").write_text(json.dumps({**data, "methods_table": table, "training_table": trainings},
                                                 indent=2, default=str))
-    written = sorted(p for p in out.iterdir() if p.is_file() and p.suffix in (".html", ".md", ".json", ".png"))
+    # only what this call wrote (an earlier report in the same folder may have had more figures)
+    written = sorted([out / "report.html", out / "report.md", out / "report.json", *(p for p in figures.values() if p)])
     published_to = None
     if publish and sweep_info:
         client = _client(tracking_uri)

@@ -320,6 +320,8 @@ class ScheduledModel(nn.Module):
             main.wait_event(done)
             features.record_stream(main)  # made on the side stream, used on this one: keep it alive
         features = features.reshape(-1, full.shape[-1]).to(full.dtype)
+        if features.shape[0] != int(vision_x.sum()):  # masked_scatter would silently drop extra rows
+            raise ValueError(f"the encoder returned {features.shape[0]} vision features for {int(vision_x.sum())} image positions")
         return full.masked_scatter(vision_x[..., None], features)
 
     # ---- prefill -----------------------------------------------------------------------------

@@ -362,7 +362,9 @@ def ui_command(
     """Start the MLflow UI over the local store (127.0.0.1 by default); Ctrl+C stops it."""
     import signal
 
-    from hidrop_platform.tracking import UI_TRAINING_VIEW, TrackingUnavailable, default_tracking_uri, serve_ui, stop_ui
+    from hidrop_platform.tracking import (
+        UI_TRAINING_VIEW, TrackingUnavailable, default_tracking_uri, serve_ui, stop_ui, ui_base_url,
+    )
 
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith(("http://", "https://")):
@@ -374,7 +376,7 @@ def ui_command(
             process = serve_ui(uri, host=host, port=port)
     except TrackingUnavailable as e:
         _fail(str(e))
-    url = f"http://{host}:{port}/#/experiments{UI_TRAINING_VIEW}"
+    url = f"{ui_base_url(host, port)}/#/experiments{UI_TRAINING_VIEW}"
     out.print(f"[bold green]MLflow UI[/] {url}  (store {uri}); Ctrl+C to stop", highlight=False)
     out.print("  reports: the sweep's parent run > Artifacts > report/report.html, or the files under reports/")
     def stop(signum, frame):  # Ctrl+C or `kill`: stop the server and its workers, then exit cleanly

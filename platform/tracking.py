@@ -82,7 +82,7 @@ def _is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def _redact(uri: str) -> str:
+def redact_uri(uri: str) -> str:
     """Drop `user:password@` from a URI before it goes into a message."""
     return re.sub(r"^(\w+://)[^/@]+@", r"\1", uri)
 
@@ -226,13 +226,13 @@ def prepare(tracking_uri: str, experiment: str, artifact_root: Optional[str] = N
     _configure_http_env()
     reason = _probe(tracking_uri)
     if reason is not None:
-        raise TrackingUnavailable(f"MLflow tracking server {_redact(tracking_uri)} unreachable ({reason})")
+        raise TrackingUnavailable(f"MLflow tracking server {redact_uri(tracking_uri)} unreachable ({reason})")
     try:
         return _ensure_experiment(_client(tracking_uri), tracking_uri, experiment, artifact_root)
     except Exception as err:
         if _is_unreachable(err):
             raise TrackingUnavailable(
-                f"MLflow tracking store {_redact(tracking_uri)} unavailable ({_short_reason(err)})"
+                f"MLflow tracking store {redact_uri(tracking_uri)} unavailable ({_short_reason(err)})"
             ) from None
         raise
 
@@ -247,7 +247,7 @@ def check_readable(tracking_uri: str) -> None:
                                   "or pass --tracking-uri)")
     reason = _probe(tracking_uri)
     if reason is not None:
-        raise TrackingUnavailable(f"MLflow tracking server {_redact(tracking_uri)} unreachable ({reason})")
+        raise TrackingUnavailable(f"MLflow tracking server {redact_uri(tracking_uri)} unreachable ({reason})")
 
 
 def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, ready_timeout: float = 120.0) -> "subprocess.Popen":
@@ -274,21 +274,28 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, ready
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    url = ui_base_url(host, port)
     deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-            raise TrackingUnavailable(f"the MLflow UI exited while starting: {lines[-1] if lines else process.returncode} "
-                                      f"(log: {log})")
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return process
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    stop_ui(process)
-    raise TrackingUnavailable(f"the MLflow UI did not answer at {url} within {ready_timeout:.0f} s (log: {log})")
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+                raise TrackingUnavailable(f"the MLflow UI exited while starting: {lines[-1] if lines else process.returncode} "
+                                          f"(log: {log})")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    return process
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise TrackingUnavailable(f"the MLflow UI did not answer at {url} within {ready_timeout:.0f} s (log: {log})")
+    except BaseException:  # Ctrl+C while starting too: it runs in its own session, so stop it here
+        stop_ui(process)
+        raise
+
+
+def ui_base_url(host: str, port: int) -> str:
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 def stop_ui(process: "subprocess.Popen") -> None:
@@ -413,6 +420,8 @@ class Tracker:
             return
         clean: dict[str, float] = {}
         for key, value in metrics.items():
+            if value is None:  # not measured (e.g. a relative score against an all-zero reference)
+                continue
             value = float(value)
             if math.isfinite(value):
                 clean[str(key)] = value
@@ -469,7 +478,7 @@ class Tracker:
             self._submit({"op": "finish", "status": status, "end_time": _now_ms()})
             if self._pending:
                 _warn(
-                    f"MLflow run not fully synced to {_redact(self.tracking_uri)}; {len(self._pending)} records "
+                    f"MLflow run not fully synced to {redact_uri(self.tracking_uri)}; {len(self._pending)} records "
                     f"kept in {self.spool_path}. Replay them later with: python -c \"from hidrop_platform."
                     f"tracking import sync_spool; sync_spool('{self.spool_path}')\"")
 
@@ -610,12 +619,12 @@ class Tracker:
             if not self._stuck:
                 self._stuck = True
                 _warn(
-                    f"MLflow store {_redact(self.tracking_uri)} rejected a buffered {self._pending[0]['op']!r} "
+                    f"MLflow store {redact_uri(self.tracking_uri)} rejected a buffered {self._pending[0]['op']!r} "
                     f"record ({_short_reason(err)}); it and later records stay in {self.spool_path}")
             return False
         self._remove_spool()
         _warn(
-            f"MLflow tracking server {_redact(self.tracking_uri)} reachable again; synced {sent} buffered "
+            f"MLflow tracking server {redact_uri(self.tracking_uri)} reachable again; synced {sent} buffered "
             f"records into run {self.run_id}")
         self._warned_offline = False  # a new outage gets its own warning
         return True
@@ -643,7 +652,7 @@ class Tracker:
             self._warned_offline = True
             why = f" ({reason})" if reason else ""
             _warn(
-                f"MLflow tracking server {_redact(self.tracking_uri)} unreachable{why}; buffering to "
+                f"MLflow tracking server {redact_uri(self.tracking_uri)} unreachable{why}; buffering to "
                 f"{self.spool_path}, will retry (if it stays down: hidrop_platform.tracking.sync_spool(path))")
 
     def _copy_into_spool(self, record: dict) -> dict:
@@ -691,7 +700,7 @@ def sync_spool(path: str | Path, tracking_uri: Optional[str] = None) -> str:
     with tracker._lock:
         if not tracker._flush(implicit=False, raise_errors=True):
             raise TrackingUnavailable(
-                f"MLflow tracking server {_redact(tracker.tracking_uri)} unreachable; spool kept at {path}"
+                f"MLflow tracking server {redact_uri(tracker.tracking_uri)} unreachable; spool kept at {path}"
             )
     assert tracker.run_id is not None
     return tracker.run_id

@@ -336,6 +336,9 @@ def _decoupling_case(device: str):
     results = []
     for parallel in (False, True):
         sm = ScheduledModel(model, _schedules()["hidrop"], parallel_vision=parallel)
+        if device == "cuda":  # keep the side stream busy: a missing wait at the injection layer reads unfinished features
+            encode = sm.backbone.image_features
+            sm.backbone.image_features = lambda pixels, encode=encode: (torch.cuda._sleep(50_000_000), encode(pixels))[1]
         model.zero_grad(set_to_none=True)
         out = sm(ids, am, pixel_values=pixels, labels=labels)
         out.loss.backward()

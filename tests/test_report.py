@@ -56,6 +56,12 @@ def store(tmp_path_factory) -> dict:
     spool = root / "spool"
     old = _log_sweep(uri, "exp", "old", trials=TRIALS[:2])
     parent = _log_sweep(uri, "exp", "s1")
+    # a trial that failed after logging metrics that would dominate everything: never on the front
+    failed = Tracker(uri, "exp", run_name="trial-009", parent_run_id=parent,
+                     tags={"hidrop.sweep": "s1", "hidrop.seed": "False"}).start()
+    failed.log_metrics({"relative_score": 150.0, "vision_tflops": 0.01, "avg_vision_tokens": 2.0}, step=0)
+    failed.set_tags({"status": "failed"})
+    failed.finish("FAILED")
     _log_sweep(uri, "exp", "broken", trials=TRIALS[:1], finish="FAILED")  # newest, but not finished
     for method, tokens, hours in (("vanilla", 196.0, 0.02), ("hidrop", 23.3, 0.011)):
         run = Tracker(uri, "exp", run_name=f"train-{method}", spool_dir=spool,
@@ -65,7 +71,8 @@ def store(tmp_path_factory) -> dict:
             run.log_metrics({"loss": loss, "accelerator_hours": hours * step / 2, "avg_vision_tokens": tokens,
                              "vision_tflops_per_sample": tokens / 196, "model_tflops_per_sample": 1.0,
                              "samples_per_s": 3.0}, step=step)
-        run.log_metrics({"relative_score": 90.0 if method == "hidrop" else 100.0, "score/easy_vqa": 55.0}, step=2)
+        run.log_metrics({"relative_score": 90.0 if method == "hidrop" else 100.0,
+                         "score/easy_vqa": 44.0 if method == "hidrop" else 55.0}, step=2)
         run.finish()
     # an analysis with its plot
     import matplotlib
@@ -88,7 +95,8 @@ def test_collect_reads_the_newest_finished_sweep(store):
     assert data["sweep"]["run_id"] == store["parent"] and data["sweep"]["name"] == "s1"
     assert data["sweep"]["reference_scores"] == REFERENCE and data["sweep"]["blind_scores"] == BLIND
     assert data["sweep"]["blind_relative_score"] == pytest.approx(62.5)
-    assert sorted(t["label"] for t in data["trials"]) == sorted(t[0] for t in TRIALS)
+    assert sorted(t["label"] for t in data["trials"]) == sorted([t[0] for t in TRIALS] + ["trial-009"])
+    assert not next(t for t in data["trials"] if t["label"] == "trial-009")["pareto"]
     # Pareto flags against brute force over what was logged
     points = [(relative(s), c) for _, _, s, _, c in TRIALS]
     expected = {TRIALS[i][0] for i in pareto_front(points)}
@@ -135,6 +143,8 @@ def test_build_report_writes_and_publishes(store, tmp_path):
     assert rows["train-hidrop"]["avg_vision_tokens"] == pytest.approx(23.3)
     assert rows["train-hidrop"]["loss"] == pytest.approx(1.5)
     assert rows["train-hidrop"]["relative_score"] == pytest.approx(90.0)
+    assert rows["train-hidrop"]["vs_all_tokens_training"] == pytest.approx(80.0)  # 44 / 55
+    assert rows["train-vanilla"]["vs_all_tokens_training"] == pytest.approx(100.0)
     # the same files are artifacts on the sweep's parent run
     from mlflow.tracking import MlflowClient
 
