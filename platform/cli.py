@@ -193,6 +193,12 @@ def _print_eval(report: dict) -> None:
                       for k, v in b.items() if k.startswith("family/")}
             fam.add_row(r["method"], *[f"{merged[f]:.1f}" if f in merged else "-" for f in families])
         out.print(fam)
+    from hidrop.evaluation.paper import PAPER_BENCHMARKS, paper_table
+
+    rows = {r["method"]: {n: r["benchmarks"][n]["score"] for n in names if n in PAPER_BENCHMARKS} for r in report["methods"]}
+    if any(rows.values()) and report["reference"] in rows:
+        out.print(f"The paper's Table 1 layout (Avg % against {report['reference']}):")
+        out.print(paper_table(rows, reference=report["reference"]), markup=False, highlight=False)
     for note in report["notes"]:
         out.print(f"[bold yellow]note:[/] {note}", highlight=False)
 

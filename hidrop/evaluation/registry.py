@@ -75,3 +75,4 @@ def known_benchmarks() -> list[str]:
 
 def _load_builtin() -> None:
     import hidrop.evaluation.offline  # noqa: F401  (registers on import)
+    import hidrop.evaluation.paper  # noqa: F401
