@@ -286,6 +286,26 @@ def evaluate(
     return report
 
 
+def generate_answers(vlm: VisionLanguageModel, schedule: Schedule, samples: Sequence[Sample], *,
+                     max_new_tokens: int = 16, batch_size: int = 8) -> list[str]:
+    """Greedy answers of `vlm` under `schedule`, one per sample, batched exactly as `evaluate` batches
+    them (for integrations such as the lmms-eval plugin, which score the answers themselves)."""
+    template = get_template(vlm.template)
+    engine = vlm.scheduled(schedule)
+    method = Method(schedule.name, schedule, "schedule")
+    answers: list[str] = []
+    was_training = vlm.model.training
+    vlm.model.eval()
+    try:
+        for b0 in range(0, len(samples), batch_size):
+            batch = _Batch(vlm, samples[b0 : b0 + batch_size], template, need_blind=False)
+            texts, _, _ = _run_method(vlm, engine, method, batch, "generate", None, max_new_tokens, None)
+            answers.extend(texts)
+    finally:
+        vlm.model.train(was_training)
+    return answers
+
+
 def _run_method(vlm, engine, m: Method, batch: _Batch, mode, cand_ids, max_new_tokens, noise):
     """Predictions (strings), keep masks after each drop, and measured vision tokens per layer."""
     if m.kind == "blind":
