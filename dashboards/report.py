@@ -349,7 +349,7 @@ def build_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep:
     figures: dict[str, Optional[Path]] = {}
     table = methods_table(data)
     if sweep_info:
-        scored = [dict(t, label=t["label"]) for t in data["trials"] if "relative_score" in t and "vision_tflops" in t]
+        scored = [t for t in data["trials"] if "relative_score" in t and "vision_tflops" in t]
         lines = {"all tokens": 100.0}
         if sweep_info["blind_relative_score"] is not None:
             lines["blind"] = sweep_info["blind_relative_score"]

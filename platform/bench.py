@@ -121,11 +121,13 @@ def _round_robin(calls: list[tuple[str, Callable[[], object]]], warmup: int, rep
     return times
 
 
-def _ratios(results: list[dict], time_key: str, cost_key: str) -> None:
+def _ratios(results: list[dict], time_key: str, cost_key: str) -> dict:
+    """Speed-up and FLOPs ratio of every row to vanilla's (the first row without one); returns that row."""
     base = next((r for r in results if r["name"] == "vanilla"), results[0])
     for r in results:
         r["speedup_vs_vanilla"] = base[time_key] / r[time_key]
         r["flops_ratio_vs_vanilla"] = base[cost_key] / r[cost_key]
+    return base
 
 
 def run_prefill_bench(
@@ -169,8 +171,7 @@ def run_prefill_bench(
             if schedule.name in frozen:
                 row["latency_ms_without_scoring"] = 1000 * statistics.median(times[f"{schedule.name}#frozen"])
             results.append(row)
-    _ratios(results, "latency_ms", "model_tflops_per_sample")
-    base = next((r for r in results if r["name"] == "vanilla"), results[0])
+    base = _ratios(results, "latency_ms", "model_tflops_per_sample")
     for r in results:
         if "latency_ms_without_scoring" in r:
             r["scoring_overhead_pct_of_vanilla"] = (
@@ -233,8 +234,7 @@ def run_generate_bench(
                 "peak_memory_gib": b.peak_memory_gib(generators[schedule.name]),
             }
             results.append(row)
-    _ratios(results, "latency_ms", "model_tflops_per_sample")
-    base = next((r for r in results if r["name"] == "vanilla"), results[0])
+    base = _ratios(results, "latency_ms", "model_tflops_per_sample")
     for r in results:
         r["decode_speedup_vs_vanilla"] = base["decode_ms_per_token"] / r["decode_ms_per_token"] if r["decode_ms_per_token"] else None
         r["ttft_speedup_vs_vanilla"] = base["time_to_first_token_ms"] / r["time_to_first_token_ms"]

@@ -253,18 +253,13 @@ def train_worker(payload: dict) -> None:
 
 def _score_trained(cfg: ExperimentConfig, vlm, schedule) -> dict[str, float]:
     """The trained model on eval.benchmarks: its schedule's scores, relative to the same model unpruned."""
-    from hidrop.evaluation.harness import evaluate
+    from hidrop.evaluation.harness import evaluate, schedule_row
     from hidrop_platform.evaluate import benchmarks_for
 
-    was_training = vlm.model.training
-    vlm.model.eval()
-    try:
-        with torch.no_grad():
-            report = evaluate(vlm, [schedule], benchmarks_for(cfg), baselines=[], mode=cfg.eval.mode,
-                              batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
-    finally:
-        vlm.model.train(was_training)
-    row = report["methods"][0] if schedule.is_vanilla() else next(r for r in report["methods"] if r["kind"] == "schedule")
+    # the harness runs the model in eval mode without gradients and restores its mode afterwards
+    report = evaluate(vlm, [schedule], benchmarks_for(cfg), baselines=[], mode=cfg.eval.mode,
+                      batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
+    row = schedule_row(report, schedule)
     scores = {"relative_score": row["relative_score"]}
     scores.update({f"score/{b}": e["score"] for b, e in row["benchmarks"].items()})
     reference = next((r for r in report["methods"] if r["kind"] != "schedule"), None)

@@ -288,13 +288,13 @@ def _trial_model(cfg: ExperimentConfig, fresh: bool):
 
 def _evaluate(cfg: ExperimentConfig, vlm, reference: dict, benches: list) -> dict:
     """Metrics of the trial's schedule on `benches`, relative to the sweep's reference."""
-    from hidrop.evaluation.harness import evaluate
+    from hidrop.evaluation.harness import evaluate, schedule_row
 
     schedule = cfg.main_schedule
     report = evaluate(vlm, [schedule], benches, baselines=[], mode=cfg.eval.mode, batch_size=cfg.eval.batch_size,
                       max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed,
                       reference_scores=None if schedule.is_vanilla() else reference["scores"])
-    row = report["methods"][0] if schedule.is_vanilla() else next(r for r in report["methods"] if r["kind"] == "schedule")
+    row = schedule_row(report, schedule)
     metrics = {
         "relative_score": row["relative_score"], "avg_vision_tokens": row["avg_vision_tokens"],
         "vision_tflops": row["vision_tflops"], "model_tflops": row["model_tflops"],

@@ -286,6 +286,13 @@ def evaluate(
     return report
 
 
+def schedule_row(report: dict, schedule: Schedule) -> dict:
+    """`schedule`'s row of an `evaluate` report; a vanilla schedule is reported as the all-tokens row."""
+    if schedule.is_vanilla():
+        return report["methods"][0]
+    return next(r for r in report["methods"] if r["kind"] == "schedule")
+
+
 def generate_answers(vlm: VisionLanguageModel, schedule: Schedule, samples: Sequence[Sample], *,
                      max_new_tokens: int = 16, batch_size: int = 8) -> list[str]:
     """Greedy answers of `vlm` under `schedule`, one per sample, batched exactly as `evaluate` batches

@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from hidrop.evaluation.official import (
     LETTERS,
+    MME_COGNITION,
+    MME_PERCEPTION,
     circular_accuracy,
     gqa_match,
     mme_scores,
@@ -238,8 +240,6 @@ class MME(LocalBenchmark):
     paths = {"images": ".", "categories": "perception"}
 
     def load(self) -> list[Sample]:
-        from hidrop.evaluation.official import MME_COGNITION, MME_PERCEPTION
-
         root = self.path("images")
         wanted = {"perception": MME_PERCEPTION, "cognition": MME_COGNITION,
                   "all": MME_PERCEPTION + MME_COGNITION}.get(str(self.files["categories"]))
@@ -271,15 +271,9 @@ class MME(LocalBenchmark):
 
     def aggregate(self, samples: Sequence[Sample], scores: Sequence[float]) -> dict[str, float]:
         m = mme_scores((s.family, s.meta["image_key"], bool(sc)) for s, sc in zip(samples, scores))
-        total = m["perception"] if any(s.family in _perception() for s in samples) else m["cognition"]
+        total = m["perception"] if any(s.family in MME_PERCEPTION for s in samples) else m["cognition"]
         return {"score": total, **{k: v for k, v in m.items() if k not in ("perception", "cognition")},
                 "perception": m["perception"], "cognition": m["cognition"]}
-
-
-def _perception() -> tuple[str, ...]:
-    from hidrop.evaluation.official import MME_PERCEPTION
-
-    return MME_PERCEPTION
 
 
 # ---- multiple choice ---------------------------------------------------------------------------------
