@@ -400,7 +400,7 @@ def ui_command(
 
 @app.command("demo")
 def demo_command(
-    size: str = typer.Option("default", help="small (~3 min), default (~8 min on 2 cores) or large (~30 min)"),
+    size: str = typer.Option("default", help="small (~4 min on 2 cores), default (~7 min) or large (24 trials x 96 questions, 40 training steps)"),
     trials: Optional[int] = typer.Option(None, help="searched trials after the 6 presets (overrides --size)"),
     samples: Optional[int] = typer.Option(None, help="easy-vqa questions per trial (overrides --size)"),
     train_steps: Optional[int] = typer.Option(None, help="steps per training run; 0 skips training (overrides --size)"),
