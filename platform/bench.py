@@ -284,58 +284,124 @@ def run_train_step_bench(
 
 
 # ---- training step: Ray Train + DeepSpeed vs a plain loop ------------------------------------------
-def run_overhead_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3, storage: Optional[str] = None,
-                    repeats: int = 1) -> dict:
-    """Median optimizer-step time of `hidrop train` (one Ray worker running DeepSpeed) and of a plain
-    single-process loop over the same model, data order, batch size and thread count; ratio of the two.
+class OverheadBenchError(RuntimeError):
+    """One side of the overhead benchmark stopped or never answered (one line for the CLI)."""
 
-    With repeats > 1 the two paths alternate and the reported ratio is the median of the per-pair
-    ratios: on a small shared machine the run-to-run noise is larger than the overhead being measured.
+
+class Turns:
+    """Two processes on one machine take turns through a small file that names whose turn it is.
+
+    The overhead benchmark runs the Ray worker and the plain loop side by side and alternates them step
+    by step, so both see the same machine: on a shared VM the speed drifts by 30% over tens of seconds,
+    more than the overhead being measured, and timing the two paths one after the other measures the drift.
     """
+
+    STOP = "stop"
+
+    def __init__(self, path: str | Path, me: str, other: str, timeout_s: float = 600.0):
+        self.path, self.me, self.other, self.timeout_s = Path(path), me, other, timeout_s
+
+    def wait(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                turn = self.path.read_text()
+            except FileNotFoundError:
+                turn = ""
+            if turn == self.me:
+                return
+            if turn == self.STOP:
+                raise OverheadBenchError(f"the {self.other} side of the overhead benchmark stopped")
+            if time.monotonic() > deadline:
+                raise OverheadBenchError(f"the {self.other} side of the overhead benchmark did not answer "
+                                   f"in {self.timeout_s:.0f} s")
+            time.sleep(0.0005)
+
+    def hand_over(self) -> None:
+        self._write(self.other)
+
+    def stop(self) -> None:
+        self._write(self.STOP)
+
+    def _write(self, text: str) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.{self.me}.tmp")
+        tmp.write_text(text)
+        tmp.replace(self.path)  # atomic: the reader never sees a half-written name
+
+
+def run_overhead_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3,
+                       storage: Optional[str] = None) -> dict:
+    """Optimizer-step time of `hidrop train` (one local Ray worker running DeepSpeed) against a plain
+    single-process loop over the same model, data order, batch size and thread count.
+
+    The two run at the same time in separate processes and take turns, one optimizer step each, so step i
+    of one path is timed right next to step i of the other; the ratio is the median of those per-step
+    ratios. A step's time runs from the end of the wait for its turn to the end of the optimizer step,
+    data loading included, on both sides.
+    """
+    import multiprocessing
     import tempfile
 
-    import ray
-
-    from hidrop_platform.train import STEP_TIMES_FILE, run_training
+    from hidrop_platform.train import STEP_TIMES_FILE, deepspeed_config, run_training
 
     t = cfg.train
     threads = max(1, int(t.resources_per_worker.get("CPU", 1)))
     total = warmup + steps
     storage = storage or tempfile.mkdtemp(prefix="hidrop-bench-")
-    pairs = []
-    for r in range(repeats):
-        ray_cfg = cfg.model_copy(deep=True)
-        # log once (at the end): per-step log lines make Ray's log monitor compete for the same cores
-        ray_cfg.train = t.model_copy(update={"num_workers": 1, "max_steps": total, "checkpoint_every": 10**9,
-                                             "log_every": total, "export_every": None,
-                                             "storage_path": str(Path(storage) / f"repeat-{r}"), "max_failures": 0})
-        ray_cfg.tracking = cfg.tracking.model_copy(update={"enabled": False})
-        run_training(ray_cfg)
-        ray_times = json.loads((Path(storage) / f"repeat-{r}" / cfg.name / STEP_TIMES_FILE).read_text())[warmup:]
-        ray.shutdown()  # the plain loop must not share the cores with an idle Ray cluster
-        plain_times = _plain_loop_times(cfg, total, threads)[warmup:]
-        pairs.append((statistics.median(plain_times), statistics.median(ray_times)))
-    ratios = [r / p for p, r in pairs]
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    turns_file = Path(storage) / "turn"
+    turns_file.write_text("ray")  # the Ray worker goes first; the plain loop waits for its hand-over
+    plain_file = Path(storage) / "plain.json"
+    plain_file.unlink(missing_ok=True)
+    ray_cfg = cfg.model_copy(deep=True)
+    # one local worker that logs once (at the end) and never checkpoints mid-run: the plain loop does neither
+    ray_cfg.train = t.model_copy(update={"num_workers": 1, "max_steps": total, "checkpoint_every": 10**9,
+                                         "log_every": total, "export_every": None, "eval_after": False,
+                                         "ray_address": None, "storage_path": storage, "max_failures": 0})
+    ray_cfg.tracking = cfg.tracking.model_copy(update={"enabled": False})
+    plain = multiprocessing.get_context("spawn").Process(
+        target=_plain_side, args=(cfg.model_dump(mode="json"), total, threads, str(turns_file), str(plain_file)),
+        daemon=True)
+    plain.start()
+    try:
+        run_training(ray_cfg, turns=str(turns_file))
+    except BaseException:
+        Turns(turns_file, "ray", "plain").stop()
+        raise
+    finally:
+        plain.join(timeout=60)
+        if plain.is_alive():
+            plain.terminate()
+    if not plain_file.is_file():
+        raise OverheadBenchError(f"the plain loop of the overhead benchmark failed (exit code {plain.exitcode})")
+    ray_run = json.loads((Path(storage) / cfg.name / STEP_TIMES_FILE).read_text())
+    plain_run = json.loads(plain_file.read_text())
+    ray_times, plain_times = ray_run["seconds"][warmup:], plain_run["seconds"][warmup:]
+    ratios = [r / p for r, p in zip(ray_times, plain_times)]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    plain_s, ray_s = statistics.median(plain_times), statistics.median(ray_times)
     return {
-        "experiment": cfg.name, "steps_timed": steps, "warmup": warmup, "threads": threads, "repeats": repeats,
-        "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "zero_stage": t.zero_stage,
-        "plain_step_s": statistics.median(p for p, _ in pairs),
-        "ray_deepspeed_step_s": statistics.median(r for _, r in pairs),
-        "overhead_ratio": statistics.median(ratios), "pair_ratios": ratios,
+        "experiment": cfg.name, "steps_timed": len(ratios), "warmup": warmup, "threads": threads,
+        "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum,
+        "zero_optimization": deepspeed_config(ray_cfg)["zero_optimization"],
+        "plain_step_s": plain_s, "ray_deepspeed_step_s": ray_s, "overhead_ms": (ray_s - plain_s) * 1000,
+        "overhead_ratio": statistics.median(ratios), "ratio_quartiles": [quartiles[0], quartiles[2]],
+        "first_loss": {"plain": plain_run["loss"][0], "ray_deepspeed": ray_run["loss"][0]},
         "goal": "<= 1.10x",
     }
 
 
-def _plain_loop_times(cfg: ExperimentConfig, total: int, threads: int) -> list[float]:
-    """The plain loop: the same pieces as the worker, no Ray, no DeepSpeed."""
+def _plain_side(config: dict, total: int, threads: int, turns_path: str, out_path: str) -> None:
+    """The plain loop's process: the same pieces as the worker, no Ray, no DeepSpeed; one step per turn."""
     from hidrop.training import make_dataset, plain_training
     from hidrop_platform.evaluate import build_model
     from hidrop_platform.train import training_samples
 
+    cfg = ExperimentConfig.model_validate(config)
     t = cfg.train
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    turns = Turns(turns_path, "plain", "ray")
     try:
+        torch.set_num_threads(threads)
         torch.manual_seed(cfg.seed)
         vlm = build_model(cfg, device="cpu")
         data = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
@@ -344,6 +410,14 @@ def _plain_loop_times(cfg: ExperimentConfig, total: int, threads: int) -> list[f
             grad_accum=t.grad_accum, lr=t.lr, lr_schedule=t.lr_schedule, warmup_ratio=t.warmup_ratio,
             weight_decay=t.weight_decay, grad_clip=t.grad_clip, budget_weight=t.budget_weight, seed=cfg.seed,
         )
-        return [info["seconds"] for info in loop]
-    finally:
-        torch.set_num_threads(previous)
+        seconds, losses = [], []
+        for _ in range(total):
+            turns.wait()
+            info = next(loop)  # the generator starts its clock when asked for the step
+            seconds.append(info["seconds"])
+            losses.append(info["loss"])
+            turns.hand_over()
+        Path(out_path).write_text(json.dumps({"seconds": seconds, "loss": losses}))
+    except BaseException:
+        turns.stop()
+        raise

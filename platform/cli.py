@@ -572,33 +572,41 @@ def bench_train(experiment: str = _BENCH_ARGS["experiment"](), overrides: Option
 def bench_overhead(
     experiment: str = typer.Argument(..., help="experiment YAML with a train section (e.g. experiments/tiny_train_smoke.yaml)"),
     overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides"),
-    steps: int = typer.Option(12, help="timed optimizer steps (after warm-up)"),
-    warmup: int = typer.Option(3, help="untimed warm-up steps"),
-    repeats: int = typer.Option(3, help="alternating Ray/plain pairs; the ratio is their median"),
+    steps: int = typer.Option(40, help="timed optimizer steps per path (after warm-up)"),
+    warmup: int = typer.Option(5, help="untimed warm-up steps"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
-    """Step time of Ray Train + DeepSpeed (one worker) against a plain single-process loop; prints the ratio."""
-    from hidrop_platform.bench import run_overhead_bench
+    """Step time of Ray Train + DeepSpeed (one worker) against a plain single-process loop, the two taking
+    turns step by step; prints the median per-step ratio."""
+    from hidrop_platform.bench import OverheadBenchError, run_overhead_bench
     from hidrop_platform.train import TrainSetupError
 
     cfg = _load(experiment, overrides)
+    if steps < 1 or warmup < 0:
+        _fail("--steps must be at least 1 and --warmup at least 0")
     try:
-        with out.status("timing Ray Train + DeepSpeed, then the plain loop..."):
-            result = run_overhead_bench(cfg, steps=steps, warmup=warmup, repeats=repeats)
-    except TrainSetupError as e:
+        with out.status("timing Ray Train + DeepSpeed and the plain loop, taking turns step by step..."):
+            result = run_overhead_bench(cfg, steps=steps, warmup=warmup)
+    except (TrainSetupError, OverheadBenchError) as e:
         _fail(str(e))
     if as_json:
         print(json.dumps(result, indent=2))
         return
+    zero = result["zero_optimization"]
     table = Table(title=f"Training step, {result['experiment']} (batch {result['micro_batch_size']} x accum "
-                        f"{result['grad_accum']}, ZeRO-{result['zero_stage']}, {result['threads']} thread(s), "
-                        f"median of {steps} steps, {result['repeats']} alternating pairs)")
-    for col in ("path", "step s", "ratio"):
+                        f"{result['grad_accum']}, ZeRO-{zero['stage']}, {result['threads']} thread(s), "
+                        f"median of {result['steps_timed']} alternating steps)")
+    for col in ("path", "step ms", "ratio"):
         table.add_column(col, justify="left" if col == "path" else "right")
-    table.add_row("plain loop", f"{result['plain_step_s']:.4f}", "1.00x")
-    table.add_row("Ray Train + DeepSpeed", f"{result['ray_deepspeed_step_s']:.4f}", f"{result['overhead_ratio']:.2f}x")
+    table.add_row("plain loop", f"{result['plain_step_s'] * 1000:.1f}", "1.00x")
+    low, high = result["ratio_quartiles"]
+    table.add_row("Ray Train + DeepSpeed", f"{result['ray_deepspeed_step_s'] * 1000:.1f}",
+                  f"{result['overhead_ratio']:.2f}x")
     out.print(table)
-    out.print(f"per-pair ratios: {', '.join(f'{r:.2f}x' for r in result['pair_ratios'])}; goal: {result['goal']}")
+    out.print(f"overhead {result['overhead_ms']:+.1f} ms per step; per-step ratios, middle half: {low:.2f}x-{high:.2f}x; "
+              f"goal: {result['goal']}")
+    first = result["first_loss"]
+    out.print(f"first-step loss: plain {first['plain']:.5f}, Ray + DeepSpeed {first['ray_deepspeed']:.5f} (same work)")
 
 
 def main() -> None:  # pragma: no cover

@@ -156,7 +156,15 @@ def train_worker(payload: dict) -> None:
     last_time, window_samples, window_tokens = time.perf_counter(), 0, 0
     window_start = last_time
     accel_seconds = state["accel_seconds"]
-    step_times: list[float] = []  # optimizer-step wall times of this attempt (the overhead benchmark reads them)
+    step_times: list[float] = []  # optimizer-step wall times and losses of this attempt (for the overhead
+    step_losses: list[float] = []  # benchmark)
+    turns = None
+    if payload.get("turns"):  # the overhead benchmark: take turns with the plain loop, one step each
+        from hidrop_platform.bench import Turns
+
+        turns = Turns(payload["turns"], "ray", "plain")
+        turns.wait()
+        last_time = time.perf_counter()
     while step < total:
         sampler.set_epoch(epoch)
         sampler.skip = skip * t.micro_batch_size  # batches this epoch consumed before a restart: never loaded
@@ -184,6 +192,7 @@ def train_worker(payload: dict) -> None:
             now = time.perf_counter()
             elapsed, last_time = now - last_time, now
             step_times.append(elapsed)
+            step_losses.append(loss_all)
             accel_seconds += elapsed * world
             window = now - window_start
             if step % t.log_every == 0 or step == total:
@@ -234,6 +243,11 @@ def train_worker(payload: dict) -> None:
                     tracker.log_metrics(scores, step=step)
             if step == fail_at and not resumed:
                 raise RuntimeError(f"injected failure at step {step} (HIDROP_TEST_FAIL_AT_STEP)")
+            if turns is not None:
+                turns.hand_over()
+                if step < total:
+                    turns.wait()
+                    last_time = time.perf_counter()  # the wait is not the step's time
             if step >= total:
                 break
         else:
@@ -244,7 +258,7 @@ def train_worker(payload: dict) -> None:
     tracker.finish()
     if rank == 0:
         Path(payload["run_dir"]).mkdir(parents=True, exist_ok=True)
-        (Path(payload["run_dir"]) / STEP_TIMES_FILE).write_text(json.dumps(step_times))
+        (Path(payload["run_dir"]) / STEP_TIMES_FILE).write_text(json.dumps({"seconds": step_times, "loss": step_losses}))
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -329,8 +343,10 @@ def _report_checkpoint(engine, state: dict, metrics: dict, rank: int, frozen: bo
 
 
 # ---- the driver ---------------------------------------------------------------------------------
-def run_training(cfg: ExperimentConfig, progress: Optional[Callable[[dict], None]] = None) -> dict:
-    """Run the Ray Train job; `progress(info)` is called about once a second with rank 0's latest step."""
+def run_training(cfg: ExperimentConfig, progress: Optional[Callable[[dict], None]] = None,
+                 turns: Optional[str] = None) -> dict:
+    """Run the Ray Train job; `progress(info)` is called about once a second with rank 0's latest step.
+    `turns`: the overhead benchmark's turn file (the worker alternates steps with a plain loop)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -351,7 +367,7 @@ def run_training(cfg: ExperimentConfig, progress: Optional[Callable[[dict], None
         train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "experiment": experiment,
                            "export_dir": str(storage / cfg.name / "export"), "run_dir": str(storage / cfg.name),
                            "spool_dir": str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool"),
-                           "fail_at_step": os.environ.get("HIDROP_TEST_FAIL_AT_STEP")},
+                           "fail_at_step": os.environ.get("HIDROP_TEST_FAIL_AT_STEP"), "turns": turns},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker),
         run_config=RunConfig(
             name=cfg.name, storage_path=str(storage),
@@ -417,7 +433,7 @@ def _worker_env() -> dict:
 
 def _root_message(e: BaseException) -> str:
     text = str(e)
-    for marker in ("TrainSetupError: ", "EvalSetupError: ", "ModelLoadError: ", "ValueError: "):
+    for marker in ("TrainSetupError: ", "EvalSetupError: ", "ModelLoadError: ", "OverheadBenchError: ", "ValueError: "):
         if marker in text:
             return text.split(marker, 1)[1].strip().splitlines()[0]
     return text.strip().splitlines()[-1] if text.strip() else type(e).__name__

@@ -145,14 +145,62 @@ def test_unreachable_tracking_server_training_continues_and_spools(tmp_path, mon
 
 
 @pytest.mark.slow
-def test_bench_train_overhead_smoke(tmp_path, monkeypatch):
+def test_bench_overhead_takes_turns_with_the_plain_loop(tmp_path, monkeypatch):
+    import statistics
+
     from hidrop_platform.bench import run_overhead_bench
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(pytest.ROOT / SMOKE)
-    result = run_overhead_bench(cfg, steps=2, warmup=1, storage=str(tmp_path / "runs"))
-    assert result["plain_step_s"] > 0 and result["ray_deepspeed_step_s"] > 0
-    assert result["overhead_ratio"] == pytest.approx(result["ray_deepspeed_step_s"] / result["plain_step_s"])
+    result = run_overhead_bench(cfg, steps=3, warmup=1, storage=str(tmp_path / "runs"))
+    assert result["steps_timed"] == 3 and result["plain_step_s"] > 0 and result["ray_deepspeed_step_s"] > 0
+    # the same initial weights and the same first batch on both sides: the two paths time the same work
+    first = result["first_loss"]
+    assert first["ray_deepspeed"] == pytest.approx(first["plain"], rel=1e-5)
+    assert result["zero_optimization"]["stage"] == cfg.train.zero_stage
+    assert result["ratio_quartiles"][0] <= result["overhead_ratio"] <= result["ratio_quartiles"][1]
+    seconds = json.loads((tmp_path / "runs" / cfg.name / "step_times.json").read_text())["seconds"]
+    assert len(seconds) == 4 and result["ray_deepspeed_step_s"] == pytest.approx(statistics.median(seconds[1:]))
+
+
+def test_bench_overhead_cli_rejects_bad_step_counts():
+    from hidrop_platform.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "overhead", str(pytest.ROOT / SMOKE), "--steps", "0"])
+    assert result.exit_code == 2 and "--steps must be at least 1" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_turns_alternate_strictly_and_a_stop_ends_the_wait(tmp_path):
+    import threading
+
+    from hidrop_platform.bench import OverheadBenchError, Turns
+
+    path = tmp_path / "turn"
+    path.write_text("ray")
+    order: list[str] = []
+
+    def side(me: str, other: str, steps: int) -> None:
+        turns = Turns(path, me, other, timeout_s=30)
+        for _ in range(steps):
+            turns.wait()
+            order.append(me)
+            turns.hand_over()
+
+    threads = [threading.Thread(target=side, args=("plain", "ray", 5)), threading.Thread(target=side, args=("ray", "plain", 5))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=30)
+    assert order == ["ray", "plain"] * 5
+
+    # the other side failing (stop) or never answering ends the wait with a one-line reason
+    Turns(path, "plain", "ray").stop()
+    with pytest.raises(OverheadBenchError, match="the plain side of the overhead benchmark stopped"):
+        Turns(path, "ray", "plain").wait()
+    path.write_text("plain")
+    with pytest.raises(OverheadBenchError, match="did not answer"):
+        Turns(path, "ray", "plain", timeout_s=0.05).wait()
 
 
 def test_lora_export_merges_adapters_into_a_loadable_checkpoint(tmp_path):
