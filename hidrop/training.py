@@ -159,6 +159,7 @@ def plain_training(
     grad_clip: float = 1.0,
     budget_weight: float = 1.0,
     seed: int = 0,
+    gradient_checkpointing: bool = False,
 ) -> Iterator[dict]:
     """A single-process loop over the same pieces as the Ray/DeepSpeed worker (same sampler order as one
     worker). Yields {"step", "loss", "seconds"} after every optimizer step; used by the overhead benchmark
@@ -171,6 +172,8 @@ def plain_training(
 
     set_trainable(vlm, stage, lora)
     module = TrainStep(vlm, schedule, budget_weight=budget_weight)
+    if gradient_checkpointing:
+        module.engine.gradient_checkpointing_enable()
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)

@@ -9,6 +9,8 @@ keep sets frozen (no scoring pass) versus with scoring, as a share of a vanilla 
 from __future__ import annotations
 
 import json
+import os
+import select
 import statistics
 import time
 from pathlib import Path
@@ -285,72 +287,90 @@ def run_train_step_bench(
 
 # ---- training step: Ray Train + DeepSpeed vs a plain loop ------------------------------------------
 class OverheadBenchError(RuntimeError):
-    """One side of the overhead benchmark stopped or never answered (one line for the CLI)."""
+    """The overhead benchmark cannot run this config, or one of its two sides failed (one line for the CLI)."""
 
 
 class Turns:
-    """Two processes on one machine take turns through a small file that names whose turn it is.
+    """Two processes on one machine take turns, one optimizer step each, through two named pipes.
 
-    The overhead benchmark runs the Ray worker and the plain loop side by side and alternates them step
-    by step, so both see the same machine: on a shared VM the speed drifts by 30% over tens of seconds,
-    more than the overhead being measured, and timing the two paths one after the other measures the drift.
+    The overhead benchmark runs the Ray worker and the plain loop side by side and alternates them step by
+    step, so both see the same machine: on a shared VM the speed drifts by 30% over tens of seconds, more
+    than the overhead being measured, and timing the two paths one after the other measures the drift.
+    Each side blocks on its own pipe until the other writes a byte into it, so waiting costs no CPU.
     """
 
-    STOP = "stop"
+    TURN, STOP = b"t", b"s"
 
-    def __init__(self, path: str | Path, me: str, other: str, timeout_s: float = 600.0):
-        self.path, self.me, self.other, self.timeout_s = Path(path), me, other, timeout_s
+    def __init__(self, folder: str | Path, me: str, other: str, timeout_s: float = 600.0):
+        self.me, self.other, self.timeout_s = me, other, timeout_s
+        # O_RDWR: opening never blocks for want of a peer, and the pipe outlives either side's writes
+        self._mine = os.open(Path(folder) / f"{me}.fifo", os.O_RDWR)
+        self._theirs = os.open(Path(folder) / f"{other}.fifo", os.O_RDWR)
+
+    @staticmethod
+    def create(folder: str | Path, names: tuple[str, str]) -> None:
+        for name in names:
+            path = Path(folder) / f"{name}.fifo"
+            path.unlink(missing_ok=True)
+            os.mkfifo(path)
 
     def wait(self) -> None:
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                turn = self.path.read_text()
-            except FileNotFoundError:
-                turn = ""
-            if turn == self.me:
-                return
-            if turn == self.STOP:
-                raise OverheadBenchError(f"the {self.other} side of the overhead benchmark stopped")
-            if time.monotonic() > deadline:
-                raise OverheadBenchError(f"the {self.other} side of the overhead benchmark did not answer "
-                                   f"in {self.timeout_s:.0f} s")
-            time.sleep(0.0005)
+        ready, _, _ = select.select([self._mine], [], [], self.timeout_s)
+        if not ready:
+            raise OverheadBenchError(f"the {self.other} side of the overhead benchmark did not answer "
+                                     f"in {self.timeout_s:.0f} s")
+        if os.read(self._mine, 1) == self.STOP:
+            raise OverheadBenchError(f"the {self.other} side of the overhead benchmark stopped")
 
     def hand_over(self) -> None:
-        self._write(self.other)
+        os.write(self._theirs, self.TURN)
 
     def stop(self) -> None:
-        self._write(self.STOP)
+        """Wake the other side with the news that this one has stopped (a byte never overwrites another)."""
+        os.write(self._theirs, self.STOP)
 
-    def _write(self, text: str) -> None:
-        tmp = self.path.with_name(f"{self.path.name}.{self.me}.tmp")
-        tmp.write_text(text)
-        tmp.replace(self.path)  # atomic: the reader never sees a half-written name
+    def close(self) -> None:
+        os.close(self._mine)
+        os.close(self._theirs)
+
+    @classmethod
+    def stop_side(cls, folder: str | Path, name: str) -> None:
+        """From outside (the driver): tell side `name` that the other one has stopped."""
+        fd = os.open(Path(folder) / f"{name}.fifo", os.O_RDWR | os.O_NONBLOCK)
+        try:
+            os.write(fd, cls.STOP)
+        finally:
+            os.close(fd)
 
 
-def run_overhead_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3,
+def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5,
                        storage: Optional[str] = None) -> dict:
     """Optimizer-step time of `hidrop train` (one local Ray worker running DeepSpeed) against a plain
-    single-process loop over the same model, data order, batch size and thread count.
+    single-process loop over the same model, data order, batch size, thread count and checkpointing.
 
-    The two run at the same time in separate processes and take turns, one optimizer step each, so step i
-    of one path is timed right next to step i of the other; the ratio is the median of those per-step
-    ratios. A step's time runs from the end of the wait for its turn to the end of the optimizer step,
-    data loading included, on both sides.
+    The two run at the same time in separate processes and take turns, one optimizer step each (the plain
+    loop sets up, hands the first turn to the worker, and from then on each waits while the other steps),
+    so step i of one path is timed right next to step i of the other; the ratio is the median of those
+    per-step ratios. A step's time runs from the end of the wait for its turn to the end of the optimizer
+    step, data loading included, on both sides. The local Ray cluster's daemons stay up throughout.
     """
     import multiprocessing
     import tempfile
+    import threading
 
     from hidrop_platform.train import STEP_TIMES_FILE, deepspeed_config, run_training
 
     t = cfg.train
+    if t.use_gpu or t.precision != "fp32":
+        raise OverheadBenchError("bench overhead times fp32 CPU workers against a plain fp32 CPU loop; "
+                                 "set train.use_gpu=false train.precision=fp32")
     threads = max(1, int(t.resources_per_worker.get("CPU", 1)))
     total = warmup + steps
     storage = storage or tempfile.mkdtemp(prefix="hidrop-bench-")
     Path(storage).mkdir(parents=True, exist_ok=True)
-    turns_file = Path(storage) / "turn"
-    turns_file.write_text("ray")  # the Ray worker goes first; the plain loop waits for its hand-over
+    Turns.create(storage, ("ray", "plain"))
+    # a pipe's bytes live only while someone holds it open: a side may stop before the other has opened it
+    held = [os.open(Path(storage) / f"{name}.fifo", os.O_RDWR) for name in ("ray", "plain")]
     plain_file = Path(storage) / "plain.json"
     plain_file.unlink(missing_ok=True)
     ray_cfg = cfg.model_copy(deep=True)
@@ -360,20 +380,34 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3,
                                          "ray_address": None, "storage_path": storage, "max_failures": 0})
     ray_cfg.tracking = cfg.tracking.model_copy(update={"enabled": False})
     plain = multiprocessing.get_context("spawn").Process(
-        target=_plain_side, args=(cfg.model_dump(mode="json"), total, threads, str(turns_file), str(plain_file)),
-        daemon=True)
+        target=_plain_side, args=(cfg.model_dump(mode="json"), total, threads, storage, str(plain_file)), daemon=True)
     plain.start()
+
+    def watch_plain() -> None:  # a plain process killed outright (OOM, signal) must not leave the worker waiting
+        plain.join()
+        if plain.exitcode != 0:
+            Turns.stop_side(storage, "ray")
+
+    threading.Thread(target=watch_plain, daemon=True).start()
     try:
-        run_training(ray_cfg, turns=str(turns_file))
-    except BaseException:
-        Turns(turns_file, "ray", "plain").stop()
+        run_training(ray_cfg, turns=storage)
+    except BaseException as e:
+        Turns.stop_side(storage, "plain")
+        plain.join(timeout=60)
+        reason = _plain_error(plain_file)
+        if reason and isinstance(e, Exception):
+            raise OverheadBenchError(f"the plain loop failed: {reason}") from None
         raise
     finally:
         plain.join(timeout=60)
         if plain.is_alive():
             plain.terminate()
-    if not plain_file.is_file():
-        raise OverheadBenchError(f"the plain loop of the overhead benchmark failed (exit code {plain.exitcode})")
+            plain.join()
+        for fd in held:
+            os.close(fd)
+    reason = _plain_error(plain_file)
+    if reason or not plain_file.is_file():
+        raise OverheadBenchError(f"the plain loop failed: {reason or f'exit code {plain.exitcode}'}")
     ray_run = json.loads((Path(storage) / cfg.name / STEP_TIMES_FILE).read_text())
     plain_run = json.loads(plain_file.read_text())
     ray_times, plain_times = ray_run["seconds"][warmup:], plain_run["seconds"][warmup:]
@@ -383,6 +417,7 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3,
     return {
         "experiment": cfg.name, "steps_timed": len(ratios), "warmup": warmup, "threads": threads,
         "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum,
+        "gradient_checkpointing": t.gradient_checkpointing,
         "zero_optimization": deepspeed_config(ray_cfg)["zero_optimization"],
         "plain_step_s": plain_s, "ray_deepspeed_step_s": ray_s, "overhead_ms": (ray_s - plain_s) * 1000,
         "overhead_ratio": statistics.median(ratios), "ratio_quartiles": [quartiles[0], quartiles[2]],
@@ -391,15 +426,25 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 12, warmup: int = 3,
     }
 
 
-def _plain_side(config: dict, total: int, threads: int, turns_path: str, out_path: str) -> None:
-    """The plain loop's process: the same pieces as the worker, no Ray, no DeepSpeed; one step per turn."""
+def _plain_error(path: Path) -> Optional[str]:
+    try:
+        return json.loads(path.read_text()).get("error")
+    except (OSError, ValueError):
+        return None
+
+
+def _plain_side(config: dict, total: int, threads: int, folder: str, out_path: str) -> None:
+    """The plain loop's process: the same pieces as the worker, no Ray, no DeepSpeed; one step per turn.
+    A failure is written to `out_path` as one line (no traceback from the child process)."""
+    import sys
+
     from hidrop.training import make_dataset, plain_training
     from hidrop_platform.evaluate import build_model
     from hidrop_platform.train import training_samples
 
     cfg = ExperimentConfig.model_validate(config)
     t = cfg.train
-    turns = Turns(turns_path, "plain", "ray")
+    turns = Turns(folder, "plain", "ray")
     try:
         torch.set_num_threads(threads)
         torch.manual_seed(cfg.seed)
@@ -409,8 +454,10 @@ def _plain_side(config: dict, total: int, threads: int, turns_path: str, out_pat
             vlm, cfg.main_schedule, data, steps=total, stage=t.stage, lora=t.lora, micro_batch_size=t.micro_batch_size,
             grad_accum=t.grad_accum, lr=t.lr, lr_schedule=t.lr_schedule, warmup_ratio=t.warmup_ratio,
             weight_decay=t.weight_decay, grad_clip=t.grad_clip, budget_weight=t.budget_weight, seed=cfg.seed,
+            gradient_checkpointing=t.gradient_checkpointing,
         )
         seconds, losses = [], []
+        turns.hand_over()  # set up: the worker may take its first step
         for _ in range(total):
             turns.wait()
             info = next(loop)  # the generator starts its clock when asked for the step
@@ -418,6 +465,10 @@ def _plain_side(config: dict, total: int, threads: int, turns_path: str, out_pat
             losses.append(info["loss"])
             turns.hand_over()
         Path(out_path).write_text(json.dumps({"seconds": seconds, "loss": losses}))
-    except BaseException:
+    except Exception as e:
         turns.stop()
-        raise
+        Path(out_path).write_text(json.dumps({"error": str(e).strip().splitlines()[0] if str(e).strip()
+                                              else type(e).__name__}))
+        sys.exit(1)
+    finally:
+        turns.close()

@@ -163,8 +163,9 @@ def train_worker(payload: dict) -> None:
         from hidrop_platform.bench import Turns
 
         turns = Turns(payload["turns"], "ray", "plain")
-        turns.wait()
+        turns.wait()  # the plain loop has set up
         last_time = time.perf_counter()
+    step_loss = 0.0
     while step < total:
         sampler.set_epoch(epoch)
         sampler.skip = skip * t.micro_batch_size  # batches this epoch consumed before a restart: never loaded
@@ -179,6 +180,7 @@ def train_worker(payload: dict) -> None:
                     _stop(payload, message)
                 return
             engine.backward(out["loss"])
+            step_loss += loss_all / t.grad_accum  # as the plain loop reports it
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, t.lr, t.lr_schedule, t.warmup_ratio)
             boundary = engine.is_gradient_accumulation_boundary()
@@ -192,7 +194,8 @@ def train_worker(payload: dict) -> None:
             now = time.perf_counter()
             elapsed, last_time = now - last_time, now
             step_times.append(elapsed)
-            step_losses.append(loss_all)
+            step_losses.append(step_loss)
+            step_loss = 0.0
             accel_seconds += elapsed * world
             window = now - window_start
             if step % t.log_every == 0 or step == total:
@@ -243,11 +246,10 @@ def train_worker(payload: dict) -> None:
                     tracker.log_metrics(scores, step=step)
             if step == fail_at and not resumed:
                 raise RuntimeError(f"injected failure at step {step} (HIDROP_TEST_FAIL_AT_STEP)")
-            if turns is not None:
-                turns.hand_over()
-                if step < total:
-                    turns.wait()
-                    last_time = time.perf_counter()  # the wait is not the step's time
+            if turns is not None:  # after the last step too: the plain loop's last step must not share the
+                turns.hand_over()  # machine with this worker's shutdown
+                turns.wait()
+                last_time = time.perf_counter()  # the wait is not the step's time
             if step >= total:
                 break
         else:
@@ -256,6 +258,8 @@ def train_worker(payload: dict) -> None:
             continue
         skip = 0
     tracker.finish()
+    if turns is not None:
+        turns.close()
     if rank == 0:
         Path(payload["run_dir"]).mkdir(parents=True, exist_ok=True)
         (Path(payload["run_dir"]) / STEP_TIMES_FILE).write_text(json.dumps({"seconds": step_times, "loss": step_losses}))
@@ -346,7 +350,7 @@ def _report_checkpoint(engine, state: dict, metrics: dict, rank: int, frozen: bo
 def run_training(cfg: ExperimentConfig, progress: Optional[Callable[[dict], None]] = None,
                  turns: Optional[str] = None) -> dict:
     """Run the Ray Train job; `progress(info)` is called about once a second with rank 0's latest step.
-    `turns`: the overhead benchmark's turn file (the worker alternates steps with a plain loop)."""
+    `turns`: the overhead benchmark's folder of turn pipes (the worker alternates steps with a plain loop)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

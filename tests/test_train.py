@@ -176,31 +176,37 @@ def test_turns_alternate_strictly_and_a_stop_ends_the_wait(tmp_path):
 
     from hidrop_platform.bench import OverheadBenchError, Turns
 
-    path = tmp_path / "turn"
-    path.write_text("ray")
+    Turns.create(tmp_path, ("ray", "plain"))
     order: list[str] = []
 
-    def side(me: str, other: str, steps: int) -> None:
-        turns = Turns(path, me, other, timeout_s=30)
+    def side(me: str, other: str, steps: int, sets_up: bool) -> None:
+        turns = Turns(tmp_path, me, other, timeout_s=30)
+        if sets_up:  # the plain side hands the first turn over once it is ready
+            turns.hand_over()
         for _ in range(steps):
             turns.wait()
             order.append(me)
             turns.hand_over()
+        turns.close()
 
-    threads = [threading.Thread(target=side, args=("plain", "ray", 5)), threading.Thread(target=side, args=("ray", "plain", 5))]
+    threads = [threading.Thread(target=side, args=("plain", "ray", 5, True)),
+               threading.Thread(target=side, args=("ray", "plain", 5, False))]
     for th in threads:
         th.start()
     for th in threads:
         th.join(timeout=30)
     assert order == ["ray", "plain"] * 5
 
-    # the other side failing (stop) or never answering ends the wait with a one-line reason
-    Turns(path, "plain", "ray").stop()
+    # the other side failing (stop, from itself or from the driver) or never answering ends the wait
+    ray, plain = Turns(tmp_path, "ray", "plain"), Turns(tmp_path, "plain", "ray", timeout_s=0.05)
+    plain.stop()
     with pytest.raises(OverheadBenchError, match="the plain side of the overhead benchmark stopped"):
-        Turns(path, "ray", "plain").wait()
-    path.write_text("plain")
-    with pytest.raises(OverheadBenchError, match="did not answer"):
-        Turns(path, "ray", "plain", timeout_s=0.05).wait()
+        ray.wait()
+    Turns.stop_side(tmp_path, "ray")
+    with pytest.raises(OverheadBenchError, match="stopped"):
+        ray.wait()
+    with pytest.raises(OverheadBenchError, match="did not answer in 0 s"):
+        plain.wait()
 
 
 def test_lora_export_merges_adapters_into_a_loadable_checkpoint(tmp_path):
