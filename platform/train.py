@@ -41,6 +41,10 @@ def deepspeed_config(cfg: ExperimentConfig) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}
     if t.offload_param:
         zero["offload_param"] = {"device": "cpu"}
+    if not t.use_gpu and t.zero_stage in (1, 2):
+        # contiguous gradients copy every gradient into one buffer against CUDA allocator fragmentation;
+        # on CPU that is only a copy per parameter (measured: ~6 ms of a 60 ms tiny-model step)
+        zero["contiguous_gradients"] = False
     config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,

@@ -23,6 +23,11 @@ def test_deepspeed_config_from_yaml_and_merge():
     assert ds["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"}, "reduce_bucket_size": 1000}
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_micro_batch_size_per_gpu"] == 4
+    # ZeRO-1/2 on CPU skip the gradient copy into a contiguous buffer; GPUs and train.deepspeed keep control
+    assert deepspeed_config(load_config(SMOKE))["zero_optimization"] == {"stage": 2, "contiguous_gradients": False}
+    assert deepspeed_config(load_config(SMOKE, ["train.use_gpu=true"]))["zero_optimization"] == {"stage": 2}
+    override = load_config(SMOKE, ["train.deepspeed={zero_optimization: {contiguous_gradients: true}}"])
+    assert deepspeed_config(override)["zero_optimization"]["contiguous_gradients"] is True
 
 
 @pytest.mark.parametrize("bad,msg", [("train.offload_param=true", "zero_stage=3"), ("train.lora={r: 4}", "finetune"),
