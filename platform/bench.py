@@ -308,11 +308,16 @@ class Turns:
         self._theirs = os.open(Path(folder) / f"{other}.fifo", os.O_RDWR)
 
     @staticmethod
-    def create(folder: str | Path, names: tuple[str, str]) -> None:
+    def create(folder: str | Path, names: tuple[str, str]) -> dict[str, int]:
+        """Make the two pipes and hold them open for the caller, who closes the returned descriptors: a
+        pipe's bytes live only while someone holds it open, and a side may stop before the other opened it."""
+        held = {}
         for name in names:
             path = Path(folder) / f"{name}.fifo"
             path.unlink(missing_ok=True)
             os.mkfifo(path)
+            held[name] = os.open(path, os.O_RDWR)
+        return held
 
     def wait(self) -> None:
         ready, _, _ = select.select([self._mine], [], [], self.timeout_s)
@@ -332,15 +337,6 @@ class Turns:
     def close(self) -> None:
         os.close(self._mine)
         os.close(self._theirs)
-
-    @classmethod
-    def stop_side(cls, folder: str | Path, name: str) -> None:
-        """From outside (the driver): tell side `name` that the other one has stopped."""
-        fd = os.open(Path(folder) / f"{name}.fifo", os.O_RDWR | os.O_NONBLOCK)
-        try:
-            os.write(fd, cls.STOP)
-        finally:
-            os.close(fd)
 
 
 def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5,
@@ -368,9 +364,7 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5,
     total = warmup + steps
     storage = storage or tempfile.mkdtemp(prefix="hidrop-bench-")
     Path(storage).mkdir(parents=True, exist_ok=True)
-    Turns.create(storage, ("ray", "plain"))
-    # a pipe's bytes live only while someone holds it open: a side may stop before the other has opened it
-    held = [os.open(Path(storage) / f"{name}.fifo", os.O_RDWR) for name in ("ray", "plain")]
+    pipes = Turns.create(storage, ("ray", "plain"))
     plain_file = Path(storage) / "plain.json"
     plain_file.unlink(missing_ok=True)
     ray_cfg = cfg.model_copy(deep=True)
@@ -386,30 +380,30 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5,
     def watch_plain() -> None:  # a plain process killed outright (OOM, signal) must not leave the worker waiting
         plain.join()
         if plain.exitcode != 0:
-            Turns.stop_side(storage, "ray")
+            os.write(pipes["ray"], Turns.STOP)
 
     threading.Thread(target=watch_plain, daemon=True).start()
+    ray_error: Optional[BaseException] = None
     try:
         run_training(ray_cfg, turns=storage)
     except BaseException as e:
-        Turns.stop_side(storage, "plain")
-        plain.join(timeout=60)
-        reason = _plain_error(plain_file)
-        if reason and isinstance(e, Exception):
-            raise OverheadBenchError(f"the plain loop failed: {reason}") from None
-        raise
+        ray_error = e
+        os.write(pipes["plain"], Turns.STOP)  # the plain loop may be waiting for a turn
     finally:
         plain.join(timeout=60)
         if plain.is_alive():
             plain.terminate()
             plain.join()
-        for fd in held:
+        for fd in pipes.values():
             os.close(fd)
-    reason = _plain_error(plain_file)
-    if reason or not plain_file.is_file():
-        raise OverheadBenchError(f"the plain loop failed: {reason or f'exit code {plain.exitcode}'}")
+    plain_run = _read_json(plain_file)
+    if plain_run.get("error") and not isinstance(ray_error, KeyboardInterrupt):  # the cause, ahead of Ray's echo
+        raise OverheadBenchError(f"the plain loop failed: {plain_run['error']}") from None
+    if ray_error is not None:
+        raise ray_error
+    if not plain_run:
+        raise OverheadBenchError(f"the plain loop failed: exit code {plain.exitcode}")
     ray_run = json.loads((Path(storage) / cfg.name / STEP_TIMES_FILE).read_text())
-    plain_run = json.loads(plain_file.read_text())
     ray_times, plain_times = ray_run["seconds"][warmup:], plain_run["seconds"][warmup:]
     ratios = [r / p for r, p in zip(ray_times, plain_times)]
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
@@ -426,11 +420,12 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5,
     }
 
 
-def _plain_error(path: Path) -> Optional[str]:
+def _read_json(path: Path) -> dict:
+    """The plain side's result file: {} when it never wrote one."""
     try:
-        return json.loads(path.read_text()).get("error")
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 def _plain_side(config: dict, total: int, threads: int, folder: str, out_path: str) -> None:

@@ -177,11 +177,12 @@ def test_bench_overhead_cli_rejects_bad_step_counts():
 
 
 def test_turns_alternate_strictly_and_a_stop_ends_the_wait(tmp_path):
+    import os
     import threading
 
     from hidrop_platform.bench import OverheadBenchError, Turns
 
-    Turns.create(tmp_path, ("ray", "plain"))
+    pipes = Turns.create(tmp_path, ("ray", "plain"))
     order: list[str] = []
 
     def side(me: str, other: str, steps: int, sets_up: bool) -> None:
@@ -192,6 +193,8 @@ def test_turns_alternate_strictly_and_a_stop_ends_the_wait(tmp_path):
             turns.wait()
             order.append(me)
             turns.hand_over()
+        if not sets_up:  # the worker waits out the plain side's last step
+            turns.wait()
         turns.close()
 
     threads = [threading.Thread(target=side, args=("plain", "ray", 5, True)),
@@ -207,11 +210,13 @@ def test_turns_alternate_strictly_and_a_stop_ends_the_wait(tmp_path):
     plain.stop()
     with pytest.raises(OverheadBenchError, match="the plain side of the overhead benchmark stopped"):
         ray.wait()
-    Turns.stop_side(tmp_path, "ray")
+    os.write(pipes["ray"], Turns.STOP)  # as the driver does when the plain process dies outright
     with pytest.raises(OverheadBenchError, match="stopped"):
         ray.wait()
     with pytest.raises(OverheadBenchError, match="did not answer in 0 s"):
         plain.wait()
+    for fd in pipes.values():
+        os.close(fd)
 
 
 def test_lora_export_merges_adapters_into_a_loadable_checkpoint(tmp_path):
