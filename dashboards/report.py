@@ -14,6 +14,7 @@ What it writes to `out_dir` and, as artifacts under `report/`, on the sweep's pa
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import math
@@ -22,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from hidrop.evaluation.paper import PAPER_BENCHMARKS, comparison_rows, format_delta
+from hidrop.evaluation.published import PublishedError, comparisons_for, method_from_name, model_key
 from hidrop_dashboards.pareto import pareto_front, plot_pareto
 from hidrop_platform.tracking import redact_uri
 
@@ -61,6 +64,53 @@ def _tag(run, key: str, default: str = "") -> str:
 def _method_name(label: str) -> str:
     name = label.removeprefix("seed:")
     return PRESET_NAMES.get(name, name)
+
+
+def _published_model(params: dict) -> Optional[str]:
+    """The published model (hidrop/evaluation/published.yaml) a run's model is, from its params."""
+    try:
+        return model_key(params.get("model.kind"), params.get("model.path"), params.get("eval.published", "auto"))
+    except PublishedError:  # a model key this version's file does not know: show nothing rather than guess
+        return None
+
+
+def _run_method(params: dict, label: str) -> Optional[str]:
+    """vanilla / fastv / pdrop / hidrop: logged as schedule.method; older runs by their preset's name."""
+    if params.get("schedule.method"):
+        return params["schedule.method"]
+    for name in (params.get("schedule.resolved_name"), params.get("schedule.preset"), label):
+        if name and name != "None" and method_from_name(name):
+            return method_from_name(name)
+    return None
+
+
+def _position_mode(params: dict) -> Optional[str]:
+    mode = params.get("schedule.resolved_position_mode") or params.get("schedule.position_mode")
+    return None if mode in (None, "", "None") else mode
+
+
+# params that name or describe a run rather than what it ran; position mode is what Table 10 varies
+_NOT_IN_SIGNATURE = ("name", "description", "schedule.name", "schedule.resolved_name")
+
+
+def _signature(params: dict) -> str:
+    """What a run ran, minus its position encoding: runs with equal signatures differ only in that."""
+    kept = sorted((k, v) for k, v in params.items()
+                  if k not in _NOT_IN_SIGNATURE and "position_mode" not in k
+                  and not k.startswith(("version.", "tracking.")))
+    return hashlib.sha1(json.dumps(kept).encode()).hexdigest()[:12]
+
+
+def _published_fields(params: dict, label: str, fallback_model: Optional[str] = None) -> dict:
+    return {"method": _run_method(params, label), "position_mode": _position_mode(params),
+            "signature": _signature(params), "published_model": _published_model(params) or fallback_model,
+            "published_training": params.get("eval.published_training", "any")}
+
+
+def _paper_order(benchmarks) -> list[str]:
+    """The paper's Table 1 order first, then any other benchmark by name."""
+    rank = {b: i for i, b in enumerate(PAPER_BENCHMARKS)}
+    return sorted(benchmarks, key=lambda b: (rank.get(b, len(rank)), b))
 
 
 def collect(tracking_uri: str, experiment: str, sweep: Optional[str] = None) -> dict:
@@ -105,9 +155,11 @@ def _sweep(parent, children: list) -> dict:
     blind = {k.removeprefix("blind/"): v for k, v in m.items() if k.startswith("blind/")}
     ratios = [100.0 * blind[b] / reference[b] for b in reference if b in blind and reference[b] > 0]
     trials = []
+    parent_model = _published_model(parent.data.params)
     for run in children:
         metrics = run.data.metrics
         row = {"label": run.info.run_name, "run_id": run.info.run_id, "seed": _tag(run, "hidrop.seed") == "True",
+               **_published_fields(run.data.params, run.info.run_name, parent_model),
                "status": _tag(run, "status", run.info.status.lower()), "pareto": False,
                "plan": run.data.params.get("schedule.plan", ""),
                "search": {k.removeprefix("search."): v for k, v in run.data.params.items() if k.startswith("search.")},
@@ -126,7 +178,7 @@ def _sweep(parent, children: list) -> dict:
     return {"name": _tag(parent, "hidrop.sweep"), "run_id": parent.info.run_id, "status": parent.info.status,
             "reference_scores": reference, "blind_scores": blind,
             "blind_relative_score": sum(ratios) / len(ratios) if ratios else None,
-            "benchmarks": sorted(reference), "wall_s": m.get("wall_s"), "accelerator_hours": m.get("accelerator_hours"),
+            "benchmarks": _paper_order(reference), "published_model": parent_model, "wall_s": m.get("wall_s"), "accelerator_hours": m.get("accelerator_hours"),
             "samples": max((int(t["samples"]) for t in trials if "samples" in t), default=None),
             "device_type": next((_tag(c, "device_type") for c in children if _tag(c, "device_type")), "cpu"),
             "trials": trials}
@@ -141,6 +193,7 @@ def _trainings(runs: list) -> list[dict]:
         m, p = run.data.metrics, run.data.params
         rows.append({
             "name": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status, "stage": _tag(run, "stage"),
+            **_published_fields(p, run.info.run_name),
             "device_type": _tag(run, "device_type", "cpu"), "workers": _tag(run, "num_workers", "1"),
             "schedule": p.get("schedule.preset") or p.get("schedule.name") or "",
             "avg_vision_tokens": m.get("avg_vision_tokens", m.get("vision_tokens_kept")),
@@ -162,9 +215,17 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _comparisons(row: dict, reference: Optional[dict], layout: str, tokens_key: str = "avg_vision_tokens") -> list[dict]:
+    found = comparisons_for(row.get("published_model"), row.get("method"), row.get(tokens_key), row["scores"],
+                            reference, layout=layout, training=row.get("published_training", "any"),
+                            position_mode=row.get("position_mode") if layout == "table10" else None)
+    return [c.to_dict() for c in found]
+
+
 def methods_table(data: dict) -> dict:
     """Table 1: methods x benchmarks. The presets in the paper's order, then the searched trials on the
-    Pareto front (at most MAX_SEARCHED_ROWS, highest score first), then the blind baseline."""
+    Pareto front (at most MAX_SEARCHED_ROWS, highest score first), then the blind baseline. A row whose
+    model, method and budget match a published one carries it (`published`) with the differences."""
     sweep = data["sweep"]
     if not sweep:
         return {"columns": [], "rows": []}
@@ -180,12 +241,17 @@ def methods_table(data: dict) -> dict:
             rows.append({"method": _method_name(t["label"]), "kind": kind, "pareto": bool(t.get("pareto")),
                          "avg_vision_tokens": t.get("avg_vision_tokens"), "vision_tflops": t.get("vision_tflops"),
                          "scores": {b: t["scores"].get(b) for b in benches}, "relative_score": t["relative_score"],
-                         "plan": t["plan"]})
+                         "plan": t["plan"], "published": _comparisons(t, sweep["reference_scores"], "table1")})
     if sweep["blind_relative_score"] is not None:
         rows.append({"method": "blind (no image)", "kind": "baseline", "pareto": False, "avg_vision_tokens": 0.0,
                      "vision_tflops": 0.0, "scores": {b: sweep["blind_scores"].get(b) for b in benches},
-                     "relative_score": sweep["blind_relative_score"], "plan": ""})
+                     "relative_score": sweep["blind_relative_score"], "plan": "", "published": []})
     return {"columns": benches, "rows": rows}
+
+
+def _all_tokens_training(trainings: list[dict]) -> Optional[dict]:
+    """The newest all-tokens (vanilla) training with scores: the reference of trained models' Avg (%)."""
+    return next((t for t in trainings if (t.get("method") == "vanilla" or t["schedule"] == "vanilla") and t["scores"]), None)
 
 
 def training_table(data: dict) -> list[dict]:
@@ -193,23 +259,72 @@ def training_table(data: dict) -> list[dict]:
 
     `vs_all_tokens_training`: the paper's Avg (%) of each trained model against the newest all-tokens
     (vanilla) training with scores on the same benchmarks; `relative_score` is the run's own (its
-    model pruned vs the same model unpruned)."""
+    model pruned vs the same model unpruned). `published`: the paper's Table 2 row of the same model,
+    method and budget, with the differences (scores against the all-tokens training)."""
     rows = [{k: t[k] for k in ("name", "run_id", "stage", "schedule", "avg_vision_tokens", "accelerator_hours", "device_type",
                                "workers", "vision_tflops", "model_tflops", "loss", "relative_score", "scores",
-                               "samples_per_s", "status")}
+                               "samples_per_s", "status", "method", "position_mode", "signature", "published_model",
+                               "published_training")}
             for t in data["trainings"]]
-    base = next((t for t in rows if t["schedule"] == "vanilla" and t["scores"]), None)
+    base = _all_tokens_training(rows)
     for t in rows:
         shared = [b for b in t["scores"] if base and b in base["scores"] and base["scores"][b] > 0]
         t["vs_all_tokens_training"] = (sum(100.0 * t["scores"][b] / base["scores"][b] for b in shared) / len(shared)
                                        if shared and len(shared) == len(base["scores"]) else None)
+        t["published"] = _comparisons(t, base["scores"] if base else None, "table2")
     names = [t["name"] for t in rows]
     for t in rows:  # the same YAML trained twice: tell the bars apart
         t["label"] = f"{t['name']} ({t['run_id'][:6]})" if names.count(t["name"]) > 1 else t["name"]
     return rows
 
 
-def _markdown(table: dict, trainings: list[dict], hours_label: str) -> str:
+def position_tables(data: dict, trainings: list[dict]) -> list[dict]:
+    """Table 10: for every set of runs that differ only in `schedule.position_mode` (sweep trials of one
+    sweep, or trainings), one table of position encodings x benchmarks with Avg (%) (a trial's relative
+    score; a training's Avg against the all-tokens training), and the paper's Table 10 rows beneath."""
+    groups: dict[tuple, list[dict]] = {}
+    sweep = data["sweep"]
+    for t in data["trials"]:
+        if t.get("position_mode") and "relative_score" in t and t["status"] in ("finished", "stopped_early"):
+            groups.setdefault(("sweep", t["signature"]), []).append(
+                {**t, "avg": t["relative_score"], "reference": sweep["reference_scores"]})
+    base = _all_tokens_training(trainings)
+    for t in trainings:
+        if t.get("position_mode") and t["scores"]:
+            groups.setdefault(("training", t["signature"]), []).append(
+                {**t, "avg": t["vs_all_tokens_training"], "reference": base["scores"] if base else None})
+    tables = []
+    for (kind, _), members in groups.items():
+        by_mode: dict[str, dict] = {}
+        for m in members:  # newest first: a mode run twice shows its newest run
+            by_mode.setdefault(m["position_mode"], m)
+        if len(by_mode) < 2:
+            continue
+        columns = _paper_order({b for m in by_mode.values() for b in m["scores"]})
+        rows = [{"position_mode": mode, "run": m.get("label") or m.get("name"), "run_id": m["run_id"],
+                 "scores": {b: m["scores"].get(b) for b in columns}, "avg": m["avg"],
+                 "published": _comparisons(m, m["reference"], "table10")}
+                for mode, m in sorted(by_mode.items())]
+        first = next(iter(by_mode.values()))
+        title = (f"sweep {sweep['name']}" if kind == "sweep" else f"trainings ({first['stage']})") + \
+            f", {first.get('method') or 'schedule'} at {_fmt(first.get('avg_vision_tokens'))} tokens"
+        tables.append({"title": title, "kind": kind, "columns": columns, "rows": rows})
+    return tables
+
+
+def _published_notes(rows: list[dict]) -> list[str]:
+    notes: list[str] = []
+    for r in rows:
+        for c in r.get("published", []):
+            notes += [n for n in c["notes"] if n not in notes]
+    return notes
+
+
+def _scores_text(scores: dict, digits: int = 1, signed: bool = False) -> str:
+    return ", ".join(f"{b} {format_delta(v, digits) if signed else _fmt(v, digits)}" for b, v in scores.items())
+
+
+def _markdown(table: dict, trainings: list[dict], hours_label: str, positions: list[dict]) -> str:
     lines = []
     if table["rows"]:
         head = ["method", "avg tokens", *table["columns"], "Avg (%)"]
@@ -218,14 +333,47 @@ def _markdown(table: dict, trainings: list[dict], hours_label: str) -> str:
             lines.append("| " + " | ".join([r["method"] + (" *" if r["pareto"] else ""), _fmt(r["avg_vision_tokens"]),
                                              *(_fmt(r["scores"][b]) for b in table["columns"]),
                                              _fmt(r["relative_score"])]) + " |")
+            for c in r["published"]:
+                pub, delta = comparison_rows(c, table["columns"])
+                lines.append(f"| ↳ {c['description']} | {c['tokens']:g} | " + " | ".join(pub) + " |")
+                lines.append("| ↳ measured − paper | | " + " | ".join(delta) + " |")
     if trainings:
-        lines += ["", f"| training run | stage | avg tokens | {hours_label} | vision TFLOPs | model TFLOPs | loss | "
-                      "Avg (% of all-tokens training) |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"| training run | stage | avg tokens | {hours_label} | vision TFLOPs | model TFLOPs | loss | scores | "
+                      "Avg (% of all-tokens training) |", "|---|---|---|---|---|---|---|---|---|"]
         for t in trainings:
             lines.append(f"| {t['label']} | {t['stage']} | {_fmt(t['avg_vision_tokens'])} | {_fmt(t['accelerator_hours'], 4)} | "
                          f"{_fmt(t['vision_tflops'], 4)} | {_fmt(t['model_tflops'], 4)} | {_fmt(t['loss'], 3)} | "
-                         f"{_fmt(t['vs_all_tokens_training'])} |")
+                         f"{_scores_text(t['scores'])} | {_fmt(t['vs_all_tokens_training'])} |")
+            for c in t["published"]:
+                pub, delta = _training_published_cells(c)
+                lines.append("| " + " | ".join(pub) + " |")
+                lines.append("| " + " | ".join(delta) + " |")
+    for group in positions:
+        head = ["position encoding", "run", *group["columns"], "Avg (%)"]
+        lines += ["", f"Position encodings (Table 10 layout): {group['title']}", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in group["rows"]:
+            lines.append("| " + " | ".join([r["position_mode"], r["run"], *(_fmt(r["scores"][b]) for b in group["columns"]),
+                                             _fmt(r["avg"])]) + " |")
+            for c in r["published"]:
+                pub, delta = comparison_rows(c, group["columns"])
+                lines.append(f"| ↳ {c['description']} | | " + " | ".join(pub) + " |")
+                lines.append("| ↳ measured − paper | | " + " | ".join(delta) + " |")
+    notes = _published_notes(table["rows"]) + _published_notes(trainings) + \
+        _published_notes([r for g in positions for r in g["rows"]])
+    if notes:
+        lines += [""] + [f"- {n}" for n in dict.fromkeys(notes)]
     return "\n".join(lines) + "\n"
+
+
+def _training_published_cells(c: dict) -> tuple[list[str], list[str]]:
+    """The published row and the differences under a training run, in the training table's columns."""
+    hours = "-" if c["train_gpu_hours"] is None else f"{c['train_gpu_hours']:g} GPU-h (paper, full recipe)"
+    tflops = "-" if c["infer_tflops"] is None else f"{c['infer_tflops']:g}"
+    avg = f"{c['published_avg']:.1f}" + (f" (over {len(c['benchmarks'])})" if c["not_measured"] else "")
+    pub = [f"↳ {c['description']}", "", f"{c['tokens']:g}", hours, tflops, "", "", _scores_text(c["published"]), avg]
+    delta = ["↳ measured − paper", "", "", "", "", "", "", _scores_text(c["deltas"], signed=True), format_delta(c["delta_avg"])]
+    return pub, delta
 
 
 # ---- figures --------------------------------------------------------------------------------------------
@@ -281,10 +429,30 @@ table{border-collapse:collapse;font-size:.9em;margin:.5em 0} th,td{border:1px so
 th:first-child,td:first-child{text-align:left} tr.preset td{background:#fdf3e7} tr.baseline td{color:#777}
 tr.front td:first-child{font-weight:600} img{max-width:100%;border:1px solid #eee} .note{color:#555;font-size:.9em}
 code{background:#f4f4f4;padding:0 .2em}
+tr.published td{color:#8a8a8a;font-style:italic;background:#fafafa} tr.delta td{color:#6a6a6a;font-size:.85em;background:#fafafa}
 """
 
 
-def render_html(data: dict, table: dict, trainings: list[dict], figures: dict[str, Optional[Path]], hours_label: str) -> str:
+def _with_published(rows: list[list[str]], classes: list[str], measured: list[dict], cells) -> tuple[list, list]:
+    """Interleave, under each measured row, its published rows and differences (`cells(c)` gives both)."""
+    out_rows, out_classes = [], []
+    for row, cls, m in zip(rows, classes, measured):
+        out_rows.append(row)
+        out_classes.append(cls)
+        for c in m.get("published", []):
+            pub, delta = cells(c)
+            out_rows += [pub, delta]
+            out_classes += ["published", "delta"]
+    return out_rows, out_classes
+
+
+def _notes_html(rows: list[dict]) -> str:
+    notes = _published_notes(rows)
+    return "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
+
+
+def render_html(data: dict, table: dict, trainings: list[dict], figures: dict[str, Optional[Path]], hours_label: str,
+                positions: Optional[list[dict]] = None) -> str:
     sweep = data["sweep"]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>hidrop report: {html.escape(data['experiment'])}</title>"
              f"<style>{STYLE}</style></head><body>",
@@ -307,7 +475,13 @@ def render_html(data: dict, table: dict, trainings: list[dict], figures: dict[st
         rows = [[r["method"] + (" (front)" if r["pareto"] and r["kind"] == "preset" else ""), _fmt(r["avg_vision_tokens"]),
                  *(_fmt(r["scores"][b]) for b in table["columns"]), _fmt(r["relative_score"])] for r in table["rows"]]
         classes = [r["kind"] + (" front" if r["pareto"] else "") for r in table["rows"]]
-        parts.append(_html_table(head, rows, classes))
+
+        def cells(c: dict) -> tuple[list[str], list[str]]:
+            pub, delta = comparison_rows(c, table["columns"])
+            return [c["description"], f"{c['tokens']:g}", *pub], ["measured − paper", "", *delta]
+
+        parts.append(_html_table(head, *_with_published(rows, classes, table["rows"], cells)))
+        parts.append(_notes_html(table["rows"]))
         parts.append(f"<p class='note'>All-tokens scores: {html.escape(json.dumps({b: round(v, 2) for b, v in sweep['reference_scores'].items()}))}. "
                      f"Searched rows are the Pareto-front trials, best first (at most {MAX_SEARCHED_ROWS}).</p>")
         trials_rows = [[t["label"], "yes" if t.get("pareto") else "", _fmt(t.get("relative_score")), _fmt(t.get("avg_vision_tokens")),
@@ -320,14 +494,33 @@ def render_html(data: dict, table: dict, trainings: list[dict], figures: dict[st
                 "samples/s", "final loss", "scores", "Avg (% of all-tokens training)", "Avg (% of itself unpruned)"]
         rows = [[t["label"], t["stage"], _fmt(t["avg_vision_tokens"]), _fmt(t["accelerator_hours"], 4), _fmt(t["vision_tflops"], 4),
                  _fmt(t["model_tflops"], 4), _fmt(t["samples_per_s"], 2), _fmt(t["loss"], 3),
-                 ", ".join(f"{b} {v:.1f}" for b, v in t["scores"].items()), _fmt(t["vs_all_tokens_training"]),
+                 _scores_text(t["scores"]), _fmt(t["vs_all_tokens_training"]),
                  _fmt(t["relative_score"])] for t in trainings]
-        parts.append(_html_table(head, rows) + _img(figures.get("training_cost"), "training cost"))
+
+        def training_cells(c: dict) -> tuple[list[str], list[str]]:
+            pub, delta = _training_published_cells(c)  # the markdown columns, plus samples/s and "itself unpruned"
+            return ([pub[0].removeprefix("↳ "), *pub[1:6], "", *pub[6:], ""],
+                    [delta[0].removeprefix("↳ "), *delta[1:6], "", *delta[6:], ""])
+
+        parts.append(_html_table(head, *_with_published(rows, [""] * len(rows), trainings, training_cells))
+                     + _notes_html(trainings) + _img(figures.get("training_cost"), "training cost"))
         parts.append(f"<p class='note'>{html.escape(hours_label)} = wall time x devices, measured in the run (not estimated). "
                      "Scores need <code>train.eval_after: true</code>; Avg (% of all-tokens training) compares each trained "
                      "model with the newest all-tokens training on the same benchmarks.</p>")
     else:
         parts.append("<p class='note'>No training runs in this experiment (<code>hidrop train</code> logs them).</p>")
+    for group in positions or []:
+        parts.append(f"<h2 id='positions'>Position encodings (Table 10 layout): {html.escape(group['title'])}</h2>")
+        head = ["position encoding", "run", *group["columns"], "Avg (%)"]
+        rows = [[r["position_mode"], r["run"], *(_fmt(r["scores"][b]) for b in group["columns"]), _fmt(r["avg"])]
+                for r in group["rows"]]
+
+        def position_cells(c: dict, columns=group["columns"]) -> tuple[list[str], list[str]]:
+            pub, delta = comparison_rows(c, columns)
+            return [c["description"], "", *pub], ["measured − paper", "", *delta]
+
+        parts.append(_html_table(head, *_with_published(rows, [""] * len(rows), group["rows"], position_cells))
+                     + _notes_html(group["rows"]))
     if figures.get("curves"):
         proposed = data["analysis"]["proposed"]
         parts.append("<h2 id='diagnostics'>Layer diagnostics</h2>" + _img(figures["curves"], "diagnostics curves"))
@@ -358,6 +551,7 @@ def build_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep:
                                             f"{experiment} / {sweep_info['name']}: relative score vs vision TFLOPs",
                                             reference_lines=lines)
     trainings = training_table(data)
+    positions = position_tables(data, trainings)
     figures["training_cost"] = plot_training_cost(trainings, out / "training_cost.png", hours_label)
     if data["analysis"]:
         try:
@@ -366,9 +560,10 @@ def build_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep:
                 figures["curves"] = Path(shutil.copyfile(local, out / "curves.png"))
         except Exception:  # an analysis logged without its plot (tracking was offline): the report goes on
             figures["curves"] = None
-    (out / "report.html").write_text(render_html(data, table, trainings, figures, hours_label))
-    (out / "report.md").write_text(_markdown(table, trainings, hours_label))
-    (out / "report.json").write_text(json.dumps({**data, "methods_table": table, "training_table": trainings},
+    (out / "report.html").write_text(render_html(data, table, trainings, figures, hours_label, positions))
+    (out / "report.md").write_text(_markdown(table, trainings, hours_label, positions))
+    (out / "report.json").write_text(json.dumps({**data, "methods_table": table, "training_table": trainings,
+                                                 "position_tables": positions},
                                                 indent=2, default=str))
     # only what this call wrote (an earlier report in the same folder may have had more figures)
     written = sorted([out / "report.html", out / "report.md", out / "report.json", *(p for p in figures.values() if p)])
@@ -381,4 +576,6 @@ def build_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep:
     return {"experiment": experiment, "out_dir": str(out), "html": str(out / "report.html"),
             "files": [str(p) for p in written], "published_to_run": published_to,
             "methods": [r["method"] for r in table["rows"]], "trials": len(data["trials"]),
-            "trainings": len(trainings), "diagnostics": bool(figures.get("curves"))}
+            "trainings": len(trainings), "position_tables": len(positions), "diagnostics": bool(figures.get("curves")),
+            "published_rows": sum(len(r["published"]) for r in [*table["rows"], *trainings,
+                                                                 *(r for g in positions for r in g["rows"])])}

@@ -197,8 +197,11 @@ def _print_eval(report: dict) -> None:
 
     rows = {r["method"]: {n: r["benchmarks"][n]["score"] for n in names if n in PAPER_BENCHMARKS} for r in report["methods"]}
     if any(rows.values()) and report["reference"] in rows:
-        out.print(f"The paper's Table 1 layout (Avg % against {report['reference']}):")
-        out.print(paper_table(rows, reference=report["reference"]), markup=False, highlight=False)
+        published = report.get("published") or {}
+        out.print(f"The paper's Table 1 layout (Avg % against {report['reference']})"
+                  + (f", with the paper's rows for {report['published_model']} (hidrop/evaluation/published.yaml)"
+                     if published else "") + ":")
+        out.print(paper_table(rows, reference=report["reference"], published=published), markup=False, highlight=False)
     for note in report["notes"]:
         out.print(f"[bold yellow]note:[/] {note}", highlight=False)
 

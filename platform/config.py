@@ -150,6 +150,19 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = Field(default=8, gt=0)
     include_compare: bool = True  # also evaluate the `compare` schedules
     device: Optional[str] = None  # default: cuda when available
+    # the paper's rows shown beside the measured ones: "auto" (a llava_hf model whose path names
+    # LLaVA-1.5-7B), "none", or a model of hidrop/evaluation/published.yaml (llava15_7b, mobilellama_2.7b)
+    published: str = "auto"
+    published_training: Literal["any", "training_free", "trained", "trained_eval_training_free"] = "any"
+
+    @model_validator(mode="after")
+    def _known_published(self) -> "EvalConfig":
+        from hidrop.evaluation.published import load_published
+
+        known = ["auto", "none", *sorted(load_published().models)]
+        if self.published not in known:
+            raise ValueError(f"published={self.published!r} is not a published model; choose from {', '.join(known)}")
+        return self
 
 
 class BenchConfig(BaseModel):

@@ -90,7 +90,32 @@ def run_eval(cfg: ExperimentConfig, progress: Optional[Callable[[int, int, str],
         raise EvalSetupError(str(e)) from None
     report["experiment"] = cfg.name
     report["device"] = str(vlm.device)
+    attach_published(report, cfg)
     return report
+
+
+def published_model(cfg: ExperimentConfig) -> Optional[str]:
+    """The published model (hidrop/evaluation/published.yaml) the experiment's model is, if any."""
+    from hidrop.evaluation.published import model_key
+
+    return model_key(cfg.model.kind, cfg.model.path, cfg.eval.published)
+
+
+def attach_published(report: dict, cfg: ExperimentConfig) -> None:
+    """Add the paper's matching rows and the differences to an eval report (`published`, per method),
+    and a note for every partial match or self-contradicting paper row."""
+    from hidrop.evaluation.published import eval_report_comparisons
+
+    key = published_model(cfg)
+    report["published_model"] = key
+    report["published"] = eval_report_comparisons(report, key, cfg.eval.published_training)
+    seen = set()
+    for comparisons in report["published"].values():
+        for c in comparisons:
+            for note in c["notes"]:
+                if note not in seen:
+                    seen.add(note)
+                    report["notes"].append(note)
 
 
 def model_shape_for_cost(cfg: ExperimentConfig, vlm):

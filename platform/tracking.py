@@ -773,3 +773,17 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def schedule_params(schedule) -> dict[str, Any]:
+    """The resolved schedule as MLflow params, the same for sweep trials and trainings: what the report
+    needs to find the paper's row of the same method and budget, and to tell runs apart that differ
+    only in position encoding (Table 10)."""
+    from hidrop.evaluation.published import schedule_method
+
+    # no key here is a field of the YAML's schedule section (flatten(cfg) logs those first)
+    return {"schedule.plan": schedule.describe(), "schedule.keep_counts": schedule.keep_counts,
+            "schedule.resolved_name": schedule.name, "schedule.method": schedule_method(schedule),
+            "schedule.resolved_avg_tokens": round(schedule.avg_tokens(), 4),
+            "schedule.resolved_position_mode": schedule.position_mode.value,
+            "schedule.resolved_query_rule": schedule.query_rule.value, "schedule.resolved_selector": schedule.selector.value}

@@ -91,7 +91,7 @@ def train_worker(payload: dict) -> None:
     from hidrop.cost import cost_report
     from hidrop.training import TrainStep, lr_at, make_collator, make_dataset, merged_lora_export, set_trainable
     from hidrop_platform.evaluate import build_model
-    from hidrop_platform.tracking import Tracker, package_versions, system_metrics
+    from hidrop_platform.tracking import Tracker, package_versions, schedule_params, system_metrics
 
     cfg = ExperimentConfig.model_validate(payload["config"])
     t = cfg.train
@@ -149,6 +149,7 @@ def train_worker(payload: dict) -> None:
     if state["run_id"] is None and rank == 0:
         tracker.log_config(cfg)
         tracker.log_params({f"schedule_plan.{i + 1}": n for i, n in enumerate(schedule.tokens_per_layer())})
+        tracker.log_params(schedule_params(schedule))
         tracker.log_params({f"version.{k}": v for k, v in package_versions().items()})
         tracker.log_dict(deepspeed_config(cfg), "config/deepspeed.json")
     state["run_id"] = tracker.run_id

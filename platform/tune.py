@@ -326,7 +326,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     import torch
     from ray import tune
 
-    from hidrop_platform.tracking import Tracker
+    from hidrop_platform.tracking import Tracker, schedule_params
 
     torch.set_num_threads(max(1, int(ctx["threads"])))
     cfg = trial_config(ctx["base"], config["overrides"])
@@ -350,9 +350,7 @@ def run_trial(config: dict, ctx: dict) -> None:
         tracker.set_tags({"attempts": attempts, "status": "running"})
         params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}
         params.update({f"search.{k}": v for k, v in config["overrides"].items()})
-        params.update({"schedule.plan": schedule.describe(), "schedule.keep_counts": schedule.keep_counts,
-                       "schedule.drop_layers": [d.after_layer for d in schedule.drops],
-                       "schedule.resolved_name": schedule.name})
+        params.update({**schedule_params(schedule), "schedule.drop_layers": [d.after_layer for d in schedule.drops]})
         tracker.log_params(params)
         if os.environ.get("HIDROP_TEST_FAIL_TRIAL") == config["label"] and attempts == 1:
             raise RuntimeError(f"injected failure in {config['label']} (HIDROP_TEST_FAIL_TRIAL)")

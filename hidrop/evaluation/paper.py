@@ -402,9 +402,38 @@ class MMStar(ChoiceBenchmark):
 
 # ---- the paper's Avg(%) and table --------------------------------------------------------------------
 
-def paper_table(rows: dict[str, dict[str, float]], reference: str) -> str:
+def format_delta(value: Optional[float], digits: int = 1) -> str:
+    return "-" if value is None or value != value else f"{value:+.{digits}f}"
+
+
+def comparison_rows(comparison: dict, columns: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The two rows shown under a measured one for a published comparison (`Comparison.to_dict()` of
+    hidrop.evaluation.published): the paper's figures and the differences (measured - published), as
+    cells for `columns` then Avg (%). A benchmark the paper lacks reads "n/a"; the Avg cell says what it
+    rests on when that is not the paper's own basis."""
+    pub, delta = [], []
+    for b in columns:
+        if b in comparison["published"]:
+            pub.append(f"{comparison['published'][b]:.1f}")
+            delta.append(format_delta(comparison["deltas"][b]))
+        else:
+            pub.append("n/a")
+            delta.append("")
+    avg = f"{comparison['published_avg']:.1f}"
+    if comparison["published_avg_printed"] is not None and comparison["disagreement"]:
+        avg += f" (printed {comparison['published_avg_printed']:.1f})"
+    if comparison["not_measured"]:
+        avg += f" (over {len(comparison['benchmarks'])})"
+    pub.append(avg)
+    delta.append(format_delta(comparison["delta_avg"]))
+    return pub, delta
+
+
+def paper_table(rows: dict[str, dict[str, float]], reference: str,
+                published: Optional[dict[str, list[dict]]] = None) -> str:
     """Markdown in Table 1's layout: one row per method, the eleven columns in the paper's order (those
-    present), then Avg(%) against the `reference` row (mean of per-benchmark ratios x 100)."""
+    present), then Avg(%) against the `reference` row (mean of per-benchmark ratios x 100). `published`
+    (method -> published comparisons) adds, under a method, each matching paper row and the differences."""
     from hidrop.evaluation.metrics import relative_score
 
     columns = [b for b in PAPER_BENCHMARKS if any(b in r for r in rows.values())]
@@ -414,4 +443,8 @@ def paper_table(rows: dict[str, dict[str, float]], reference: str) -> str:
         rel = relative_score({b: scores[b] for b in columns if b in scores}, rows[reference])
         cells = [f"{scores[b]:.1f}" if b in scores else "-" for b in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if rel is None else f'{rel:.1f}'} |")
+        for comparison in (published or {}).get(name, []):
+            pub, delta = comparison_rows(comparison, columns)
+            lines.append(f"| ↳ {comparison['description']} | " + " | ".join(pub) + " |")
+            lines.append("| ↳ measured − paper | " + " | ".join(delta) + " |")
     return "\n".join(lines) + "\n"

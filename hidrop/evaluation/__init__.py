@@ -1,0 +1,1 @@
+"""The benchmark registry, the harness, the official metrics and the paper's published results."""
