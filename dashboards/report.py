@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, comparison_rows, format_delta
-from hidrop.evaluation.published import PublishedError, comparisons_for, method_from_name, model_key
+from hidrop.evaluation.published import PublishedError, comparisons_for, exact_preset, method_from_name, model_key
 from hidrop_dashboards.pareto import pareto_front, plot_pareto
 from hidrop_platform.tracking import redact_uri
 
@@ -90,7 +90,8 @@ def _position_mode(params: dict) -> Optional[str]:
 
 
 # params that name or describe a run rather than what it ran; position mode is what Table 10 varies
-_NOT_IN_SIGNATURE = ("name", "description", "schedule.name", "schedule.resolved_name")
+# (and model.path: each position mode's finetune starts from its own stage-1 export)
+_NOT_IN_SIGNATURE = ("name", "description", "schedule.name", "schedule.resolved_name", "model.path")
 
 
 def _signature(params: dict) -> str:
@@ -102,7 +103,10 @@ def _signature(params: dict) -> str:
 
 
 def _published_fields(params: dict, label: str, fallback_model: Optional[str] = None) -> dict:
+    name = next((params[k] for k in ("schedule.resolved_name", "schedule.preset") if params.get(k) not in (None, "None")),
+                label.removeprefix("seed:"))
     return {"method": _run_method(params, label), "position_mode": _position_mode(params),
+            "preset": exact_preset(name, params.get("schedule.plan")),
             "signature": _signature(params), "published_model": _published_model(params) or fallback_model,
             "published_training": params.get("eval.published_training", "any")}
 
@@ -218,7 +222,8 @@ def _fmt(value: Any, digits: int = 1) -> str:
 def _comparisons(row: dict, reference: Optional[dict], layout: str, tokens_key: str = "avg_vision_tokens") -> list[dict]:
     found = comparisons_for(row.get("published_model"), row.get("method"), row.get(tokens_key), row["scores"],
                             reference, layout=layout, training=row.get("published_training", "any"),
-                            position_mode=row.get("position_mode") if layout == "table10" else None)
+                            position_mode=row.get("position_mode") if layout == "table10" else None,
+                            preset=row.get("preset"))
     return [c.to_dict() for c in found]
 
 
@@ -264,7 +269,7 @@ def training_table(data: dict) -> list[dict]:
     rows = [{k: t[k] for k in ("name", "run_id", "stage", "schedule", "avg_vision_tokens", "accelerator_hours", "device_type",
                                "workers", "vision_tflops", "model_tflops", "loss", "relative_score", "scores",
                                "samples_per_s", "status", "method", "position_mode", "signature", "published_model",
-                               "published_training")}
+                               "published_training", "preset")}
             for t in data["trainings"]]
     base = _all_tokens_training(rows)
     for t in rows:
@@ -370,7 +375,7 @@ def _training_published_cells(c: dict) -> tuple[list[str], list[str]]:
     """The published row and the differences under a training run, in the training table's columns."""
     hours = "-" if c["train_gpu_hours"] is None else f"{c['train_gpu_hours']:g} GPU-h (paper, full recipe)"
     tflops = "-" if c["infer_tflops"] is None else f"{c['infer_tflops']:g}"
-    avg = f"{c['published_avg']:.1f}" + (f" (over {len(c['benchmarks'])})" if c["not_measured"] else "")
+    avg = f"{c['published_avg']:.1f}" + (f" (over {len(c['benchmarks'])})" if c["not_measured"] and c["benchmarks"] else "")
     pub = [f"↳ {c['description']}", "", f"{c['tokens']:g}", hours, tflops, "", "", _scores_text(c["published"]), avg]
     delta = ["↳ measured − paper", "", "", "", "", "", "", _scores_text(c["deltas"], signed=True), format_delta(c["delta_avg"])]
     return pub, delta

@@ -420,8 +420,9 @@ def comparison_rows(comparison: dict, columns: Sequence[str]) -> tuple[list[str]
             pub.append("n/a")
             delta.append("")
     avg = f"{comparison['published_avg']:.1f}"
-    if comparison["published_avg_printed"] is not None and comparison["disagreement"]:
-        avg += f" (printed {comparison['published_avg_printed']:.1f})"
+    printed = comparison["published_avg_printed"]
+    if printed is not None and f"{printed:.1f}" != avg:  # recomputed and printed differ: show both
+        avg += f" (printed {printed:.1f})"
     if comparison["not_measured"]:
         avg += f" (over {len(comparison['benchmarks'])})"
     pub.append(avg)

@@ -156,9 +156,12 @@ class Published(BaseModel):
                 f"scores give {again:.2f}%")
 
     def matches(self, model: str, method: str, tokens: float, layout: str = "table1", training: str = "any",
-                position_mode: Optional[str] = None) -> list[PublishedRow]:
-        """The published rows of `model` for this method at this budget, from the first table of the
-        layout's list that has any; `training` filters the pruned rows (the unpruned one always matches)."""
+                position_mode: Optional[str] = None, preset: Optional[str] = None) -> list[PublishedRow]:
+        """The published rows of `model` for this method at this budget (or, `preset`, run with exactly the
+        row's own preset: the paper prints 64 tokens for its MobileLLaMA setting, which averages 57.6 as
+        method.md gives it), from the first table
+        of the layout's list that has any; `training` filters the pruned rows (the unpruned one always
+        matches)."""
         if layout not in LAYOUT_TABLES:
             raise PublishedError(f"unknown layout {layout!r}; choose from {sorted(LAYOUT_TABLES)}")
         for wanted in LAYOUT_TABLES[layout]:
@@ -167,7 +170,7 @@ class Published(BaseModel):
                 if table.layout != wanted or table.model != model:
                     continue
                 for r in table.rows:
-                    if r.method != method or not same_budget(tokens, r.tokens):
+                    if r.method != method or not (same_budget(tokens, r.tokens) or (preset and r.preset == preset)):
                         continue
                     if method != "vanilla" and training != "any" and r.training != training:
                         continue
@@ -189,6 +192,16 @@ def load_published() -> Published:
 def same_budget(measured: float, published: float) -> bool:
     """The same token budget: within 1 token or 2% (80.03 is the paper's 80; 306 is not 270)."""
     return abs(measured - published) <= max(1.0, 0.02 * published)
+
+
+def exact_preset(name: Optional[str], plan: Optional[str]) -> Optional[str]:
+    """`name` when it is a preset and `plan` (`Schedule.describe()`) is exactly that preset's per-layer
+    plan at the paper's shape (32 layers, 576 tokens); None for an adjusted or unknown schedule."""
+    from hidrop.schedule import PRESETS, preset
+
+    if not name or name not in PRESETS or not plan:
+        return None
+    return name if preset(name).describe() == plan else None
 
 
 def schedule_method(schedule: Schedule) -> str:
@@ -255,7 +268,7 @@ class Comparison:
 
     def notes(self) -> list[str]:
         out = []
-        if self.not_measured:
+        if self.not_measured and self.benchmarks:
             out.append(f"{self.row.describe()}: not measured here: {', '.join(PAPER_NAMES.get(b, b) for b in self.not_measured)} "
                        f"(Avg over the {len(self.benchmarks)} shared benchmarks)")
         if self.not_published:
@@ -277,40 +290,45 @@ class Comparison:
 
 def compare(measured: Mapping[str, Optional[float]], measured_reference: Optional[Mapping[str, Optional[float]]],
             row: PublishedRow, published: Optional[Published] = None) -> Comparison:
-    """`measured` (benchmark -> score) against the published `row`."""
+    """`measured` (benchmark -> score) against the published `row`, on the benchmarks both have (and,
+    when a measured reference is given, that it scored above 0: the Avg of both sides rests on them)."""
     published = published or load_published()
     name, table = published.table_of(row)
-    have = {b for b, v in measured.items() if v is not None}
+    have = {b for b, v in measured.items() if v is not None and v == v}
+    if measured_reference is not None:
+        have = {b for b in have if measured_reference.get(b) not in (None, 0) and measured_reference[b] == measured_reference[b]}
     shared = [b for b in PAPER_BENCHMARKS if b in have and b in row.scores]
     deltas = {b: float(measured[b]) - row.scores[b] for b in shared}
     measured_avg = None
     if measured_reference is not None and shared:
-        measured_avg = relative_score({b: measured[b] for b in shared},
-                                      {b: measured_reference.get(b) for b in shared if b in measured_reference})
-    published_avg = published.recomputed_avg(row, shared) if shared else float("nan")
-    complete = set(shared) == set(table.avg_over)
+        measured_avg = relative_score({b: measured[b] for b in shared}, {b: measured_reference[b] for b in shared})
+    # nothing shared (a training without scores): the paper's own figure, for its cost columns' sake
+    published_avg = published.recomputed_avg(row, shared or None)
+    complete = not shared or set(shared) == set(table.avg_over)
     return Comparison(
         row=row, table=table.title, benchmarks=shared, published={b: row.scores[b] for b in shared}, deltas=deltas,
         measured_avg=measured_avg, published_avg=published_avg,
         published_avg_printed=row.avg_published if complete else None,
-        delta_avg=None if measured_avg is None or not shared else measured_avg - published_avg,
-        not_measured=[b for b in table.avg_over if b not in have],
-        not_published=sorted(b for b in have if b not in row.scores),
-        disagreement=published.disagreement(row) if complete else None,
+        delta_avg=None if measured_avg is None else measured_avg - published_avg,
+        not_measured=[b for b in table.avg_over if b not in shared],
+        not_published=sorted(b for b in measured if measured[b] is not None and b not in row.scores),
+        disagreement=published.disagreement(row),  # a property of the paper's row, shown with any match
     )
 
 
 def comparisons_for(model: Optional[str], method: Optional[str], tokens: Optional[float],
                     measured: Mapping[str, Optional[float]], measured_reference: Optional[Mapping[str, Optional[float]]],
-                    layout: str = "table1", training: str = "any", position_mode: Optional[str] = None) -> list[Comparison]:
-    """Every published row matching a measured one, compared with it ([] when nothing matches or no
-    benchmark is shared)."""
+                    layout: str = "table1", training: str = "any", position_mode: Optional[str] = None,
+                    preset: Optional[str] = None) -> list[Comparison]:
+    """Every published row matching a measured one, compared with it: [] when nothing matches or no
+    benchmark is shared, except in Table 2's layout, where the paper's cost figures stand on their own."""
     if model is None or method is None or tokens is None:
         return []
     published = load_published()
-    rows = published.matches(model, method, tokens, layout=layout, training=training, position_mode=position_mode)
+    rows = published.matches(model, method, tokens, layout=layout, training=training, position_mode=position_mode,
+                             preset=preset)
     out = [compare(measured, measured_reference, r, published) for r in rows]
-    return [c for c in out if c.benchmarks]
+    return [c for c in out if c.benchmarks or layout == "table2"]
 
 
 def eval_report_comparisons(report: dict, model: Optional[str], training: str = "any") -> dict[str, list[dict]]:
@@ -324,9 +342,10 @@ def eval_report_comparisons(report: dict, model: Optional[str], training: str = 
     for r in report["methods"]:
         if r["kind"] not in ("schedule", report["reference"]):
             continue
-        method = schedule_method(Schedule.model_validate(r["schedule"]))
+        schedule = Schedule.model_validate(r["schedule"])
         scores = {b: e["score"] for b, e in r["benchmarks"].items()}
-        found = comparisons_for(model, method, r["avg_vision_tokens"], scores, ref_scores, training=training)
+        found = comparisons_for(model, schedule_method(schedule), r["avg_vision_tokens"], scores, ref_scores,
+                                training=training, preset=exact_preset(schedule.name, schedule.describe()))
         if found:
             out[r["method"]] = [c.to_dict() for c in found]
     return out
