@@ -1,7 +1,9 @@
 """The `hidrop` command line."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -21,6 +23,23 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 def _fail(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """--json: stdout carries the JSON document alone. While the work runs, whatever libraries and child
+    processes print (Ray's forwarded worker logs, DeepSpeed's banner, MLflow's run links) goes to stderr,
+    at the Python level and at the file-descriptor level that subprocesses inherit."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _load(path: str, overrides: Optional[List[str]] = None):
@@ -105,7 +124,8 @@ def eval_command(
     cfg = _load(experiment, overrides)
     try:
         if as_json:
-            report = run_eval(cfg)
+            with _stdout_to_stderr():
+                report = run_eval(cfg)
             print(json.dumps(report, indent=2))
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -137,7 +157,8 @@ def train(
     cfg = _load(experiment, overrides)
     try:
         if as_json:
-            result = run_training(cfg)
+            with _stdout_to_stderr():
+                result = run_training(cfg)
         else:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -219,7 +240,8 @@ def tune_command(
     cfg, base = _load_with_data(experiment, overrides)
     try:
         if as_json:
-            summary = run_tune(cfg, base, resume=resume)
+            with _stdout_to_stderr():
+                summary = run_tune(cfg, base, resume=resume)
             print(json.dumps(summary, indent=2, default=str))
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -287,7 +309,9 @@ def analyze_command(
     cfg, base = _load_with_data(experiment, overrides)
     try:
         if as_json:
-            print(json.dumps(run_analyze(cfg, base), indent=2, default=str))
+            with _stdout_to_stderr():
+                result = run_analyze(cfg, base)
+            print(json.dumps(result, indent=2, default=str))
             return
         with out.status("analyzing...") as status:
             result = run_analyze(cfg, base, progress=lambda msg: status.update(msg))
@@ -430,7 +454,8 @@ def demo_command(
 
     try:
         if as_json:
-            result = run_demo(chosen, out_dir)
+            with _stdout_to_stderr():
+                result = run_demo(chosen, out_dir)
             print(json.dumps(result, indent=2, default=str))
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -117,3 +117,29 @@ def test_hidrop_package_does_not_import_platform_stack():
             "bad = [m for m in ('ray', 'mlflow', 'deepspeed') if m in sys.modules]; print(bad); assert not bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_json_stdout_is_the_document_alone():
+    """With --json, what libraries and child processes print while the work runs goes to stderr."""
+    import subprocess
+    import sys
+
+    code = """
+import os, subprocess
+import hidrop_platform.evaluate as evaluate
+
+def noisy(cfg, progress=None, vlm=None):
+    print("python-level noise")
+    os.write(1, b"fd-level noise\\n")
+    subprocess.run(["echo", "child noise"], check=True)
+    return {"ok": 1}
+
+evaluate.run_eval = noisy
+from hidrop_platform.cli import app
+app(["eval", "experiments/mini_llava_eval.yaml", "--json"])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"ok": 1}
+    for noise in ("python-level noise", "fd-level noise", "child noise"):
+        assert noise in done.stderr
