@@ -39,7 +39,7 @@ def _describe(client, run, tmp: str) -> dict:
     out = {
         "tags": sorted(k for k in run.data.tags if not k.startswith("mlflow.") or k == "mlflow.parentRunId"),
         "params": {k: (None if k.startswith(VOLATILE_PARAMS) or tmp in v else v) for k, v in sorted(params.items())},
-        "metrics": {k: (round(v, 4) if k in DETERMINISTIC_METRICS else None) for k, v in sorted(run.data.metrics.items())},
+        "metrics": {k: (float(f"{v:.6g}") if k in DETERMINISTIC_METRICS else None) for k, v in sorted(run.data.metrics.items())},
         "artifacts": sorted(_artifacts(client, run.info.run_id)),
     }
     return out
