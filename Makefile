@@ -8,7 +8,7 @@ TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 PIP_ENV := $(if $(filter cpu,$(TORCH)),PIP_CONSTRAINT=constraints/cpu.txt,) DS_BUILD_OPS=0
 EXTRAS ?= dev
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast lint format bench clean
 
 $(BIN)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# ruff: the linter and the formatter's check (CI runs this); `make format` rewrites in place
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"

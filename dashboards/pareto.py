@@ -1,4 +1,5 @@
 """The score / cost trade-off of a set of schedules: which are on the Pareto front, and its plot."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,15 +14,22 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     for i, (score_i, cost_i) in enumerate(points):
         dominated = any(
             score_j >= score_i and cost_j <= cost_i and (score_j > score_i or cost_j < cost_i)
-            for j, (score_j, cost_j) in enumerate(points) if j != i
+            for j, (score_j, cost_j) in enumerate(points)
+            if j != i
         )
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: (points[i][1], points[i][0]))
 
 
-def plot_pareto(rows: Sequence[dict], path: str | Path, title: str, score_key: str = "relative_score",
-                cost_key: str = "vision_tflops", reference_lines: Optional[dict[str, float]] = None) -> Path:
+def plot_pareto(
+    rows: Sequence[dict],
+    path: str | Path,
+    title: str,
+    score_key: str = "relative_score",
+    cost_key: str = "vision_tflops",
+    reference_lines: Optional[dict[str, float]] = None,
+) -> Path:
     """Scatter of every trial, the front as a step line, seed schedules (presets) labelled. Writes a PNG."""
     import matplotlib
 
@@ -32,13 +40,27 @@ def plot_pareto(rows: Sequence[dict], path: str | Path, title: str, score_key: s
     searched = [r for r in rows if not r.get("seed")]
     seeds = [r for r in rows if r.get("seed")]
     ax.scatter([r[cost_key] for r in searched], [r[score_key] for r in searched], s=22, c="#8a9bb0", label="searched")
-    ax.scatter([r[cost_key] for r in seeds], [r[score_key] for r in seeds], s=40, c="#d9822b", marker="D", label="presets")
+    ax.scatter(
+        [r[cost_key] for r in seeds], [r[score_key] for r in seeds], s=40, c="#d9822b", marker="D", label="presets"
+    )
     for r in seeds:
-        ax.annotate(r["label"].removeprefix("seed:"), (r[cost_key], r[score_key]), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            r["label"].removeprefix("seed:"),
+            (r[cost_key], r[score_key]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r[cost_key])
     if front:
-        ax.step([r[cost_key] for r in front], [r[score_key] for r in front], where="post", c="#c23b22", lw=1.5, label="Pareto front")
+        ax.step(
+            [r[cost_key] for r in front],
+            [r[score_key] for r in front],
+            where="post",
+            c="#c23b22",
+            lw=1.5,
+            label="Pareto front",
+        )
     for name, value in (reference_lines or {}).items():
         ax.axhline(value, ls="--", lw=0.8, c="grey")
         ax.annotate(name, (ax.get_xlim()[1], value), fontsize=7, ha="right", va="bottom", color="grey")

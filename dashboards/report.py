@@ -11,6 +11,7 @@ What it writes to `out_dir` and, as artifacts under `report/`, on the sweep's pa
 `report.html` (one self-contained page: the PNGs are embedded), `pareto.png`, `training_cost.png`,
 `curves.png` when an analysis exists, `report.json` with every number in the tables.
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,8 +31,12 @@ from hidrop_platform.tracking import redact_uri
 
 # the order and names of the paper's rows; anything else is a searched trial
 PRESET_NAMES = {
-    "vanilla": "LLaVA (all tokens)", "fastv": "FastV", "pdrop": "PDrop",
-    "hidrop_tok48": "HiDrop Tok48", "hidrop_tok64": "HiDrop Tok64", "hidrop_tok80": "HiDrop Tok80",
+    "vanilla": "LLaVA (all tokens)",
+    "fastv": "FastV",
+    "pdrop": "PDrop",
+    "hidrop_tok48": "HiDrop Tok48",
+    "hidrop_tok64": "HiDrop Tok64",
+    "hidrop_tok80": "HiDrop Tok80",
 }
 MAX_SEARCHED_ROWS = 8  # searched trials in Table 1: the Pareto front, best first
 
@@ -49,8 +54,13 @@ def _client(tracking_uri: str):
 def _all_runs(client, experiment_id: str, filter_string: str = "") -> list:
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
-                                  order_by=["attributes.start_time DESC"], page_token=token)
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=filter_string,
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -96,19 +106,27 @@ _NOT_IN_SIGNATURE = ("name", "description", "schedule.name", "schedule.resolved_
 
 def _signature(params: dict) -> str:
     """What a run ran, minus its position encoding: runs with equal signatures differ only in that."""
-    kept = sorted((k, v) for k, v in params.items()
-                  if k not in _NOT_IN_SIGNATURE and "position_mode" not in k
-                  and not k.startswith(("version.", "tracking.")))
+    kept = sorted(
+        (k, v)
+        for k, v in params.items()
+        if k not in _NOT_IN_SIGNATURE and "position_mode" not in k and not k.startswith(("version.", "tracking."))
+    )
     return hashlib.sha1(json.dumps(kept).encode()).hexdigest()[:12]
 
 
 def _published_fields(params: dict, label: str, fallback_model: Optional[str] = None) -> dict:
-    name = next((params[k] for k in ("schedule.resolved_name", "schedule.preset") if params.get(k) not in (None, "None")),
-                label.removeprefix("seed:"))
-    return {"method": _run_method(params, label), "position_mode": _position_mode(params),
-            "preset": exact_preset(name, params.get("schedule.plan")),
-            "signature": _signature(params), "published_model": _published_model(params) or fallback_model,
-            "published_training": params.get("eval.published_training", "any")}
+    name = next(
+        (params[k] for k in ("schedule.resolved_name", "schedule.preset") if params.get(k) not in (None, "None")),
+        label.removeprefix("seed:"),
+    )
+    return {
+        "method": _run_method(params, label),
+        "position_mode": _position_mode(params),
+        "preset": exact_preset(name, params.get("schedule.plan")),
+        "signature": _signature(params),
+        "published_model": _published_model(params) or fallback_model,
+        "published_training": params.get("eval.published_training", "any"),
+    }
 
 
 def _paper_order(benchmarks) -> list[str]:
@@ -125,11 +143,15 @@ def collect(tracking_uri: str, experiment: str, sweep: Optional[str] = None) -> 
     try:
         exp = client.get_experiment_by_name(experiment)
     except MlflowException as e:
-        raise ReportError(f"cannot read the MLflow store {redact_uri(tracking_uri)}: {str(e).splitlines()[0]}") from None
+        raise ReportError(
+            f"cannot read the MLflow store {redact_uri(tracking_uri)}: {str(e).splitlines()[0]}"
+        ) from None
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise ReportError(f"no MLflow experiment named {experiment!r} at {redact_uri(tracking_uri)}"
-                          + (f" (there are: {', '.join(names)})" if names else " (the store is empty)"))
+        raise ReportError(
+            f"no MLflow experiment named {experiment!r} at {redact_uri(tracking_uri)}"
+            + (f" (there are: {', '.join(names)})" if names else " (the store is empty)")
+        )
     runs = _all_runs(client, exp.experiment_id)
     sweeps = [r for r in runs if _tag(r, "hidrop.kind") == "sweep"]
     if sweep is not None:
@@ -138,16 +160,26 @@ def collect(tracking_uri: str, experiment: str, sweep: Optional[str] = None) -> 
             raise ReportError(f"experiment {experiment!r} has no sweep named {sweep!r}")
     finished = [r for r in sweeps if r.info.status == "FINISHED"]
     parent = (finished or sweeps or [None])[0]  # newest finished sweep, else the newest at all
-    data: dict[str, Any] = {"experiment": experiment, "tracking_uri": redact_uri(tracking_uri), "sweep": None,
-                            "trials": [], "trainings": _trainings(runs), "analysis": None}
+    data: dict[str, Any] = {
+        "experiment": experiment,
+        "tracking_uri": redact_uri(tracking_uri),
+        "sweep": None,
+        "trials": [],
+        "trainings": _trainings(runs),
+        "analysis": None,
+    }
     if parent is not None:
         data["sweep"] = _sweep(parent, [r for r in runs if _tag(r, "mlflow.parentRunId") == parent.info.run_id])
         data["trials"] = data["sweep"].pop("trials")
     analyses = [r for r in runs if _tag(r, "hidrop.kind") == "analyze" and r.info.status == "FINISHED"]
     if analyses:
-        data["analysis"] = {"run_id": analyses[0].info.run_id, "name": analyses[0].info.run_name,
-                            "proposed": {k.removeprefix("proposed."): v for k, v in analyses[0].data.params.items()
-                                         if k.startswith("proposed.")}}
+        data["analysis"] = {
+            "run_id": analyses[0].info.run_id,
+            "name": analyses[0].info.run_name,
+            "proposed": {
+                k.removeprefix("proposed."): v for k, v in analyses[0].data.params.items() if k.startswith("proposed.")
+            },
+        }
     if parent is None and not data["trainings"] and data["analysis"] is None:
         raise ReportError(f"experiment {experiment!r} has no sweep, training or analysis runs yet")
     return data
@@ -162,30 +194,55 @@ def _sweep(parent, children: list) -> dict:
     parent_model = _published_model(parent.data.params)
     for run in children:
         metrics = run.data.metrics
-        row = {"label": run.info.run_name, "run_id": run.info.run_id, "seed": _tag(run, "hidrop.seed") == "True",
-               **_published_fields(run.data.params, run.info.run_name, parent_model),
-               "status": _tag(run, "status", run.info.status.lower()), "pareto": False,
-               "plan": run.data.params.get("schedule.plan", ""),
-               "search": {k.removeprefix("search."): v for k, v in run.data.params.items() if k.startswith("search.")},
-               "scores": {k.removeprefix("score/"): v for k, v in metrics.items() if k.startswith("score/")}}
-        for key in ("relative_score", "avg_vision_tokens", "vision_tflops", "model_tflops", "accelerator_hours",
-                    "wall_s", "train_step", "samples"):
+        row = {
+            "label": run.info.run_name,
+            "run_id": run.info.run_id,
+            "seed": _tag(run, "hidrop.seed") == "True",
+            **_published_fields(run.data.params, run.info.run_name, parent_model),
+            "status": _tag(run, "status", run.info.status.lower()),
+            "pareto": False,
+            "plan": run.data.params.get("schedule.plan", ""),
+            "search": {k.removeprefix("search."): v for k, v in run.data.params.items() if k.startswith("search.")},
+            "scores": {k.removeprefix("score/"): v for k, v in metrics.items() if k.startswith("score/")},
+        }
+        for key in (
+            "relative_score",
+            "avg_vision_tokens",
+            "vision_tflops",
+            "model_tflops",
+            "accelerator_hours",
+            "wall_s",
+            "train_step",
+            "samples",
+        ):
             if key in metrics:
                 row[key] = metrics[key]
         trials.append(row)
     # as `hidrop tune` does: a failed or killed trial's last metrics are not an outcome
-    scored = [r for r in trials if "relative_score" in r and "vision_tflops" in r and r["status"] in ("finished", "stopped_early")]
+    scored = [
+        r
+        for r in trials
+        if "relative_score" in r and "vision_tflops" in r and r["status"] in ("finished", "stopped_early")
+    ]
     front = set(pareto_front([(r["relative_score"], r["vision_tflops"]) for r in scored]))
     for i, r in enumerate(scored):
         r["pareto"] = i in front
     trials.sort(key=lambda r: (not r["seed"], r.get("vision_tflops", math.inf)))
-    return {"name": _tag(parent, "hidrop.sweep"), "run_id": parent.info.run_id, "status": parent.info.status,
-            "reference_scores": reference, "blind_scores": blind,
-            "blind_relative_score": sum(ratios) / len(ratios) if ratios else None,
-            "benchmarks": _paper_order(reference), "published_model": parent_model, "wall_s": m.get("wall_s"), "accelerator_hours": m.get("accelerator_hours"),
-            "samples": max((int(t["samples"]) for t in trials if "samples" in t), default=None),
-            "device_type": next((_tag(c, "device_type") for c in children if _tag(c, "device_type")), "cpu"),
-            "trials": trials}
+    return {
+        "name": _tag(parent, "hidrop.sweep"),
+        "run_id": parent.info.run_id,
+        "status": parent.info.status,
+        "reference_scores": reference,
+        "blind_scores": blind,
+        "blind_relative_score": sum(ratios) / len(ratios) if ratios else None,
+        "benchmarks": _paper_order(reference),
+        "published_model": parent_model,
+        "wall_s": m.get("wall_s"),
+        "accelerator_hours": m.get("accelerator_hours"),
+        "samples": max((int(t["samples"]) for t in trials if "samples" in t), default=None),
+        "device_type": next((_tag(c, "device_type") for c in children if _tag(c, "device_type")), "cpu"),
+        "trials": trials,
+    }
 
 
 def _trainings(runs: list) -> list[dict]:
@@ -195,21 +252,32 @@ def _trainings(runs: list) -> list[dict]:
         if _tag(run, "hidrop.kind") not in ("train", "") or not _tag(run, "stage") or _tag(run, "mlflow.parentRunId"):
             continue
         m, p = run.data.metrics, run.data.params
-        rows.append({
-            "name": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status, "stage": _tag(run, "stage"),
-            **_published_fields(p, run.info.run_name),
-            "device_type": _tag(run, "device_type", "cpu"), "workers": _tag(run, "num_workers", "1"),
-            "schedule": p.get("schedule.preset") or p.get("schedule.name") or "",
-            "avg_vision_tokens": m.get("avg_vision_tokens", m.get("vision_tokens_kept")),
-            "accelerator_hours": m.get("accelerator_hours"), "vision_tflops": m.get("vision_tflops_per_sample"),
-            "model_tflops": m.get("model_tflops_per_sample"), "loss": m.get("loss"), "steps": p.get("train.max_steps"),
-            "samples_per_s": m.get("samples_per_s"), "relative_score": m.get("relative_score"),
-            "scores": {k.removeprefix("score/"): v for k, v in m.items() if k.startswith("score/")},
-        })
+        rows.append(
+            {
+                "name": run.info.run_name,
+                "run_id": run.info.run_id,
+                "status": run.info.status,
+                "stage": _tag(run, "stage"),
+                **_published_fields(p, run.info.run_name),
+                "device_type": _tag(run, "device_type", "cpu"),
+                "workers": _tag(run, "num_workers", "1"),
+                "schedule": p.get("schedule.preset") or p.get("schedule.name") or "",
+                "avg_vision_tokens": m.get("avg_vision_tokens", m.get("vision_tokens_kept")),
+                "accelerator_hours": m.get("accelerator_hours"),
+                "vision_tflops": m.get("vision_tflops_per_sample"),
+                "model_tflops": m.get("model_tflops_per_sample"),
+                "loss": m.get("loss"),
+                "steps": p.get("train.max_steps"),
+                "samples_per_s": m.get("samples_per_s"),
+                "relative_score": m.get("relative_score"),
+                "scores": {k.removeprefix("score/"): v for k, v in m.items() if k.startswith("score/")},
+            }
+        )
     return rows
 
 
 # ---- tables ---------------------------------------------------------------------------------------------
+
 
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -219,11 +287,20 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def _comparisons(row: dict, reference: Optional[dict], layout: str, tokens_key: str = "avg_vision_tokens") -> list[dict]:
-    found = comparisons_for(row.get("published_model"), row.get("method"), row.get(tokens_key), row["scores"],
-                            reference, layout=layout, training=row.get("published_training", "any"),
-                            position_mode=row.get("position_mode") if layout == "table10" else None,
-                            preset=row.get("preset"))
+def _comparisons(
+    row: dict, reference: Optional[dict], layout: str, tokens_key: str = "avg_vision_tokens"
+) -> list[dict]:
+    found = comparisons_for(
+        row.get("published_model"),
+        row.get("method"),
+        row.get(tokens_key),
+        row["scores"],
+        reference,
+        layout=layout,
+        training=row.get("published_training", "any"),
+        position_mode=row.get("position_mode") if layout == "table10" else None,
+        preset=row.get("preset"),
+    )
     return [c.to_dict() for c in found]
 
 
@@ -236,27 +313,53 @@ def methods_table(data: dict) -> dict:
         return {"columns": [], "rows": []}
     benches = sweep["benchmarks"]
     order = list(PRESET_NAMES)
-    presets = sorted((t for t in data["trials"] if t["seed"] and "relative_score" in t),
-                     key=lambda t: order.index(t["label"].removeprefix("seed:")) if t["label"].removeprefix("seed:") in order else len(order))
-    searched = sorted((t for t in data["trials"] if not t["seed"] and t.get("pareto")),
-                      key=lambda t: -t["relative_score"])[:MAX_SEARCHED_ROWS]
+    presets = sorted(
+        (t for t in data["trials"] if t["seed"] and "relative_score" in t),
+        key=lambda t: (
+            order.index(t["label"].removeprefix("seed:")) if t["label"].removeprefix("seed:") in order else len(order)
+        ),
+    )
+    searched = sorted(
+        (t for t in data["trials"] if not t["seed"] and t.get("pareto")), key=lambda t: -t["relative_score"]
+    )[:MAX_SEARCHED_ROWS]
     rows = []
     for kind, group in (("preset", presets), ("searched", searched)):
         for t in group:
-            rows.append({"method": _method_name(t["label"]), "kind": kind, "pareto": bool(t.get("pareto")),
-                         "avg_vision_tokens": t.get("avg_vision_tokens"), "vision_tflops": t.get("vision_tflops"),
-                         "scores": {b: t["scores"].get(b) for b in benches}, "relative_score": t["relative_score"],
-                         "plan": t["plan"], "published": _comparisons(t, sweep["reference_scores"], "table1")})
+            rows.append(
+                {
+                    "method": _method_name(t["label"]),
+                    "kind": kind,
+                    "pareto": bool(t.get("pareto")),
+                    "avg_vision_tokens": t.get("avg_vision_tokens"),
+                    "vision_tflops": t.get("vision_tflops"),
+                    "scores": {b: t["scores"].get(b) for b in benches},
+                    "relative_score": t["relative_score"],
+                    "plan": t["plan"],
+                    "published": _comparisons(t, sweep["reference_scores"], "table1"),
+                }
+            )
     if sweep["blind_relative_score"] is not None:
-        rows.append({"method": "blind (no image)", "kind": "baseline", "pareto": False, "avg_vision_tokens": 0.0,
-                     "vision_tflops": 0.0, "scores": {b: sweep["blind_scores"].get(b) for b in benches},
-                     "relative_score": sweep["blind_relative_score"], "plan": "", "published": []})
+        rows.append(
+            {
+                "method": "blind (no image)",
+                "kind": "baseline",
+                "pareto": False,
+                "avg_vision_tokens": 0.0,
+                "vision_tflops": 0.0,
+                "scores": {b: sweep["blind_scores"].get(b) for b in benches},
+                "relative_score": sweep["blind_relative_score"],
+                "plan": "",
+                "published": [],
+            }
+        )
     return {"columns": benches, "rows": rows}
 
 
 def _all_tokens_training(trainings: list[dict]) -> Optional[dict]:
     """The newest all-tokens (vanilla) training with scores: the reference of trained models' Avg (%)."""
-    return next((t for t in trainings if (t.get("method") == "vanilla" or t["schedule"] == "vanilla") and t["scores"]), None)
+    return next(
+        (t for t in trainings if (t.get("method") == "vanilla" or t["schedule"] == "vanilla") and t["scores"]), None
+    )
 
 
 def training_table(data: dict) -> list[dict]:
@@ -266,16 +369,43 @@ def training_table(data: dict) -> list[dict]:
     (vanilla) training with scores on the same benchmarks; `relative_score` is the run's own (its
     model pruned vs the same model unpruned). `published`: the paper's Table 2 row of the same model,
     method and budget, with the differences (scores against the all-tokens training)."""
-    rows = [{k: t[k] for k in ("name", "run_id", "stage", "schedule", "avg_vision_tokens", "accelerator_hours", "device_type",
-                               "workers", "vision_tflops", "model_tflops", "loss", "relative_score", "scores",
-                               "samples_per_s", "status", "method", "position_mode", "signature", "published_model",
-                               "published_training", "preset")}
-            for t in data["trainings"]]
+    rows = [
+        {
+            k: t[k]
+            for k in (
+                "name",
+                "run_id",
+                "stage",
+                "schedule",
+                "avg_vision_tokens",
+                "accelerator_hours",
+                "device_type",
+                "workers",
+                "vision_tflops",
+                "model_tflops",
+                "loss",
+                "relative_score",
+                "scores",
+                "samples_per_s",
+                "status",
+                "method",
+                "position_mode",
+                "signature",
+                "published_model",
+                "published_training",
+                "preset",
+            )
+        }
+        for t in data["trainings"]
+    ]
     base = _all_tokens_training(rows)
     for t in rows:
         shared = [b for b in t["scores"] if base and b in base["scores"] and base["scores"][b] > 0]
-        t["vs_all_tokens_training"] = (sum(100.0 * t["scores"][b] / base["scores"][b] for b in shared) / len(shared)
-                                       if shared and len(shared) == len(base["scores"]) else None)
+        t["vs_all_tokens_training"] = (
+            sum(100.0 * t["scores"][b] / base["scores"][b] for b in shared) / len(shared)
+            if shared and len(shared) == len(base["scores"])
+            else None
+        )
         t["published"] = _comparisons(t, base["scores"] if base else None, "table2")
     names = [t["name"] for t in rows]
     for t in rows:  # the same YAML trained twice: tell the bars apart
@@ -292,12 +422,14 @@ def position_tables(data: dict, trainings: list[dict]) -> list[dict]:
     for t in data["trials"]:
         if t.get("position_mode") and "relative_score" in t and t["status"] in ("finished", "stopped_early"):
             groups.setdefault(("sweep", t["signature"]), []).append(
-                {**t, "avg": t["relative_score"], "reference": sweep["reference_scores"]})
+                {**t, "avg": t["relative_score"], "reference": sweep["reference_scores"]}
+            )
     base = _all_tokens_training(trainings)
     for t in trainings:
         if t.get("position_mode") and t["scores"]:
             groups.setdefault(("training", t["signature"]), []).append(
-                {**t, "avg": t["vs_all_tokens_training"], "reference": base["scores"] if base else None})
+                {**t, "avg": t["vs_all_tokens_training"], "reference": base["scores"] if base else None}
+            )
     tables = []
     for (kind, _), members in groups.items():
         by_mode: dict[str, dict] = {}
@@ -306,13 +438,21 @@ def position_tables(data: dict, trainings: list[dict]) -> list[dict]:
         if len(by_mode) < 2:
             continue
         columns = _paper_order({b for m in by_mode.values() for b in m["scores"]})
-        rows = [{"position_mode": mode, "run": m.get("label") or m.get("name"), "run_id": m["run_id"],
-                 "scores": {b: m["scores"].get(b) for b in columns}, "avg": m["avg"],
-                 "published": _comparisons(m, m["reference"], "table10")}
-                for mode, m in sorted(by_mode.items())]
+        rows = [
+            {
+                "position_mode": mode,
+                "run": m.get("label") or m.get("name"),
+                "run_id": m["run_id"],
+                "scores": {b: m["scores"].get(b) for b in columns},
+                "avg": m["avg"],
+                "published": _comparisons(m, m["reference"], "table10"),
+            }
+            for mode, m in sorted(by_mode.items())
+        ]
         first = next(iter(by_mode.values()))
-        title = (f"sweep {sweep['name']}" if kind == "sweep" else f"trainings ({first['stage']})") + \
-            f", {first.get('method') or 'schedule'} at {_fmt(first.get('avg_vision_tokens'))} tokens"
+        title = (
+            f"sweep {sweep['name']}" if kind == "sweep" else f"trainings ({first['stage']})"
+        ) + f", {first.get('method') or 'schedule'} at {_fmt(first.get('avg_vision_tokens'))} tokens"
         tables.append({"title": title, "kind": kind, "columns": columns, "rows": rows})
     return tables
 
@@ -335,37 +475,65 @@ def _markdown(table: dict, trainings: list[dict], hours_label: str, positions: l
         head = ["method", "avg tokens", *table["columns"], "Avg (%)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in table["rows"]:
-            lines.append("| " + " | ".join([r["method"] + (" *" if r["pareto"] else ""), _fmt(r["avg_vision_tokens"]),
-                                             *(_fmt(r["scores"][b]) for b in table["columns"]),
-                                             _fmt(r["relative_score"])]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        r["method"] + (" *" if r["pareto"] else ""),
+                        _fmt(r["avg_vision_tokens"]),
+                        *(_fmt(r["scores"][b]) for b in table["columns"]),
+                        _fmt(r["relative_score"]),
+                    ]
+                )
+                + " |"
+            )
             for c in r["published"]:
                 pub, delta = comparison_rows(c, table["columns"])
                 lines.append(f"| ↳ {c['description']} | {c['tokens']:g} | " + " | ".join(pub) + " |")
                 lines.append("| ↳ measured − paper | | " + " | ".join(delta) + " |")
     if trainings:
-        lines += ["", f"| training run | stage | avg tokens | {hours_label} | vision TFLOPs | model TFLOPs | loss | scores | "
-                      "Avg (% of all-tokens training) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"| training run | stage | avg tokens | {hours_label} | vision TFLOPs | model TFLOPs | loss | scores | "
+            "Avg (% of all-tokens training) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for t in trainings:
-            lines.append(f"| {t['label']} | {t['stage']} | {_fmt(t['avg_vision_tokens'])} | {_fmt(t['accelerator_hours'], 4)} | "
-                         f"{_fmt(t['vision_tflops'], 4)} | {_fmt(t['model_tflops'], 4)} | {_fmt(t['loss'], 3)} | "
-                         f"{_scores_text(t['scores'])} | {_fmt(t['vs_all_tokens_training'])} |")
+            lines.append(
+                f"| {t['label']} | {t['stage']} | {_fmt(t['avg_vision_tokens'])} | {_fmt(t['accelerator_hours'], 4)} | "
+                f"{_fmt(t['vision_tflops'], 4)} | {_fmt(t['model_tflops'], 4)} | {_fmt(t['loss'], 3)} | "
+                f"{_scores_text(t['scores'])} | {_fmt(t['vs_all_tokens_training'])} |"
+            )
             for c in t["published"]:
                 pub, delta = _training_published_cells(c)
                 lines.append("| " + " | ".join(pub) + " |")
                 lines.append("| " + " | ".join(delta) + " |")
     for group in positions:
         head = ["position encoding", "run", *group["columns"], "Avg (%)"]
-        lines += ["", f"Position encodings (Table 10 layout): {group['title']}", "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [
+            "",
+            f"Position encodings (Table 10 layout): {group['title']}",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
         for r in group["rows"]:
-            lines.append("| " + " | ".join([r["position_mode"], r["run"], *(_fmt(r["scores"][b]) for b in group["columns"]),
-                                             _fmt(r["avg"])]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [r["position_mode"], r["run"], *(_fmt(r["scores"][b]) for b in group["columns"]), _fmt(r["avg"])]
+                )
+                + " |"
+            )
             for c in r["published"]:
                 pub, delta = comparison_rows(c, group["columns"])
                 lines.append(f"| ↳ {c['description']} | | " + " | ".join(pub) + " |")
                 lines.append("| ↳ measured − paper | | " + " | ".join(delta) + " |")
-    notes = _published_notes(table["rows"]) + _published_notes(trainings) + \
-        _published_notes([r for g in positions for r in g["rows"]])
+    notes = (
+        _published_notes(table["rows"])
+        + _published_notes(trainings)
+        + _published_notes([r for g in positions for r in g["rows"]])
+    )
     if notes:
         lines += [""] + [f"- {n}" for n in dict.fromkeys(notes)]
     return "\n".join(lines) + "\n"
@@ -375,13 +543,26 @@ def _training_published_cells(c: dict) -> tuple[list[str], list[str]]:
     """The published row and the differences under a training run, in the training table's columns."""
     hours = "-" if c["train_gpu_hours"] is None else f"{c['train_gpu_hours']:g} GPU-h (paper, full recipe)"
     tflops = "-" if c["infer_tflops"] is None else f"{c['infer_tflops']:g}"
-    avg = f"{c['published_avg']:.1f}" + (f" (over {len(c['benchmarks'])})" if c["not_measured"] and c["benchmarks"] else "")
+    avg = f"{c['published_avg']:.1f}" + (
+        f" (over {len(c['benchmarks'])})" if c["not_measured"] and c["benchmarks"] else ""
+    )
     pub = [f"↳ {c['description']}", "", f"{c['tokens']:g}", hours, tflops, "", "", _scores_text(c["published"]), avg]
-    delta = ["↳ measured − paper", "", "", "", "", "", "", _scores_text(c["deltas"], signed=True), format_delta(c["delta_avg"])]
+    delta = [
+        "↳ measured − paper",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        _scores_text(c["deltas"], signed=True),
+        format_delta(c["delta_avg"]),
+    ]
     return pub, delta
 
 
 # ---- figures --------------------------------------------------------------------------------------------
+
 
 def plot_training_cost(trainings: list[dict], path: Path, hours_label: str) -> Optional[Path]:
     rows = [t for t in trainings if t["accelerator_hours"] is not None]
@@ -411,6 +592,7 @@ def plot_training_cost(trainings: list[dict], path: Path, hours_label: str) -> O
 
 # ---- the page -------------------------------------------------------------------------------------------
 
+
 def _img(path: Optional[Path], alt: str) -> str:
     if path is None or not path.is_file():
         return ""
@@ -430,11 +612,13 @@ def _html_table(head: list[str], rows: list[list[str]], row_classes: Optional[li
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{font-size:1.5em} h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:.9em;margin:.5em 0} th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
+table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
 th:first-child,td:first-child{text-align:left} tr.preset td{background:#fdf3e7} tr.baseline td{color:#777}
 tr.front td:first-child{font-weight:600} img{max-width:100%;border:1px solid #eee} .note{color:#555;font-size:.9em}
 code{background:#f4f4f4;padding:0 .2em}
-tr.published td{color:#8a8a8a;font-style:italic;background:#fafafa} tr.delta td{color:#6a6a6a;font-size:.85em;background:#fafafa}
+tr.published td{color:#8a8a8a;font-style:italic;background:#fafafa}
+tr.delta td{color:#6a6a6a;font-size:.85em;background:#fafafa}
 """
 
 
@@ -456,29 +640,56 @@ def _notes_html(rows: list[dict]) -> str:
     return "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
 
 
-def render_html(data: dict, table: dict, trainings: list[dict], figures: dict[str, Optional[Path]], hours_label: str,
-                positions: Optional[list[dict]] = None) -> str:
+def render_html(
+    data: dict,
+    table: dict,
+    trainings: list[dict],
+    figures: dict[str, Optional[Path]],
+    hours_label: str,
+    positions: Optional[list[dict]] = None,
+) -> str:
     sweep = data["sweep"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>hidrop report: {html.escape(data['experiment'])}</title>"
-             f"<style>{STYLE}</style></head><body>",
-             f"<h1>hidrop report: {html.escape(data['experiment'])}</h1>",
-             f"<p class='note'>MLflow store <code>{html.escape(data['tracking_uri'])}</code>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>hidrop report: {html.escape(data['experiment'])}</title>"
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>hidrop report: {html.escape(data['experiment'])}</h1>",
+        f"<p class='note'>MLflow store <code>{html.escape(data['tracking_uri'])}</code>",
+    ]
     if sweep:
-        parts.append(f"; sweep <code>{html.escape(sweep['name'])}</code> (parent run {sweep['run_id'][:8]}, "
-                     f"{len(data['trials'])} trials, status {sweep['status'].lower()}"
-                     + (f", {sweep['samples']} questions per trial over {len(sweep['benchmarks'])} benchmarks: "
-                        f"one answer moves a benchmark's score by {100 * len(sweep['benchmarks']) / sweep['samples']:.1f} "
-                        "points on average, so small differences are noise" if sweep["samples"] else "") + ")")
+        parts.append(
+            f"; sweep <code>{html.escape(sweep['name'])}</code> (parent run {sweep['run_id'][:8]}, "
+            f"{len(data['trials'])} trials, status {sweep['status'].lower()}"
+            + (
+                f", {sweep['samples']} questions per trial over {len(sweep['benchmarks'])} benchmarks: "
+                f"one answer moves a benchmark's score by {100 * len(sweep['benchmarks']) / sweep['samples']:.1f} "
+                "points on average, so small differences are noise"
+                if sweep["samples"]
+                else ""
+            )
+            + ")"
+        )
     parts.append(".</p>")
     if sweep:
-        parts.append("<h2 id='pareto'>Relative score vs vision TFLOPs</h2>" + _img(figures.get("pareto"), "Pareto plot"))
-        parts.append("<p class='note'>Relative score: the mean over benchmarks of score / all-tokens score x 100 (the paper's "
-                     "Avg %). Vision TFLOPs: the paper's formula per sample. Presets are labelled; the dashed lines are "
-                     "all tokens (100%) and the blind baseline (no image).</p>")
+        parts.append(
+            "<h2 id='pareto'>Relative score vs vision TFLOPs</h2>" + _img(figures.get("pareto"), "Pareto plot")
+        )
+        parts.append(
+            "<p class='note'>Relative score: the mean over benchmarks of score / all-tokens score x 100 (the paper's "
+            "Avg %). Vision TFLOPs: the paper's formula per sample. Presets are labelled; the dashed lines are "
+            "all tokens (100%) and the blind baseline (no image).</p>"
+        )
         parts.append("<h2 id='methods'>Methods x benchmarks (Table 1 layout)</h2>")
         head = ["method", "avg vision tokens", *table["columns"], "Avg (%)"]
-        rows = [[r["method"] + (" (front)" if r["pareto"] and r["kind"] == "preset" else ""), _fmt(r["avg_vision_tokens"]),
-                 *(_fmt(r["scores"][b]) for b in table["columns"]), _fmt(r["relative_score"])] for r in table["rows"]]
+        rows = [
+            [
+                r["method"] + (" (front)" if r["pareto"] and r["kind"] == "preset" else ""),
+                _fmt(r["avg_vision_tokens"]),
+                *(_fmt(r["scores"][b]) for b in table["columns"]),
+                _fmt(r["relative_score"]),
+            ]
+            for r in table["rows"]
+        ]
         classes = [r["kind"] + (" front" if r["pareto"] else "") for r in table["rows"]]
 
         def cells(c: dict) -> tuple[list[str], list[str]]:
@@ -487,56 +698,112 @@ def render_html(data: dict, table: dict, trainings: list[dict], figures: dict[st
 
         parts.append(_html_table(head, *_with_published(rows, classes, table["rows"], cells)))
         parts.append(_notes_html(table["rows"]))
-        parts.append(f"<p class='note'>All-tokens scores: {html.escape(json.dumps({b: round(v, 2) for b, v in sweep['reference_scores'].items()}))}. "
-                     f"Searched rows are the Pareto-front trials, best first (at most {MAX_SEARCHED_ROWS}).</p>")
-        trials_rows = [[t["label"], "yes" if t.get("pareto") else "", _fmt(t.get("relative_score")), _fmt(t.get("avg_vision_tokens")),
-                        _fmt(t.get("vision_tflops"), 4), t["status"], t["plan"]] for t in data["trials"]]
-        parts.append("<h2 id='trials'>All trials</h2>" + _html_table(
-            ["trial", "front", "Avg (%)", "avg tokens", "vision TFLOPs", "status", "per-layer plan"], trials_rows))
+        parts.append(
+            "<p class='note'>All-tokens scores: "
+            f"{html.escape(json.dumps({b: round(v, 2) for b, v in sweep['reference_scores'].items()}))}. "
+            f"Searched rows are the Pareto-front trials, best first (at most {MAX_SEARCHED_ROWS}).</p>"
+        )
+        trials_rows = [
+            [
+                t["label"],
+                "yes" if t.get("pareto") else "",
+                _fmt(t.get("relative_score")),
+                _fmt(t.get("avg_vision_tokens")),
+                _fmt(t.get("vision_tflops"), 4),
+                t["status"],
+                t["plan"],
+            ]
+            for t in data["trials"]
+        ]
+        parts.append(
+            "<h2 id='trials'>All trials</h2>"
+            + _html_table(
+                ["trial", "front", "Avg (%)", "avg tokens", "vision TFLOPs", "status", "per-layer plan"], trials_rows
+            )
+        )
     parts.append("<h2 id='training'>Training cost (Table 2 layout)</h2>")
     if trainings:
-        head = ["run", "stage", "avg vision tokens", hours_label, "vision TFLOPs / sample", "model TFLOPs / sample",
-                "samples/s", "final loss", "scores", "Avg (% of all-tokens training)", "Avg (% of itself unpruned)"]
-        rows = [[t["label"], t["stage"], _fmt(t["avg_vision_tokens"]), _fmt(t["accelerator_hours"], 4), _fmt(t["vision_tflops"], 4),
-                 _fmt(t["model_tflops"], 4), _fmt(t["samples_per_s"], 2), _fmt(t["loss"], 3),
-                 _scores_text(t["scores"]), _fmt(t["vs_all_tokens_training"]),
-                 _fmt(t["relative_score"])] for t in trainings]
+        head = [
+            "run",
+            "stage",
+            "avg vision tokens",
+            hours_label,
+            "vision TFLOPs / sample",
+            "model TFLOPs / sample",
+            "samples/s",
+            "final loss",
+            "scores",
+            "Avg (% of all-tokens training)",
+            "Avg (% of itself unpruned)",
+        ]
+        rows = [
+            [
+                t["label"],
+                t["stage"],
+                _fmt(t["avg_vision_tokens"]),
+                _fmt(t["accelerator_hours"], 4),
+                _fmt(t["vision_tflops"], 4),
+                _fmt(t["model_tflops"], 4),
+                _fmt(t["samples_per_s"], 2),
+                _fmt(t["loss"], 3),
+                _scores_text(t["scores"]),
+                _fmt(t["vs_all_tokens_training"]),
+                _fmt(t["relative_score"]),
+            ]
+            for t in trainings
+        ]
 
         def training_cells(c: dict) -> tuple[list[str], list[str]]:
             pub, delta = _training_published_cells(c)  # the markdown columns, plus samples/s and "itself unpruned"
-            return ([pub[0].removeprefix("↳ "), *pub[1:6], "", *pub[6:], ""],
-                    [delta[0].removeprefix("↳ "), *delta[1:6], "", *delta[6:], ""])
+            return (
+                [pub[0].removeprefix("↳ "), *pub[1:6], "", *pub[6:], ""],
+                [delta[0].removeprefix("↳ "), *delta[1:6], "", *delta[6:], ""],
+            )
 
-        parts.append(_html_table(head, *_with_published(rows, [""] * len(rows), trainings, training_cells))
-                     + _notes_html(trainings) + _img(figures.get("training_cost"), "training cost"))
-        parts.append(f"<p class='note'>{html.escape(hours_label)} = wall time x devices, measured in the run (not estimated). "
-                     "Scores need <code>train.eval_after: true</code>; Avg (% of all-tokens training) compares each trained "
-                     "model with the newest all-tokens training on the same benchmarks.</p>")
+        parts.append(
+            _html_table(head, *_with_published(rows, [""] * len(rows), trainings, training_cells))
+            + _notes_html(trainings)
+            + _img(figures.get("training_cost"), "training cost")
+        )
+        parts.append(
+            f"<p class='note'>{html.escape(hours_label)} = wall time x devices, measured in the run (not estimated). "
+            "Scores need <code>train.eval_after: true</code>; Avg (% of all-tokens training) compares each trained "
+            "model with the newest all-tokens training on the same benchmarks.</p>"
+        )
     else:
         parts.append("<p class='note'>No training runs in this experiment (<code>hidrop train</code> logs them).</p>")
     for group in positions or []:
         parts.append(f"<h2 id='positions'>Position encodings (Table 10 layout): {html.escape(group['title'])}</h2>")
         head = ["position encoding", "run", *group["columns"], "Avg (%)"]
-        rows = [[r["position_mode"], r["run"], *(_fmt(r["scores"][b]) for b in group["columns"]), _fmt(r["avg"])]
-                for r in group["rows"]]
+        rows = [
+            [r["position_mode"], r["run"], *(_fmt(r["scores"][b]) for b in group["columns"]), _fmt(r["avg"])]
+            for r in group["rows"]
+        ]
 
         def position_cells(c: dict, columns=group["columns"]) -> tuple[list[str], list[str]]:
             pub, delta = comparison_rows(c, columns)
             return [c["description"], "", *pub], ["measured − paper", "", *delta]
 
-        parts.append(_html_table(head, *_with_published(rows, [""] * len(rows), group["rows"], position_cells))
-                     + _notes_html(group["rows"]))
+        parts.append(
+            _html_table(head, *_with_published(rows, [""] * len(rows), group["rows"], position_cells))
+            + _notes_html(group["rows"])
+        )
     if figures.get("curves"):
         proposed = data["analysis"]["proposed"]
         parts.append("<h2 id='diagnostics'>Layer diagnostics</h2>" + _img(figures["curves"], "diagnostics curves"))
         if proposed:
-            parts.append("<p class='note'>Proposed schedule: " + html.escape(", ".join(f"{k}={v}" for k, v in proposed.items())) + "</p>")
+            parts.append(
+                "<p class='note'>Proposed schedule: "
+                + html.escape(", ".join(f"{k}={v}" for k, v in proposed.items()))
+                + "</p>"
+            )
     parts.append("</body></html>\n")
     return "".join(parts)
 
 
-def build_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep: Optional[str] = None,
-                 publish: bool = True) -> dict:
+def build_report(
+    tracking_uri: str, experiment: str, out_dir: str | Path, sweep: Optional[str] = None, publish: bool = True
+) -> dict:
     """Collect, draw, write; then attach the files to the sweep's parent run. Returns what was written."""
     data = collect(tracking_uri, experiment, sweep)
     out = Path(out_dir).resolve()  # absolute: the paths are printed and returned
@@ -552,9 +819,12 @@ def build_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep:
         if sweep_info["blind_relative_score"] is not None:
             lines["blind"] = sweep_info["blind_relative_score"]
         if scored:
-            figures["pareto"] = plot_pareto(scored, out / "pareto.png",
-                                            f"{experiment} / {sweep_info['name']}: relative score vs vision TFLOPs",
-                                            reference_lines=lines)
+            figures["pareto"] = plot_pareto(
+                scored,
+                out / "pareto.png",
+                f"{experiment} / {sweep_info['name']}: relative score vs vision TFLOPs",
+                reference_lines=lines,
+            )
     trainings = training_table(data)
     positions = position_tables(data, trainings)
     figures["training_cost"] = plot_training_cost(trainings, out / "training_cost.png", hours_label)
@@ -567,9 +837,13 @@ def build_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep:
             figures["curves"] = None
     (out / "report.html").write_text(render_html(data, table, trainings, figures, hours_label, positions))
     (out / "report.md").write_text(_markdown(table, trainings, hours_label, positions))
-    (out / "report.json").write_text(json.dumps({**data, "methods_table": table, "training_table": trainings,
-                                                 "position_tables": positions},
-                                                indent=2, default=str))
+    (out / "report.json").write_text(
+        json.dumps(
+            {**data, "methods_table": table, "training_table": trainings, "position_tables": positions},
+            indent=2,
+            default=str,
+        )
+    )
     # only what this call wrote (an earlier report in the same folder may have had more figures)
     written = sorted([out / "report.html", out / "report.md", out / "report.json", *(p for p in figures.values() if p)])
     published_to = None
@@ -578,9 +852,18 @@ def build_report(tracking_uri: str, experiment: str, out_dir: str | Path, sweep:
         for path in written:
             client.log_artifact(sweep_info["run_id"], str(path), "report")
         published_to = sweep_info["run_id"]
-    return {"experiment": experiment, "out_dir": str(out), "html": str(out / "report.html"),
-            "files": [str(p) for p in written], "published_to_run": published_to,
-            "methods": [r["method"] for r in table["rows"]], "trials": len(data["trials"]),
-            "trainings": len(trainings), "position_tables": len(positions), "diagnostics": bool(figures.get("curves")),
-            "published_rows": sum(len(r["published"]) for r in [*table["rows"], *trainings,
-                                                                 *(r for g in positions for r in g["rows"])])}
+    return {
+        "experiment": experiment,
+        "out_dir": str(out),
+        "html": str(out / "report.html"),
+        "files": [str(p) for p in written],
+        "published_to_run": published_to,
+        "methods": [r["method"] for r in table["rows"]],
+        "trials": len(data["trials"]),
+        "trainings": len(trainings),
+        "position_tables": len(positions),
+        "diagnostics": bool(figures.get("curves")),
+        "published_rows": sum(
+            len(r["published"]) for r in [*table["rows"], *trainings, *(r for g in positions for r in g["rows"])]
+        ),
+    }

@@ -4,6 +4,7 @@ The engine sees a `Backbone`: embeddings, decoder layers, final norm, LM head, r
 image-feature path of llava-hf models, and a cache. Decoder layers, attention and MLP are called stock.
 When transformers changes a signature, this is the one file to update.
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -8,6 +8,7 @@ Two figures per schedule:
   the scoring passes, the LM head over the positions that produce logits, and the vision encoder +
   projector. This is the figure wall-clock follows.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -89,7 +90,9 @@ def model_tflops(schedule: Schedule, shape: ModelShape) -> float:
         total += shape.vision_encoder.macs()
         if shape.projector_hidden_size:
             d_vis = shape.vision_encoder.hidden_size
-            total += shape.num_vision_tokens * (d_vis * shape.projector_hidden_size + shape.projector_hidden_size * shape.hidden_size)
+            total += shape.num_vision_tokens * (
+                d_vis * shape.projector_hidden_size + shape.projector_hidden_size * shape.hidden_size
+            )
     return total / 1e12
 
 

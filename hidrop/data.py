@@ -5,6 +5,7 @@ template so the answer spans are known exactly: labels are IGNORE_INDEX everywhe
 answer text and its end-of-turn token, which is also what the engine's multi-round query rule
 reads (a query is the unsupervised token right before each answer span).
 """
+
 from __future__ import annotations
 
 import json
@@ -106,7 +107,9 @@ def _normalized_turns(sample: Sample) -> list[tuple[str, str]]:
             raise ValueError(f"sample {sample.id}: turn {i} is not a human/gpt turn with a string value: {turn!r}")
         expected = HUMAN if i % 2 == 0 else GPT
         if role != expected:
-            raise ValueError(f"sample {sample.id}: turns must alternate human/gpt starting with human (turn {i} is {role})")
+            raise ValueError(
+                f"sample {sample.id}: turns must alternate human/gpt starting with human (turn {i} is {role})"
+            )
         turns.append((role, turn["value"]))
     if not turns:
         raise ValueError(f"sample {sample.id}: empty conversation")
@@ -115,7 +118,9 @@ def _normalized_turns(sample: Sample) -> list[tuple[str, str]]:
         raise ValueError(f"sample {sample.id}: the image placeholder must be in a human turn")
     n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
     if n_placeholders > 1:
-        raise ValueError(f"sample {sample.id}: {n_placeholders} image placeholders; only single-image samples are supported")
+        raise ValueError(
+            f"sample {sample.id}: {n_placeholders} image placeholders; only single-image samples are supported"
+        )
     if sample.has_image and n_placeholders == 0:
         turns[0] = (HUMAN, IMAGE_PLACEHOLDER + "\n" + turns[0][1])  # LLaVA convention
     elif not sample.has_image and n_placeholders == 1:
@@ -179,10 +184,7 @@ def _tokenize_run(tokenizer, text: str, start: int, spans: list[tuple[int, int]]
         return [], []
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        flags = [
-            any(s < start + b and start + a < e for s, e in spans)
-            for a, b in enc["offset_mapping"]
-        ]
+        flags = [any(s < start + b and start + a < e for s, e in spans) for a, b in enc["offset_mapping"]]
         return list(enc["input_ids"]), flags
     cuts = sorted({0, len(text)} | {min(max(p - start, 0), len(text)) for span in spans for p in span})
     ids: list[int] = []
@@ -345,9 +347,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Encoded:
         sample = self.samples[index]
         enc = encode_sample(
-            sample, self.tokenizer, self.template,
-            image_token_id=self.image_token_id, num_image_tokens=self.num_image_tokens,
-            max_length=self.max_length, for_generation=self.for_generation,
+            sample,
+            self.tokenizer,
+            self.template,
+            image_token_id=self.image_token_id,
+            num_image_tokens=self.num_image_tokens,
+            max_length=self.max_length,
+            for_generation=self.for_generation,
         )
         if self.image_processor is not None and sample.has_image:
             pixels = self.image_processor(sample.load_image())

@@ -20,6 +20,7 @@ input_layernorm, q_proj and k_proj on its input, softmax in fp32 over all keys),
 `output_attentions`, so the model keeps its SDPA / FlashAttention kernels, and the layer loop keeps only
 the statistics, not every hidden state, so memory stays at one forward's worth.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -36,7 +37,10 @@ from hidrop.schedule import Schedule, ScheduleError, pyramid, spread_layers
 
 # ---- curve helpers (pure) ----------------------------------------------------------------------
 
-def local_extrema(values: Sequence[float], lo: int, hi: int, kind: str = "max", min_prominence: float = 1e-4) -> list[int]:
+
+def local_extrema(
+    values: Sequence[float], lo: int, hi: int, kind: str = "max", min_prominence: float = 1e-4
+) -> list[int]:
     """1-indexed layers l in lo..hi where values[l-1] is a strict local maximum (or minimum): above the
     neighbouring values on each side by more than `min_prominence` (a flat top counts once, at its first
     layer). Window edges count when the curve falls away from them inside the window. Ordered by
@@ -81,6 +85,7 @@ def onset(values: Sequence[float], fraction: float) -> int:
 
 # ---- the layer loop ----------------------------------------------------------------------------
 
+
 def reference_image(sample_image: Image.Image) -> Image.Image:
     """The default reference: a uniform mid-grey image of the same size."""
     return Image.new("RGB", sample_image.size, (128, 128, 128))
@@ -107,7 +112,7 @@ def layer_curves(
     ilvas_sum = {(k, n): torch.zeros(L - n, dtype=torch.float64) for k in ks for n in ns}
     count = 0
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
+        chunk = samples[start : start + batch_size]
         ref_images = _reference_images(chunk, reference, samples)
         intra, cross, attention = _batch_stats(vlm, chunk, ref_images)
         sums["intra"] += intra.sum(0)
@@ -117,9 +122,16 @@ def layer_curves(
         count += len(chunk)
     ilvas = {f"K{k}_n{n}": (acc / count).tolist() for (k, n), acc in ilvas_sum.items()}
     return {
-        "num_layers": L, "num_vision_tokens": n_vis, "samples": count, "reference": reference,
-        "s_intra": (sums["intra"] / count).tolist(), "s_cross": (sums["cross"] / count).tolist(),
-        "ilvas": ilvas, "ilvas_k": ks, "ilvas_n": ns, "ilvas_mean": _mean_ilvas(ilvas_sum, count, L),
+        "num_layers": L,
+        "num_vision_tokens": n_vis,
+        "samples": count,
+        "reference": reference,
+        "s_intra": (sums["intra"] / count).tolist(),
+        "s_cross": (sums["cross"] / count).tolist(),
+        "ilvas": ilvas,
+        "ilvas_k": ks,
+        "ilvas_n": ns,
+        "ilvas_mean": _mean_ilvas(ilvas_sum, count, L),
     }
 
 
@@ -151,8 +163,9 @@ def _batch_stats(vlm: VisionLanguageModel, chunk: Sequence[Sample], ref_images: 
     ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     B, T = ids.shape
     vision = ids == vlm.image_token_id
-    pixels = torch.stack([vlm.image_processor(s.load_image()) for s in chunk] +
-                         [vlm.image_processor(im) for im in ref_images]).to(device)
+    pixels = torch.stack(
+        [vlm.image_processor(s.load_image()) for s in chunk] + [vlm.image_processor(im) for im in ref_images]
+    ).to(device)
     embeds_all = vlm.vision_embeds(pixels)  # (2B, N, D): own images, then the reference images
     bb = Backbone(vlm.lm)
     text = bb.embed(ids)
@@ -190,8 +203,8 @@ def _vision_attention(bb: Backbone, idx, hidden, pos, rope, valid, vision, last:
     """Head-wise attention (B, H, N) of the last prompt token to the vision tokens at layer idx: the
     engine's scoring pass (this layer's q/k on its input, fp32 softmax over every key)."""
     B, T, D = hidden.shape
-    q_hidden = hidden[:, last:last + 1]
-    q_rope = tuple(r[:B, last:last + 1] for r in rope)
+    q_hidden = hidden[:, last : last + 1]
+    q_rope = tuple(r[:B, last : last + 1] for r in rope)
     k_rope = tuple(r[:B] for r in rope)
     q, k, scale = bb.query_key(idx, q_hidden, hidden, q_rope, k_rope)
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, 1, T)
@@ -221,40 +234,73 @@ def _ilvas(attention: torch.Tensor, k: int, n: int) -> torch.Tensor:
 
 # ---- sweeps ------------------------------------------------------------------------------------
 
+
 def sweep_schedules(num_layers: int, num_vision_tokens: int, stride: int = 1) -> tuple[list[Schedule], list[Schedule]]:
     """Exit at l (vision leaves before layer l, l = 2..L) and injection at l (vision arrives at l, l = 2..L)."""
     layers = list(range(2, num_layers + 1, stride))
     if layers[-1] != num_layers:
         layers.append(num_layers)
-    exits = [Schedule(num_layers=num_layers, num_vision_tokens=num_vision_tokens, exit_layer=l, name=f"exit_L{l}") for l in layers]
-    injects = [Schedule(num_layers=num_layers, num_vision_tokens=num_vision_tokens, inject_layer=l, name=f"inject_L{l}")
-               for l in layers]
+    exits = [
+        Schedule(num_layers=num_layers, num_vision_tokens=num_vision_tokens, exit_layer=l, name=f"exit_L{l}")
+        for l in layers
+    ]
+    injects = [
+        Schedule(num_layers=num_layers, num_vision_tokens=num_vision_tokens, inject_layer=l, name=f"inject_L{l}")
+        for l in layers
+    ]
     return exits, injects
 
 
-def run_sweeps(vlm: VisionLanguageModel, benchmarks, *, stride: int = 1, mode: str = "auto", batch_size: int = 8,
-               seed: int = 0, progress=None) -> dict:
+def run_sweeps(
+    vlm: VisionLanguageModel,
+    benchmarks,
+    *,
+    stride: int = 1,
+    mode: str = "auto",
+    batch_size: int = 8,
+    seed: int = 0,
+    progress=None,
+) -> dict:
     """Scores of the exit and injection sweeps (one harness pass: the vision tower runs once per batch)."""
     from hidrop.evaluation.harness import evaluate
     from hidrop.evaluation.metrics import mean
 
     exits, injects = sweep_schedules(vlm.num_layers, vlm.num_vision_tokens, stride)
-    report = evaluate(vlm, exits + injects, benchmarks, baselines=["blind"], mode=mode, batch_size=batch_size,
-                      seed=seed, progress=progress)
+    report = evaluate(
+        vlm,
+        exits + injects,
+        benchmarks,
+        baselines=["blind"],
+        mode=mode,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
     score = {r["method"]: mean(b["score"] for b in r["benchmarks"].values()) for r in report["methods"]}
     return {
         "layers": [s.exit_layer for s in exits],
         "exit": [score[s.name] for s in exits],
         "inject": [score[s.name] for s in injects],
-        "all_tokens": score["all_tokens"], "blind": score["blind"],
-        "samples": report["samples_evaluated"], "notes": report["notes"],
+        "all_tokens": score["all_tokens"],
+        "blind": score["blind"],
+        "samples": report["samples_evaluated"],
+        "notes": report["notes"],
     }
 
 
 # ---- the proposal ------------------------------------------------------------------------------
 
-def propose(curves: dict, sweeps: Optional[dict], *, avg_tokens: float, stages: int = 4, keep_decay: float = 0.5,
-            exit_tolerance: float = 2.0, onset_fraction: float = 0.1) -> dict:
+
+def propose(
+    curves: dict,
+    sweeps: Optional[dict],
+    *,
+    avg_tokens: float,
+    stages: int = 4,
+    keep_decay: float = 0.5,
+    exit_tolerance: float = 2.0,
+    onset_fraction: float = 0.1,
+) -> dict:
     """A schedule (curve form fields) from the diagnostics, and the reason for every choice."""
     L, n_vis = curves["num_layers"], curves["num_vision_tokens"]
     why: dict[str, str] = {}
@@ -264,22 +310,28 @@ def propose(curves: dict, sweeps: Optional[dict], *, avg_tokens: float, stages: 
     intra_layer = min(dips[:1] or [min(range(2, half + 1), key=lambda l: curves["s_intra"][l - 1])])
     cross_onset = onset(curves["s_cross"], onset_fraction)
     inject = max(1, min(intra_layer, cross_onset))
-    why["inject_layer"] = (f"S_intra's deepest dip in layers 2..{half} is at L{intra_layer}; S_cross reaches "
-                           f"{onset_fraction:.0%} of its maximum at L{cross_onset}; the earlier of the two")
+    why["inject_layer"] = (
+        f"S_intra's deepest dip in layers 2..{half} is at L{intra_layer}; S_cross reaches "
+        f"{onset_fraction:.0%} of its maximum at L{cross_onset}; the earlier of the two"
+    )
     if sweeps is not None:  # the injection sweep measures directly what the two curves suggest
         passive = passive_shallow_layers(sweeps, exit_tolerance)
         if passive < inject:
             inject = passive
-            why["inject_layer"] += (f"; but the injection sweep loses more than {exit_tolerance:g} points when the image "
-                                    f"arrives after L{passive}, so L{passive}")
+            why["inject_layer"] += (
+                f"; but the injection sweep loses more than {exit_tolerance:g} points when the image "
+                f"arrives after L{passive}, so L{passive}"
+            )
     # exit: where the exit sweep reaches its plateau
     exit_layer: Optional[int] = None
     if sweeps is not None:
         i = plateau_start(sweeps["exit"], sweeps["all_tokens"], exit_tolerance)
         if i < len(sweeps["layers"]):
             exit_layer = sweeps["layers"][i]
-            why["exit_layer"] = (f"removing every vision token before L{exit_layer} or later keeps the score within "
-                                 f"{exit_tolerance:g} points of all tokens ({sweeps['all_tokens']:.1f})")
+            why["exit_layer"] = (
+                f"removing every vision token before L{exit_layer} or later keeps the score within "
+                f"{exit_tolerance:g} points of all tokens ({sweeps['all_tokens']:.1f})"
+            )
         else:
             why["exit_layer"] = "no exit layer keeps the score within tolerance: vision stays to the end"
     else:
@@ -289,8 +341,10 @@ def propose(curves: dict, sweeps: Optional[dict], *, avg_tokens: float, stages: 
         end = min(L + 1, inject + 3)
         inject = min(inject, end - 3)
         exit_layer = None if end > L else end
-        why["exit_layer"] += (f"; the plateau starts before there is room for a drop (the image barely matters to "
-                              f"this model on this data), so the window is widened to L{inject}..L{end - 1}")
+        why["exit_layer"] += (
+            f"; the plateau starts before there is room for a drop (the image barely matters to "
+            f"this model on this data), so the window is widened to L{inject}..L{end - 1}"
+        )
     # filtering layers: ILVAS maxima inside the window
     lo, hi = inject, end - 2
     maxima = [l for l in local_extrema([x if x is not None else -1.0 for x in curves["ilvas_mean"]], lo, hi, "max")]
@@ -300,21 +354,44 @@ def propose(curves: dict, sweeps: Optional[dict], *, avg_tokens: float, stages: 
     else:
         chosen = spread_layers(inject, end, max(1, min(stages, hi - lo + 1)))
         why["drop_layers"] = f"ILVAS has no local maximum in L{lo}..L{hi}: {len(chosen)} layers spread over the window"
-    spec = {"inject_layer": inject, "exit_layer": exit_layer, "drop_layers": chosen, "keep_decay": keep_decay,
-            "avg_tokens": avg_tokens, "name": "proposed"}
+    spec = {
+        "inject_layer": inject,
+        "exit_layer": exit_layer,
+        "drop_layers": chosen,
+        "keep_decay": keep_decay,
+        "avg_tokens": avg_tokens,
+        "name": "proposed",
+    }
     try:
         schedule = pyramid(L, n_vis, **{k: v for k, v in spec.items() if k != "name"}, name="proposed")
-        why["keeps"] = f"first keep solved for {avg_tokens:g} tokens per layer on average, then x{keep_decay:g} per stage"
+        why["keeps"] = (
+            f"first keep solved for {avg_tokens:g} tokens per layer on average, then x{keep_decay:g} per stage"
+        )
     except ScheduleError as e:
         # the budget is outside what this window allows: take the nearest reachable average
-        reachable = [pyramid(L, n_vis, inject_layer=inject, exit_layer=exit_layer, drop_layers=chosen, keep_decay=keep_decay,
-                             first_keep_ratio=f / n_vis) for f in (len(chosen), n_vis - 1)]
+        reachable = [
+            pyramid(
+                L,
+                n_vis,
+                inject_layer=inject,
+                exit_layer=exit_layer,
+                drop_layers=chosen,
+                keep_decay=keep_decay,
+                first_keep_ratio=f / n_vis,
+            )
+            for f in (len(chosen), n_vis - 1)
+        ]
         nearest = min((r.avg_tokens() for r in reachable), key=lambda a: abs(a - avg_tokens))
         spec["avg_tokens"] = nearest
         schedule = pyramid(L, n_vis, **{k: v for k, v in spec.items() if k != "name"}, name="proposed")
         why["keeps"] = f"{e}; using the nearest reachable average, {nearest:.1f}"
-    return {"schedule_fields": {k: v for k, v in spec.items() if v is not None}, "schedule": schedule.model_dump(mode="json"),
-            "plan": schedule.describe(), "avg_tokens": schedule.avg_tokens(), "why": why}
+    return {
+        "schedule_fields": {k: v for k, v in spec.items() if v is not None},
+        "schedule": schedule.model_dump(mode="json"),
+        "plan": schedule.describe(),
+        "avg_tokens": schedule.avg_tokens(),
+        "why": why,
+    }
 
 
 def passive_shallow_layers(sweeps: dict, tolerance: float) -> int:

@@ -11,6 +11,7 @@ At every stage boundary the hidden states are written back into a buffer in the 
 unprocessed) and the next stage's live tokens are gathered from it. Each stage gets its own
 attention mask and RoPE tables, built once and sized to the stage.
 """
+
 from __future__ import annotations
 
 import math
@@ -173,12 +174,22 @@ class ScheduledModel(nn.Module):
             embeds = self.backbone.embed(input_ids) if inputs_embeds is None else inputs_embeds
             return self._decode(embeds, past_key_values, logits_to_keep)
         defer = self.parallel_vision and pixel_values is not None and self.schedule.inject_layer > 1
-        embeds, vision, deferred = self._embed(input_ids, inputs_embeds, pixel_values, vision_embeds, vision_mask, defer)
+        embeds, vision, deferred = self._embed(
+            input_ids, inputs_embeds, pixel_values, vision_embeds, vision_mask, defer
+        )
         cache = None
         if use_cache:
             cache = past_key_values if past_key_values is not None else ScheduleCache(self.backbone.text_config)
         return self._prefill(
-            embeds, vision, attention_mask, labels, position_ids, cache, logits_to_keep, forced_keep, return_logits,
+            embeds,
+            vision,
+            attention_mask,
+            labels,
+            position_ids,
+            cache,
+            logits_to_keep,
+            forced_keep,
+            return_logits,
             deferred,
         )
 
@@ -321,12 +332,25 @@ class ScheduledModel(nn.Module):
             features.record_stream(main)  # made on the side stream, used on this one: keep it alive
         features = features.reshape(-1, full.shape[-1]).to(full.dtype)
         if features.shape[0] != int(vision_x.sum()):  # masked_scatter would silently drop extra rows
-            raise ValueError(f"the encoder returned {features.shape[0]} vision features for {int(vision_x.sum())} image positions")
+            raise ValueError(
+                f"the encoder returned {features.shape[0]} vision features for {int(vision_x.sum())} image positions"
+            )
         return full.masked_scatter(vision_x[..., None], features)
 
     # ---- prefill -----------------------------------------------------------------------------
-    def _prefill(self, embeds, vision, attention_mask, labels, position_ids, cache, logits_to_keep, forced, return_logits,
-                 deferred=None):
+    def _prefill(
+        self,
+        embeds,
+        vision,
+        attention_mask,
+        labels,
+        position_ids,
+        cache,
+        logits_to_keep,
+        forced,
+        return_logits,
+        deferred=None,
+    ):
         bb, s = self.backbone, self.schedule
         B, L, H = embeds.shape
         dev = embeds.device
@@ -358,7 +382,6 @@ class ScheduledModel(nn.Module):
             next_pos = position_ids.masked_fill(~valid, -1).max(1).values + 1
         base_pos = F.pad(base_pos, (0, 1))
         full = F.pad(embeds, (0, 0, 0, 1))
-        valid_x = F.pad(valid, (0, 1))
         vision_x = F.pad(vision, (0, 1))
         text_x = F.pad(text, (0, 1))
 
@@ -367,8 +390,14 @@ class ScheduledModel(nn.Module):
         query_x = None
         if s.query_rule == QueryRule.multi_round and labels is not None:
             query_x = F.pad(labels.masked_fill(~valid, IGNORE_INDEX), (0, 1), value=IGNORE_INDEX)
-        if logits_to_keep == 1 and not s.is_vanilla() and bool((vision & (valid.long().cumsum(1) == valid.sum(1, keepdim=True)) & valid).any()):
-            raise ValueError("the prompt ends with an image token; it must end with text for next-token logits under pruning")
+        if (
+            logits_to_keep == 1
+            and not s.is_vanilla()
+            and bool((vision & (valid.long().cumsum(1) == valid.sum(1, keepdim=True)) & valid).any())
+        ):
+            raise ValueError(
+                "the prompt ends with an image token; it must end with text for next-token logits under pruning"
+            )
 
         live_vision = vision_x if s.inject_layer == 1 else torch.zeros_like(vision_x)
         stage = self._make_stage(text_x | live_vision, vision_x, base_pos, pad_left, full)
@@ -428,7 +457,9 @@ class ScheduledModel(nn.Module):
             lab = lab.masked_fill(~stage.ok, IGNORE_INDEX)
             target = lab[:, 1:].masked_fill(~stage.ok[:, :-1], IGNORE_INDEX)
             out.loss = F.cross_entropy(
-                final_logits[:, :-1].float().reshape(-1, final_logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX
+                final_logits[:, :-1].float().reshape(-1, final_logits.shape[-1]),
+                target.reshape(-1),
+                ignore_index=IGNORE_INDEX,
             )
             if learnable:
                 out.budget_loss = self.budget_loss()
@@ -454,7 +485,7 @@ class ScheduledModel(nn.Module):
         W = max(int(counts.max()), 1)
         ar = torch.arange(W, device=live.device)
         if pad_left:  # live columns last, in original order
-            order = torch.sort(live.to(torch.int8), dim=1, stable=True).indices[:, Lx - W:]
+            order = torch.sort(live.to(torch.int8), dim=1, stable=True).indices[:, Lx - W :]
             ok = ar[None] >= (W - counts)[:, None]
         else:  # live columns first
             order = torch.sort((~live).to(torch.int8), dim=1, stable=True).indices[:, :W]
@@ -587,11 +618,18 @@ class ScheduledModel(nn.Module):
             pos = next_pos[:, None] + cache.decoded + ar[None]
             prior = torch.cat([key_ok, torch.ones(B, cache.decoded, dtype=torch.bool, device=dev)], dim=1)
             allowed = torch.cat(
-                [prior[:, None, :].expand(B, q, -1), torch.ones(q, q, dtype=torch.bool, device=dev).tril()[None].expand(B, -1, -1)],
+                [
+                    prior[:, None, :].expand(B, q, -1),
+                    torch.ones(q, q, dtype=torch.bool, device=dev).tril()[None].expand(B, -1, -1),
+                ],
                 dim=2,
             )
             if bb.uses_flash:
-                mask = None if bool(allowed.all()) else torch.cat([prior, torch.ones(B, q, dtype=torch.bool, device=dev)], 1).long()
+                mask = (
+                    None
+                    if bool(allowed.all())
+                    else torch.cat([prior, torch.ones(B, q, dtype=torch.bool, device=dev)], 1).long()
+                )
             else:
                 mask = bb.attention_mask(allowed[:, None], embeds.dtype)
             stage_inputs.append((pos, mask, bb.rotary(embeds, pos)))

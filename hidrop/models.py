@@ -10,6 +10,7 @@ ImageNet weights) gives a 14x14 grid of 196 feature vectors, an MLP projector (o
 to SmolLM2-135M-Instruct's embedding space. SmolLM2 ships as a Q4_1 GGUF; the first load converts it
 once into a plain safetensors folder under the cache directory.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -313,7 +314,9 @@ class VisionLanguageModel:
             "template": self.template,
             "image_token_id": self.image_token_id,
             "num_vision_tokens": self.num_vision_tokens,
-            "image_processor": self.image_processor.to_dict() if isinstance(self.image_processor, ImageProcessor) else None,
+            "image_processor": self.image_processor.to_dict()
+            if isinstance(self.image_processor, ImageProcessor)
+            else None,
             "schedule": None if schedule is None else schedule.model_dump(mode="json"),
             "projector_trained": self.projector_trained,
         }
@@ -352,7 +355,9 @@ def save_module(module: nn.Module, path: str | Path) -> None:
     save_safetensors_file(state, str(path), metadata={"format": "pt"})
 
 
-def load_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> VisionLanguageModel:
+def load_model(
+    folder: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> VisionLanguageModel:
     """Load anything `VisionLanguageModel.save` wrote, or a stock llava-hf checkpoint folder."""
     folder = Path(folder)
     cfg_path = folder / CONFIG_FILE
@@ -403,8 +408,12 @@ def load_model(folder: str | Path, *, dtype: torch.dtype = torch.float32, attn_i
     if config.get("model_type") == "llama" and meta.get("kind") == "llama":
         lm = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation).eval()
         tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer.json").is_file() else None
-        return VisionLanguageModel(lm, tok, meta["template"], meta["image_token_id"], meta["num_vision_tokens"], None, "llama", schedule)
-    raise ModelLoadError(f"{folder}: not a hidrop checkpoint or a llava-hf model (model_type={config.get('model_type')!r})")
+        return VisionLanguageModel(
+            lm, tok, meta["template"], meta["image_token_id"], meta["num_vision_tokens"], None, "llama", schedule
+        )
+    raise ModelLoadError(
+        f"{folder}: not a hidrop checkpoint or a llava-hf model (model_type={config.get('model_type')!r})"
+    )
 
 
 def load_model_safetensors(model: nn.Module, path: Path):

@@ -21,6 +21,7 @@ may not cross SPLIT_SPAN, so the two splits never share an image. Yes/no answers
 
 Boxes are (x0, y0, x1, y1) in pixels, half-open: a box covers x0 <= x < x1, y0 <= y < y1.
 """
+
 from __future__ import annotations
 
 import functools
@@ -251,16 +252,25 @@ def _existence(sc: _Scene, seed: int) -> Built:
     yes = seed % 2 == 0
     if yes:
         sc.must_add(shape, color)
+
     # near misses (same colour other shape, same shape other colour) force binding colour to shape;
     # both answers draw distractors + 2 objects, so the object count does not leak the answer
-    other = lambda c, s: (c, s) != (color, shape)
+    def other(c, s):
+        return (c, s) != (color, shape)
+
     sc.distract(1, lambda c, s: c == color and s != shape)
     sc.distract(1, lambda c, s: s == shape and c != color)
     sc.distract(n - 1 if yes else n + 1, other)
     # "no" can only be seen by checking every object, so then all of them are evidence
     targets = [i for i, t in enumerate(sc.things) if (t.color, t.shape) == (color, shape) or not yes]
     article = "an" if color[0] in "aeiou" else "a"
-    return f"Is there {article} {color} {shape}?", "yes" if yes else "no", YES_NO, tuple(targets), {"query": {"shape": shape, "color": color}}
+    return (
+        f"Is there {article} {color} {shape}?",
+        "yes" if yes else "no",
+        YES_NO,
+        tuple(targets),
+        {"query": {"shape": shape, "color": color}},
+    )
 
 
 def _counting(sc: _Scene, seed: int) -> Built:
@@ -290,7 +300,13 @@ def _spatial(sc: _Scene, seed: int) -> Built:
     sc.things += [Thing(s1, c1, a), Thing(s2, c2, b)]
     sc.distract(sc.config.distractors, lambda c, s: (c, s) not in ((c1, s1), (c2, s2)))  # keep references unique
     question = f"Is the {c1} {s1} {relation} the {c2} {s2}?"
-    return question, "yes" if yes else "no", YES_NO, (0, 1), {"query": {"first": [c1, s1], "second": [c2, s2], "relation": relation}}
+    return (
+        question,
+        "yes" if yes else "no",
+        YES_NO,
+        (0, 1),
+        {"query": {"first": [c1, s1], "second": [c2, s2], "relation": relation}},
+    )
 
 
 def _text(sc: _Scene, seed: int) -> Built:
@@ -364,6 +380,8 @@ def probe_suite(
     if unknown:
         raise ValueError(f"unknown probe families {unknown}; expected a subset of {FAMILIES}")
     if per_family < 0 or seed < 0 or seed + per_family > SPLIT_SPAN:
-        raise ValueError(f"need per_family >= 0, seed >= 0 and seed + per_family <= {SPLIT_SPAN} (keeps splits disjoint)")
+        raise ValueError(
+            f"need per_family >= 0, seed >= 0 and seed + per_family <= {SPLIT_SPAN} (keeps splits disjoint)"
+        )
     base = SPLIT_BASE[split] + seed
     return [make_probe(f, base + i, config) for f in families for i in range(per_family)]

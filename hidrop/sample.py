@@ -4,6 +4,7 @@ It is the LLaVA conversation format (the JSON of LLaVA-Pretrain-558K / LLaVA-v1.
 evaluation needs: the reference answer, a closed answer vocabulary, a question family and, for the
 procedural probes, which image-grid tokens hold the evidence.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -14,6 +14,7 @@ Conventions (method.md sections 1-4), made explicit because the paper's prose an
 - `keep` is an absolute number of vision tokens, `keep_ratio` a fraction of the ORIGINAL count
   (PDrop's 50% / 25% / 12.5%), resolved as floor(ratio * N + 0.5).
 """
+
 from __future__ import annotations
 
 import math
@@ -106,12 +107,11 @@ class Schedule(BaseModel):
         if self.exit_layer is not None:
             if self.exit_layer > n_layers:
                 raise ScheduleError(
-                    f"exit_layer={self.exit_layer} is beyond the model depth {n_layers} (omit it to keep vision to the end)"
+                    f"exit_layer={self.exit_layer} is beyond the model depth {n_layers} "
+                    "(omit it to keep vision to the end)"
                 )
             if self.exit_layer <= self.inject_layer:
-                raise ScheduleError(
-                    f"exit_layer={self.exit_layer} must come after inject_layer={self.inject_layer}"
-                )
+                raise ScheduleError(f"exit_layer={self.exit_layer} must come after inject_layer={self.inject_layer}")
         previous_after, previous_keep = None, n_vis
         for i, drop in enumerate(self.drops):
             where = f"drops[{i}]"
@@ -124,7 +124,9 @@ class Schedule(BaseModel):
                     f"{self.inject_layer}..{end - 2} (inject_layer={self.inject_layer}, exit_layer={self.exit_layer})"
                 )
             if previous_after is not None and drop.after_layer <= previous_after:
-                raise ScheduleError(f"{where}.after_layer={drop.after_layer} must be after the previous drop ({previous_after})")
+                raise ScheduleError(
+                    f"{where}.after_layer={drop.after_layer} must be after the previous drop ({previous_after})"
+                )
             if drop.scored_by not in (drop.after_layer, drop.after_layer + 1):
                 raise ScheduleError(
                     f"{where}.score_layer={drop.scored_by} must be {drop.after_layer} (own attention, FastV) "
@@ -135,7 +137,8 @@ class Schedule(BaseModel):
                 raise ScheduleError(f"{where}.keep={keep} is larger than the number of vision tokens ({n_vis})")
             if keep >= previous_keep:
                 raise ScheduleError(
-                    f"{where}.keep={keep} must be smaller than the previous count ({previous_keep}): keep counts decrease"
+                    f"{where}.keep={keep} must be smaller than the previous count ({previous_keep}): "
+                    "keep counts decrease"
                 )
             previous_after, previous_keep = drop.after_layer, keep
         return self
@@ -219,7 +222,8 @@ class Schedule(BaseModel):
             after = min(max(rel(drop.after_layer + 1) - 1, inject), end - 2)
             if after < inject:
                 raise ScheduleError(
-                    f"cannot scale {self.name!r} to {num_layers} layers: no room for drops between layers {inject} and {end}"
+                    f"cannot scale {self.name!r} to {num_layers} layers: "
+                    f"no room for drops between layers {inject} and {end}"
                 )
             keep = drop.keep
             if keep is not None and n_vis != self.num_vision_tokens:
@@ -250,7 +254,9 @@ class Schedule(BaseModel):
             name=self.name,
         )
 
+
 # ---- presets: the rows of method.md section 1 --------------------------------------------------
+
 
 def vanilla(num_layers: int = 32, num_vision_tokens: int = 576) -> Schedule:
     return Schedule(num_layers=num_layers, num_vision_tokens=num_vision_tokens, name="vanilla")
@@ -341,10 +347,13 @@ def preset(name: str, num_layers: int = 32, num_vision_tokens: int = 576) -> Sch
     try:
         return PRESETS[name](num_layers, num_vision_tokens)
     except ValidationError as err:
-        raise ScheduleError(f"preset {name!r} at {num_layers} layers / {num_vision_tokens} tokens: {err.errors()[0]['msg']}") from None
+        raise ScheduleError(
+            f"preset {name!r} at {num_layers} layers / {num_vision_tokens} tokens: {err.errors()[0]['msg']}"
+        ) from None
 
 
 # ---- the curve form: a schedule from a few numbers (what searches sample) -----------------------
+
 
 def spread_layers(inject_layer: int, vision_end: int, stages: int) -> list[int]:
     """`stages` filtering layers spread evenly over the vision window, the first right after injection.
@@ -362,7 +371,9 @@ def spread_layers(inject_layer: int, vision_end: int, stages: int) -> list[int]:
     return [inject_layer + (i * positions) // stages for i in range(stages)]
 
 
-def keep_curve(first_keep: int, stages: int, keep_decay: float = 0.5, tail_keeps: Optional[list[int]] = None) -> list[int]:
+def keep_curve(
+    first_keep: int, stages: int, keep_decay: float = 0.5, tail_keeps: Optional[list[int]] = None
+) -> list[int]:
     """Keep counts of a pyramid: the first stage keeps `first_keep`, each later stage `keep_decay` of the
     previous one (rounded; at least one less, and enough left for the stages after it), or `tail_keeps`."""
     if stages == 0:
@@ -414,8 +425,14 @@ def pyramid(
     def build(first: int) -> Schedule:
         keeps = keep_curve(first, k, keep_decay, tail_keeps)
         drops = tuple(DropEvent(after_layer=l, keep=n) for l, n in zip(drop_layers, keeps))
-        return Schedule(num_layers=num_layers, num_vision_tokens=num_vision_tokens, inject_layer=inject_layer,
-                        exit_layer=exit_layer, drops=drops, **fields)
+        return Schedule(
+            num_layers=num_layers,
+            num_vision_tokens=num_vision_tokens,
+            inject_layer=inject_layer,
+            exit_layer=exit_layer,
+            drops=drops,
+            **fields,
+        )
 
     if k == 0:
         if first_keep_ratio is not None or avg_tokens is not None:

@@ -7,6 +7,7 @@ backward pass through a straight-through factor on the kept tokens:
 The rank is piecewise constant, so the scores never receive gradient; with a learnable keep fraction
 (`a` moves with it) the fraction does. With a fixed `a` ("as released") the factor is the constant 1.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,7 +19,9 @@ def normalized_rank(scores: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     return ge.sum(-1).float() / live.sum(-1, keepdim=True).clamp(min=1).float() * live.float()
 
 
-def dtopk_soft_mask(scores: torch.Tensor, live: torch.Tensor, keep_fraction: torch.Tensor, num_vision_tokens: int) -> torch.Tensor:
+def dtopk_soft_mask(
+    scores: torch.Tensor, live: torch.Tensor, keep_fraction: torch.Tensor, num_vision_tokens: int
+) -> torch.Tensor:
     """Soft keep mask m (B, W); differentiable in keep_fraction (of the ORIGINAL N_v), not in scores."""
     rank = normalized_rank(scores.detach(), live)
     n_live = live.sum(-1, keepdim=True).clamp(min=1).float()

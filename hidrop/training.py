@@ -8,6 +8,7 @@ Stage 1 (pretrain): the projector only; encoder and LM frozen. Stage 2 (finetune
 forward with multi-round queries when the schedule asks for them, and a learnable keep ratio adds its
 budget loss.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,9 @@ def set_trainable(vlm: VisionLanguageModel, stage: str, lora: Optional[dict] = N
             from peft import LoraConfig, inject_adapter_in_model
 
             cfg = LoraConfig(
-                r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)), lora_dropout=float(lora.get("dropout", 0.0)),
+                r=int(lora.get("r", 8)),
+                lora_alpha=int(lora.get("alpha", 16)),
+                lora_dropout=float(lora.get("dropout", 0.0)),
                 target_modules=list(lora.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj"])),
             )
             inject_adapter_in_model(cfg, _decoder(vlm))
@@ -83,8 +86,12 @@ class TrainStep(nn.Module):
         if "pixel_values" in batch:
             vision = self.vlm.vision_embeds(batch["pixel_values"].to(device)).flatten(0, 1)
         out = self.engine(
-            ids, batch["attention_mask"].to(device), vision_embeds=vision,
-            vision_mask=ids == self.vlm.image_token_id, labels=batch["labels"].to(device), return_logits=False,
+            ids,
+            batch["attention_mask"].to(device),
+            vision_embeds=vision,
+            vision_mask=ids == self.vlm.image_token_id,
+            labels=batch["labels"].to(device),
+            return_logits=False,
         )
         total = out.loss  # the engine already adds the budget term for learnable keep ratios
         lm_loss = total.detach() if out.budget_loss is None else (total - out.budget_loss).detach()
@@ -116,12 +123,20 @@ def merged_lora_export(vlm: VisionLanguageModel, save: Callable[[], object]) -> 
             module.unmerge()
 
 
-def make_dataset(vlm: VisionLanguageModel, samples: Sequence[Sample], template: Optional[str] = None,
-                 max_length: Optional[int] = None) -> SupervisedDataset:
+def make_dataset(
+    vlm: VisionLanguageModel,
+    samples: Sequence[Sample],
+    template: Optional[str] = None,
+    max_length: Optional[int] = None,
+) -> SupervisedDataset:
     return SupervisedDataset(
-        samples, vlm.tokenizer, get_template(template or vlm.template),
-        image_token_id=vlm.image_token_id, num_image_tokens=vlm.num_vision_tokens,
-        image_processor=vlm.image_processor, max_length=max_length,
+        samples,
+        vlm.tokenizer,
+        get_template(template or vlm.template),
+        image_token_id=vlm.image_token_id,
+        num_image_tokens=vlm.num_vision_tokens,
+        image_processor=vlm.image_processor,
+        max_length=max_length,
     )
 
 

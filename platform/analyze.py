@@ -1,5 +1,6 @@
 """`hidrop analyze`: run the layer diagnostics, propose a schedule, write it as an experiment YAML,
 plot every curve, and log all of it as one MLflow run."""
+
 from __future__ import annotations
 
 import json
@@ -31,40 +32,64 @@ def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[
         for bench in benchmarks_for(cfg, limit=a.samples):  # the calibration set: the benchmarks' image samples
             bench = bench.for_grid(vlm.grid) if hasattr(bench, "for_grid") and vlm.grid else bench
             calibration += [s for s in bench.samples() if s.has_image]
-        calibration = calibration[:a.samples]
+        calibration = calibration[: a.samples]
         say(f"layer curves on {len(calibration)} samples")
-        curves = layer_curves(vlm, calibration, ilvas_k=a.ilvas_k, ilvas_n=a.ilvas_n, reference=a.reference,
-                              batch_size=a.batch_size)
+        curves = layer_curves(
+            vlm, calibration, ilvas_k=a.ilvas_k, ilvas_n=a.ilvas_n, reference=a.reference, batch_size=a.batch_size
+        )
         sweeps = None
         if a.sweeps:
             benches = benchmarks_for(cfg, limit=a.sweep_samples)
             say(f"exit and injection sweeps ({2 * len(range(2, vlm.num_layers + 1, a.sweep_stride))} schedules)")
-            sweeps = run_sweeps(vlm, benches, stride=a.sweep_stride, mode=cfg.eval.mode, batch_size=cfg.eval.batch_size,
-                                seed=cfg.seed, progress=lambda done, total, label: say(f"sweeps: batch {done}/{total}"))
+            sweeps = run_sweeps(
+                vlm,
+                benches,
+                stride=a.sweep_stride,
+                mode=cfg.eval.mode,
+                batch_size=cfg.eval.batch_size,
+                seed=cfg.seed,
+                progress=lambda done, total, label: say(f"sweeps: batch {done}/{total}"),
+            )
     except (EvalSetupError, EvalError) as e:
         raise AnalyzeSetupError(str(e)) from None
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         raise AnalyzeSetupError(f"analyze: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     budget = a.avg_tokens or default_budget(vlm.num_vision_tokens)
-    proposal = propose(curves, sweeps, avg_tokens=budget, stages=a.stages, keep_decay=a.keep_decay,
-                       exit_tolerance=a.exit_tolerance, onset_fraction=a.onset_fraction)
+    proposal = propose(
+        curves,
+        sweeps,
+        avg_tokens=budget,
+        stages=a.stages,
+        keep_decay=a.keep_decay,
+        exit_tolerance=a.exit_tolerance,
+        onset_fraction=a.onset_fraction,
+    )
     findings = {}
     if sweeps is not None:
         passive = passive_shallow_layers(sweeps, a.exit_tolerance)
         findings = {
             "deepest_passive_injection": passive,
             "shallow_layers_passive": passive > 1,
-            "summary": (f"injecting the image at L{passive} keeps the score within {a.exit_tolerance:g} points of all tokens: "
-                        f"layers 1..{passive - 1} do not need it" if passive > 1 else
-                        f"injecting the image after L1 already costs more than {a.exit_tolerance:g} points: "
-                        "the shallow layers are not passive for this model"),
+            "summary": (
+                f"injecting the image at L{passive} keeps the score within {a.exit_tolerance:g} points of all tokens: "
+                f"layers 1..{passive - 1} do not need it"
+                if passive > 1
+                else f"injecting the image after L1 already costs more than {a.exit_tolerance:g} points: "
+                "the shallow layers are not passive for this model"
+            ),
         }
     out = Path(a.output) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
-    result = {"experiment": cfg.name, "model": {"kind": vlm.kind, "num_layers": vlm.num_layers,
-                                                "num_vision_tokens": vlm.num_vision_tokens},
-              "curves": curves, "sweeps": sweeps, "proposal": proposal, "findings": findings,
-              "wall_time_s": time.perf_counter() - start, "output": str(out)}
+    result = {
+        "experiment": cfg.name,
+        "model": {"kind": vlm.kind, "num_layers": vlm.num_layers, "num_vision_tokens": vlm.num_vision_tokens},
+        "curves": curves,
+        "sweeps": sweeps,
+        "proposal": proposal,
+        "findings": findings,
+        "wall_time_s": time.perf_counter() - start,
+        "output": str(out),
+    }
     proposed_yaml = _proposed_experiment(base, proposal, cfg)
     (out / "proposed.yaml").write_text(proposed_yaml)
     (out / "analysis.json").write_text(json.dumps(result, indent=2))
@@ -78,11 +103,15 @@ def _proposed_experiment(base: dict, proposal: dict, cfg: ExperimentConfig) -> s
     """The experiment with its schedule replaced by the proposal (curve form), checked to validate."""
     data = {k: v for k, v in base.items() if k not in ("compare", "tune")}
     data["name"] = f"{cfg.name}_proposed"
-    data["description"] = "schedule proposed by hidrop analyze: " + "; ".join(f"{k}: {v}" for k, v in proposal["why"].items())
+    data["description"] = "schedule proposed by hidrop analyze: " + "; ".join(
+        f"{k}: {v}" for k, v in proposal["why"].items()
+    )
     data["schedule"] = dict(proposal["schedule_fields"])
     validate_config(data, "proposed schedule")  # a proposal the other commands would reject is a bug here
-    header = ("# Proposed by `hidrop analyze`. Use it as is (hidrop eval / train), or as a search seed:\n"
-              "#   tune.seeds: [vanilla, {schedule mapping below}]\n")
+    header = (
+        "# Proposed by `hidrop analyze`. Use it as is (hidrop eval / train), or as a search seed:\n"
+        "#   tune.seeds: [vanilla, {schedule mapping below}]\n"
+    )
     return header + yaml.safe_dump(data, sort_keys=False)
 
 
@@ -102,7 +131,7 @@ def plot_curves(result: dict, path: Path) -> Path:
     axes[1].plot(layers, c["s_cross"], marker=".", c="#444")
     axes[1].set_ylabel("S_cross")
     for key, values in c["ilvas"].items():
-        axes[2].plot(layers[:len(values)], values, lw=0.8, alpha=0.6, label=key)
+        axes[2].plot(layers[: len(values)], values, lw=0.8, alpha=0.6, label=key)
     axes[2].plot(layers, [v if v is not None else float("nan") for v in c["ilvas_mean"]], c="k", lw=1.6, label="mean")
     axes[2].set_ylabel("ILVAS")
     axes[2].legend(fontsize=6, ncol=4)

@@ -6,6 +6,7 @@ time: whole-model TFLOPs for the batch, so the gap between the token-count limit
 speed-up is visible. The scoring overhead is measured directly: the same HiDrop forward with its
 keep sets frozen (no scoring pass) versus with scoring, as a share of a vanilla forward.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,7 +76,7 @@ class _Setup:
         g = torch.Generator(device="cpu").manual_seed(config.seed)
         self.ids = torch.randint(3, self.shape.vocab_size, (self.batch, n_vis + text), generator=g).to(self.device)
         self.vision_mask = torch.zeros(self.batch, n_vis + text, dtype=torch.bool, device=self.device)
-        self.vision_mask[:, 5:5 + n_vis] = True
+        self.vision_mask[:, 5 : 5 + n_vis] = True
         self.vision = torch.randn(self.batch * n_vis, self.shape.hidden_size, generator=g).to(self.device, self.dtype)
         self.methods: list[Schedule] = [preset(m, self.shape.num_layers, n_vis) for m in bench.methods]
         main = config.main_schedule.scaled_to(self.shape.num_layers, n_vis)
@@ -108,8 +109,13 @@ class _Setup:
         return torch.cuda.max_memory_allocated() / 2**30
 
 
-def _round_robin(calls: list[tuple[str, Callable[[], object]]], warmup: int, repeats: int, device: str,
-                 progress: Optional[Callable[[str], None]] = None) -> dict[str, list[float]]:
+def _round_robin(
+    calls: list[tuple[str, Callable[[], object]]],
+    warmup: int,
+    repeats: int,
+    device: str,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict[str, list[float]]:
     """Each call once per round, round-robin, so slow drift of a shared machine affects all alike; the
     first `warmup` rounds are not kept."""
     times: dict[str, list[float]] = {name: [] for name, _ in calls}
@@ -149,7 +155,9 @@ def run_prefill_bench(
             sm = ScheduledModel(b.model, schedule)
 
             def forward(forced=None, sm=sm):
-                return sm(b.ids, vision_embeds=b.vision, vision_mask=b.vision_mask, logits_to_keep=1, forced_keep=forced)
+                return sm(
+                    b.ids, vision_embeds=b.vision, vision_mask=b.vision_mask, logits_to_keep=1, forced_keep=forced
+                )
 
             variants.append((schedule, forward))
             if schedule.drops:
@@ -215,8 +223,11 @@ def run_generate_bench(
 
             calls += [(f"{schedule.name}#prefill", prefill), (schedule.name, generate)]
             generators[schedule.name] = generate
-            caches[schedule.name] = _cache_mib(sm.generate(b.ids, vision_embeds=b.vision, vision_mask=b.vision_mask,
-                                                           max_new_tokens=new, return_cache=True)[1])
+            caches[schedule.name] = _cache_mib(
+                sm.generate(
+                    b.ids, vision_embeds=b.vision, vision_mask=b.vision_mask, max_new_tokens=new, return_cache=True
+                )[1]
+            )
         times = _round_robin(calls, config.bench.warmup, config.bench.repeats, b.device, progress)
         results = []
         for schedule in b.methods:
@@ -238,7 +249,9 @@ def run_generate_bench(
             results.append(row)
     base = _ratios(results, "latency_ms", "model_tflops_per_sample")
     for r in results:
-        r["decode_speedup_vs_vanilla"] = base["decode_ms_per_token"] / r["decode_ms_per_token"] if r["decode_ms_per_token"] else None
+        r["decode_speedup_vs_vanilla"] = (
+            base["decode_ms_per_token"] / r["decode_ms_per_token"] if r["decode_ms_per_token"] else None
+        )
         r["ttft_speedup_vs_vanilla"] = base["time_to_first_token_ms"] / r["time_to_first_token_ms"]
     return {**b.header(config), "new_tokens": new, "methods": results}
 
@@ -273,13 +286,18 @@ def run_train_step_bench(
     times = _round_robin(calls, config.bench.warmup, config.bench.repeats, b.device, progress)
     for (name, step), schedule in zip(calls, b.methods):
         median = statistics.median(times[name])
-        results.append({
-            "name": name, "plan": schedule.describe(), "avg_vision_tokens": schedule.avg_tokens(),
-            "latency_ms": 1000 * median, "latency_ms_all": [1000 * t for t in times[name]],
-            "throughput_samples_s": b.batch / median,
-            "train_tflops_per_sample": 3 * model_tflops(schedule, cost_shape),
-            "peak_memory_gib": b.peak_memory_gib(step),
-        })
+        results.append(
+            {
+                "name": name,
+                "plan": schedule.describe(),
+                "avg_vision_tokens": schedule.avg_tokens(),
+                "latency_ms": 1000 * median,
+                "latency_ms_all": [1000 * t for t in times[name]],
+                "throughput_samples_s": b.batch / median,
+                "train_tflops_per_sample": 3 * model_tflops(schedule, cost_shape),
+                "peak_memory_gib": b.peak_memory_gib(step),
+            }
+        )
     _ratios(results, "latency_ms", "train_tflops_per_sample")
     b.model.zero_grad(set_to_none=True)
     return {**b.header(config), "methods": results}
@@ -322,8 +340,9 @@ class Turns:
     def wait(self) -> None:
         ready, _, _ = select.select([self._mine], [], [], self.timeout_s)
         if not ready:
-            raise OverheadBenchError(f"the {self.other} side of the overhead benchmark did not answer "
-                                     f"in {self.timeout_s:.0f} s")
+            raise OverheadBenchError(
+                f"the {self.other} side of the overhead benchmark did not answer in {self.timeout_s:.0f} s"
+            )
         if os.read(self._mine, 1) == self.STOP:
             raise OverheadBenchError(f"the {self.other} side of the overhead benchmark stopped")
 
@@ -339,8 +358,7 @@ class Turns:
         os.close(self._theirs)
 
 
-def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5,
-                       storage: Optional[str] = None) -> dict:
+def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5, storage: Optional[str] = None) -> dict:
     """Optimizer-step time of `hidrop train` (one local Ray worker running DeepSpeed) against a plain
     single-process loop over the same model, data order, batch size, thread count and checkpointing.
 
@@ -358,8 +376,10 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5,
 
     t = cfg.train
     if t.use_gpu or t.precision != "fp32":
-        raise OverheadBenchError("bench overhead times fp32 CPU workers against a plain fp32 CPU loop; "
-                                 "set train.use_gpu=false train.precision=fp32")
+        raise OverheadBenchError(
+            "bench overhead times fp32 CPU workers against a plain fp32 CPU loop; "
+            "set train.use_gpu=false train.precision=fp32"
+        )
     threads = max(1, int(t.resources_per_worker.get("CPU", 1)))
     total = warmup + steps
     storage = storage or tempfile.mkdtemp(prefix="hidrop-bench-")
@@ -369,12 +389,23 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5,
     plain_file.unlink(missing_ok=True)
     ray_cfg = cfg.model_copy(deep=True)
     # one local worker that logs once (at the end) and never checkpoints mid-run: the plain loop does neither
-    ray_cfg.train = t.model_copy(update={"num_workers": 1, "max_steps": total, "checkpoint_every": 10**9,
-                                         "log_every": total, "export_every": None, "eval_after": False,
-                                         "ray_address": None, "storage_path": storage, "max_failures": 0})
+    ray_cfg.train = t.model_copy(
+        update={
+            "num_workers": 1,
+            "max_steps": total,
+            "checkpoint_every": 10**9,
+            "log_every": total,
+            "export_every": None,
+            "eval_after": False,
+            "ray_address": None,
+            "storage_path": storage,
+            "max_failures": 0,
+        }
+    )
     ray_cfg.tracking = cfg.tracking.model_copy(update={"enabled": False})
     plain = multiprocessing.get_context("spawn").Process(
-        target=_plain_side, args=(cfg.model_dump(mode="json"), total, threads, storage, str(plain_file)), daemon=True)
+        target=_plain_side, args=(cfg.model_dump(mode="json"), total, threads, storage, str(plain_file)), daemon=True
+    )
     plain.start()
 
     def watch_plain() -> None:  # a plain process killed outright (OOM, signal) must not leave the worker waiting
@@ -409,12 +440,19 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5,
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     plain_s, ray_s = statistics.median(plain_times), statistics.median(ray_times)
     return {
-        "experiment": cfg.name, "steps_timed": len(ratios), "warmup": warmup, "threads": threads,
-        "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum,
+        "experiment": cfg.name,
+        "steps_timed": len(ratios),
+        "warmup": warmup,
+        "threads": threads,
+        "micro_batch_size": t.micro_batch_size,
+        "grad_accum": t.grad_accum,
         "gradient_checkpointing": t.gradient_checkpointing,
         "zero_optimization": deepspeed_config(ray_cfg)["zero_optimization"],
-        "plain_step_s": plain_s, "ray_deepspeed_step_s": ray_s, "overhead_ms": (ray_s - plain_s) * 1000,
-        "overhead_ratio": statistics.median(ratios), "ratio_quartiles": [quartiles[0], quartiles[2]],
+        "plain_step_s": plain_s,
+        "ray_deepspeed_step_s": ray_s,
+        "overhead_ms": (ray_s - plain_s) * 1000,
+        "overhead_ratio": statistics.median(ratios),
+        "ratio_quartiles": [quartiles[0], quartiles[2]],
         "first_loss": {"plain": plain_run["loss"][0], "ray_deepspeed": ray_run["loss"][0]},
         "goal": "<= 1.10x",
     }
@@ -446,9 +484,21 @@ def _plain_side(config: dict, total: int, threads: int, folder: str, out_path: s
         vlm = build_model(cfg, device="cpu")
         data = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
         loop = plain_training(
-            vlm, cfg.main_schedule, data, steps=total, stage=t.stage, lora=t.lora, micro_batch_size=t.micro_batch_size,
-            grad_accum=t.grad_accum, lr=t.lr, lr_schedule=t.lr_schedule, warmup_ratio=t.warmup_ratio,
-            weight_decay=t.weight_decay, grad_clip=t.grad_clip, budget_weight=t.budget_weight, seed=cfg.seed,
+            vlm,
+            cfg.main_schedule,
+            data,
+            steps=total,
+            stage=t.stage,
+            lora=t.lora,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum=t.grad_accum,
+            lr=t.lr,
+            lr_schedule=t.lr_schedule,
+            warmup_ratio=t.warmup_ratio,
+            weight_decay=t.weight_decay,
+            grad_clip=t.grad_clip,
+            budget_weight=t.budget_weight,
+            seed=cfg.seed,
             gradient_checkpointing=t.gradient_checkpointing,
         )
         seconds, losses = [], []
@@ -462,8 +512,9 @@ def _plain_side(config: dict, total: int, threads: int, folder: str, out_path: s
         Path(out_path).write_text(json.dumps({"seconds": seconds, "loss": losses}))
     except Exception as e:
         turns.stop()
-        Path(out_path).write_text(json.dumps({"error": str(e).strip().splitlines()[0] if str(e).strip()
-                                              else type(e).__name__}))
+        Path(out_path).write_text(
+            json.dumps({"error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})
+        )
         sys.exit(1)
     finally:
         turns.close()

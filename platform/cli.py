@@ -1,4 +1,5 @@
 """The `hidrop` command line."""
+
 from __future__ import annotations
 
 import contextlib
@@ -74,17 +75,24 @@ def validate(
         return
     import yaml
 
-    out.print(f"[bold green]ok[/] {experiment}: [bold]{cfg.name}[/] ({cfg.model.kind}, {shape.num_layers} layers, "
-              f"{shape.num_vision_tokens} vision tokens)")
+    out.print(
+        f"[bold green]ok[/] {experiment}: [bold]{cfg.name}[/] ({cfg.model.kind}, {shape.num_layers} layers, "
+        f"{shape.num_vision_tokens} vision tokens)"
+    )
     out.print("[dim]resolved config:[/]")
     out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip(), highlight=False, markup=False)
     for s, r in zip(cfg.schedules(), reports):
-        out.print(f"  [bold]{s.name}[/]: inject L{s.inject_layer}, exit {('L' + str(s.exit_layer)) if s.exit_layer else '-'}, "
-                  f"drops {[(d.after_layer, k) for d, k in zip(s.drops, s.keep_counts)]}, {s.position_mode.value} positions, "
-                  f"{s.selector.value}")
+        out.print(
+            f"  [bold]{s.name}[/]: inject L{s.inject_layer}, "
+            f"exit {('L' + str(s.exit_layer)) if s.exit_layer else '-'}, "
+            f"drops {[(d.after_layer, k) for d, k in zip(s.drops, s.keep_counts)]}, {s.position_mode.value} positions, "
+            f"{s.selector.value}"
+        )
         out.print(f"    per-layer tokens: {r['plan']}")
-        out.print(f"    avg tokens {r['avg_vision_tokens']:.2f}, vision {r['vision_tflops']:.3f} TFLOPs "
-                  f"({r['vision_pct_of_vanilla']:.1f}% of vanilla), whole model {r['model_tflops']:.3f} TFLOPs")
+        out.print(
+            f"    avg tokens {r['avg_vision_tokens']:.2f}, vision {r['vision_tflops']:.3f} TFLOPs "
+            f"({r['vision_pct_of_vanilla']:.1f}% of vanilla), whole model {r['model_tflops']:.3f} TFLOPs"
+        )
 
 
 @app.command()
@@ -104,11 +112,26 @@ def flops(
         print(json.dumps({"schedules": rows}, indent=2))
         return
     table = Table(title="Vision-token cost (paper formula: sum_l 4nd^2 + 2n^2d + 3ndm, MACs)")
-    for col in ("experiment", "schedule", "avg tokens", "vision TFLOPs", "% of vanilla", "whole-model TFLOPs", "per-layer tokens"):
+    for col in (
+        "experiment",
+        "schedule",
+        "avg tokens",
+        "vision TFLOPs",
+        "% of vanilla",
+        "whole-model TFLOPs",
+        "per-layer tokens",
+    ):
         table.add_column(col, justify="right" if col not in ("experiment", "schedule", "per-layer tokens") else "left")
     for r in rows:
-        table.add_row(r["experiment"], r["name"], f"{r['avg_vision_tokens']:.2f}", f"{r['vision_tflops']:.3f}",
-                      f"{r['vision_pct_of_vanilla']:.1f}", f"{r['model_tflops']:.3f}", r["plan"])
+        table.add_row(
+            r["experiment"],
+            r["name"],
+            f"{r['avg_vision_tokens']:.2f}",
+            f"{r['vision_tflops']:.3f}",
+            f"{r['vision_pct_of_vanilla']:.1f}",
+            f"{r['model_tflops']:.3f}",
+            r["plan"],
+        )
     out.print(table)
 
 
@@ -128,11 +151,24 @@ def eval_command(
                 report = run_eval(cfg)
             print(json.dumps(report, indent=2))
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         with out.status(f"loading {cfg.model.kind} model..."):
             vlm = build_model(cfg)
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         with Progress(*columns, console=out, transient=False) as bar:
             task = bar.add_task("evaluating", total=None)
 
@@ -160,16 +196,33 @@ def train(
             with _stdout_to_stderr():
                 result = run_training(cfg)
         else:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
-            columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))
+            columns = (
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[stats]}"),
+            )
             with Progress(*columns, console=out) as bar:
                 task = bar.add_task(f"training {cfg.name}", total=None, stats="starting Ray workers...")
 
                 def progress(info: dict) -> None:
-                    bar.update(task, completed=info["step"], total=info["total"],
-                               stats=f"loss {info['loss']:.4f}  lr {info['lr']:.2e}  {info['samples_per_s']:.1f} samples/s")
+                    bar.update(
+                        task,
+                        completed=info["step"],
+                        total=info["total"],
+                        stats=f"loss {info['loss']:.4f}  lr {info['lr']:.2e}  {info['samples_per_s']:.1f} samples/s",
+                    )
 
                 result = run_training(cfg, progress=progress)
     except TrainSetupError as e:
@@ -177,8 +230,11 @@ def train(
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return
-    out.print(f"[bold green]done[/] {cfg.name} in {result['wall_time_s']:.0f} s: loss {result['metrics'].get('loss', float('nan')):.4f} "
-              f"at step {result['metrics'].get('step')}")
+    out.print(
+        f"[bold green]done[/] {cfg.name} in {result['wall_time_s']:.0f} s: "
+        f"loss {result['metrics'].get('loss', float('nan')):.4f} "
+        f"at step {result['metrics'].get('step')}"
+    )
     out.print(f"  checkpoint (DeepSpeed state): {result['checkpoint']}")
     out.print(f"  exported model (safetensors + schedule): {result['export']}")
     out.print(f"  MLflow: {result['tracking_uri']}")
@@ -186,8 +242,10 @@ def train(
 
 def _print_eval(report: dict) -> None:
     names = [b["name"] for b in report["benchmarks"]]
-    table = Table(title=f"{report['experiment']}: {report['samples_evaluated']} samples on {report['device']} "
-                        f"in {report['wall_time_s']:.0f} s (relative score vs {report['reference']})")
+    table = Table(
+        title=f"{report['experiment']}: {report['samples_evaluated']} samples on {report['device']} "
+        f"in {report['wall_time_s']:.0f} s (relative score vs {report['reference']})"
+    )
     table.add_column("method")
     for n in names:
         table.add_column(n, justify="right")
@@ -197,31 +255,54 @@ def _print_eval(report: dict) -> None:
         recall = next((b["evidence_recall"] for b in r["benchmarks"].values() if "evidence_recall" in b), None)
         rel = r["relative_score"]
         table.add_row(
-            r["method"], *[f"{r['benchmarks'][n]['score']:.1f}" for n in names],
-            "-" if rel is None else f"{rel:.1f}", f"{r['avg_vision_tokens']:.1f}", f"{r['vision_tflops']:.4f}",
-            f"{r['model_tflops']:.4f}", "-" if not recall else " / ".join(f"{x:.2f}" for x in recall),
+            r["method"],
+            *[f"{r['benchmarks'][n]['score']:.1f}" for n in names],
+            "-" if rel is None else f"{rel:.1f}",
+            f"{r['avg_vision_tokens']:.1f}",
+            f"{r['vision_tflops']:.4f}",
+            f"{r['model_tflops']:.4f}",
+            "-" if not recall else " / ".join(f"{x:.2f}" for x in recall),
         )
     out.print(table)
-    families = sorted({f"{bn}/{k.removeprefix('family/')}" for r in report["methods"] for bn, b in r["benchmarks"].items()
-                       for k in b if k.startswith("family/")})
+    families = sorted(
+        {
+            f"{bn}/{k.removeprefix('family/')}"
+            for r in report["methods"]
+            for bn, b in r["benchmarks"].items()
+            for k in b
+            if k.startswith("family/")
+        }
+    )
     if families:
         fam = Table(title="per family (%)")
         fam.add_column("method")
         for f in families:
             fam.add_column(f, justify="right")
         for r in report["methods"]:
-            merged = {f"{bn}/{k.removeprefix('family/')}": v for bn, b in r["benchmarks"].items()
-                      for k, v in b.items() if k.startswith("family/")}
+            merged = {
+                f"{bn}/{k.removeprefix('family/')}": v
+                for bn, b in r["benchmarks"].items()
+                for k, v in b.items()
+                if k.startswith("family/")
+            }
             fam.add_row(r["method"], *[f"{merged[f]:.1f}" if f in merged else "-" for f in families])
         out.print(fam)
     from hidrop.evaluation.paper import PAPER_BENCHMARKS, paper_table
 
-    rows = {r["method"]: {n: r["benchmarks"][n]["score"] for n in names if n in PAPER_BENCHMARKS} for r in report["methods"]}
+    rows = {
+        r["method"]: {n: r["benchmarks"][n]["score"] for n in names if n in PAPER_BENCHMARKS} for r in report["methods"]
+    }
     if any(rows.values()) and report["reference"] in rows:
         published = report.get("published") or {}
-        out.print(f"The paper's Table 1 layout (Avg % against {report['reference']})"
-                  + (f", with the paper's rows for {report['published_model']} (hidrop/evaluation/published.yaml)"
-                     if published else "") + ":")
+        out.print(
+            f"The paper's Table 1 layout (Avg % against {report['reference']})"
+            + (
+                f", with the paper's rows for {report['published_model']} (hidrop/evaluation/published.yaml)"
+                if published
+                else ""
+            )
+            + ":"
+        )
         out.print(paper_table(rows, reference=report["reference"], published=published), markup=False, highlight=False)
     for note in report["notes"]:
         out.print(f"[bold yellow]note:[/] {note}", highlight=False)
@@ -268,21 +349,40 @@ def tune_command(
 def _print_sweep(summary: dict) -> None:
     rows = [r for r in summary["trials"]]
     benches = list(summary["reference_scores"])
-    table = Table(title=f"Sweep {summary['sweep']}: {len(rows)} trials ({summary['failed']} failed), "
-                        f"{summary['rejected']} invalid samples rejected, {summary['concurrency']} at a time, "
-                        f"{summary['wall_time_s']:.0f} s")
+    table = Table(
+        title=f"Sweep {summary['sweep']}: {len(rows)} trials ({summary['failed']} failed), "
+        f"{summary['rejected']} invalid samples rejected, {summary['concurrency']} at a time, "
+        f"{summary['wall_time_s']:.0f} s"
+    )
     for col in ("trial", "front", "relative score", *benches, "avg tokens", "vision TFLOPs", "overrides"):
         table.add_column(col, justify="left" if col in ("trial", "overrides") else "right")
     ok = sorted((r for r in rows if "relative_score" in r), key=lambda r: r["vision_tflops"])
     for r in ok:
-        overrides = ", ".join(f"{k.removeprefix('schedule.')}={v:.4g}" if isinstance(v, float) else f"{k.removeprefix('schedule.')}={v}"
-                              for k, v in r["overrides"].items()) if not r["seed"] else ""
-        table.add_row(r["label"], "*" if r.get("pareto") else "", f"{r['relative_score']:.1f}",
-                      *[f"{r['scores'].get(b, float('nan')):.1f}" for b in benches],
-                      f"{r['avg_vision_tokens']:.1f}", f"{r['vision_tflops']:.4g}", overrides)
+        overrides = (
+            ", ".join(
+                f"{k.removeprefix('schedule.')}={v:.4g}"
+                if isinstance(v, float)
+                else f"{k.removeprefix('schedule.')}={v}"
+                for k, v in r["overrides"].items()
+            )
+            if not r["seed"]
+            else ""
+        )
+        table.add_row(
+            r["label"],
+            "*" if r.get("pareto") else "",
+            f"{r['relative_score']:.1f}",
+            *[f"{r['scores'].get(b, float('nan')):.1f}" for b in benches],
+            f"{r['avg_vision_tokens']:.1f}",
+            f"{r['vision_tflops']:.4g}",
+            overrides,
+        )
     out.print(table)
-    out.print("reference (all tokens): " + ", ".join(f"{b} {v:.1f}" for b, v in summary["reference_scores"].items())
-              + f"; blind baseline: {summary['blind_relative_score']:.1f}% relative")
+    out.print(
+        "reference (all tokens): "
+        + ", ".join(f"{b} {v:.1f}" for b, v in summary["reference_scores"].items())
+        + f"; blind baseline: {summary['blind_relative_score']:.1f}% relative"
+    )
     for r in rows:
         if r["status"] == "error":
             out.print(f"[red]failed[/] {r['label']}: {r.get('error', '')}")
@@ -293,13 +393,17 @@ def _print_sweep(summary: dict) -> None:
     out.print(f"{summary['valid_share'] * 100:.0f}% of uniformly random samples of the space are valid schedules")
     if "best_under_budget" in summary:
         out.print(f"best under the vision-TFLOPs budget: {summary['best_under_budget'] or 'none fits'}")
-    out.print(f"Pareto front: {', '.join(summary['pareto'])}. Parent MLflow run {summary['parent_run_id']} "
-              f"({summary['tracking_uri']}); plot and table in {summary['sweep_dir']}/summary")
+    out.print(
+        f"Pareto front: {', '.join(summary['pareto'])}. Parent MLflow run {summary['parent_run_id']} "
+        f"({summary['tracking_uri']}); plot and table in {summary['sweep_dir']}/summary"
+    )
 
 
 @app.command("analyze")
 def analyze_command(
-    experiment: str = typer.Argument(..., help="experiment YAML (model, eval.benchmarks for calibration, analyze section)"),
+    experiment: str = typer.Argument(
+        ..., help="experiment YAML (model, eval.benchmarks for calibration, analyze section)"
+    ),
     overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides, e.g. analyze.samples=16"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
@@ -318,8 +422,9 @@ def analyze_command(
     except AnalyzeSetupError as e:
         _fail(str(e))
     c, p = result["curves"], result["proposal"]
-    table = Table(title=f"{result['experiment']}: layer diagnostics on {c['samples']} samples "
-                        f"({result['wall_time_s']:.0f} s)")
+    table = Table(
+        title=f"{result['experiment']}: layer diagnostics on {c['samples']} samples ({result['wall_time_s']:.0f} s)"
+    )
     sw = result["sweeps"]
     cols = ["layer", "S_intra", "S_cross", "ILVAS (mean)"] + (["exit before L", "inject at L"] if sw else [])
     for col in cols:
@@ -328,9 +433,17 @@ def analyze_command(
     drops = {d["after_layer"] for d in p["schedule"]["drops"]}
     for l in range(1, c["num_layers"] + 1):
         ilvas = c["ilvas_mean"][l - 1]
-        mark = (" inj" if l == p["schedule"]["inject_layer"] else "") + (" exit" if l == p["schedule"]["exit_layer"] else "") + \
-               (" drop" if l in drops else "")
-        row = [f"L{l}{mark}", f"{c['s_intra'][l - 1]:.3f}", f"{c['s_cross'][l - 1]:.3f}", "-" if ilvas is None else f"{ilvas:.3f}"]
+        mark = (
+            (" inj" if l == p["schedule"]["inject_layer"] else "")
+            + (" exit" if l == p["schedule"]["exit_layer"] else "")
+            + (" drop" if l in drops else "")
+        )
+        row = [
+            f"L{l}{mark}",
+            f"{c['s_intra'][l - 1]:.3f}",
+            f"{c['s_cross'][l - 1]:.3f}",
+            "-" if ilvas is None else f"{ilvas:.3f}",
+        ]
         if sw:
             e, j = by_layer.get(l, (None, None))
             row += ["-" if e is None else f"{e:.1f}", "-" if j is None else f"{j:.1f}"]
@@ -361,7 +474,9 @@ def report_command(
     experiment: str = typer.Argument(..., help="MLflow experiment name (e.g. demo), or an experiment YAML"),
     sweep: Optional[str] = typer.Option(None, help="which sweep (tune.name); default: the newest finished one"),
     out_dir: Optional[str] = typer.Option(None, "--out", help="output folder (default: reports/<experiment>)"),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="default: the local store ./mlruns/mlflow.db"),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="default: the local store ./mlruns/mlflow.db"
+    ),
     publish: bool = typer.Option(True, "--publish/--no-publish", help="attach the files to the sweep's parent run"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
@@ -379,8 +494,10 @@ def report_command(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    out.print(f"[bold green]report[/] {result['html']}  ({result['trials']} trials, {result['trainings']} training runs"
-              f"{', diagnostics' if result['diagnostics'] else ''})")
+    out.print(
+        f"[bold green]report[/] {result['html']}  ({result['trials']} trials, {result['trainings']} training runs"
+        f"{', diagnostics' if result['diagnostics'] else ''})"
+    )
     out.print(f"  methods: {', '.join(result['methods']) or '-'}")
     if result["published_to_run"]:
         out.print(f"  also attached to the sweep's parent run {result['published_to_run']} (artifacts/report)")
@@ -390,20 +507,29 @@ def report_command(
 def ui_command(
     port: int = typer.Option(5000, help="port to listen on"),
     host: str = typer.Option("127.0.0.1", help="interface to bind; anything but loopback exposes your runs"),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="default: the local store ./mlruns/mlflow.db"),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="default: the local store ./mlruns/mlflow.db"
+    ),
 ):
     """Start the MLflow UI over the local store (127.0.0.1 by default); Ctrl+C stops it."""
     import signal
 
     from hidrop_platform.tracking import (
-        UI_TRAINING_VIEW, TrackingUnavailable, default_tracking_uri, serve_ui, stop_ui, ui_base_url,
+        UI_TRAINING_VIEW,
+        TrackingUnavailable,
+        default_tracking_uri,
+        serve_ui,
+        stop_ui,
+        ui_base_url,
     )
 
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith(("http://", "https://")):
         _fail(f"{uri} is already an MLflow server: open it in a browser (hidrop ui serves local stores)")
     if host not in ("127.0.0.1", "localhost", "::1"):
-        err.print(f"[yellow]warning:[/] binding {host}: anyone who can reach this machine can read and change your runs")
+        err.print(
+            f"[yellow]warning:[/] binding {host}: anyone who can reach this machine can read and change your runs"
+        )
     try:
         with out.status("starting the MLflow UI..."):
             process = serve_ui(uri, host=host, port=port)
@@ -412,6 +538,7 @@ def ui_command(
     url = f"{ui_base_url(host, port)}/#/experiments{UI_TRAINING_VIEW}"
     out.print(f"[bold green]MLflow UI[/] {url}  (store {uri}); Ctrl+C to stop", highlight=False)
     out.print("  reports: the sweep's parent run > Artifacts > report/report.html, or the files under reports/")
+
     def stop(signum, frame):  # Ctrl+C or `kill`: stop the server and its workers, then exit cleanly
         raise KeyboardInterrupt
 
@@ -427,7 +554,10 @@ def ui_command(
 
 @app.command("demo")
 def demo_command(
-    size: str = typer.Option("default", help="small (~4 min on 2 cores), default (~7 min) or large (24 trials x 96 questions, 40 training steps)"),
+    size: str = typer.Option(
+        "default",
+        help="small (~4 min on 2 cores), default (~7 min) or large (24 trials x 96 questions, 40 training steps)",
+    ),
     trials: Optional[int] = typer.Option(None, help="searched trials after the 6 presets (overrides --size)"),
     samples: Optional[int] = typer.Option(None, help="easy-vqa questions per trial (overrides --size)"),
     train_steps: Optional[int] = typer.Option(None, help="steps per training run; 0 skips training (overrides --size)"),
@@ -460,15 +590,22 @@ def demo_command(
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[stats]}"))
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[stats]}"),
+        )
         with Progress(*columns, console=out) as bar:
             task = bar.add_task("starting", total=None, stats="")
 
             class Shown(DemoProgress):
                 def stage(self, name: str, index: int, total: int, short: str = "") -> None:
                     bar.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] [{index}/{total}] {name}", highlight=False)
-                    bar.update(task, description=f"[{index}/{total}] {short or name}", completed=0, total=None, stats="")
+                    bar.update(
+                        task, description=f"[{index}/{total}] {short or name}", completed=0, total=None, stats=""
+                    )
 
                 def sweep(self, label: str, done: int, total: int) -> None:
                     if total:
@@ -489,14 +626,22 @@ def demo_command(
     for col in ("schedule", "front", "relative score", "avg vision tokens", "vision TFLOPs"):
         table.add_column(col, justify="left" if col == "schedule" else "right", no_wrap=col == "schedule")
     for t in rows:
-        table.add_row(t["label"], "*" if t["pareto"] else "", f"{t['relative_score']:.1f}",
-                      f"{t['avg_vision_tokens']:.1f}", f"{t['vision_tflops']:.4g}")
+        table.add_row(
+            t["label"],
+            "*" if t["pareto"] else "",
+            f"{t['relative_score']:.1f}",
+            f"{t['avg_vision_tokens']:.1f}",
+            f"{t['vision_tflops']:.4g}",
+        )
     out.print(table)
     for t in result["trainings"]:
         out.print(f"trained {t['method']}: {t['wall_time_s']:.0f} s, final loss {t['loss']:.3f}")
     out.print(f"[bold]Report:[/] {Path(result['report']['html']).resolve()}")
-    out.print(f"[bold]Browse every run:[/] {_own_command()} ui   (from this folder; it prints the address, "
-              "then open the experiment 'demo')", highlight=False)
+    out.print(
+        f"[bold]Browse every run:[/] {_own_command()} ui   (from this folder; it prints the address, "
+        "then open the experiment 'demo')",
+        highlight=False,
+    )
 
 
 def _own_command() -> str:
@@ -516,7 +661,9 @@ _BENCH_ARGS = {
     "experiment": lambda: typer.Argument(..., help="experiment YAML (model shape, bench section)"),
     "overrides": lambda: typer.Argument(None, help="a.b=value overrides, e.g. bench.repeats=10"),
     "device": lambda: typer.Option(None, help="cpu or cuda (default: cuda if available)"),
-    "small": lambda: typer.Option(None, "--small/--full", help="bench.cpu_shape instead of model.shape (default: small on CPU)"),
+    "small": lambda: typer.Option(
+        None, "--small/--full", help="bench.cpu_shape instead of model.shape (default: small on CPU)"
+    ),
     "as_json": lambda: typer.Option(False, "--json", help="machine-readable output"),
 }
 
@@ -525,7 +672,11 @@ def _run_method_bench(kind: str, experiment: str, overrides, device, small, as_j
     """prefill / generate / train: every method on one random-weight model, a table of ratios to vanilla."""
     from hidrop_platform import bench
 
-    run = {"prefill": bench.run_prefill_bench, "generate": bench.run_generate_bench, "train": bench.run_train_step_bench}[kind]
+    run = {
+        "prefill": bench.run_prefill_bench,
+        "generate": bench.run_generate_bench,
+        "train": bench.run_train_step_bench,
+    }[kind]
     cfg = _load(experiment, overrides)
     if device not in (None, "cpu") and not device.startswith("cuda"):
         _fail(f"--device must be cpu or cuda, not {device!r}")
@@ -540,21 +691,40 @@ def _run_method_bench(kind: str, experiment: str, overrides, device, small, as_j
     with out.status(f"benchmarking {kind}...") as status:
         result = run(cfg, device=device, small=small, progress=lambda n: status.update(f"benchmarking {kind}: {n}"))
     m, seq = result["model"], result["sequence"]
-    what = {"prefill": "Prefill", "generate": f"Generation of {result.get('new_tokens')} tokens", "train": "Training step"}[kind]
-    table = Table(title=f"{what} on {result['device']} ({result['dtype']}, batch {result['batch_size']}, "
-                        f"{seq['vision_tokens']} vision + {seq['text_tokens']} text tokens, "
-                        f"{m['num_layers']} layers x {m['hidden_size']}, median of {result['repeats']})")
+    what = {
+        "prefill": "Prefill",
+        "generate": f"Generation of {result.get('new_tokens')} tokens",
+        "train": "Training step",
+    }[kind]
+    table = Table(
+        title=f"{what} on {result['device']} ({result['dtype']}, batch {result['batch_size']}, "
+        f"{seq['vision_tokens']} vision + {seq['text_tokens']} text tokens, "
+        f"{m['num_layers']} layers x {m['hidden_size']}, median of {result['repeats']})"
+    )
     columns = {
-        "prefill": [("latency ms", "latency_ms", ".1f"), ("speed-up", "speedup_vs_vanilla", ".2fx"),
-                    ("FLOPs ratio", "flops_ratio_vs_vanilla", ".2fx"), ("scoring % of vanilla", "scoring_overhead_pct_of_vanilla", ".1f%"),
-                    ("TFLOPs/sample", "model_tflops_per_sample", ".4f")],
-        "generate": [("total ms", "latency_ms", ".1f"), ("speed-up", "speedup_vs_vanilla", ".2fx"),
-                     ("first token ms", "time_to_first_token_ms", ".1f"), ("decode ms/token", "decode_ms_per_token", ".2f"),
-                     ("decode speed-up", "decode_speedup_vs_vanilla", ".2fx"), ("tokens/s", "tokens_per_s", ".1f"),
-                     ("KV cache MiB", "kv_cache_mib", ".1f")],
-        "train": [("step ms", "latency_ms", ".1f"), ("speed-up", "speedup_vs_vanilla", ".2fx"),
-                  ("FLOPs ratio", "flops_ratio_vs_vanilla", ".2fx"), ("samples/s", "throughput_samples_s", ".2f"),
-                  ("train TFLOPs/sample", "train_tflops_per_sample", ".4f")],
+        "prefill": [
+            ("latency ms", "latency_ms", ".1f"),
+            ("speed-up", "speedup_vs_vanilla", ".2fx"),
+            ("FLOPs ratio", "flops_ratio_vs_vanilla", ".2fx"),
+            ("scoring % of vanilla", "scoring_overhead_pct_of_vanilla", ".1f%"),
+            ("TFLOPs/sample", "model_tflops_per_sample", ".4f"),
+        ],
+        "generate": [
+            ("total ms", "latency_ms", ".1f"),
+            ("speed-up", "speedup_vs_vanilla", ".2fx"),
+            ("first token ms", "time_to_first_token_ms", ".1f"),
+            ("decode ms/token", "decode_ms_per_token", ".2f"),
+            ("decode speed-up", "decode_speedup_vs_vanilla", ".2fx"),
+            ("tokens/s", "tokens_per_s", ".1f"),
+            ("KV cache MiB", "kv_cache_mib", ".1f"),
+        ],
+        "train": [
+            ("step ms", "latency_ms", ".1f"),
+            ("speed-up", "speedup_vs_vanilla", ".2fx"),
+            ("FLOPs ratio", "flops_ratio_vs_vanilla", ".2fx"),
+            ("samples/s", "throughput_samples_s", ".2f"),
+            ("train TFLOPs/sample", "train_tflops_per_sample", ".4f"),
+        ],
     }[kind]
     if any(r.get("peak_memory_gib") is not None for r in result["methods"]):
         columns.append(("peak GiB", "peak_memory_gib", ".2f"))
@@ -573,32 +743,46 @@ def _run_method_bench(kind: str, experiment: str, overrides, device, small, as_j
 
 
 @bench_app.command("prefill")
-def bench_prefill(experiment: str = _BENCH_ARGS["experiment"](), overrides: Optional[List[str]] = _BENCH_ARGS["overrides"](),
-                  device: Optional[str] = _BENCH_ARGS["device"](), small: Optional[bool] = _BENCH_ARGS["small"](),
-                  as_json: bool = _BENCH_ARGS["as_json"]()):
+def bench_prefill(
+    experiment: str = _BENCH_ARGS["experiment"](),
+    overrides: Optional[List[str]] = _BENCH_ARGS["overrides"](),
+    device: Optional[str] = _BENCH_ARGS["device"](),
+    small: Optional[bool] = _BENCH_ARGS["small"](),
+    as_json: bool = _BENCH_ARGS["as_json"](),
+):
     """Prefill latency of vanilla, FastV, PDrop and HiDrop on one random-weight model, with ratios."""
     _run_method_bench("prefill", experiment, overrides, device, small, as_json)
 
 
 @bench_app.command("generate")
-def bench_generate(experiment: str = _BENCH_ARGS["experiment"](), overrides: Optional[List[str]] = _BENCH_ARGS["overrides"](),
-                   device: Optional[str] = _BENCH_ARGS["device"](), small: Optional[bool] = _BENCH_ARGS["small"](),
-                   as_json: bool = _BENCH_ARGS["as_json"]()):
+def bench_generate(
+    experiment: str = _BENCH_ARGS["experiment"](),
+    overrides: Optional[List[str]] = _BENCH_ARGS["overrides"](),
+    device: Optional[str] = _BENCH_ARGS["device"](),
+    small: Optional[bool] = _BENCH_ARGS["small"](),
+    as_json: bool = _BENCH_ARGS["as_json"](),
+):
     """Greedy generation (bench.new_tokens): first-token time, per-token decode, KV cache size, ratios."""
     _run_method_bench("generate", experiment, overrides, device, small, as_json)
 
 
 @bench_app.command("train")
-def bench_train(experiment: str = _BENCH_ARGS["experiment"](), overrides: Optional[List[str]] = _BENCH_ARGS["overrides"](),
-                device: Optional[str] = _BENCH_ARGS["device"](), small: Optional[bool] = _BENCH_ARGS["small"](),
-                as_json: bool = _BENCH_ARGS["as_json"]()):
+def bench_train(
+    experiment: str = _BENCH_ARGS["experiment"](),
+    overrides: Optional[List[str]] = _BENCH_ARGS["overrides"](),
+    device: Optional[str] = _BENCH_ARGS["device"](),
+    small: Optional[bool] = _BENCH_ARGS["small"](),
+    as_json: bool = _BENCH_ARGS["as_json"](),
+):
     """Training step (forward + backward, schedule active) per method on one random-weight model, with ratios."""
     _run_method_bench("train", experiment, overrides, device, small, as_json)
 
 
 @bench_app.command("overhead")
 def bench_overhead(
-    experiment: str = typer.Argument(..., help="experiment YAML with a train section (e.g. experiments/tiny_train_smoke.yaml)"),
+    experiment: str = typer.Argument(
+        ..., help="experiment YAML with a train section (e.g. experiments/tiny_train_smoke.yaml)"
+    ),
     overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides"),
     steps: int = typer.Option(40, help="timed optimizer steps per path (after warm-up)"),
     warmup: int = typer.Option(5, help="untimed warm-up steps"),
@@ -621,18 +805,23 @@ def bench_overhead(
         print(json.dumps(result, indent=2))
         return
     zero = result["zero_optimization"]
-    table = Table(title=f"Training step, {result['experiment']} (batch {result['micro_batch_size']} x accum "
-                        f"{result['grad_accum']}, ZeRO-{zero['stage']}, {result['threads']} thread(s), "
-                        f"median of {result['steps_timed']} alternating steps)")
+    table = Table(
+        title=f"Training step, {result['experiment']} (batch {result['micro_batch_size']} x accum "
+        f"{result['grad_accum']}, ZeRO-{zero['stage']}, {result['threads']} thread(s), "
+        f"median of {result['steps_timed']} alternating steps)"
+    )
     for col in ("path", "step ms", "ratio"):
         table.add_column(col, justify="left" if col == "path" else "right")
     table.add_row("plain loop", f"{result['plain_step_s'] * 1000:.1f}", "1.00x")
     low, high = result["ratio_quartiles"]
-    table.add_row("Ray Train + DeepSpeed", f"{result['ray_deepspeed_step_s'] * 1000:.1f}",
-                  f"{result['overhead_ratio']:.2f}x")
+    table.add_row(
+        "Ray Train + DeepSpeed", f"{result['ray_deepspeed_step_s'] * 1000:.1f}", f"{result['overhead_ratio']:.2f}x"
+    )
     out.print(table)
-    out.print(f"overhead {result['overhead_ms']:+.1f} ms per step; per-step ratios, middle half: {low:.2f}x-{high:.2f}x; "
-              f"goal: {result['goal']}")
+    out.print(
+        f"overhead {result['overhead_ms']:+.1f} ms per step; per-step ratios, middle half: {low:.2f}x-{high:.2f}x; "
+        f"goal: {result['goal']}"
+    )
     first = result["first_loss"]
     out.print(f"first-step loss: plain {first['plain']:.5f}, Ray + DeepSpeed {first['ray_deepspeed']:.5f} (same work)")
 

@@ -2,6 +2,7 @@
 
 The same dotted names are used by command-line overrides, (later) Tune search spaces and MLflow params.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hidrop.cost import ModelShape
-from hidrop.schedule import (DropEvent, PositionMode, QueryRule, Schedule, ScheduleError, Selector, first_error_line,
-                             preset, pyramid)
+from hidrop.schedule import (
+    DropEvent,
+    PositionMode,
+    QueryRule,
+    Schedule,
+    ScheduleError,
+    Selector,
+    first_error_line,
+    preset,
+    pyramid,
+)
 
 
 class ConfigError(ValueError):
@@ -80,13 +90,28 @@ class ScheduleSpec(BaseModel):
 
 # Shapes of the models that need no checkpoint path, filled in when the YAML gives none.
 MINI_LLAVA_SHAPE = dict(
-    num_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-    vocab_size=49152, num_vision_tokens=196, text_tokens=48,
-    vision_encoder={"fixed_gmacs": 0.3}, projector_hidden_size=576,
+    num_layers=30,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    num_vision_tokens=196,
+    text_tokens=48,
+    vision_encoder={"fixed_gmacs": 0.3},
+    projector_hidden_size=576,
 )
 TINY_LLAVA_SHAPE = dict(
-    num_layers=8, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=128, num_vision_tokens=16, text_tokens=24, vision_encoder=None, projector_hidden_size=None,
+    num_layers=8,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    num_vision_tokens=16,
+    text_tokens=24,
+    vision_encoder=None,
+    projector_hidden_size=None,
 )
 DEFAULT_SHAPES = {"mini_llava": MINI_LLAVA_SHAPE, "tiny_llava": TINY_LLAVA_SHAPE}
 
@@ -178,8 +203,14 @@ class BenchConfig(BaseModel):
     # used when the run is on a CPU and the experiment's shape is too large for it (the mini-LLaVA LM)
     cpu_shape: ModelShape = Field(
         default_factory=lambda: ModelShape(
-            num_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-            num_key_value_heads=3, vocab_size=49152, num_vision_tokens=196, vision_encoder=None,
+            num_layers=30,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            num_vision_tokens=196,
+            vision_encoder=None,
         )
     )
     cpu_batch_size: int = Field(default=2, gt=0)
@@ -260,8 +291,10 @@ class TrainConfig(BaseModel):
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1")
         if self.eval_after and self.zero_stage == 3:
-            raise ValueError("eval_after needs zero_stage <= 2 (ZeRO-3 shards the weights); "
-                             "score the export with hidrop eval instead")
+            raise ValueError(
+                "eval_after needs zero_stage <= 2 (ZeRO-3 shards the weights); "
+                "score the export with hidrop eval instead"
+            )
         return self
 
 
@@ -397,19 +430,25 @@ class ExperimentConfig(BaseModel):
     @model_validator(mode="after")
     def _precision_matches_weights(self) -> "ExperimentConfig":
         if self.train.precision == "fp32" and self.model.dtype != "float32" and self.model.kind != "shape":
-            raise ValueError(f"train.precision=fp32 needs model.dtype=float32 (got {self.model.dtype}): "
-                             "AdamW on half-precision weights loses small updates; use train.precision=bf16")
+            raise ValueError(
+                f"train.precision=fp32 needs model.dtype=float32 (got {self.model.dtype}): "
+                "AdamW on half-precision weights loses small updates; use train.precision=bf16"
+            )
         reserved = {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "bf16", "fp16"}
         clash = sorted(reserved & set(self.train.deepspeed))
         if clash:
-            raise ValueError(f"train.deepspeed must not set {clash}: use train.micro_batch_size / grad_accum / precision")
+            raise ValueError(
+                f"train.deepspeed must not set {clash}: use train.micro_batch_size / grad_accum / precision"
+            )
         return self
 
     @model_validator(mode="after")
     def _space_names_fields(self) -> "ExperimentConfig":
         for key in self.tune.space:
             if not names_a_field(key):
-                raise ValueError(f"tune.space: {key!r} does not name a config field (use dotted names, e.g. schedule.inject_layer)")
+                raise ValueError(
+                    f"tune.space: {key!r} does not name a config field (use dotted names, e.g. schedule.inject_layer)"
+                )
             if key.split(".")[0] in ("tune", "name"):
                 raise ValueError(f"tune.space: {key!r} cannot be searched")
         for i, seed in enumerate(self.tune.seeds):
@@ -437,7 +476,6 @@ class ExperimentConfig(BaseModel):
     @property
     def main_schedule(self) -> Schedule:
         return self.schedules()[0]
-
 
 
 def names_a_field(dotted: str) -> bool:

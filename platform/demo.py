@@ -9,6 +9,7 @@
 Everything is local: Ray on this machine, MLflow in ./mlruns, Tune and Train state in ./runs/demo.
 The configs are built here (not read from experiments/) so the demo works from any directory.
 """
+
 from __future__ import annotations
 
 import time
@@ -51,8 +52,13 @@ def sweep_config(size: DemoSize, stamp: str) -> dict:
         "eval": {"benchmarks": _benchmarks(size), "baselines": [], "mode": "auto", "batch_size": 8},
         "tracking": {"experiment": EXPERIMENT},
         "tune": {
-            "name": f"demo-{stamp}", "kind": "training_free", "algorithm": "optuna", "objective": "pareto",
-            "num_samples": size.searched, "seeds": PRESETS, "resources_per_trial": {"CPU": 1},
+            "name": f"demo-{stamp}",
+            "kind": "training_free",
+            "algorithm": "optuna",
+            "objective": "pareto",
+            "num_samples": size.searched,
+            "seeds": PRESETS,
+            "resources_per_trial": {"CPU": 1},
             "storage_path": "runs/demo/tune",
             "space": {
                 "schedule.inject_layer": {"int": [1, 12]},
@@ -68,8 +74,11 @@ def sweep_config(size: DemoSize, stamp: str) -> dict:
 def train_config(size: DemoSize, stamp: str, method: str) -> dict:
     """LLaVA stage 2 (LoRA + projector) for a few steps; HiDrop trains with multi-round queries and
     learnable keep ratios, as in the paper's second stage."""
-    schedule = {"preset": "vanilla"} if method == "vanilla" else {
-        "preset": "hidrop_tok64", "query_rule": "multi_round", "selector": "dtopk_learnable"}
+    schedule = (
+        {"preset": "vanilla"}
+        if method == "vanilla"
+        else {"preset": "hidrop_tok64", "query_rule": "multi_round", "selector": "dtopk_learnable"}
+    )
     return {
         "name": f"demo-{stamp}-train-{method}",
         "description": f"hidrop demo: {size.train_steps} LoRA finetune steps, {method}",
@@ -78,11 +87,19 @@ def train_config(size: DemoSize, stamp: str, method: str) -> dict:
         "eval": {"benchmarks": _benchmarks(size), "baselines": [], "mode": "auto", "batch_size": 8},
         "tracking": {"experiment": EXPERIMENT},
         "train": {
-            "stage": "finetune", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            "stage": "finetune",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
             "data": [{"name": "easy_vqa", "limit": 4 * size.train_steps}],
-            "template": "chatml", "micro_batch_size": 4, "max_steps": size.train_steps, "lr": 1e-4,
-            "zero_stage": 2, "num_workers": 1, "resources_per_worker": {"CPU": 2},
-            "checkpoint_every": size.train_steps, "storage_path": "runs/demo/train", "eval_after": True,
+            "template": "chatml",
+            "micro_batch_size": 4,
+            "max_steps": size.train_steps,
+            "lr": 1e-4,
+            "zero_stage": 2,
+            "num_workers": 1,
+            "resources_per_worker": {"CPU": 2},
+            "checkpoint_every": size.train_steps,
+            "storage_path": "runs/demo/train",
+            "eval_after": True,
             "log_model": False,  # the export stays under runs/demo: no 500 MB copy per run in ./mlruns
         },
     }
@@ -126,8 +143,13 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
     quiet_libraries()
     start_ray()
 
-    progress.stage(f"schedule search: {len(PRESETS)} presets, then {size.searched} Optuna trials "
-                   f"({size.easy_vqa} easy-vqa + {6 * size.probes} probe questions each)", 1, stages, "search")
+    progress.stage(
+        f"schedule search: {len(PRESETS)} presets, then {size.searched} Optuna trials "
+        f"({size.easy_vqa} easy-vqa + {6 * size.probes} probe questions each)",
+        1,
+        stages,
+        "search",
+    )
     base = sweep_config(size, stamp)
     t0 = time.perf_counter()
     summary = run_tune(validate_config(base, "hidrop demo"), base, progress=progress.sweep)
@@ -136,13 +158,26 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
     trainings = []
     if size.train_steps > 0:
         for i, method in enumerate(("vanilla", "hidrop")):
-            progress.stage(f"training with {method}: {size.train_steps} LoRA steps on 1 Ray worker (DeepSpeed ZeRO-2), "
-                           "then scored", 2 + i, stages, f"train {method}")
+            progress.stage(
+                f"training with {method}: {size.train_steps} LoRA steps on 1 Ray worker (DeepSpeed ZeRO-2), "
+                "then scored",
+                2 + i,
+                stages,
+                f"train {method}",
+            )
             t0 = time.perf_counter()
-            result = run_training(validate_config(train_config(size, stamp, method), "hidrop demo"), progress=progress.train)
+            result = run_training(
+                validate_config(train_config(size, stamp, method), "hidrop demo"), progress=progress.train
+            )
             timings[f"train_{method}_s"] = time.perf_counter() - t0
-            trainings.append({"method": method, "wall_time_s": timings[f"train_{method}_s"],
-                              "loss": result["metrics"].get("loss"), "export": result["export"]})
+            trainings.append(
+                {
+                    "method": method,
+                    "wall_time_s": timings[f"train_{method}_s"],
+                    "loss": result["metrics"].get("loss"),
+                    "export": result["export"],
+                }
+            )
 
     progress.stage(f"report: {report_dir}", stages, stages, "report")
     t0 = time.perf_counter()
@@ -150,9 +185,18 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
     report = build_report(uri, EXPERIMENT, report_dir, sweep=summary["sweep"])
     timings["report_s"] = time.perf_counter() - t0
     return {
-        "size": asdict(size), "experiment": EXPERIMENT, "tracking_uri": uri, "sweep": summary["sweep"],
-        "pareto": summary["pareto"], "reference_scores": summary["reference_scores"],
-        "trials": [{k: r.get(k) for k in ("label", "relative_score", "avg_vision_tokens", "vision_tflops", "pareto")}
-                   for r in summary["trials"]],
-        "trainings": trainings, "report": report, "timings_s": timings, "wall_time_s": time.perf_counter() - start,
+        "size": asdict(size),
+        "experiment": EXPERIMENT,
+        "tracking_uri": uri,
+        "sweep": summary["sweep"],
+        "pareto": summary["pareto"],
+        "reference_scores": summary["reference_scores"],
+        "trials": [
+            {k: r.get(k) for k in ("label", "relative_score", "avg_vision_tokens", "vision_tflops", "pareto")}
+            for r in summary["trials"]
+        ],
+        "trainings": trainings,
+        "report": report,
+        "timings_s": timings,
+        "wall_time_s": time.perf_counter() - start,
     }

@@ -1,4 +1,5 @@
 """`hidrop eval`: build the experiment's model, run its schedules and baselines on its benchmarks."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -45,7 +46,9 @@ def build_model(cfg: ExperimentConfig, device: Optional[str] = None):
         elif m.kind == "tiny_llava":
             vlm = tiny_vlm(seed=cfg.seed, num_layers=m.shape.num_layers)
         else:
-            raise EvalSetupError(f"model.kind={m.kind} has no weights to evaluate; use mini_llava, llava_hf or tiny_llava")
+            raise EvalSetupError(
+                f"model.kind={m.kind} has no weights to evaluate; use mini_llava, llava_hf or tiny_llava"
+            )
     except ModelLoadError as e:
         raise EvalSetupError(str(e)) from None
     except OSError as e:
@@ -82,9 +85,15 @@ def run_eval(cfg: ExperimentConfig, progress: Optional[Callable[[int, int, str],
     benchmarks = benchmarks_for(cfg)
     try:
         report = evaluate(
-            vlm, schedules, benchmarks,
-            baselines=cfg.eval.baselines, mode=cfg.eval.mode, batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed, progress=progress,
+            vlm,
+            schedules,
+            benchmarks,
+            baselines=cfg.eval.baselines,
+            mode=cfg.eval.mode,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            seed=cfg.seed,
+            progress=progress,
         )
     except EvalError as e:
         raise EvalSetupError(str(e)) from None

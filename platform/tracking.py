@@ -12,6 +12,7 @@ a spool file (the first line names the run) and a single warning says so. Later 
 first, in order, into the same run; metrics keep their original step and timestamp. A spool left behind
 (the server never came back) is replayed later with `sync_spool(path)`.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -75,7 +76,7 @@ def default_tracking_uri(root: str | Path = ".") -> str:
 def _sqlite_path(uri: str) -> Optional[Path]:
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    return Path(uri[len("sqlite:///") :].split("?", 1)[0])
 
 
 def _is_http(uri: str) -> bool:
@@ -156,8 +157,12 @@ def _is_unreachable(err: BaseException) -> bool:
     import requests
     from mlflow.exceptions import MlflowException, RestException
 
-    transient_requests = (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError,
-                          requests.exceptions.ChunkedEncodingError)
+    transient_requests = (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.RetryError,
+        requests.exceptions.ChunkedEncodingError,
+    )
     for e in _chain(err):
         if isinstance(e, (ConnectionError, TimeoutError) + transient_requests):
             return True
@@ -243,14 +248,17 @@ def check_readable(tracking_uri: str) -> None:
     _configure_http_env()
     db = _sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
-        raise TrackingUnavailable(f"no MLflow store at {db} (run `hidrop demo` or another command first, "
-                                  "or pass --tracking-uri)")
+        raise TrackingUnavailable(
+            f"no MLflow store at {db} (run `hidrop demo` or another command first, or pass --tracking-uri)"
+        )
     reason = _probe(tracking_uri)
     if reason is not None:
         raise TrackingUnavailable(f"MLflow tracking server {redact_uri(tracking_uri)} unreachable ({reason})")
 
 
-def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, ready_timeout: float = 120.0) -> "subprocess.Popen":
+def serve_ui(
+    tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, ready_timeout: float = 120.0
+) -> "subprocess.Popen":
     """Start `mlflow ui` over `tracking_uri` and return once it answers; the caller waits on the process.
     Raises TrackingUnavailable for a missing store, a port in use, or a server that dies while starting."""
     import socket
@@ -263,10 +271,23 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, ready
         try:
             probe.bind((host, port))
         except OSError as err:
-            raise TrackingUnavailable(f"cannot listen on {host}:{port} ({err.strerror or err}); "
-                                      "pick another port with --port") from None
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
-               "--host", host, "--port", str(port), "--workers", "1"]
+            raise TrackingUnavailable(
+                f"cannot listen on {host}:{port} ({err.strerror or err}); pick another port with --port"
+            ) from None
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     db = _sqlite_path(tracking_uri)
     log = (db.parent if db else Path(DEFAULT_TRACKING_DIR)) / "ui.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -280,8 +301,9 @@ def serve_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, ready
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-                raise TrackingUnavailable(f"the MLflow UI exited while starting: {lines[-1] if lines else process.returncode} "
-                                          f"(log: {log})")
+                raise TrackingUnavailable(
+                    f"the MLflow UI exited while starting: {lines[-1] if lines else process.returncode} (log: {log})"
+                )
             try:
                 if requests.get(f"{url}/health", timeout=2).status_code == 200:
                     return process
@@ -325,7 +347,7 @@ def _now_ms() -> int:
 
 def _chunks(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 class Tracker:
@@ -479,8 +501,9 @@ class Tracker:
             if self._pending:
                 _warn(
                     f"MLflow run not fully synced to {redact_uri(self.tracking_uri)}; {len(self._pending)} records "
-                    f"kept in {self.spool_path}. Replay them later with: python -c \"from hidrop_platform."
-                    f"tracking import sync_spool; sync_spool('{self.spool_path}')\"")
+                    f'kept in {self.spool_path}. Replay them later with: python -c "from hidrop_platform.'
+                    f"tracking import sync_spool; sync_spool('{self.spool_path}')\""
+                )
 
     @property
     def offline(self) -> bool:
@@ -535,9 +558,10 @@ class Tracker:
         elif op == "tags":
             client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
         elif op == "metrics":
-            client.log_batch(self.run_id, metrics=[
-                Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()
-            ])
+            client.log_batch(
+                self.run_id,
+                metrics=[Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()],
+            )
         elif op == "artifact":
             local = Path(record["path"])
             if record.get("spooled"):  # relative to the spool's folder, so a spool can be moved as a whole
@@ -563,8 +587,9 @@ class Tracker:
                 tags.setdefault("mlflow.user", getpass.getuser())
             except Exception:  # no user name in some containers
                 pass
-            run = client.create_run(self.experiment_id, start_time=record["time"], tags=tags,
-                                    run_name=record["run_name"])
+            run = client.create_run(
+                self.experiment_id, start_time=record["time"], tags=tags, run_name=record["run_name"]
+            )
             self.run_id = run.info.run_id
             if self._pending:  # name the run in the spool at once, so a crash cannot create it twice
                 self._write_spool()
@@ -620,20 +645,28 @@ class Tracker:
                 self._stuck = True
                 _warn(
                     f"MLflow store {redact_uri(self.tracking_uri)} rejected a buffered {self._pending[0]['op']!r} "
-                    f"record ({_short_reason(err)}); it and later records stay in {self.spool_path}")
+                    f"record ({_short_reason(err)}); it and later records stay in {self.spool_path}"
+                )
             return False
         self._remove_spool()
         _warn(
             f"MLflow tracking server {redact_uri(self.tracking_uri)} reachable again; synced {sent} buffered "
-            f"records into run {self.run_id}")
+            f"records into run {self.run_id}"
+        )
         self._warned_offline = False  # a new outage gets its own warning
         return True
 
     # -- the spool file ---------------------------------------------------------------------------
 
     def _header(self) -> dict:
-        return {"op": "run", "version": SPOOL_VERSION, "tracking_uri": self.tracking_uri,
-                "experiment": self.experiment, "run_id": self.run_id, "run_name": self.run_name}
+        return {
+            "op": "run",
+            "version": SPOOL_VERSION,
+            "tracking_uri": self.tracking_uri,
+            "experiment": self.experiment,
+            "run_id": self.run_id,
+            "run_name": self.run_name,
+        }
 
     def _files_dir(self) -> Path:
         return self.spool_path.with_suffix(".files")
@@ -653,7 +686,8 @@ class Tracker:
             why = f" ({reason})" if reason else ""
             _warn(
                 f"MLflow tracking server {redact_uri(self.tracking_uri)} unreachable{why}; buffering to "
-                f"{self.spool_path}, will retry (if it stays down: hidrop_platform.tracking.sync_spool(path))")
+                f"{self.spool_path}, will retry (if it stays down: hidrop_platform.tracking.sync_spool(path))"
+            )
 
     def _copy_into_spool(self, record: dict) -> dict:
         source = Path(record["path"])
@@ -691,8 +725,13 @@ def sync_spool(path: str | Path, tracking_uri: Optional[str] = None) -> str:
     if not lines or lines[0].get("op") != "run":
         raise ValueError(f"{path}: not a tracking spool file (no header line)")
     header, records = lines[0], lines[1:]
-    tracker = Tracker(tracking_uri or header["tracking_uri"], header["experiment"], run_id=header["run_id"],
-                      run_name=header["run_name"], spool_dir=path.parent)
+    tracker = Tracker(
+        tracking_uri or header["tracking_uri"],
+        header["experiment"],
+        run_id=header["run_id"],
+        run_name=header["run_name"],
+        spool_dir=path.parent,
+    )
     tracker.spool_path = path
     tracker._started = True
     tracker._pending = records
@@ -782,8 +821,13 @@ def schedule_params(schedule) -> dict[str, Any]:
     from hidrop.evaluation.published import schedule_method
 
     # no key here is a field of the YAML's schedule section (flatten(cfg) logs those first)
-    return {"schedule.plan": schedule.describe(), "schedule.keep_counts": schedule.keep_counts,
-            "schedule.resolved_name": schedule.name, "schedule.method": schedule_method(schedule),
-            "schedule.resolved_avg_tokens": round(schedule.avg_tokens(), 4),
-            "schedule.resolved_position_mode": schedule.position_mode.value,
-            "schedule.resolved_query_rule": schedule.query_rule.value, "schedule.resolved_selector": schedule.selector.value}
+    return {
+        "schedule.plan": schedule.describe(),
+        "schedule.keep_counts": schedule.keep_counts,
+        "schedule.resolved_name": schedule.name,
+        "schedule.method": schedule_method(schedule),
+        "schedule.resolved_avg_tokens": round(schedule.avg_tokens(), 4),
+        "schedule.resolved_position_mode": schedule.position_mode.value,
+        "schedule.resolved_query_rule": schedule.query_rule.value,
+        "schedule.resolved_selector": schedule.selector.value,
+    }

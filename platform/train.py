@@ -5,6 +5,7 @@ new sqlite schema), and fits the trainer. DeepSpeed is imported inside the worke
 have no GPU. Rank 0 logs; the MLflow run id travels inside every checkpoint so a restarted worker group
 (FailureConfig) or a re-run with the same name and storage path continues the SAME run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,7 +77,9 @@ def training_samples(cfg: ExperimentConfig, grid: int):
         if spec.name == "easy_vqa":
             samples += easy_vqa_samples("train", limit=spec.limit, seed=cfg.seed)
         elif spec.name == "probes":
-            samples += Probes(limit=spec.limit or 100, seed=cfg.seed, split="train", grid=grid or 14, **spec.options).samples()
+            samples += Probes(
+                limit=spec.limit or 100, seed=cfg.seed, split="train", grid=grid or 14, **spec.options
+            ).samples()
         else:
             samples += load_llava_json(spec.path, spec.image_folder, limit=spec.limit)
     return samples
@@ -119,13 +122,17 @@ def train_worker(payload: dict) -> None:
     frozen = any(not p.requires_grad for p in step_module.parameters())  # stage 1 and LoRA: most of the model
 
     dataset = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
-    sampler = _ResumableSampler(DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                   seed=cfg.seed, drop_last=True))
+    sampler = _ResumableSampler(
+        DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    )
     loader = DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=make_collator(vlm))
     if len(loader) == 0:  # every rank sees the same lengths, so all stop here together
         if rank == 0:
-            _stop(payload, f"{len(dataset)} training samples cannot fill one batch of {t.micro_batch_size} "
-                           f"on each of {world} workers")
+            _stop(
+                payload,
+                f"{len(dataset)} training samples cannot fill one batch of {t.micro_batch_size} "
+                f"on each of {world} workers",
+            )
         return
     batches_per_epoch = len(loader)  # before any mid-epoch skip shortens the loader
     per_epoch = max(1, batches_per_epoch // t.grad_accum)
@@ -141,10 +148,15 @@ def train_worker(payload: dict) -> None:
             # frozen weights are not in the checkpoint: they come from model.path, as on the first attempt
             engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not frozen)
             state.update(json.loads((Path(d) / STATE_FILE).read_text()))
-    tracker = Tracker(payload["tracking_uri"], payload["experiment"], run_id=state["run_id"], run_name=cfg.name,
-                      enabled=rank == 0 and cfg.tracking.enabled, spool_dir=payload["spool_dir"],
-                      tags={"hidrop.kind": "train", "device_type": device.type, "num_workers": str(world),
-                            "stage": t.stage})
+    tracker = Tracker(
+        payload["tracking_uri"],
+        payload["experiment"],
+        run_id=state["run_id"],
+        run_name=cfg.name,
+        enabled=rank == 0 and cfg.tracking.enabled,
+        spool_dir=payload["spool_dir"],
+        tags={"hidrop.kind": "train", "device_type": device.type, "num_workers": str(world), "stage": t.stage},
+    )
     tracker.start()
     if state["run_id"] is None and rank == 0:
         tracker.log_config(cfg)
@@ -206,11 +218,14 @@ def train_worker(payload: dict) -> None:
             if step % t.log_every == 0 or step == total:
                 loss = _mean_across(out["lm_loss"], world)
                 metrics = {
-                    "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                    "samples_per_s": window_samples / window, "tokens_per_s": window_tokens / window,
+                    "loss": loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "samples_per_s": window_samples / window,
+                    "tokens_per_s": window_tokens / window,
                     "epoch": epoch + (i + 1) / batches_per_epoch,
                     "accelerator_hours": accel_seconds / 3600,
-                    "vision_tflops_per_sample": cost["vision_tflops"], "model_tflops_per_sample": cost["model_tflops"],
+                    "vision_tflops_per_sample": cost["vision_tflops"],
+                    "model_tflops_per_sample": cost["model_tflops"],
                     "avg_vision_tokens": cost["avg_vision_tokens"],
                 }
                 grad_norm = engine.get_global_grad_norm()
@@ -237,8 +252,11 @@ def train_worker(payload: dict) -> None:
                 weights = "projector" if vlm.kind == "mini_llava" and t.stage == "pretrain" else "all"
                 vlm.projector_trained = True
                 # ZeRO-3 partitions parameters: every rank gathers them, rank 0 writes
-                gather = (deepspeed.zero.GatheredParameters(list(step_module.parameters()), modifier_rank=None)
-                          if t.zero_stage == 3 else contextlib.nullcontext())
+                gather = (
+                    deepspeed.zero.GatheredParameters(list(step_module.parameters()), modifier_rank=None)
+                    if t.zero_stage == 3
+                    else contextlib.nullcontext()
+                )
                 with gather:
                     if rank == 0:
                         learned = step_module.engine.learned_schedule()  # learnable keep ratios: what they became
@@ -267,7 +285,9 @@ def train_worker(payload: dict) -> None:
         turns.close()
     if rank == 0:
         Path(payload["run_dir"]).mkdir(parents=True, exist_ok=True)
-        (Path(payload["run_dir"]) / STEP_TIMES_FILE).write_text(json.dumps({"seconds": step_times, "loss": step_losses}))
+        (Path(payload["run_dir"]) / STEP_TIMES_FILE).write_text(
+            json.dumps({"seconds": step_times, "loss": step_losses})
+        )
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -280,8 +300,16 @@ def _score_trained(cfg: ExperimentConfig, vlm, schedule) -> dict[str, float]:
     from hidrop_platform.evaluate import benchmarks_for
 
     # the harness runs the model in eval mode without gradients and restores its mode afterwards
-    report = evaluate(vlm, [schedule], benchmarks_for(cfg), baselines=[], mode=cfg.eval.mode,
-                      batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed)
+    report = evaluate(
+        vlm,
+        [schedule],
+        benchmarks_for(cfg),
+        baselines=[],
+        mode=cfg.eval.mode,
+        batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        seed=cfg.seed,
+    )
     row = schedule_row(report, schedule)
     scores = {"relative_score": row["relative_score"]}
     scores.update({f"score/{b}": e["score"] for b, e in row["benchmarks"].items()})
@@ -352,8 +380,9 @@ def _report_checkpoint(engine, state: dict, metrics: dict, rank: int, frozen: bo
 
 
 # ---- the driver ---------------------------------------------------------------------------------
-def run_training(cfg: ExperimentConfig, progress: Optional[Callable[[dict], None]] = None,
-                 turns: Optional[str] = None) -> dict:
+def run_training(
+    cfg: ExperimentConfig, progress: Optional[Callable[[dict], None]] = None, turns: Optional[str] = None
+) -> dict:
     """Run the Ray Train job; `progress(info)` is called about once a second with rank 0's latest step.
     `turns`: the overhead benchmark's folder of turn pipes (the worker alternates steps with a plain loop)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -373,13 +402,22 @@ def run_training(cfg: ExperimentConfig, progress: Optional[Callable[[dict], None
     start_ray(t.ray_address)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "tracking_uri": uri, "experiment": experiment,
-                           "export_dir": str(storage / cfg.name / "export"), "run_dir": str(storage / cfg.name),
-                           "spool_dir": str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool"),
-                           "fail_at_step": os.environ.get("HIDROP_TEST_FAIL_AT_STEP"), "turns": turns},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker),
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "tracking_uri": uri,
+            "experiment": experiment,
+            "export_dir": str(storage / cfg.name / "export"),
+            "run_dir": str(storage / cfg.name),
+            "spool_dir": str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool"),
+            "fail_at_step": os.environ.get("HIDROP_TEST_FAIL_AT_STEP"),
+            "turns": turns,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker
+        ),
         run_config=RunConfig(
-            name=cfg.name, storage_path=str(storage),
+            name=cfg.name,
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
@@ -409,9 +447,12 @@ def run_training(cfg: ExperimentConfig, progress: Optional[Callable[[dict], None
         raise TrainSetupError(stopped.read_text().strip())
     metrics = dict(result.metrics or {})
     return {
-        "experiment": cfg.name, "wall_time_s": time.perf_counter() - start, "metrics": metrics,
+        "experiment": cfg.name,
+        "wall_time_s": time.perf_counter() - start,
+        "metrics": metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "export": str(storage / cfg.name / "export" / "final"), "tracking_uri": uri,
+        "export": str(storage / cfg.name / "export" / "final"),
+        "tracking_uri": uri,
     }
 
 
@@ -426,8 +467,13 @@ def start_ray(address: Optional[str] = None) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's boxed banner ignores verbose=0
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": _worker_env()})
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": _worker_env()},
+    )
     for name in ("ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -9,6 +9,7 @@ Layout of a sweep folder (`tune.storage_path/<name>`): Ray Tune's experiment sta
 `sweep.json` (the parent MLflow run), `reference.json` (the all-tokens scores) and `trial_runs/`
 (trial id -> MLflow run id, so a retried or resumed trial logs into the same run).
 """
+
 from __future__ import annotations
 
 import base64
@@ -42,6 +43,7 @@ class SweepInterrupted(KeyboardInterrupt):
 
 # ---- building trial configs --------------------------------------------------------------------
 
+
 def seed_overrides(seed: Any) -> tuple[str, dict]:
     """(label, overrides) of a seed: a preset name, or a schedule mapping (the whole schedule section)."""
     if isinstance(seed, str):
@@ -74,6 +76,7 @@ def _reason(err: Exception) -> str:
 
 
 # ---- the searcher: seeds first, then valid samples only ----------------------------------------
+
 
 def _domain(dim) -> Any:
     from ray import tune
@@ -218,7 +221,9 @@ class ScheduleSearcher(Searcher):
             if inner_id is not None:
                 self.inner.on_trial_complete(inner_id, result=None, error=True)
         top = self.rejections.most_common(1)[0][0]
-        raise TuneSetupError(f"tune.space: {self.max_rejections} invalid samples in a row (most often: {top}); narrow the ranges")
+        raise TuneSetupError(
+            f"tune.space: {self.max_rejections} invalid samples in a row (most often: {top}); narrow the ranges"
+        )
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self.inner is not None and trial_id in self.inner_ids:
@@ -231,8 +236,13 @@ class ScheduleSearcher(Searcher):
     # -- checkpointing: Tuner.restore must not repeat seeds or re-draw finished samples --------------
 
     def get_state(self) -> dict:
-        state = {"pending_seeds": self.pending_seeds, "rejections": dict(self.rejections), "suggested": self.suggested,
-                 "inner_ids": self.inner_ids, "rng_state": self.rng_state}
+        state = {
+            "pending_seeds": self.pending_seeds,
+            "rejections": dict(self.rejections),
+            "suggested": self.suggested,
+            "inner_ids": self.inner_ids,
+            "rng_state": self.rng_state,
+        }
         if self.inner is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 self.inner.save(os.path.join(tmp, "inner"))
@@ -291,13 +301,23 @@ def _evaluate(cfg: ExperimentConfig, vlm, reference: dict, benches: list) -> dic
     from hidrop.evaluation.harness import evaluate, schedule_row
 
     schedule = cfg.main_schedule
-    report = evaluate(vlm, [schedule], benches, baselines=[], mode=cfg.eval.mode, batch_size=cfg.eval.batch_size,
-                      max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.seed,
-                      reference_scores=None if schedule.is_vanilla() else reference["scores"])
+    report = evaluate(
+        vlm,
+        [schedule],
+        benches,
+        baselines=[],
+        mode=cfg.eval.mode,
+        batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        seed=cfg.seed,
+        reference_scores=None if schedule.is_vanilla() else reference["scores"],
+    )
     row = schedule_row(report, schedule)
     metrics = {
-        "relative_score": row["relative_score"], "avg_vision_tokens": row["avg_vision_tokens"],
-        "vision_tflops": row["vision_tflops"], "model_tflops": row["model_tflops"],
+        "relative_score": row["relative_score"],
+        "avg_vision_tokens": row["avg_vision_tokens"],
+        "vision_tflops": row["vision_tflops"],
+        "model_tflops": row["model_tflops"],
         "samples": report["samples_evaluated"],
     }
     if row["measured_avg_vision_tokens"] is not None:
@@ -337,10 +357,21 @@ def run_trial(config: dict, ctx: dict) -> None:
         tune.report(record["result"])
         return
     run_id, attempts = record.get("run_id"), int(record.get("attempts", 0)) + 1
-    tracker = Tracker(ctx["tracking_uri"], ctx["experiment"], run_id=run_id, run_name=config["label"],
-                      parent_run_id=ctx["parent_run_id"], spool_dir=ctx["spool_dir"], enabled=ctx["tracking"],
-                      tags={"hidrop.sweep": ctx["sweep"], "hidrop.trial_id": trial_id, "hidrop.seed": str(config["seed"]),
-                            "device_type": ctx["device_type"]}).start()
+    tracker = Tracker(
+        ctx["tracking_uri"],
+        ctx["experiment"],
+        run_id=run_id,
+        run_name=config["label"],
+        parent_run_id=ctx["parent_run_id"],
+        spool_dir=ctx["spool_dir"],
+        enabled=ctx["tracking"],
+        tags={
+            "hidrop.sweep": ctx["sweep"],
+            "hidrop.trial_id": trial_id,
+            "hidrop.seed": str(config["seed"]),
+            "device_type": ctx["device_type"],
+        },
+    ).start()
     run_id = tracker.run_id or run_id
     _save_trial_record(ctx, trial_id, {"run_id": run_id, "attempts": attempts})
     schedule = cfg.main_schedule
@@ -396,10 +427,21 @@ def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: f
     vlm = _trial_model(cfg, fresh=True)
     data = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
     loop = plain_training(
-        vlm, cfg.main_schedule, data, steps=s.train_steps, stage=t.stage, lora=t.lora,
-        micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, lr=t.lr, lr_schedule=t.lr_schedule,
-        warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-        budget_weight=t.budget_weight, seed=cfg.seed,
+        vlm,
+        cfg.main_schedule,
+        data,
+        steps=s.train_steps,
+        stage=t.stage,
+        lora=t.lora,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=t.grad_accum,
+        lr=t.lr,
+        lr_schedule=t.lr_schedule,
+        warmup_ratio=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        budget_weight=t.budget_weight,
+        seed=cfg.seed,
     )
     benches = benchmarks_for(cfg)  # built once: the trial evaluates every eval_every steps
     metrics: dict = {}
@@ -409,8 +451,12 @@ def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: f
         tracker.log_metrics({"loss": info["loss"]}, step=info["step"])
         if info["step"] % s.eval_every == 0 or info["step"] == s.train_steps:
             metrics = _evaluate(cfg, vlm, ctx["reference"], benches)
-            metrics.update(train_step=info["step"], loss=info["loss"], wall_s=time.perf_counter() - start,
-                           accelerator_hours=(time.perf_counter() - start) * devices / 3600)
+            metrics.update(
+                train_step=info["step"],
+                loss=info["loss"],
+                wall_s=time.perf_counter() - start,
+                accelerator_hours=(time.perf_counter() - start) * devices / 3600,
+            )
             tracker.log_metrics(metrics, step=info["step"])
             reported.update(metrics)
             tune.report(metrics)  # ASHA may stop the trial here
@@ -419,11 +465,15 @@ def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: f
 
 # ---- the driver --------------------------------------------------------------------------------
 
+
 def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callable[[str], None]]) -> dict:
     """All-tokens and blind scores of the base model on the sweep's benchmarks, computed once per sweep."""
     path = sweep_dir / REFERENCE_FILE
-    key = json.loads(json.dumps({"model": cfg.model.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json"),
-                                 "seed": cfg.seed}))
+    key = json.loads(
+        json.dumps(
+            {"model": cfg.model.model_dump(mode="json"), "eval": cfg.eval.model_dump(mode="json"), "seed": cfg.seed}
+        )
+    )
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:  # a sweep that did not start, run again with the same model and benchmarks
@@ -438,9 +488,16 @@ def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callab
         vlm = build_model(cfg)
         benches = benchmarks_for(cfg)
         shape = cfg.model.shape
-        report = evaluate(vlm, [vanilla(shape.num_layers, shape.num_vision_tokens)], benches, baselines=["blind"],
-                          mode=cfg.eval.mode, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                          seed=cfg.seed)
+        report = evaluate(
+            vlm,
+            [vanilla(shape.num_layers, shape.num_vision_tokens)],
+            benches,
+            baselines=["blind"],
+            mode=cfg.eval.mode,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            seed=cfg.seed,
+        )
     except (EvalSetupError, EvalError, ValueError, KeyError) as e:
         raise TuneSetupError(f"reference evaluation: {str(e).splitlines()[0]}") from None
     rows = {r["method"]: r for r in report["methods"]}
@@ -448,8 +505,10 @@ def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callab
         "scores": {b: e["score"] for b, e in rows["all_tokens"]["benchmarks"].items()},
         "blind_scores": {b: e["score"] for b, e in rows["blind"]["benchmarks"].items()},
         "blind_relative_score": rows["blind"]["relative_score"],
-        "vision_tflops": rows["all_tokens"]["vision_tflops"], "notes": report["notes"],
-        "samples": report["samples_evaluated"], "key": key,
+        "vision_tflops": rows["all_tokens"]["vision_tflops"],
+        "notes": report["notes"],
+        "samples": report["samples_evaluated"],
+        "key": key,
     }
     path.write_text(json.dumps(ref, indent=2))
     del vlm
@@ -465,22 +524,31 @@ def _check_resources(cfg: ExperimentConfig, cluster: dict) -> tuple[int, float]:
     for key, amount in wanted.items():
         have = float(cluster.get(key, 0))
         if amount > have:
-            raise TuneSetupError(f"tune.resources_per_trial asks for {key}={amount:g} but the cluster has {have:g}; "
-                                 "no trial could ever start")
+            raise TuneSetupError(
+                f"tune.resources_per_trial asks for {key}={amount:g} but the cluster has {have:g}; "
+                "no trial could ever start"
+            )
         fits.append(int(have // amount))
     at_once = max(1, min(fits))
     devices = wanted.get("GPU", 1.0)
     return (min(at_once, cfg.tune.max_concurrent) if cfg.tune.max_concurrent else at_once), devices
 
 
-def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
-             progress: Optional[Callable[[str, int, int], None]] = None) -> dict:
+def run_tune(
+    cfg: ExperimentConfig, base: dict, resume: bool = False, progress: Optional[Callable[[str, int, int], None]] = None
+) -> dict:
     """Run (or resume) the sweep; returns every trial, the Pareto front and where the seeds sit."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from hidrop_platform.tracking import DEFAULT_TRACKING_DIR, TrackingUnavailable, Tracker, default_tracking_uri, prepare
+    from hidrop_platform.tracking import (
+        DEFAULT_TRACKING_DIR,
+        TrackingUnavailable,
+        Tracker,
+        default_tracking_uri,
+        prepare,
+    )
     from hidrop_platform.train import start_ray
 
     s = cfg.tune
@@ -491,12 +559,16 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
     if resume and not can_restore:
         raise TuneSetupError(f"nothing to resume at {sweep_dir} (no Tune state there)")
     if not resume and can_restore:
-        raise TuneSetupError(f"sweep {name!r} already exists at {sweep_dir}: pass --resume to continue it, "
-                             "or set tune.name=... for a new one")
+        raise TuneSetupError(
+            f"sweep {name!r} already exists at {sweep_dir}: pass --resume to continue it, "
+            "or set tune.name=... for a new one"
+        )
     share, reasons = valid_share(base, cfg) if s.algorithm != "grid" else (1.0, Counter())
     if share == 0.0:
-        raise TuneSetupError(f"tune.space: none of 300 random samples is a valid schedule (most often: "
-                             f"{reasons.most_common(1)[0][0]}); widen or fix the ranges")
+        raise TuneSetupError(
+            f"tune.space: none of 300 random samples is a valid schedule (most often: "
+            f"{reasons.most_common(1)[0][0]}); widen or fix the ranges"
+        )
     sweep_dir.mkdir(parents=True, exist_ok=True)
     note = (lambda msg: progress(msg, 0, 0)) if progress else None
 
@@ -515,9 +587,15 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
         cfg = validate_config(base, str(sweep_file))
         s = cfg.tune
     spool_dir = str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool")
-    parent = Tracker(uri, experiment, run_id=sweep_state.get("parent_run_id"), run_name=f"sweep:{name}",
-                     spool_dir=spool_dir, enabled=cfg.tracking.enabled,
-                     tags={"hidrop.sweep": name, "hidrop.kind": "sweep"}).start()
+    parent = Tracker(
+        uri,
+        experiment,
+        run_id=sweep_state.get("parent_run_id"),
+        run_name=f"sweep:{name}",
+        spool_dir=spool_dir,
+        enabled=cfg.tracking.enabled,
+        tags={"hidrop.sweep": name, "hidrop.kind": "sweep"},
+    ).start()
     sweep_state.update(parent_run_id=parent.run_id, name=name, base=base)
     sweep_file.write_text(json.dumps(sweep_state, indent=2))
     if not resume:
@@ -528,16 +606,31 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
         start_ray(s.ray_address)
         at_once, devices = _check_resources(cfg, ray.cluster_resources())
         reference = _reference(cfg, sweep_dir, note)
-        parent.log_metrics({f"reference/{b}": v for b, v in reference["scores"].items()}
-                           | {f"blind/{b}": v for b, v in reference["blind_scores"].items()}, step=0)
+        parent.log_metrics(
+            {f"reference/{b}": v for b, v in reference["scores"].items()}
+            | {f"blind/{b}": v for b, v in reference["blind_scores"].items()},
+            step=0,
+        )
 
         device_type = "gpu" if s.resources_per_trial.get("GPU", 0) > 0 else "cpu"
-        ctx = {"base": base, "reference": reference, "sweep_dir": str(sweep_dir), "sweep": name,
-               "tracking_uri": uri, "experiment": experiment, "parent_run_id": parent.run_id,
-               "tracking": cfg.tracking.enabled, "spool_dir": spool_dir,
-               "threads": s.resources_per_trial.get("CPU", 1), "devices_per_trial": devices, "device_type": device_type}
-        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
-                                        {k.lower() if k in ("CPU", "GPU") else k: v for k, v in s.resources_per_trial.items()})
+        ctx = {
+            "base": base,
+            "reference": reference,
+            "sweep_dir": str(sweep_dir),
+            "sweep": name,
+            "tracking_uri": uri,
+            "experiment": experiment,
+            "parent_run_id": parent.run_id,
+            "tracking": cfg.tracking.enabled,
+            "spool_dir": spool_dir,
+            "threads": s.resources_per_trial.get("CPU", 1),
+            "devices_per_trial": devices,
+            "device_type": device_type,
+        }
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, ctx=ctx),
+            {k.lower() if k in ("CPU", "GPU") else k: v for k, v in s.resources_per_trial.items()},
+        )
 
         searcher = ScheduleSearcher(base, cfg)
         total = searcher.total_trials
@@ -545,19 +638,37 @@ def run_tune(cfg: ExperimentConfig, base: dict, resume: bool = False,
         callback = _ProgressCallback(progress, total, ctx)
         scheduler = None
         if s.kind == "trained":
-            scheduler = ASHAScheduler(time_attr="training_iteration", metric="relative_score", mode="max",
-                                      max_t=math.ceil(s.train_steps / s.eval_every), grace_period=s.grace_period,
-                                      reduction_factor=s.reduction_factor)
-        run_config = tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[callback],
-                                    failure_config=tune.FailureConfig(max_failures=s.max_failures))
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                metric="relative_score",
+                mode="max",
+                max_t=math.ceil(s.train_steps / s.eval_every),
+                grace_period=s.grace_period,
+                reduction_factor=s.reduction_factor,
+            )
+        run_config = tune.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            verbose=0,
+            callbacks=[callback],
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+        )
         start = time.perf_counter()
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
         else:
-            tuner = tune.Tuner(trainable, param_space={},
-                               tune_config=tune.TuneConfig(search_alg=searcher, num_samples=total, scheduler=scheduler,
-                                                           max_concurrent_trials=at_once, reuse_actors=s.kind == "training_free"),
-                               run_config=run_config)
+            tuner = tune.Tuner(
+                trainable,
+                param_space={},
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    num_samples=total,
+                    scheduler=scheduler,
+                    max_concurrent_trials=at_once,
+                    reuse_actors=s.kind == "training_free",
+                ),
+                run_config=run_config,
+            )
         grid = tuner.fit()
         wall = time.perf_counter() - start
         live = _searcher_of(tuner) or searcher
@@ -618,19 +729,32 @@ def _searcher_of(tuner) -> Optional[ScheduleSearcher]:
     return alg if isinstance(alg, ScheduleSearcher) else None
 
 
-def _summarize(grid, reference: dict, searcher: Optional[ScheduleSearcher], name: str, at_once: int, wall: float) -> dict:
+def _summarize(
+    grid, reference: dict, searcher: Optional[ScheduleSearcher], name: str, at_once: int, wall: float
+) -> dict:
     from hidrop_dashboards.pareto import pareto_front
 
     rows = []
     for result in grid:
         config = result.config or {}
         metrics = dict(result.metrics or {})
-        row = {"label": config.get("label", "?"), "seed": bool(config.get("seed")), "overrides": config.get("overrides", {}),
-               "status": "error" if result.error else "ok"}
+        row = {
+            "label": config.get("label", "?"),
+            "seed": bool(config.get("seed")),
+            "overrides": config.get("overrides", {}),
+            "status": "error" if result.error else "ok",
+        }
         if result.error:
             row["error"] = str(result.error).strip().splitlines()[-1][:300]
-        for key in ("relative_score", "vision_tflops", "model_tflops", "avg_vision_tokens", "measured_avg_vision_tokens",
-                    "accelerator_hours", "train_step"):
+        for key in (
+            "relative_score",
+            "vision_tflops",
+            "model_tflops",
+            "avg_vision_tokens",
+            "measured_avg_vision_tokens",
+            "accelerator_hours",
+            "train_step",
+        ):
             if key in metrics:
                 row[key] = metrics[key]
         row["scores"] = {k.removeprefix("score/"): v for k, v in metrics.items() if k.startswith("score/")}
@@ -641,12 +765,18 @@ def _summarize(grid, reference: dict, searcher: Optional[ScheduleSearcher], name
     for i, r in enumerate(ok):
         r["pareto"] = i in front
     return {
-        "sweep": name, "trials": rows, "pareto": [ok[i]["label"] for i in front],
-        "reference_scores": reference["scores"], "blind_relative_score": reference["blind_relative_score"],
+        "sweep": name,
+        "trials": rows,
+        "pareto": [ok[i]["label"] for i in front],
+        "reference_scores": reference["scores"],
+        "blind_relative_score": reference["blind_relative_score"],
         "rejections": dict(searcher.rejections) if searcher else {},
         "rejected": sum(searcher.rejections.values()) if searcher else 0,
-        "failed": sum(r["status"] == "error" for r in rows), "concurrency": at_once, "wall_time_s": wall,
-        "accelerator_hours": sum(r.get("accelerator_hours", 0.0) for r in rows), "notes": reference.get("notes", []),
+        "failed": sum(r["status"] == "error" for r in rows),
+        "concurrency": at_once,
+        "wall_time_s": wall,
+        "accelerator_hours": sum(r.get("accelerator_hours", 0.0) for r in rows),
+        "notes": reference.get("notes", []),
     }
 
 
@@ -660,17 +790,34 @@ def _log_summary(parent, summary: dict, sweep_dir: Path, name: str, reference: d
     out = sweep_dir / "summary"
     out.mkdir(exist_ok=True)
     ok = [r for r in summary["trials"] if "relative_score" in r]
-    lines = ["| trial | on front | relative score | vision TFLOPs | avg tokens | schedule overrides |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| trial | on front | relative score | vision TFLOPs | avg tokens | schedule overrides |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in sorted(ok, key=lambda r: r["vision_tflops"]):
-        lines.append(f"| {r['label']} | {'yes' if r.get('pareto') else ''} | {r['relative_score']:.1f} | "
-                     f"{r['vision_tflops']:.4g} | {r['avg_vision_tokens']:.1f} | `{json.dumps(_rounded(r['overrides']))}` |")
+        lines.append(
+            f"| {r['label']} | {'yes' if r.get('pareto') else ''} | {r['relative_score']:.1f} | "
+            f"{r['vision_tflops']:.4g} | {r['avg_vision_tokens']:.1f} | `{json.dumps(_rounded(r['overrides']))}` |"
+        )
     (out / "pareto.md").write_text("\n".join(lines) + "\n")
     (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
     if ok:
-        plot_pareto(ok, out / "pareto.png", f"{name}: relative score vs vision TFLOPs",
-                    reference_lines={"blind": reference["blind_relative_score"]})
+        plot_pareto(
+            ok,
+            out / "pareto.png",
+            f"{name}: relative score vs vision TFLOPs",
+            reference_lines={"blind": reference["blind_relative_score"]},
+        )
     for path in out.iterdir():
         parent.log_artifact(path, "pareto")
-    parent.log_metrics({"trials": len(summary["trials"]), "failed_trials": summary["failed"],
-                        "rejected_samples": summary["rejected"], "pareto_size": len(summary["pareto"]),
-                        "accelerator_hours": summary["accelerator_hours"], "wall_s": summary["wall_time_s"]}, step=0)
+    parent.log_metrics(
+        {
+            "trials": len(summary["trials"]),
+            "failed_trials": summary["failed"],
+            "rejected_samples": summary["rejected"],
+            "pareto_size": len(summary["pareto"]),
+            "accelerator_hours": summary["accelerator_hours"],
+            "wall_s": summary["wall_time_s"],
+        },
+        step=0,
+    )

@@ -1,4 +1,5 @@
 """Sample and batch builders shared by the engine tests."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,13 @@ def make_samples(seed=0, lengths=((5, 9), (2, 4), (7, 3), None, (0, 6)), vocab=1
             vis = torch.zeros(11, dtype=torch.bool)
         else:
             a, b = spec
-            ids = torch.cat([torch.randint(3, vocab, (a,), generator=g), torch.full((N_VIS,), TINY_IMAGE_TOKEN),
-                             torch.randint(3, vocab, (b,), generator=g)])
+            ids = torch.cat(
+                [
+                    torch.randint(3, vocab, (a,), generator=g),
+                    torch.full((N_VIS,), TINY_IMAGE_TOKEN),
+                    torch.randint(3, vocab, (b,), generator=g),
+                ]
+            )
             vis = ids == TINY_IMAGE_TOKEN
         samples.append((ids, vis))
     return samples

@@ -6,6 +6,7 @@ recomputed here from first principles (own inverse frequencies, own per-head loo
 layouts, masks, positions and scoring are checked against something that shares none of that code.
 Only the stock decoder layers, norms and heads of the model are shared.
 """
+
 from __future__ import annotations
 
 import torch
@@ -84,11 +85,13 @@ def reference_forward(sm, embeds, vision, labels=None, forced=None):
     has_image = any(vision)
     alive = [not v or s.inject_layer == 1 for v in vision]
     h = embeds.clone()
+
     def queries():
         if s.query_rule == QueryRule.multi_round and labels is not None:
             cols = [j for j in range(T) if alive[j]]
             return [a for a, b in zip(cols[:-1], cols[1:]) if labels[a] == -100 and labels[b] != -100]
         return [T - 1]
+
     keeps, pending = [], None
     for layer_number in range(1, s.num_layers + 1):
         if layer_number == s.inject_layer and layer_number > 1:

@@ -1,5 +1,6 @@
 """Smoke test of the prefill benchmark command on a CI-sized shape (numbers are not asserted: timing is
 measured by the command, never by tests; here we check it runs every method and reports ratios)."""
+
 import json
 
 from typer.testing import CliRunner
@@ -80,12 +81,18 @@ def test_training_forward_really_shortens_the_sequence():
     n_vis, text, batch = shape.num_vision_tokens, 12, 2
     ids = torch.randint(3, shape.vocab_size, (batch, n_vis + text))
     mask = torch.zeros_like(ids, dtype=torch.bool)
-    mask[:, 5:5 + n_vis] = True
+    mask[:, 5 : 5 + n_vis] = True
     vision = torch.randn(batch * n_vis, shape.hidden_size, requires_grad=True)
     widths: list[int] = []
-    hooks = [layer.register_forward_pre_hook(lambda mod, args, kwargs: widths.append(
-        (kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]).shape[1]), with_kwargs=True)
-        for layer in model.model.layers]
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda mod, args, kwargs: widths.append(
+                (kwargs.get("hidden_states") if "hidden_states" in kwargs else args[0]).shape[1]
+            ),
+            with_kwargs=True,
+        )
+        for layer in model.model.layers
+    ]
     for name in ("vanilla", "pdrop", "hidrop_tok64"):
         schedule = preset(name, shape.num_layers, n_vis)
         widths.clear()

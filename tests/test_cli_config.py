@@ -1,4 +1,5 @@
 """Experiment YAMLs, overrides, bad input and the command line."""
+
 import json
 import os
 import re
@@ -24,7 +25,10 @@ def test_every_experiment_yaml_validates(path):
 
 
 def test_flops_json_prints_method_table():
-    files = [str(ROOT / "experiments" / f"llava15_7b_{n}.yaml") for n in ("vanilla", "pdrop", "fastv", "hidrop", "hidrop_tok48", "hidrop_tok80")]
+    files = [
+        str(ROOT / "experiments" / f"llava15_7b_{n}.yaml")
+        for n in ("vanilla", "pdrop", "fastv", "hidrop", "hidrop_tok48", "hidrop_tok80")
+    ]
     result = runner.invoke(app, ["flops", *files, "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)["schedules"]
@@ -46,7 +50,9 @@ def test_validate_prints_plan():
 
 
 def test_overrides_use_dotted_names(tmp_path):
-    cfg = load_config(ROOT / "experiments/llava15_7b_hidrop.yaml", ["schedule.exit_layer=27", "schedule.position_mode=compacted"])
+    cfg = load_config(
+        ROOT / "experiments/llava15_7b_hidrop.yaml", ["schedule.exit_layer=27", "schedule.position_mode=compacted"]
+    )
     assert cfg.main_schedule.exit_layer == 27 and cfg.main_schedule.position_mode.value == "compacted"
     flat = flatten(cfg)
     assert flat["schedule.exit_layer"] == 27 and flat["model.shape.hidden_size"] == 4096
@@ -56,7 +62,10 @@ def test_overrides_use_dotted_names(tmp_path):
     "text, message",
     [
         ("name: x\nschedule: {preset: hidrop_tok64, exit_layer: 5}\n", "exit_layer=5 must come after inject_layer=9"),
-        ("name: x\nschedule: {inject_layer: 3, drops: [{after_layer: 4, keep: 900}]}\n", "keep=900 is larger than the number of vision tokens (576)"),
+        (
+            "name: x\nschedule: {inject_layer: 3, drops: [{after_layer: 4, keep: 900}]}\n",
+            "keep=900 is larger than the number of vision tokens (576)",
+        ),
         ("name: x\nschedule: {preset: nope}\n", "unknown schedule preset 'nope'"),
         ("name: x\nmodel: {shape: {num_layers: many}}\n", "model.shape.num_layers"),
         ("name: x\nbogus: 1\n", "bogus"),
@@ -85,7 +94,10 @@ def test_missing_file_and_bad_override(tmp_path):
         load_config(ROOT / "experiments/llava15_7b_hidrop.yaml", ["schedule.exit_layer"])
     for bad, says in (("compare.5.preset=x", "compare"), ("schedule.drops.a=1", "override"), ("name.x=1", "override")):
         with pytest.raises(ConfigError, match=says) as info:
-            load_config(ROOT / "experiments/llava15_7b_pdrop.yaml", [bad] if bad != "schedule.drops.a=1" else ["schedule.drops=[]", bad])
+            load_config(
+                ROOT / "experiments/llava15_7b_pdrop.yaml",
+                [bad] if bad != "schedule.drops.a=1" else ["schedule.drops=[]", bad],
+            )
         assert "\n" not in str(info.value)
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"name: \xff\xfe\n")
@@ -113,8 +125,10 @@ def test_stdlib_platform_is_not_shadowed_from_repo_root():
 
 
 def test_hidrop_package_does_not_import_platform_stack():
-    code = ("import sys, hidrop.engine, hidrop.schedule, hidrop.cost, hidrop.tiny; "
-            "bad = [m for m in ('ray', 'mlflow', 'deepspeed') if m in sys.modules]; print(bad); assert not bad")
+    code = (
+        "import sys, hidrop.engine, hidrop.schedule, hidrop.cost, hidrop.tiny; "
+        "bad = [m for m in ('ray', 'mlflow', 'deepspeed') if m in sys.modules]; print(bad); assert not bad"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -1,4 +1,5 @@
 """Templating, labels, truncation, loaders and collation of hidrop.data against hand-written expectations."""
+
 import importlib.util
 import json
 import re
@@ -43,7 +44,11 @@ def _toy_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = Whitespace()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     # the Whitespace pre-tokenizer drops newlines; as an added token "\n" stays visible in the ids
@@ -113,12 +118,31 @@ def test_template_registry():
 
 def test_chatml_single_round():
     e = enc(chat("<image>\nwhat is it?", "a red circle"))
-    expected = supervised([
-        ("<|im_start|>", 0), ("user", 0), ("\n", 0), (IMG, 0), (IMG, 0), (IMG, 0), ("\n", 0),
-        ("what", 0), ("is", 0), ("it", 0), ("?", 0), ("<|im_end|>", 0), ("\n", 0),
-        ("<|im_start|>", 0), ("assistant", 0), ("\n", 0),
-        ("a", 1), ("red", 1), ("circle", 1), ("<|im_end|>", 1), ("\n", 0),
-    ])
+    expected = supervised(
+        [
+            ("<|im_start|>", 0),
+            ("user", 0),
+            ("\n", 0),
+            (IMG, 0),
+            (IMG, 0),
+            (IMG, 0),
+            ("\n", 0),
+            ("what", 0),
+            ("is", 0),
+            ("it", 0),
+            ("?", 0),
+            ("<|im_end|>", 0),
+            ("\n", 0),
+            ("<|im_start|>", 0),
+            ("assistant", 0),
+            ("\n", 0),
+            ("a", 1),
+            ("red", 1),
+            ("circle", 1),
+            ("<|im_end|>", 1),
+            ("\n", 0),
+        ]
+    )
     assert (e.input_ids, e.labels) == expected
     assert e.sample_id == "s0" and e.pixel_values is None
     assert TOK.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == ids("<|im_start|>", "<|im_end|>")
@@ -129,14 +153,50 @@ def test_chatml_three_rounds_give_three_queries():
     s = chat("<image>\nwhat shape?", "circle", "what colour?", "red", "how many?", "one")
     e = enc(s)
     round2 = [("<|im_start|>", 0), ("user", 0), ("\n", 0)]
-    expected = supervised([
-        *round2, (IMG, 0), (IMG, 0), (IMG, 0), ("\n", 0), ("what", 0), ("shape", 0), ("?", 0), ("<|im_end|>", 0), ("\n", 0),
-        ("<|im_start|>", 0), ("assistant", 0), ("\n", 0), ("circle", 1), ("<|im_end|>", 1), ("\n", 0),
-        *round2, ("what", 0), ("colour", 0), ("?", 0), ("<|im_end|>", 0), ("\n", 0),
-        ("<|im_start|>", 0), ("assistant", 0), ("\n", 0), ("red", 1), ("<|im_end|>", 1), ("\n", 0),
-        *round2, ("how", 0), ("many", 0), ("?", 0), ("<|im_end|>", 0), ("\n", 0),
-        ("<|im_start|>", 0), ("assistant", 0), ("\n", 0), ("one", 1), ("<|im_end|>", 1), ("\n", 0),
-    ])
+    expected = supervised(
+        [
+            *round2,
+            (IMG, 0),
+            (IMG, 0),
+            (IMG, 0),
+            ("\n", 0),
+            ("what", 0),
+            ("shape", 0),
+            ("?", 0),
+            ("<|im_end|>", 0),
+            ("\n", 0),
+            ("<|im_start|>", 0),
+            ("assistant", 0),
+            ("\n", 0),
+            ("circle", 1),
+            ("<|im_end|>", 1),
+            ("\n", 0),
+            *round2,
+            ("what", 0),
+            ("colour", 0),
+            ("?", 0),
+            ("<|im_end|>", 0),
+            ("\n", 0),
+            ("<|im_start|>", 0),
+            ("assistant", 0),
+            ("\n", 0),
+            ("red", 1),
+            ("<|im_end|>", 1),
+            ("\n", 0),
+            *round2,
+            ("how", 0),
+            ("many", 0),
+            ("?", 0),
+            ("<|im_end|>", 0),
+            ("\n", 0),
+            ("<|im_start|>", 0),
+            ("assistant", 0),
+            ("\n", 0),
+            ("one", 1),
+            ("<|im_end|>", 1),
+            ("\n", 0),
+        ]
+    )
     assert (e.input_ids, e.labels) == expected
     q = query_positions(e.labels)
     assert len(q) == 3
@@ -156,10 +216,35 @@ def test_generation_prompt_chatml():
     s = chat("<image>\nwhat shape?", "circle", "what colour?", "red")
     e = enc(s, for_generation=True)
     assert e.input_ids == ids(
-        "<|im_start|>", "user", "\n", IMG, IMG, IMG, "\n", "what", "shape", "?", "<|im_end|>", "\n",
-        "<|im_start|>", "assistant", "\n", "circle", "<|im_end|>", "\n",
-        "<|im_start|>", "user", "\n", "what", "colour", "?", "<|im_end|>", "\n",
-        "<|im_start|>", "assistant", "\n",
+        "<|im_start|>",
+        "user",
+        "\n",
+        IMG,
+        IMG,
+        IMG,
+        "\n",
+        "what",
+        "shape",
+        "?",
+        "<|im_end|>",
+        "\n",
+        "<|im_start|>",
+        "assistant",
+        "\n",
+        "circle",
+        "<|im_end|>",
+        "\n",
+        "<|im_start|>",
+        "user",
+        "\n",
+        "what",
+        "colour",
+        "?",
+        "<|im_end|>",
+        "\n",
+        "<|im_start|>",
+        "assistant",
+        "\n",
     )
     assert e.labels == [IGNORE_INDEX] * len(e.input_ids)
 
@@ -186,12 +271,36 @@ def test_vicuna_v1_matches_llava_conv_format():
         system + " USER: ",
         "\nwhat is it? ASSISTANT: a red circle</s>USER: what colour? ASSISTANT: red</s>",
     ]
-    expected = supervised([
-        ("<s>", 0), *[(t, 0) for t in SYSTEM_TOKENS], ("USER", 0), (":", 0), (IMG, 0), (IMG, 0), ("\n", 0),
-        ("what", 0), ("is", 0), ("it", 0), ("?", 0), ("ASSISTANT", 0), (":", 0),
-        ("a", 1), ("red", 1), ("circle", 1), ("</s>", 1),
-        ("USER", 0), (":", 0), ("what", 0), ("colour", 0), ("?", 0), ("ASSISTANT", 0), (":", 0), ("red", 1), ("</s>", 1),
-    ])
+    expected = supervised(
+        [
+            ("<s>", 0),
+            *[(t, 0) for t in SYSTEM_TOKENS],
+            ("USER", 0),
+            (":", 0),
+            (IMG, 0),
+            (IMG, 0),
+            ("\n", 0),
+            ("what", 0),
+            ("is", 0),
+            ("it", 0),
+            ("?", 0),
+            ("ASSISTANT", 0),
+            (":", 0),
+            ("a", 1),
+            ("red", 1),
+            ("circle", 1),
+            ("</s>", 1),
+            ("USER", 0),
+            (":", 0),
+            ("what", 0),
+            ("colour", 0),
+            ("?", 0),
+            ("ASSISTANT", 0),
+            (":", 0),
+            ("red", 1),
+            ("</s>", 1),
+        ]
+    )
     assert (e.input_ids, e.labels) == expected
     assert e.input_ids[-1] == TOK.eos_token_id and len(query_positions(e.labels)) == 2
 
@@ -205,10 +314,10 @@ def test_image_expansion_and_missing_placeholder():
     e = enc(chat("what is it?", "a red circle"), n_img=576)
     assert e.input_ids.count(IMG) == 576
     start = e.input_ids.index(IMG)
-    assert e.input_ids[start:start + 576] == [IMG] * 576  # one contiguous block
+    assert e.input_ids[start : start + 576] == [IMG] * 576  # one contiguous block
     # no placeholder: "<image>\n" is prepended to the first human turn
     assert e.input_ids[:start] == ids("<|im_start|>", "user", "\n")
-    assert e.input_ids[start + 576:start + 578] == ids("\n", "what")
+    assert e.input_ids[start + 576 : start + 578] == ids("\n", "what")
 
 
 def test_no_image_sample_drops_placeholder():
@@ -227,8 +336,12 @@ def test_user_assistant_roles_accepted():
 def test_slow_tokenizer_path_matches_offsets_path():
     s = chat("<image>\nwhat shape?", "circle", "what colour?", "red")
     for template in TEMPLATES:
-        fast = encode_sample(s, Recorder(TOK, fast=True), get_template(template), image_token_id=IMG, num_image_tokens=2)
-        slow = encode_sample(s, Recorder(TOK, fast=False), get_template(template), image_token_id=IMG, num_image_tokens=2)
+        fast = encode_sample(
+            s, Recorder(TOK, fast=True), get_template(template), image_token_id=IMG, num_image_tokens=2
+        )
+        slow = encode_sample(
+            s, Recorder(TOK, fast=False), get_template(template), image_token_id=IMG, num_image_tokens=2
+        )
         assert (fast.input_ids, fast.labels) == (slow.input_ids, slow.labels), template
 
 
@@ -280,9 +393,14 @@ def test_trailing_question_is_rendered_as_a_prompt_turn():
 
 
 def test_turns_must_alternate():
-    two_gpt = Sample(id="alt", conversations=(
-        {"from": "human", "value": "what?"}, {"from": "gpt", "value": "one"}, {"from": "gpt", "value": "two"},
-    ))
+    two_gpt = Sample(
+        id="alt",
+        conversations=(
+            {"from": "human", "value": "what?"},
+            {"from": "gpt", "value": "one"},
+            {"from": "gpt", "value": "two"},
+        ),
+    )
     with pytest.raises(ValueError, match="alt.*alternate.*turn 2 is gpt"):
         enc(two_gpt)
 
@@ -340,17 +458,34 @@ def test_chatml_with_real_smollm2_tokenizer(smollm2_tokenizer):
 
 
 PRETRAIN_RECORDS = [
-    {"id": "004539375", "image": "00453/004539375.jpg", "conversations": [
-        {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
-        {"from": "gpt", "value": "select luxury furniture"}]},
+    {
+        "id": "004539375",
+        "image": "00453/004539375.jpg",
+        "conversations": [
+            {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+            {"from": "gpt", "value": "select luxury furniture"},
+        ],
+    },
 ]
 MIX_RECORDS = [
-    {"id": "000000033471", "image": "coco/train2017/000000033471.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nWhat are the colors of the bus?"}, {"from": "gpt", "value": "White and red."},
-        {"from": "human", "value": "What feature can be seen?"}, {"from": "gpt", "value": "A bicycle rack."}]},
-    {"id": "i6IyJda_0", "model": "", "conversations": [
-        {"from": "human", "value": "How to tell if a customer segment is well segmented?"},
-        {"from": "gpt", "value": "Check homogeneity."}]},
+    {
+        "id": "000000033471",
+        "image": "coco/train2017/000000033471.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat are the colors of the bus?"},
+            {"from": "gpt", "value": "White and red."},
+            {"from": "human", "value": "What feature can be seen?"},
+            {"from": "gpt", "value": "A bicycle rack."},
+        ],
+    },
+    {
+        "id": "i6IyJda_0",
+        "model": "",
+        "conversations": [
+            {"from": "human", "value": "How to tell if a customer segment is well segmented?"},
+            {"from": "gpt", "value": "Check homogeneity."},
+        ],
+    },
 ]
 
 
@@ -370,7 +505,10 @@ def test_load_llava_json_layouts(tmp_path):
 
 
 def test_load_llava_jsonl_and_roles(tmp_path):
-    rows = [*MIX_RECORDS, {"id": 7, "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "yo"}]}]
+    rows = [
+        *MIX_RECORDS,
+        {"id": 7, "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "yo"}]},
+    ]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     samples = load_llava_json(tmp_path / "d.jsonl", image_folder="/data")
     assert [x.id for x in samples] == ["000000033471", "i6IyJda_0", "7"]
@@ -485,4 +623,7 @@ def test_supervised_dataset_end_to_end():
     batch = Collator(TOK.pad_token_id, padding_side="left")(items)
     assert batch["pixel_values"].shape == (3, 3, 64, 64) and batch["image_rows"].tolist() == [0, 1, 2]
     assert (batch["input_ids"] == IMG).sum(1).tolist() == [4, 4, 4, 0]
-    assert SupervisedDataset(samples, TOK, get_template("plain"), image_token_id=IMG, num_image_tokens=4)[0].pixel_values is None
+    assert (
+        SupervisedDataset(samples, TOK, get_template("plain"), image_token_id=IMG, num_image_tokens=4)[0].pixel_values
+        is None
+    )

@@ -2,6 +2,7 @@
 report opened in a real headless Chromium (Debian's, driven by playwright), with screenshots.
 
 Set HIDROP_SCREENSHOTS=DIR to keep the screenshots."""
+
 import json
 import os
 import shutil
@@ -19,8 +20,15 @@ from hidrop_platform.tracking import UI_TRAINING_VIEW, default_tracking_uri
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # stack.md: without the background-networking flags Chromium floods the closed network
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 HIDROP = [sys.executable, "-m", "hidrop_platform.cli"]
 PRESET_ROWS = ["LLaVA (all tokens)", "FastV", "PDrop", "HiDrop Tok48", "HiDrop Tok64", "HiDrop Tok80"]
 
@@ -29,8 +37,14 @@ PRESET_ROWS = ["LLaVA (all tokens)", "FastV", "PDrop", "HiDrop Tok48", "HiDrop T
 def demo(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([*HIDROP, "demo", "--size", "small", "--trials", "1", "--samples", "8", "--train-steps", "2", "--json"],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [*HIDROP, "demo", "--size", "small", "--trials", "1", "--samples", "8", "--train-steps", "2", "--json"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return {"work": work, "result": json.loads(done.stdout), "env": env}
 
@@ -40,8 +54,10 @@ def test_demo_logs_everything_and_builds_the_report(demo):
 
     result, work = demo["result"], demo["work"]
     labels = [t["label"] for t in result["trials"]]
-    assert sorted(labels) == sorted([f"seed:{p}" for p in ("vanilla", "fastv", "pdrop", "hidrop_tok48", "hidrop_tok64",
-                                                              "hidrop_tok80")] + ["trial-001"])
+    assert sorted(labels) == sorted(
+        [f"seed:{p}" for p in ("vanilla", "fastv", "pdrop", "hidrop_tok48", "hidrop_tok64", "hidrop_tok80")]
+        + ["trial-001"]
+    )
     assert [t["method"] for t in result["trainings"]] == ["vanilla", "hidrop"]
     report = result["report"]
     assert report["methods"][:6] == PRESET_ROWS and report["trainings"] == 2
@@ -78,8 +94,15 @@ def test_ui_and_report_in_a_real_browser(demo, tmp_path):
     shots = Path(os.environ.get("HIDROP_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     work, port = demo["work"], _free_port()
-    ui = subprocess.Popen([*HIDROP, "ui", "--port", str(port)], cwd=work, env=demo["env"], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ui = subprocess.Popen(
+        [*HIDROP, "ui", "--port", str(port)],
+        cwd=work,
+        env=demo["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         first = ui.stdout.readline()  # printed once the server answers
         assert f"http://127.0.0.1:{port}/#/experiments{UI_TRAINING_VIEW}" in first, first

@@ -1,21 +1,30 @@
 """Layer diagnostics: the curves against stock transformers (hidden states and eager attention), their
 shapes and ranges, extremum/plateau selection on constructed curves, the proposal on constructed curves,
 determinism, and `hidrop analyze` end to end on a tiny model (YAML that validates, plots, MLflow run)."""
+
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from hidrop.data import Collator, encode_sample, get_template
-from hidrop.diagnostics import (_batch_stats, _ilvas, layer_curves, local_extrema, onset, plateau_start, propose,
-                                reference_image, run_sweeps)
+from hidrop.diagnostics import (
+    _batch_stats,
+    _ilvas,
+    layer_curves,
+    local_extrema,
+    onset,
+    plateau_start,
+    propose,
+    reference_image,
+    run_sweeps,
+)
 from hidrop.evaluation.registry import get_benchmark
 from hidrop.tiny import tiny_vlm
 from hidrop_platform.config import load_config
@@ -39,11 +48,15 @@ def _stock(vlm, samples, images):
     ids, am = batch["input_ids"], batch["attention_mask"]
     vision = ids == vlm.image_token_id
     embeds = vlm.lm.get_input_embeddings()(ids).clone()
-    embeds[vision] = vlm.vision_embeds(torch.stack([vlm.image_processor(im) for im in images])).reshape(-1, embeds.shape[-1])
+    embeds[vision] = vlm.vision_embeds(torch.stack([vlm.image_processor(im) for im in images])).reshape(
+        -1, embeds.shape[-1]
+    )
     pos = (am.cumsum(1) - 1).clamp(min=0)
     vlm.lm.set_attn_implementation("eager")
     try:
-        out = vlm.lm(inputs_embeds=embeds, attention_mask=am, position_ids=pos, output_hidden_states=True, output_attentions=True)
+        out = vlm.lm(
+            inputs_embeds=embeds, attention_mask=am, position_ids=pos, output_hidden_states=True, output_attentions=True
+        )
     finally:
         vlm.lm.set_attn_implementation("sdpa")
     return out, vision, am
@@ -64,7 +77,10 @@ def test_curves_match_stock_hidden_states_and_eager_attention(vlm, samples):
         for l in range(L - 1):  # the last stock hidden state has the final norm applied
             expect_intra = cos(own.hidden_states[l][b, v], own.hidden_states[l + 1][b, v], dim=-1).mean()
             assert float(intra[b, l]) == pytest.approx(float(expect_intra), abs=1e-4)
-            expect_cross = 1 - cos(own.hidden_states[l + 1][b, instruction], ref.hidden_states[l + 1][b, instruction], dim=-1).mean()
+            expect_cross = (
+                1
+                - cos(own.hidden_states[l + 1][b, instruction], ref.hidden_states[l + 1][b, instruction], dim=-1).mean()
+            )
             assert float(cross[b, l]) == pytest.approx(float(expect_cross), abs=1e-4)
         for l in range(L):  # the scoring pass == layer l's own attention row of the last prompt token
             expect = own.attentions[l][b, :, -1][:, v]
@@ -124,8 +140,13 @@ def _constructed(L=24):
             ilvas[l - 1] = 0.8 + 0.01 * l
     curves = {"num_layers": L, "num_vision_tokens": 100, "s_intra": s_intra, "s_cross": s_cross, "ilvas_mean": ilvas}
     layers = list(range(2, L + 1))
-    sweeps = {"layers": layers, "exit": [10 + 3 * l if l < 19 else 70 for l in layers],
-              "inject": [70] * len(layers), "all_tokens": 70.0, "blind": 10.0}
+    sweeps = {
+        "layers": layers,
+        "exit": [10 + 3 * l if l < 19 else 70 for l in layers],
+        "inject": [70] * len(layers),
+        "all_tokens": 70.0,
+        "blind": 10.0,
+    }
     return curves, sweeps
 
 
@@ -154,22 +175,41 @@ def test_sweeps_are_the_engine_evaluated_at_each_layer(vlm):
     from hidrop.evaluation.harness import evaluate
     from hidrop.schedule import Schedule
 
-    direct = evaluate(vlm, [Schedule(num_layers=8, num_vision_tokens=16, exit_layer=5, name="x")], [bench], baselines=[])
+    direct = evaluate(
+        vlm, [Schedule(num_layers=8, num_vision_tokens=16, exit_layer=5, name="x")], [bench], baselines=[]
+    )
     assert sw["exit"][1] == pytest.approx(direct["methods"][1]["benchmarks"]["easy_vqa"]["score"])
 
 
 def test_analyze_cli_writes_a_valid_yaml_plots_and_one_mlflow_run(tmp_path):
     exp = tmp_path / "an.yaml"
-    exp.write_text(yaml.safe_dump({
-        "name": "tiny_analyze", "model": {"kind": "tiny_llava"},
-        "eval": {"benchmarks": [{"name": "easy_vqa", "limit": 8}]},
-        "analyze": {"samples": 6, "sweep_samples": 6, "ilvas_k": [3, 8], "ilvas_n": [2], "output": str(tmp_path / "out")},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
-    }))
-    proc = subprocess.run([sys.executable, "-m", "hidrop_platform.cli", "analyze", str(exp), "--json"], cwd=tmp_path,
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    exp.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny_analyze",
+                "model": {"kind": "tiny_llava"},
+                "eval": {"benchmarks": [{"name": "easy_vqa", "limit": 8}]},
+                "analyze": {
+                    "samples": 6,
+                    "sweep_samples": 6,
+                    "ilvas_k": [3, 8],
+                    "ilvas_n": [2],
+                    "output": str(tmp_path / "out"),
+                },
+                "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+            }
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "hidrop_platform.cli", "analyze", str(exp), "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    result = json.loads(proc.stdout[proc.stdout.index("{\n") :])
     out = tmp_path / "out" / "tiny_analyze"
     assert {p.name for p in out.iterdir()} >= {"proposed.yaml", "analysis.json", "curves.png"}
     cfg = load_config(out / "proposed.yaml")
@@ -185,6 +225,12 @@ def test_analyze_cli_writes_a_valid_yaml_plots_and_one_mlflow_run(tmp_path):
     data = yaml.safe_load((out / "proposed.yaml").read_text())
     data["tune"] = {"seeds": ["vanilla", data["schedule"]]}
     validate_config(data)
-    bad = subprocess.run([sys.executable, "-m", "hidrop_platform.cli", "analyze", str(exp), "analyze.reference=blue"],
-                         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "hidrop_platform.cli", "analyze", str(exp), "analyze.reference=blue"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
     assert bad.returncode == 2 and "analyze.reference" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,4 +1,5 @@
 """The engine against stock transformers, a brute-force reference, itself one sample at a time, and its cache."""
+
 import pytest
 import torch
 
@@ -18,14 +19,22 @@ def _schedules(n_layers=8):
         "hidrop": preset("hidrop_tok64", n_layers, N_VIS),
         # explicit schedules that reach every position mode and both scoring conventions
         "hidrop_group": Schedule(
-            num_layers=n_layers, num_vision_tokens=N_VIS, inject_layer=2, exit_layer=7,
+            num_layers=n_layers,
+            num_vision_tokens=N_VIS,
+            inject_layer=2,
+            exit_layer=7,
             drops=(DropEvent(after_layer=3, keep=9), DropEvent(after_layer=5, keep=3, score_layer=5)),
-            position_mode=PositionMode.group, name="group",
+            position_mode=PositionMode.group,
+            name="group",
         ),
         "compacted_inject": Schedule(
-            num_layers=n_layers, num_vision_tokens=N_VIS, inject_layer=3, exit_layer=8,
+            num_layers=n_layers,
+            num_vision_tokens=N_VIS,
+            inject_layer=3,
+            exit_layer=8,
             drops=(DropEvent(after_layer=4, keep_ratio=0.5), DropEvent(after_layer=6, keep=2)),
-            position_mode=PositionMode.compacted, name="compacted_inject",
+            position_mode=PositionMode.compacted,
+            name="compacted_inject",
         ),
     }
 
@@ -114,11 +123,11 @@ def test_multi_round_training_matches_reference():
     ids, vis, am, feats = _llama_inputs(samples, left=False)
     labels = torch.full_like(ids, -100)
     # two answer spans in row 0 (multi-round), one in row 1, none in the text-only row 2
-    labels[0, 3 + N_VIS + 2: 3 + N_VIS + 5] = ids[0, 3 + N_VIS + 2: 3 + N_VIS + 5]
-    labels[0, 3 + N_VIS + 8: 3 + N_VIS + 11] = ids[0, 3 + N_VIS + 8: 3 + N_VIS + 11]
+    labels[0, 3 + N_VIS + 2 : 3 + N_VIS + 5] = ids[0, 3 + N_VIS + 2 : 3 + N_VIS + 5]
+    labels[0, 3 + N_VIS + 8 : 3 + N_VIS + 11] = ids[0, 3 + N_VIS + 8 : 3 + N_VIS + 11]
     # plain (pretraining) format in row 1: the answer starts right after the image, so the query row is
     # the last image token until a drop removes it, then the last live token before the answer
-    labels[1, 4 + N_VIS: 4 + N_VIS + 9] = ids[1, 4 + N_VIS: 4 + N_VIS + 9]
+    labels[1, 4 + N_VIS : 4 + N_VIS + 9] = ids[1, 4 + N_VIS : 4 + N_VIS + 9]
     out = sm(ids, am, vision_embeds=feats, labels=labels)
     total_nll, total_n = 0.0, 0
     for row, ((s_ids, s_vis), s_feats) in enumerate(zip(samples, vision_features(samples))):
@@ -168,8 +177,14 @@ def test_cached_generation_equals_recomputation(name):
         mask = torch.cat([am, torch.ones(len(samples), t - 1, dtype=am.dtype)], 1)
         forced = [torch.nn.functional.pad(k, (0, t - 1)) for k in keeps]
         with torch.no_grad():
-            full = sm(prefix, mask, vision_embeds=feats, vision_mask=torch.nn.functional.pad(vis, (0, t - 1)),
-                      forced_keep=forced, logits_to_keep=1)
+            full = sm(
+                prefix,
+                mask,
+                vision_embeds=feats,
+                vision_mask=torch.nn.functional.pad(vis, (0, t - 1)),
+                forced_keep=forced,
+                logits_to_keep=1,
+            )
         assert torch.equal(full.logits[:, -1].argmax(-1), seq[:, L + t - 1]), (name, t)
 
 
@@ -181,9 +196,13 @@ def test_cached_logits_equal_recomputed_logits():
         pre = sm(ids, am, vision_embeds=feats, use_cache=True, logits_to_keep=1)
         nxt = torch.randint(3, 100, (len(samples), 3))
         cached = sm(nxt, past_key_values=pre.past_key_values).logits
-        full = sm(torch.cat([ids, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1), vision_embeds=feats,
-                  vision_mask=torch.nn.functional.pad(vis, (0, 3)),
-                  forced_keep=[torch.nn.functional.pad(k, (0, 3)) for k in pre.keep_masks])
+        full = sm(
+            torch.cat([ids, nxt], 1),
+            torch.cat([am, torch.ones_like(nxt)], 1),
+            vision_embeds=feats,
+            vision_mask=torch.nn.functional.pad(vis, (0, 3)),
+            forced_keep=[torch.nn.functional.pad(k, (0, 3)) for k in pre.keep_masks],
+        )
     assert torch.allclose(cached, full.logits[:, -3:], atol=ATOL)
 
 
@@ -197,7 +216,7 @@ def test_batch_equals_one_by_one(name):
     per_feats = vision_features(samples)
     for row, ((s_ids, s_vis), f) in enumerate(zip(samples, per_feats)):
         alone = sm.generate(s_ids[None], vision_embeds=f if s_vis.any() else None, max_new_tokens=8)
-        assert torch.equal(batched[row, ids.shape[1]:], alone[0, len(s_ids):]), (name, row)
+        assert torch.equal(batched[row, ids.shape[1] :], alone[0, len(s_ids) :]), (name, row)
         with torch.no_grad():
             a = sm(s_ids[None], vision_embeds=f if s_vis.any() else None).logits[0]
             b = sm(ids, am, vision_embeds=feats).logits[row, am[row].bool()]
@@ -279,7 +298,9 @@ def test_flops_budget_loss():
 
 
 def test_learnable_fractions_stay_fp32_under_bf16():
-    schedule = Schedule.model_validate({**preset("hidrop_tok80", 8, 576).model_dump(), "selector": Selector.dtopk_learnable})
+    schedule = Schedule.model_validate(
+        {**preset("hidrop_tok80", 8, 576).model_dump(), "selector": Selector.dtopk_learnable}
+    )
     sm = ScheduledModel(tiny_llama(), schedule).to(torch.bfloat16)
     assert sm.keep_fractions.dtype == torch.float32
     assert [round(float(f) * 576) for f in sm.keep_fractions.detach()] == schedule.keep_counts
@@ -287,7 +308,7 @@ def test_learnable_fractions_stay_fp32_under_bf16():
     flat = torch.cat([p.detach().reshape(-1).bfloat16() for p in sm.parameters()])
     offset = 0
     for p in sm.parameters():
-        p.data = flat[offset:offset + p.numel()].view_as(p)
+        p.data = flat[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
     assert [round(float(f) * 576) for f in sm.keep_fractions.detach()] == schedule.keep_counts
     with torch.no_grad():
@@ -310,8 +331,14 @@ def test_wrong_inputs_are_named():
 
 
 def test_learned_schedule_exports_the_learned_keep_counts():
-    schedule = Schedule(num_layers=8, num_vision_tokens=576, inject_layer=2, exit_layer=8, selector=Selector.dtopk_learnable,
-                        drops=[{"after_layer": l, "keep": k} for l, k in ((3, 453), (4, 10), (5, 5), (6, 1))])
+    schedule = Schedule(
+        num_layers=8,
+        num_vision_tokens=576,
+        inject_layer=2,
+        exit_layer=8,
+        selector=Selector.dtopk_learnable,
+        drops=[{"after_layer": l, "keep": k} for l, k in ((3, 453), (4, 10), (5, 5), (6, 1))],
+    )
     sm = ScheduledModel(tiny_llama(), schedule)
     assert sm.learned_schedule() == schedule  # nothing learned yet
     with torch.no_grad():  # the first stage learned to keep 40 fewer tokens, the others collapsed below 1
@@ -336,9 +363,13 @@ def _decoupling_case(device: str):
     results = []
     for parallel in (False, True):
         sm = ScheduledModel(model, _schedules()["hidrop"], parallel_vision=parallel)
-        if device == "cuda":  # keep the side stream busy: a missing wait at the injection layer reads unfinished features
+        if (
+            device == "cuda"
+        ):  # keep the side stream busy: a missing wait at the injection layer reads unfinished features
             encode = sm.backbone.image_features
-            sm.backbone.image_features = lambda pixels, encode=encode: (torch.cuda._sleep(50_000_000), encode(pixels))[1]
+            sm.backbone.image_features = lambda pixels, encode=encode: (torch.cuda._sleep(50_000_000), encode(pixels))[
+                1
+            ]
         model.zero_grad(set_to_none=True)
         out = sm(ids, am, pixel_values=pixels, labels=labels)
         out.loss.backward()
@@ -391,14 +422,18 @@ def test_flash_attention_matches_sdpa(left):
                     out = sm(r_ids, r_am, vision_embeds=r_feats, vision_mask=r_vis, labels=r_lab, logits_to_keep=0)
                     outs.append(out)
             live = (outs[0].logits.abs().sum(-1) > 0) & (r_am.bool() if r_am is not None else True)
-            assert torch.allclose(outs[0].logits[live].float(), outs[1].logits[live].float(), atol=2e-2, rtol=2e-2), name
+            assert torch.allclose(outs[0].logits[live].float(), outs[1].logits[live].float(), atol=2e-2, rtol=2e-2), (
+                name
+            )
             assert abs(outs[0].loss.item() - outs[1].loss.item()) < 2e-2, name
         if left:  # cached generation needs left padding
             steps = []
             with torch.no_grad():
                 for model in (sdpa, flash):
                     sm = ScheduledModel(model, schedule)
-                    seq, cache, _ = sm.generate(ids, am, vision_embeds=feats, vision_mask=vis, max_new_tokens=1, return_cache=True)
+                    seq, cache, _ = sm.generate(
+                        ids, am, vision_embeds=feats, vision_mask=vis, max_new_tokens=1, return_cache=True
+                    )
                     nxt = sm(seq[:, -1:], past_key_values=cache, logits_to_keep=1).logits
                     steps.append(nxt.float())
             assert torch.allclose(steps[0], steps[1], atol=2e-2, rtol=2e-2), name

@@ -1,5 +1,6 @@
 """The evaluation harness: metrics against hand-computed cases, predictions against the stock model run
 one sample at a time, baselines (blind, random, oracle), determinism, and `hidrop eval`."""
+
 import json
 import math
 from pathlib import Path
@@ -21,7 +22,9 @@ COLOURS = ("red", "green", "blue", "yellow")
 
 
 # ---- metrics ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("raw,norm", [("Yes.", "yes"), ("  Red circle!\nmore", "red circle"), ("two,three", "two three"), ("", "")])
+@pytest.mark.parametrize(
+    "raw,norm", [("Yes.", "yes"), ("  Red circle!\nmore", "red circle"), ("two,three", "two three"), ("", "")]
+)
 def test_normalize_answer(raw, norm):
     assert normalize_answer(raw) == norm
 
@@ -80,17 +83,31 @@ class ColourBench(Benchmark):
         out = []
         for i in range(self.n):
             colour, cell = COLOURS[i % 4], (i * 5) % 16
-            out.append(Sample(
-                id=f"c{i}",
-                conversations=({"from": "human", "value": "<image>\nwhat color is the square ?"}, {"from": "gpt", "value": colour}),
-                image=_square_image(colour, cell), answer=colour, candidates=COLOURS,
-                family="even" if i % 2 == 0 else "odd", evidence=(cell,),
-            ))
+            out.append(
+                Sample(
+                    id=f"c{i}",
+                    conversations=(
+                        {"from": "human", "value": "<image>\nwhat color is the square ?"},
+                        {"from": "gpt", "value": colour},
+                    ),
+                    image=_square_image(colour, cell),
+                    answer=colour,
+                    candidates=COLOURS,
+                    family="even" if i % 2 == 0 else "odd",
+                    evidence=(cell,),
+                )
+            )
         return out
 
 
-SCHEDULE = Schedule(num_layers=8, num_vision_tokens=16, inject_layer=2, exit_layer=8,
-                    drops=(DropEvent(after_layer=3, keep=8), DropEvent(after_layer=5, keep=2)), name="test_hidrop")
+SCHEDULE = Schedule(
+    num_layers=8,
+    num_vision_tokens=16,
+    inject_layer=2,
+    exit_layer=8,
+    drops=(DropEvent(after_layer=3, keep=8), DropEvent(after_layer=5, keep=2)),
+    name="test_hidrop",
+)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +126,9 @@ def test_closed_predictions_match_stock_model_one_sample_at_a_time(vlm):
     tmpl = get_template("chatml")
     cand_ids = [vlm.tokenizer.encode(c, add_special_tokens=False)[0] for c in COLOURS]
     for s in bench.samples():
-        enc = encode_sample(s, vlm.tokenizer, tmpl, image_token_id=vlm.image_token_id, num_image_tokens=16, for_generation=True)
+        enc = encode_sample(
+            s, vlm.tokenizer, tmpl, image_token_id=vlm.image_token_id, num_image_tokens=16, for_generation=True
+        )
         ids = torch.tensor([enc.input_ids])
         pixels = vlm.image_processor(s.load_image())[None]
         with torch.no_grad():
@@ -119,17 +138,32 @@ def test_closed_predictions_match_stock_model_one_sample_at_a_time(vlm):
 
 def test_generate_mode_matches_stock_greedy(vlm):
     bench = ColourBench(n=3)
-    report = evaluate(vlm, [SCHEDULE], [bench], baselines=["all_tokens"], mode="generate", batch_size=3,
-                      max_new_tokens=4, keep_predictions=True)
+    report = evaluate(
+        vlm,
+        [SCHEDULE],
+        [bench],
+        baselines=["all_tokens"],
+        mode="generate",
+        batch_size=3,
+        max_new_tokens=4,
+        keep_predictions=True,
+    )
     preds = _method(report, "all_tokens")["benchmarks"]["colour_test"]["predictions"]
     tmpl = get_template("chatml")
     for s in bench.samples():
-        enc = encode_sample(s, vlm.tokenizer, tmpl, image_token_id=vlm.image_token_id, num_image_tokens=16, for_generation=True)
+        enc = encode_sample(
+            s, vlm.tokenizer, tmpl, image_token_id=vlm.image_token_id, num_image_tokens=16, for_generation=True
+        )
         ids = torch.tensor([enc.input_ids])
         pixels = vlm.image_processor(s.load_image())[None]
-        out = vlm.model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=4, do_sample=False,
-                                 eos_token_id=[vlm.tokenizer.eos_token_id, vlm.tokenizer.convert_tokens_to_ids("<|im_end|>")])
-        assert preds[s.id] == vlm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = vlm.model.generate(
+            input_ids=ids,
+            pixel_values=pixels,
+            max_new_tokens=4,
+            do_sample=False,
+            eos_token_id=[vlm.tokenizer.eos_token_id, vlm.tokenizer.convert_tokens_to_ids("<|im_end|>")],
+        )
+        assert preds[s.id] == vlm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_baselines_recall_and_costs(vlm):
@@ -158,19 +192,26 @@ def test_baselines_recall_and_costs(vlm):
 
 
 def test_deterministic_under_seed(vlm):
-    runs = [evaluate(vlm, [SCHEDULE], [ColourBench(n=9)], batch_size=4, seed=7, keep_predictions=True) for _ in range(2)]
+    runs = [
+        evaluate(vlm, [SCHEDULE], [ColourBench(n=9)], batch_size=4, seed=7, keep_predictions=True) for _ in range(2)
+    ]
     for a, b in zip(runs[0]["methods"], runs[1]["methods"]):
         assert a["benchmarks"] == b["benchmarks"]
     other = evaluate(vlm, [SCHEDULE], [ColourBench(n=9)], batch_size=4, seed=8, baselines=["random"])
-    assert _method(other, "random")["benchmarks"]["colour_test"]["evidence_recall"] != \
-        _method(runs[0], "random")["benchmarks"]["colour_test"]["evidence_recall"]
+    assert (
+        _method(other, "random")["benchmarks"]["colour_test"]["evidence_recall"]
+        != _method(runs[0], "random")["benchmarks"]["colour_test"]["evidence_recall"]
+    )
 
 
 def test_predictions_do_not_depend_on_batch_size(vlm):
     a = evaluate(vlm, [SCHEDULE], [ColourBench(n=7)], batch_size=7, baselines=["all_tokens"], keep_predictions=True)
     b = evaluate(vlm, [SCHEDULE], [ColourBench(n=7)], batch_size=2, baselines=["all_tokens"], keep_predictions=True)
     for name in ("all_tokens", "test_hidrop"):
-        assert _method(a, name)["benchmarks"]["colour_test"]["predictions"] == _method(b, name)["benchmarks"]["colour_test"]["predictions"]
+        assert (
+            _method(a, name)["benchmarks"]["colour_test"]["predictions"]
+            == _method(b, name)["benchmarks"]["colour_test"]["predictions"]
+        )
 
 
 def test_offline_benchmarks_registered_and_run(vlm):
@@ -257,8 +298,12 @@ class MixedBench(ColourBench):
     def load(self):
         base = super().load()
         first = Sample(**{**base[0].__dict__, "evidence": ()})
-        text_only = Sample(id="t", conversations=({"from": "human", "value": "what color is the square ?"},),
-                           answer="red", candidates=COLOURS)
+        text_only = Sample(
+            id="t",
+            conversations=({"from": "human", "value": "what color is the square ?"},),
+            answer="red",
+            candidates=COLOURS,
+        )
         return [first, text_only] + base[1:]
 
 

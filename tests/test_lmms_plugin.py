@@ -1,6 +1,7 @@
 """The lmms-eval plugin against a stand-in for lmms-eval's API (lmms-eval itself is an optional extra):
 loaded the way LMMS_EVAL_PLUGINS loads it, its answers equal the harness's own greedy answers under the
 same schedule, each question reaches the model with its image, and stop strings cut the answers."""
+
 import importlib
 import sys
 import textwrap
@@ -22,12 +23,15 @@ def fake_lmms_eval(tmp_path, monkeypatch):
     (pkg / "api").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "api" / "__init__.py").write_text("")
-    (pkg / "api" / "model.py").write_text(textwrap.dedent("""
+    (pkg / "api" / "model.py").write_text(
+        textwrap.dedent("""
         class lmms:
             def __init__(self):
                 self.task_dict = {}
-    """))
-    (pkg / "api" / "registry.py").write_text(textwrap.dedent("""
+    """)
+    )
+    (pkg / "api" / "registry.py").write_text(
+        textwrap.dedent("""
         MODEL_REGISTRY = {}
         def register_model(*names):
             def wrap(cls):
@@ -35,7 +39,8 @@ def fake_lmms_eval(tmp_path, monkeypatch):
                     MODEL_REGISTRY[n] = cls
                 return cls
             return wrap
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in [m for m in sys.modules if m.startswith(("lmms_eval", "hidrop.lmms_plugin"))]:
         monkeypatch.delitem(sys.modules, name)
@@ -54,29 +59,45 @@ def test_plugin_answers_like_the_harness(fake_lmms_eval, tmp_path):
     vlm.save(tmp_path / "ckpt")
     # what LMMS_EVAL_PLUGINS=hidrop.lmms_plugin does
     models = importlib.import_module("hidrop.lmms_plugin.models")
-    (name, cls_name), = models.AVAILABLE_MODELS.items()
+    ((name, cls_name),) = models.AVAILABLE_MODELS.items()
     cls = getattr(importlib.import_module(f"hidrop.lmms_plugin.models.{name}"), cls_name)
     assert importlib.import_module("lmms_eval.api.registry").MODEL_REGISTRY["hidrop"] is cls
 
-    model = cls(pretrained=str(tmp_path / "ckpt"), schedule="hidrop_tok64", dtype="float32", device="cpu", batch_size="2")
+    model = cls(
+        pretrained=str(tmp_path / "ckpt"), schedule="hidrop_tok64", dtype="float32", device="cpu", batch_size="2"
+    )
     images = [Image.new("RGB", (32, 32), c) for c in ((250, 0, 0), (0, 0, 250), (0, 250, 0))]
     docs = [{"image": im, "q": f"What colour is it? {i}"} for i, im in enumerate(images)]
     model.task_dict = {"colours": {"test": docs}}
-    requests = [Request((f"<image>\n{d['q']}", {"max_new_tokens": 4, "until": []}, lambda doc: [doc["image"]], i,
-                         "colours", "test")) for i, d in enumerate(docs)]
+    requests = [
+        Request(
+            (f"<image>\n{d['q']}", {"max_new_tokens": 4, "until": []}, lambda doc: [doc["image"]], i, "colours", "test")
+        )
+        for i, d in enumerate(docs)
+    ]
     answers = model.generate_until(requests)
 
     schedule = preset("hidrop_tok64", vlm.num_layers, vlm.num_vision_tokens)
     reference = tiny_vlm(seed=2)
-    expected = generate_answers(reference, schedule, [
-        Sample(id=str(i), conversations=({"from": "human", "value": f"<image>\n{d['q']}"},), image=d["image"])
-        for i, d in enumerate(docs)], max_new_tokens=4, batch_size=2)
+    expected = generate_answers(
+        reference,
+        schedule,
+        [
+            Sample(id=str(i), conversations=({"from": "human", "value": f"<image>\n{d['q']}"},), image=d["image"])
+            for i, d in enumerate(docs)
+        ],
+        max_new_tokens=4,
+        batch_size=2,
+    )
     assert answers == expected and all(isinstance(a, str) for a in answers)
     # what reached the model: each question with its own image, the placeholder once
     plugin = sys.modules[cls.__module__]
     seen = []
     original = plugin.generate_answers
-    plugin.generate_answers = lambda vlm, sched, samples, **kw: (seen.extend(samples), original(vlm, sched, samples, **kw))[1]
+    plugin.generate_answers = lambda vlm, sched, samples, **kw: (
+        seen.extend(samples),
+        original(vlm, sched, samples, **kw),
+    )[1]
     try:
         model.generate_until(requests[1:2])
     finally:
@@ -85,8 +106,20 @@ def test_plugin_answers_like_the_harness(fake_lmms_eval, tmp_path):
     assert sample.image is images[1] and sample.conversations[0]["value"] == f"<image>\n{docs[1]['q']}"
     assert sample.question() == docs[1]["q"]
     # stop strings cut the answer
-    cut = model.generate_until([Request((f"<image>\n{docs[0]['q']}", {"max_new_tokens": 4, "until": [answers[0][:1] or "x"]},
-                                         lambda doc: [doc["image"]], 0, "colours", "test"))])
+    cut = model.generate_until(
+        [
+            Request(
+                (
+                    f"<image>\n{docs[0]['q']}",
+                    {"max_new_tokens": 4, "until": [answers[0][:1] or "x"]},
+                    lambda doc: [doc["image"]],
+                    0,
+                    "colours",
+                    "test",
+                )
+            )
+        ]
+    )
     assert cut[0] == (answers[0].split(answers[0][:1], 1)[0] if answers[0] else "")
     with pytest.raises(NotImplementedError, match="generation"):
         model.loglikelihood(requests)

@@ -4,6 +4,7 @@ that are deterministic. A rename on the writer's side that the dashboards would 
 
 After an intended change of the schema: HIDROP_UPDATE_SNAPSHOT=1 pytest tests/test_mlflow_schema.py,
 then review the snapshot's diff."""
+
 import json
 import os
 import subprocess
@@ -17,13 +18,27 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = ROOT / "tests" / "snapshots" / "mlflow_schema.json"
 # values that change from run to run or machine to machine: only their names are kept
 VOLATILE_PARAMS = ("version.", "tracking.", "train.storage_path", "tune.storage_path", "analyze.output")
-DETERMINISTIC_METRICS = ("avg_vision_tokens", "vision_tflops", "model_tflops", "vision_tflops_per_sample",
-                         "model_tflops_per_sample", "vision_tokens_kept", "samples", "train_step")
+DETERMINISTIC_METRICS = (
+    "avg_vision_tokens",
+    "vision_tflops",
+    "model_tflops",
+    "vision_tflops_per_sample",
+    "model_tflops_per_sample",
+    "vision_tokens_kept",
+    "samples",
+    "train_step",
+)
 
 
 def _cli(*args, cwd):
-    done = subprocess.run([sys.executable, "-m", "hidrop_platform.cli", *args, "--json"], cwd=cwd, capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "hidrop_platform.cli", *args, "--json"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -39,7 +54,9 @@ def _describe(client, run, tmp: str) -> dict:
     out = {
         "tags": sorted(k for k in run.data.tags if not k.startswith("mlflow.") or k == "mlflow.parentRunId"),
         "params": {k: (None if k.startswith(VOLATILE_PARAMS) or tmp in v else v) for k, v in sorted(params.items())},
-        "metrics": {k: (float(f"{v:.6g}") if k in DETERMINISTIC_METRICS else None) for k, v in sorted(run.data.metrics.items())},
+        "metrics": {
+            k: (float(f"{v:.6g}") if k in DETERMINISTIC_METRICS else None) for k, v in sorted(run.data.metrics.items())
+        },
         "artifacts": sorted(_artifacts(client, run.info.run_id)),
     }
     return out
@@ -54,24 +71,39 @@ def _artifacts(client, run_id: str, path: str = "") -> list[str]:
 
 def _write_experiments(tmp: Path) -> dict[str, Path]:
     uri = f"sqlite:///{tmp}/mlflow.db"
-    tune = {"name": "schema_tune", "model": {"kind": "tiny_llava"},
-            "schedule": {"inject_layer": 2, "exit_layer": 7, "stages": 2, "first_keep_ratio": 0.5},
-            "eval": {"benchmarks": [{"name": "easy_vqa", "limit": 8}], "baselines": [], "batch_size": 8},
-            "tracking": {"uri": uri},
-            "tune": {"algorithm": "random", "num_samples": 1, "seeds": ["vanilla", "hidrop_tok64"],
-                     "storage_path": str(tmp / "tune"),
-                     "space": {"schedule.inject_layer": {"int": [1, 6]}, "schedule.exit_layer": {"int": [3, 8]},
-                               "schedule.stages": {"int": [1, 3]}, "schedule.first_keep_ratio": {"float": [0.1, 0.9]}}}}
+    tune = {
+        "name": "schema_tune",
+        "model": {"kind": "tiny_llava"},
+        "schedule": {"inject_layer": 2, "exit_layer": 7, "stages": 2, "first_keep_ratio": 0.5},
+        "eval": {"benchmarks": [{"name": "easy_vqa", "limit": 8}], "baselines": [], "batch_size": 8},
+        "tracking": {"uri": uri},
+        "tune": {
+            "algorithm": "random",
+            "num_samples": 1,
+            "seeds": ["vanilla", "hidrop_tok64"],
+            "storage_path": str(tmp / "tune"),
+            "space": {
+                "schedule.inject_layer": {"int": [1, 6]},
+                "schedule.exit_layer": {"int": [3, 8]},
+                "schedule.stages": {"int": [1, 3]},
+                "schedule.first_keep_ratio": {"float": [0.1, 0.9]},
+            },
+        },
+    }
     train = yaml.safe_load((ROOT / "experiments" / "tiny_train_smoke.yaml").read_text())
     train["name"] = "schema_train"
-    train["train"].update(max_steps=2, num_workers=1, checkpoint_every=2, storage_path=str(tmp / "train"),
-                          eval_after=True)
+    train["train"].update(
+        max_steps=2, num_workers=1, checkpoint_every=2, storage_path=str(tmp / "train"), eval_after=True
+    )
     train["eval"] = {"benchmarks": [{"name": "easy_vqa", "limit": 8}], "baselines": ["all_tokens"]}
     train["tracking"] = {"uri": uri}
-    analyze = {"name": "schema_analyze", "model": {"kind": "tiny_llava"},
-               "eval": {"benchmarks": [{"name": "easy_vqa", "limit": 8}]},
-               "analyze": {"samples": 4, "sweep_samples": 4, "ilvas_k": [3], "ilvas_n": [2], "output": str(tmp / "an")},
-               "tracking": {"uri": uri}}
+    analyze = {
+        "name": "schema_analyze",
+        "model": {"kind": "tiny_llava"},
+        "eval": {"benchmarks": [{"name": "easy_vqa", "limit": 8}]},
+        "analyze": {"samples": 4, "sweep_samples": 4, "ilvas_k": [3], "ilvas_n": [2], "output": str(tmp / "an")},
+        "tracking": {"uri": uri},
+    }
     paths = {}
     for name, data in (("tune", tune), ("train", train), ("analyze", analyze)):
         paths[name] = tmp / f"{name}.yaml"
@@ -94,8 +126,14 @@ def test_what_sweep_training_and_analysis_write_to_mlflow(tmp_path):
             kind = _kind(run)
             assert kind not in seen, kind  # one run of each kind
             seen[kind] = described
-    assert set(seen) == {"sweep", "trial:seed:vanilla", "trial:seed:hidrop_tok64", "trial:searched", "train",
-                         "analyze"}, sorted(seen)
+    assert set(seen) == {
+        "sweep",
+        "trial:seed:vanilla",
+        "trial:seed:hidrop_tok64",
+        "trial:searched",
+        "train",
+        "analyze",
+    }, sorted(seen)
     # searched trials sample their schedule: only names are stable
     searched = seen["trial:searched"]
     searched["params"] = dict.fromkeys(searched["params"])

@@ -1,5 +1,6 @@
 """Model assembly: image preprocessing, the EfficientNet grid, save/load with the schedule, llava-hf
 folders, and (slow) the real offline mini-LLaVA."""
+
 import json
 
 import numpy as np
@@ -22,7 +23,9 @@ from hidrop.tiny import TINY_IMAGE_TOKEN, tiny_llama, tiny_tokenizer, tiny_vlm
 
 def test_image_processor_pads_to_square_and_normalizes():
     im = Image.new("RGB", (4, 2), (255, 0, 0))
-    proc = ImageProcessor(size=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), pad_to_square=True, resample=Image.NEAREST)
+    proc = ImageProcessor(
+        size=4, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), pad_to_square=True, resample=Image.NEAREST
+    )
     x = proc(im)
     assert x.shape == (3, 4, 4)
     # rows 0 and 3 are the mean-colour padding (128/255), rows 1-2 the red image
@@ -99,10 +102,16 @@ def test_llava_hf_save_load_keeps_schedule_and_outputs(tmp_path):
 def test_llava_hf_preprocessor_config_is_read(tmp_path):
     vlm = tiny_vlm(seed=1)
     vlm.model.save_pretrained(tmp_path / "stock")  # a stock llava-hf folder: no hidrop block
-    (tmp_path / "stock" / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": 32, "width": 32}, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "size": {"shortest_edge": 32},
-    }))
+    (tmp_path / "stock" / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "crop_size": {"height": 32, "width": 32},
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "size": {"shortest_edge": 32},
+            }
+        )
+    )
     back = load_llava_hf(tmp_path / "stock", dtype=torch.float32)
     assert back.schedule is None and back.template == "vicuna_v1"
     assert back.image_processor.size == 32 and back.image_processor.mean[0] == pytest.approx(0.48145466)
@@ -139,17 +148,29 @@ def test_real_mini_llava_answers_through_the_engine(mini):
 
     assert mini.num_layers == 30 and mini.num_vision_tokens == 196 and not mini.projector_trained
     s = Sample(id="q", conversations=({"from": "human", "value": "What is the capital of France?"},))
-    enc = encode_sample(s, mini.tokenizer, get_template("chatml"), image_token_id=mini.image_token_id,
-                        num_image_tokens=196, for_generation=True)
+    enc = encode_sample(
+        s,
+        mini.tokenizer,
+        get_template("chatml"),
+        image_token_id=mini.image_token_id,
+        num_image_tokens=196,
+        for_generation=True,
+    )
     ids = torch.tensor([enc.input_ids])
     engine = mini.scheduled(preset("hidrop_tok64", 30, 196))  # text-only: the schedule has nothing to prune
     out = engine.generate(ids, max_new_tokens=12, eos_token_id=mini.tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    assert "paris" in mini.tokenizer.decode(out[0, ids.shape[1]:]).lower()
+    assert "paris" in mini.tokenizer.decode(out[0, ids.shape[1] :]).lower()
     # with an image under HiDrop: 196 grid tokens in, the schedule's counts measured
     im = Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8))
     s = Sample(id="v", conversations=({"from": "human", "value": "<image>\nWhat colour is it?"},), image=im)
-    enc = encode_sample(s, mini.tokenizer, get_template("chatml"), image_token_id=mini.image_token_id,
-                        num_image_tokens=196, for_generation=True)
+    enc = encode_sample(
+        s,
+        mini.tokenizer,
+        get_template("chatml"),
+        image_token_id=mini.image_token_id,
+        num_image_tokens=196,
+        for_generation=True,
+    )
     vis = mini.vision_embeds(mini.image_processor(im)[None])
     res = engine(torch.tensor([enc.input_ids]), vision_embeds=vis.flatten(0, 1), logits_to_keep=1)
     assert res.layer_vision_counts[:, 0].tolist() == preset("hidrop_tok64", 30, 196).tokens_per_layer()

@@ -1,6 +1,7 @@
 """The paper's eleven benchmarks: small fixture files in each release's layout, loaders and official
 metrics checked against hand-computed values (VQA normalization, POPE yes-ratio, MME acc+ pairs, MMBench
 CircularEval), the paper's Avg(%) recomputed from its Table 1, and one benchmark through the harness."""
+
 import base64
 import csv
 import io
@@ -45,12 +46,29 @@ def _tsv(path, rows):
 
 # ---- official rules on hand-computed cases ---------------------------------------------------------
 
-@pytest.mark.parametrize("raw,normal", [
-    ("Two", "2"), ("two dogs.", "2 dogs"), ("none", "0"), ("ten", "10"),
-    ("a dog", "dog"), ("The Cat", "cat"), ("an apple", "apple"),
-    ("yes!", "yes"), ("Yes.", "yes"), ("1,000", "1000"), ("black/white", "black white"), ("3.5", "3.5"),
-    ("2.", "2"), ("dont", "don't"), ("it's red", "it's red"), ("  left\n", "left"), ("(a) car", "car"),
-])
+
+@pytest.mark.parametrize(
+    "raw,normal",
+    [
+        ("Two", "2"),
+        ("two dogs.", "2 dogs"),
+        ("none", "0"),
+        ("ten", "10"),
+        ("a dog", "dog"),
+        ("The Cat", "cat"),
+        ("an apple", "apple"),
+        ("yes!", "yes"),
+        ("Yes.", "yes"),
+        ("1,000", "1000"),
+        ("black/white", "black white"),
+        ("3.5", "3.5"),
+        ("2.", "2"),
+        ("dont", "don't"),
+        ("it's red", "it's red"),
+        ("  left\n", "left"),
+        ("(a) car", "car"),
+    ],
+)
 def test_vqa_normalization(raw, normal):
     assert normalize_vqa(raw) == normal
 
@@ -68,11 +86,17 @@ def test_vqa_accuracy_leave_one_out():
 
 def test_gqa_and_yes_no_and_options():
     assert gqa_match("Left.", "left") == 1.0 and gqa_match("the left", "left") == 0.0
-    assert [parse_yes_no(t) for t in ("Yes", "No.", "There is no dog.", "Yes, there is not a cat", "yes it is")] == \
-        ["yes", "no", "no", "no", "yes"]
+    assert [parse_yes_no(t) for t in ("Yes", "No.", "There is no dog.", "Yes, there is not a cat", "yes it is")] == [
+        "yes",
+        "no",
+        "no",
+        "no",
+        "yes",
+    ]
     options = {"A": "dog", "B": "cat", "C": "two birds"}
-    assert [option_letter(t, options) for t in ("B", "B.", "(C)", "C) two birds", "Answer: A", "cat", "2 birds", "maybe")] == \
-        ["B", "B", "C", "C", "A", "B", "C", None]
+    assert [
+        option_letter(t, options) for t in ("B", "B.", "(C)", "C) two birds", "Answer: A", "cat", "2 birds", "maybe")
+    ] == ["B", "B", "C", "C", "A", "B", "C", None]
 
 
 def test_pope_metrics_by_hand():
@@ -87,10 +111,16 @@ def test_pope_metrics_by_hand():
 
 
 def test_mme_acc_plus_pairs():
-    records = [("existence", "a", True), ("existence", "a", True),  # both right
-               ("existence", "b", True), ("existence", "b", False),  # one right
-               ("count", "c", False), ("count", "c", False),
-               ("commonsense_reasoning", "d", True), ("commonsense_reasoning", "d", True)]
+    records = [
+        ("existence", "a", True),
+        ("existence", "a", True),  # both right
+        ("existence", "b", True),
+        ("existence", "b", False),  # one right
+        ("count", "c", False),
+        ("count", "c", False),
+        ("commonsense_reasoning", "d", True),
+        ("commonsense_reasoning", "d", True),
+    ]
     m = mme_scores(records)
     assert m["existence/acc"] == 75.0 and m["existence/acc_plus"] == 50.0 and m["existence"] == 125.0
     assert m["count"] == 0.0
@@ -110,13 +140,16 @@ def test_circular_rotation_and_accuracy():
 
 # ---- loaders on fixture files ----------------------------------------------------------------------
 
+
 def test_vqav2_textvqa_vizwiz_gqa_loaders(tmp_path):
     root = tmp_path / "vqav2"
     _png(root / "val2014" / "COCO_val2014_000000000042.jpg")
-    (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(
-        {"questions": [{"question_id": 7, "image_id": 42, "question": "How many dogs?"}]}))
-    (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(
-        {"annotations": [{"question_id": 7, "answers": [{"answer": "2"}] * 9 + [{"answer": "3"}]}]}))
+    (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(
+        json.dumps({"questions": [{"question_id": 7, "image_id": 42, "question": "How many dogs?"}]})
+    )
+    (root / "v2_mscoco_val2014_annotations.json").write_text(
+        json.dumps({"annotations": [{"question_id": 7, "answers": [{"answer": "2"}] * 9 + [{"answer": "3"}]}]})
+    )
     bench = get_benchmark("vqav2", root=str(root))
     [s] = bench.samples()
     assert s.question() == f"How many dogs?\n{SHORT_ANSWER}" and s.load_image().size == (8, 8)
@@ -124,23 +157,40 @@ def test_vqav2_textvqa_vizwiz_gqa_loaders(tmp_path):
 
     root = tmp_path / "textvqa"
     _png(root / "train_images" / "abc.jpg")
-    (root / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": [
-        {"question_id": 1, "image_id": "abc", "question": "What brand?", "answers": ["Nike"] * 10}]}))
+    (root / "TextVQA_0.5.1_val.json").write_text(
+        json.dumps(
+            {"data": [{"question_id": 1, "image_id": "abc", "question": "What brand?", "answers": ["Nike"] * 10}]}
+        )
+    )
     [s] = get_benchmark("textvqa", root=str(root)).samples()
     assert s.meta["answers"] == ["Nike"] * 10 and get_benchmark("textvqa", root=str(root)).score(s, "nike") == 1.0
 
     root = tmp_path / "vizwiz"
     _png(root / "val" / "VizWiz_val_00000001.jpg")
-    (root / "val.json").write_text(json.dumps([{"image": "VizWiz_val_00000001.jpg", "question": "What is this?",
-                                                "answers": [{"answer": "unanswerable", "answer_confidence": "yes"}] * 10}]))
+    (root / "val.json").write_text(
+        json.dumps(
+            [
+                {
+                    "image": "VizWiz_val_00000001.jpg",
+                    "question": "What is this?",
+                    "answers": [{"answer": "unanswerable", "answer_confidence": "yes"}] * 10,
+                }
+            ]
+        )
+    )
     [s] = get_benchmark("vizwiz", root=str(root)).samples()
     assert "Unanswerable" in s.question() and get_benchmark("vizwiz", root=str(root)).score(s, "Unanswerable") == 1.0
 
     root = tmp_path / "gqa"
     _png(root / "images" / "n123.jpg")
-    (root / "testdev_balanced_questions.json").write_text(json.dumps(
-        {"q1": {"imageId": "n123", "question": "Which side?", "answer": "left"},
-         "q2": {"imageId": "n123", "question": "Is it red?", "answer": "yes"}}))
+    (root / "testdev_balanced_questions.json").write_text(
+        json.dumps(
+            {
+                "q1": {"imageId": "n123", "question": "Which side?", "answer": "left"},
+                "q2": {"imageId": "n123", "question": "Is it red?", "answer": "yes"},
+            }
+        )
+    )
     gqa = get_benchmark("gqa", root=str(root), limit=1)
     assert [s.id for s in gqa.samples()] == ["q1"] and gqa.score(gqa.samples()[0], "Left") == 1.0
 
@@ -149,15 +199,26 @@ def test_pope_loader_and_yes_ratio(tmp_path):
     root = tmp_path / "pope"
     _png(root / "val2014" / "COCO_val2014_000000000001.jpg")
     for split, labels in (("random", ["yes", "no", "no"]), ("adversarial", ["yes", "yes"])):
-        lines = [json.dumps({"question_id": i, "image": "COCO_val2014_000000000001.jpg",
-                             "text": f"Is there a dog in the image? ({i})", "label": lab}) for i, lab in enumerate(labels)]
+        lines = [
+            json.dumps(
+                {
+                    "question_id": i,
+                    "image": "COCO_val2014_000000000001.jpg",
+                    "text": f"Is there a dog in the image? ({i})",
+                    "label": lab,
+                }
+            )
+            for i, lab in enumerate(labels)
+        ]
         (root / f"coco_pope_{split}.json").write_text("\n".join(lines))
     bench = get_benchmark("pope", root=str(root), splits="random,adversarial")
     samples = bench.samples()
     assert [s.family for s in samples] == ["random"] * 3 + ["adversarial"] * 2
     preds = ["Yes", "Yes", "No", "Yes", "No"]
     agg = bench.aggregate(samples, [bench.score(s, p) for s, p in zip(samples, preds)])
-    assert agg["random/yes_ratio"] == pytest.approx(100 * 2 / 3) and agg["random/accuracy"] == pytest.approx(100 * 2 / 3)
+    assert agg["random/yes_ratio"] == pytest.approx(100 * 2 / 3) and agg["random/accuracy"] == pytest.approx(
+        100 * 2 / 3
+    )
     assert agg["adversarial/yes_ratio"] == 50.0 and agg["adversarial/recall"] == 50.0
     # random: tp 1, fp 1 -> P = R... F1 = 2 * 0.5 * 1 / 1.5; adversarial: P 1, R 0.5 -> F1 2/3
     assert agg["random/f1"] == pytest.approx(100 * 2 / 3) and agg["adversarial/f1"] == pytest.approx(100 * 2 / 3)
@@ -190,10 +251,30 @@ def test_mme_loader_both_layouts_and_score(tmp_path):
 def test_mmbench_circular_from_tsv(tmp_path):
     img = _png()
     rows = [
-        {"index": 0, "question": "What animal?", "hint": "A farm.", "A": "dog", "B": "cat", "C": "cow", "D": "pig",
-         "answer": "C", "category": "recognition", "image": img},
-        {"index": 1, "question": "Is it day?", "hint": "nan", "A": "yes", "B": "no", "C": "", "D": "",
-         "answer": "A", "category": "reasoning", "image": img},
+        {
+            "index": 0,
+            "question": "What animal?",
+            "hint": "A farm.",
+            "A": "dog",
+            "B": "cat",
+            "C": "cow",
+            "D": "pig",
+            "answer": "C",
+            "category": "recognition",
+            "image": img,
+        },
+        {
+            "index": 1,
+            "question": "Is it day?",
+            "hint": "nan",
+            "A": "yes",
+            "B": "no",
+            "C": "",
+            "D": "",
+            "answer": "A",
+            "category": "reasoning",
+            "image": img,
+        },
     ]
     _tsv(tmp_path / "mmbench_dev_20230712.tsv", rows)
     bench = get_benchmark("mmbench", root=str(tmp_path))
@@ -203,7 +284,10 @@ def test_mmbench_circular_from_tsv(tmp_path):
     assert first.startswith("A farm.\nWhat animal?\nA. dog\nB. cat") and first.endswith(CHOICE)
     assert "nan" not in samples[4].question() and samples[4].load_image().size == (8, 8)
     # answer every rotation of question 0 right and one rotation of question 1 wrong: 50%
-    preds = [s.meta["options"][s.answer] for s in samples[:4]] + [samples[4].answer, "B" if samples[5].answer == "A" else "A"]
+    preds = [s.meta["options"][s.answer] for s in samples[:4]] + [
+        samples[4].answer,
+        "B" if samples[5].answer == "A" else "A",
+    ]
     agg = bench.aggregate(samples, [bench.score(s, p) for s, p in zip(samples, preds)])
     assert agg["score"] == 50.0 and agg["category/recognition"] == 100.0 and agg["category/reasoning"] == 0.0
     # without CircularEval, one pass
@@ -222,39 +306,94 @@ def test_mmbench_circular_from_tsv(tmp_path):
 def test_scienceqa_seed_mmstar_loaders(tmp_path):
     root = tmp_path / "sqa"
     _png(root / "images" / "test" / "5" / "image.png")
-    (root / "problems.json").write_text(json.dumps({
-        "5": {"question": "Which is a mammal?", "choices": ["shark", "whale"], "answer": 1, "image": "image.png",
-              "hint": "Look at the picture.", "subject": "natural science"},
-        "6": {"question": "No image here?", "choices": ["a", "b"], "answer": 0, "image": None, "hint": ""}}))
+    (root / "problems.json").write_text(
+        json.dumps(
+            {
+                "5": {
+                    "question": "Which is a mammal?",
+                    "choices": ["shark", "whale"],
+                    "answer": 1,
+                    "image": "image.png",
+                    "hint": "Look at the picture.",
+                    "subject": "natural science",
+                },
+                "6": {"question": "No image here?", "choices": ["a", "b"], "answer": 0, "image": None, "hint": ""},
+            }
+        )
+    )
     (root / "pid_splits.json").write_text(json.dumps({"test": ["5", "6"]}))
     bench = get_benchmark("scienceqa_img", root=str(root))
     [s] = bench.samples()  # the IMG subset only
-    assert s.answer == "B" and s.question() == f"Context: Look at the picture.\nWhich is a mammal?\nA. shark\nB. whale\n{CHOICE}"
+    assert (
+        s.answer == "B"
+        and s.question() == f"Context: Look at the picture.\nWhich is a mammal?\nA. shark\nB. whale\n{CHOICE}"
+    )
     assert bench.score(s, "B") == 1.0 and bench.score(s, "whale") == 1.0 and bench.score(s, "A") == 0.0
 
     root = tmp_path / "seed"
     _png(root / "SEED-Bench-image" / "x.jpg")
-    (root / "SEED-Bench.json").write_text(json.dumps({"questions": [
-        {"question_id": "1", "question": "What colour?", "choice_a": "red", "choice_b": "blue", "choice_c": "green",
-         "choice_d": "white", "answer": "A", "data_type": "image", "data_id": "x.jpg", "question_type_id": 3},
-        {"question_id": "2", "question": "Video?", "choice_a": "a", "choice_b": "b", "choice_c": "c", "choice_d": "d",
-         "answer": "B", "data_type": "video", "data_id": "v.mp4"}]}))
+    (root / "SEED-Bench.json").write_text(
+        json.dumps(
+            {
+                "questions": [
+                    {
+                        "question_id": "1",
+                        "question": "What colour?",
+                        "choice_a": "red",
+                        "choice_b": "blue",
+                        "choice_c": "green",
+                        "choice_d": "white",
+                        "answer": "A",
+                        "data_type": "image",
+                        "data_id": "x.jpg",
+                        "question_type_id": 3,
+                    },
+                    {
+                        "question_id": "2",
+                        "question": "Video?",
+                        "choice_a": "a",
+                        "choice_b": "b",
+                        "choice_c": "c",
+                        "choice_d": "d",
+                        "answer": "B",
+                        "data_type": "video",
+                        "data_id": "v.mp4",
+                    },
+                ]
+            }
+        )
+    )
     seed = get_benchmark("seed_image", root=str(root))
     [s] = seed.samples()
     assert s.answer == "A" and seed.score(s, "A") == 1.0 and seed.score(s, "red") == 1.0
 
     root = tmp_path / "mmstar"
     root.mkdir()
-    _tsv(root / "MMStar.tsv", [{"index": 0, "question": "Which? Options: A: x, B: y, C: z, D: w", "answer": "D",
-                                 "category": "coarse perception", "l2_category": "x", "image": _png()}])
+    _tsv(
+        root / "MMStar.tsv",
+        [
+            {
+                "index": 0,
+                "question": "Which? Options: A: x, B: y, C: z, D: w",
+                "answer": "D",
+                "category": "coarse perception",
+                "l2_category": "x",
+                "image": _png(),
+            }
+        ],
+    )
     star = get_benchmark("mmstar", root=str(root))
     [s] = star.samples()
     assert star.score(s, "D") == 1.0 and star.score(s, "(D)") == 1.0 and star.score(s, "A") == 0.0
 
 
 def test_missing_files_name_the_benchmark_and_path(tmp_path):
-    for name, message in (("vqav2", "questions not found at"), ("mmbench", "tsv not found at"),
-                          ("scienceqa_img", "problems not found at"), ("mmstar", "tsv not found at")):
+    for name, message in (
+        ("vqav2", "questions not found at"),
+        ("mmbench", "tsv not found at"),
+        ("scienceqa_img", "problems not found at"),
+        ("mmstar", "tsv not found at"),
+    ):
         with pytest.raises(FileNotFoundError, match=message + " " + str(tmp_path / "nothing")):
             get_benchmark(name, root=str(tmp_path / "nothing")).samples()
     with pytest.raises(FileNotFoundError, match="set `root`"):
@@ -272,16 +411,20 @@ model: {{kind: tiny_llava}}
 schedule: {{preset: hidrop_tok64}}
 eval:
   benchmarks:
-    - {{name: gqa, options: {{root: {tmp_path / 'gqa_data'}}}}}
+    - {{name: gqa, options: {{root: {tmp_path / "gqa_data"}}}}}
   baselines: []
   mode: generate
 """)
     result = CliRunner().invoke(app, ["eval", str(exp)])
     assert result.exit_code == 2, result.output
-    assert f"benchmark 'gqa': questions not found at {tmp_path / 'gqa_data' / 'testdev_balanced_questions.json'}" in result.output
+    assert (
+        f"benchmark 'gqa': questions not found at {tmp_path / 'gqa_data' / 'testdev_balanced_questions.json'}"
+        in result.output
+    )
 
 
 # ---- the paper's Avg(%) ----------------------------------------------------------------------------
+
 
 def test_paper_table_layout():
     rows = {"base": {"mme": 1500.0, "gqa": 60.0, "pope": 80.0}, "half": {"mme": 750.0, "gqa": 30.0, "pope": 80.0}}
@@ -299,17 +442,43 @@ def test_through_the_harness_with_their_own_aggregates(tmp_path):
     from hidrop.tiny import tiny_vlm
 
     img = _png()
-    _tsv(tmp_path / "mmbench_dev_20230712.tsv", [
-        {"index": i, "question": "What colour?", "hint": "nan", "A": "red", "B": "blue", "C": "green", "D": "",
-         "answer": "A", "category": "colour", "image": img} for i in range(2)])
+    _tsv(
+        tmp_path / "mmbench_dev_20230712.tsv",
+        [
+            {
+                "index": i,
+                "question": "What colour?",
+                "hint": "nan",
+                "A": "red",
+                "B": "blue",
+                "C": "green",
+                "D": "",
+                "answer": "A",
+                "category": "colour",
+                "image": img,
+            }
+            for i in range(2)
+        ],
+    )
     _png(tmp_path / "val2014" / "x.jpg")
-    (tmp_path / "coco_pope_random.json").write_text("\n".join(
-        json.dumps({"question_id": i, "image": "x.jpg", "text": "Is there a dog?", "label": lab})
-        for i, lab in enumerate(["yes", "no", "no"])))
+    (tmp_path / "coco_pope_random.json").write_text(
+        "\n".join(
+            json.dumps({"question_id": i, "image": "x.jpg", "text": "Is there a dog?", "label": lab})
+            for i, lab in enumerate(["yes", "no", "no"])
+        )
+    )
     benches = [get_benchmark("mmbench", root=str(tmp_path)), get_benchmark("pope", root=str(tmp_path), splits="random")]
     vlm = tiny_vlm(seed=1)
-    report = evaluate(vlm, [preset("hidrop_tok64", vlm.num_layers, vlm.num_vision_tokens)], benches,
-                      baselines=["all_tokens"], mode="generate", max_new_tokens=3, batch_size=4, keep_predictions=True)
+    report = evaluate(
+        vlm,
+        [preset("hidrop_tok64", vlm.num_layers, vlm.num_vision_tokens)],
+        benches,
+        baselines=["all_tokens"],
+        mode="generate",
+        max_new_tokens=3,
+        batch_size=4,
+        keep_predictions=True,
+    )
     for method in report["methods"]:
         for bench in benches:
             entry = method["benchmarks"][bench.name]
@@ -325,16 +494,19 @@ def test_hidrop_eval_prints_the_paper_layout(tmp_path):
     from hidrop_platform.cli import app
 
     _png(tmp_path / "pope" / "val2014" / "x.jpg")
-    (tmp_path / "pope" / "coco_pope_random.json").write_text("\n".join(
-        json.dumps({"question_id": i, "image": "x.jpg", "text": "Is there a dog?", "label": lab})
-        for i, lab in enumerate(["yes", "no"])))
+    (tmp_path / "pope" / "coco_pope_random.json").write_text(
+        "\n".join(
+            json.dumps({"question_id": i, "image": "x.jpg", "text": "Is there a dog?", "label": lab})
+            for i, lab in enumerate(["yes", "no"])
+        )
+    )
     exp = tmp_path / "exp.yaml"
     exp.write_text(f"""name: paper_layout
 model: {{kind: tiny_llava}}
 schedule: {{preset: hidrop_tok64}}
 eval:
   benchmarks:
-    - {{name: pope, options: {{root: {tmp_path / 'pope'}, splits: random}}}}
+    - {{name: pope, options: {{root: {tmp_path / "pope"}, splits: random}}}}
   baselines: [all_tokens]
   mode: generate
   max_new_tokens: 2

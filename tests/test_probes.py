@@ -4,6 +4,7 @@ The pixel checks re-derive everything a question depends on from the rendered im
 fill ratio, extents, glyphs), using meta only for where each object's box is; a separate test first
 proves those boxes are faithful (every non-background pixel sits in exactly one box of one colour).
 """
+
 import pickle
 import re
 
@@ -79,7 +80,11 @@ def shape_name(img: np.ndarray, box, bg: str) -> str:
 def objects(s: Sample, img: np.ndarray) -> list[tuple[str, str, tuple]]:
     """(colour, shape) of every drawn shape, read from pixels; letters are skipped."""
     bg = s.meta["background"]
-    return [(color_name(img, o["box"], bg), shape_name(img, o["box"], bg), o["box"]) for o in s.meta["objects"] if o["shape"] != "text"]
+    return [
+        (color_name(img, o["box"], bg), shape_name(img, o["box"], bg), o["box"])
+        for o in s.meta["objects"]
+        if o["shape"] != "text"
+    ]
 
 
 # ---- determinism, splits, format ---------------------------------------------------------------
@@ -101,7 +106,10 @@ def test_suite_is_deterministic_and_splits_are_disjoint():
     assert [s.answer for s in test] == [s.answer for s in probe_suite("test", per_family=20)]
     assert len(train) == len(test) == 20 * len(FAMILIES)
     assert [s.family for s in train[::20]] == list(FAMILIES)  # family-major, in FAMILIES order
-    seeds = lambda ss: {s.meta["seed"] for s in ss}
+
+    def seeds(ss):
+        return {s.meta["seed"] for s in ss}
+
     assert not seeds(train) & seeds(test)
     assert not {s.id for s in train} & {s.id for s in test}
     # pixels differ too, not only the bookkeeping
@@ -319,7 +327,9 @@ def test_config_validation(kwargs):
 
 
 def test_other_config_is_respected():
-    cfg = ProbeConfig(canvas=336, grid=24, min_size=20, max_size=30, distractors=2, font_size=28, count_min=2, count_max=4)
+    cfg = ProbeConfig(
+        canvas=336, grid=24, min_size=20, max_size=30, distractors=2, font_size=28, count_min=2, count_max=4
+    )
     with pytest.raises(Exception):
         cfg.canvas = 224  # frozen: a config is a value
     for family in FAMILIES:

@@ -2,6 +2,7 @@
 harness's own `relative_score` against method.md section 11, the matching of measured rows to published
 ones, and the reference rows `hidrop eval` and `hidrop report` show with their differences. Expected
 figures are typed in here from method.md, not read back from the data file."""
+
 import io
 import json
 
@@ -13,7 +14,6 @@ from hidrop.evaluation.published import (
     PublishedError,
     compare,
     comparisons_for,
-    eval_report_comparisons,
     exact_preset,
     load_published,
     model_key,
@@ -22,8 +22,19 @@ from hidrop.evaluation.published import (
 )
 from hidrop.schedule import preset
 
-PAPER11 = ["mme", "mmbench", "mmbench_cn", "gqa", "vqav2", "scienceqa_img", "vizwiz", "textvqa", "pope", "seed_image",
-           "mmstar"]
+PAPER11 = [
+    "mme",
+    "mmbench",
+    "mmbench_cn",
+    "gqa",
+    "vqav2",
+    "scienceqa_img",
+    "vizwiz",
+    "textvqa",
+    "pope",
+    "seed_image",
+    "mmstar",
+]
 # method.md section 11, typed in: the reference row and the HiDrop 64 row of Table 1
 REF = dict(zip(PAPER11, [1506.5, 64.7, 58.1, 61.9, 78.5, 69.5, 50.1, 58.2, 86.8, 66.2, 33.7]))
 HIDROP64 = dict(zip(PAPER11, [1473.3, 63.2, 58.0, 60.5, 76.5, 68.9, 52.6, 55.2, 86.4, 64.5, 32.0]))
@@ -41,11 +52,23 @@ def _avg(row: dict, ref: dict) -> float:
 
 # ---- the data file reproduces the paper ------------------------------------------------------------
 
-@pytest.mark.parametrize("row_id, expected", [
-    ("hidrop_64", 98.3), ("hidrop_48", 96.5), ("pdrop_64_trained", 94.2), ("fastv_64_trained", 91.8),
-    ("table2_7b_pdrop", 100.2), ("table2_7b_hidrop", 98.6), ("table2_2.7b_pdrop", 96.3), ("table2_2.7b_hidrop", 94.8),
-    ("pe_persistent", 97.8), ("pe_compacted", 96.9), ("pe_group", 97.1),
-])
+
+@pytest.mark.parametrize(
+    "row_id, expected",
+    [
+        ("hidrop_64", 98.3),
+        ("hidrop_48", 96.5),
+        ("pdrop_64_trained", 94.2),
+        ("fastv_64_trained", 91.8),
+        ("table2_7b_pdrop", 100.2),
+        ("table2_7b_hidrop", 98.6),
+        ("table2_2.7b_pdrop", 96.3),
+        ("table2_2.7b_hidrop", 94.8),
+        ("pe_persistent", 97.8),
+        ("pe_compacted", 96.9),
+        ("pe_group", 97.1),
+    ],
+)
 def test_published_avg_reproduced_through_relative_score(row_id, expected):
     published = load_published()
     row = published.row(row_id)
@@ -94,8 +117,16 @@ def _typed_rows():
             if table == "table1":
                 yield row_id, {"tokens": values[0], "scores": dict(zip(PAPER11, values[1:12])), "avg": values[12]}
             elif table == "table2":
-                yield row_id, {"tokens": values[0], "train_gpu_hours": values[1], "infer_tflops": values[2],
-                               "scores": dict(zip(FIVE, values[3:8])), "avg": values[8]}
+                yield (
+                    row_id,
+                    {
+                        "tokens": values[0],
+                        "train_gpu_hours": values[1],
+                        "infer_tflops": values[2],
+                        "scores": dict(zip(FIVE, values[3:8])),
+                        "avg": values[8],
+                    },
+                )
             else:
                 yield row_id, {"scores": dict(zip(PAPER11, values[:11])), "avg": values[11]}
 
@@ -119,11 +150,21 @@ def test_every_row_equals_method_md_and_recomputes_by_brute_force():
 
 def test_recomputed_figures_of_method_md():
     published = load_published()
-    for row_id, value in (("hidrop_64", 98.31), ("hidrop_48", 96.53), ("pdrop_64_trained", 94.23),
-                          ("fastv_64_trained", 91.75), ("fastv_64_training_free", 82.82), ("pdrop_80_trained", 96.74),
-                          ("table2_7b_pdrop", 100.22), ("table2_7b_hidrop", 98.62), ("table2_2.7b_pdrop", 96.32),
-                          ("table2_2.7b_hidrop", 94.77), ("pe_persistent", 97.82), ("pe_compacted", 96.95),
-                          ("pe_group", 97.07)):
+    for row_id, value in (
+        ("hidrop_64", 98.31),
+        ("hidrop_48", 96.53),
+        ("pdrop_64_trained", 94.23),
+        ("fastv_64_trained", 91.75),
+        ("fastv_64_training_free", 82.82),
+        ("pdrop_80_trained", 96.74),
+        ("table2_7b_pdrop", 100.22),
+        ("table2_7b_hidrop", 98.62),
+        ("table2_2.7b_pdrop", 96.32),
+        ("table2_2.7b_hidrop", 94.77),
+        ("pe_persistent", 97.82),
+        ("pe_compacted", 96.95),
+        ("pe_group", 97.07),
+    ):
         assert published.recomputed_avg(published.row(row_id)) == pytest.approx(value, abs=0.005), row_id
     # the brute-force loop over the typed-in rows agrees with the file through the project's code
     assert _avg(HIDROP64, REF) == pytest.approx(published.recomputed_avg(published.row("hidrop_64")))
@@ -146,10 +187,18 @@ def test_hidrop_80_disagrees_with_its_own_row_and_says_so():
 
 def test_every_row_of_section_11_is_in_the_file():
     published = load_published()
-    assert {n: len(t.rows) for n, t in published.tables.items()} == {"table1": 12, "table2_7b": 3, "table2_2.7b": 3,
-                                                                    "table10": 3}
-    assert {n: len(t.rows) for n, t in published.averages.items()} == {"table5": 3, "table7_injection": 7,
-                                                                      "table7_exit": 7, "table11": 7}
+    assert {n: len(t.rows) for n, t in published.tables.items()} == {
+        "table1": 12,
+        "table2_7b": 3,
+        "table2_2.7b": 3,
+        "table10": 3,
+    }
+    assert {n: len(t.rows) for n, t in published.averages.items()} == {
+        "table5": 3,
+        "table7_injection": 7,
+        "table7_exit": 7,
+        "table11": 7,
+    }
     assert published.row("llava15_7b_reference").scores == REF
     assert published.row("hidrop_64").scores == HIDROP64
     assert published.row("table2_7b_hidrop").scores == TABLE2_HIDROP
@@ -170,8 +219,23 @@ def test_the_file_ships_in_the_wheel(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                           str(tmp_path), str(root)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     [wheel] = tmp_path.glob("hidrop-*.whl")
     with zipfile.ZipFile(wheel) as z:
@@ -181,6 +245,7 @@ def test_the_file_ships_in_the_wheel(tmp_path):
 
 
 # ---- matching a measured row ------------------------------------------------------------------------
+
 
 def test_schedule_method_reads_the_structure():
     assert schedule_method(preset("vanilla")) == "vanilla"
@@ -283,17 +348,33 @@ def test_paper_rows_show_the_printed_avg_when_it_differs():
 
 # ---- hidrop eval -------------------------------------------------------------------------------------
 
+
 def _eval_report(scores_by_method: dict) -> dict:
     """An `evaluate` report in the harness's layout at the LLaVA-1.5-7B shape, with hand-chosen scores."""
     methods = []
     for name, (kind, schedule, scores) in scores_by_method.items():
-        methods.append({"method": name, "kind": kind, "schedule": schedule.model_dump(mode="json"),
-                        "avg_vision_tokens": schedule.avg_tokens(), "vision_tflops": 0.1, "model_tflops": 1.0,
-                        "relative_score": relative_score(scores, scores_by_method["all_tokens"][2]),
-                        "benchmarks": {b: {"score": v, "samples": 10, "mode": "generate"} for b, v in scores.items()}})
-    return {"experiment": "paper", "reference": "all_tokens", "methods": methods, "samples_evaluated": 100,
-            "device": "cuda:0", "wall_time_s": 1.0, "notes": [],
-            "benchmarks": [{"name": b, "samples": 10, "mode": "generate"} for b in scores_by_method["all_tokens"][2]]}
+        methods.append(
+            {
+                "method": name,
+                "kind": kind,
+                "schedule": schedule.model_dump(mode="json"),
+                "avg_vision_tokens": schedule.avg_tokens(),
+                "vision_tflops": 0.1,
+                "model_tflops": 1.0,
+                "relative_score": relative_score(scores, scores_by_method["all_tokens"][2]),
+                "benchmarks": {b: {"score": v, "samples": 10, "mode": "generate"} for b, v in scores.items()},
+            }
+        )
+    return {
+        "experiment": "paper",
+        "reference": "all_tokens",
+        "methods": methods,
+        "samples_evaluated": 100,
+        "device": "cuda:0",
+        "wall_time_s": 1.0,
+        "notes": [],
+        "benchmarks": [{"name": b, "samples": 10, "mode": "generate"} for b in scores_by_method["all_tokens"][2]],
+    }
 
 
 def test_eval_shows_the_published_rows_with_exact_deltas(monkeypatch):
@@ -305,14 +386,21 @@ def test_eval_shows_the_published_rows_with_exact_deltas(monkeypatch):
 
     measured_ref = {b: v + 1.0 for b, v in REF.items()}
     measured_hidrop = {**HIDROP64, "mme": 1463.3}
-    report = _eval_report({
-        "all_tokens": ("all_tokens", preset("vanilla"), measured_ref),
-        "hidrop_tok64": ("schedule", preset("hidrop_tok64"), measured_hidrop),
-        "fastv_k2_r50": ("schedule", preset("fastv"), {b: v - 5 for b, v in REF.items()}),
-        "blind": ("blind", preset("vanilla"), {b: 1.0 for b in REF}),
-    })
-    cfg = validate_config({"name": "paper", "model": {"kind": "llava_hf", "path": "/shared/models/llava-1.5-7b-hf"},
-                           "schedule": {"preset": "hidrop_tok64"}})
+    report = _eval_report(
+        {
+            "all_tokens": ("all_tokens", preset("vanilla"), measured_ref),
+            "hidrop_tok64": ("schedule", preset("hidrop_tok64"), measured_hidrop),
+            "fastv_k2_r50": ("schedule", preset("fastv"), {b: v - 5 for b, v in REF.items()}),
+            "blind": ("blind", preset("vanilla"), {b: 1.0 for b in REF}),
+        }
+    )
+    cfg = validate_config(
+        {
+            "name": "paper",
+            "model": {"kind": "llava_hf", "path": "/shared/models/llava-1.5-7b-hf"},
+            "schedule": {"preset": "hidrop_tok64"},
+        }
+    )
     attach_published(report, cfg)
     assert report["published_model"] == "llava15_7b"
     assert set(report["published"]) == {"all_tokens", "hidrop_tok64"}  # FastV at 306 tokens and blind: none
@@ -329,8 +417,10 @@ def test_eval_shows_the_published_rows_with_exact_deltas(monkeypatch):
     text = buf.getvalue()
     assert "with the paper's rows for llava15_7b" in text
     assert "| ↳ paper: HiDrop Tok64, trained, 64 tokens | 1473.3 | 63.2 | 58.0 | 60.5 |" in text
-    assert f"| ↳ measured − paper | -10.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | " \
-           f"{hd['delta_avg']:+.1f} |" in text
+    assert (
+        f"| ↳ measured − paper | -10.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | "
+        f"{hd['delta_avg']:+.1f} |" in text
+    )
     assert "| ↳ paper: LLaVA-1.5-7B* (re-evaluated official checkpoint), 576 tokens | 1506.5 |" in text
     after_fastv = text.split("| fastv_k2_r50 |", 1)[1].splitlines()
     assert after_fastv[1].startswith("| blind |")  # no paper row under FastV at 306 tokens
@@ -340,7 +430,9 @@ def test_eval_shows_the_published_rows_with_exact_deltas(monkeypatch):
     attach_published(report2, cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"published": "none"})}))
     assert report2["published"] == {} and report2["published_model"] is None
     # a training filter drops the trained HiDrop row (the paper has no training-free HiDrop)
-    attach_published(report, cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"published_training": "training_free"})}))
+    attach_published(
+        report, cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"published_training": "training_free"})})
+    )
     assert set(report["published"]) == {"all_tokens"}
 
 
@@ -354,9 +446,12 @@ def test_eval_cli_shows_nothing_when_no_row_matches(tmp_path):
 
     (tmp_path / "pope" / "val2014").mkdir(parents=True)
     Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "pope" / "val2014" / "x.jpg")
-    (tmp_path / "pope" / "coco_pope_random.json").write_text("\n".join(
-        json.dumps({"question_id": i, "image": "x.jpg", "text": "Is there a dog?", "label": lab})
-        for i, lab in enumerate(["yes", "no"])))
+    (tmp_path / "pope" / "coco_pope_random.json").write_text(
+        "\n".join(
+            json.dumps({"question_id": i, "image": "x.jpg", "text": "Is there a dog?", "label": lab})
+            for i, lab in enumerate(["yes", "no"])
+        )
+    )
     exp = tmp_path / "exp.yaml"
     exp.write_text(f"""name: marked
 model: {{kind: tiny_llava}}
@@ -364,7 +459,7 @@ schedule: {{preset: hidrop_tok64}}
 eval:
   published: llava15_7b
   benchmarks:
-    - {{name: pope, options: {{root: {tmp_path / 'pope'}, splits: random}}}}
+    - {{name: pope, options: {{root: {tmp_path / "pope"}, splits: random}}}}
   baselines: [all_tokens]
   mode: generate
   max_new_tokens: 2
@@ -381,8 +476,19 @@ def test_eval_published_is_validated(tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "hidrop_platform.cli", "validate", "experiments/mini_llava_eval.yaml",
-                           "eval.published=llava"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hidrop_platform.cli",
+            "validate",
+            "experiments/mini_llava_eval.yaml",
+            "eval.published=llava",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [l for l in done.stderr.splitlines() if l.strip()]
     assert done.returncode == 2 and len(lines) == 1
     assert "published='llava' is not a published model; choose from auto, none, llava15_7b" in lines[0]
@@ -405,30 +511,62 @@ def paper_store(tmp_path_factory) -> dict:
     parent = Tracker(uri, "paper", run_name="sweep:p", tags={"hidrop.sweep": "p", "hidrop.kind": "sweep"}).start()
     parent.log_params(LLAVA)
     parent.log_metrics({f"reference/{b}": v for b, v in SWEEP_REF.items()}, step=0)
-    trials = [("seed:vanilla", "vanilla", 576.0, SWEEP_REF), ("seed:hidrop_tok64", "hidrop", 64.0, SWEEP_HIDROP),
-              ("seed:fastv", "fastv", 306.0, {b: v - 3 for b, v in SWEEP_REF.items()})]
+    trials = [
+        ("seed:vanilla", "vanilla", 576.0, SWEEP_REF),
+        ("seed:hidrop_tok64", "hidrop", 64.0, SWEEP_HIDROP),
+        ("seed:fastv", "fastv", 306.0, {b: v - 3 for b, v in SWEEP_REF.items()}),
+    ]
     for label, method, tokens, scores in trials:
-        child = Tracker(uri, "paper", run_name=label, parent_run_id=parent.run_id,
-                        tags={"hidrop.sweep": "p", "hidrop.seed": "True"}).start()
+        child = Tracker(
+            uri, "paper", run_name=label, parent_run_id=parent.run_id, tags={"hidrop.sweep": "p", "hidrop.seed": "True"}
+        ).start()
         child.log_params({**LLAVA, "schedule.method": method, "schedule.plan": label})
-        child.log_metrics({"relative_score": relative_score(scores, SWEEP_REF), "avg_vision_tokens": tokens,
-                           "vision_tflops": tokens / 576, **{f"score/{b}": v for b, v in scores.items()}}, step=0)
+        child.log_metrics(
+            {
+                "relative_score": relative_score(scores, SWEEP_REF),
+                "avg_vision_tokens": tokens,
+                "vision_tflops": tokens / 576,
+                **{f"score/{b}": v for b, v in scores.items()},
+            },
+            step=0,
+        )
         child.set_tags({"status": "finished"})
         child.finish()
     parent.finish()
     five = ("mme", "mmbench", "gqa", "vizwiz", "textvqa")
-    trained = {"train-vanilla": ("vanilla", "persistent", 576.0, {b: REF[b] for b in five}),
-               "train-hidrop": ("hidrop", "persistent", 64.0, {**TABLE2_HIDROP, "gqa": 58.5}),
-               "train-hidrop-compacted": ("hidrop", "compacted", 64.0, {**TABLE10_COMPACTED, "mme": 1400.0})}
+    trained = {
+        "train-vanilla": ("vanilla", "persistent", 576.0, {b: REF[b] for b in five}),
+        "train-hidrop": ("hidrop", "persistent", 64.0, {**TABLE2_HIDROP, "gqa": 58.5}),
+        "train-hidrop-compacted": ("hidrop", "compacted", 64.0, {**TABLE10_COMPACTED, "mme": 1400.0}),
+    }
     for name, (method, mode, tokens, scores) in trained.items():
-        run = Tracker(uri, "paper", run_name=name,
-                      tags={"hidrop.kind": "train", "stage": "finetune", "device_type": "cuda", "num_workers": "8"}).start()
+        run = Tracker(
+            uri,
+            "paper",
+            run_name=name,
+            tags={"hidrop.kind": "train", "stage": "finetune", "device_type": "cuda", "num_workers": "8"},
+        ).start()
         # each position mode's finetune starts from its own stage-1 export: model.path differs
-        run.log_params({**LLAVA, "model.path": f"/runs/llava15_7b_{name}_pretrain/export/final", "name": name,
-                        "schedule.method": method, "schedule.preset": method,
-                        "schedule.resolved_position_mode": mode, "train.max_steps": 100})
-        run.log_metrics({"accelerator_hours": 1.0, "avg_vision_tokens": tokens, "loss": 1.0,
-                         **{f"score/{b}": v for b, v in scores.items()}}, step=1)
+        run.log_params(
+            {
+                **LLAVA,
+                "model.path": f"/runs/llava15_7b_{name}_pretrain/export/final",
+                "name": name,
+                "schedule.method": method,
+                "schedule.preset": method,
+                "schedule.resolved_position_mode": mode,
+                "train.max_steps": 100,
+            }
+        )
+        run.log_metrics(
+            {
+                "accelerator_hours": 1.0,
+                "avg_vision_tokens": tokens,
+                "loss": 1.0,
+                **{f"score/{b}": v for b, v in scores.items()},
+            },
+            step=1,
+        )
         run.finish()
     return {"uri": uri, "trained": trained}
 
@@ -470,11 +608,13 @@ def test_report_shows_published_rows_and_exact_deltas(paper_store, tmp_path):
 
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| ↳ paper: HiDrop Tok64, trained, 64 tokens | 64 | 1473.3 |" in md
-    assert "| ↳ measured − paper | | -23.3 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +1.0 | +0.0 | +0.0 |" in md
+    assert (
+        "| ↳ measured − paper | | -23.3 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +0.0 | +1.0 | +0.0 | +0.0 |" in md
+    )
     assert "94.4 GPU-h (paper, full recipe)" in md and "gqa -2.0" in md
     assert "Position encodings (Table 10 layout)" in md and "not measured here: MMB-CN" in md
     page = (tmp_path / "r" / "report.html").read_text()
-    assert page.count("<tr class=\"published\">") == 7 and page.count("<tr class=\"delta\">") == 7
+    assert page.count('<tr class="published">') == 7 and page.count('<tr class="delta">') == 7
     assert "tr.published td{color:#8a8a8a" in page  # the lighter style
 
 

@@ -1,6 +1,7 @@
 """`hidrop report` on a store written through the project's own Tracker, with hand-chosen figures: every
 number in the tables is checked against what was logged, the blind row and Pareto flags against
 hand/brute-force computation, and the files against what was published on the parent run."""
+
 import json
 import re
 import subprocess
@@ -32,16 +33,33 @@ def relative(scores: dict) -> float:
 
 
 def _log_sweep(uri: str, experiment: str, name: str, trials=TRIALS, finish: str = "FINISHED") -> str:
-    parent = Tracker(uri, experiment, run_name=f"sweep:{name}", tags={"hidrop.sweep": name, "hidrop.kind": "sweep"}).start()
-    parent.log_metrics({**{f"reference/{b}": v for b, v in REFERENCE.items()},
-                        **{f"blind/{b}": v for b, v in BLIND.items()}}, step=0)
+    parent = Tracker(
+        uri, experiment, run_name=f"sweep:{name}", tags={"hidrop.sweep": name, "hidrop.kind": "sweep"}
+    ).start()
+    parent.log_metrics(
+        {**{f"reference/{b}": v for b, v in REFERENCE.items()}, **{f"blind/{b}": v for b, v in BLIND.items()}}, step=0
+    )
     for label, seed, scores, tokens, tflops in trials:
-        child = Tracker(uri, experiment, run_name=label, parent_run_id=parent.run_id,
-                        tags={"hidrop.sweep": name, "hidrop.seed": str(seed), "device_type": "cpu"}).start()
+        child = Tracker(
+            uri,
+            experiment,
+            run_name=label,
+            parent_run_id=parent.run_id,
+            tags={"hidrop.sweep": name, "hidrop.seed": str(seed), "device_type": "cpu"},
+        ).start()
         child.log_params({"schedule.plan": f"plan of {label}"})
-        child.log_metrics({"relative_score": relative(scores), "avg_vision_tokens": tokens, "vision_tflops": tflops,
-                           "model_tflops": tflops + 0.5, "accelerator_hours": 0.001, "samples": 40,
-                           **{f"score/{b}": v for b, v in scores.items()}}, step=0)
+        child.log_metrics(
+            {
+                "relative_score": relative(scores),
+                "avg_vision_tokens": tokens,
+                "vision_tflops": tflops,
+                "model_tflops": tflops + 0.5,
+                "accelerator_hours": 0.001,
+                "samples": 40,
+                **{f"score/{b}": v for b, v in scores.items()},
+            },
+            step=0,
+        )
         child.set_tags({"status": "finished"})
         child.finish()
     parent.finish(finish)
@@ -57,22 +75,41 @@ def store(tmp_path_factory) -> dict:
     old = _log_sweep(uri, "exp", "old", trials=TRIALS[:2])
     parent = _log_sweep(uri, "exp", "s1")
     # a trial that failed after logging metrics that would dominate everything: never on the front
-    failed = Tracker(uri, "exp", run_name="trial-009", parent_run_id=parent,
-                     tags={"hidrop.sweep": "s1", "hidrop.seed": "False"}).start()
+    failed = Tracker(
+        uri, "exp", run_name="trial-009", parent_run_id=parent, tags={"hidrop.sweep": "s1", "hidrop.seed": "False"}
+    ).start()
     failed.log_metrics({"relative_score": 150.0, "vision_tflops": 0.01, "avg_vision_tokens": 2.0}, step=0)
     failed.set_tags({"status": "failed"})
     failed.finish("FAILED")
     _log_sweep(uri, "exp", "broken", trials=TRIALS[:1], finish="FAILED")  # newest, but not finished
     for method, tokens, hours in (("vanilla", 196.0, 0.02), ("hidrop", 23.3, 0.011)):
-        run = Tracker(uri, "exp", run_name=f"train-{method}", spool_dir=spool,
-                      tags={"hidrop.kind": "train", "stage": "finetune", "device_type": "cpu", "num_workers": "2"}).start()
+        run = Tracker(
+            uri,
+            "exp",
+            run_name=f"train-{method}",
+            spool_dir=spool,
+            tags={"hidrop.kind": "train", "stage": "finetune", "device_type": "cpu", "num_workers": "2"},
+        ).start()
         run.log_params({"schedule.preset": method})
         for step, loss in ((1, 2.0), (2, 1.5)):
-            run.log_metrics({"loss": loss, "accelerator_hours": hours * step / 2, "avg_vision_tokens": tokens,
-                             "vision_tflops_per_sample": tokens / 196, "model_tflops_per_sample": 1.0,
-                             "samples_per_s": 3.0}, step=step)
-        run.log_metrics({"relative_score": 90.0 if method == "hidrop" else 100.0,
-                         "score/easy_vqa": 44.0 if method == "hidrop" else 55.0}, step=2)
+            run.log_metrics(
+                {
+                    "loss": loss,
+                    "accelerator_hours": hours * step / 2,
+                    "avg_vision_tokens": tokens,
+                    "vision_tflops_per_sample": tokens / 196,
+                    "model_tflops_per_sample": 1.0,
+                    "samples_per_s": 3.0,
+                },
+                step=step,
+            )
+        run.log_metrics(
+            {
+                "relative_score": 90.0 if method == "hidrop" else 100.0,
+                "score/easy_vqa": 44.0 if method == "hidrop" else 55.0,
+            },
+            step=2,
+        )
         run.finish()
     # an analysis with its plot
     import matplotlib
@@ -111,11 +148,23 @@ def test_methods_table_matches_the_logged_figures(store):
     assert table["columns"] == ["easy_vqa", "probes"]
     methods = [r["method"] for r in table["rows"]]
     # presets in the paper's order, then searched front trials best first, then blind
-    assert methods == ["LLaVA (all tokens)", "FastV", "PDrop", "HiDrop Tok64", "trial-001", "trial-003", "blind (no image)"]
+    assert methods == [
+        "LLaVA (all tokens)",
+        "FastV",
+        "PDrop",
+        "HiDrop Tok64",
+        "trial-001",
+        "trial-003",
+        "blind (no image)",
+    ]
     by_name = {r["method"]: r for r in table["rows"]}
     for label, _, scores, tokens, _ in TRIALS:
-        name = {"seed:vanilla": "LLaVA (all tokens)", "seed:fastv": "FastV", "seed:pdrop": "PDrop",
-                "seed:hidrop_tok64": "HiDrop Tok64"}.get(label, label)
+        name = {
+            "seed:vanilla": "LLaVA (all tokens)",
+            "seed:fastv": "FastV",
+            "seed:pdrop": "PDrop",
+            "seed:hidrop_tok64": "HiDrop Tok64",
+        }.get(label, label)
         if name in by_name:
             assert by_name[name]["scores"] == scores
             assert by_name[name]["relative_score"] == pytest.approx(relative(scores))
@@ -133,8 +182,17 @@ def test_build_report_writes_and_publishes(store, tmp_path):
     # self-contained: three figures inline, no external references
     assert page.count("data:image/png;base64,") == 3
     assert not re.search(r'(src|href)="(?!data:)', page)
-    for text in ("HiDrop Tok64", "FastV", "PDrop", "trial-001", "blind (no image)", "train-hidrop", "CPU-hours",
-                 "inject_layer=3", "40 questions per trial over 2 benchmarks: one answer moves a benchmark's score by 5.0"):
+    for text in (
+        "HiDrop Tok64",
+        "FastV",
+        "PDrop",
+        "trial-001",
+        "blind (no image)",
+        "train-hidrop",
+        "CPU-hours",
+        "inject_layer=3",
+        "40 questions per trial over 2 benchmarks: one answer moves a benchmark's score by 5.0",
+    ):
         assert text in page, text
     # Table 2 from the training runs' latest values
     saved = json.loads((out / "report.json").read_text())
@@ -167,8 +225,22 @@ def test_report_errors_are_one_line(store, tmp_path):
 
 def test_cli_report_and_errors(store, tmp_path):
     hidrop = [sys.executable, "-m", "hidrop_platform.cli"]
-    done = subprocess.run([*hidrop, "report", "exp", "--tracking-uri", store["uri"], "--out", str(tmp_path / "c"),
-                           "--no-publish", "--json"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            *hidrop,
+            "report",
+            "exp",
+            "--tracking-uri",
+            store["uri"],
+            "--out",
+            str(tmp_path / "c"),
+            "--no-publish",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["methods"][:4] == ["LLaVA (all tokens)", "FastV", "PDrop", "HiDrop Tok64"]

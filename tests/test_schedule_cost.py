@@ -1,4 +1,5 @@
 """Schedules, presets and cost accounting against the figures of method.md (sections 1 and 7)."""
+
 import pytest
 from pydantic import ValidationError
 
@@ -92,7 +93,10 @@ def test_scaling_keeps_relative_depth():
         (dict(exit_layer=40), "beyond the model depth"),
         (dict(drops=[DropEvent(after_layer=35, keep=1)]), "beyond the model depth"),
         (dict(drops=[DropEvent(after_layer=5, keep=10, score_layer=9)]), "score_layer=9"),
-        (dict(drops=[DropEvent(after_layer=8, keep=10), DropEvent(after_layer=8, keep=5)]), "must be after the previous drop"),
+        (
+            dict(drops=[DropEvent(after_layer=8, keep=10), DropEvent(after_layer=8, keep=5)]),
+            "must be after the previous drop",
+        ),
     ],
 )
 def test_impossible_schedules_are_rejected(fields, message):

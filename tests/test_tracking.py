@@ -1,9 +1,9 @@
 """MLflow tracking: a real sqlite store under tmp_path, and an http URI on a closed port for "server down"."""
+
 from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -21,7 +21,6 @@ from hidrop_platform.tracking import (
     TrackingUnavailable,
     TrackingWarning,
     default_tracking_uri,
-    package_versions,
     prepare,
     sync_spool,
     system_metrics,
@@ -95,8 +94,7 @@ def test_log_everything_and_read_back(store, tmp_path):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with Tracker(store, "exp-basic", run_name="basic", tags={"team": "hidrop"},
-                     spool_dir=tmp_path / "spool") as t:
+        with Tracker(store, "exp-basic", run_name="basic", tags={"team": "hidrop"}, spool_dir=tmp_path / "spool") as t:
             t.log_config(config)
             t.log_params({"lr": 0.1})
             t.log_metrics({"loss": 2.0, "acc": 0.25}, step=0)
@@ -190,8 +188,12 @@ def test_server_down_spools_then_sync_spool_replays(store, down_uri, tmp_path):
 
     records = [json.loads(line) for line in t.spool_path.read_text().splitlines()]
     assert records[0]["op"] == "run" and records[0]["run_id"] is None
-    assert [r["op"] for r in records[1:]] == ["start", "params"] + ["metrics"] * 5 + ["artifact", "text", "tags",
-                                                                                    "finish"]
+    assert [r["op"] for r in records[1:]] == ["start", "params"] + ["metrics"] * 5 + [
+        "artifact",
+        "text",
+        "tags",
+        "finish",
+    ]
     stamps = [r["timestamp"] for r in records if r["op"] == "metrics"]
 
     with warnings.catch_warnings():

@@ -1,6 +1,7 @@
 """Training: the DeepSpeed config, LR schedule, what each stage trains, and (slow) real Ray Train +
 DeepSpeed runs: 2 workers ZeRO-2 with the loss going down, a killed run resuming into the same MLflow
 run, and a diverging run stopping with a clear error."""
+
 import json
 import math
 
@@ -17,8 +18,16 @@ SMOKE = "experiments/tiny_train_smoke.yaml"
 
 
 def test_deepspeed_config_from_yaml_and_merge():
-    cfg = load_config(SMOKE, ["train.zero_stage=3", "train.offload_param=true", "train.precision=bf16",
-                              "train.grad_accum=4", "train.deepspeed={zero_optimization: {reduce_bucket_size: 1000}}"])
+    cfg = load_config(
+        SMOKE,
+        [
+            "train.zero_stage=3",
+            "train.offload_param=true",
+            "train.precision=bf16",
+            "train.grad_accum=4",
+            "train.deepspeed={zero_optimization: {reduce_bucket_size: 1000}}",
+        ],
+    )
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"}, "reduce_bucket_size": 1000}
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
@@ -30,8 +39,14 @@ def test_deepspeed_config_from_yaml_and_merge():
     assert deepspeed_config(override)["zero_optimization"]["contiguous_gradients"] is True
 
 
-@pytest.mark.parametrize("bad,msg", [("train.offload_param=true", "zero_stage=3"), ("train.lora={r: 4}", "finetune"),
-                                      ("train.zero_stage=4", "less than or equal")])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        ("train.offload_param=true", "zero_stage=3"),
+        ("train.lora={r: 4}", "finetune"),
+        ("train.zero_stage=4", "less than or equal"),
+    ],
+)
 def test_train_config_errors(bad, msg):
     from hidrop_platform.config import ConfigError
 
@@ -69,8 +84,14 @@ def _run(tmp_path, monkeypatch, *overrides):
     from hidrop_platform.cli import app
 
     monkeypatch.chdir(tmp_path)
-    args = ["train", str(pytest.ROOT / SMOKE), f"train.storage_path={tmp_path / 'runs'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--json", *overrides]
+    args = [
+        "train",
+        str(pytest.ROOT / SMOKE),
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "--json",
+        *overrides,
+    ]
     return CliRunner().invoke(app, args)
 
 
@@ -98,12 +119,20 @@ def test_two_worker_zero2_run_trains_and_tracks(tmp_path, monkeypatch):
     run = runs[0]
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
     assert len(losses) == 8 and losses[-1] < losses[0]
-    for key in ("lr", "grad_norm", "samples_per_s", "tokens_per_s", "accelerator_hours", "vision_tokens_kept", "model_tflops_per_sample"):
+    for key in (
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "tokens_per_s",
+        "accelerator_hours",
+        "vision_tokens_kept",
+        "model_tflops_per_sample",
+    ):
         assert key in run.data.metrics, key
     assert run.data.params["train.zero_stage"] == "2" and run.data.tags["device_type"] == "cpu"
     from hidrop.models import load_model
 
-    out = json.loads(result.stdout[result.stdout.index("{"):])
+    out = json.loads(result.stdout[result.stdout.index("{") :])
     exported = load_model(out["export"])
     assert exported.schedule.name.startswith("hidrop")
 
@@ -132,8 +161,17 @@ def test_unreachable_tracking_server_training_continues_and_spools(tmp_path, mon
     from hidrop_platform.cli import app
 
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["train", str(pytest.ROOT / SMOKE), f"train.storage_path={tmp_path / 'runs'}",
-                                      "tracking.uri=http://127.0.0.1:9", "train.num_workers=1", "train.max_steps=3"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(pytest.ROOT / SMOKE),
+            f"train.storage_path={tmp_path / 'runs'}",
+            "tracking.uri=http://127.0.0.1:9",
+            "train.num_workers=1",
+            "train.max_steps=3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "unreachable" in result.output
     spools = list((tmp_path / "mlruns" / "spool").glob("*.jsonl"))
@@ -197,8 +235,10 @@ def test_turns_alternate_strictly_and_a_stop_ends_the_wait(tmp_path):
             turns.wait()
         turns.close()
 
-    threads = [threading.Thread(target=side, args=("plain", "ray", 5, True)),
-               threading.Thread(target=side, args=("ray", "plain", 5, False))]
+    threads = [
+        threading.Thread(target=side, args=("plain", "ray", 5, True)),
+        threading.Thread(target=side, args=("ray", "plain", 5, False)),
+    ]
     for th in threads:
         th.start()
     for th in threads:

@@ -1,6 +1,7 @@
 """Schedule search: the curve form against brute force, the searcher's validity guarantee and resume state,
 the Pareto front against a brute-force definition, and (slow) real Ray Tune sweeps on a tiny model with
 MLflow: one nested run per trial, a failing trial retried, an interrupted sweep resumed."""
+
 from __future__ import annotations
 
 import itertools
@@ -19,14 +20,17 @@ import yaml
 
 from hidrop.schedule import ScheduleError, hidrop, keep_curve, pyramid, spread_layers
 from hidrop_dashboards.pareto import pareto_front
-from hidrop_platform.config import ConfigError, load_config, load_config_data, validate_config, with_overrides
+from hidrop_platform.config import ConfigError, load_config_data, validate_config, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- the curve form --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant,layers", [("tok48", [10, 14, 16, 18]), ("tok64", [10, 14, 16, 18]), ("tok80", [10, 13, 16, 19])])
+
+@pytest.mark.parametrize(
+    "variant,layers", [("tok48", [10, 14, 16, 18]), ("tok64", [10, 14, 16, 18]), ("tok80", [10, 13, 16, 19])]
+)
 def test_pyramid_reproduces_hidrop_from_its_average(variant, layers):
     target = {"tok48": 48.0, "tok64": 64.0, "tok80": 80.03}[variant]
     s = pyramid(32, 576, inject_layer=9, exit_layer=25, drop_layers=layers, avg_tokens=target, tail_keeps=[10, 5, 1])
@@ -63,7 +67,9 @@ def _with_first(n_layers, n_vis, first, inject_layer, exit_layer, stages, keep_d
     end = n_layers + 1 if exit_layer is None else exit_layer
     keeps = keep_curve(first, stages, keep_decay)
     drops = tuple(DropEvent(after_layer=l, keep=k) for l, k in zip(spread_layers(inject_layer, end, stages), keeps))
-    return Schedule(num_layers=n_layers, num_vision_tokens=n_vis, inject_layer=inject_layer, exit_layer=exit_layer, drops=drops)
+    return Schedule(
+        num_layers=n_layers, num_vision_tokens=n_vis, inject_layer=inject_layer, exit_layer=exit_layer, drops=drops
+    )
 
 
 def test_spread_layers_and_keep_curve_always_valid():
@@ -83,7 +89,9 @@ def test_spread_layers_and_keep_curve_always_valid():
 
 def test_curve_errors_name_the_problem():
     with pytest.raises(ScheduleError, match="avg_tokens=10 is unreachable"):
-        pyramid(32, 576, inject_layer=5, exit_layer=28, drop_layers=[10, 14, 16, 18], avg_tokens=10, tail_keeps=[10, 5, 1])
+        pyramid(
+            32, 576, inject_layer=5, exit_layer=28, drop_layers=[10, 14, 16, 18], avg_tokens=10, tail_keeps=[10, 5, 1]
+        )
     with pytest.raises(ScheduleError, match="exactly one of first_keep_ratio / avg_tokens"):
         pyramid(32, 576, stages=2)
     with pytest.raises(ScheduleError, match="tail_keeps has 1 entries"):
@@ -92,13 +100,23 @@ def test_curve_errors_name_the_problem():
 
 def _tiny(tmp_path, **tune) -> dict:
     data = {
-        "name": "tiny_tune", "model": {"kind": "tiny_llava"},
+        "name": "tiny_tune",
+        "model": {"kind": "tiny_llava"},
         "schedule": {"inject_layer": 2, "exit_layer": 7, "stages": 2, "first_keep_ratio": 0.5},
         "eval": {"benchmarks": [{"name": "easy_vqa", "limit": 8}], "baselines": [], "batch_size": 8},
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
-        "tune": {"algorithm": "random", "num_samples": 3, "seeds": ["vanilla"], "storage_path": str(tmp_path / "runs"),
-                 "space": {"schedule.inject_layer": {"int": [1, 6]}, "schedule.exit_layer": {"int": [3, 8]},
-                           "schedule.stages": {"int": [1, 3]}, "schedule.first_keep_ratio": {"float": [0.1, 0.9]}}},
+        "tune": {
+            "algorithm": "random",
+            "num_samples": 3,
+            "seeds": ["vanilla"],
+            "storage_path": str(tmp_path / "runs"),
+            "space": {
+                "schedule.inject_layer": {"int": [1, 6]},
+                "schedule.exit_layer": {"int": [3, 8]},
+                "schedule.stages": {"int": [1, 3]},
+                "schedule.first_keep_ratio": {"float": [0.1, 0.9]},
+            },
+        },
     }
     data["tune"].update(tune)
     return data
@@ -111,8 +129,14 @@ def test_curve_form_in_yaml_and_config_errors(tmp_path):
         ({"schedule": {"drops": [{"after_layer": 3, "keep": 4}], "stages": 1, "first_keep_ratio": 0.5}}, "not both"),
         ({"tune": {"space": {"schedule.nope": {"int": [1, 2]}}}}, "does not name a config field"),
         ({"tune": {"space": {"schedule.stages": {"int": [3, 1]}}}}, "low > high"),
-        ({"tune": {"space": {"schedule.stages": {"int": [1, 3], "choice": [1]}}}}, "exactly one of choice / int / float"),
-        ({"tune": {"algorithm": "grid", "space": {"schedule.first_keep_ratio": {"float": [0.1, 0.5]}}}}, "grid search needs"),
+        (
+            {"tune": {"space": {"schedule.stages": {"int": [1, 3], "choice": [1]}}}},
+            "exactly one of choice / int / float",
+        ),
+        (
+            {"tune": {"algorithm": "grid", "space": {"schedule.first_keep_ratio": {"float": [0.1, 0.5]}}}},
+            "grid search needs",
+        ),
         ({"tune": {"objective": "score"}}, "needs max_vision_tflops"),
     ]
     for patch, msg in bad:
@@ -142,6 +166,7 @@ def test_every_experiment_search_space_produces_valid_trials():
 
 
 # ---- the searcher ----------------------------------------------------------------------------------
+
 
 def _suggest_all(searcher, limit=200):
     out = []
@@ -174,15 +199,26 @@ def test_searcher_only_suggests_valid_schedules_and_counts_rejections(tmp_path, 
 def test_grid_enumerates_exactly_the_valid_points(tmp_path):
     from hidrop_platform.tune import ScheduleSearcher
 
-    space = {"schedule.inject_layer": {"int": [1, 5]}, "schedule.exit_layer": {"choice": [4, 6, None]},
-             "schedule.stages": {"int": [1, 3]}, "schedule.first_keep_ratio": {"choice": [0.25, 0.75]}}
+    space = {
+        "schedule.inject_layer": {"int": [1, 5]},
+        "schedule.exit_layer": {"choice": [4, 6, None]},
+        "schedule.stages": {"int": [1, 3]},
+        "schedule.first_keep_ratio": {"choice": [0.25, 0.75]},
+    }
     base = _tiny(tmp_path, algorithm="grid", space=space, seeds=[])
     searcher = ScheduleSearcher(base, validate_config(base))
     got = _suggest_all(searcher)
     brute = 0
     for inject, exit_layer, stages, ratio in itertools.product(range(1, 6), [4, 6, None], range(1, 4), [0.25, 0.75]):
-        data = with_overrides(base, {"schedule.inject_layer": inject, "schedule.exit_layer": exit_layer,
-                                     "schedule.stages": stages, "schedule.first_keep_ratio": ratio})
+        data = with_overrides(
+            base,
+            {
+                "schedule.inject_layer": inject,
+                "schedule.exit_layer": exit_layer,
+                "schedule.stages": stages,
+                "schedule.first_keep_ratio": ratio,
+            },
+        )
         try:
             validate_config(data)
             brute += 1
@@ -231,17 +267,20 @@ def test_searcher_state_round_trip_continues_without_repeats(tmp_path, algorithm
 
 # ---- the Pareto front ------------------------------------------------------------------------------
 
+
 def test_pareto_front_against_brute_force():
     assert pareto_front([(90, 1.0), (80, 0.5), (85, 2.0), (90, 1.0), (70, 0.5)]) == [1, 0, 3]
     rng = random.Random(1)
     for _ in range(50):
         pts = [(rng.choice([50, 60, 70, 80, 90]), rng.choice([0.1, 0.2, 0.3, 0.4])) for _ in range(rng.randint(1, 25))]
-        brute = {i for i, (s, c) in enumerate(pts)
-                 if not any((s2 >= s and c2 <= c) and (s2, c2) != (s, c) for s2, c2 in pts)}
+        brute = {
+            i for i, (s, c) in enumerate(pts) if not any((s2 >= s and c2 <= c) and (s2, c2) != (s, c) for s2, c2 in pts)
+        }
         assert set(pareto_front(pts)) == brute
 
 
 # ---- real sweeps (Ray Tune + MLflow) ---------------------------------------------------------------
+
 
 def _runs(db: Path) -> list:
     import mlflow
@@ -252,8 +291,13 @@ def _runs(db: Path) -> list:
 
 
 def _cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "hidrop_platform.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "hidrop_platform.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -262,7 +306,7 @@ def test_sweep_completes_with_one_nested_run_per_trial_and_a_failing_trial_retri
     exp.write_text(yaml.safe_dump(_tiny(tmp_path, seeds=["vanilla", "hidrop_tok64"], num_samples=3)))
     proc = _cli("tune", str(exp), "--json", cwd=tmp_path, env={"HIDROP_TEST_FAIL_TRIAL": "trial-002"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    summary = json.loads(proc.stdout[proc.stdout.index("{\n") :])
     assert len(summary["trials"]) == 5 and summary["failed"] == 0
     assert summary["pareto"] and set(summary["pareto"]) <= {t["label"] for t in summary["trials"]}
     runs, client = _runs(tmp_path / "mlflow.db")
@@ -288,9 +332,15 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     # 12 trials of about a second each: enough left after the third starts that Ctrl+C cannot arrive after
     # the last one (a sweep that finishes before the signal lands rightly exits 0)
     exp.write_text(yaml.safe_dump(_tiny(tmp_path, seeds=["vanilla"], num_samples=11, max_concurrent=1)))
-    proc = subprocess.Popen([sys.executable, "-m", "hidrop_platform.cli", "tune", str(exp), "--json"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hidrop_platform.cli", "tune", str(exp), "--json"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     runs_dir = tmp_path / "runs" / "tiny_tune" / "trial_runs"
     deadline = time.time() + 300
     while time.time() < deadline and len(list(runs_dir.glob("*.json"))) < 3:
@@ -299,7 +349,9 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 2 and "--resume" in err, err[-2000:]
     runs, _ = _runs(tmp_path / "mlflow.db")
-    done_before = {r.info.run_id for r in runs if r.info.status == "FINISHED" and r.data.tags.get("hidrop.kind") != "sweep"}
+    done_before = {
+        r.info.run_id for r in runs if r.info.status == "FINISHED" and r.data.tags.get("hidrop.kind") != "sweep"
+    }
     assert 1 <= len(done_before) < 12
 
     again = _cli("tune", str(exp), "--resume", "--json", cwd=tmp_path, timeout=600)
@@ -331,13 +383,19 @@ def test_tune_cli_errors_are_one_line(tmp_path):
 @pytest.mark.slow
 def test_trained_sweep_finetunes_each_trial_under_asha(tmp_path):
     data = _tiny(tmp_path, kind="trained", seeds=["vanilla"], num_samples=3, train_steps=4, eval_every=2)
-    data["train"] = {"stage": "finetune", "data": [{"name": "easy_vqa", "limit": 32}], "micro_batch_size": 4,
-                     "lr": 3.0e-3, "warmup_ratio": 0.0, "lr_schedule": "constant"}
+    data["train"] = {
+        "stage": "finetune",
+        "data": [{"name": "easy_vqa", "limit": 32}],
+        "micro_batch_size": 4,
+        "lr": 3.0e-3,
+        "warmup_ratio": 0.0,
+        "lr_schedule": "constant",
+    }
     exp = tmp_path / "tune.yaml"
     exp.write_text(yaml.safe_dump(data))
     proc = _cli("tune", str(exp), "--json", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    summary = json.loads(proc.stdout[proc.stdout.index("{\n") :])
     assert len(summary["trials"]) == 4 and summary["failed"] == 0
     assert all(t["train_step"] in (2, 4) for t in summary["trials"])  # ASHA may stop a trial after its first evaluation
     runs, client = _runs(tmp_path / "mlflow.db")

@@ -8,6 +8,7 @@ The loop is batch-major: each batch's images go through the vision tower once, t
 - oracle: the main schedule's keep counts, evidence tokens first (benchmarks with evidence only).
 Random and oracle replay their choices through the engine's `forced_keep`, nested across drops.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -207,8 +208,10 @@ def evaluate(
     n_layers, n_vis = vlm.num_layers, vlm.num_vision_tokens
     for s in schedules:
         if s.num_layers != n_layers or s.num_vision_tokens != n_vis:
-            raise EvalError(f"schedule {s.name!r} is for {s.num_layers} layers / {s.num_vision_tokens} tokens, "
-                            f"the model has {n_layers} / {n_vis}")
+            raise EvalError(
+                f"schedule {s.name!r} is for {s.num_layers} layers / {s.num_vision_tokens} tokens, "
+                f"the model has {n_layers} / {n_vis}"
+            )
     methods = _methods(schedules, baselines, n_layers, n_vis)
     if reference_scores is not None and len(methods) > 1:
         methods = [m for m in methods if m.name != REFERENCE]
@@ -226,7 +229,9 @@ def evaluate(
             raise EvalError(f"benchmark {bench.name!r} yielded no samples")
         bench_mode = bench.default_mode if mode == "auto" else mode
         if bench_mode == "closed" and any(not s.candidates for s in samples):
-            raise EvalError(f"benchmark {bench.name!r} has open answers; closed-vocabulary scoring needs candidates (mode=generate)")
+            raise EvalError(
+                f"benchmark {bench.name!r} has open answers; closed-vocabulary scoring needs candidates (mode=generate)"
+            )
         cand_ids: dict[tuple, list[list[int]]] = {}  # candidate set -> first-token ids per candidate
         if bench_mode == "closed":
             try:
@@ -293,8 +298,14 @@ def schedule_row(report: dict, schedule: Schedule) -> dict:
     return next(r for r in report["methods"] if r["kind"] == "schedule")
 
 
-def generate_answers(vlm: VisionLanguageModel, schedule: Schedule, samples: Sequence[Sample], *,
-                     max_new_tokens: int = 16, batch_size: int = 8) -> list[str]:
+def generate_answers(
+    vlm: VisionLanguageModel,
+    schedule: Schedule,
+    samples: Sequence[Sample],
+    *,
+    max_new_tokens: int = 16,
+    batch_size: int = 8,
+) -> list[str]:
     """Greedy answers of `vlm` under `schedule`, one per sample, batched exactly as `evaluate` batches
     them (for integrations such as the lmms-eval plugin, which score the answers themselves)."""
     template = get_template(vlm.template)
@@ -339,16 +350,26 @@ def _run_method(vlm, engine, m: Method, batch: _Batch, mode, cand_ids, max_new_t
             texts = []
             for row, s in enumerate(batch.samples):
                 ids_per_cand = cand_ids[tuple(s.candidates)]
-                best = max(range(len(s.candidates)), key=lambda c: float(torch.logsumexp(logp[row, ids_per_cand[c]], 0)))
+                best = max(
+                    range(len(s.candidates)), key=lambda c: float(torch.logsumexp(logp[row, ids_per_cand[c]], 0))
+                )
                 texts.append(s.candidates[best])
             keep_masks, counts = out.keep_masks, out.layer_vision_counts
         else:
-            eos = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int) and t >= 0]
+            eos = [
+                t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int) and t >= 0
+            ]
             seqs, _, keep_masks = engine.generate(
-                ids, am, vision_embeds=vis_embeds, vision_mask=vis_mask, max_new_tokens=max_new_tokens,
-                eos_token_id=eos or None, return_cache=True, forced_keep=forced,
+                ids,
+                am,
+                vision_embeds=vis_embeds,
+                vision_mask=vis_mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos or None,
+                return_cache=True,
+                forced_keep=forced,
             )
-            new = seqs[:, ids.shape[1]:]
+            new = seqs[:, ids.shape[1] :]
             texts = [tok.decode(row, skip_special_tokens=True) for row in new.tolist()]
             counts = None
     if counts is not None:  # (num_layers, B): average over the rows that carry an image
@@ -372,8 +393,16 @@ def _weighted(pairs: list[tuple[float, int]]) -> Optional[float]:
     return sum(v for v, _ in pairs) / total if total else None
 
 
-def _report(vlm, methods: list[Method], per_method: dict, plans, text_tokens: float, wall: float, mode: str,
-            reference_scores: Optional[dict[str, float]] = None) -> dict:
+def _report(
+    vlm,
+    methods: list[Method],
+    per_method: dict,
+    plans,
+    text_tokens: float,
+    wall: float,
+    mode: str,
+    reference_scores: Optional[dict[str, float]] = None,
+) -> dict:
     shape = model_shape(vlm, text_tokens)
     scores = {m.name: {b: e["score"] for b, e in per_method[m.name]["benchmarks"].items()} for m in methods}
     reference = scores[REFERENCE] if reference_scores is None else reference_scores
@@ -385,18 +414,20 @@ def _report(vlm, methods: list[Method], per_method: dict, plans, text_tokens: fl
         cost = cost_report(m.schedule, shape)
         if m.kind == "blind":
             cost.update(avg_vision_tokens=0.0, vision_tflops=0.0, model_tflops=text_only_tflops(shape), plan="no image")
-        rows.append({
-            "method": m.name,
-            "kind": m.kind,
-            "schedule": m.schedule.model_dump(mode="json") if m.kind != "blind" else None,
-            "plan": cost["plan"],
-            "benchmarks": per_method[m.name]["benchmarks"],
-            "relative_score": relative_score(scores[m.name], reference),
-            "avg_vision_tokens": cost["avg_vision_tokens"],
-            "measured_avg_vision_tokens": _weighted(per_method[m.name]["vision_counts"]),
-            "vision_tflops": cost["vision_tflops"],
-            "model_tflops": cost["model_tflops"],
-        })
+        rows.append(
+            {
+                "method": m.name,
+                "kind": m.kind,
+                "schedule": m.schedule.model_dump(mode="json") if m.kind != "blind" else None,
+                "plan": cost["plan"],
+                "benchmarks": per_method[m.name]["benchmarks"],
+                "relative_score": relative_score(scores[m.name], reference),
+                "avg_vision_tokens": cost["avg_vision_tokens"],
+                "measured_avg_vision_tokens": _weighted(per_method[m.name]["vision_counts"]),
+                "vision_tflops": cost["vision_tflops"],
+                "model_tflops": cost["model_tflops"],
+            }
+        )
     notes = []
     blind = scores.get("blind")
     if blind:

@@ -1,4 +1,5 @@
 """Scoring rules and the paper's aggregate figures (no model code)."""
+
 from __future__ import annotations
 
 import re

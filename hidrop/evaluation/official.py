@@ -9,6 +9,7 @@
   the sum over its ten perception categories.
 - Multiple choice: the option letter a free-form answer names, and MMBench's circular evaluation.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,26 +18,109 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 # ---- VQA answer normalization ------------------------------------------------------------------------
 
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 ARTICLES = {"a", "an", "the"}
 # apostrophe-less spellings restored to the form the human answers use (the common ones)
 CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
     "isnt": "isn't",
-    "itd": "it'd", "itll": "it'll", "lets": "let's", "mightnt": "mightn't", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "shant": "shan't", "shed": "she'd",
-    "shes": "she's", "shouldnt": "shouldn't", "shouldve": "should've", "thats": "that's", "thered": "there'd",
-    "theres": "there's", "theyd": "they'd", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "wasnt": "wasn't", "wed": "we'd", "weve": "we've", "werent": "weren't", "whatll": "what'll",
-    "whatre": "what're", "whats": "what's", "whens": "when's", "whered": "where'd", "wheres": "where's",
-    "whod": "who'd", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
-    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "yall": "y'all", "youd": "you'd", "youll": "you'll", "youre": "you're", "youve": "you've",
+    "itd": "it'd",
+    "itll": "it'll",
+    "lets": "let's",
+    "mightnt": "mightn't",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "shant": "shan't",
+    "shed": "she'd",
+    "shes": "she's",
+    "shouldnt": "shouldn't",
+    "shouldve": "should've",
+    "thats": "that's",
+    "thered": "there'd",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "wasnt": "wasn't",
+    "wed": "we'd",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whod": "who'd",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "yall": "y'all",
+    "youd": "you'd",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
-_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PUNCTUATION = [
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+]
 _COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
 _PERIOD_NOT_DECIMAL = re.compile(r"\.(?!\d)")  # what the reference regex does in effect: "2." -> "2", "3.5" stays
 
@@ -81,13 +165,14 @@ def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
         return float(pred == gts[0])
     total = 0.0
     for i in range(len(gts)):
-        others = gts[:i] + gts[i + 1:]
+        others = gts[:i] + gts[i + 1 :]
         total += min(1.0, sum(g == pred for g in others) / 3.0)
     return total / len(gts)
 
 
 def gqa_match(prediction: str, answer: str) -> float:
     """LLaVA's eval_gqa: lower case, trailing period removed, then exact match."""
+
     def clean(text: str) -> str:
         text = text.strip().lower()
         return text[:-1] if text.endswith(".") else text
@@ -96,6 +181,7 @@ def gqa_match(prediction: str, answer: str) -> float:
 
 
 # ---- yes / no, POPE, MME -----------------------------------------------------------------------------
+
 
 def parse_yes_no(text: str) -> str:
     """LLaVA's POPE rule: the first sentence; "no" if it contains the words no / not, else "yes"."""
@@ -116,12 +202,27 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": 100.0 * (tp + tn) / n if n else float("nan"), "precision": 100.0 * precision,
-            "recall": 100.0 * recall, "f1": 100.0 * f1, "yes_ratio": 100.0 * sum(pred) / n if n else float("nan")}
+    return {
+        "accuracy": 100.0 * (tp + tn) / n if n else float("nan"),
+        "precision": 100.0 * precision,
+        "recall": 100.0 * recall,
+        "f1": 100.0 * f1,
+        "yes_ratio": 100.0 * sum(pred) / n if n else float("nan"),
+    }
 
 
-MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
-                  "artwork", "OCR")
+MME_PERCEPTION = (
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+)
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
@@ -153,7 +254,10 @@ def option_letter(prediction: str, options: Mapping[str, str]) -> Optional[str]:
     the one option whose text the answer equals (case and punctuation aside). None when unclear."""
     text = prediction.strip()
     letters = "".join(sorted(options))
-    patterns = (rf"^\(?([{letters}])\)?(?:[.:)\s]|$)", rf"^(?:answer|option)\s*(?:is)?\s*:?\s*\(?([{letters}])\)?(?:[.:)\s]|$)")
+    patterns = (
+        rf"^\(?([{letters}])\)?(?:[.:)\s]|$)",
+        rf"^(?:answer|option)\s*(?:is)?\s*:?\s*\(?([{letters}])\)?(?:[.:)\s]|$)",
+    )
     for pattern in patterns:
         found = re.match(pattern, text, flags=re.IGNORECASE if pattern.startswith("^(?:") else 0)
         if found:

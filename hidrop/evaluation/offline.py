@@ -1,4 +1,5 @@
 """Benchmarks that run with no download: easy-vqa (real images) and the procedural probe suite."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -65,5 +66,10 @@ class Probes(Benchmark):
             knobs.setdefault("font_size", max(8, round(base.font_size * scale)))
             knobs.setdefault("distractors", min(base.distractors, round(base.distractors * scale * scale)))
         config = ProbeConfig(grid=self.grid, **knobs)
-        return probe_suite(self.split, per_family=self.limit or 40, families=tuple(self.families or FAMILIES),
-                           config=config, seed=self.seed)
+        return probe_suite(
+            self.split,
+            per_family=self.limit or 40,
+            families=tuple(self.families or FAMILIES),
+            config=config,
+            seed=self.seed,
+        )

@@ -2,10 +2,12 @@
 evaluation preparation use, scored with their official rules (hidrop.evaluation.official).
 
 Every benchmark takes `root` (its folder) and, to override the default layout, the paths of its files
-(relative to `root` or absolute). A missing file or folder is an error naming the path (the harness adds the benchmark's name).
+(relative to `root` or absolute). A missing file or folder is an error naming the path (the harness adds the
+benchmark's name).
 Prompts follow LLaVA-1.5's evaluation prompts. `limit` keeps the first N questions in file order (MMBench:
 the first N questions, each with all its rotations).
 """
+
 from __future__ import annotations
 
 import base64
@@ -39,18 +41,48 @@ CHOICE_CN = "请直接回答选项字母。"
 VIZWIZ = "When the provided information is insufficient, respond with 'Unanswerable'.\n" + SHORT_ANSWER
 
 # the order of the paper's Table 1 columns
-PAPER_BENCHMARKS = ("mme", "mmbench", "mmbench_cn", "gqa", "vqav2", "scienceqa_img", "vizwiz", "textvqa",
-                    "pope", "seed_image", "mmstar")
-PAPER_NAMES = {"mme": "MME", "mmbench": "MMB", "mmbench_cn": "MMB-CN", "gqa": "GQA", "vqav2": "VQAv2",
-               "scienceqa_img": "SQA-IMG", "vizwiz": "VizWiz", "textvqa": "TextVQA", "pope": "POPE",
-               "seed_image": "SEED-I", "mmstar": "MMStar"}
+PAPER_BENCHMARKS = (
+    "mme",
+    "mmbench",
+    "mmbench_cn",
+    "gqa",
+    "vqav2",
+    "scienceqa_img",
+    "vizwiz",
+    "textvqa",
+    "pope",
+    "seed_image",
+    "mmstar",
+)
+PAPER_NAMES = {
+    "mme": "MME",
+    "mmbench": "MMB",
+    "mmbench_cn": "MMB-CN",
+    "gqa": "GQA",
+    "vqav2": "VQAv2",
+    "scienceqa_img": "SQA-IMG",
+    "vizwiz": "VizWiz",
+    "textvqa": "TextVQA",
+    "pope": "POPE",
+    "seed_image": "SEED-I",
+    "mmstar": "MMStar",
+}
 
 
 def _sample(sid: str, prompt: str, image, answer: Optional[str], family: str = "", candidates=None, **meta) -> Sample:
-    turns = ({"from": HUMAN, "value": f"{IMAGE_PLACEHOLDER}\n{prompt}" if image is not None else prompt},
-             {"from": GPT, "value": answer or ""})
-    return Sample(id=sid, conversations=turns, image=image, answer=answer, family=family,
-                  candidates=tuple(candidates) if candidates else None, meta=meta)
+    turns = (
+        {"from": HUMAN, "value": f"{IMAGE_PLACEHOLDER}\n{prompt}" if image is not None else prompt},
+        {"from": GPT, "value": answer or ""},
+    )
+    return Sample(
+        id=sid,
+        conversations=turns,
+        image=image,
+        answer=answer,
+        family=family,
+        candidates=tuple(candidates) if candidates else None,
+        meta=meta,
+    )
 
 
 def _b64_image(data: str) -> Callable:
@@ -117,28 +149,43 @@ def _read_tsv(path: Path) -> list[dict]:
 
 # ---- open-ended VQA ----------------------------------------------------------------------------------
 
+
 @register("vqav2")
 class VQAv2(LocalBenchmark):
     """VQAv2 with answers (a val split, or test-dev answers you hold): the questions and annotations
     JSON of the release, COCO images named COCO_<split>_<image_id:012d>.jpg. VQA accuracy."""
 
     description = "VQAv2 (questions + annotations JSON, COCO images), VQA accuracy"
-    paths = {"questions": "v2_OpenEnded_mscoco_val2014_questions.json",
-             "annotations": "v2_mscoco_val2014_annotations.json", "images": "val2014", "image_prefix": "COCO_val2014_"}
+    paths = {
+        "questions": "v2_OpenEnded_mscoco_val2014_questions.json",
+        "annotations": "v2_mscoco_val2014_annotations.json",
+        "images": "val2014",
+        "image_prefix": "COCO_val2014_",
+    }
 
     def load(self) -> list[Sample]:
         questions = _read_json(self.path("questions"))["questions"]
-        answers = {a["question_id"]: [x["answer"] for x in a["answers"]]
-                   for a in _read_json(self.path("annotations"))["annotations"]}
+        answers = {
+            a["question_id"]: [x["answer"] for x in a["answers"]]
+            for a in _read_json(self.path("annotations"))["annotations"]
+        }
         images, prefix = self.path("images"), self.files["image_prefix"]
         out = []
         for q in self.take(questions):
             if q["question_id"] not in answers:
-                raise ValueError(f"question {q['question_id']} has no annotation (test-dev answers are "
-                                 "scored by the evaluation server; use a split with answers)")
-            out.append(_sample(str(q["question_id"]), f"{q['question']}\n{SHORT_ANSWER}",
-                               images / f"{prefix}{int(q['image_id']):012d}.jpg", answers[q["question_id"]][0],
-                               answers=answers[q["question_id"]]))
+                raise ValueError(
+                    f"question {q['question_id']} has no annotation (test-dev answers are "
+                    "scored by the evaluation server; use a split with answers)"
+                )
+            out.append(
+                _sample(
+                    str(q["question_id"]),
+                    f"{q['question']}\n{SHORT_ANSWER}",
+                    images / f"{prefix}{int(q['image_id']):012d}.jpg",
+                    answers[q["question_id"]][0],
+                    answers=answers[q["question_id"]],
+                )
+            )
         return out
 
     def score(self, sample: Sample, prediction: str) -> float:
@@ -154,8 +201,16 @@ class TextVQA(VQAv2):
 
     def load(self) -> list[Sample]:
         data, images = _read_json(self.path("questions"))["data"], self.path("images")
-        return [_sample(str(q["question_id"]), f"{q['question']}\n{SHORT_ANSWER}", images / f"{q['image_id']}.jpg",
-                        q["answers"][0], answers=list(q["answers"])) for q in self.take(data)]
+        return [
+            _sample(
+                str(q["question_id"]),
+                f"{q['question']}\n{SHORT_ANSWER}",
+                images / f"{q['image_id']}.jpg",
+                q["answers"][0],
+                answers=list(q["answers"]),
+            )
+            for q in self.take(data)
+        ]
 
 
 @register("vizwiz")
@@ -170,8 +225,15 @@ class VizWiz(VQAv2):
         out = []
         for q in self.take(data):
             answers = [a["answer"] for a in q["answers"]]
-            out.append(_sample(Path(q["image"]).stem, f"{q['question']}\n{VIZWIZ}", images / q["image"], answers[0],
-                               answers=answers))
+            out.append(
+                _sample(
+                    Path(q["image"]).stem,
+                    f"{q['question']}\n{VIZWIZ}",
+                    images / q["image"],
+                    answers[0],
+                    answers=answers,
+                )
+            )
         return out
 
 
@@ -184,14 +246,17 @@ class GQA(LocalBenchmark):
 
     def load(self) -> list[Sample]:
         data, images = _read_json(self.path("questions")), self.path("images")
-        return [_sample(qid, f"{q['question']}\n{SHORT_ANSWER}", images / f"{q['imageId']}.jpg", q["answer"])
-                for qid, q in self.take(list(data.items()))]
+        return [
+            _sample(qid, f"{q['question']}\n{SHORT_ANSWER}", images / f"{q['imageId']}.jpg", q["answer"])
+            for qid, q in self.take(list(data.items()))
+        ]
 
     def score(self, sample: Sample, prediction: str) -> float:
         return gqa_match(prediction, sample.answer or "")
 
 
 # ---- yes / no ----------------------------------------------------------------------------------------
+
 
 @register("pope")
 class POPE(LocalBenchmark):
@@ -210,8 +275,16 @@ class POPE(LocalBenchmark):
             if not path.exists():
                 raise FileNotFoundError(f"split {split.strip()!r} not found at {path}")
             for q in self.take(_read_jsonl(path)):
-                out.append(_sample(f"{split.strip()}-{q['question_id']}", f"{q['text']}\n{SHORT_ANSWER}",
-                                   images / q["image"], q["label"], family=split.strip(), candidates=("yes", "no")))
+                out.append(
+                    _sample(
+                        f"{split.strip()}-{q['question_id']}",
+                        f"{q['text']}\n{SHORT_ANSWER}",
+                        images / q["image"],
+                        q["label"],
+                        family=split.strip(),
+                        candidates=("yes", "no"),
+                    )
+                )
         return out
 
     def score(self, sample: Sample, prediction: str) -> float:
@@ -241,8 +314,9 @@ class MME(LocalBenchmark):
 
     def load(self) -> list[Sample]:
         root = self.path("images")
-        wanted = {"perception": MME_PERCEPTION, "cognition": MME_COGNITION,
-                  "all": MME_PERCEPTION + MME_COGNITION}.get(str(self.files["categories"]))
+        wanted = {"perception": MME_PERCEPTION, "cognition": MME_COGNITION, "all": MME_PERCEPTION + MME_COGNITION}.get(
+            str(self.files["categories"])
+        )
         if wanted is None:
             wanted = tuple(c.strip() for c in str(self.files["categories"]).split(","))
         out = []
@@ -255,14 +329,25 @@ class MME(LocalBenchmark):
             image_dir = folder / "images" if (folder / "images").is_dir() else folder
             per_category = []
             for txt in texts:
-                image = next((p for p in (image_dir / f"{txt.stem}{ext}" for ext in (".jpg", ".png", ".jpeg")) if p.exists()), None)
+                image = next(
+                    (p for p in (image_dir / f"{txt.stem}{ext}" for ext in (".jpg", ".png", ".jpeg")) if p.exists()),
+                    None,
+                )
                 if image is None:
                     raise FileNotFoundError(f"no image for {txt} in {image_dir}")
                 for n, line in enumerate(l for l in txt.read_text(encoding="utf-8").splitlines() if l.strip()):
                     question, answer = line.rsplit("\t", 1)
-                    per_category.append(_sample(f"{category}/{txt.stem}/{n}", question.strip(), image,
-                                                answer.strip().lower(), family=category, candidates=("yes", "no"),
-                                                image_key=f"{category}/{txt.stem}"))
+                    per_category.append(
+                        _sample(
+                            f"{category}/{txt.stem}/{n}",
+                            question.strip(),
+                            image,
+                            answer.strip().lower(),
+                            family=category,
+                            candidates=("yes", "no"),
+                            image_key=f"{category}/{txt.stem}",
+                        )
+                    )
             out += self.take(per_category)  # the limit applies per category (keeps the image pairs whole)
         return out
 
@@ -272,11 +357,16 @@ class MME(LocalBenchmark):
     def aggregate(self, samples: Sequence[Sample], scores: Sequence[float]) -> dict[str, float]:
         m = mme_scores((s.family, s.meta["image_key"], bool(sc)) for s, sc in zip(samples, scores))
         total = m["perception"] if any(s.family in MME_PERCEPTION for s in samples) else m["cognition"]
-        return {"score": total, **{k: v for k, v in m.items() if k not in ("perception", "cognition")},
-                "perception": m["perception"], "cognition": m["cognition"]}
+        return {
+            "score": total,
+            **{k: v for k, v in m.items() if k not in ("perception", "cognition")},
+            "perception": m["perception"],
+            "cognition": m["cognition"],
+        }
 
 
 # ---- multiple choice ---------------------------------------------------------------------------------
+
 
 class ChoiceBenchmark(LocalBenchmark):
     """Multiple choice: the answer is an option letter, read from the prediction by `option_letter`."""
@@ -310,9 +400,18 @@ class MMBench(ChoiceBenchmark):
                 rotations = range(len(options)) if circular and not expanded else range(1)
                 for k in rotations:
                     opts, answer = rotate_options(options, r["answer"], k)
-                    out.append(_sample(f"{r['index']}-{k}", _choices_prompt(str(r["question"]), opts, self.suffix, hint),
-                                       _b64_image(r["image"]), answer, family=str(r.get("category", "")),
-                                       candidates=tuple(opts), options=opts, group=group))
+                    out.append(
+                        _sample(
+                            f"{r['index']}-{k}",
+                            _choices_prompt(str(r["question"]), opts, self.suffix, hint),
+                            _b64_image(r["image"]),
+                            answer,
+                            family=str(r.get("category", "")),
+                            candidates=tuple(opts),
+                            options=opts,
+                            group=group,
+                        )
+                    )
         return out
 
     def aggregate(self, samples: Sequence[Sample], scores: Sequence[float]) -> dict[str, float]:
@@ -354,9 +453,17 @@ class ScienceQAImg(ChoiceBenchmark):
             options = {LETTERS[i]: c for i, c in enumerate(p["choices"])}
             context = (p.get("hint") or "").strip()
             question = f"Context: {context}\n{p['question']}" if context else p["question"]
-            out.append(_sample(pid, _choices_prompt(question, options, CHOICE), images / pid / p["image"],
-                               LETTERS[int(p["answer"])], family=str(p.get("subject", "")), candidates=tuple(options),
-                               options=options))
+            out.append(
+                _sample(
+                    pid,
+                    _choices_prompt(question, options, CHOICE),
+                    images / pid / p["image"],
+                    LETTERS[int(p["answer"])],
+                    family=str(p.get("subject", "")),
+                    candidates=tuple(options),
+                    options=options,
+                )
+            )
             if self.limit is not None and len(out) >= self.limit:
                 break
         return out
@@ -376,9 +483,17 @@ class SEEDImage(ChoiceBenchmark):
         out = []
         for q in self.take(picked):
             options = {L: q[f"choice_{L.lower()}"] for L in "ABCD"}
-            out.append(_sample(str(q["question_id"]), _choices_prompt(q["question"], options, CHOICE),
-                               images / q["data_id"], q["answer"], family=str(q.get("question_type_id", "")),
-                               candidates=tuple(options), options=options))
+            out.append(
+                _sample(
+                    str(q["question_id"]),
+                    _choices_prompt(q["question"], options, CHOICE),
+                    images / q["data_id"],
+                    q["answer"],
+                    family=str(q.get("question_type_id", "")),
+                    candidates=tuple(options),
+                    options=options,
+                )
+            )
         return out
 
 
@@ -394,13 +509,22 @@ class MMStar(ChoiceBenchmark):
         out = []
         for r in self.take(_read_tsv(self.path("tsv"))):
             options = {L: L for L in "ABCD"}  # the options are written inside the question
-            out.append(_sample(str(r["index"]), f"{r['question']}\n{CHOICE}", _b64_image(r["image"]),
-                               str(r["answer"]).strip(), family=str(r.get("category", "")),
-                               candidates=tuple(options), options=options))
+            out.append(
+                _sample(
+                    str(r["index"]),
+                    f"{r['question']}\n{CHOICE}",
+                    _b64_image(r["image"]),
+                    str(r["answer"]).strip(),
+                    family=str(r.get("category", "")),
+                    candidates=tuple(options),
+                    options=options,
+                )
+            )
         return out
 
 
 # ---- the paper's Avg(%) and table --------------------------------------------------------------------
+
 
 def format_delta(value: Optional[float], digits: int = 1) -> str:
     return "-" if value is None or value != value else f"{value:+.{digits}f}"
@@ -430,16 +554,19 @@ def comparison_rows(comparison: dict, columns: Sequence[str]) -> tuple[list[str]
     return pub, delta
 
 
-def paper_table(rows: dict[str, dict[str, float]], reference: str,
-                published: Optional[dict[str, list[dict]]] = None) -> str:
+def paper_table(
+    rows: dict[str, dict[str, float]], reference: str, published: Optional[dict[str, list[dict]]] = None
+) -> str:
     """Markdown in Table 1's layout: one row per method, the eleven columns in the paper's order (those
     present), then Avg(%) against the `reference` row (mean of per-benchmark ratios x 100). `published`
     (method -> published comparisons) adds, under a method, each matching paper row and the differences."""
     from hidrop.evaluation.metrics import relative_score
 
     columns = [b for b in PAPER_BENCHMARKS if any(b in r for r in rows.values())]
-    lines = ["| method | " + " | ".join(PAPER_NAMES[b] for b in columns) + " | Avg (%) |",
-             "|---|" + "---|" * (len(columns) + 1)]
+    lines = [
+        "| method | " + " | ".join(PAPER_NAMES[b] for b in columns) + " | Avg (%) |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
     for name, scores in rows.items():
         rel = relative_score({b: scores[b] for b in columns if b in scores}, rows[reference])
         cells = [f"{scores[b]:.1f}" if b in scores else "-" for b in columns]

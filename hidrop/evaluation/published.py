@@ -8,6 +8,7 @@ differences (measured - published) and the Avg (%) of each side over those bench
 reference (the measured unpruned model, the paper's unpruned row). The paper's printed Avg (%) is kept
 next to the recomputed one, and a row whose printed figure disagrees with its own scores says so.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,15 +27,21 @@ from hidrop.schedule import PositionMode, Schedule
 Method = Literal["vanilla", "fastv", "pdrop", "hidrop"]
 Training = Literal["training_free", "trained", "trained_eval_training_free"]
 Layout = Literal["table1", "table2", "table10"]
-TRAINING_LABELS = {"training_free": "training-free", "trained": "trained",
-                   "trained_eval_training_free": "trained, evaluated training-free"}
+TRAINING_LABELS = {
+    "training_free": "training-free",
+    "trained": "trained",
+    "trained_eval_training_free": "trained, evaluated training-free",
+}
 # the paper prints Avg (%) to one decimal: a row whose scores give a figure further than this from the
 # printed one disagrees with itself (method.md section 11: only HiDrop 80 does)
 AVG_TOLERANCE = 0.1
 # which tables a layout looks in, in order: Table 1's layout falls back to Table 2's rows (PDrop at 270
 # tokens, the 2.7B model) and the other way round
-LAYOUT_TABLES: dict[str, tuple[str, ...]] = {"table1": ("table1", "table2"), "table2": ("table2", "table1"),
-                                             "table10": ("table10",)}
+LAYOUT_TABLES: dict[str, tuple[str, ...]] = {
+    "table1": ("table1", "table2"),
+    "table2": ("table2", "table1"),
+    "table10": ("table10",),
+}
 
 
 class PublishedError(ValueError):
@@ -124,7 +131,9 @@ class Published(BaseModel):
                 raise ValueError(f"{name}: unknown benchmark(s) {unknown}")
             for r in table.rows:
                 if set(r.scores) != set(table.avg_over):
-                    raise ValueError(f"{name}/{r.id}: scores for {sorted(r.scores)}, the table averages {sorted(table.avg_over)}")
+                    raise ValueError(
+                        f"{name}/{r.id}: scores for {sorted(r.scores)}, the table averages {sorted(table.avg_over)}"
+                    )
         return self
 
     def row(self, row_id: str) -> PublishedRow:
@@ -152,11 +161,21 @@ class Published(BaseModel):
         again = self.recomputed_avg(row)
         if abs(again - row.avg_published) <= AVG_TOLERANCE:
             return None
-        return (f"the paper prints Avg {row.avg_published:.1f}% for {row.label} ({row.tokens:g} tokens) but its own "
-                f"scores give {again:.2f}%")
+        return (
+            f"the paper prints Avg {row.avg_published:.1f}% for {row.label} ({row.tokens:g} tokens) but its own "
+            f"scores give {again:.2f}%"
+        )
 
-    def matches(self, model: str, method: str, tokens: float, layout: str = "table1", training: str = "any",
-                position_mode: Optional[str] = None, preset: Optional[str] = None) -> list[PublishedRow]:
+    def matches(
+        self,
+        model: str,
+        method: str,
+        tokens: float,
+        layout: str = "table1",
+        training: str = "any",
+        position_mode: Optional[str] = None,
+        preset: Optional[str] = None,
+    ) -> list[PublishedRow]:
         """The published rows of `model` for this method at this budget (or, `preset`, run with exactly the
         row's own preset: the paper prints 64 tokens for its MobileLLaMA setting, which averages 57.6 as
         method.md gives it), from the first table
@@ -174,7 +193,11 @@ class Published(BaseModel):
                         continue
                     if method != "vanilla" and training != "any" and r.training != training:
                         continue
-                    if position_mode is not None and r.position_mode is not None and r.position_mode.value != position_mode:
+                    if (
+                        position_mode is not None
+                        and r.position_mode is not None
+                        and r.position_mode.value != position_mode
+                    ):
                         continue
                     found.append(r)
             if found:
@@ -237,8 +260,10 @@ def model_key(kind: Optional[str], path: Optional[str], marked: Optional[str] = 
     if marked != "auto":
         known = load_published().models
         if marked not in known:
-            raise PublishedError(f"eval.published={marked!r} is not a published model; choose from "
-                                 f"auto, none, {', '.join(sorted(known))}")
+            raise PublishedError(
+                f"eval.published={marked!r} is not a published model; choose from "
+                f"auto, none, {', '.join(sorted(known))}"
+            )
         return marked
     if kind == "llava_hf" and path and _LLAVA15_7B.search(str(path)):
         return "llava15_7b"
@@ -269,8 +294,11 @@ class Comparison:
     def notes(self) -> list[str]:
         out = []
         if self.not_measured and self.benchmarks:
-            out.append(f"{self.row.describe()}: not measured here: {', '.join(PAPER_NAMES.get(b, b) for b in self.not_measured)} "
-                       f"(Avg over the {len(self.benchmarks)} shared benchmarks)")
+            out.append(
+                f"{self.row.describe()}: not measured here: "
+                f"{', '.join(PAPER_NAMES.get(b, b) for b in self.not_measured)} "
+                f"(Avg over the {len(self.benchmarks)} shared benchmarks)"
+            )
         if self.not_published:
             out.append(f"{self.row.describe()}: the paper has no figure for {', '.join(self.not_published)}")
         if self.disagreement:
@@ -278,25 +306,47 @@ class Comparison:
         return out
 
     def to_dict(self) -> dict:
-        return {"id": self.row.id, "label": self.row.label, "description": self.row.describe(), "table": self.table,
-                "method": self.row.method, "tokens": self.row.tokens, "training": self.row.training,
-                "benchmarks": self.benchmarks, "published": self.published, "deltas": self.deltas,
-                "measured_avg": self.measured_avg, "published_avg": self.published_avg,
-                "published_avg_printed": self.published_avg_printed, "delta_avg": self.delta_avg,
-                "not_measured": self.not_measured, "not_published": self.not_published,
-                "train_gpu_hours": self.row.train_gpu_hours, "infer_tflops": self.row.infer_tflops,
-                "disagreement": self.disagreement, "notes": self.notes()}
+        return {
+            "id": self.row.id,
+            "label": self.row.label,
+            "description": self.row.describe(),
+            "table": self.table,
+            "method": self.row.method,
+            "tokens": self.row.tokens,
+            "training": self.row.training,
+            "benchmarks": self.benchmarks,
+            "published": self.published,
+            "deltas": self.deltas,
+            "measured_avg": self.measured_avg,
+            "published_avg": self.published_avg,
+            "published_avg_printed": self.published_avg_printed,
+            "delta_avg": self.delta_avg,
+            "not_measured": self.not_measured,
+            "not_published": self.not_published,
+            "train_gpu_hours": self.row.train_gpu_hours,
+            "infer_tflops": self.row.infer_tflops,
+            "disagreement": self.disagreement,
+            "notes": self.notes(),
+        }
 
 
-def compare(measured: Mapping[str, Optional[float]], measured_reference: Optional[Mapping[str, Optional[float]]],
-            row: PublishedRow, published: Optional[Published] = None) -> Comparison:
+def compare(
+    measured: Mapping[str, Optional[float]],
+    measured_reference: Optional[Mapping[str, Optional[float]]],
+    row: PublishedRow,
+    published: Optional[Published] = None,
+) -> Comparison:
     """`measured` (benchmark -> score) against the published `row`, on the benchmarks both have (and,
     when a measured reference is given, that it scored above 0: the Avg of both sides rests on them)."""
     published = published or load_published()
     name, table = published.table_of(row)
     have = {b for b, v in measured.items() if v is not None and v == v}
     if measured_reference is not None:
-        have = {b for b in have if measured_reference.get(b) not in (None, 0) and measured_reference[b] == measured_reference[b]}
+        have = {
+            b
+            for b in have
+            if measured_reference.get(b) not in (None, 0) and measured_reference[b] == measured_reference[b]
+        }
     shared = [b for b in PAPER_BENCHMARKS if b in have and b in row.scores]
     deltas = {b: float(measured[b]) - row.scores[b] for b in shared}
     measured_avg = None
@@ -306,8 +356,13 @@ def compare(measured: Mapping[str, Optional[float]], measured_reference: Optiona
     published_avg = published.recomputed_avg(row, shared or None)
     complete = not shared or set(shared) == set(table.avg_over)
     return Comparison(
-        row=row, table=table.title, benchmarks=shared, published={b: row.scores[b] for b in shared}, deltas=deltas,
-        measured_avg=measured_avg, published_avg=published_avg,
+        row=row,
+        table=table.title,
+        benchmarks=shared,
+        published={b: row.scores[b] for b in shared},
+        deltas=deltas,
+        measured_avg=measured_avg,
+        published_avg=published_avg,
         published_avg_printed=row.avg_published if complete else None,
         delta_avg=None if measured_avg is None else measured_avg - published_avg,
         not_measured=[b for b in table.avg_over if b not in shared],
@@ -316,17 +371,25 @@ def compare(measured: Mapping[str, Optional[float]], measured_reference: Optiona
     )
 
 
-def comparisons_for(model: Optional[str], method: Optional[str], tokens: Optional[float],
-                    measured: Mapping[str, Optional[float]], measured_reference: Optional[Mapping[str, Optional[float]]],
-                    layout: str = "table1", training: str = "any", position_mode: Optional[str] = None,
-                    preset: Optional[str] = None) -> list[Comparison]:
+def comparisons_for(
+    model: Optional[str],
+    method: Optional[str],
+    tokens: Optional[float],
+    measured: Mapping[str, Optional[float]],
+    measured_reference: Optional[Mapping[str, Optional[float]]],
+    layout: str = "table1",
+    training: str = "any",
+    position_mode: Optional[str] = None,
+    preset: Optional[str] = None,
+) -> list[Comparison]:
     """Every published row matching a measured one, compared with it: [] when nothing matches or no
     benchmark is shared, except in Table 2's layout, where the paper's cost figures stand on their own."""
     if model is None or method is None or tokens is None:
         return []
     published = load_published()
-    rows = published.matches(model, method, tokens, layout=layout, training=training, position_mode=position_mode,
-                             preset=preset)
+    rows = published.matches(
+        model, method, tokens, layout=layout, training=training, position_mode=position_mode, preset=preset
+    )
     out = [compare(measured, measured_reference, r, published) for r in rows]
     return [c for c in out if c.benchmarks or layout == "table2"]
 
@@ -344,8 +407,15 @@ def eval_report_comparisons(report: dict, model: Optional[str], training: str = 
             continue
         schedule = Schedule.model_validate(r["schedule"])
         scores = {b: e["score"] for b, e in r["benchmarks"].items()}
-        found = comparisons_for(model, schedule_method(schedule), r["avg_vision_tokens"], scores, ref_scores,
-                                training=training, preset=exact_preset(schedule.name, schedule.describe()))
+        found = comparisons_for(
+            model,
+            schedule_method(schedule),
+            r["avg_vision_tokens"],
+            scores,
+            ref_scores,
+            training=training,
+            preset=exact_preset(schedule.name, schedule.describe()),
+        )
         if found:
             out[r["method"]] = [c.to_dict() for c in found]
     return out

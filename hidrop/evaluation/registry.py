@@ -3,6 +3,7 @@
 A benchmark yields `Sample`s, scores one prediction with its official rule, and aggregates per-sample
 scores into its reported figures. The harness never needs to know which benchmark it runs.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence

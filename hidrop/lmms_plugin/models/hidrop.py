@@ -1,6 +1,7 @@
 """The `hidrop` model for lmms-eval: a llava-hf checkpoint or a hidrop export, run by the scheduled
 engine under a preset, a schedule file, or the schedule the checkpoint carries. Only imported by
 lmms-eval (it imports lmms_eval), never by hidrop itself."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -11,8 +12,10 @@ from lmms_eval.api.model import lmms
 try:  # older lmms-eval registers through a decorator; newer ones read AVAILABLE_MODELS only
     from lmms_eval.api.registry import register_model
 except ImportError:  # pragma: no cover - depends on the lmms-eval version
+
     def register_model(*names):
         return lambda cls: cls
+
 
 from hidrop.evaluation.harness import generate_answers
 from hidrop.sample import HUMAN, IMAGE_PLACEHOLDER, Sample
@@ -28,9 +31,17 @@ class HiDropLMM(lmms):
     device, dtype (float32 / bfloat16 / float16), batch_size, max_new_tokens (default for tasks that
     give none), attn_implementation."""
 
-    def __init__(self, pretrained: str, schedule: str = "hidrop_tok64", device: Optional[str] = None,
-                 dtype: str = "float16", batch_size: int | str = 1, max_new_tokens: int | str = 16,
-                 attn_implementation: str = "sdpa", **unused):
+    def __init__(
+        self,
+        pretrained: str,
+        schedule: str = "hidrop_tok64",
+        device: Optional[str] = None,
+        dtype: str = "float16",
+        batch_size: int | str = 1,
+        max_new_tokens: int | str = 16,
+        attn_implementation: str = "sdpa",
+        **unused,
+    ):
         super().__init__()
         from hidrop.models import load_model
 
@@ -73,8 +84,13 @@ class HiDropLMM(lmms):
         answers: list[str] = [""] * len(samples)
         for budget in sorted(set(budgets)):  # one generation length per group of requests
             idx = [i for i, b in enumerate(budgets) if b == budget]
-            out = generate_answers(self.vlm, self.schedule, [samples[i] for i in idx], max_new_tokens=budget,
-                                   batch_size=self.batch_size_per_call)
+            out = generate_answers(
+                self.vlm,
+                self.schedule,
+                [samples[i] for i in idx],
+                max_new_tokens=budget,
+                batch_size=self.batch_size_per_call,
+            )
             for i, text in zip(idx, out):
                 for stop in stops[i]:
                     if stop and stop in text:
@@ -83,8 +99,9 @@ class HiDropLMM(lmms):
         return answers
 
     def loglikelihood(self, requests):
-        raise NotImplementedError("the hidrop model answers by generation (generate_until); pick a generation "
-                                  "variant of this task")
+        raise NotImplementedError(
+            "the hidrop model answers by generation (generate_until); pick a generation variant of this task"
+        )
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("multi-round generation is not supported by the hidrop model")
