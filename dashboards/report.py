@@ -27,6 +27,7 @@ from typing import Any, Optional
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, comparison_rows, format_delta
 from hidrop.evaluation.published import PublishedError, comparisons_for, exact_preset, method_from_name, model_key
 from hidrop_dashboards.pareto import pareto_front, plot_pareto
+from hidrop_platform import mlflow_names as N
 from hidrop_platform.tracking import redact_uri
 
 # the order and names of the paper's rows; anything else is a searched trial
@@ -79,29 +80,29 @@ def _method_name(label: str) -> str:
 def _published_model(params: dict) -> Optional[str]:
     """The published model (hidrop/evaluation/published.yaml) a run's model is, from its params."""
     try:
-        return model_key(params.get("model.kind"), params.get("model.path"), params.get("eval.published", "auto"))
+        return model_key(params.get(N.MODEL_KIND), params.get(N.MODEL_PATH), params.get(N.EVAL_PUBLISHED, "auto"))
     except PublishedError:  # a model key this version's file does not know: show nothing rather than guess
         return None
 
 
 def _run_method(params: dict, label: str) -> Optional[str]:
     """vanilla / fastv / pdrop / hidrop: logged as schedule.method; older runs by their preset's name."""
-    if params.get("schedule.method"):
-        return params["schedule.method"]
-    for name in (params.get("schedule.resolved_name"), params.get("schedule.preset"), label):
+    if params.get(N.METHOD):
+        return params[N.METHOD]
+    for name in (params.get(N.RESOLVED_NAME), params.get(N.SCHEDULE_PRESET), label):
         if name and name != "None" and method_from_name(name):
             return method_from_name(name)
     return None
 
 
 def _position_mode(params: dict) -> Optional[str]:
-    mode = params.get("schedule.resolved_position_mode") or params.get("schedule.position_mode")
+    mode = params.get(N.RESOLVED_POSITION_MODE) or params.get(N.SCHEDULE_POSITION_MODE)
     return None if mode in (None, "", "None") else mode
 
 
 # params that name or describe a run rather than what it ran; position mode is what Table 10 varies
 # (and model.path: each position mode's finetune starts from its own stage-1 export)
-_NOT_IN_SIGNATURE = ("name", "description", "schedule.name", "schedule.resolved_name", "model.path")
+_NOT_IN_SIGNATURE = (N.NAME, N.DESCRIPTION, N.SCHEDULE_NAME, N.RESOLVED_NAME, N.MODEL_PATH)
 
 
 def _signature(params: dict) -> str:
@@ -109,23 +110,23 @@ def _signature(params: dict) -> str:
     kept = sorted(
         (k, v)
         for k, v in params.items()
-        if k not in _NOT_IN_SIGNATURE and "position_mode" not in k and not k.startswith(("version.", "tracking."))
+        if k not in _NOT_IN_SIGNATURE and "position_mode" not in k and not k.startswith((N.VERSION, N.TRACKING_SECTION))
     )
     return hashlib.sha1(json.dumps(kept).encode()).hexdigest()[:12]
 
 
 def _published_fields(params: dict, label: str, fallback_model: Optional[str] = None) -> dict:
     name = next(
-        (params[k] for k in ("schedule.resolved_name", "schedule.preset") if params.get(k) not in (None, "None")),
+        (params[k] for k in (N.RESOLVED_NAME, N.SCHEDULE_PRESET) if params.get(k) not in (None, "None")),
         label.removeprefix("seed:"),
     )
     return {
         "method": _run_method(params, label),
         "position_mode": _position_mode(params),
-        "preset": exact_preset(name, params.get("schedule.plan")),
+        "preset": exact_preset(name, params.get(N.PLAN)),
         "signature": _signature(params),
         "published_model": _published_model(params) or fallback_model,
-        "published_training": params.get("eval.published_training", "any"),
+        "published_training": params.get(N.EVAL_PUBLISHED_TRAINING, "any"),
     }
 
 
@@ -153,9 +154,9 @@ def collect(tracking_uri: str, experiment: str, sweep: Optional[str] = None) -> 
             + (f" (there are: {', '.join(names)})" if names else " (the store is empty)")
         )
     runs = _all_runs(client, exp.experiment_id)
-    sweeps = [r for r in runs if _tag(r, "hidrop.kind") == "sweep"]
+    sweeps = [r for r in runs if _tag(r, N.KIND) == N.KIND_SWEEP]
     if sweep is not None:
-        sweeps = [r for r in sweeps if _tag(r, "hidrop.sweep") == sweep]
+        sweeps = [r for r in sweeps if _tag(r, N.SWEEP) == sweep]
         if not sweeps:
             raise ReportError(f"experiment {experiment!r} has no sweep named {sweep!r}")
     finished = [r for r in sweeps if r.info.status == "FINISHED"]
@@ -169,16 +170,14 @@ def collect(tracking_uri: str, experiment: str, sweep: Optional[str] = None) -> 
         "analysis": None,
     }
     if parent is not None:
-        data["sweep"] = _sweep(parent, [r for r in runs if _tag(r, "mlflow.parentRunId") == parent.info.run_id])
+        data["sweep"] = _sweep(parent, [r for r in runs if _tag(r, N.PARENT_RUN) == parent.info.run_id])
         data["trials"] = data["sweep"].pop("trials")
-    analyses = [r for r in runs if _tag(r, "hidrop.kind") == "analyze" and r.info.status == "FINISHED"]
+    analyses = [r for r in runs if _tag(r, N.KIND) == N.KIND_ANALYZE and r.info.status == "FINISHED"]
     if analyses:
         data["analysis"] = {
             "run_id": analyses[0].info.run_id,
             "name": analyses[0].info.run_name,
-            "proposed": {
-                k.removeprefix("proposed."): v for k, v in analyses[0].data.params.items() if k.startswith("proposed.")
-            },
+            "proposed": N.strip_prefix(N.PROPOSED, analyses[0].data.params),
         }
     if parent is None and not data["trainings"] and data["analysis"] is None:
         raise ReportError(f"experiment {experiment!r} has no sweep, training or analysis runs yet")
@@ -187,8 +186,8 @@ def collect(tracking_uri: str, experiment: str, sweep: Optional[str] = None) -> 
 
 def _sweep(parent, children: list) -> dict:
     m = parent.data.metrics
-    reference = {k.removeprefix("reference/"): v for k, v in m.items() if k.startswith("reference/")}
-    blind = {k.removeprefix("blind/"): v for k, v in m.items() if k.startswith("blind/")}
+    reference = N.strip_prefix(N.REFERENCE, m)
+    blind = N.strip_prefix(N.BLIND, m)
     ratios = [100.0 * blind[b] / reference[b] for b in reference if b in blind and reference[b] > 0]
     trials = []
     parent_model = _published_model(parent.data.params)
@@ -197,39 +196,35 @@ def _sweep(parent, children: list) -> dict:
         row = {
             "label": run.info.run_name,
             "run_id": run.info.run_id,
-            "seed": _tag(run, "hidrop.seed") == "True",
+            "seed": _tag(run, N.SEED) == "True",
             **_published_fields(run.data.params, run.info.run_name, parent_model),
-            "status": _tag(run, "status", run.info.status.lower()),
+            "status": _tag(run, N.STATUS, run.info.status.lower()),
             "pareto": False,
-            "plan": run.data.params.get("schedule.plan", ""),
-            "search": {k.removeprefix("search."): v for k, v in run.data.params.items() if k.startswith("search.")},
-            "scores": {k.removeprefix("score/"): v for k, v in metrics.items() if k.startswith("score/")},
+            "plan": run.data.params.get(N.PLAN, ""),
+            "search": N.strip_prefix(N.SEARCH, run.data.params),
+            "scores": N.strip_prefix(N.SCORE, metrics),
         }
         for key in (
-            "relative_score",
-            "avg_vision_tokens",
-            "vision_tflops",
-            "model_tflops",
-            "accelerator_hours",
-            "wall_s",
-            "train_step",
-            "samples",
+            N.RELATIVE_SCORE,
+            N.AVG_VISION_TOKENS,
+            N.VISION_TFLOPS,
+            N.MODEL_TFLOPS,
+            N.ACCELERATOR_HOURS,
+            N.WALL_S,
+            N.TRAIN_STEP,
+            N.SAMPLES,
         ):
             if key in metrics:
                 row[key] = metrics[key]
         trials.append(row)
     # as `hidrop tune` does: a failed or killed trial's last metrics are not an outcome
-    scored = [
-        r
-        for r in trials
-        if "relative_score" in r and "vision_tflops" in r and r["status"] in ("finished", "stopped_early")
-    ]
+    scored = [r for r in trials if "relative_score" in r and "vision_tflops" in r and r["status"] in N.OUTCOME_STATUSES]
     front = set(pareto_front([(r["relative_score"], r["vision_tflops"]) for r in scored]))
     for i, r in enumerate(scored):
         r["pareto"] = i in front
     trials.sort(key=lambda r: (not r["seed"], r.get("vision_tflops", math.inf)))
     return {
-        "name": _tag(parent, "hidrop.sweep"),
+        "name": _tag(parent, N.SWEEP),
         "run_id": parent.info.run_id,
         "status": parent.info.status,
         "reference_scores": reference,
@@ -237,10 +232,10 @@ def _sweep(parent, children: list) -> dict:
         "blind_relative_score": sum(ratios) / len(ratios) if ratios else None,
         "benchmarks": _paper_order(reference),
         "published_model": parent_model,
-        "wall_s": m.get("wall_s"),
-        "accelerator_hours": m.get("accelerator_hours"),
+        "wall_s": m.get(N.WALL_S),
+        "accelerator_hours": m.get(N.ACCELERATOR_HOURS),
         "samples": max((int(t["samples"]) for t in trials if "samples" in t), default=None),
-        "device_type": next((_tag(c, "device_type") for c in children if _tag(c, "device_type")), "cpu"),
+        "device_type": next((_tag(c, N.DEVICE_TYPE) for c in children if _tag(c, N.DEVICE_TYPE)), "cpu"),
         "trials": trials,
     }
 
@@ -249,7 +244,7 @@ def _trainings(runs: list) -> list[dict]:
     """`hidrop train` runs, newest first (older runs carry no hidrop.kind tag, but always a stage tag)."""
     rows = []
     for run in runs:
-        if _tag(run, "hidrop.kind") not in ("train", "") or not _tag(run, "stage") or _tag(run, "mlflow.parentRunId"):
+        if _tag(run, N.KIND) not in (N.KIND_TRAIN, "") or not _tag(run, N.STAGE) or _tag(run, N.PARENT_RUN):
             continue
         m, p = run.data.metrics, run.data.params
         rows.append(
@@ -257,20 +252,20 @@ def _trainings(runs: list) -> list[dict]:
                 "name": run.info.run_name,
                 "run_id": run.info.run_id,
                 "status": run.info.status,
-                "stage": _tag(run, "stage"),
+                "stage": _tag(run, N.STAGE),
                 **_published_fields(p, run.info.run_name),
-                "device_type": _tag(run, "device_type", "cpu"),
-                "workers": _tag(run, "num_workers", "1"),
-                "schedule": p.get("schedule.preset") or p.get("schedule.name") or "",
-                "avg_vision_tokens": m.get("avg_vision_tokens", m.get("vision_tokens_kept")),
-                "accelerator_hours": m.get("accelerator_hours"),
-                "vision_tflops": m.get("vision_tflops_per_sample"),
-                "model_tflops": m.get("model_tflops_per_sample"),
-                "loss": m.get("loss"),
-                "steps": p.get("train.max_steps"),
-                "samples_per_s": m.get("samples_per_s"),
-                "relative_score": m.get("relative_score"),
-                "scores": {k.removeprefix("score/"): v for k, v in m.items() if k.startswith("score/")},
+                "device_type": _tag(run, N.DEVICE_TYPE, "cpu"),
+                "workers": _tag(run, N.NUM_WORKERS, "1"),
+                "schedule": p.get(N.SCHEDULE_PRESET) or p.get(N.SCHEDULE_NAME) or "",
+                "avg_vision_tokens": m.get(N.AVG_VISION_TOKENS, m.get(N.VISION_TOKENS_KEPT)),
+                "accelerator_hours": m.get(N.ACCELERATOR_HOURS),
+                "vision_tflops": m.get(N.VISION_TFLOPS_PER_SAMPLE),
+                "model_tflops": m.get(N.MODEL_TFLOPS_PER_SAMPLE),
+                "loss": m.get(N.LOSS),
+                "steps": p.get(N.TRAIN_MAX_STEPS),
+                "samples_per_s": m.get(N.SAMPLES_PER_S),
+                "relative_score": m.get(N.RELATIVE_SCORE),
+                "scores": N.strip_prefix(N.SCORE, m),
             }
         )
     return rows
@@ -420,7 +415,7 @@ def position_tables(data: dict, trainings: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     sweep = data["sweep"]
     for t in data["trials"]:
-        if t.get("position_mode") and "relative_score" in t and t["status"] in ("finished", "stopped_early"):
+        if t.get("position_mode") and "relative_score" in t and t["status"] in N.OUTCOME_STATUSES:
             groups.setdefault(("sweep", t["signature"]), []).append(
                 {**t, "avg": t["relative_score"], "reference": sweep["reference_scores"]}
             )
@@ -831,7 +826,7 @@ def build_report(
     if data["analysis"]:
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                local = _client(tracking_uri).download_artifacts(data["analysis"]["run_id"], "analysis/curves.png", tmp)
+                local = _client(tracking_uri).download_artifacts(data["analysis"]["run_id"], N.ANALYSIS_CURVES, tmp)
                 figures["curves"] = Path(shutil.copyfile(local, out / "curves.png"))
         except Exception:  # an analysis logged without its plot (tracking was offline): the report goes on
             figures["curves"] = None
@@ -850,7 +845,7 @@ def build_report(
     if publish and sweep_info:
         client = _client(tracking_uri)
         for path in written:
-            client.log_artifact(sweep_info["run_id"], str(path), "report")
+            client.log_artifact(sweep_info["run_id"], str(path), N.REPORT_DIR)
         published_to = sweep_info["run_id"]
     return {
         "experiment": experiment,

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import yaml
 
+from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ExperimentConfig, flatten, validate_config
 
 
@@ -168,21 +169,21 @@ def _track(cfg: ExperimentConfig, result: dict, out: Path) -> None:
         prepare(uri, experiment)
     except TrackingUnavailable as e:
         print(f"warning: {e}; the analysis is buffered locally", flush=True)
-    tracker = Tracker(uri, experiment, run_name=f"analyze:{cfg.name}", tags={"hidrop.kind": "analyze"}).start()
+    tracker = Tracker(uri, experiment, run_name=f"analyze:{cfg.name}", tags={N.KIND: N.KIND_ANALYZE}).start()
     tracker.log_params({k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")})
-    tracker.log_params({f"proposed.{k}": v for k, v in result["proposal"]["schedule_fields"].items()})
+    tracker.log_params({f"{N.PROPOSED}{k}": v for k, v in result["proposal"]["schedule_fields"].items()})
     c = result["curves"]
     for i in range(c["num_layers"]):
-        metrics = {"s_intra": c["s_intra"][i], "s_cross": c["s_cross"][i]}
+        metrics = {N.S_INTRA: c["s_intra"][i], N.S_CROSS: c["s_cross"][i]}
         if c["ilvas_mean"][i] is not None:
-            metrics["ilvas_mean"] = c["ilvas_mean"][i]
+            metrics[N.ILVAS_MEAN] = c["ilvas_mean"][i]
         tracker.log_metrics(metrics, step=i + 1)
     sw = result["sweeps"]
     if sw:
         for layer, e, j in zip(sw["layers"], sw["exit"], sw["inject"]):
-            tracker.log_metrics({"exit_sweep_score": e, "inject_sweep_score": j}, step=layer)
-        tracker.log_metrics({"all_tokens_score": sw["all_tokens"], "blind_score": sw["blind"]}, step=0)
+            tracker.log_metrics({N.EXIT_SWEEP_SCORE: e, N.INJECT_SWEEP_SCORE: j}, step=layer)
+        tracker.log_metrics({N.ALL_TOKENS_SCORE: sw["all_tokens"], N.BLIND_SCORE: sw["blind"]}, step=0)
     for path in out.iterdir():
-        tracker.log_artifact(path, "analysis")
+        tracker.log_artifact(path, N.ANALYSIS_DIR)
     tracker.finish()
     result["tracking_uri"], result["run_id"] = uri, tracker.run_id

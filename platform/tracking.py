@@ -29,6 +29,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
+from hidrop_platform import mlflow_names as N
+
 if TYPE_CHECKING:  # only for annotations: the config module pulls in the schedule code
     import subprocess
 
@@ -405,7 +407,7 @@ class Tracker:
         self._started = True
         tags = dict(self.tags)
         if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id
+            tags[N.PARENT_RUN] = self.parent_run_id
         record = {"op": "start", "time": _now_ms(), "run_name": self.run_name, "tags": tags}
         reason = _probe(self.tracking_uri)  # fail fast instead of sitting through mlflow's retries
         if reason is not None:
@@ -434,7 +436,7 @@ class Tracker:
 
         self.log_params(flatten(config))
         text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-        self.log_text(text, "config/experiment.yaml")
+        self.log_text(text, N.CONFIG_YAML)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """One batch with an explicit step and timestamp; non-finite values are skipped (one warning per key)."""
@@ -822,12 +824,12 @@ def schedule_params(schedule) -> dict[str, Any]:
 
     # no key here is a field of the YAML's schedule section (flatten(cfg) logs those first)
     return {
-        "schedule.plan": schedule.describe(),
-        "schedule.keep_counts": schedule.keep_counts,
-        "schedule.resolved_name": schedule.name,
-        "schedule.method": schedule_method(schedule),
-        "schedule.resolved_avg_tokens": round(schedule.avg_tokens(), 4),
-        "schedule.resolved_position_mode": schedule.position_mode.value,
-        "schedule.resolved_query_rule": schedule.query_rule.value,
-        "schedule.resolved_selector": schedule.selector.value,
+        N.PLAN: schedule.describe(),
+        N.KEEP_COUNTS: schedule.keep_counts,
+        N.RESOLVED_NAME: schedule.name,
+        N.METHOD: schedule_method(schedule),
+        N.RESOLVED_AVG_TOKENS: round(schedule.avg_tokens(), 4),
+        N.RESOLVED_POSITION_MODE: schedule.position_mode.value,
+        N.RESOLVED_QUERY_RULE: schedule.query_rule.value,
+        N.RESOLVED_SELECTOR: schedule.selector.value,
     }

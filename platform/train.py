@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ExperimentConfig
 
 STATE_FILE = "hidrop_state.json"
@@ -155,15 +156,15 @@ def train_worker(payload: dict) -> None:
         run_name=cfg.name,
         enabled=rank == 0 and cfg.tracking.enabled,
         spool_dir=payload["spool_dir"],
-        tags={"hidrop.kind": "train", "device_type": device.type, "num_workers": str(world), "stage": t.stage},
+        tags={N.KIND: N.KIND_TRAIN, N.DEVICE_TYPE: device.type, N.NUM_WORKERS: str(world), N.STAGE: t.stage},
     )
     tracker.start()
     if state["run_id"] is None and rank == 0:
         tracker.log_config(cfg)
-        tracker.log_params({f"schedule_plan.{i + 1}": n for i, n in enumerate(schedule.tokens_per_layer())})
+        tracker.log_params({f"{N.SCHEDULE_PLAN}{i + 1}": n for i, n in enumerate(schedule.tokens_per_layer())})
         tracker.log_params(schedule_params(schedule))
-        tracker.log_params({f"version.{k}": v for k, v in package_versions().items()})
-        tracker.log_dict(deepspeed_config(cfg), "config/deepspeed.json")
+        tracker.log_params({f"{N.VERSION}{k}": v for k, v in package_versions().items()})
+        tracker.log_dict(deepspeed_config(cfg), N.DEEPSPEED_JSON)
     state["run_id"] = tracker.run_id
 
     from hidrop_platform.evaluate import model_shape_for_cost
@@ -191,7 +192,7 @@ def train_worker(payload: dict) -> None:
             loss_all = _mean_across(out["loss"], world)  # every rank sees the same value: they stop together
             if not math.isfinite(loss_all):
                 message = f"loss is {loss_all} at step {step + 1}; lower the learning rate or check the data"
-                tracker.set_tags({"diverged": message})
+                tracker.set_tags({N.DIVERGED: message})
                 tracker.finish("FAILED")
                 if rank == 0:
                     _stop(payload, message)
@@ -218,25 +219,25 @@ def train_worker(payload: dict) -> None:
             if step % t.log_every == 0 or step == total:
                 loss = _mean_across(out["lm_loss"], world)
                 metrics = {
-                    "loss": loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "samples_per_s": window_samples / window,
-                    "tokens_per_s": window_tokens / window,
-                    "epoch": epoch + (i + 1) / batches_per_epoch,
-                    "accelerator_hours": accel_seconds / 3600,
-                    "vision_tflops_per_sample": cost["vision_tflops"],
-                    "model_tflops_per_sample": cost["model_tflops"],
-                    "avg_vision_tokens": cost["avg_vision_tokens"],
+                    N.LOSS: loss,
+                    N.LR: optimizer.param_groups[0]["lr"],
+                    N.SAMPLES_PER_S: window_samples / window,
+                    N.TOKENS_PER_S: window_tokens / window,
+                    N.EPOCH: epoch + (i + 1) / batches_per_epoch,
+                    N.ACCELERATOR_HOURS: accel_seconds / 3600,
+                    N.VISION_TFLOPS_PER_SAMPLE: cost["vision_tflops"],
+                    N.MODEL_TFLOPS_PER_SAMPLE: cost["model_tflops"],
+                    N.AVG_VISION_TOKENS: cost["avg_vision_tokens"],
                 }
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
+                    metrics[N.GRAD_NORM] = float(grad_norm)
                 if out["vision_tokens"] is not None:
-                    metrics["vision_tokens_kept"] = float(out["vision_tokens"])
+                    metrics[N.VISION_TOKENS_KEPT] = float(out["vision_tokens"])
                 if out["budget_loss"] is not None:
-                    metrics["budget_loss"] = float(out["budget_loss"])
+                    metrics[N.BUDGET_LOSS] = float(out["budget_loss"])
                     for i, keep in enumerate(step_module.engine.learned_schedule().keep_counts):
-                        metrics[f"learned_keep/{i + 1}"] = float(keep)
+                        metrics[f"{N.LEARNED_KEEP}{i + 1}"] = float(keep)
                 if rank == 0:
                     if tracker.enabled:
                         tracker.log_metrics({**metrics, **system_metrics()}, step=step)
@@ -262,7 +263,7 @@ def train_worker(payload: dict) -> None:
                         learned = step_module.engine.learned_schedule()  # learnable keep ratios: what they became
                         merged_lora_export(vlm, lambda: vlm.save(folder, schedule=learned, weights=weights))
                         if t.log_model:
-                            tracker.log_artifact(folder, "model" if step == total else f"model/step-{step}")
+                            tracker.log_artifact(folder, N.MODEL_DIR if step == total else N.model_step_dir(step))
             if step == total and t.eval_after and rank == 0:  # the others wait at the barrier below
                 scores = _score_trained(cfg, vlm, step_module.engine.learned_schedule())
                 if tracker.enabled:
@@ -311,11 +312,11 @@ def _score_trained(cfg: ExperimentConfig, vlm, schedule) -> dict[str, float]:
         seed=cfg.seed,
     )
     row = schedule_row(report, schedule)
-    scores = {"relative_score": row["relative_score"]}
-    scores.update({f"score/{b}": e["score"] for b, e in row["benchmarks"].items()})
+    scores = {N.RELATIVE_SCORE: row["relative_score"]}
+    scores.update(N.per_benchmark(N.SCORE, {b: e["score"] for b, e in row["benchmarks"].items()}))
     reference = next((r for r in report["methods"] if r["kind"] != "schedule"), None)
     if reference is not None and reference is not row:
-        scores.update({f"all_tokens/{b}": e["score"] for b, e in reference["benchmarks"].items()})
+        scores.update(N.per_benchmark(N.ALL_TOKENS, {b: e["score"] for b, e in reference["benchmarks"].items()}))
     return scores
 
 

@@ -25,10 +25,11 @@ from typing import Any, Callable, Optional
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
+from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ConfigError, ExperimentConfig, ScheduleSpec, flatten, validate_config, with_overrides
 from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
 
-OBJECTIVES = {"pareto": (["relative_score", "vision_tflops"], ["max", "min"]), "score": ("relative_score", "max")}
+OBJECTIVES = {"pareto": ([N.RELATIVE_SCORE, N.VISION_TFLOPS], ["max", "min"]), "score": (N.RELATIVE_SCORE, "max")}
 OPTUNA_STREAK = 20  # rejected Optuna proposals in a row before a random valid point is enqueued for it
 REFERENCE_FILE, SWEEP_FILE, RUNS_DIR = "reference.json", "sweep.json", "trial_runs"
 
@@ -314,16 +315,15 @@ def _evaluate(cfg: ExperimentConfig, vlm, reference: dict, benches: list) -> dic
     )
     row = schedule_row(report, schedule)
     metrics = {
-        "relative_score": row["relative_score"],
-        "avg_vision_tokens": row["avg_vision_tokens"],
-        "vision_tflops": row["vision_tflops"],
-        "model_tflops": row["model_tflops"],
-        "samples": report["samples_evaluated"],
+        N.RELATIVE_SCORE: row["relative_score"],
+        N.AVG_VISION_TOKENS: row["avg_vision_tokens"],
+        N.VISION_TFLOPS: row["vision_tflops"],
+        N.MODEL_TFLOPS: row["model_tflops"],
+        N.SAMPLES: report["samples_evaluated"],
     }
     if row["measured_avg_vision_tokens"] is not None:
-        metrics["measured_avg_vision_tokens"] = row["measured_avg_vision_tokens"]
-    for bench, entry in row["benchmarks"].items():
-        metrics[f"score/{bench}"] = entry["score"]
+        metrics[N.MEASURED_AVG_VISION_TOKENS] = row["measured_avg_vision_tokens"]
+    metrics.update(N.per_benchmark(N.SCORE, {b: e["score"] for b, e in row["benchmarks"].items()}))
     return metrics
 
 
@@ -366,10 +366,10 @@ def run_trial(config: dict, ctx: dict) -> None:
         spool_dir=ctx["spool_dir"],
         enabled=ctx["tracking"],
         tags={
-            "hidrop.sweep": ctx["sweep"],
-            "hidrop.trial_id": trial_id,
-            "hidrop.seed": str(config["seed"]),
-            "device_type": ctx["device_type"],
+            N.SWEEP: ctx["sweep"],
+            N.TRIAL_ID: trial_id,
+            N.SEED: str(config["seed"]),
+            N.DEVICE_TYPE: ctx["device_type"],
         },
     ).start()
     run_id = tracker.run_id or run_id
@@ -378,10 +378,10 @@ def run_trial(config: dict, ctx: dict) -> None:
     start = time.perf_counter()
     reported: dict = {}  # the last evaluation a trained trial reported to Tune
     try:
-        tracker.set_tags({"attempts": attempts, "status": "running"})
+        tracker.set_tags({N.ATTEMPTS: attempts, N.STATUS: N.RUNNING})
         params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")}
-        params.update({f"search.{k}": v for k, v in config["overrides"].items()})
-        params.update({**schedule_params(schedule), "schedule.drop_layers": [d.after_layer for d in schedule.drops]})
+        params.update({f"{N.SEARCH}{k}": v for k, v in config["overrides"].items()})
+        params.update({**schedule_params(schedule), N.DROP_LAYERS: [d.after_layer for d in schedule.drops]})
         tracker.log_params(params)
         if os.environ.get("HIDROP_TEST_FAIL_TRIAL") == config["label"] and attempts == 1:
             raise RuntimeError(f"injected failure in {config['label']} (HIDROP_TEST_FAIL_TRIAL)")
@@ -390,24 +390,24 @@ def run_trial(config: dict, ctx: dict) -> None:
             metrics = _trained(cfg, ctx, tracker, start, devices, reported)
         else:
             metrics = _evaluate(cfg, _trial_model(cfg, fresh=False), ctx["reference"], benchmarks_for(cfg))
-            metrics["accelerator_hours"] = (time.perf_counter() - start) * devices / 3600
-            metrics["wall_s"] = time.perf_counter() - start
+            metrics[N.ACCELERATOR_HOURS] = (time.perf_counter() - start) * devices / 3600
+            metrics[N.WALL_S] = time.perf_counter() - start
             tracker.log_metrics(metrics, step=0)
         # the result is kept before Tune hears of it: a trial Tune's saved state still calls running
         # after an interruption is then reported again on resume, not evaluated again
         _save_trial_record(ctx, trial_id, {"run_id": tracker.run_id or run_id, "attempts": attempts, "result": metrics})
-        tracker.set_tags({"status": "finished"})
+        tracker.set_tags({N.STATUS: N.FINISHED})
         tracker.finish("FINISHED")
     except (KeyboardInterrupt, SystemExit):  # the sweep was interrupted, or ASHA stopped a trained trial
         if reported:  # it has evaluated results: stopping early is an outcome, not a failure
-            tracker.set_tags({"status": "stopped_early"})
+            tracker.set_tags({N.STATUS: N.STOPPED_EARLY})
             tracker.finish("FINISHED")
         else:
-            tracker.set_tags({"status": "stopped"})
+            tracker.set_tags({N.STATUS: N.STOPPED})
             tracker.finish("KILLED")
         raise
     except BaseException as e:
-        tracker.set_tags({"status": "failed", "error": str(e).splitlines()[0][:500] if str(e) else type(e).__name__})
+        tracker.set_tags({N.STATUS: N.FAILED, N.ERROR: str(e).splitlines()[0][:500] if str(e) else type(e).__name__})
         tracker.finish("FAILED")
         raise
     if cfg.tune.kind != "trained":  # trained trials reported after every evaluation already
@@ -448,14 +448,16 @@ def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: f
     for info in loop:
         if not math.isfinite(info["loss"]):
             raise RuntimeError(f"loss is {info['loss']} at step {info['step']}")
-        tracker.log_metrics({"loss": info["loss"]}, step=info["step"])
+        tracker.log_metrics({N.LOSS: info["loss"]}, step=info["step"])
         if info["step"] % s.eval_every == 0 or info["step"] == s.train_steps:
             metrics = _evaluate(cfg, vlm, ctx["reference"], benches)
             metrics.update(
-                train_step=info["step"],
-                loss=info["loss"],
-                wall_s=time.perf_counter() - start,
-                accelerator_hours=(time.perf_counter() - start) * devices / 3600,
+                {
+                    N.TRAIN_STEP: info["step"],
+                    N.LOSS: info["loss"],
+                    N.WALL_S: time.perf_counter() - start,
+                    N.ACCELERATOR_HOURS: (time.perf_counter() - start) * devices / 3600,
+                }
             )
             tracker.log_metrics(metrics, step=info["step"])
             reported.update(metrics)
@@ -594,7 +596,7 @@ def run_tune(
         run_name=f"sweep:{name}",
         spool_dir=spool_dir,
         enabled=cfg.tracking.enabled,
-        tags={"hidrop.sweep": name, "hidrop.kind": "sweep"},
+        tags={N.SWEEP: name, N.KIND: N.KIND_SWEEP},
     ).start()
     sweep_state.update(parent_run_id=parent.run_id, name=name, base=base)
     sweep_file.write_text(json.dumps(sweep_state, indent=2))
@@ -607,8 +609,7 @@ def run_tune(
         at_once, devices = _check_resources(cfg, ray.cluster_resources())
         reference = _reference(cfg, sweep_dir, note)
         parent.log_metrics(
-            {f"reference/{b}": v for b, v in reference["scores"].items()}
-            | {f"blind/{b}": v for b, v in reference["blind_scores"].items()},
+            N.per_benchmark(N.REFERENCE, reference["scores"]) | N.per_benchmark(N.BLIND, reference["blind_scores"]),
             step=0,
         )
 
@@ -680,12 +681,12 @@ def run_tune(
             fits = [r for r in summary["trials"] if "relative_score" in r and r["vision_tflops"] <= s.max_vision_tflops]
             summary["best_under_budget"] = max(fits, key=lambda r: r["relative_score"])["label"] if fits else None
         _log_summary(parent, summary, sweep_dir, name, reference)
-        parent.set_tags({"status": "finished"})
+        parent.set_tags({N.STATUS: N.FINISHED})
         parent.finish("FINISHED")
         summary.update(parent_run_id=parent.run_id, tracking_uri=uri, sweep_dir=str(sweep_dir))
         return summary
     except BaseException as e:
-        parent.set_tags({"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"})
+        parent.set_tags({N.STATUS: N.INTERRUPTED if isinstance(e, KeyboardInterrupt) else N.FAILED})
         parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
 
@@ -714,7 +715,7 @@ class _ProgressCallback(Callback):
 
         run_id = _trial_record(self.ctx, trial_id).get("run_id")
         if run_id:  # still running here means stopped early after a reported evaluation
-            close_if_running(self.ctx["tracking_uri"], run_id, "FINISHED", {"status": "stopped_early"})
+            close_if_running(self.ctx["tracking_uri"], run_id, "FINISHED", {N.STATUS: N.STOPPED_EARLY})
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.on_trial_complete(iteration, trials, trial)
@@ -747,17 +748,17 @@ def _summarize(
         if result.error:
             row["error"] = str(result.error).strip().splitlines()[-1][:300]
         for key in (
-            "relative_score",
-            "vision_tflops",
-            "model_tflops",
-            "avg_vision_tokens",
-            "measured_avg_vision_tokens",
-            "accelerator_hours",
-            "train_step",
+            N.RELATIVE_SCORE,
+            N.VISION_TFLOPS,
+            N.MODEL_TFLOPS,
+            N.AVG_VISION_TOKENS,
+            N.MEASURED_AVG_VISION_TOKENS,
+            N.ACCELERATOR_HOURS,
+            N.TRAIN_STEP,
         ):
             if key in metrics:
                 row[key] = metrics[key]
-        row["scores"] = {k.removeprefix("score/"): v for k, v in metrics.items() if k.startswith("score/")}
+        row["scores"] = N.strip_prefix(N.SCORE, metrics)
         rows.append(row)
     rows.sort(key=lambda r: (not r["seed"], r["label"]))
     ok = [r for r in rows if r["status"] == "ok" and "relative_score" in r]
@@ -809,15 +810,15 @@ def _log_summary(parent, summary: dict, sweep_dir: Path, name: str, reference: d
             reference_lines={"blind": reference["blind_relative_score"]},
         )
     for path in out.iterdir():
-        parent.log_artifact(path, "pareto")
+        parent.log_artifact(path, N.PARETO_DIR)
     parent.log_metrics(
         {
-            "trials": len(summary["trials"]),
-            "failed_trials": summary["failed"],
-            "rejected_samples": summary["rejected"],
-            "pareto_size": len(summary["pareto"]),
-            "accelerator_hours": summary["accelerator_hours"],
-            "wall_s": summary["wall_time_s"],
+            N.TRIALS: len(summary["trials"]),
+            N.FAILED_TRIALS: summary["failed"],
+            N.REJECTED_SAMPLES: summary["rejected"],
+            N.PARETO_SIZE: len(summary["pareto"]),
+            N.ACCELERATOR_HOURS: summary["accelerator_hours"],
+            N.WALL_S: summary["wall_time_s"],
         },
         step=0,
     )

@@ -1,0 +1,124 @@
+"""Every MLflow name hidrop writes and the dashboards read: tags and their values, params, metrics,
+artifact paths. Writers (tune, train, analyze, tracking) and readers (dashboards/report) import them from
+here, so the two cannot drift apart; tests/test_mlflow_names.py checks that no other module spells one,
+and tests/test_mlflow_schema.py that what the runs write stays what it was.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+# ---- tags -------------------------------------------------------------------------------------------
+KIND = "hidrop.kind"  # which command wrote the run: KIND_SWEEP / KIND_TRAIN / KIND_ANALYZE
+SWEEP = "hidrop.sweep"  # the sweep's name, on the parent and on every trial
+SEED = "hidrop.seed"  # "True" on a seed (preset) trial
+TRIAL_ID = "hidrop.trial_id"  # Ray Tune's trial id
+STATUS = "status"  # one of the statuses below (the run's MLflow status is coarser)
+ATTEMPTS = "attempts"  # how many times a trial started (a retry logs into the same run)
+ERROR = "error"  # a failed trial's one-line reason
+DIVERGED = "diverged"  # a training stopped by a non-finite loss
+DEVICE_TYPE = "device_type"  # cpu / cuda
+NUM_WORKERS = "num_workers"
+STAGE = "stage"  # pretrain / finetune
+PARENT_RUN = "mlflow.parentRunId"  # MLflow's own nesting tag
+
+KIND_SWEEP, KIND_TRAIN, KIND_ANALYZE = "sweep", "train", "analyze"
+
+# values of the STATUS tag
+RUNNING = "running"
+FINISHED = "finished"
+STOPPED_EARLY = "stopped_early"  # ASHA stopped a trained trial that had evaluated: an outcome
+STOPPED = "stopped"  # interrupted before any result
+FAILED = "failed"
+INTERRUPTED = "interrupted"  # a sweep parent stopped by Ctrl+C / SIGTERM
+OUTCOME_STATUSES = (FINISHED, STOPPED_EARLY)  # trials whose metrics are results (a Pareto front uses only these)
+
+# ---- metrics ----------------------------------------------------------------------------------------
+RELATIVE_SCORE = "relative_score"  # the paper's Avg (%) against the unpruned model
+AVG_VISION_TOKENS = "avg_vision_tokens"
+MEASURED_AVG_VISION_TOKENS = "measured_avg_vision_tokens"
+VISION_TFLOPS = "vision_tflops"  # per sample, the paper's formula
+MODEL_TFLOPS = "model_tflops"  # per sample, the whole forward
+ACCELERATOR_HOURS = "accelerator_hours"  # wall time x devices, measured
+WALL_S = "wall_s"
+SAMPLES = "samples"  # questions a trial was evaluated on
+TRAIN_STEP = "train_step"  # the step a trained trial's evaluation belongs to
+LOSS = "loss"
+LR = "lr"
+GRAD_NORM = "grad_norm"
+EPOCH = "epoch"
+SAMPLES_PER_S = "samples_per_s"
+TOKENS_PER_S = "tokens_per_s"
+VISION_TFLOPS_PER_SAMPLE = "vision_tflops_per_sample"
+MODEL_TFLOPS_PER_SAMPLE = "model_tflops_per_sample"
+VISION_TOKENS_KEPT = "vision_tokens_kept"
+TRIALS = "trials"  # on a sweep parent
+FAILED_TRIALS = "failed_trials"
+PARETO_SIZE = "pareto_size"
+REJECTED_SAMPLES = "rejected_samples"
+BUDGET_LOSS = "budget_loss"  # learnable keep ratios' token-budget term
+S_INTRA = "s_intra"  # analyze's curves, one step per layer
+S_CROSS = "s_cross"
+ILVAS_MEAN = "ilvas_mean"
+ALL_TOKENS_SCORE = "all_tokens_score"  # analyze's sweep endpoints
+BLIND_SCORE = "blind_score"
+EXIT_SWEEP_SCORE = "exit_sweep_score"
+INJECT_SWEEP_SCORE = "inject_sweep_score"
+
+# per-benchmark metrics: PREFIX + benchmark name
+SCORE = "score/"  # the run's (or trial's) score
+REFERENCE = "reference/"  # a sweep's unpruned reference
+BLIND = "blind/"  # a sweep's blind (no image) baseline
+ALL_TOKENS = "all_tokens/"  # a trained model evaluated unpruned
+LEARNED_KEEP = "learned_keep/"  # learnable keep counts, per filtering layer (1-based)
+
+# ---- params -----------------------------------------------------------------------------------------
+# the experiment config, flattened to dotted names (hidrop_platform.config.flatten), plus:
+SEARCH = "search."  # a trial's sampled overrides
+PROPOSED = "proposed."  # analyze's proposed schedule fields
+VERSION = "version."  # package versions of a training
+SCHEDULE_PLAN = "schedule_plan."  # a training's vision tokens per layer (1-based)
+PLAN = "schedule.plan"  # the resolved schedule's per-layer plan (Schedule.describe())
+KEEP_COUNTS = "schedule.keep_counts"
+DROP_LAYERS = "schedule.drop_layers"
+RESOLVED_NAME = "schedule.resolved_name"
+METHOD = "schedule.method"  # vanilla / fastv / pdrop / hidrop (hidrop.evaluation.published.schedule_method)
+RESOLVED_AVG_TOKENS = "schedule.resolved_avg_tokens"
+RESOLVED_POSITION_MODE = "schedule.resolved_position_mode"
+RESOLVED_QUERY_RULE = "schedule.resolved_query_rule"
+RESOLVED_SELECTOR = "schedule.resolved_selector"
+# config names the dashboards read back
+MODEL_KIND = "model.kind"
+MODEL_PATH = "model.path"
+EVAL_PUBLISHED = "eval.published"
+EVAL_PUBLISHED_TRAINING = "eval.published_training"
+SCHEDULE_PRESET = "schedule.preset"
+SCHEDULE_POSITION_MODE = "schedule.position_mode"
+TRAIN_MAX_STEPS = "train.max_steps"
+NAME = "name"
+DESCRIPTION = "description"
+SCHEDULE_NAME = "schedule.name"
+TRACKING_SECTION = "tracking."
+
+# ---- artifact paths ---------------------------------------------------------------------------------
+CONFIG_YAML = "config/experiment.yaml"  # the resolved experiment
+DEEPSPEED_JSON = "config/deepspeed.json"
+PARETO_DIR = "pareto"  # a sweep's pareto.png, pareto.md, sweep.json
+REPORT_DIR = "report"  # hidrop report's files, on the sweep's parent
+ANALYSIS_DIR = "analysis"  # analyze's curves.png, analysis.json, proposed.yaml
+ANALYSIS_CURVES = "analysis/curves.png"
+MODEL_DIR = "model"  # a training's export; intermediate ones under model/step-N
+
+
+def per_benchmark(prefix: str, scores: Mapping[str, float]) -> dict[str, float]:
+    """{prefix + benchmark: score} for logging."""
+    return {f"{prefix}{b}": v for b, v in scores.items()}
+
+
+def strip_prefix(prefix: str, values: Mapping[str, float | str]) -> dict:
+    """The entries under `prefix`, keyed by what follows it (per-benchmark metrics, search params)."""
+    return {k.removeprefix(prefix): v for k, v in values.items() if k.startswith(prefix)}
+
+
+def model_step_dir(step: int) -> str:
+    return f"{MODEL_DIR}/step-{step}"
