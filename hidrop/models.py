@@ -50,6 +50,10 @@ PROJECTOR_FILE = "projector.safetensors"
 FORMAT_KEY = "hidrop"  # the block in config.json that carries the schedule and how to rebuild the model
 
 
+# the dtype names experiment YAMLs use (model.dtype, bench.dtype)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class ModelLoadError(RuntimeError):
     """A checkpoint or packaged asset cannot be found or read (one-line message for the CLI)."""
 

@@ -8,8 +8,6 @@ import torch
 
 from hidrop_platform.config import ExperimentConfig
 
-from hidrop_platform.bench import DTYPES
-
 
 class EvalSetupError(RuntimeError):
     """The experiment cannot be evaluated as configured (one line for the CLI)."""
@@ -30,7 +28,7 @@ def resolve_path(path: Optional[str]) -> Optional[str]:
 
 def build_model(cfg: ExperimentConfig, device: Optional[str] = None):
     """The experiment's `VisionLanguageModel` on `device`, checked against the YAML's shape."""
-    from hidrop.models import ModelLoadError, load_llava_hf, load_model, mini_llava
+    from hidrop.models import DTYPES, ModelLoadError, load_llava_hf, load_model, mini_llava
     from hidrop.tiny import tiny_vlm
 
     m = cfg.model.model_copy(update={"path": resolve_path(cfg.model.path)})

@@ -178,7 +178,7 @@ def train_worker(payload: dict) -> None:
     step_losses: list[float] = []  # benchmark)
     turns = None
     if payload.get("turns"):  # the overhead benchmark: take turns with the plain loop, one step each
-        from hidrop_platform.bench import Turns
+        from hidrop_platform.turns import Turns
 
         turns = Turns(payload["turns"], "ray", "plain")
         turns.wait()  # the plain loop has set up

@@ -28,6 +28,7 @@ from ray.tune.search import Searcher
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ConfigError, ExperimentConfig, ScheduleSpec, flatten, validate_config, with_overrides
 from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
+from hidrop_platform.pareto import pareto_front, plot_pareto
 
 OBJECTIVES = {"pareto": ([N.RELATIVE_SCORE, N.VISION_TFLOPS], ["max", "min"]), "score": (N.RELATIVE_SCORE, "max")}
 OPTUNA_STREAK = 20  # rejected Optuna proposals in a row before a random valid point is enqueued for it
@@ -733,8 +734,6 @@ def _searcher_of(tuner) -> Optional[ScheduleSearcher]:
 def _summarize(
     grid, reference: dict, searcher: Optional[ScheduleSearcher], name: str, at_once: int, wall: float
 ) -> dict:
-    from hidrop_dashboards.pareto import pareto_front
-
     rows = []
     for result in grid:
         config = result.config or {}
@@ -786,8 +785,6 @@ def _rounded(overrides: dict) -> dict:
 
 
 def _log_summary(parent, summary: dict, sweep_dir: Path, name: str, reference: dict) -> None:
-    from hidrop_dashboards.pareto import plot_pareto
-
     out = sweep_dir / "summary"
     out.mkdir(exist_ok=True)
     ok = [r for r in summary["trials"] if "relative_score" in r]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hidrop_dashboards.pareto import pareto_front
+from hidrop_platform.pareto import pareto_front
 from hidrop_dashboards.report import ReportError, build_report, collect, methods_table
 from hidrop_platform.tracking import TrackingUnavailable, Tracker, check_readable, default_tracking_uri, prepare
 

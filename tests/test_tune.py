@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from hidrop.schedule import ScheduleError, hidrop, keep_curve, pyramid, spread_layers
-from hidrop_dashboards.pareto import pareto_front
+from hidrop_platform.pareto import pareto_front
 from hidrop_platform.config import ConfigError, load_config_data, validate_config, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

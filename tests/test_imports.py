@@ -1,0 +1,78 @@
+"""The rooms and which way their imports run, read from the source (function-local imports included):
+no cycle inside platform/; platform/ reaches dashboards/ only from the command-line entry points that
+launch a report (cli, demo); hidrop/ never imports ray, mlflow, deepspeed or the platform."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"hidrop_platform": ROOT / "platform", "hidrop_dashboards": ROOT / "dashboards"}
+ENTRY_POINTS = {"hidrop_platform.cli", "hidrop_platform.demo"}
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {f"{pkg}.{p.stem}": p for pkg, folder in PACKAGES.items() for p in folder.glob("*.py")}
+    return {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle, or [] (depth-first search with colours)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return []
+
+
+def test_no_import_cycle_inside_platform_and_dashboards():
+    graph = _graph()
+    assert "hidrop_platform.tune" in graph and "hidrop_dashboards.report" in graph
+    assert _cycle(graph) == []
+    # the search itself finds a planted cycle
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_platform_reaches_dashboards_only_from_entry_points():
+    graph = _graph()
+    reaching = {
+        m
+        for m, deps in graph.items()
+        if m.startswith("hidrop_platform.") and any(d.startswith("hidrop_dashboards.") for d in deps)
+    }
+    assert reaching <= ENTRY_POINTS, sorted(reaching - ENTRY_POINTS)
+
+
+def test_hidrop_stays_free_of_the_platform_stack():
+    forbidden = ("ray", "mlflow", "deepspeed", "hidrop_platform", "hidrop_dashboards")
+    for path in sorted((ROOT / "hidrop").rglob("*.py")):
+        bad = sorted(m for m in _imports(path) if m.split(".")[0] in forbidden)
+        assert not bad, (path.relative_to(ROOT), bad)
