@@ -7,21 +7,44 @@ When transformers changes a signature, this is the one file to update.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Optional
 
 import torch
+import transformers
 from torch import nn
 from transformers import DynamicCache, LlavaForConditionalGeneration, PreTrainedModel
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 TESTED_TRANSFORMERS = "5.23.0"
-SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2")
+
+
+def untested_transformers(installed: Optional[str] = None) -> Optional[str]:
+    """A one-line warning when the installed transformers is not the one this adapter was tested
+    against (its decoder-layer and cache calls changed between 4.4x, 4.5x and 5.x), else None."""
+    installed = installed or transformers.__version__
+    if installed == TESTED_TRANSFORMERS:
+        return None
+    return (
+        f"transformers {installed} is installed; hidrop's adapter was tested with {TESTED_TRANSFORMERS}: "
+        "run the engine tests (pytest tests/test_engine.py) before trusting its outputs"
+    )
+
+
+@functools.cache
+def _warn_untested_once() -> None:
+    message = untested_transformers()
+    if message:
+        warnings.warn(message, stacklevel=3)
 
 
 class Backbone:
     """A uniform view of a Llama-family causal LM or a llava-hf `LlavaForConditionalGeneration`."""
 
     def __init__(self, model: PreTrainedModel):
+        _warn_untested_once()
         self.model = model
         self.is_llava = isinstance(model, LlavaForConditionalGeneration)
         if self.is_llava:

@@ -33,9 +33,3 @@ def straight_through(hidden: torch.Tensor, soft: torch.Tensor, where: torch.Tens
     """Multiply the kept tokens by 1 + m - stopgrad(m): identity forward, d/dm backward."""
     factor = torch.where(where, 1.0 + soft - soft.detach(), torch.ones_like(soft))
     return hidden * factor[..., None].to(hidden.dtype)
-
-
-def hard_topk(scores: torch.Tensor, live: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest-scoring live entries per row, in their original order. (B, k)."""
-    top = scores.masked_fill(~live, float("-inf")).topk(k, dim=-1).indices
-    return top.sort(-1).values

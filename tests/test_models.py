@@ -228,3 +228,12 @@ def test_save_module_with_flat_buffer_views_and_tied_weights(tmp_path):
     for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
         assert torch.equal(a, b)
     assert dst[2].weight is dst[0].weight
+
+
+def test_an_untested_transformers_is_named():
+    from hidrop.adapter import TESTED_TRANSFORMERS, untested_transformers
+
+    assert untested_transformers() is None  # the pinned version is the tested one
+    assert untested_transformers(TESTED_TRANSFORMERS) is None
+    message = untested_transformers("5.17.0")
+    assert "5.17.0" in message and TESTED_TRANSFORMERS in message
