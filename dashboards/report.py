@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, comparison_rows, format_delta
 from hidrop.evaluation.published import PublishedError, comparisons_for, exact_preset, method_from_name, model_key
-from hidrop_platform.pareto import pareto_front, plot_pareto
+from hidrop_platform.pareto import mark_front, plot_pareto
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.tracking import redact_uri
 
@@ -217,11 +217,7 @@ def _sweep(parent, children: list) -> dict:
             if key in metrics:
                 row[key] = metrics[key]
         trials.append(row)
-    # as `hidrop tune` does: a failed or killed trial's last metrics are not an outcome
-    scored = [r for r in trials if "relative_score" in r and "vision_tflops" in r and r["status"] in N.OUTCOME_STATUSES]
-    front = set(pareto_front([(r["relative_score"], r["vision_tflops"]) for r in scored]))
-    for i, r in enumerate(scored):
-        r["pareto"] = i in front
+    mark_front(trials)  # the rule `hidrop tune` uses: a failed or killed trial's last metrics are no outcome
     trials.sort(key=lambda r: (not r["seed"], r.get("vision_tflops", math.inf)))
     return {
         "name": _tag(parent, N.SWEEP),

@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hidrop_platform import mlflow_names as N
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Vision-token schedules for LLaVA-style models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Speed benchmarks (ratios measured in one run).")
 app.add_typer(bench_app, name="bench")
@@ -384,7 +386,7 @@ def _print_sweep(summary: dict) -> None:
         + f"; blind baseline: {summary['blind_relative_score']:.1f}% relative"
     )
     for r in rows:
-        if r["status"] == "error":
+        if r["status"] == N.FAILED:
             out.print(f"[red]failed[/] {r['label']}: {r.get('error', '')}")
     for reason, count in summary["rejections"].items():
         out.print(f"[dim]rejected {count}x: {reason}[/]")

@@ -28,7 +28,7 @@ from ray.tune.search import Searcher
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ConfigError, ExperimentConfig, ScheduleSpec, flatten, validate_config, with_overrides
 from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
-from hidrop_platform.pareto import pareto_front, plot_pareto
+from hidrop_platform.pareto import is_outcome, mark_front, plot_pareto
 
 OBJECTIVES = {"pareto": ([N.RELATIVE_SCORE, N.VISION_TFLOPS], ["max", "min"]), "score": (N.RELATIVE_SCORE, "max")}
 OPTUNA_STREAK = 20  # rejected Optuna proposals in a row before a random valid point is enqueued for it
@@ -742,7 +742,7 @@ def _summarize(
             "label": config.get("label", "?"),
             "seed": bool(config.get("seed")),
             "overrides": config.get("overrides", {}),
-            "status": "error" if result.error else "ok",
+            "status": N.FAILED if result.error else N.FINISHED,
         }
         if result.error:
             row["error"] = str(result.error).strip().splitlines()[-1][:300]
@@ -760,19 +760,16 @@ def _summarize(
         row["scores"] = N.strip_prefix(N.SCORE, metrics)
         rows.append(row)
     rows.sort(key=lambda r: (not r["seed"], r["label"]))
-    ok = [r for r in rows if r["status"] == "ok" and "relative_score" in r]
-    front = pareto_front([(r["relative_score"], r["vision_tflops"]) for r in ok])
-    for i, r in enumerate(ok):
-        r["pareto"] = i in front
+    front = mark_front(rows)
     return {
         "sweep": name,
         "trials": rows,
-        "pareto": [ok[i]["label"] for i in front],
+        "pareto": [r["label"] for r in front],
         "reference_scores": reference["scores"],
         "blind_relative_score": reference["blind_relative_score"],
         "rejections": dict(searcher.rejections) if searcher else {},
         "rejected": sum(searcher.rejections.values()) if searcher else 0,
-        "failed": sum(r["status"] == "error" for r in rows),
+        "failed": sum(r["status"] == N.FAILED for r in rows),
         "concurrency": at_once,
         "wall_time_s": wall,
         "accelerator_hours": sum(r.get("accelerator_hours", 0.0) for r in rows),
@@ -787,7 +784,7 @@ def _rounded(overrides: dict) -> dict:
 def _log_summary(parent, summary: dict, sweep_dir: Path, name: str, reference: dict) -> None:
     out = sweep_dir / "summary"
     out.mkdir(exist_ok=True)
-    ok = [r for r in summary["trials"] if "relative_score" in r]
+    ok = [r for r in summary["trials"] if is_outcome(r)]
     lines = [
         "| trial | on front | relative score | vision TFLOPs | avg tokens | schedule overrides |",
         "|---|---|---|---|---|---|",
