@@ -111,7 +111,10 @@ def test_ui_and_report_in_a_real_browser(demo, tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             # the experiment's runs: the sweep's parent run, expanded to show its trials
-            page.goto(f"http://127.0.0.1:{port}/#/experiments/{exp_id}{UI_TRAINING_VIEW}", wait_until="networkidle")
+            # not "networkidle": MLflow 3's telemetry web worker keeps a request open, so the network never idles
+            page.goto(
+                f"http://127.0.0.1:{port}/#/experiments/{exp_id}{UI_TRAINING_VIEW}", wait_until="domcontentloaded"
+            )
             page.get_by_text("sweep:demo-", exact=False).first.wait_for(timeout=60_000)
             assert "/runs" in page.url  # the runs view, not the GenAI overview
             parent = page.locator("[role='row']", has_text="sweep:demo-").first
