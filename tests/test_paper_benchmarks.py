@@ -488,11 +488,8 @@ def test_through_the_harness_with_their_own_aggregates(tmp_path):
     assert len(benches[0].samples()) == 2 * 3  # two questions, three options, every rotation
 
 
-def test_hidrop_eval_prints_the_paper_layout(tmp_path):
-    from typer.testing import CliRunner
-
-    from hidrop_platform.cli import app
-
+def write_pope_experiment(tmp_path, name: str, eval_lines: str = ""):
+    """A tiny-model experiment on a two-question fixture POPE split (also used by test_published)."""
     _png(tmp_path / "pope" / "val2014" / "x.jpg")
     (tmp_path / "pope" / "coco_pope_random.json").write_text(
         "\n".join(
@@ -501,16 +498,25 @@ def test_hidrop_eval_prints_the_paper_layout(tmp_path):
         )
     )
     exp = tmp_path / "exp.yaml"
-    exp.write_text(f"""name: paper_layout
+    exp.write_text(f"""name: {name}
 model: {{kind: tiny_llava}}
 schedule: {{preset: hidrop_tok64}}
 eval:
-  benchmarks:
+{eval_lines}  benchmarks:
     - {{name: pope, options: {{root: {tmp_path / "pope"}, splits: random}}}}
   baselines: [all_tokens]
   mode: generate
   max_new_tokens: 2
 """)
+    return exp
+
+
+def test_hidrop_eval_prints_the_paper_layout(tmp_path):
+    from typer.testing import CliRunner
+
+    from hidrop_platform.cli import app
+
+    exp = write_pope_experiment(tmp_path, "paper_layout")
     result = CliRunner().invoke(app, ["eval", str(exp)])
     assert result.exit_code == 0, result.output
     assert "Table 1 layout" in result.output and "| method | POPE | Avg (%) |" in result.output

@@ -442,32 +442,12 @@ def test_eval_shows_the_published_rows_with_exact_deltas(monkeypatch):
 
 def test_eval_cli_shows_nothing_when_no_row_matches(tmp_path):
     """A tiny model marked as LLaVA-1.5-7B: its 16-token budgets match no published row, so no paper rows."""
+    from test_paper_benchmarks import write_pope_experiment
     from typer.testing import CliRunner
 
     from hidrop_platform.cli import app
 
-    from PIL import Image
-
-    (tmp_path / "pope" / "val2014").mkdir(parents=True)
-    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "pope" / "val2014" / "x.jpg")
-    (tmp_path / "pope" / "coco_pope_random.json").write_text(
-        "\n".join(
-            json.dumps({"question_id": i, "image": "x.jpg", "text": "Is there a dog?", "label": lab})
-            for i, lab in enumerate(["yes", "no"])
-        )
-    )
-    exp = tmp_path / "exp.yaml"
-    exp.write_text(f"""name: marked
-model: {{kind: tiny_llava}}
-schedule: {{preset: hidrop_tok64}}
-eval:
-  published: llava15_7b
-  benchmarks:
-    - {{name: pope, options: {{root: {tmp_path / "pope"}, splits: random}}}}
-  baselines: [all_tokens]
-  mode: generate
-  max_new_tokens: 2
-""")
+    exp = write_pope_experiment(tmp_path, "marked", eval_lines="  published: llava15_7b\n")
     result = CliRunner().invoke(app, ["eval", str(exp)])
     assert result.exit_code == 0, result.output
     assert "Table 1 layout" in result.output and "paper:" not in result.output

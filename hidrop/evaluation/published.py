@@ -339,7 +339,7 @@ def compare(
     """`measured` (benchmark -> score) against the published `row`, on the benchmarks both have (and,
     when a measured reference is given, that it scored above 0: the Avg of both sides rests on them)."""
     published = published or load_published()
-    name, table = published.table_of(row)
+    table = published.table_of(row)[1]
     have = {b for b, v in measured.items() if v is not None and v == v}
     if measured_reference is not None:
         have = {
