@@ -276,15 +276,15 @@ def run_sweeps(
         seed=seed,
         progress=progress,
     )
-    score = {r["method"]: mean(b["score"] for b in r["benchmarks"].values()) for r in report["methods"]}
+    score = {r.method: mean(r.scores().values()) for r in report.methods}
     return {
         "layers": [s.exit_layer for s in exits],
         "exit": [score[s.name] for s in exits],
         "inject": [score[s.name] for s in injects],
         "all_tokens": score["all_tokens"],
         "blind": score["blind"],
-        "samples": report["samples_evaluated"],
-        "notes": report["notes"],
+        "samples": report.samples_evaluated,
+        "notes": report.notes,
     }
 
 

@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hidrop.evaluation.paper import PAPER_BENCHMARKS, paper_table
+from hidrop.evaluation.results import EvalReport
 from hidrop_platform import mlflow_names as N
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Vision-token schedules for LLaVA-style models.")
@@ -151,7 +153,7 @@ def eval_command(
         if as_json:
             with _stdout_to_stderr():
                 report = run_eval(cfg)
-            print(json.dumps(report, indent=2))
+            print(json.dumps(report.to_dict(), indent=2))
             return
         from rich.progress import (
             BarColumn,
@@ -242,71 +244,62 @@ def train(
     out.print(f"  MLflow: {result['tracking_uri']}")
 
 
-def _print_eval(report: dict) -> None:
-    names = [b["name"] for b in report["benchmarks"]]
+def _print_eval(report: EvalReport) -> None:
+    names = report.benchmark_names()
     table = Table(
-        title=f"{report['experiment']}: {report['samples_evaluated']} samples on {report['device']} "
-        f"in {report['wall_time_s']:.0f} s (relative score vs {report['reference']})"
+        title=f"{report.experiment}: {report.samples_evaluated} samples on {report.device} "
+        f"in {report.wall_time_s:.0f} s (relative score vs {report.reference})"
     )
     table.add_column("method")
     for n in names:
         table.add_column(n, justify="right")
     for col in ("relative %", "avg vis tokens", "vision TFLOPs", "model TFLOPs", "evidence recall"):
         table.add_column(col, justify="right")
-    for r in report["methods"]:
-        recall = next((b["evidence_recall"] for b in r["benchmarks"].values() if "evidence_recall" in b), None)
-        rel = r["relative_score"]
+    for r in report.methods:
+        recall = next((b.evidence_recall for b in r.benchmarks.values() if b.evidence_recall is not None), None)
+        rel = r.relative_score
         table.add_row(
-            r["method"],
-            *[f"{r['benchmarks'][n]['score']:.1f}" for n in names],
+            r.method,
+            *[f"{r.benchmarks[n].score:.1f}" for n in names],
             "-" if rel is None else f"{rel:.1f}",
-            f"{r['avg_vision_tokens']:.1f}",
-            f"{r['vision_tflops']:.4f}",
-            f"{r['model_tflops']:.4f}",
+            f"{r.avg_vision_tokens:.1f}",
+            f"{r.vision_tflops:.4f}",
+            f"{r.model_tflops:.4f}",
             "-" if not recall else " / ".join(f"{x:.2f}" for x in recall),
         )
     out.print(table)
-    families = sorted(
-        {
-            f"{bn}/{k.removeprefix('family/')}"
-            for r in report["methods"]
-            for bn, b in r["benchmarks"].items()
-            for k in b
+    per_family = {
+        r.method: {
+            f"{bn}/{k.removeprefix('family/')}": v
+            for bn, b in r.benchmarks.items()
+            for k, v in b.figures().items()
             if k.startswith("family/")
         }
-    )
+        for r in report.methods
+    }
+    families = sorted({f for merged in per_family.values() for f in merged})
     if families:
         fam = Table(title="per family (%)")
         fam.add_column("method")
         for f in families:
             fam.add_column(f, justify="right")
-        for r in report["methods"]:
-            merged = {
-                f"{bn}/{k.removeprefix('family/')}": v
-                for bn, b in r["benchmarks"].items()
-                for k, v in b.items()
-                if k.startswith("family/")
-            }
-            fam.add_row(r["method"], *[f"{merged[f]:.1f}" if f in merged else "-" for f in families])
+        for method, merged in per_family.items():
+            fam.add_row(method, *[f"{merged[f]:.1f}" if f in merged else "-" for f in families])
         out.print(fam)
-    from hidrop.evaluation.paper import PAPER_BENCHMARKS, paper_table
-
-    rows = {
-        r["method"]: {n: r["benchmarks"][n]["score"] for n in names if n in PAPER_BENCHMARKS} for r in report["methods"]
-    }
-    if any(rows.values()) and report["reference"] in rows:
-        published = report.get("published") or {}
+    rows = {r.method: {n: r.benchmarks[n].score for n in names if n in PAPER_BENCHMARKS} for r in report.methods}
+    if any(rows.values()) and report.reference in rows:
+        published = report.published or {}
         out.print(
-            f"The paper's Table 1 layout (Avg % against {report['reference']})"
+            f"The paper's Table 1 layout (Avg % against {report.reference})"
             + (
-                f", with the paper's rows for {report['published_model']} (hidrop/evaluation/published.yaml)"
+                f", with the paper's rows for {report.published_model} (hidrop/evaluation/published.yaml)"
                 if published
                 else ""
             )
             + ":"
         )
-        out.print(paper_table(rows, reference=report["reference"], published=published), markup=False, highlight=False)
-    for note in report["notes"]:
+        out.print(paper_table(rows, reference=report.reference, published=published), markup=False, highlight=False)
+    for note in report.notes:
         out.print(f"[bold yellow]note:[/] {note}", highlight=False)
 
 

@@ -6,6 +6,8 @@ from typing import Callable, Optional
 
 import torch
 
+from hidrop.evaluation.results import EvalReport
+from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ExperimentConfig
 
 
@@ -74,7 +76,7 @@ def benchmarks_for(cfg: ExperimentConfig, limit: Optional[int] = None) -> list:
         raise EvalSetupError(f"eval.benchmarks: {msg}") from None
 
 
-def run_eval(cfg: ExperimentConfig, progress: Optional[Callable[[int, int, str], None]] = None, vlm=None) -> dict:
+def run_eval(cfg: ExperimentConfig, progress: Optional[Callable[[int, int, str], None]] = None, vlm=None) -> EvalReport:
     from hidrop.evaluation.harness import EvalError, evaluate
 
     torch.manual_seed(cfg.seed)
@@ -95,10 +97,43 @@ def run_eval(cfg: ExperimentConfig, progress: Optional[Callable[[int, int, str],
         )
     except EvalError as e:
         raise EvalSetupError(str(e)) from None
-    report["experiment"] = cfg.name
-    report["device"] = str(vlm.device)
+    report.experiment = cfg.name
+    report.device = str(vlm.device)
     attach_published(report, cfg)
     return report
+
+
+def evaluate_schedule(
+    cfg: ExperimentConfig, vlm, schedule, benchmarks: list, reference_scores: Optional[dict[str, float]] = None
+) -> EvalReport:
+    """One schedule under the experiment's eval settings, no baselines besides the unpruned reference
+    (skipped when `reference_scores` holds its figures from an earlier pass): a trial's or a trained
+    model's evaluation. The harness runs in eval mode without gradients and restores the model's mode."""
+    from hidrop.evaluation.harness import evaluate
+
+    return evaluate(
+        vlm,
+        [schedule],
+        benchmarks,
+        baselines=[],
+        mode=cfg.eval.mode,
+        batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        seed=cfg.seed,
+        reference_scores=None if schedule.is_vanilla() else reference_scores,
+    )
+
+
+def score_metrics(report: EvalReport, schedule) -> dict[str, float]:
+    """The MLflow metrics of `schedule`'s scores: relative score, per-benchmark scores, and the unpruned
+    model's per-benchmark scores when the report measured them alongside."""
+    row = report.row_for(schedule)
+    metrics = {N.RELATIVE_SCORE: row.relative_score}
+    metrics.update(N.per_benchmark(N.SCORE, row.scores()))
+    reference = report.reference_row() if any(m.kind == report.reference for m in report.methods) else None
+    if reference is not None and reference is not row:
+        metrics.update(N.per_benchmark(N.ALL_TOKENS, reference.scores()))
+    return metrics
 
 
 def published_model(cfg: ExperimentConfig) -> Optional[str]:
@@ -108,21 +143,21 @@ def published_model(cfg: ExperimentConfig) -> Optional[str]:
     return model_key(cfg.model.kind, cfg.model.path, cfg.eval.published)
 
 
-def attach_published(report: dict, cfg: ExperimentConfig) -> None:
+def attach_published(report: EvalReport, cfg: ExperimentConfig) -> None:
     """Add the paper's matching rows and the differences to an eval report (`published`, per method),
     and a note for every partial match or self-contradicting paper row."""
     from hidrop.evaluation.published import eval_report_comparisons
 
     key = published_model(cfg)
-    report["published_model"] = key
-    report["published"] = eval_report_comparisons(report, key, cfg.eval.published_training)
+    report.published_model = key
+    report.published = eval_report_comparisons(report, key, cfg.eval.published_training)
     seen = set()
-    for comparisons in report["published"].values():
+    for comparisons in report.published.values():
         for c in comparisons:
             for note in c["notes"]:
                 if note not in seen:
                     seen.add(note)
-                    report["notes"].append(note)
+                    report.notes.append(note)
 
 
 def model_shape_for_cost(cfg: ExperimentConfig, vlm):

@@ -297,27 +297,9 @@ def train_worker(payload: dict) -> None:
 
 def _score_trained(cfg: ExperimentConfig, vlm, schedule) -> dict[str, float]:
     """The trained model on eval.benchmarks: its schedule's scores, relative to the same model unpruned."""
-    from hidrop.evaluation.harness import evaluate, schedule_row
-    from hidrop_platform.evaluate import benchmarks_for
+    from hidrop_platform.evaluate import benchmarks_for, evaluate_schedule, score_metrics
 
-    # the harness runs the model in eval mode without gradients and restores its mode afterwards
-    report = evaluate(
-        vlm,
-        [schedule],
-        benchmarks_for(cfg),
-        baselines=[],
-        mode=cfg.eval.mode,
-        batch_size=cfg.eval.batch_size,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        seed=cfg.seed,
-    )
-    row = schedule_row(report, schedule)
-    scores = {N.RELATIVE_SCORE: row["relative_score"]}
-    scores.update(N.per_benchmark(N.SCORE, {b: e["score"] for b, e in row["benchmarks"].items()}))
-    reference = next((r for r in report["methods"] if r["kind"] != "schedule"), None)
-    if reference is not None and reference is not row:
-        scores.update(N.per_benchmark(N.ALL_TOKENS, {b: e["score"] for b, e in reference["benchmarks"].items()}))
-    return scores
+    return score_metrics(evaluate_schedule(cfg, vlm, schedule, benchmarks_for(cfg)), schedule)
 
 
 class _ResumableSampler(torch.utils.data.Sampler):

@@ -300,31 +300,20 @@ def _trial_model(cfg: ExperimentConfig, fresh: bool):
 
 def _evaluate(cfg: ExperimentConfig, vlm, reference: dict, benches: list) -> dict:
     """Metrics of the trial's schedule on `benches`, relative to the sweep's reference."""
-    from hidrop.evaluation.harness import evaluate, schedule_row
+    from hidrop_platform.evaluate import evaluate_schedule, score_metrics
 
     schedule = cfg.main_schedule
-    report = evaluate(
-        vlm,
-        [schedule],
-        benches,
-        baselines=[],
-        mode=cfg.eval.mode,
-        batch_size=cfg.eval.batch_size,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        seed=cfg.seed,
-        reference_scores=None if schedule.is_vanilla() else reference["scores"],
-    )
-    row = schedule_row(report, schedule)
+    report = evaluate_schedule(cfg, vlm, schedule, benches, reference_scores=reference["scores"])
+    row = report.row_for(schedule)
     metrics = {
-        N.RELATIVE_SCORE: row["relative_score"],
-        N.AVG_VISION_TOKENS: row["avg_vision_tokens"],
-        N.VISION_TFLOPS: row["vision_tflops"],
-        N.MODEL_TFLOPS: row["model_tflops"],
-        N.SAMPLES: report["samples_evaluated"],
+        **score_metrics(report, schedule),
+        N.AVG_VISION_TOKENS: row.avg_vision_tokens,
+        N.VISION_TFLOPS: row.vision_tflops,
+        N.MODEL_TFLOPS: row.model_tflops,
+        N.SAMPLES: report.samples_evaluated,
     }
-    if row["measured_avg_vision_tokens"] is not None:
-        metrics[N.MEASURED_AVG_VISION_TOKENS] = row["measured_avg_vision_tokens"]
-    metrics.update(N.per_benchmark(N.SCORE, {b: e["score"] for b, e in row["benchmarks"].items()}))
+    if row.measured_avg_vision_tokens is not None:
+        metrics[N.MEASURED_AVG_VISION_TOKENS] = row.measured_avg_vision_tokens
     return metrics
 
 
@@ -503,14 +492,14 @@ def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callab
         )
     except (EvalSetupError, EvalError, ValueError, KeyError) as e:
         raise TuneSetupError(f"reference evaluation: {str(e).splitlines()[0]}") from None
-    rows = {r["method"]: r for r in report["methods"]}
+    reference, blind = report.reference_row(), report.method("blind")
     ref = {
-        "scores": {b: e["score"] for b, e in rows["all_tokens"]["benchmarks"].items()},
-        "blind_scores": {b: e["score"] for b, e in rows["blind"]["benchmarks"].items()},
-        "blind_relative_score": rows["blind"]["relative_score"],
-        "vision_tflops": rows["all_tokens"]["vision_tflops"],
-        "notes": report["notes"],
-        "samples": report["samples_evaluated"],
+        "scores": reference.scores(),
+        "blind_scores": blind.scores(),
+        "blind_relative_score": blind.relative_score,
+        "vision_tflops": reference.vision_tflops,
+        "notes": report.notes,
+        "samples": report.samples_evaluated,
         "key": key,
     }
     path.write_text(json.dumps(ref, indent=2))

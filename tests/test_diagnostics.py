@@ -178,7 +178,7 @@ def test_sweeps_are_the_engine_evaluated_at_each_layer(vlm):
     direct = evaluate(
         vlm, [Schedule(num_layers=8, num_vision_tokens=16, exit_layer=5, name="x")], [bench], baselines=[]
     )
-    assert sw["exit"][1] == pytest.approx(direct["methods"][1]["benchmarks"]["easy_vqa"]["score"])
+    assert sw["exit"][1] == pytest.approx(direct.methods[1].benchmarks["easy_vqa"].score)
 
 
 def test_analyze_cli_writes_a_valid_yaml_plots_and_one_mlflow_run(tmp_path):

@@ -116,13 +116,13 @@ def vlm():
 
 
 def _method(report, name):
-    return next(m for m in report["methods"] if m["method"] == name)
+    return report.method(name)
 
 
 def test_closed_predictions_match_stock_model_one_sample_at_a_time(vlm):
     bench = ColourBench(n=7)
     report = evaluate(vlm, [SCHEDULE], [bench], batch_size=3, keep_predictions=True)
-    preds = _method(report, "all_tokens")["benchmarks"]["colour_test"]["predictions"]
+    preds = _method(report, "all_tokens").benchmarks["colour_test"].predictions
     tmpl = get_template("chatml")
     cand_ids = [vlm.tokenizer.encode(c, add_special_tokens=False)[0] for c in COLOURS]
     for s in bench.samples():
@@ -148,7 +148,7 @@ def test_generate_mode_matches_stock_greedy(vlm):
         max_new_tokens=4,
         keep_predictions=True,
     )
-    preds = _method(report, "all_tokens")["benchmarks"]["colour_test"]["predictions"]
+    preds = _method(report, "all_tokens").benchmarks["colour_test"].predictions
     tmpl = get_template("chatml")
     for s in bench.samples():
         enc = encode_sample(
@@ -168,39 +168,39 @@ def test_generate_mode_matches_stock_greedy(vlm):
 
 def test_baselines_recall_and_costs(vlm):
     report = evaluate(vlm, [SCHEDULE], [ColourBench(n=12)], batch_size=5)
-    names = [m["method"] for m in report["methods"]]
+    names = [m.method for m in report.methods]
     assert names == ["all_tokens", "test_hidrop", "blind", "random", "oracle"]
     oracle, rnd = _method(report, "oracle"), _method(report, "random")
     # one evidence cell, keeps 8 then 2: the oracle always keeps it
-    assert oracle["benchmarks"]["colour_test"]["evidence_recall"] == [1.0, 1.0]
-    r8, r2 = rnd["benchmarks"]["colour_test"]["evidence_recall"]
+    assert oracle.benchmarks["colour_test"].evidence_recall == [1.0, 1.0]
+    r8, r2 = rnd.benchmarks["colour_test"].evidence_recall
     assert r2 <= r8 < 1.0 or r8 == 1.0  # random keeps fewer evidence cells after the second drop
     assert 0.0 <= r2 < 1.0
     blind = _method(report, "blind")
-    assert blind["measured_avg_vision_tokens"] == 0.0 and blind["vision_tflops"] == 0.0
-    assert 0 < blind["model_tflops"] < _method(report, "test_hidrop")["model_tflops"]
+    assert blind.measured_avg_vision_tokens == 0.0 and blind.vision_tflops == 0.0
+    assert 0 < blind.model_tflops < _method(report, "test_hidrop").model_tflops
     ref = _method(report, "all_tokens")
-    assert ref["measured_avg_vision_tokens"] == 16.0
+    assert ref.measured_avg_vision_tokens == 16.0
     hid = _method(report, "test_hidrop")
-    assert hid["measured_avg_vision_tokens"] == pytest.approx(SCHEDULE.avg_tokens())
-    assert hid["vision_tflops"] < ref["vision_tflops"] and hid["model_tflops"] < ref["model_tflops"]
-    if ref["benchmarks"]["colour_test"]["score"] > 0:
-        assert ref["relative_score"] == pytest.approx(100.0)
-    fam = ref["benchmarks"]["colour_test"]
-    assert fam["score"] == pytest.approx((fam["family/even"] + fam["family/odd"]) / 2)
-    assert report["samples_evaluated"] == 12
+    assert hid.measured_avg_vision_tokens == pytest.approx(SCHEDULE.avg_tokens())
+    assert hid.vision_tflops < ref.vision_tflops and hid.model_tflops < ref.model_tflops
+    if ref.benchmarks["colour_test"].score > 0:
+        assert ref.relative_score == pytest.approx(100.0)
+    fam = ref.benchmarks["colour_test"]
+    assert fam.score == pytest.approx((fam.figures()["family/even"] + fam.figures()["family/odd"]) / 2)
+    assert report.samples_evaluated == 12
 
 
 def test_deterministic_under_seed(vlm):
     runs = [
         evaluate(vlm, [SCHEDULE], [ColourBench(n=9)], batch_size=4, seed=7, keep_predictions=True) for _ in range(2)
     ]
-    for a, b in zip(runs[0]["methods"], runs[1]["methods"]):
-        assert a["benchmarks"] == b["benchmarks"]
+    for a, b in zip(runs[0].methods, runs[1].methods):
+        assert a.benchmarks == b.benchmarks
     other = evaluate(vlm, [SCHEDULE], [ColourBench(n=9)], batch_size=4, seed=8, baselines=["random"])
     assert (
-        _method(other, "random")["benchmarks"]["colour_test"]["evidence_recall"]
-        != _method(runs[0], "random")["benchmarks"]["colour_test"]["evidence_recall"]
+        _method(other, "random").benchmarks["colour_test"].evidence_recall
+        != _method(runs[0], "random").benchmarks["colour_test"].evidence_recall
     )
 
 
@@ -209,8 +209,8 @@ def test_predictions_do_not_depend_on_batch_size(vlm):
     b = evaluate(vlm, [SCHEDULE], [ColourBench(n=7)], batch_size=2, baselines=["all_tokens"], keep_predictions=True)
     for name in ("all_tokens", "test_hidrop"):
         assert (
-            _method(a, name)["benchmarks"]["colour_test"]["predictions"]
-            == _method(b, name)["benchmarks"]["colour_test"]["predictions"]
+            _method(a, name).benchmarks["colour_test"].predictions
+            == _method(b, name).benchmarks["colour_test"].predictions
         )
 
 
@@ -220,12 +220,12 @@ def test_offline_benchmarks_registered_and_run(vlm):
     easy = get_benchmark("easy_vqa", limit=6)
     sched = preset("hidrop_tok64", 8, 16)
     report = evaluate(vlm, [sched, preset("fastv", 8, 16)], [easy, probes], batch_size=8)
-    by_name = {b["name"]: b for b in report["benchmarks"]}
-    assert by_name["easy_vqa"]["samples"] == 6
-    assert by_name["probes"]["samples"] == 2 * 6  # per family
-    oracle = _method(report, "oracle")["benchmarks"]["probes"]
-    assert "family/text" in oracle and "evidence_recall" in oracle
-    assert "evidence_recall" not in _method(report, "oracle")["benchmarks"]["easy_vqa"]  # no evidence there
+    by_name = {b.name: b for b in report.benchmarks}
+    assert by_name["easy_vqa"].samples == 6
+    assert by_name["probes"].samples == 2 * 6  # per family
+    oracle = _method(report, "oracle").benchmarks["probes"]
+    assert "family/text" in oracle.figures() and oracle.evidence_recall is not None
+    assert _method(report, "oracle").benchmarks["easy_vqa"].evidence_recall is None  # no evidence there
 
 
 def test_errors(vlm):
@@ -287,9 +287,9 @@ def test_eval_cli_table_and_errors(tmp_path):
 def test_schedule_named_like_a_baseline_keeps_both_rows(vlm):
     named = SCHEDULE.model_copy(update={"name": "oracle"})
     report = evaluate(vlm, [named], [ColourBench(n=4)], batch_size=4)
-    names = [m["method"] for m in report["methods"]]
+    names = [m.method for m in report.methods]
     assert len(names) == len(set(names)) and "oracle" in names
-    assert _method(report, "oracle")["benchmarks"]["colour_test"]["evidence_recall"] == [1.0, 1.0]
+    assert _method(report, "oracle").benchmarks["colour_test"].evidence_recall == [1.0, 1.0]
 
 
 class MixedBench(ColourBench):
@@ -309,5 +309,5 @@ class MixedBench(ColourBench):
 
 def test_recall_and_counts_with_evidence_less_and_text_only_samples(vlm):
     report = evaluate(vlm, [SCHEDULE], [MixedBench(n=6)], batch_size=4)
-    assert _method(report, "oracle")["benchmarks"]["colour_test"]["evidence_recall"] == [1.0, 1.0]
-    assert _method(report, "all_tokens")["measured_avg_vision_tokens"] == 16.0
+    assert _method(report, "oracle").benchmarks["colour_test"].evidence_recall == [1.0, 1.0]
+    assert _method(report, "all_tokens").measured_avg_vision_tokens == 16.0

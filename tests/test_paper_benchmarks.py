@@ -479,12 +479,12 @@ def test_through_the_harness_with_their_own_aggregates(tmp_path):
         batch_size=4,
         keep_predictions=True,
     )
-    for method in report["methods"]:
+    for method in report.methods:
         for bench in benches:
-            entry = method["benchmarks"][bench.name]
+            entry = method.benchmarks[bench.name]
             samples = bench.samples()
-            scores = [bench.score(s, entry["predictions"][s.id]) for s in samples]
-            assert entry["score"] == pytest.approx(bench.aggregate(samples, scores)["score"], nan_ok=True)
+            scores = [bench.score(s, entry.predictions[s.id]) for s in samples]
+            assert entry.score == pytest.approx(bench.aggregate(samples, scores)["score"], nan_ok=True)
     assert len(benches[0].samples()) == 2 * 3  # two questions, three options, every rotation
 
 

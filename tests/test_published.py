@@ -9,6 +9,7 @@ import json
 import pytest
 
 from hidrop.evaluation.metrics import relative_score
+from hidrop.evaluation.results import EvalReport
 from hidrop.evaluation.published import (
     AVG_TOLERANCE,
     PublishedError,
@@ -353,7 +354,7 @@ def test_paper_rows_show_the_printed_avg_when_it_differs():
 # ---- hidrop eval -------------------------------------------------------------------------------------
 
 
-def _eval_report(scores_by_method: dict) -> dict:
+def _eval_report(scores_by_method: dict) -> EvalReport:
     """An `evaluate` report in the harness's layout at the LLaVA-1.5-7B shape, with hand-chosen scores."""
     methods = []
     for name, (kind, schedule, scores) in scores_by_method.items():
@@ -365,20 +366,25 @@ def _eval_report(scores_by_method: dict) -> dict:
                 "avg_vision_tokens": schedule.avg_tokens(),
                 "vision_tflops": 0.1,
                 "model_tflops": 1.0,
+                "plan": "hand-written",
                 "relative_score": relative_score(scores, scores_by_method["all_tokens"][2]),
                 "benchmarks": {b: {"score": v, "samples": 10, "mode": "generate"} for b, v in scores.items()},
             }
         )
-    return {
-        "experiment": "paper",
-        "reference": "all_tokens",
-        "methods": methods,
-        "samples_evaluated": 100,
-        "device": "cuda:0",
-        "wall_time_s": 1.0,
-        "notes": [],
-        "benchmarks": [{"name": b, "samples": 10, "mode": "generate"} for b in scores_by_method["all_tokens"][2]],
-    }
+    return EvalReport.model_validate(
+        {
+            "experiment": "paper",
+            "model": {"kind": "llava_hf", "num_layers": 32, "num_vision_tokens": 576},
+            "mean_text_tokens": 64.0,
+            "reference": "all_tokens",
+            "methods": methods,
+            "samples_evaluated": 100,
+            "device": "cuda:0",
+            "wall_time_s": 1.0,
+            "notes": [],
+            "benchmarks": [{"name": b, "samples": 10, "mode": "generate"} for b in scores_by_method["all_tokens"][2]],
+        }
+    )
 
 
 def test_eval_shows_the_published_rows_with_exact_deltas(monkeypatch):
@@ -406,14 +412,14 @@ def test_eval_shows_the_published_rows_with_exact_deltas(monkeypatch):
         }
     )
     attach_published(report, cfg)
-    assert report["published_model"] == "llava15_7b"
-    assert set(report["published"]) == {"all_tokens", "hidrop_tok64"}  # FastV at 306 tokens and blind: none
-    [ref_row] = report["published"]["all_tokens"]
+    assert report.published_model == "llava15_7b"
+    assert set(report.published) == {"all_tokens", "hidrop_tok64"}  # FastV at 306 tokens and blind: none
+    [ref_row] = report.published["all_tokens"]
     assert ref_row["id"] == "llava15_7b_reference" and all(d == pytest.approx(1.0) for d in ref_row["deltas"].values())
-    [hd] = report["published"]["hidrop_tok64"]
+    [hd] = report.published["hidrop_tok64"]
     assert hd["deltas"]["mme"] == pytest.approx(-10.0) and hd["deltas"]["gqa"] == pytest.approx(0.0)
     assert hd["delta_avg"] == pytest.approx(_avg(measured_hidrop, measured_ref) - _avg(HIDROP64, REF))
-    json.dumps(report)  # --json prints it as is
+    json.dumps(report.to_dict())  # --json prints it as is
 
     buf = io.StringIO()
     monkeypatch.setattr(cli, "out", Console(file=buf, width=400, color_system=None))
@@ -432,12 +438,12 @@ def test_eval_shows_the_published_rows_with_exact_deltas(monkeypatch):
     # marked "none": nothing
     report2 = _eval_report({"all_tokens": ("all_tokens", preset("vanilla"), measured_ref)})
     attach_published(report2, cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"published": "none"})}))
-    assert report2["published"] == {} and report2["published_model"] is None
+    assert report2.published == {} and report2.published_model is None
     # a training filter drops the trained HiDrop row (the paper has no training-free HiDrop)
     attach_published(
         report, cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"published_training": "training_free"})})
     )
-    assert set(report["published"]) == {"all_tokens"}
+    assert set(report.published) == {"all_tokens"}
 
 
 def test_eval_cli_shows_nothing_when_no_row_matches(tmp_path):

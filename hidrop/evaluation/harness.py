@@ -23,6 +23,7 @@ from hidrop.cost import ModelShape, VisionEncoderShape, cost_report, text_only_t
 from hidrop.data import Collator, encode_sample, get_template
 from hidrop.evaluation.metrics import evidence_recall, mean, relative_score
 from hidrop.evaluation.registry import Benchmark
+from hidrop.evaluation.results import BenchmarkPlan, BenchmarkResult, EvalReport, MethodResult, ModelInfo
 from hidrop.models import VisionLanguageModel
 from hidrop.sample import Sample
 from hidrop.schedule import Schedule, first_error_line, vanilla
@@ -193,8 +194,8 @@ def evaluate(
     progress: Optional[Callable[[int, int, str], None]] = None,
     keep_predictions: bool = False,
     reference_scores: Optional[dict[str, float]] = None,
-) -> dict:
-    """Score every schedule and baseline on every benchmark. Returns a JSON-ready report.
+) -> EvalReport:
+    """Score every schedule and baseline on every benchmark.
 
     progress(done_batches, total_batches, label) is called after each batch. `reference_scores`
     (benchmark -> all_tokens score from an earlier run with the same benchmarks and seed) skips the
@@ -277,25 +278,20 @@ def evaluate(
             for m in methods:
                 figures = bench.aggregate(samples, scores[m.name])
                 rec = recalls[m.name]
-                entry = {**figures, "samples": len(samples), "mode": bench_mode}
+                extra: dict = {}
                 if rec and any(x is not None for r in rec for x in r):
-                    entry["evidence_recall"] = [mean(r[i] for r in rec if r[i] is not None) for i in range(len(rec[0]))]
+                    extra["evidence_recall"] = [mean(r[i] for r in rec if r[i] is not None) for i in range(len(rec[0]))]
                 if keep_predictions:
-                    entry["predictions"] = {s.id: p for s, p in zip(samples, preds[m.name])}
-                per_method[m.name]["benchmarks"][bench.name] = entry
+                    extra["predictions"] = {s.id: p for s, p in zip(samples, preds[m.name])}
+                per_method[m.name]["benchmarks"][bench.name] = BenchmarkResult(
+                    **figures, samples=len(samples), mode=bench_mode, **extra
+                )
     finally:
         vlm.model.train(was_training)
     wall = time.perf_counter() - start
-    report = _report(vlm, methods, per_method, plans, mean(text_tokens), wall, mode, reference_scores)
-    report["notes"] = fallback_notes + report["notes"]
+    report = _report(vlm, methods, per_method, plans, mean(text_tokens), wall, reference_scores)
+    report.notes = fallback_notes + report.notes
     return report
-
-
-def schedule_row(report: dict, schedule: Schedule) -> dict:
-    """`schedule`'s row of an `evaluate` report; a vanilla schedule is reported as the all-tokens row."""
-    if schedule.is_vanilla():
-        return report["methods"][0]
-    return next(r for r in report["methods"] if r["kind"] == "schedule")
 
 
 def generate_answers(
@@ -400,11 +396,10 @@ def _report(
     plans,
     text_tokens: float,
     wall: float,
-    mode: str,
     reference_scores: Optional[dict[str, float]] = None,
-) -> dict:
+) -> EvalReport:
     shape = model_shape(vlm, text_tokens)
-    scores = {m.name: {b: e["score"] for b, e in per_method[m.name]["benchmarks"].items()} for m in methods}
+    scores = {m.name: {b: e.score for b, e in per_method[m.name]["benchmarks"].items()} for m in methods}
     reference = scores[REFERENCE] if reference_scores is None else reference_scores
     missing = [b for b in next(iter(scores.values())) if b not in reference]
     if missing:
@@ -415,18 +410,18 @@ def _report(
         if m.kind == "blind":
             cost.update(avg_vision_tokens=0.0, vision_tflops=0.0, model_tflops=text_only_tflops(shape), plan="no image")
         rows.append(
-            {
-                "method": m.name,
-                "kind": m.kind,
-                "schedule": m.schedule.model_dump(mode="json") if m.kind != "blind" else None,
-                "plan": cost["plan"],
-                "benchmarks": per_method[m.name]["benchmarks"],
-                "relative_score": relative_score(scores[m.name], reference),
-                "avg_vision_tokens": cost["avg_vision_tokens"],
-                "measured_avg_vision_tokens": _weighted(per_method[m.name]["vision_counts"]),
-                "vision_tflops": cost["vision_tflops"],
-                "model_tflops": cost["model_tflops"],
-            }
+            MethodResult(
+                method=m.name,
+                kind=m.kind,
+                schedule=m.schedule.model_dump(mode="json") if m.kind != "blind" else None,
+                plan=cost["plan"],
+                benchmarks=per_method[m.name]["benchmarks"],
+                relative_score=relative_score(scores[m.name], reference),
+                avg_vision_tokens=cost["avg_vision_tokens"],
+                measured_avg_vision_tokens=_weighted(per_method[m.name]["vision_counts"]),
+                vision_tflops=cost["vision_tflops"],
+                model_tflops=cost["model_tflops"],
+            )
         )
     notes = []
     blind = scores.get("blind")
@@ -439,13 +434,13 @@ def _report(
             )
     if getattr(vlm, "projector_trained", True) is False:
         notes.append("the projector is untrained (fresh mini-LLaVA): expect scores near the blind baseline")
-    return {
-        "model": {"kind": vlm.kind, "num_layers": vlm.num_layers, "num_vision_tokens": vlm.num_vision_tokens},
-        "reference": REFERENCE,
-        "methods": rows,
-        "samples_evaluated": sum(len(p[1]) for p in plans),
-        "benchmarks": [{"name": b.name, "samples": len(s), "mode": md} for b, s, md, _ in plans],
-        "mean_text_tokens": text_tokens,
-        "wall_time_s": wall,
-        "notes": notes,
-    }
+    return EvalReport(
+        model=ModelInfo(kind=vlm.kind, num_layers=vlm.num_layers, num_vision_tokens=vlm.num_vision_tokens),
+        reference=REFERENCE,
+        methods=rows,
+        samples_evaluated=sum(len(p[1]) for p in plans),
+        benchmarks=[BenchmarkPlan(name=b.name, samples=len(s), mode=md) for b, s, md, _ in plans],
+        mean_text_tokens=text_tokens,
+        wall_time_s=wall,
+        notes=notes,
+    )

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from hidrop.evaluation.metrics import relative_score
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, PAPER_NAMES
+from hidrop.evaluation.results import EvalReport
 from hidrop.schedule import PositionMode, Schedule
 
 Method = Literal["vanilla", "fastv", "pdrop", "hidrop"]
@@ -394,28 +395,26 @@ def comparisons_for(
     return [c for c in out if c.benchmarks or layout == "table2"]
 
 
-def eval_report_comparisons(report: dict, model: Optional[str], training: str = "any") -> dict[str, list[dict]]:
+def eval_report_comparisons(report: EvalReport, model: Optional[str], training: str = "any") -> dict[str, list[dict]]:
     """For an `evaluate` report: method name -> its published comparisons (Table 1's layout), for the
     unpruned row and every schedule; baselines (blind, random, oracle) have no published row."""
     if model is None:
         return {}
-    reference = next(r for r in report["methods"] if r["kind"] == report["reference"])
-    ref_scores = {b: e["score"] for b, e in reference["benchmarks"].items()}
+    ref_scores = report.reference_row().scores()
     out = {}
-    for r in report["methods"]:
-        if r["kind"] not in ("schedule", report["reference"]):
+    for r in report.methods:
+        if r.kind not in ("schedule", report.reference):
             continue
-        schedule = Schedule.model_validate(r["schedule"])
-        scores = {b: e["score"] for b, e in r["benchmarks"].items()}
+        schedule = r.as_schedule()
         found = comparisons_for(
             model,
             schedule_method(schedule),
-            r["avg_vision_tokens"],
-            scores,
+            r.avg_vision_tokens,
+            r.scores(),
             ref_scores,
             training=training,
             preset=exact_preset(schedule.name, schedule.describe()),
         )
         if found:
-            out[r["method"]] = [c.to_dict() for c in found]
+            out[r.method] = [c.to_dict() for c in found]
     return out
