@@ -1,7 +1,7 @@
 """The model side of training: what trains in each LLaVA stage, datasets, and the loss of one batch.
 
-Pure torch (no ray, deepspeed or mlflow): the platform's Ray/DeepSpeed worker drives these pieces, and a
-plain single-process loop can drive them too (the overhead benchmark compares both).
+Pure torch (no ray, deepspeed or mlflow): `TrainingLoop` is the one training loop; the platform's Ray
+worker runs it on a DeepSpeed runtime, trained search trials and the overhead benchmark on `PlainRuntime`.
 
 Stage 1 (pretrain): the projector only; encoder and LM frozen. Stage 2 (finetune): projector + LM
 (full, or LoRA adapters through peft). The schedule is active in both: the engine runs the pruned
@@ -11,10 +11,16 @@ budget loss.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import math
-from typing import Callable, Iterator, Optional, Sequence
+import time
+from typing import Callable, Optional, Protocol, Sequence
 
+import torch
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from hidrop.adapter import Backbone
 from hidrop.data import Collator, SupervisedDataset, get_template
@@ -157,65 +163,267 @@ def lr_at(step: int, total: int, base: float, schedule: str = "cosine", warmup_r
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+class Recipe(Protocol):
+    """The training settings the loop reads (the platform's `TrainConfig` is one)."""
+
+    stage: str
+    lora: Optional[dict]
+    micro_batch_size: int
+    grad_accum: int
+    lr: float
+    lr_schedule: str
+    warmup_ratio: float
+    weight_decay: float
+    grad_clip: float
+    budget_weight: float
+    gradient_checkpointing: bool
+
+
+def prepare_module(vlm: VisionLanguageModel, schedule: Schedule, recipe: Recipe) -> TrainStep:
+    """Freeze per stage (LoRA adapters injected) and wrap the model in the module that returns the loss."""
+    set_trainable(vlm, recipe.stage, recipe.lora)
+    module = TrainStep(vlm, schedule, budget_weight=recipe.budget_weight)
+    if recipe.gradient_checkpointing:
+        module.engine.gradient_checkpointing_enable()
+    return module
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class ResumableSampler(Sampler):
+    """A DistributedSampler that can start mid-epoch, so a resumed run does not reload skipped images."""
+
+    def __init__(self, base: DistributedSampler):
+        self.base, self.skip = base, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.base) - self.skip
+
+
+def make_loader(
+    vlm: VisionLanguageModel,
+    dataset: SupervisedDataset,
+    micro_batch_size: int,
+    seed: int,
+    world: int = 1,
+    rank: int = 0,
+) -> tuple[DataLoader, ResumableSampler]:
+    """This rank's shuffled, drop-last share of the data (the same order on every runtime)."""
+    sampler = ResumableSampler(
+        DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    )
+    loader = DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=make_collator(vlm))
+    return loader, sampler
+
+
+# ---- one training loop, two runtimes ----------------------------------------------------------------
+class TrainingDiverged(RuntimeError):
+    """The loss went non-finite (one line for the user)."""
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Where a run stands; checkpointed and restored by the platform's worker."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    accel_seconds: float = 0.0  # step time x workers (GPU hours on an accelerator)
+
+
+@dataclasses.dataclass
+class StepEnd:
+    """What hooks see after each optimizer step."""
+
+    step: int
+    total: int
+    loss: float  # the step's training loss (mean over its micro-batches and workers)
+    seconds: float  # wall time of the step, hooks' paused time excluded
+    samples: int  # over all workers
+    tokens: int
+    epoch_progress: float  # epochs done, fractional
+    output: dict  # the last micro-batch's TrainStep output (lm_loss, budget_loss, vision_tokens, tokens)
+
+
+class Hook:
+    """Plugs into `TrainingLoop`: logging, checkpoints, exports, evaluation, turn-taking, test faults."""
+
+    def on_start(self, loop: "TrainingLoop") -> None:
+        pass
+
+    def on_step_end(self, loop: "TrainingLoop", step: StepEnd) -> None:
+        pass
+
+    def on_end(self, loop: "TrainingLoop") -> None:
+        """After the last step (not after an error)."""
+
+
+class Runtime:
+    """How a micro-batch runs and an optimizer step is taken: `PlainRuntime` here, DeepSpeed in the platform."""
+
+    world: int = 1
+
+    def forward(self, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self, lr: float) -> bool:
+        """After every micro-batch; True when it completed an optimizer step (gradient accumulation)."""
+        raise NotImplementedError
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean over workers (every worker calls it: all see the same value)."""
+        return float(value.detach().float())
+
+    def grad_norm(self) -> Optional[float]:
+        return None
+
+
+class PlainRuntime(Runtime):
+    """One process, torch AdamW, gradient accumulation and clipping by hand."""
+
+    def __init__(self, module: TrainStep, recipe: Recipe):
+        self.module = module
+        self.params = trainable_parameters(module)
+        self.optimizer = torch.optim.AdamW(self.params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        self.grad_accum, self.grad_clip = recipe.grad_accum, recipe.grad_clip
+        self._micro, self._norm = 0, None
+
+    def forward(self, batch: dict) -> dict:
+        return self.module(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self, lr: float) -> bool:
+        self._micro += 1
+        if self._micro % self.grad_accum:
+            return False
+        if self.grad_clip:
+            self._norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def grad_norm(self) -> Optional[float]:
+        return self._norm
+
+
+class TrainingLoop:
+    """The one training loop: epochs over a resumable sampler, LR schedule, divergence check, step timing,
+    hooks after every optimizer step. The Ray/DeepSpeed worker, trained search trials and the overhead
+    benchmark's plain side all run it; only the `Runtime` and the hooks differ."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        loader: DataLoader,
+        sampler: ResumableSampler,
+        *,
+        total: int,
+        recipe: Recipe,
+        hooks: Sequence[Hook] = (),
+        state: Optional[LoopState] = None,
+    ):
+        if len(loader) == 0:
+            raise ValueError(f"{len(loader.dataset)} training samples make no batch of {recipe.micro_batch_size}")
+        self.runtime, self.loader, self.sampler, self.total, self.recipe = runtime, loader, sampler, total, recipe
+        self.hooks = list(hooks)
+        self.state = state or LoopState()
+        self.batches_per_epoch = len(loader)  # before any mid-epoch skip shortens the loader
+        self._paused = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside is not the step's (a hook waiting for its turn)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - start
+
+    def run(self) -> LoopState:
+        st, r, world = self.state, self.recipe, self.runtime.world
+        for hook in self.hooks:
+            hook.on_start(self)
+        last, self._paused = time.perf_counter(), 0.0
+        step_loss, samples, tokens = 0.0, 0, 0
+        skip = st.batches_in_epoch
+        while st.step < self.total:
+            self.sampler.set_epoch(st.epoch)
+            self.sampler.skip = skip * r.micro_batch_size  # batches a restarted epoch consumed: never loaded
+            for i, batch in enumerate(self.loader, start=skip):
+                out = self.runtime.forward(batch)
+                loss = self.runtime.mean(out["loss"])
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss} at step {st.step + 1}; lower the learning rate or check the data"
+                    )
+                self.runtime.backward(out["loss"])
+                step_loss += loss / r.grad_accum
+                samples += batch["input_ids"].shape[0] * world
+                tokens += int(out["tokens"]) * world
+                st.batches_in_epoch = i + 1
+                if not self.runtime.step(lr_at(st.step, self.total, r.lr, r.lr_schedule, r.warmup_ratio)):
+                    continue
+                st.step += 1
+                now = time.perf_counter()
+                seconds, last, self._paused = now - last - self._paused, now, 0.0
+                st.accel_seconds += seconds * world
+                end = StepEnd(
+                    st.step,
+                    self.total,
+                    step_loss,
+                    seconds,
+                    samples,
+                    tokens,
+                    st.epoch + (i + 1) / self.batches_per_epoch,
+                    out,
+                )
+                step_loss, samples, tokens = 0.0, 0, 0
+                for hook in self.hooks:
+                    hook.on_step_end(self, end)
+                if st.step >= self.total:
+                    break
+            else:
+                st.epoch, st.batches_in_epoch, skip = st.epoch + 1, 0, 0
+                continue
+            skip = 0
+        for hook in self.hooks:
+            hook.on_end(self)
+        return st
+
+
 def plain_training(
     vlm: VisionLanguageModel,
     schedule: Schedule,
     dataset: SupervisedDataset,
+    recipe: Recipe,
     *,
     steps: int,
-    stage: str = "finetune",
-    lora: Optional[dict] = None,
-    micro_batch_size: int = 4,
-    grad_accum: int = 1,
-    lr: float = 1e-3,
-    lr_schedule: str = "cosine",
-    warmup_ratio: float = 0.03,
-    weight_decay: float = 0.0,
-    grad_clip: float = 1.0,
-    budget_weight: float = 1.0,
     seed: int = 0,
-    gradient_checkpointing: bool = False,
-) -> Iterator[dict]:
-    """A single-process loop over the same pieces as the Ray/DeepSpeed worker (same sampler order as one
-    worker). Yields {"step", "loss", "seconds"} after every optimizer step; used by the overhead benchmark
-    and by short trained search trials (where nesting Ray Train inside Tune trials costs more than it gives).
-    """
-    import time
-
-    import torch
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    set_trainable(vlm, stage, lora)
-    module = TrainStep(vlm, schedule, budget_weight=budget_weight)
-    if gradient_checkpointing:
-        module.engine.gradient_checkpointing_enable()
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=make_collator(vlm))
-    if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} training samples make no batch of {micro_batch_size}")
-    batches, epoch = iter(loader), 0
+    hooks: Sequence[Hook] = (),
+) -> LoopState:
+    """The loop in one process (the same sampler order as one Ray worker): short trained search trials
+    (where nesting Ray Train inside Tune trials costs more than it gives) and the overhead benchmark."""
+    module = prepare_module(vlm, schedule, recipe)
+    loader, sampler = make_loader(vlm, dataset, recipe.micro_batch_size, seed)
     module.train()
-    for step in range(steps):
-        start = time.perf_counter()
-        loss = 0.0
-        for _ in range(grad_accum):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                epoch += 1
-                sampler.set_epoch(epoch)
-                batches = iter(loader)
-                batch = next(batches)
-            out = module(batch)["loss"] / grad_accum
-            out.backward()
-            loss += float(out.detach())
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, lr_schedule, warmup_ratio)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        yield {"step": step + 1, "loss": loss, "seconds": time.perf_counter() - start}
-    module.eval()
+    try:
+        return TrainingLoop(
+            PlainRuntime(module, recipe), loader, sampler, total=steps, recipe=recipe, hooks=hooks
+        ).run()
+    finally:
+        module.eval()

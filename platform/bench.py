@@ -24,7 +24,9 @@ from hidrop.engine import ScheduledModel
 from hidrop.models import DTYPES
 from hidrop.schedule import Schedule, preset
 from hidrop_platform.config import ExperimentConfig
-from hidrop_platform.turns import OverheadBenchError, Turns
+from hidrop_platform.turns import OverheadBenchError, RecordStepTimes, TakeTurns, Turns
+
+STEP_TIMES_FILE = "step_times.json"  # the Ray side's step times, under <storage>/<name>
 
 
 def _random_lm(shape: ModelShape, dtype, device, attn: str) -> LlamaForCausalLM:
@@ -317,7 +319,7 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5, 
     import tempfile
     import threading
 
-    from hidrop_platform.train import STEP_TIMES_FILE, deepspeed_config, run_training
+    from hidrop_platform.train import deepspeed_config, run_training
 
     t = cfg.train
     if t.use_gpu or t.precision != "fp32":
@@ -361,7 +363,11 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5, 
     threading.Thread(target=watch_plain, daemon=True).start()
     ray_error: Optional[BaseException] = None
     try:
-        run_training(ray_cfg, turns=storage)
+        ray_hooks = [
+            TakeTurns(storage, "ray", "plain", hand_first=False, wait_after_last=True),
+            RecordStepTimes(Path(storage) / cfg.name / STEP_TIMES_FILE),
+        ]
+        run_training(ray_cfg, hooks=ray_hooks)
     except BaseException as e:
         ray_error = e
         os.write(pipes["plain"], Turns.STOP)  # the plain loop may be waiting for a turn
@@ -412,8 +418,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _plain_side(config: dict, total: int, threads: int, folder: str, out_path: str) -> None:
-    """The plain loop's process: the same pieces as the worker, no Ray, no DeepSpeed; one step per turn.
-    A failure is written to `out_path` as one line (no traceback from the child process)."""
+    """The plain loop's process: the same loop and data as the worker on the plain runtime, no Ray, no
+    DeepSpeed; one step per turn. A failure is written to `out_path` as one line (no traceback)."""
     import sys
 
     from hidrop.training import make_dataset, plain_training
@@ -422,39 +428,15 @@ def _plain_side(config: dict, total: int, threads: int, folder: str, out_path: s
 
     cfg = ExperimentConfig.model_validate(config)
     t = cfg.train
-    turns = Turns(folder, "plain", "ray")
+    turns = TakeTurns(folder, "plain", "ray", hand_first=True, wait_after_last=False)
+    turns.open()  # before set-up: a failure there must still wake the worker
     try:
         torch.set_num_threads(threads)
         torch.manual_seed(cfg.seed)
         vlm = build_model(cfg, device="cpu")
         data = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
-        loop = plain_training(
-            vlm,
-            cfg.main_schedule,
-            data,
-            steps=total,
-            stage=t.stage,
-            lora=t.lora,
-            micro_batch_size=t.micro_batch_size,
-            grad_accum=t.grad_accum,
-            lr=t.lr,
-            lr_schedule=t.lr_schedule,
-            warmup_ratio=t.warmup_ratio,
-            weight_decay=t.weight_decay,
-            grad_clip=t.grad_clip,
-            budget_weight=t.budget_weight,
-            seed=cfg.seed,
-            gradient_checkpointing=t.gradient_checkpointing,
-        )
-        seconds, losses = [], []
-        turns.hand_over()  # set up: the worker may take its first step
-        for _ in range(total):
-            turns.wait()
-            info = next(loop)  # the generator starts its clock when asked for the step
-            seconds.append(info["seconds"])
-            losses.append(info["loss"])
-            turns.hand_over()
-        Path(out_path).write_text(json.dumps({"seconds": seconds, "loss": losses}))
+        hooks = [turns, RecordStepTimes(out_path)]
+        plain_training(vlm, cfg.main_schedule, data, t, steps=total, seed=cfg.seed, hooks=hooks)
     except Exception as e:
         turns.stop()
         Path(out_path).write_text(

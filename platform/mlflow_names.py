@@ -43,6 +43,18 @@ ACCELERATOR_HOURS = "accelerator_hours"  # wall time x devices, measured
 WALL_S = "wall_s"
 SAMPLES = "samples"  # questions a trial was evaluated on
 TRAIN_STEP = "train_step"  # the step a trained trial's evaluation belongs to
+# a trial's outcome metrics, as its summary row carries them (hidrop_platform.sweep.TrialRecord)
+TRIAL_METRICS = (
+    RELATIVE_SCORE,
+    VISION_TFLOPS,
+    MODEL_TFLOPS,
+    AVG_VISION_TOKENS,
+    MEASURED_AVG_VISION_TOKENS,
+    ACCELERATOR_HOURS,
+    WALL_S,
+    TRAIN_STEP,
+    SAMPLES,
+)
 LOSS = "loss"
 LR = "lr"
 GRAD_NORM = "grad_norm"

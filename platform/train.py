@@ -9,7 +9,7 @@ have no GPU. Rank 0 logs; the MLflow run id travels inside every checkpoint so a
 from __future__ import annotations
 
 import contextlib
-import itertools
+import dataclasses
 import json
 import math
 import os
@@ -17,16 +17,31 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from hidrop.cost import cost_report
+from hidrop.training import (
+    Hook,
+    LoopState,
+    Runtime,
+    StepEnd,
+    TrainingDiverged,
+    TrainingLoop,
+    make_dataset,
+    make_loader,
+    merged_lora_export,
+    prepare_module,
+    trainable_parameters,
+)
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ExperimentConfig
+from hidrop_platform.evaluate import model_shape_for_cost
+from hidrop_platform.faults import fault_hooks
 
 STATE_FILE = "hidrop_state.json"
 STOPPED_FILE = "stopped.txt"
-STEP_TIMES_FILE = "step_times.json"
 PROGRESS_FILE = "progress.json"
 DS_TAG = "deepspeed"
 
@@ -87,46 +102,70 @@ def training_samples(cfg: ExperimentConfig, grid: int):
 
 
 # ---- the worker ---------------------------------------------------------------------------------
-def train_worker(payload: dict) -> None:
+@dataclasses.dataclass
+class WorkerPayload:
+    """What the driver hands every Ray Train worker (pickled by Ray; one definition for both sides)."""
+
+    config: dict  # the ExperimentConfig's JSON form
+    tracking_uri: str
+    experiment: str
+    run_dir: str  # <storage>/<name>: the driver's progress file and stop message
+    export_dir: str
+    spool_dir: str
+    hooks: list = dataclasses.field(default_factory=list)  # extra loop hooks: test faults, the benchmark's turns
+
+
+class DeepSpeedRuntime(Runtime):
+    """The loop's runtime under DeepSpeed: its engine accumulates, clips and steps."""
+
+    def __init__(self, engine, optimizer, world: int):
+        self.engine, self.optimizer, self.world = engine, optimizer, world
+
+    def forward(self, batch: dict) -> dict:
+        return self.engine(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self, lr: float) -> bool:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return boundary
+
+    def mean(self, value: torch.Tensor) -> float:
+        return _mean_across(value, self.world)
+
+    def grad_norm(self) -> Optional[float]:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+
+def train_worker(config: dict) -> None:
     import deepspeed
     import ray.train
-    from torch.utils.data import DataLoader, DistributedSampler
 
-    from hidrop.cost import cost_report
-    from hidrop.training import TrainStep, lr_at, make_collator, make_dataset, merged_lora_export, set_trainable
     from hidrop_platform.evaluate import build_model
-    from hidrop_platform.tracking import Tracker, package_versions, schedule_params, system_metrics
 
-    cfg = ExperimentConfig.model_validate(payload["config"])
+    payload: WorkerPayload = config["payload"]
+    cfg = ExperimentConfig.model_validate(payload.config)
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if t.use_gpu and torch.cuda.is_available():
-        device = ray.train.torch.get_device()
-        torch.cuda.set_device(device)  # before deepspeed.initialize, from Ray's assignment
-    else:
-        device = torch.device("cpu")
-    if device.type == "cpu":  # one intra-op thread per CPU Ray gave this worker
-        torch.set_num_threads(max(1, int(t.resources_per_worker.get("CPU", 1))))
+    device = _worker_device(t)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
 
     vlm = build_model(cfg, device=str(device))
-    set_trainable(vlm, t.stage, t.lora)
     schedule = cfg.main_schedule
-    step_module = TrainStep(vlm, schedule, budget_weight=t.budget_weight)
-    if t.gradient_checkpointing:
-        step_module.engine.gradient_checkpointing_enable()
-    params = [p for p in step_module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    engine, optimizer, _, _ = deepspeed.initialize(model=step_module, optimizer=optimizer, config=deepspeed_config(cfg))
-    frozen = any(not p.requires_grad for p in step_module.parameters())  # stage 1 and LoRA: most of the model
+    module = prepare_module(vlm, schedule, t)
+    optimizer = torch.optim.AdamW(trainable_parameters(module), lr=t.lr, weight_decay=t.weight_decay)
+    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
+    frozen = any(not p.requires_grad for p in module.parameters())  # stage 1 and LoRA: most of the model
 
     dataset = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
-    sampler = _ResumableSampler(
-        DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    )
-    loader = DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=make_collator(vlm))
+    loader, sampler = make_loader(vlm, dataset, t.micro_batch_size, cfg.seed, world=world, rank=rank)
     if len(loader) == 0:  # every rank sees the same lengths, so all stop here together
         if rank == 0:
             _stop(
@@ -135,164 +174,211 @@ def train_worker(payload: dict) -> None:
                 f"on each of {world} workers",
             )
         return
-    batches_per_epoch = len(loader)  # before any mid-epoch skip shortens the loader
-    per_epoch = max(1, batches_per_epoch // t.grad_accum)
-    total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+    total = t.max_steps or max(1, math.ceil(t.epochs * max(1, len(loader) // t.grad_accum)))
+    state, run_id = _resume(engine, frozen)
+    tracker = _worker_tracker(cfg, payload, run_id, rank, world, device, schedule)
+    hooks = [
+        _LogMetrics(cfg, payload, tracker, module, cost_report(schedule, model_shape_for_cost(cfg, vlm)), rank),
+        _Checkpoint(engine, tracker, rank, frozen, t.checkpoint_every),
+        _Export(cfg, payload, vlm, module, tracker, rank),
+        *payload.hooks,
+    ]
+    if t.eval_after:
+        hooks.insert(3, _EvalAfter(cfg, vlm, module, tracker, rank))
+    loop = TrainingLoop(
+        DeepSpeedRuntime(engine, optimizer, world), loader, sampler, total=total, recipe=t, hooks=hooks, state=state
+    )
+    try:
+        loop.run()
+    except TrainingDiverged as e:
+        tracker.set_tags({N.DIVERGED: str(e)})
+        tracker.finish("FAILED")
+        if rank == 0:
+            _stop(payload, str(e))
+        return
+    tracker.finish()
+    import torch.distributed as dist
 
-    # resume: DeepSpeed state (model, optimizer, scheduler position) + our counters + the MLflow run
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "run_id": None, "accel_seconds": 0.0}
+    if dist.is_initialized():
+        dist.barrier()  # avoids "terminate called without an active exception" at exit (stack.md)
+
+
+def _worker_device(t) -> torch.device:
+    import ray.train
+
+    if t.use_gpu and torch.cuda.is_available():
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)  # before deepspeed.initialize, from Ray's assignment
+        return device
+    torch.set_num_threads(max(1, int(t.resources_per_worker.get("CPU", 1))))  # one thread per CPU Ray gave
+    return torch.device("cpu")
+
+
+def _resume(engine, frozen: bool) -> tuple[LoopState, Optional[str]]:
+    """The DeepSpeed state (model, optimizer) and our counters from Ray's latest checkpoint, with the MLflow
+    run id it carries; a fresh state without one."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    resumed = checkpoint is not None
-    fail_at = int(payload.get("fail_at_step") or 0)  # tests: kill the first attempt at this step
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            # frozen weights are not in the checkpoint: they come from model.path, as on the first attempt
-            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not frozen)
-            state.update(json.loads((Path(d) / STATE_FILE).read_text()))
+    if checkpoint is None:
+        return LoopState(), None
+    with checkpoint.as_directory() as d:
+        # frozen weights are not in the checkpoint: they come from model.path, as on the first attempt
+        engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not frozen)
+        saved = json.loads((Path(d) / STATE_FILE).read_text())
+    run_id = saved.pop("run_id", None)
+    return LoopState(**{k: v for k, v in saved.items() if k in LoopState.__dataclass_fields__}), run_id
+
+
+def _worker_tracker(cfg: ExperimentConfig, payload: WorkerPayload, run_id, rank: int, world: int, device, schedule):
+    """Rank 0's MLflow run (a resumed attempt continues `run_id`); the run's params on its first attempt."""
+    from hidrop_platform.tracking import Tracker, package_versions, schedule_params
+
     tracker = Tracker(
-        payload["tracking_uri"],
-        payload["experiment"],
-        run_id=state["run_id"],
+        payload.tracking_uri,
+        payload.experiment,
+        run_id=run_id,
         run_name=cfg.name,
         enabled=rank == 0 and cfg.tracking.enabled,
-        spool_dir=payload["spool_dir"],
-        tags={N.KIND: N.KIND_TRAIN, N.DEVICE_TYPE: device.type, N.NUM_WORKERS: str(world), N.STAGE: t.stage},
+        spool_dir=payload.spool_dir,
+        tags={N.KIND: N.KIND_TRAIN, N.DEVICE_TYPE: device.type, N.NUM_WORKERS: str(world), N.STAGE: cfg.train.stage},
     )
     tracker.start()
-    if state["run_id"] is None and rank == 0:
+    if run_id is None and rank == 0:
         tracker.log_config(cfg)
         tracker.log_params({f"{N.SCHEDULE_PLAN}{i + 1}": n for i, n in enumerate(schedule.tokens_per_layer())})
         tracker.log_params(schedule_params(schedule))
         tracker.log_params({f"{N.VERSION}{k}": v for k, v in package_versions().items()})
         tracker.log_dict(deepspeed_config(cfg), N.DEEPSPEED_JSON)
-    state["run_id"] = tracker.run_id
+    return tracker
 
-    from hidrop_platform.evaluate import model_shape_for_cost
 
-    cost = cost_report(schedule, model_shape_for_cost(cfg, vlm))
-    step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
-    last_time, window_samples, window_tokens = time.perf_counter(), 0, 0
-    window_start = last_time
-    accel_seconds = state["accel_seconds"]
-    step_times: list[float] = []  # optimizer-step wall times and losses of this attempt (for the overhead
-    step_losses: list[float] = []  # benchmark)
-    turns = None
-    if payload.get("turns"):  # the overhead benchmark: take turns with the plain loop, one step each
-        from hidrop_platform.turns import Turns
+class _LogMetrics(Hook):
+    """Every `log_every` steps: loss, LR, throughput, cost and the learned keep counts to MLflow, and rank 0's
+    progress to the driver's bar. Collective (every rank computes the mean loss)."""
 
-        turns = Turns(payload["turns"], "ray", "plain")
-        turns.wait()  # the plain loop has set up
-        last_time = time.perf_counter()
-    step_loss = 0.0
-    while step < total:
-        sampler.set_epoch(epoch)
-        sampler.skip = skip * t.micro_batch_size  # batches this epoch consumed before a restart: never loaded
-        for i, batch in enumerate(loader, start=skip):
-            out = engine(batch)
-            loss_all = _mean_across(out["loss"], world)  # every rank sees the same value: they stop together
-            if not math.isfinite(loss_all):
-                message = f"loss is {loss_all} at step {step + 1}; lower the learning rate or check the data"
-                tracker.set_tags({N.DIVERGED: message})
-                tracker.finish("FAILED")
-                if rank == 0:
-                    _stop(payload, message)
-                return
-            engine.backward(out["loss"])
-            step_loss += loss_all / t.grad_accum  # as the plain loop reports it
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, t.lr, t.lr_schedule, t.warmup_ratio)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            window_samples += batch["input_ids"].shape[0] * world
-            window_tokens += int(out["tokens"]) * world
-            state["batches_in_epoch"] = i + 1
-            if not boundary:
-                continue
-            step += 1
-            now = time.perf_counter()
-            elapsed, last_time = now - last_time, now
-            step_times.append(elapsed)
-            step_losses.append(step_loss)
-            step_loss = 0.0
-            accel_seconds += elapsed * world
-            window = now - window_start
-            if step % t.log_every == 0 or step == total:
-                loss = _mean_across(out["lm_loss"], world)
-                metrics = {
-                    N.LOSS: loss,
-                    N.LR: optimizer.param_groups[0]["lr"],
-                    N.SAMPLES_PER_S: window_samples / window,
-                    N.TOKENS_PER_S: window_tokens / window,
-                    N.EPOCH: epoch + (i + 1) / batches_per_epoch,
-                    N.ACCELERATOR_HOURS: accel_seconds / 3600,
-                    N.VISION_TFLOPS_PER_SAMPLE: cost["vision_tflops"],
-                    N.MODEL_TFLOPS_PER_SAMPLE: cost["model_tflops"],
-                    N.AVG_VISION_TOKENS: cost["avg_vision_tokens"],
-                }
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    metrics[N.GRAD_NORM] = float(grad_norm)
-                if out["vision_tokens"] is not None:
-                    metrics[N.VISION_TOKENS_KEPT] = float(out["vision_tokens"])
-                if out["budget_loss"] is not None:
-                    metrics[N.BUDGET_LOSS] = float(out["budget_loss"])
-                    for i, keep in enumerate(step_module.engine.learned_schedule().keep_counts):
-                        metrics[f"{N.LEARNED_KEEP}{i + 1}"] = float(keep)
-                if rank == 0:
-                    if tracker.enabled:
-                        tracker.log_metrics({**metrics, **system_metrics()}, step=step)
-                    _write_progress(payload["run_dir"], {"step": step, "total": total, **metrics})
-                window_samples = window_tokens = 0
-                window_start = now
-            state.update(step=step, epoch=epoch, accel_seconds=accel_seconds)
-            if step % t.checkpoint_every == 0 or step == total:
-                state["run_id"] = tracker.run_id or state["run_id"]  # a run created after an outage
-                _report_checkpoint(engine, state, {"loss": float(out["lm_loss"]), "step": step}, rank, frozen)
-            if (t.export_every and step % t.export_every == 0) or step == total:
-                folder = Path(payload["export_dir"]) / ("final" if step == total else f"step-{step}")
-                weights = "projector" if vlm.kind == "mini_llava" and t.stage == "pretrain" else "all"
-                vlm.projector_trained = True
-                # ZeRO-3 partitions parameters: every rank gathers them, rank 0 writes
-                gather = (
-                    deepspeed.zero.GatheredParameters(list(step_module.parameters()), modifier_rank=None)
-                    if t.zero_stage == 3
-                    else contextlib.nullcontext()
-                )
-                with gather:
-                    if rank == 0:
-                        learned = step_module.engine.learned_schedule()  # learnable keep ratios: what they became
-                        merged_lora_export(vlm, lambda: vlm.save(folder, schedule=learned, weights=weights))
-                        if t.log_model:
-                            tracker.log_artifact(folder, N.MODEL_DIR if step == total else N.model_step_dir(step))
-            if step == total and t.eval_after and rank == 0:  # the others wait at the barrier below
-                scores = _score_trained(cfg, vlm, step_module.engine.learned_schedule())
-                if tracker.enabled:
-                    tracker.log_metrics(scores, step=step)
-            if step == fail_at and not resumed:
-                raise RuntimeError(f"injected failure at step {step} (HIDROP_TEST_FAIL_AT_STEP)")
-            if turns is not None:  # after the last step too: the plain loop's last step must not share the
-                turns.hand_over()  # machine with this worker's shutdown
-                turns.wait()
-                last_time = time.perf_counter()  # the wait is not the step's time
-            if step >= total:
-                break
-        else:
-            epoch, skip = epoch + 1, 0
-            state.update(epoch=epoch, batches_in_epoch=0)
-            continue
-        skip = 0
-    tracker.finish()
-    if turns is not None:
-        turns.close()
-    if rank == 0:
-        Path(payload["run_dir"]).mkdir(parents=True, exist_ok=True)
-        (Path(payload["run_dir"]) / STEP_TIMES_FILE).write_text(
-            json.dumps({"seconds": step_times, "loss": step_losses})
+    def __init__(self, cfg, payload: WorkerPayload, tracker, module, cost: dict, rank: int):
+        self.every, self.run_dir, self.tracker, self.module, self.cost, self.rank = (
+            cfg.train.log_every,
+            payload.run_dir,
+            tracker,
+            module,
+            cost,
+            rank,
         )
-    import torch.distributed as dist
+        self.samples = self.tokens = 0
+        self.seconds = 0.0
 
-    if dist.is_initialized():
-        dist.barrier()  # avoids "terminate called without an active exception" at exit (stack.md)
+    def on_start(self, loop: TrainingLoop) -> None:
+        self.window_start = time.perf_counter()
+
+    def on_step_end(self, loop: TrainingLoop, step: StepEnd) -> None:
+        self.samples, self.tokens = self.samples + step.samples, self.tokens + step.tokens
+        if step.step % self.every and step.step != step.total:
+            return
+        now = time.perf_counter()
+        window, self.window_start = now - self.window_start, now
+        out = step.output
+        metrics = {
+            N.LOSS: loop.runtime.mean(out["lm_loss"]),
+            N.LR: loop.runtime.optimizer.param_groups[0]["lr"],
+            N.SAMPLES_PER_S: self.samples / window,
+            N.TOKENS_PER_S: self.tokens / window,
+            N.EPOCH: step.epoch_progress,
+            N.ACCELERATOR_HOURS: loop.state.accel_seconds / 3600,
+            N.VISION_TFLOPS_PER_SAMPLE: self.cost["vision_tflops"],
+            N.MODEL_TFLOPS_PER_SAMPLE: self.cost["model_tflops"],
+            N.AVG_VISION_TOKENS: self.cost["avg_vision_tokens"],
+        }
+        grad_norm = loop.runtime.grad_norm()
+        if grad_norm is not None:
+            metrics[N.GRAD_NORM] = grad_norm
+        if out["vision_tokens"] is not None:
+            metrics[N.VISION_TOKENS_KEPT] = float(out["vision_tokens"])
+        if out["budget_loss"] is not None:
+            metrics[N.BUDGET_LOSS] = float(out["budget_loss"])
+            for i, keep in enumerate(self.module.engine.learned_schedule().keep_counts):
+                metrics[f"{N.LEARNED_KEEP}{i + 1}"] = float(keep)
+        if self.rank == 0:
+            if self.tracker.enabled:
+                from hidrop_platform.tracking import system_metrics
+
+                self.tracker.log_metrics({**metrics, **system_metrics()}, step=step.step)
+            _write_progress(self.run_dir, {"step": step.step, "total": step.total, **metrics})
+        self.samples = self.tokens = 0
+
+
+class _Checkpoint(Hook):
+    """Every `every` steps and at the end: DeepSpeed's state plus the loop's counters and the MLflow run id."""
+
+    def __init__(self, engine, tracker, rank: int, frozen: bool, every: int):
+        self.engine, self.tracker, self.rank, self.frozen, self.every = engine, tracker, rank, frozen, every
+
+    def on_step_end(self, loop: TrainingLoop, step: StepEnd) -> None:
+        if step.step % self.every and step.step != step.total:
+            return
+        import ray.train
+
+        # the run id goes in every checkpoint: a run created after a tracking outage is continued too
+        state = {**dataclasses.asdict(loop.state), "run_id": self.tracker.run_id}
+        with tempfile.TemporaryDirectory() as d:
+            # every rank writes its shards; frozen weights are left out (LoRA on a 7B: megabytes, not 13 GB)
+            self.engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=self.frozen)
+            if self.rank == 0:  # Ray merges every rank's folder: only rank 0 knows the MLflow run id
+                (Path(d) / STATE_FILE).write_text(json.dumps(state))
+            progress = {"loss": float(step.output["lm_loss"]), "step": step.step}  # Ray's, not MLflow's
+            ray.train.report(progress, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+class _Export(Hook):
+    """Every `export_every` steps and at the end: the model as safetensors with its (learned) schedule."""
+
+    def __init__(self, cfg, payload: WorkerPayload, vlm, module, tracker, rank: int):
+        self.t, self.folder, self.vlm, self.module, self.tracker, self.rank = (
+            cfg.train,
+            Path(payload.export_dir),
+            vlm,
+            module,
+            tracker,
+            rank,
+        )
+
+    def on_step_end(self, loop: TrainingLoop, step: StepEnd) -> None:
+        t, last = self.t, step.step == step.total
+        if not (last or (t.export_every and step.step % t.export_every == 0)):
+            return
+        import deepspeed
+
+        folder = self.folder / ("final" if last else f"step-{step.step}")
+        weights = "projector" if self.vlm.kind == "mini_llava" and t.stage == "pretrain" else "all"
+        self.vlm.projector_trained = True
+        # ZeRO-3 partitions parameters: every rank gathers them, rank 0 writes
+        gather = (
+            deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+            if t.zero_stage == 3
+            else contextlib.nullcontext()
+        )
+        with gather:
+            if self.rank == 0:
+                learned = self.module.engine.learned_schedule()  # learnable keep ratios: what they became
+                merged_lora_export(self.vlm, lambda: self.vlm.save(folder, schedule=learned, weights=weights))
+                if t.log_model:
+                    self.tracker.log_artifact(folder, N.MODEL_DIR if last else N.model_step_dir(step.step))
+
+
+class _EvalAfter(Hook):
+    """After the last step, rank 0 scores the trained model into the same run (the others wait at the
+    worker's final barrier)."""
+
+    def __init__(self, cfg, vlm, module, tracker, rank: int):
+        self.cfg, self.vlm, self.module, self.tracker, self.rank = cfg, vlm, module, tracker, rank
+
+    def on_step_end(self, loop: TrainingLoop, step: StepEnd) -> None:
+        if step.step != step.total or self.rank != 0:
+            return
+        scores = _score_trained(self.cfg, self.vlm, self.module.engine.learned_schedule())
+        if self.tracker.enabled:
+            self.tracker.log_metrics(scores, step=step.step)
 
 
 def _score_trained(cfg: ExperimentConfig, vlm, schedule) -> dict[str, float]:
@@ -300,22 +386,6 @@ def _score_trained(cfg: ExperimentConfig, vlm, schedule) -> dict[str, float]:
     from hidrop_platform.evaluate import benchmarks_for, evaluate_schedule, score_metrics
 
     return score_metrics(evaluate_schedule(cfg, vlm, schedule, benchmarks_for(cfg)), schedule)
-
-
-class _ResumableSampler(torch.utils.data.Sampler):
-    """A DistributedSampler that can start mid-epoch, so a resumed run does not reload skipped images."""
-
-    def __init__(self, base):
-        self.base, self.skip = base, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
-
-    def __iter__(self):
-        return itertools.islice(iter(self.base), self.skip, None)
-
-    def __len__(self) -> int:
-        return len(self.base) - self.skip
 
 
 def _write_progress(run_dir: str, info: dict) -> None:
@@ -335,10 +405,10 @@ def read_progress(run_dir: str | Path) -> Optional[dict]:
         return None
 
 
-def _stop(payload: dict, message: str) -> None:
+def _stop(payload: WorkerPayload, message: str) -> None:
     """Tell the driver why the run stopped; it fails with this one line (no worker traceback)."""
-    Path(payload["run_dir"]).mkdir(parents=True, exist_ok=True)
-    (Path(payload["run_dir"]) / STOPPED_FILE).write_text(message)
+    Path(payload.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(payload.run_dir) / STOPPED_FILE).write_text(message)
 
 
 def _mean_across(value: torch.Tensor, world: int) -> float:
@@ -351,23 +421,13 @@ def _mean_across(value: torch.Tensor, world: int) -> float:
     return float(v)
 
 
-def _report_checkpoint(engine, state: dict, metrics: dict, rank: int, frozen: bool) -> None:
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as d:
-        # every rank writes its shards; frozen weights are left out (LoRA on a 7B: megabytes, not 13 GB)
-        engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=frozen)
-        if rank == 0:  # Ray merges every rank's folder: only rank 0 knows the MLflow run id
-            (Path(d) / STATE_FILE).write_text(json.dumps(state))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
 # ---- the driver ---------------------------------------------------------------------------------
 def run_training(
-    cfg: ExperimentConfig, progress: Optional[Callable[[dict], None]] = None, turns: Optional[str] = None
+    cfg: ExperimentConfig, progress: Optional[Callable[[dict], None]] = None, hooks: Sequence[Hook] = ()
 ) -> dict:
     """Run the Ray Train job; `progress(info)` is called about once a second with rank 0's latest step.
-    `turns`: the overhead benchmark's folder of turn pipes (the worker alternates steps with a plain loop)."""
+    `hooks` join every worker's loop (the overhead benchmark's turn-taking); the test faults of
+    `hidrop_platform.faults` join them when their environment variable asks."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -386,14 +446,15 @@ def run_training(
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "tracking_uri": uri,
-            "experiment": experiment,
-            "export_dir": str(storage / cfg.name / "export"),
-            "run_dir": str(storage / cfg.name),
-            "spool_dir": str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool"),
-            "fail_at_step": os.environ.get("HIDROP_TEST_FAIL_AT_STEP"),
-            "turns": turns,
+            "payload": WorkerPayload(
+                config=cfg.model_dump(mode="json"),
+                tracking_uri=uri,
+                experiment=experiment,
+                run_dir=str(storage / cfg.name),
+                export_dir=str(storage / cfg.name / "export"),
+                spool_dir=str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool"),
+                hooks=[*hooks, *fault_hooks()],
+            )
         },
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=t.resources_per_worker

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
+from hidrop.training import Hook, StepEnd, TrainingLoop
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ConfigError, ExperimentConfig, ScheduleSpec, flatten, validate_config, with_overrides
 from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
@@ -408,51 +409,46 @@ def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: f
     """A short finetune with the schedule active, evaluated every `eval_every` steps (ASHA stops the
     weak ones early). Single process: nesting Ray Train groups inside trials leaks placement groups
     when ASHA stops them (ray-project/ray#54305)."""
-    from ray import tune
-
     from hidrop.training import make_dataset, plain_training
     from hidrop_platform.train import training_samples
 
-    t, s = cfg.train, cfg.tune
+    t = cfg.train
     vlm = _trial_model(cfg, fresh=True)
     data = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
-    loop = plain_training(
-        vlm,
-        cfg.main_schedule,
-        data,
-        steps=s.train_steps,
-        stage=t.stage,
-        lora=t.lora,
-        micro_batch_size=t.micro_batch_size,
-        grad_accum=t.grad_accum,
-        lr=t.lr,
-        lr_schedule=t.lr_schedule,
-        warmup_ratio=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip,
-        budget_weight=t.budget_weight,
-        seed=cfg.seed,
-    )
-    benches = benchmarks_for(cfg)  # built once: the trial evaluates every eval_every steps
-    metrics: dict = {}
-    for info in loop:
-        if not math.isfinite(info["loss"]):
-            raise RuntimeError(f"loss is {info['loss']} at step {info['step']}")
-        tracker.log_metrics({N.LOSS: info["loss"]}, step=info["step"])
-        if info["step"] % s.eval_every == 0 or info["step"] == s.train_steps:
-            metrics = _evaluate(cfg, vlm, ctx["reference"], benches)
-            metrics.update(
-                {
-                    N.TRAIN_STEP: info["step"],
-                    N.LOSS: info["loss"],
-                    N.WALL_S: time.perf_counter() - start,
-                    N.ACCELERATOR_HOURS: (time.perf_counter() - start) * devices / 3600,
-                }
-            )
-            tracker.log_metrics(metrics, step=info["step"])
-            reported.update(metrics)
-            tune.report(metrics)  # ASHA may stop the trial here
-    return metrics
+    hook = _EvalEvery(cfg, vlm, ctx["reference"], tracker, start, devices, reported)
+    plain_training(vlm, cfg.main_schedule, data, t, steps=cfg.tune.train_steps, seed=cfg.seed, hooks=[hook])
+    return hook.metrics
+
+
+class _EvalEvery(Hook):
+    """A trained trial's loss every step, and every `eval_every` steps its scores, reported to Tune."""
+
+    def __init__(self, cfg: ExperimentConfig, vlm, reference: dict, tracker, start: float, devices: float, reported):
+        self.cfg, self.vlm, self.reference, self.tracker = cfg, vlm, reference, tracker
+        self.start, self.devices, self.reported = start, devices, reported
+        self.benches = benchmarks_for(cfg)  # built once: the trial evaluates every eval_every steps
+        self.metrics: dict = {}
+
+    def on_step_end(self, loop: TrainingLoop, step: StepEnd) -> None:
+        from ray import tune
+
+        self.tracker.log_metrics({N.LOSS: step.loss}, step=step.step)
+        if step.step % self.cfg.tune.eval_every and step.step != step.total:
+            return
+        metrics = _evaluate(self.cfg, self.vlm, self.reference, self.benches)
+        wall = time.perf_counter() - self.start
+        metrics.update(
+            {
+                N.TRAIN_STEP: step.step,
+                N.LOSS: step.loss,
+                N.WALL_S: wall,
+                N.ACCELERATOR_HOURS: wall * self.devices / 3600,
+            }
+        )
+        self.tracker.log_metrics(metrics, step=step.step)
+        self.reported.update(metrics)
+        self.metrics = metrics
+        tune.report(metrics)  # ASHA may stop the trial here
 
 
 # ---- the driver --------------------------------------------------------------------------------

@@ -1,10 +1,15 @@
-"""Turn-taking between two processes on one machine (the overhead benchmark's Ray worker and plain loop)."""
+"""Turn-taking between two processes on one machine (the overhead benchmark's Ray worker and plain loop),
+and the loop hooks that take the turns and record the step times."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 from pathlib import Path
+from typing import Optional
+
+from hidrop.training import Hook, StepEnd, TrainingLoop
 
 
 class OverheadBenchError(RuntimeError):
@@ -59,3 +64,61 @@ class Turns:
     def close(self) -> None:
         os.close(self._mine)
         os.close(self._theirs)
+
+
+class TakeTurns(Hook):
+    """The loop side of `Turns`: wait for the turn before the first step and after each one. The pipes
+    open in the process that runs the loop (`open`, idempotent), never in the pickled hook."""
+
+    def __init__(self, folder: str | Path, me: str, other: str, *, hand_first: bool, wait_after_last: bool):
+        self.folder, self.me, self.other = str(folder), me, other
+        self.hand_first, self.wait_after_last = hand_first, wait_after_last
+        self.turns: Optional[Turns] = None
+
+    def open(self) -> Turns:
+        if self.turns is None:
+            self.turns = Turns(self.folder, self.me, self.other)
+        return self.turns
+
+    def on_start(self, loop: TrainingLoop) -> None:
+        turns = self.open()
+        if self.hand_first:  # set up: the other side may take its first step
+            turns.hand_over()
+        turns.wait()
+
+    def on_step_end(self, loop: TrainingLoop, step: StepEnd) -> None:
+        self.turns.hand_over()
+        # the Ray side waits after its last step too: the plain loop's last step must not share the
+        # machine with the worker's shutdown
+        if step.step < step.total or self.wait_after_last:
+            with loop.paused():  # the wait is not the step's time
+                self.turns.wait()
+
+    def on_end(self, loop: TrainingLoop) -> None:
+        self.close()
+
+    def stop(self) -> None:
+        """This side failed: wake the other with the news."""
+        self.open().stop()
+
+    def close(self) -> None:
+        if self.turns is not None:
+            self.turns.close()
+            self.turns = None
+
+
+class RecordStepTimes(Hook):
+    """Each optimizer step's wall time and loss, written to `path` as JSON when the loop ends."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self.seconds: list[float] = []
+        self.loss: list[float] = []
+
+    def on_step_end(self, loop: TrainingLoop, step: StepEnd) -> None:
+        self.seconds.append(step.seconds)
+        self.loss.append(step.loss)
+
+    def on_end(self, loop: TrainingLoop) -> None:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.path).write_text(json.dumps({"seconds": self.seconds, "loss": self.loss}))

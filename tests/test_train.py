@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hidrop.training import lr_at, set_trainable
+from hidrop.training import Hook, TrainingLoop, lr_at, set_trainable
 from hidrop.tiny import tiny_vlm
 from hidrop_platform.config import load_config
 from hidrop_platform.train import deepspeed_config
@@ -294,7 +294,7 @@ def test_precision_must_match_weights():
 def test_resumable_sampler_starts_mid_epoch_on_the_same_order():
     from torch.utils.data import DistributedSampler
 
-    from hidrop_platform.train import _ResumableSampler
+    from hidrop.training import ResumableSampler as _ResumableSampler
 
     data = list(range(50))
     full = DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3, drop_last=True)
@@ -304,3 +304,103 @@ def test_resumable_sampler_starts_mid_epoch_on_the_same_order():
     resumed.set_epoch(4)
     resumed.skip = 8
     assert list(iter(resumed)) == expected[8:] and len(resumed) == len(expected) - 8
+
+
+class _Record(Hook):
+    def __init__(self):
+        self.steps, self.losses, self.ends = [], [], 0
+
+    def on_step_end(self, loop, step):
+        self.steps.append(step.step)
+        self.losses.append(step.loss)
+
+    def on_end(self, loop):
+        self.ends += 1
+
+
+def _plain_loop(recipe, steps, hooks, state=None):
+    """The tiny model's plain training loop from the same initial weights and data."""
+    from hidrop.tiny import tiny_vlm
+    from hidrop.training import PlainRuntime, make_dataset, make_loader, prepare_module
+    from hidrop_platform.train import training_samples
+
+    torch.manual_seed(0)
+    cfg = load_config(pytest.ROOT / SMOKE)
+    vlm = tiny_vlm(seed=0)
+    data = make_dataset(vlm, training_samples(cfg, vlm.grid)[:12])
+    module = prepare_module(vlm, cfg.main_schedule, recipe)
+    loader, sampler = make_loader(vlm, data, recipe.micro_batch_size, seed=0)
+    runtime = PlainRuntime(module, recipe)
+    return TrainingLoop(runtime, loader, sampler, total=steps, recipe=recipe, hooks=hooks, state=state), runtime
+
+
+def test_training_loop_resumes_mid_epoch_on_the_same_losses():
+    """A loop restarted mid-epoch from its state (and the optimizer's) continues exactly as one that ran
+    through: same batches (the sampler skips what was consumed), same LR schedule, same losses."""
+    recipe = load_config(pytest.ROOT / SMOKE).train.model_copy(update={"micro_batch_size": 2, "grad_accum": 2})
+    through = _Record()
+    _plain_loop(recipe, 5, [through])[0].run()
+    assert through.steps == [1, 2, 3, 4, 5] and through.ends == 1  # 12 samples / (2 x 2): 3 steps an epoch
+
+    first = _Record()
+    loop, runtime = _plain_loop(recipe, 5, [first])
+
+    class StopAt(Hook):
+        def on_step_end(self, loop, step):
+            if step.step == 2:
+                raise KeyboardInterrupt
+
+    loop.hooks.append(StopAt())
+    with pytest.raises(KeyboardInterrupt):
+        loop.run()
+    assert loop.state.step == 2 and loop.state.batches_in_epoch == 4 and first.ends == 0
+    rest = _Record()
+    resumed = TrainingLoop(runtime, loop.loader, loop.sampler, total=5, recipe=recipe, hooks=[rest], state=loop.state)
+    resumed.run()
+    assert rest.steps == [3, 4, 5]
+    assert first.losses + rest.losses == pytest.approx(through.losses, rel=1e-6)
+
+
+def test_training_loop_pauses_hook_waits_and_stops_on_divergence():
+    import time
+
+    from hidrop.training import TrainingDiverged
+
+    recipe = load_config(pytest.ROOT / SMOKE).train.model_copy(update={"micro_batch_size": 4, "grad_accum": 1})
+
+    class Slow(Hook):
+        def on_step_end(self, loop, step):
+            with loop.paused():
+                time.sleep(0.3)
+
+    times = _Record()
+    seconds = []
+
+    class Seconds(Hook):
+        def on_step_end(self, loop, step):
+            seconds.append(step.seconds)
+
+    loop, _ = _plain_loop(recipe, 3, [Slow(), times, Seconds()])
+    loop.run()
+    assert all(s < 0.3 for s in seconds[1:])  # the paused waits are not the steps' time
+    assert loop.state.accel_seconds == pytest.approx(sum(seconds))
+
+    loop, _ = _plain_loop(recipe.model_copy(update={"lr": 1e30}), 6, [])
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at step \d"):
+        loop.run()
+
+
+def test_fail_at_step_fires_on_the_first_attempt_only(monkeypatch):
+    from hidrop.training import LoopState
+    from hidrop_platform.faults import FAIL_AT_STEP_ENV, FailAtStep, fault_hooks
+
+    monkeypatch.delenv(FAIL_AT_STEP_ENV, raising=False)
+    assert fault_hooks() == []
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "2")
+    [hook] = fault_hooks()
+    recipe = load_config(pytest.ROOT / SMOKE).train.model_copy(update={"micro_batch_size": 4, "grad_accum": 1})
+    loop, _ = _plain_loop(recipe, 3, [hook])
+    with pytest.raises(RuntimeError, match="injected failure at step 2"):
+        loop.run()
+    again, _ = _plain_loop(recipe, 3, [FailAtStep(2)], state=LoopState(step=1, batches_in_epoch=1))
+    assert again.run().step == 3  # resumed: runs to the end
