@@ -26,7 +26,8 @@ from typing import Any, Optional
 
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, comparison_rows, format_delta
 from hidrop.evaluation.published import PublishedError, comparisons_for, exact_preset, method_from_name, model_key
-from hidrop_platform.pareto import mark_front, plot_pareto
+from hidrop_platform.pareto import plot_pareto
+from hidrop_platform.sweep import TrialRecord, summarize_sweep
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.tracking import redact_uri
 
@@ -188,44 +189,31 @@ def _sweep(parent, children: list) -> dict:
     m = parent.data.metrics
     reference = N.strip_prefix(N.REFERENCE, m)
     blind = N.strip_prefix(N.BLIND, m)
-    ratios = [100.0 * blind[b] / reference[b] for b in reference if b in blind and reference[b] > 0]
-    trials = []
+    records = []
     parent_model = _published_model(parent.data.params)
     for run in children:
-        metrics = run.data.metrics
-        row = {
-            "label": run.info.run_name,
-            "run_id": run.info.run_id,
-            "seed": _tag(run, N.SEED) == "True",
-            **_published_fields(run.data.params, run.info.run_name, parent_model),
-            "status": _tag(run, N.STATUS, run.info.status.lower()),
-            "pareto": False,
-            "plan": run.data.params.get(N.PLAN, ""),
-            "search": N.strip_prefix(N.SEARCH, run.data.params),
-            "scores": N.strip_prefix(N.SCORE, metrics),
-        }
-        for key in (
-            N.RELATIVE_SCORE,
-            N.AVG_VISION_TOKENS,
-            N.VISION_TFLOPS,
-            N.MODEL_TFLOPS,
-            N.ACCELERATOR_HOURS,
-            N.WALL_S,
-            N.TRAIN_STEP,
-            N.SAMPLES,
-        ):
-            if key in metrics:
-                row[key] = metrics[key]
-        trials.append(row)
-    mark_front(trials)  # the rule `hidrop tune` uses: a failed or killed trial's last metrics are no outcome
-    trials.sort(key=lambda r: (not r["seed"], r.get("vision_tflops", math.inf)))
+        records.append(
+            TrialRecord.from_metrics(
+                run.info.run_name,
+                _tag(run, N.STATUS, run.info.status.lower()),
+                run.data.metrics,
+                run_id=run.info.run_id,
+                seed=_tag(run, N.SEED) == "True",
+                **_published_fields(run.data.params, run.info.run_name, parent_model),
+                plan=run.data.params.get(N.PLAN, ""),
+                search=N.strip_prefix(N.SEARCH, run.data.params),
+            )
+        )
+    # the rule `hidrop tune` uses: a failed or killed trial's last metrics are no outcome
+    summary = summarize_sweep(records, reference, blind)
+    trials = [t.to_dict() for t in summary.trials]
     return {
         "name": _tag(parent, N.SWEEP),
         "run_id": parent.info.run_id,
         "status": parent.info.status,
         "reference_scores": reference,
         "blind_scores": blind,
-        "blind_relative_score": sum(ratios) / len(ratios) if ratios else None,
+        "blind_relative_score": summary.blind_relative_score,
         "benchmarks": _paper_order(reference),
         "published_model": parent_model,
         "wall_s": m.get(N.WALL_S),

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from hidrop_platform import mlflow_names as N
-
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the (score, cost) points no other point dominates (higher score is better, lower cost
@@ -22,28 +20,6 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: (points[i][1], points[i][0]))
-
-
-def is_outcome(trial: dict) -> bool:
-    """A trial whose figures are a result: it finished (or ASHA stopped it after an evaluation) with a
-    relative score and a cost. A failed or killed trial's last metrics are not one."""
-    return (
-        trial.get("status") in N.OUTCOME_STATUSES
-        and trial.get(N.RELATIVE_SCORE) is not None
-        and (trial.get(N.VISION_TFLOPS) is not None)
-    )
-
-
-def mark_front(trials: list[dict]) -> list[dict]:
-    """The one rule for a sweep's front (`hidrop tune`, `hidrop report`): sets `pareto` on every trial
-    row (relative score up, vision TFLOPs down, outcomes only) and returns the front, cheapest first."""
-    scored = [t for t in trials if is_outcome(t)]
-    for t in trials:
-        t["pareto"] = False
-    front = pareto_front([(t[N.RELATIVE_SCORE], t[N.VISION_TFLOPS]) for t in scored])
-    for i in front:
-        scored[i]["pareto"] = True
-    return [scored[i] for i in front]
 
 
 def plot_pareto(

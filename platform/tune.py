@@ -29,7 +29,8 @@ from hidrop.training import Hook, StepEnd, TrainingLoop
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ConfigError, ExperimentConfig, ScheduleSpec, flatten, validate_config, with_overrides
 from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
-from hidrop_platform.pareto import is_outcome, mark_front, plot_pareto
+from hidrop_platform.pareto import plot_pareto
+from hidrop_platform.sweep import TrialRecord, summarize_sweep
 
 OBJECTIVES = {"pareto": ([N.RELATIVE_SCORE, N.VISION_TFLOPS], ["max", "min"]), "score": (N.RELATIVE_SCORE, "max")}
 OPTUNA_STREAK = 20  # rejected Optuna proposals in a row before a random valid point is enqueued for it
@@ -719,45 +720,32 @@ def _searcher_of(tuner) -> Optional[ScheduleSearcher]:
 def _summarize(
     grid, reference: dict, searcher: Optional[ScheduleSearcher], name: str, at_once: int, wall: float
 ) -> dict:
-    rows = []
+    records = []
     for result in grid:
         config = result.config or {}
-        metrics = dict(result.metrics or {})
-        row = {
-            "label": config.get("label", "?"),
-            "seed": bool(config.get("seed")),
-            "overrides": config.get("overrides", {}),
-            "status": N.FAILED if result.error else N.FINISHED,
-        }
-        if result.error:
-            row["error"] = str(result.error).strip().splitlines()[-1][:300]
-        for key in (
-            N.RELATIVE_SCORE,
-            N.VISION_TFLOPS,
-            N.MODEL_TFLOPS,
-            N.AVG_VISION_TOKENS,
-            N.MEASURED_AVG_VISION_TOKENS,
-            N.ACCELERATOR_HOURS,
-            N.TRAIN_STEP,
-        ):
-            if key in metrics:
-                row[key] = metrics[key]
-        row["scores"] = N.strip_prefix(N.SCORE, metrics)
-        rows.append(row)
-    rows.sort(key=lambda r: (not r["seed"], r["label"]))
-    front = mark_front(rows)
+        records.append(
+            TrialRecord.from_metrics(
+                config.get("label", "?"),
+                N.FAILED if result.error else N.FINISHED,
+                dict(result.metrics or {}),
+                seed=bool(config.get("seed")),
+                overrides=config.get("overrides", {}),
+                **({"error": str(result.error).strip().splitlines()[-1][:300]} if result.error else {}),
+            )
+        )
+    summary = summarize_sweep(records, reference["scores"], reference["blind_scores"])
     return {
         "sweep": name,
-        "trials": rows,
-        "pareto": [r["label"] for r in front],
+        "trials": [t.to_dict() for t in summary.trials],
+        "pareto": summary.pareto,
         "reference_scores": reference["scores"],
-        "blind_relative_score": reference["blind_relative_score"],
+        "blind_relative_score": summary.blind_relative_score,
         "rejections": dict(searcher.rejections) if searcher else {},
         "rejected": sum(searcher.rejections.values()) if searcher else 0,
-        "failed": sum(r["status"] == N.FAILED for r in rows),
+        "failed": summary.failed,
         "concurrency": at_once,
         "wall_time_s": wall,
-        "accelerator_hours": sum(r.get("accelerator_hours", 0.0) for r in rows),
+        "accelerator_hours": summary.accelerator_hours,
         "notes": reference.get("notes", []),
     }
 
@@ -769,7 +757,7 @@ def _rounded(overrides: dict) -> dict:
 def _log_summary(parent, summary: dict, sweep_dir: Path, name: str, reference: dict) -> None:
     out = sweep_dir / "summary"
     out.mkdir(exist_ok=True)
-    ok = [r for r in summary["trials"] if is_outcome(r)]
+    ok = [r for r in summary["trials"] if TrialRecord.model_validate(r).is_outcome()]
     lines = [
         "| trial | on front | relative score | vision TFLOPs | avg tokens | schedule overrides |",
         "|---|---|---|---|---|---|",

@@ -279,6 +279,35 @@ def test_pareto_front_against_brute_force():
         assert set(pareto_front(pts)) == brute
 
 
+def test_sweep_summary_counts_only_outcomes_on_the_front():
+    from hidrop_platform.sweep import TrialRecord, summarize_sweep
+
+    def trial(label, status, score, tflops, **kw):
+        metrics = {"relative_score": score, "vision_tflops": tflops, "accelerator_hours": 0.5, "score/a": score}
+        return TrialRecord.from_metrics(label, status, {k: v for k, v in metrics.items() if v is not None}, **kw)
+
+    records = [
+        trial("b", "finished", 90.0, 1.0),
+        trial("a", "finished", 80.0, 0.5),
+        trial("dead", "failed", 99.0, 0.1),  # its last metrics look best, but it is no outcome
+        trial("stopped", "stopped_early", 95.0, 2.0),  # ASHA stopped it after an evaluation: an outcome
+        trial("twin", "finished", 90.0, 1.0),  # equal points are all kept
+        trial("worse", "finished", 70.0, 2.0),
+        trial("seed:vanilla", "finished", 100.0, 3.0, seed=True),
+        trial("unscored", "finished", None, 0.2),
+    ]
+    summary = summarize_sweep(records, {"a": 50.0, "b": 40.0}, {"a": 25.0, "b": 30.0})
+    assert summary.pareto == ["a", "b", "twin", "stopped", "seed:vanilla"]  # cheapest first
+    assert {t.label for t in summary.trials if t.pareto} == set(summary.pareto)
+    assert summary.failed == 1 and summary.accelerator_hours == pytest.approx(4.0)
+    assert summary.blind_relative_score == pytest.approx(100 * (25 / 50 + 30 / 40) / 2)
+    assert [t.label for t in summary.trials][:2] == ["seed:vanilla", "dead"]  # seeds first, then by cost
+    assert {t.label for t in summary.outcomes()} == {"a", "b", "twin", "stopped", "worse", "seed:vanilla"}
+    row = summary.trials[0].to_dict()
+    assert row["scores"] == {"a": 100.0} and row["seed"] is True and "model_tflops" not in row
+    assert summarize_sweep([], {"a": 0.0}, {"a": 1.0}).blind_relative_score is None  # undefined ratio
+
+
 # ---- real sweeps (Ray Tune + MLflow) ---------------------------------------------------------------
 
 
