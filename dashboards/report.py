@@ -29,7 +29,14 @@ from hidrop.evaluation.published import PublishedError, comparisons_for, exact_p
 from hidrop_platform.pareto import plot_pareto
 from hidrop_platform.sweep import TrialRecord, summarize_sweep
 from hidrop_platform import mlflow_names as N
-from hidrop_platform.tracking import redact_uri
+from hidrop_platform.tracking import (
+    TrackingUnavailable,
+    download_artifact,
+    experiment_names,
+    read_runs,
+    redact_uri,
+    upload_artifacts,
+)
 
 # the order and names of the paper's rows; anything else is a searched trial
 PRESET_NAMES = {
@@ -45,28 +52,6 @@ MAX_SEARCHED_ROWS = 8  # searched trials in Table 1: the Pareto front, best firs
 
 class ReportError(RuntimeError):
     """A report that cannot be built (no such experiment, nothing logged yet): one line for the CLI."""
-
-
-def _client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def _all_runs(client, experiment_id: str, filter_string: str = "") -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id],
-            filter_string=filter_string,
-            max_results=1000,
-            order_by=["attributes.start_time DESC"],
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def _tag(run, key: str, default: str = "") -> str:
@@ -139,22 +124,16 @@ def _paper_order(benchmarks) -> list[str]:
 
 def collect(tracking_uri: str, experiment: str, sweep: Optional[str] = None) -> dict:
     """Every number the report shows, as plain data (also written as report.json)."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client(tracking_uri)
     try:
-        exp = client.get_experiment_by_name(experiment)
-    except MlflowException as e:
-        raise ReportError(
-            f"cannot read the MLflow store {redact_uri(tracking_uri)}: {str(e).splitlines()[0]}"
-        ) from None
-    if exp is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise ReportError(
-            f"no MLflow experiment named {experiment!r} at {redact_uri(tracking_uri)}"
-            + (f" (there are: {', '.join(names)})" if names else " (the store is empty)")
-        )
-    runs = _all_runs(client, exp.experiment_id)
+        runs = read_runs(tracking_uri, experiment)
+        if runs is None:
+            names = experiment_names(tracking_uri)
+            raise ReportError(
+                f"no MLflow experiment named {experiment!r} at {redact_uri(tracking_uri)}"
+                + (f" (there are: {', '.join(names)})" if names else " (the store is empty)")
+            )
+    except TrackingUnavailable as e:
+        raise ReportError(str(e)) from None
     sweeps = [r for r in runs if _tag(r, N.KIND) == N.KIND_SWEEP]
     if sweep is not None:
         sweeps = [r for r in sweeps if _tag(r, N.SWEEP) == sweep]
@@ -810,7 +789,7 @@ def build_report(
     if data["analysis"]:
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                local = _client(tracking_uri).download_artifacts(data["analysis"]["run_id"], N.ANALYSIS_CURVES, tmp)
+                local = download_artifact(tracking_uri, data["analysis"]["run_id"], N.ANALYSIS_CURVES, tmp)
                 figures["curves"] = Path(shutil.copyfile(local, out / "curves.png"))
         except Exception:  # an analysis logged without its plot (tracking was offline): the report goes on
             figures["curves"] = None
@@ -827,9 +806,7 @@ def build_report(
     written = sorted([out / "report.html", out / "report.md", out / "report.json", *(p for p in figures.values() if p)])
     published_to = None
     if publish and sweep_info:
-        client = _client(tracking_uri)
-        for path in written:
-            client.log_artifact(sweep_info["run_id"], str(path), N.REPORT_DIR)
+        upload_artifacts(tracking_uri, sweep_info["run_id"], written, N.REPORT_DIR)
         published_to = sweep_info["run_id"]
     return {
         "experiment": experiment,

@@ -509,14 +509,8 @@ def ui_command(
     """Start the MLflow UI over the local store (127.0.0.1 by default); Ctrl+C stops it."""
     import signal
 
-    from hidrop_platform.tracking import (
-        UI_TRAINING_VIEW,
-        TrackingUnavailable,
-        default_tracking_uri,
-        serve_ui,
-        stop_ui,
-        ui_base_url,
-    )
+    from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri
+    from hidrop_platform.ui import UI_TRAINING_VIEW, serve_ui, stop_ui, ui_base_url
 
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith(("http://", "https://")):

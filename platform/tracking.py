@@ -10,7 +10,14 @@ sqlite database race on its schema migration. A remote store is an MLflow server
 Offline behaviour: a call that fails because the store cannot be reached is appended as one JSON line to
 a spool file (the first line names the run) and a single warning says so. Later calls replay the spool
 first, in order, into the same run; metrics keep their original step and timestamp. A spool left behind
-(the server never came back) is replayed later with `sync_spool(path)`.
+(the server never came back) is replayed later with `sync_spool(path)`. The spool file itself is
+`hidrop_platform.spool`.
+
+What is MLflow's and what is ours: MLflow's `log_batch` splits large batches (we only cut values to its
+length limits), and its client does the HTTP retries. We keep logging synchronous and sample system
+metrics ourselves (psutil, at the training step): MLflow's asynchronous logging and its
+`SystemMetricsMonitor` send from their own threads straight to the store, so while it is unreachable their
+records would bypass the spool and be lost, and the monitor's samples would not line up with steps.
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import threading
 import time
@@ -29,24 +35,21 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
+import psutil
+
 from hidrop_platform import mlflow_names as N
+from hidrop_platform.spool import SPOOL_VERSION, Spool
 
 if TYPE_CHECKING:  # only for annotations: the config module pulls in the schedule code
-    import subprocess
-
     from hidrop_platform.config import ExperimentConfig
 
 DEFAULT_TRACKING_DIR = "mlruns"
 DB_FILE = "mlflow.db"
-# MLflow 3's UI opens on its GenAI pages; this query opens the model-training view (runs, metrics)
-UI_TRAINING_VIEW = "?workflowType=machine_learning"
-SPOOL_VERSION = 1
 
 # mlflow's own limits (mlflow.utils.validation), repeated here so that importing this module stays cheap
 MAX_PARAM_VAL_LENGTH = 6000
 MAX_TAG_VAL_LENGTH = 8000
-MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
+MAX_METRICS_PER_BATCH = 1000  # a spool replay groups metric records into requests of at most this many
 
 PROBE_TIMEOUT_S = 3.0
 # mlflow retries a failed request 7 times with exponential backoff by default (minutes of stalling while a
@@ -75,7 +78,7 @@ def default_tracking_uri(root: str | Path = ".") -> str:
     return f"sqlite:///{(Path(root).resolve() / DEFAULT_TRACKING_DIR / DB_FILE).as_posix()}"
 
 
-def _sqlite_path(uri: str) -> Optional[Path]:
+def sqlite_path(uri: str) -> Optional[Path]:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///") :].split("?", 1)[0])
@@ -96,7 +99,7 @@ def _safe_name(name: str) -> str:
 
 def _default_artifact_location(tracking_uri: str, experiment: str) -> Optional[str]:
     """Local stores keep artifacts next to the database; servers choose their own location."""
-    db = _sqlite_path(tracking_uri)
+    db = sqlite_path(tracking_uri)
     if db is None:
         return None
     # mlflow's own default would be ./mlruns relative to whatever the working directory happens to be
@@ -186,7 +189,7 @@ def _is_unreachable(err: BaseException) -> bool:
 def _client(tracking_uri: str) -> Any:
     from mlflow import MlflowClient
 
-    db = _sqlite_path(tracking_uri)
+    db = sqlite_path(tracking_uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)  # sqlite creates the file but not its folder
     return MlflowClient(tracking_uri=tracking_uri)
@@ -248,7 +251,7 @@ def check_readable(tracking_uri: str) -> None:
     """Raise TrackingUnavailable (one line) unless the store exists and answers. Reading commands call it
     first: mlflow would silently create an empty sqlite store, or retry an unreachable server for minutes."""
     _configure_http_env()
-    db = _sqlite_path(tracking_uri)
+    db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
         raise TrackingUnavailable(
             f"no MLflow store at {db} (run `hidrop demo` or another command first, or pass --tracking-uri)"
@@ -258,86 +261,52 @@ def check_readable(tracking_uri: str) -> None:
         raise TrackingUnavailable(f"MLflow tracking server {redact_uri(tracking_uri)} unreachable ({reason})")
 
 
-def serve_ui(
-    tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, ready_timeout: float = 120.0
-) -> "subprocess.Popen":
-    """Start `mlflow ui` over `tracking_uri` and return once it answers; the caller waits on the process.
-    Raises TrackingUnavailable for a missing store, a port in use, or a server that dies while starting."""
-    import socket
-    import subprocess
+# ---------------------------------------------------------------------------------- reading back
 
-    import requests
 
-    check_readable(tracking_uri)
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise TrackingUnavailable(
-                f"cannot listen on {host}:{port} ({err.strerror or err}); pick another port with --port"
-            ) from None
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        tracking_uri,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    db = _sqlite_path(tracking_uri)
-    log = (db.parent if db else Path(DEFAULT_TRACKING_DIR)) / "ui.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    # no background job runner (it serves GenAI judges and starts a handful of worker processes)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url = ui_base_url(host, port)
-    deadline = time.monotonic() + ready_timeout
+def read_runs(tracking_uri: str, experiment: str) -> Optional[list]:
+    """Every run of `experiment`, newest first (all pages); None when there is no such experiment.
+    TrackingUnavailable (one line) when the store cannot be read."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri)
     try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-                raise TrackingUnavailable(
-                    f"the MLflow UI exited while starting: {lines[-1] if lines else process.returncode} (log: {log})"
-                )
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    return process
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        raise TrackingUnavailable(f"the MLflow UI did not answer at {url} within {ready_timeout:.0f} s (log: {log})")
-    except BaseException:  # Ctrl+C while starting too: it runs in its own session, so stop it here
-        stop_ui(process)
-        raise
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        runs, token = [], None
+        while True:
+            page = client.search_runs(
+                [exp.experiment_id], max_results=1000, order_by=["attributes.start_time DESC"], page_token=token
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+    except MlflowException as e:
+        raise TrackingUnavailable(
+            f"cannot read the MLflow store {redact_uri(tracking_uri)}: {str(e).splitlines()[0]}"
+        ) from None
 
 
-def ui_base_url(host: str, port: int) -> str:
-    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+def experiment_names(tracking_uri: str) -> list[str]:
+    from mlflow import MlflowClient
+
+    return sorted(e.name for e in MlflowClient(tracking_uri=tracking_uri).search_experiments())
 
 
-def stop_ui(process: "subprocess.Popen") -> None:
-    """Stop the UI server and its workers (they share its process group)."""
-    import signal
-    import subprocess
+def download_artifact(tracking_uri: str, run_id: str, artifact_path: str, dst: str | Path) -> str:
+    from mlflow import MlflowClient
 
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
+    return MlflowClient(tracking_uri=tracking_uri).download_artifacts(run_id, artifact_path, str(dst))
+
+
+def upload_artifacts(tracking_uri: str, run_id: str, paths: list[Path], artifact_path: str) -> None:
+    """Files into a finished run (the report, published on its sweep's parent run)."""
+    client = _client(tracking_uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)
 
 
 # ---------------------------------------------------------------------------------- the tracker
@@ -345,11 +314,6 @@ def stop_ui(process: "subprocess.Popen") -> None:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 class Tracker:
@@ -385,10 +349,9 @@ class Tracker:
         spool_dir = Path(spool_dir) if spool_dir is not None else Path(DEFAULT_TRACKING_DIR) / "spool"
         # a random suffix: ranks or trials sharing a run name must never append to the same spool
         stem = f"{_safe_name(experiment)}-{_safe_name(run_name or run_id or 'run')}-{uuid.uuid4().hex[:8]}"
-        self.spool_path: Path = spool_dir.resolve() / f"{stem}.jsonl"
+        self.spool = Spool(spool_dir.resolve() / f"{stem}.jsonl")
 
         self._started = False
-        self._pending: list[dict] = []  # records in the spool file, oldest first
         self._warned_offline = False
         self._stuck = False  # a spooled record was rejected by the store: retrying will not help
         self._last_attempt = -math.inf
@@ -419,12 +382,10 @@ class Tracker:
         return self
 
     def log_params(self, params: dict) -> None:
-        """Values are stringified and cut to mlflow's 6000-character limit; sent in batches of <= 100."""
+        """Values are stringified and cut to mlflow's 6000-character limit (MLflow's log_batch chunks them)."""
         if not self.enabled or not params:
             return
-        items = [(str(k), str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in params.items()]
-        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
-            self._submit({"op": "params", "params": dict(chunk)})
+        self._submit({"op": "params", "params": {str(k): str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in params.items()}})
 
     def log_config(self, config: "ExperimentConfig") -> None:
         """The flattened (dotted-name) params, plus the resolved YAML as artifact config/experiment.yaml."""
@@ -478,9 +439,7 @@ class Tracker:
     def set_tags(self, tags: dict) -> None:
         if not self.enabled or not tags:
             return
-        items = [(str(k), str(v)[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
-        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
-            self._submit({"op": "tags", "tags": dict(chunk)})
+        self._submit({"op": "tags", "tags": {str(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()}})
 
     def flush(self) -> bool:
         """Try to send everything spooled; True when nothing is left."""
@@ -500,17 +459,22 @@ class Tracker:
         with self._lock:
             self._flush(implicit=False)
             self._submit({"op": "finish", "status": status, "end_time": _now_ms()})
-            if self._pending:
+            if self.spool.pending:
                 _warn(
-                    f"MLflow run not fully synced to {redact_uri(self.tracking_uri)}; {len(self._pending)} records "
+                    f"MLflow run not fully synced to {redact_uri(self.tracking_uri)}; "
+                    f"{len(self.spool.pending)} records "
                     f'kept in {self.spool_path}. Replay them later with: python -c "from hidrop_platform.'
                     f"tracking import sync_spool; sync_spool('{self.spool_path}')\""
                 )
 
     @property
+    def spool_path(self) -> Path:
+        return self.spool.path
+
+    @property
     def offline(self) -> bool:
         """True while records wait in the spool."""
-        return bool(self._pending)
+        return bool(self.spool.pending)
 
     def __enter__(self) -> "Tracker":
         return self.start()
@@ -535,9 +499,9 @@ class Tracker:
         if not self._started:
             self.start()
         with self._lock:
-            if self._pending:
+            if self.spool.pending:
                 self._flush(implicit=True)
-            if self._pending:  # order matters: nothing may overtake what is already queued
+            if self.spool.pending:  # order matters: nothing may overtake what is already queued
                 self._spool(record)
                 return
             try:
@@ -565,10 +529,7 @@ class Tracker:
                 metrics=[Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()],
             )
         elif op == "artifact":
-            local = Path(record["path"])
-            if record.get("spooled"):  # relative to the spool's folder, so a spool can be moved as a whole
-                local = self.spool_path.parent / local
-            client.log_artifact(self.run_id, str(local), record["artifact_path"])
+            client.log_artifact(self.run_id, str(self.spool.artifact_path(record)), record["artifact_path"])
         elif op == "text":
             client.log_text(self.run_id, record["text"], record["artifact_file"])
         elif op == "dict":
@@ -593,7 +554,7 @@ class Tracker:
                 self.experiment_id, start_time=record["time"], tags=tags, run_name=record["run_name"]
             )
             self.run_id = run.info.run_id
-            if self._pending:  # name the run in the spool at once, so a crash cannot create it twice
+            if self.spool.pending:  # name the run in the spool at once, so a crash cannot create it twice
                 self._write_spool()
         else:
             client.update_run(self.run_id, status="RUNNING")
@@ -602,7 +563,7 @@ class Tracker:
 
     def _apply_head(self) -> int:
         """Apply the oldest queued record(s); returns how many were consumed."""
-        head = self._pending[0]
+        head = self.spool.pending[0]
         if head["op"] != "metrics":
             self._apply(head)
             return 1
@@ -611,7 +572,7 @@ class Tracker:
 
         batch: list = []
         count = 0
-        for record in self._pending:
+        for record in self.spool.pending:
             if record["op"] != "metrics" or len(batch) + len(record["metrics"]) > MAX_METRICS_PER_BATCH:
                 break
             batch += [Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()]
@@ -623,7 +584,7 @@ class Tracker:
         return count
 
     def _flush(self, implicit: bool, raise_errors: bool = False) -> bool:
-        if not self._pending:
+        if not self.spool.pending:
             return True
         now = time.monotonic()
         if implicit and (self._stuck or now - self._last_attempt < self.retry_interval):
@@ -633,9 +594,9 @@ class Tracker:
             return False
         sent = 0
         try:
-            while self._pending:
+            while self.spool.pending:
                 consumed = self._apply_head()
-                del self._pending[:consumed]
+                del self.spool.pending[:consumed]
                 sent += consumed
         except Exception as err:
             self._write_spool()  # drop what was sent, so a later replay does not repeat it
@@ -646,7 +607,7 @@ class Tracker:
             if not self._stuck:
                 self._stuck = True
                 _warn(
-                    f"MLflow store {redact_uri(self.tracking_uri)} rejected a buffered {self._pending[0]['op']!r} "
+                    f"MLflow store {redact_uri(self.tracking_uri)} rejected a buffered {self.spool.pending[0]['op']!r} "
                     f"record ({_short_reason(err)}); it and later records stay in {self.spool_path}"
                 )
             return False
@@ -670,19 +631,8 @@ class Tracker:
             "run_name": self.run_name,
         }
 
-    def _files_dir(self) -> Path:
-        return self.spool_path.with_suffix(".files")
-
     def _spool(self, record: dict, reason: str = "") -> None:
-        if record["op"] == "artifact" and not record.get("spooled"):
-            record = self._copy_into_spool(record)
-        new_file = not self._pending or not self.spool_path.exists()
-        self._pending.append(record)
-        if new_file:
-            self._write_spool()
-        else:
-            with self.spool_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        self.spool.add(record, self._header())
         if not self._warned_offline:
             self._warned_offline = True
             why = f" ({reason})" if reason else ""
@@ -691,29 +641,11 @@ class Tracker:
                 f"{self.spool_path}, will retry (if it stays down: hidrop_platform.tracking.sync_spool(path))"
             )
 
-    def _copy_into_spool(self, record: dict) -> dict:
-        source = Path(record["path"])
-        target_dir = self._files_dir() / uuid.uuid4().hex[:12]
-        target_dir.mkdir(parents=True, exist_ok=True)
-        target = target_dir / source.name
-        if source.is_dir():
-            shutil.copytree(source, target)
-        else:
-            shutil.copy2(source, target)
-        return {**record, "path": target.relative_to(self.spool_path.parent).as_posix(), "spooled": True}
-
     def _write_spool(self) -> None:
-        """Rewrite the whole file (header + what is still pending) atomically."""
-        self.spool_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.spool_path.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for record in [self._header()] + self._pending:
-                f.write(json.dumps(record) + "\n")
-        os.replace(tmp, self.spool_path)
+        self.spool.rewrite(self._header())
 
     def _remove_spool(self) -> None:
-        self.spool_path.unlink(missing_ok=True)
-        shutil.rmtree(self._files_dir(), ignore_errors=True)
+        self.spool.remove()
 
 
 def sync_spool(path: str | Path, tracking_uri: Optional[str] = None) -> str:
@@ -722,11 +654,7 @@ def sync_spool(path: str | Path, tracking_uri: Optional[str] = None) -> str:
     `tracking_uri` defaults to the store the spool was meant for. Raises TrackingUnavailable when it still
     cannot be reached (the spool is kept), and mlflow's error when the store rejects a record.
     """
-    path = Path(path).resolve()
-    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines or lines[0].get("op") != "run":
-        raise ValueError(f"{path}: not a tracking spool file (no header line)")
-    header, records = lines[0], lines[1:]
+    header, spool = Spool.read(path)
     tracker = Tracker(
         tracking_uri or header["tracking_uri"],
         header["experiment"],
@@ -734,41 +662,19 @@ def sync_spool(path: str | Path, tracking_uri: Optional[str] = None) -> str:
         run_name=header["run_name"],
         spool_dir=path.parent,
     )
-    tracker.spool_path = path
+    tracker.spool = spool
     tracker._started = True
-    tracker._pending = records
     _configure_http_env()
     with tracker._lock:
         if not tracker._flush(implicit=False, raise_errors=True):
             raise TrackingUnavailable(
-                f"MLflow tracking server {redact_uri(tracker.tracking_uri)} unreachable; spool kept at {path}"
+                f"MLflow tracking server {redact_uri(tracker.tracking_uri)} unreachable; spool kept at {spool.path}"
             )
     assert tracker.run_id is not None
     return tracker.run_id
 
 
 # ---------------------------------------------------------------------------------- environment
-
-
-_last_cpu_times: Optional[tuple[float, float]] = None
-
-
-def _proc_cpu_percent() -> float:
-    """System CPU use since the previous call (since boot on the first), from /proc/stat."""
-    global _last_cpu_times
-    fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle, total = fields[3] + (fields[4] if len(fields) > 4 else 0.0), sum(fields)
-    prev_idle, prev_total = _last_cpu_times or (0.0, 0.0)
-    _last_cpu_times = (idle, total)
-    delta = total - prev_total
-    return 100.0 * (1.0 - (idle - prev_idle) / delta) if delta > 0 else 0.0
-
-
-def _proc_kib(path: str, key: str) -> float:
-    for line in Path(path).read_text().splitlines():
-        if line.startswith(key + ":"):
-            return float(line.split()[1])
-    return 0.0
 
 
 def system_metrics() -> dict[str, float]:
@@ -778,19 +684,10 @@ def system_metrics() -> dict[str, float]:
     """
     gb = 1e9
     out: dict[str, float] = {}
-    try:
-        import psutil
-
-        out["system/cpu_percent"] = psutil.cpu_percent(interval=None)
-        out["system/process_rss_gb"] = psutil.Process().memory_info().rss / gb
-        vm = psutil.virtual_memory()
-        out["system/memory_used_gb"] = (vm.total - vm.available) / gb
-    except ImportError:
-        if Path("/proc/meminfo").exists():  # Linux; elsewhere without psutil there is nothing cheap to read
-            out["system/cpu_percent"] = _proc_cpu_percent()
-            out["system/process_rss_gb"] = _proc_kib("/proc/self/status", "VmRSS") * 1024 / gb
-            total, available = _proc_kib("/proc/meminfo", "MemTotal"), _proc_kib("/proc/meminfo", "MemAvailable")
-            out["system/memory_used_gb"] = (total - available) * 1024 / gb
+    out["system/cpu_percent"] = psutil.cpu_percent(interval=None)
+    out["system/process_rss_gb"] = psutil.Process().memory_info().rss / gb
+    vm = psutil.virtual_memory()
+    out["system/memory_used_gb"] = (vm.total - vm.available) / gb
     # only a process that already uses torch has GPU memory of its own; never import it (or init CUDA) here
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -76,3 +76,14 @@ def test_hidrop_stays_free_of_the_platform_stack():
     for path in sorted((ROOT / "hidrop").rglob("*.py")):
         bad = sorted(m for m in _imports(path) if m.split(".")[0] in forbidden)
         assert not bad, (path.relative_to(ROOT), bad)
+
+
+def test_only_the_tracking_module_imports_mlflow():
+    """Writers and readers reach MLflow through hidrop_platform.tracking (names: mlflow_names)."""
+    importers = {
+        f"{pkg}.{p.stem}"
+        for pkg, folder in PACKAGES.items()
+        for p in folder.glob("*.py")
+        if any(m.split(".")[0] == "mlflow" for m in _imports(p))
+    }
+    assert importers == {"hidrop_platform.tracking"}, sorted(importers)
