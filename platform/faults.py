@@ -1,5 +1,5 @@
-"""Faults for tests, entering the training loop through one seam: hooks that `run_training` adds when
-an environment variable asks. Production code has no test-only branches."""
+"""Faults for tests, entering through one seam: loop hooks that `run_training` adds, and a check at a
+search trial's start, each only when its environment variable asks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 from hidrop.training import Hook, StepEnd, TrainingLoop
 
 FAIL_AT_STEP_ENV = "HIDROP_TEST_FAIL_AT_STEP"
+FAIL_TRIAL_ENV = "HIDROP_TEST_FAIL_TRIAL"
 
 
 class FailAtStep(Hook):
@@ -28,3 +29,9 @@ class FailAtStep(Hook):
 def fault_hooks() -> list[Hook]:
     step = int(os.environ.get(FAIL_AT_STEP_ENV) or 0)
     return [FailAtStep(step)] if step else []
+
+
+def fail_trial_if_asked(label: str, attempt: int) -> None:
+    """Fail the first attempt of the search trial named by the environment (Tune retries it)."""
+    if os.environ.get(FAIL_TRIAL_ENV) == label and attempt == 1:
+        raise RuntimeError(f"injected failure in {label} ({FAIL_TRIAL_ENV})")

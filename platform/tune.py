@@ -13,6 +13,7 @@ Layout of a sweep folder (`tune.storage_path/<name>`): Ray Tune's experiment sta
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import os
@@ -29,12 +30,31 @@ from hidrop.training import Hook, StepEnd, TrainingLoop
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ConfigError, ExperimentConfig, ScheduleSpec, flatten, validate_config, with_overrides
 from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
+from hidrop_platform.faults import fail_trial_if_asked
 from hidrop_platform.pareto import plot_pareto
 from hidrop_platform.sweep import TrialRecord, summarize_sweep
 
 OBJECTIVES = {"pareto": ([N.RELATIVE_SCORE, N.VISION_TFLOPS], ["max", "min"]), "score": (N.RELATIVE_SCORE, "max")}
 OPTUNA_STREAK = 20  # rejected Optuna proposals in a row before a random valid point is enqueued for it
 REFERENCE_FILE, SWEEP_FILE, RUNS_DIR = "reference.json", "sweep.json", "trial_runs"
+
+
+@dataclasses.dataclass
+class TrialContext:
+    """What every trial of a sweep shares (Tune ships it to each trial through `with_parameters`)."""
+
+    base: dict  # the experiment's raw config; a trial applies its overrides to it
+    reference: dict  # the sweep's unpruned and blind scores (`_reference`)
+    sweep_dir: str
+    sweep: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: Optional[str]
+    tracking: bool
+    spool_dir: str
+    threads: float
+    devices_per_trial: float
+    device_type: str
 
 
 class TuneSetupError(RuntimeError):
@@ -319,29 +339,29 @@ def _evaluate(cfg: ExperimentConfig, vlm, reference: dict, benches: list) -> dic
     return metrics
 
 
-def _trial_record(ctx: dict, trial_id: str) -> dict:
+def _trial_record(ctx: TrialContext, trial_id: str) -> dict:
     """What earlier attempts of this trial left: its MLflow run id, attempts, and its result once done."""
-    path = Path(ctx["sweep_dir"]) / RUNS_DIR / f"{trial_id}.json"
+    path = Path(ctx.sweep_dir) / RUNS_DIR / f"{trial_id}.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _save_trial_record(ctx: dict, trial_id: str, record: dict) -> None:
-    folder = Path(ctx["sweep_dir"]) / RUNS_DIR
+def _save_trial_record(ctx: TrialContext, trial_id: str, record: dict) -> None:
+    folder = Path(ctx.sweep_dir) / RUNS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{trial_id}.tmp"
     tmp.write_text(json.dumps(record))
     tmp.replace(folder / f"{trial_id}.json")
 
 
-def run_trial(config: dict, ctx: dict) -> None:
+def run_trial(config: dict, ctx: TrialContext) -> None:
     """Tune's function trainable: build the trial config, (train,) evaluate, report, log to MLflow."""
     import torch
     from ray import tune
 
     from hidrop_platform.tracking import Tracker, schedule_params
 
-    torch.set_num_threads(max(1, int(ctx["threads"])))
-    cfg = trial_config(ctx["base"], config["overrides"])
+    torch.set_num_threads(max(1, int(ctx.threads)))
+    cfg = trial_config(ctx.base, config["overrides"])
     trial_id = tune.get_context().get_trial_id()
     record = _trial_record(ctx, trial_id)
     if "result" in record:
@@ -350,18 +370,18 @@ def run_trial(config: dict, ctx: dict) -> None:
         return
     run_id, attempts = record.get("run_id"), int(record.get("attempts", 0)) + 1
     tracker = Tracker(
-        ctx["tracking_uri"],
-        ctx["experiment"],
+        ctx.tracking_uri,
+        ctx.experiment,
         run_id=run_id,
         run_name=config["label"],
-        parent_run_id=ctx["parent_run_id"],
-        spool_dir=ctx["spool_dir"],
-        enabled=ctx["tracking"],
+        parent_run_id=ctx.parent_run_id,
+        spool_dir=ctx.spool_dir,
+        enabled=ctx.tracking,
         tags={
-            N.SWEEP: ctx["sweep"],
+            N.SWEEP: ctx.sweep,
             N.TRIAL_ID: trial_id,
             N.SEED: str(config["seed"]),
-            N.DEVICE_TYPE: ctx["device_type"],
+            N.DEVICE_TYPE: ctx.device_type,
         },
     ).start()
     run_id = tracker.run_id or run_id
@@ -375,13 +395,12 @@ def run_trial(config: dict, ctx: dict) -> None:
         params.update({f"{N.SEARCH}{k}": v for k, v in config["overrides"].items()})
         params.update({**schedule_params(schedule), N.DROP_LAYERS: [d.after_layer for d in schedule.drops]})
         tracker.log_params(params)
-        if os.environ.get("HIDROP_TEST_FAIL_TRIAL") == config["label"] and attempts == 1:
-            raise RuntimeError(f"injected failure in {config['label']} (HIDROP_TEST_FAIL_TRIAL)")
-        devices = float(ctx["devices_per_trial"])
+        fail_trial_if_asked(config["label"], attempts)
+        devices = float(ctx.devices_per_trial)
         if cfg.tune.kind == "trained":
             metrics = _trained(cfg, ctx, tracker, start, devices, reported)
         else:
-            metrics = _evaluate(cfg, _trial_model(cfg, fresh=False), ctx["reference"], benchmarks_for(cfg))
+            metrics = _evaluate(cfg, _trial_model(cfg, fresh=False), ctx.reference, benchmarks_for(cfg))
             metrics[N.ACCELERATOR_HOURS] = (time.perf_counter() - start) * devices / 3600
             metrics[N.WALL_S] = time.perf_counter() - start
             tracker.log_metrics(metrics, step=0)
@@ -406,7 +425,7 @@ def run_trial(config: dict, ctx: dict) -> None:
         tune.report(metrics)  # outside the try: Tune stopping the sweep here does not undo a finished run
 
 
-def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: float, reported: dict) -> dict:
+def _trained(cfg: ExperimentConfig, ctx: TrialContext, tracker, start: float, devices: float, reported: dict) -> dict:
     """A short finetune with the schedule active, evaluated every `eval_every` steps (ASHA stops the
     weak ones early). Single process: nesting Ray Train groups inside trials leaks placement groups
     when ASHA stops them (ray-project/ray#54305)."""
@@ -416,7 +435,7 @@ def _trained(cfg: ExperimentConfig, ctx: dict, tracker, start: float, devices: f
     t = cfg.train
     vlm = _trial_model(cfg, fresh=True)
     data = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
-    hook = _EvalEvery(cfg, vlm, ctx["reference"], tracker, start, devices, reported)
+    hook = _EvalEvery(cfg, vlm, ctx.reference, tracker, start, devices, reported)
     plain_training(vlm, cfg.main_schedule, data, t, steps=cfg.tune.train_steps, seed=cfg.seed, hooks=[hook])
     return hook.metrics
 
@@ -528,69 +547,19 @@ def run_tune(
 ) -> dict:
     """Run (or resume) the sweep; returns every trial, the Pareto front and where the seeds sit."""
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    from hidrop_platform.tracking import (
-        DEFAULT_TRACKING_DIR,
-        TrackingUnavailable,
-        Tracker,
-        default_tracking_uri,
-        prepare,
-    )
     from hidrop_platform.train import start_ray
 
     s = cfg.tune
     name = s.name or cfg.name
     storage = Path(s.storage_path).resolve()
     sweep_dir = storage / name
-    can_restore = tune.Tuner.can_restore(str(sweep_dir)) if sweep_dir.exists() else False
-    if resume and not can_restore:
-        raise TuneSetupError(f"nothing to resume at {sweep_dir} (no Tune state there)")
-    if not resume and can_restore:
-        raise TuneSetupError(
-            f"sweep {name!r} already exists at {sweep_dir}: pass --resume to continue it, "
-            "or set tune.name=... for a new one"
-        )
-    share, reasons = valid_share(base, cfg) if s.algorithm != "grid" else (1.0, Counter())
-    if share == 0.0:
-        raise TuneSetupError(
-            f"tune.space: none of 300 random samples is a valid schedule (most often: "
-            f"{reasons.most_common(1)[0][0]}); widen or fix the ranges"
-        )
+    _check_resume(sweep_dir, name, resume)
+    share = _check_space(base, cfg)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     note = (lambda msg: progress(msg, 0, 0)) if progress else None
-
-    # the parent MLflow run, created once and found again on resume
-    uri = cfg.tracking.uri or default_tracking_uri()
-    experiment = cfg.tracking.experiment or cfg.name
-    if cfg.tracking.enabled:
-        try:
-            prepare(uri, experiment)  # once, here: concurrent trials must not race on a new sqlite schema
-        except TrackingUnavailable as e:
-            print(f"warning: {e}; the sweep continues and its runs are buffered locally", flush=True)
-    sweep_file = sweep_dir / SWEEP_FILE
-    sweep_state = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
-    if resume and "base" in sweep_state:  # a resumed sweep keeps the config it started with
-        base = sweep_state["base"]
-        cfg = validate_config(base, str(sweep_file))
-        s = cfg.tune
-    spool_dir = str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool")
-    parent = Tracker(
-        uri,
-        experiment,
-        run_id=sweep_state.get("parent_run_id"),
-        run_name=f"sweep:{name}",
-        spool_dir=spool_dir,
-        enabled=cfg.tracking.enabled,
-        tags={N.SWEEP: name, N.KIND: N.KIND_SWEEP},
-    ).start()
-    sweep_state.update(parent_run_id=parent.run_id, name=name, base=base)
-    sweep_file.write_text(json.dumps(sweep_state, indent=2))
-    if not resume:
-        parent.log_params({k: v for k, v in flatten(cfg).items()})
-        parent.log_config(cfg)
-
+    parent, cfg, base = _open_parent(cfg, base, name, sweep_dir, resume)
+    s = cfg.tune
     try:
         start_ray(s.ray_address)
         at_once, devices = _check_resources(cfg, ray.cluster_resources())
@@ -599,64 +568,23 @@ def run_tune(
             N.per_benchmark(N.REFERENCE, reference["scores"]) | N.per_benchmark(N.BLIND, reference["blind_scores"]),
             step=0,
         )
-
-        device_type = "gpu" if s.resources_per_trial.get("GPU", 0) > 0 else "cpu"
-        ctx = {
-            "base": base,
-            "reference": reference,
-            "sweep_dir": str(sweep_dir),
-            "sweep": name,
-            "tracking_uri": uri,
-            "experiment": experiment,
-            "parent_run_id": parent.run_id,
-            "tracking": cfg.tracking.enabled,
-            "spool_dir": spool_dir,
-            "threads": s.resources_per_trial.get("CPU", 1),
-            "devices_per_trial": devices,
-            "device_type": device_type,
-        }
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, ctx=ctx),
-            {k.lower() if k in ("CPU", "GPU") else k: v for k, v in s.resources_per_trial.items()},
+        ctx = TrialContext(
+            base=base,
+            reference=reference,
+            sweep_dir=str(sweep_dir),
+            sweep=name,
+            tracking_uri=parent.tracking_uri,
+            experiment=parent.experiment,
+            parent_run_id=parent.run_id,
+            tracking=cfg.tracking.enabled,
+            spool_dir=str(parent.spool_path.parent),
+            threads=s.resources_per_trial.get("CPU", 1),
+            devices_per_trial=devices,
+            device_type="gpu" if s.resources_per_trial.get("GPU", 0) > 0 else "cpu",
         )
-
         searcher = ScheduleSearcher(base, cfg)
-        total = searcher.total_trials
-
-        callback = _ProgressCallback(progress, total, ctx)
-        scheduler = None
-        if s.kind == "trained":
-            scheduler = ASHAScheduler(
-                time_attr="training_iteration",
-                metric="relative_score",
-                mode="max",
-                max_t=math.ceil(s.train_steps / s.eval_every),
-                grace_period=s.grace_period,
-                reduction_factor=s.reduction_factor,
-            )
-        run_config = tune.RunConfig(
-            name=name,
-            storage_path=str(storage),
-            verbose=0,
-            callbacks=[callback],
-            failure_config=tune.FailureConfig(max_failures=s.max_failures),
-        )
+        tuner = _tuner(cfg, ctx, searcher, _ProgressCallback(progress, searcher.total_trials, ctx), at_once, resume)
         start = time.perf_counter()
-        if resume:
-            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={},
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher,
-                    num_samples=total,
-                    scheduler=scheduler,
-                    max_concurrent_trials=at_once,
-                    reuse_actors=s.kind == "training_free",
-                ),
-                run_config=run_config,
-            )
         grid = tuner.fit()
         wall = time.perf_counter() - start
         live = _searcher_of(tuner) or searcher
@@ -670,7 +598,7 @@ def run_tune(
         _log_summary(parent, summary, sweep_dir, name, reference)
         parent.set_tags({N.STATUS: N.FINISHED})
         parent.finish("FINISHED")
-        summary.update(parent_run_id=parent.run_id, tracking_uri=uri, sweep_dir=str(sweep_dir))
+        summary.update(parent_run_id=parent.run_id, tracking_uri=parent.tracking_uri, sweep_dir=str(sweep_dir))
         return summary
     except BaseException as e:
         parent.set_tags({N.STATUS: N.INTERRUPTED if isinstance(e, KeyboardInterrupt) else N.FAILED})
@@ -678,12 +606,120 @@ def run_tune(
         raise
 
 
+def _check_resume(sweep_dir: Path, name: str, resume: bool) -> None:
+    from ray import tune
+
+    can_restore = tune.Tuner.can_restore(str(sweep_dir)) if sweep_dir.exists() else False
+    if resume and not can_restore:
+        raise TuneSetupError(f"nothing to resume at {sweep_dir} (no Tune state there)")
+    if not resume and can_restore:
+        raise TuneSetupError(
+            f"sweep {name!r} already exists at {sweep_dir}: pass --resume to continue it, "
+            "or set tune.name=... for a new one"
+        )
+
+
+def _check_space(base: dict, cfg: ExperimentConfig) -> float:
+    """The share of random samples of the space that are valid schedules; refuses a space with none."""
+    share, reasons = valid_share(base, cfg) if cfg.tune.algorithm != "grid" else (1.0, Counter())
+    if share == 0.0:
+        raise TuneSetupError(
+            f"tune.space: none of 300 random samples is a valid schedule (most often: "
+            f"{reasons.most_common(1)[0][0]}); widen or fix the ranges"
+        )
+    return share
+
+
+def _open_parent(cfg: ExperimentConfig, base: dict, name: str, sweep_dir: Path, resume: bool):
+    """The sweep's parent MLflow run, created once and found again on resume (with the config the sweep
+    started with); returns it with that config."""
+    from hidrop_platform.tracking import (
+        DEFAULT_TRACKING_DIR,
+        TrackingUnavailable,
+        Tracker,
+        default_tracking_uri,
+        prepare,
+    )
+
+    uri = cfg.tracking.uri or default_tracking_uri()
+    experiment = cfg.tracking.experiment or cfg.name
+    if cfg.tracking.enabled:
+        try:
+            prepare(uri, experiment)  # once, here: concurrent trials must not race on a new sqlite schema
+        except TrackingUnavailable as e:
+            print(f"warning: {e}; the sweep continues and its runs are buffered locally", flush=True)
+    sweep_file = sweep_dir / SWEEP_FILE
+    sweep_state = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
+    if resume and "base" in sweep_state:  # a resumed sweep keeps the config it started with
+        base = sweep_state["base"]
+        cfg = validate_config(base, str(sweep_file))
+    parent = Tracker(
+        uri,
+        experiment,
+        run_id=sweep_state.get("parent_run_id"),
+        run_name=f"sweep:{name}",
+        spool_dir=str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool"),
+        enabled=cfg.tracking.enabled,
+        tags={N.SWEEP: name, N.KIND: N.KIND_SWEEP},
+    ).start()
+    sweep_state.update(parent_run_id=parent.run_id, name=name, base=base)
+    sweep_file.write_text(json.dumps(sweep_state, indent=2))
+    if not resume:
+        parent.log_params({k: v for k, v in flatten(cfg).items()})
+        parent.log_config(cfg)
+    return parent, cfg, base
+
+
+def _tuner(cfg: ExperimentConfig, ctx: TrialContext, searcher, callback, at_once: int, resume: bool):
+    """Tune's Tuner over `run_trial` (restored from the sweep folder on resume); ASHA for trained trials."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = cfg.tune
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx),
+        {k.lower() if k in ("CPU", "GPU") else k: v for k, v in s.resources_per_trial.items()},
+    )
+    if resume:
+        return tune.Tuner.restore(ctx.sweep_dir, trainable=trainable, resume_errored=True)
+    scheduler = None
+    if s.kind == "trained":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            metric=N.RELATIVE_SCORE,
+            mode="max",
+            max_t=math.ceil(s.train_steps / s.eval_every),
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space={},
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=searcher.total_trials,
+            scheduler=scheduler,
+            max_concurrent_trials=at_once,
+            reuse_actors=s.kind == "training_free",
+        ),
+        run_config=tune.RunConfig(
+            name=ctx.sweep,
+            storage_path=str(Path(ctx.sweep_dir).parent),
+            verbose=0,
+            callbacks=[callback],
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+        ),
+    )
+
+
 class _ProgressCallback(Callback):
     """Counts finished trials for the CLI's bar, and ends the MLflow run of a trial stopped from outside
     (ASHA stops a trained trial's actor: its own code never gets to end the run). Tune pickles its run
     config: the bar is not carried."""
 
-    def __init__(self, progress: Optional[Callable[[str, int, int], None]], total: int, ctx: Optional[dict] = None):
+    def __init__(
+        self, progress: Optional[Callable[[str, int, int], None]], total: int, ctx: Optional[TrialContext] = None
+    ):
         self.progress, self.total, self.done, self.ctx = progress, total, 0, ctx
 
     def __getstate__(self) -> dict:
@@ -696,13 +732,13 @@ class _ProgressCallback(Callback):
             self.progress(trial.config.get("label", trial.trial_id), self.done, self.total)
 
     def _close_run(self, trial_id: str) -> None:
-        if not self.ctx or not self.ctx["tracking"]:
+        if not self.ctx or not self.ctx.tracking:
             return
         from hidrop_platform.tracking import close_if_running
 
         run_id = _trial_record(self.ctx, trial_id).get("run_id")
         if run_id:  # still running here means stopped early after a reported evaluation
-            close_if_running(self.ctx["tracking_uri"], run_id, "FINISHED", {N.STATUS: N.STOPPED_EARLY})
+            close_if_running(self.ctx.tracking_uri, run_id, "FINISHED", {N.STATUS: N.STOPPED_EARLY})
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.on_trial_complete(iteration, trials, trial)
