@@ -606,6 +606,21 @@ def render_html(
     hours_label: str,
     positions: Optional[list[dict]] = None,
 ) -> str:
+    """The report as one self-contained page: header, sweep (Pareto plot, Table 1, all trials), training
+    cost (Table 2), position encodings (Table 10), diagnostics."""
+    parts = _html_header(data)
+    if data["sweep"]:
+        parts += _html_sweep(data, table, figures)
+    parts += _html_training(trainings, figures, hours_label)
+    for group in positions or []:
+        parts += _html_positions(group)
+    if figures.get("curves"):
+        parts += _html_diagnostics(data, figures)
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def _html_header(data: dict) -> list[str]:
     sweep = data["sweep"]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>"
@@ -628,57 +643,64 @@ def render_html(
             + ")"
         )
     parts.append(".</p>")
-    if sweep:
-        parts.append(
-            "<h2 id='pareto'>Relative score vs vision TFLOPs</h2>" + _img(figures.get("pareto"), "Pareto plot")
-        )
-        parts.append(
-            "<p class='note'>Relative score: the mean over benchmarks of score / all-tokens score x 100 (the paper's "
-            "Avg %). Vision TFLOPs: the paper's formula per sample. Presets are labelled; the dashed lines are "
-            "all tokens (100%) and the blind baseline (no image).</p>"
-        )
-        parts.append("<h2 id='methods'>Methods x benchmarks (Table 1 layout)</h2>")
-        head = ["method", "avg vision tokens", *table["columns"], "Avg (%)"]
-        rows = [
-            [
-                r["method"] + (" (front)" if r["pareto"] and r["kind"] == "preset" else ""),
-                _fmt(r["avg_vision_tokens"]),
-                *(_fmt(r["scores"][b]) for b in table["columns"]),
-                _fmt(r["relative_score"]),
-            ]
-            for r in table["rows"]
-        ]
-        classes = [r["kind"] + (" front" if r["pareto"] else "") for r in table["rows"]]
+    return parts
 
-        def cells(c: dict) -> tuple[list[str], list[str]]:
-            pub, delta = comparison_rows(c, table["columns"])
-            return [c["description"], f"{c['tokens']:g}", *pub], ["measured − paper", "", *delta]
 
-        parts.append(_html_table(head, *_with_published(rows, classes, table["rows"], cells)))
-        parts.append(_notes_html(table["rows"]))
-        parts.append(
-            "<p class='note'>All-tokens scores: "
-            f"{html.escape(json.dumps({b: round(v, 2) for b, v in sweep['reference_scores'].items()}))}. "
-            f"Searched rows are the Pareto-front trials, best first (at most {MAX_SEARCHED_ROWS}).</p>"
-        )
-        trials_rows = [
-            [
-                t["label"],
-                "yes" if t.get("pareto") else "",
-                _fmt(t.get("relative_score")),
-                _fmt(t.get("avg_vision_tokens")),
-                _fmt(t.get("vision_tflops"), 4),
-                t["status"],
-                t["plan"],
-            ]
-            for t in data["trials"]
+def _html_sweep(data: dict, table: dict, figures: dict[str, Optional[Path]]) -> list[str]:
+    sweep, parts = data["sweep"], []
+    parts.append("<h2 id='pareto'>Relative score vs vision TFLOPs</h2>" + _img(figures.get("pareto"), "Pareto plot"))
+    parts.append(
+        "<p class='note'>Relative score: the mean over benchmarks of score / all-tokens score x 100 (the paper's "
+        "Avg %). Vision TFLOPs: the paper's formula per sample. Presets are labelled; the dashed lines are "
+        "all tokens (100%) and the blind baseline (no image).</p>"
+    )
+    parts.append("<h2 id='methods'>Methods x benchmarks (Table 1 layout)</h2>")
+    head = ["method", "avg vision tokens", *table["columns"], "Avg (%)"]
+    rows = [
+        [
+            r["method"] + (" (front)" if r["pareto"] and r["kind"] == "preset" else ""),
+            _fmt(r["avg_vision_tokens"]),
+            *(_fmt(r["scores"][b]) for b in table["columns"]),
+            _fmt(r["relative_score"]),
         ]
-        parts.append(
-            "<h2 id='trials'>All trials</h2>"
-            + _html_table(
-                ["trial", "front", "Avg (%)", "avg tokens", "vision TFLOPs", "status", "per-layer plan"], trials_rows
-            )
+        for r in table["rows"]
+    ]
+    classes = [r["kind"] + (" front" if r["pareto"] else "") for r in table["rows"]]
+
+    def cells(c: dict) -> tuple[list[str], list[str]]:
+        pub, delta = comparison_rows(c, table["columns"])
+        return [c["description"], f"{c['tokens']:g}", *pub], ["measured − paper", "", *delta]
+
+    parts.append(_html_table(head, *_with_published(rows, classes, table["rows"], cells)))
+    parts.append(_notes_html(table["rows"]))
+    parts.append(
+        "<p class='note'>All-tokens scores: "
+        f"{html.escape(json.dumps({b: round(v, 2) for b, v in sweep['reference_scores'].items()}))}. "
+        f"Searched rows are the Pareto-front trials, best first (at most {MAX_SEARCHED_ROWS}).</p>"
+    )
+    trials_rows = [
+        [
+            t["label"],
+            "yes" if t.get("pareto") else "",
+            _fmt(t.get("relative_score")),
+            _fmt(t.get("avg_vision_tokens")),
+            _fmt(t.get("vision_tflops"), 4),
+            t["status"],
+            t["plan"],
+        ]
+        for t in data["trials"]
+    ]
+    parts.append(
+        "<h2 id='trials'>All trials</h2>"
+        + _html_table(
+            ["trial", "front", "Avg (%)", "avg tokens", "vision TFLOPs", "status", "per-layer plan"], trials_rows
         )
+    )
+    return parts
+
+
+def _html_training(trainings: list[dict], figures: dict[str, Optional[Path]], hours_label: str) -> list[str]:
+    parts = []
     parts.append("<h2 id='training'>Training cost (Table 2 layout)</h2>")
     if trainings:
         head = [
@@ -730,33 +752,40 @@ def render_html(
         )
     else:
         parts.append("<p class='note'>No training runs in this experiment (<code>hidrop train</code> logs them).</p>")
-    for group in positions or []:
-        parts.append(f"<h2 id='positions'>Position encodings (Table 10 layout): {html.escape(group['title'])}</h2>")
-        head = ["position encoding", "run", *group["columns"], "Avg (%)"]
-        rows = [
-            [r["position_mode"], r["run"], *(_fmt(r["scores"][b]) for b in group["columns"]), _fmt(r["avg"])]
-            for r in group["rows"]
-        ]
+    return parts
 
-        def position_cells(c: dict, columns=group["columns"]) -> tuple[list[str], list[str]]:
-            pub, delta = comparison_rows(c, columns)
-            return [c["description"], "", *pub], ["measured − paper", "", *delta]
 
+def _html_positions(group: dict) -> list[str]:
+    parts = []
+    parts.append(f"<h2 id='positions'>Position encodings (Table 10 layout): {html.escape(group['title'])}</h2>")
+    head = ["position encoding", "run", *group["columns"], "Avg (%)"]
+    rows = [
+        [r["position_mode"], r["run"], *(_fmt(r["scores"][b]) for b in group["columns"]), _fmt(r["avg"])]
+        for r in group["rows"]
+    ]
+
+    def position_cells(c: dict, columns=group["columns"]) -> tuple[list[str], list[str]]:
+        pub, delta = comparison_rows(c, columns)
+        return [c["description"], "", *pub], ["measured − paper", "", *delta]
+
+    parts.append(
+        _html_table(head, *_with_published(rows, [""] * len(rows), group["rows"], position_cells))
+        + _notes_html(group["rows"])
+    )
+    return parts
+
+
+def _html_diagnostics(data: dict, figures: dict[str, Optional[Path]]) -> list[str]:
+    parts = []
+    proposed = data["analysis"]["proposed"]
+    parts.append("<h2 id='diagnostics'>Layer diagnostics</h2>" + _img(figures["curves"], "diagnostics curves"))
+    if proposed:
         parts.append(
-            _html_table(head, *_with_published(rows, [""] * len(rows), group["rows"], position_cells))
-            + _notes_html(group["rows"])
+            "<p class='note'>Proposed schedule: "
+            + html.escape(", ".join(f"{k}={v}" for k, v in proposed.items()))
+            + "</p>"
         )
-    if figures.get("curves"):
-        proposed = data["analysis"]["proposed"]
-        parts.append("<h2 id='diagnostics'>Layer diagnostics</h2>" + _img(figures["curves"], "diagnostics curves"))
-        if proposed:
-            parts.append(
-                "<p class='note'>Proposed schedule: "
-                + html.escape(", ".join(f"{k}={v}" for k, v in proposed.items()))
-                + "</p>"
-            )
-    parts.append("</body></html>\n")
-    return "".join(parts)
+    return parts
 
 
 def build_report(
