@@ -304,7 +304,40 @@ def propose(
     """A schedule (curve form fields) from the diagnostics, and the reason for every choice."""
     L, n_vis = curves["num_layers"], curves["num_vision_tokens"]
     why: dict[str, str] = {}
-    # injection: the deepest S_intra dip in the first half, no later than the S_cross onset
+    inject = _propose_inject(curves, sweeps, exit_tolerance, onset_fraction, why)
+    exit_layer = _propose_exit(sweeps, exit_tolerance, why)
+    end = L + 1 if exit_layer is None else exit_layer
+    if end - inject < 3:  # room for at least one drop: a layer before it and one after it
+        end = min(L + 1, inject + 3)
+        inject = min(inject, end - 3)
+        exit_layer = None if end > L else end
+        why["exit_layer"] += (
+            f"; the plateau starts before there is room for a drop (the image barely matters to "
+            f"this model on this data), so the window is widened to L{inject}..L{end - 1}"
+        )
+    chosen = _propose_drops(curves, inject, end, stages, why)
+    spec = {
+        "inject_layer": inject,
+        "exit_layer": exit_layer,
+        "drop_layers": chosen,
+        "keep_decay": keep_decay,
+        "avg_tokens": avg_tokens,
+        "name": "proposed",
+    }
+    schedule = _propose_keeps(L, n_vis, spec, why)
+    return {
+        "schedule_fields": {k: v for k, v in spec.items() if v is not None},
+        "schedule": schedule.model_dump(mode="json"),
+        "plan": schedule.describe(),
+        "avg_tokens": schedule.avg_tokens(),
+        "why": why,
+    }
+
+
+def _propose_inject(curves: dict, sweeps: Optional[dict], tolerance: float, onset_fraction: float, why) -> int:
+    """The deepest S_intra dip in the first half, no later than the S_cross onset (or the injection
+    sweep's last passive layer, when it is earlier)."""
+    L = curves["num_layers"]
     half = max(2, L // 2 + 1)
     dips = local_extrema(curves["s_intra"], 2, half, kind="min")
     intra_layer = min(dips[:1] or [min(range(2, half + 1), key=lambda l: curves["s_intra"][l - 1])])
@@ -315,83 +348,74 @@ def propose(
         f"{onset_fraction:.0%} of its maximum at L{cross_onset}; the earlier of the two"
     )
     if sweeps is not None:  # the injection sweep measures directly what the two curves suggest
-        passive = passive_shallow_layers(sweeps, exit_tolerance)
+        passive = passive_shallow_layers(sweeps, tolerance)
         if passive < inject:
             inject = passive
             why["inject_layer"] += (
-                f"; but the injection sweep loses more than {exit_tolerance:g} points when the image "
+                f"; but the injection sweep loses more than {tolerance:g} points when the image "
                 f"arrives after L{passive}, so L{passive}"
             )
-    # exit: where the exit sweep reaches its plateau
-    exit_layer: Optional[int] = None
-    if sweeps is not None:
-        i = plateau_start(sweeps["exit"], sweeps["all_tokens"], exit_tolerance)
-        if i < len(sweeps["layers"]):
-            exit_layer = sweeps["layers"][i]
-            why["exit_layer"] = (
-                f"removing every vision token before L{exit_layer} or later keeps the score within "
-                f"{exit_tolerance:g} points of all tokens ({sweeps['all_tokens']:.1f})"
-            )
-        else:
-            why["exit_layer"] = "no exit layer keeps the score within tolerance: vision stays to the end"
-    else:
+    return inject
+
+
+def _propose_exit(sweeps: Optional[dict], tolerance: float, why) -> Optional[int]:
+    """Where the exit sweep reaches its plateau; None (vision to the end) without one."""
+    if sweeps is None:
         why["exit_layer"] = "no exit sweep was run: vision stays to the end"
-    end = L + 1 if exit_layer is None else exit_layer
-    if end - inject < 3:  # room for at least one drop: a layer before it and one after it
-        end = min(L + 1, inject + 3)
-        inject = min(inject, end - 3)
-        exit_layer = None if end > L else end
-        why["exit_layer"] += (
-            f"; the plateau starts before there is room for a drop (the image barely matters to "
-            f"this model on this data), so the window is widened to L{inject}..L{end - 1}"
-        )
-    # filtering layers: ILVAS maxima inside the window
+        return None
+    i = plateau_start(sweeps["exit"], sweeps["all_tokens"], tolerance)
+    if i >= len(sweeps["layers"]):
+        why["exit_layer"] = "no exit layer keeps the score within tolerance: vision stays to the end"
+        return None
+    exit_layer = sweeps["layers"][i]
+    why["exit_layer"] = (
+        f"removing every vision token before L{exit_layer} or later keeps the score within "
+        f"{tolerance:g} points of all tokens ({sweeps['all_tokens']:.1f})"
+    )
+    return exit_layer
+
+
+def _propose_drops(curves: dict, inject: int, end: int, stages: int, why) -> list[int]:
+    """Filtering layers: the most prominent ILVAS maxima inside the window, else spread evenly."""
     lo, hi = inject, end - 2
     maxima = [l for l in local_extrema([x if x is not None else -1.0 for x in curves["ilvas_mean"]], lo, hi, "max")]
     chosen = sorted(maxima[:stages])
     if chosen:
         why["drop_layers"] = f"ILVAS local maxima in L{lo}..L{hi}, the {len(chosen)} most prominent: {chosen}"
-    else:
-        chosen = spread_layers(inject, end, max(1, min(stages, hi - lo + 1)))
-        why["drop_layers"] = f"ILVAS has no local maximum in L{lo}..L{hi}: {len(chosen)} layers spread over the window"
-    spec = {
-        "inject_layer": inject,
-        "exit_layer": exit_layer,
-        "drop_layers": chosen,
-        "keep_decay": keep_decay,
-        "avg_tokens": avg_tokens,
-        "name": "proposed",
-    }
+        return chosen
+    chosen = spread_layers(inject, end, max(1, min(stages, hi - lo + 1)))
+    why["drop_layers"] = f"ILVAS has no local maximum in L{lo}..L{hi}: {len(chosen)} layers spread over the window"
+    return chosen
+
+
+def _propose_keeps(L: int, n_vis: int, spec: dict, why) -> Schedule:
+    """The keep curve solved for the budget; outside what the window allows, the nearest reachable average
+    (`spec["avg_tokens"]` is updated)."""
+    avg_tokens, keep_decay = spec["avg_tokens"], spec["keep_decay"]
+    fields = {k: v for k, v in spec.items() if k != "name"}
     try:
-        schedule = pyramid(L, n_vis, **{k: v for k, v in spec.items() if k != "name"}, name="proposed")
+        schedule = pyramid(L, n_vis, **fields, name="proposed")
         why["keeps"] = (
             f"first keep solved for {avg_tokens:g} tokens per layer on average, then x{keep_decay:g} per stage"
         )
+        return schedule
     except ScheduleError as e:
-        # the budget is outside what this window allows: take the nearest reachable average
         reachable = [
             pyramid(
                 L,
                 n_vis,
-                inject_layer=inject,
-                exit_layer=exit_layer,
-                drop_layers=chosen,
+                inject_layer=spec["inject_layer"],
+                exit_layer=spec["exit_layer"],
+                drop_layers=spec["drop_layers"],
                 keep_decay=keep_decay,
                 first_keep_ratio=f / n_vis,
             )
-            for f in (len(chosen), n_vis - 1)
+            for f in (len(spec["drop_layers"]), n_vis - 1)
         ]
         nearest = min((r.avg_tokens() for r in reachable), key=lambda a: abs(a - avg_tokens))
         spec["avg_tokens"] = nearest
-        schedule = pyramid(L, n_vis, **{k: v for k, v in spec.items() if k != "name"}, name="proposed")
         why["keeps"] = f"{e}; using the nearest reachable average, {nearest:.1f}"
-    return {
-        "schedule_fields": {k: v for k, v in spec.items() if v is not None},
-        "schedule": schedule.model_dump(mode="json"),
-        "plan": schedule.describe(),
-        "avg_tokens": schedule.avg_tokens(),
-        "why": why,
-    }
+        return pyramid(L, n_vis, **{**fields, "avg_tokens": nearest}, name="proposed")
 
 
 def passive_shallow_layers(sweeps: dict, tolerance: float) -> int:

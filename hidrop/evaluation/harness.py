@@ -205,7 +205,6 @@ def evaluate(
         raise EvalError(f"unknown mode {mode!r}; choose from {list(MODES)}")
     if vlm.tokenizer is None:
         raise EvalError("the model has no tokenizer; evaluation needs one")
-    template = get_template(vlm.template)
     n_layers, n_vis = vlm.num_layers, vlm.num_vision_tokens
     for s in schedules:
         if s.num_layers != n_layers or s.num_vision_tokens != n_vis:
@@ -218,7 +217,20 @@ def evaluate(
         methods = [m for m in methods if m.name != REFERENCE]
     else:
         reference_scores = None
-    engines = {m.name: vlm.scheduled(m.schedule) for m in methods}
+    plans, fallback_notes = _plans(vlm, benchmarks, mode)
+    start = time.perf_counter()
+    per_method, text_tokens = _score_plans(
+        vlm, methods, plans, batch_size, max_new_tokens, seed, keep_predictions, progress
+    )
+    wall = time.perf_counter() - start
+    report = _report(vlm, methods, per_method, plans, mean(text_tokens), wall, reference_scores)
+    report.notes = fallback_notes + report.notes
+    return report
+
+
+def _plans(vlm: VisionLanguageModel, benchmarks: Sequence[Benchmark], mode: str) -> tuple[list, list[str]]:
+    """Per benchmark: (benchmark at the model's grid, its samples, its scoring mode, first-token ids per
+    candidate set), and the notes of benchmarks that fell back from closed scoring to generation."""
     benches = [b.for_grid(vlm.grid) if hasattr(b, "for_grid") and vlm.grid else b for b in benchmarks]
     plans, fallback_notes = [], []
     for bench in benches:
@@ -243,9 +255,16 @@ def evaluate(
                 bench_mode = "generate"
                 fallback_notes.append(f"{bench.name}: {e}; scored by generation instead")
         plans.append((bench, samples, bench_mode, cand_ids))
-    total_batches = sum(math.ceil(len(p[1]) / batch_size) for p in plans)
+    return plans, fallback_notes
 
-    start = time.perf_counter()
+
+def _score_plans(vlm, methods: list[Method], plans, batch_size, max_new_tokens, seed, keep_predictions, progress):
+    """Every method on every plan's batches (each batch's images once through the vision tower); returns
+    per-method benchmark results and counts, and the mean text length per batch."""
+    template = get_template(vlm.template)
+    n_vis = vlm.num_vision_tokens
+    engines = {m.name: vlm.scheduled(m.schedule) for m in methods}
+    total_batches = sum(math.ceil(len(p[1]) / batch_size) for p in plans)
     done = 0
     per_method: dict[str, dict] = {m.name: {"benchmarks": {}, "recall": [], "vision_counts": []} for m in methods}
     text_tokens = []
@@ -288,10 +307,7 @@ def evaluate(
                 )
     finally:
         vlm.model.train(was_training)
-    wall = time.perf_counter() - start
-    report = _report(vlm, methods, per_method, plans, mean(text_tokens), wall, reference_scores)
-    report.notes = fallback_notes + report.notes
-    return report
+    return per_method, text_tokens
 
 
 def generate_answers(
