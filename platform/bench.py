@@ -319,7 +319,7 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5, 
     import tempfile
     import threading
 
-    from hidrop_platform.train import deepspeed_config, run_training
+    from hidrop_platform.train import run_training
 
     t = cfg.train
     if t.use_gpu or t.precision != "fp32":
@@ -334,22 +334,7 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5, 
     pipes = Turns.create(storage, ("ray", "plain"))
     plain_file = Path(storage) / "plain.json"
     plain_file.unlink(missing_ok=True)
-    ray_cfg = cfg.model_copy(deep=True)
-    # one local worker that logs once (at the end) and never checkpoints mid-run: the plain loop does neither
-    ray_cfg.train = t.model_copy(
-        update={
-            "num_workers": 1,
-            "max_steps": total,
-            "checkpoint_every": 10**9,
-            "log_every": total,
-            "export_every": None,
-            "eval_after": False,
-            "ray_address": None,
-            "storage_path": storage,
-            "max_failures": 0,
-        }
-    )
-    ray_cfg.tracking = cfg.tracking.model_copy(update={"enabled": False})
+    ray_cfg = _ray_side_config(cfg, storage, total)
     plain = multiprocessing.get_context("spawn").Process(
         target=_plain_side, args=(cfg.model_dump(mode="json"), total, threads, storage, str(plain_file)), daemon=True
     )
@@ -386,6 +371,35 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5, 
     if not plain_run:
         raise OverheadBenchError(f"the plain loop failed: exit code {plain.exitcode}")
     ray_run = json.loads((Path(storage) / cfg.name / STEP_TIMES_FILE).read_text())
+    return _overhead_result(cfg, ray_cfg, ray_run, plain_run, warmup, threads)
+
+
+def _ray_side_config(cfg: ExperimentConfig, storage: str, total: int) -> ExperimentConfig:
+    """One local worker that logs once (at the end) and never checkpoints mid-run: the plain loop does
+    neither; tracking off."""
+    ray_cfg = cfg.model_copy(deep=True)
+    ray_cfg.train = cfg.train.model_copy(
+        update={
+            "num_workers": 1,
+            "max_steps": total,
+            "checkpoint_every": 10**9,
+            "log_every": total,
+            "export_every": None,
+            "eval_after": False,
+            "ray_address": None,
+            "storage_path": storage,
+            "max_failures": 0,
+        }
+    )
+    ray_cfg.tracking = cfg.tracking.model_copy(update={"enabled": False})
+    return ray_cfg
+
+
+def _overhead_result(cfg, ray_cfg, ray_run: dict, plain_run: dict, warmup: int, threads: int) -> dict:
+    """Medians, the per-step ratios' median and middle half, and both first-step losses."""
+    from hidrop_platform.train import deepspeed_config
+
+    t = cfg.train
     ray_times, plain_times = ray_run["seconds"][warmup:], plain_run["seconds"][warmup:]
     ratios = [r / p for r, p in zip(ray_times, plain_times)]
     quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3

@@ -555,9 +555,8 @@ def demo_command(
 ):
     """The quickstart: presets + a small schedule search, two short trainings, and the report (all local)."""
     import dataclasses
-    import time
 
-    from hidrop_platform.demo import SIZES, DemoProgress, run_demo
+    from hidrop_platform.demo import SIZES, run_demo
 
     if size not in SIZES:
         _fail(f"--size must be one of {', '.join(SIZES)}, not {size!r}")
@@ -577,39 +576,50 @@ def demo_command(
                 result = run_demo(chosen, out_dir)
             print(json.dumps(result, indent=2, default=str))
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[stats]}"),
-        )
-        with Progress(*columns, console=out) as bar:
-            task = bar.add_task("starting", total=None, stats="")
-
-            class Shown(DemoProgress):
-                def stage(self, name: str, index: int, total: int, short: str = "") -> None:
-                    bar.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] [{index}/{total}] {name}", highlight=False)
-                    bar.update(
-                        task, description=f"[{index}/{total}] {short or name}", completed=0, total=None, stats=""
-                    )
-
-                def sweep(self, label: str, done: int, total: int) -> None:
-                    if total:
-                        bar.update(task, completed=done, total=total, stats=f"last: {label}")
-                    else:
-                        bar.update(task, stats=label)
-
-                def train(self, info: dict) -> None:
-                    bar.update(task, completed=info["step"], total=info["total"], stats=f"loss {info['loss']:.3f}")
-
-            result = run_demo(chosen, out_dir, progress=Shown())
+        result = _demo_with_bars(chosen, out_dir)
     except (TuneSetupError, TrainSetupError, ReportError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("demo interrupted; what finished is in MLflow (hidrop ui) and ./runs/demo")
+    _print_demo(result)
+
+
+def _demo_with_bars(chosen, out_dir: str) -> dict:
+    """run_demo with a stage line per step and one bar for the sweep's trials and the trainings' steps."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hidrop_platform.demo import DemoProgress, run_demo
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[stats]}"),
+    )
+    with Progress(*columns, console=out) as bar:
+        task = bar.add_task("starting", total=None, stats="")
+
+        class Shown(DemoProgress):
+            def stage(self, name: str, index: int, total: int, short: str = "") -> None:
+                bar.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] [{index}/{total}] {name}", highlight=False)
+                bar.update(task, description=f"[{index}/{total}] {short or name}", completed=0, total=None, stats="")
+
+            def sweep(self, label: str, done: int, total: int) -> None:
+                if total:
+                    bar.update(task, completed=done, total=total, stats=f"last: {label}")
+                else:
+                    bar.update(task, stats=label)
+
+            def train(self, info: dict) -> None:
+                bar.update(task, completed=info["step"], total=info["total"], stats=f"loss {info['loss']:.3f}")
+
+        return run_demo(chosen, out_dir, progress=Shown())
+
+
+def _print_demo(result: dict) -> None:
     rows = sorted((t for t in result["trials"] if t["relative_score"] is not None), key=lambda t: t["vision_tflops"])
     table = Table(title=f"hidrop demo: {len(rows)} schedules on the mini-LLaVA ({result['wall_time_s']:.0f} s)")
     for col in ("schedule", "front", "relative score", "avg vision tokens", "vision TFLOPs"):
