@@ -43,6 +43,21 @@ class Stage:
 
 
 @dataclass
+class _Layout:
+    """The prompt before any stage; the `_x` tensors and positions carry a dummy column L for padding."""
+
+    valid: torch.Tensor  # (B, L) real tokens
+    vision: torch.Tensor  # (B, L) image tokens among them
+    vision_x: torch.Tensor  # (B, L + 1)
+    text_x: torch.Tensor  # (B, L + 1)
+    base_pos: torch.Tensor  # (B, L + 1) positions in the original layout
+    next_pos: torch.Tensor  # (B,) the position the first generated token takes
+    pad_left: bool
+    full: torch.Tensor  # (B, L + 1, H) the input embeddings
+    query_x: Optional[torch.Tensor]  # (B, L + 1) answer labels for multi-round queries, else None
+
+
+@dataclass
 class ScheduledOutput:
     logits: Optional[torch.Tensor]
     loss: Optional[torch.Tensor] = None
@@ -351,7 +366,63 @@ class ScheduledModel(nn.Module):
         return_logits,
         deferred=None,
     ):
-        bb, s = self.backbone, self.schedule
+        s = self.schedule
+        B, L, H = embeds.shape
+        lay = self._layout(embeds, vision, attention_mask, labels, position_ids, logits_to_keep)
+        valid, vision, full, query_x = lay.valid, lay.vision, lay.full, lay.query_x
+        vision_x, text_x, base_pos, pad_left = lay.vision_x, lay.text_x, lay.base_pos, lay.pad_left
+        live_vision = vision_x if s.inject_layer == 1 else torch.zeros_like(vision_x)
+        stage = self._make_stage(text_x | live_vision, vision_x, base_pos, pad_left, full)
+        hidden = full.gather(1, stage.idx[..., None].expand(-1, -1, H))
+        learnable = self.keep_fractions is not None
+        fractions = self._clamped_fractions() if learnable else None
+
+        keep_masks, pending, counts = [], None, []
+        stage_number = 0
+        if cache is not None:
+            cache.layer_stage, cache.stage_key_ok, cache.stage_next_pos = [], [stage.ok], []
+            cache.stage_next_pos.append(self._next_positions(stage, lay.next_pos))
+        for idx in range(s.num_layers):
+            change, soft = None, None
+            if idx == s.inject_layer - 1 and idx > 0:
+                change = text_x | vision_x
+            if idx in self._drop_at and pending is not None:
+                change, soft = pending
+                pending = None
+            if s.exit_layer is not None and idx == s.exit_layer - 1:
+                change, soft = text_x, None
+            if change is not None:
+                full = full.scatter(1, stage.idx[..., None].expand(-1, -1, H), hidden)
+                if deferred is not None and idx == s.inject_layer - 1:
+                    full = self._join_vision(full, vision_x, deferred)
+                stage = self._make_stage(change, vision_x, base_pos, pad_left, full)
+                hidden = full.gather(1, stage.idx[..., None].expand(-1, -1, H))
+                if learnable and soft is not None and torch.is_grad_enabled():
+                    factor = soft.gather(1, stage.idx)
+                    hidden = straight_through(hidden, factor, stage.vision)
+                stage_number += 1
+                if cache is not None:
+                    cache.stage_key_ok.append(stage.ok)
+                    cache.stage_next_pos.append(self._next_positions(stage, lay.next_pos))
+            counts.append(stage.vision.sum(1))
+            if cache is not None:
+                cache.layer_stage.append(stage_number)
+
+            if idx in self._score_self:
+                pending = self._select(self._score_self[idx], idx, hidden, stage, query_x, forced, fractions, L + 1)
+            hidden = self._run_layer(idx, hidden, stage, cache)
+            if idx in self._score_next:
+                pending = self._select(self._score_next[idx], idx + 1, hidden, stage, query_x, forced, fractions, L + 1)
+            if pending is not None and (idx + 1) in self._drop_at:
+                keep_masks.append(pending[0][:, :L] & vision)
+
+        out = ScheduledOutput(logits=None, keep_masks=keep_masks, layer_vision_counts=torch.stack(counts))
+        return self._prefill_output(out, hidden, stage, valid, labels, cache, logits_to_keep, return_logits)
+
+    def _layout(self, embeds, vision, attention_mask, labels, position_ids, logits_to_keep) -> "_Layout":
+        """The prompt's layout before any stage: valid, vision and text columns, positions (per the
+        schedule's position mode), each padded with a dummy column L, and the multi-round query targets."""
+        s = self.schedule
         B, L, H = embeds.shape
         dev = embeds.device
         valid = torch.ones(B, L, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
@@ -399,53 +470,14 @@ class ScheduledModel(nn.Module):
                 "the prompt ends with an image token; it must end with text for next-token logits under pruning"
             )
 
-        live_vision = vision_x if s.inject_layer == 1 else torch.zeros_like(vision_x)
-        stage = self._make_stage(text_x | live_vision, vision_x, base_pos, pad_left, full)
-        hidden = full.gather(1, stage.idx[..., None].expand(-1, -1, H))
-        learnable = self.keep_fractions is not None
-        fractions = self._clamped_fractions() if learnable else None
+        return _Layout(valid, vision, vision_x, text_x, base_pos, next_pos, pad_left, full, query_x)
 
-        keep_masks, pending, counts = [], None, []
-        stage_number = 0
-        if cache is not None:
-            cache.layer_stage, cache.stage_key_ok, cache.stage_next_pos = [], [stage.ok], []
-            cache.stage_next_pos.append(self._next_positions(stage, next_pos))
-        for idx in range(s.num_layers):
-            change, soft = None, None
-            if idx == s.inject_layer - 1 and idx > 0:
-                change = text_x | vision_x
-            if idx in self._drop_at and pending is not None:
-                change, soft = pending
-                pending = None
-            if s.exit_layer is not None and idx == s.exit_layer - 1:
-                change, soft = text_x, None
-            if change is not None:
-                full = full.scatter(1, stage.idx[..., None].expand(-1, -1, H), hidden)
-                if deferred is not None and idx == s.inject_layer - 1:
-                    full = self._join_vision(full, vision_x, deferred)
-                stage = self._make_stage(change, vision_x, base_pos, pad_left, full)
-                hidden = full.gather(1, stage.idx[..., None].expand(-1, -1, H))
-                if learnable and soft is not None and torch.is_grad_enabled():
-                    factor = soft.gather(1, stage.idx)
-                    hidden = straight_through(hidden, factor, stage.vision)
-                stage_number += 1
-                if cache is not None:
-                    cache.stage_key_ok.append(stage.ok)
-                    cache.stage_next_pos.append(self._next_positions(stage, next_pos))
-            counts.append(stage.vision.sum(1))
-            if cache is not None:
-                cache.layer_stage.append(stage_number)
-
-            if idx in self._score_self:
-                pending = self._select(self._score_self[idx], idx, hidden, stage, query_x, forced, fractions, L + 1)
-            hidden = self._run_layer(idx, hidden, stage, cache)
-            if idx in self._score_next:
-                pending = self._select(self._score_next[idx], idx + 1, hidden, stage, query_x, forced, fractions, L + 1)
-            if pending is not None and (idx + 1) in self._drop_at:
-                keep_masks.append(pending[0][:, :L] & vision)
-
+    def _prefill_output(self, out, hidden, stage, valid, labels, cache, logits_to_keep, return_logits):
+        """The final norm, the loss (LM + budget) and the logits asked for, from the last stage's hidden states."""
+        bb = self.backbone
+        B, L = valid.shape
+        H = hidden.shape[-1]
         hidden = bb.norm(hidden)
-        out = ScheduledOutput(logits=None, keep_masks=keep_masks, layer_vision_counts=torch.stack(counts))
         if cache is not None:
             cache.logical_length, cache.decoded, cache.prefilled = L, 0, True
             out.past_key_values = cache
@@ -461,7 +493,7 @@ class ScheduledModel(nn.Module):
                 target.reshape(-1),
                 ignore_index=IGNORE_INDEX,
             )
-            if learnable:
+            if self.keep_fractions is not None:  # learnable keep ratios
                 out.budget_loss = self.budget_loss()
                 out.loss = out.loss + out.budget_loss
         if return_logits:
