@@ -41,8 +41,6 @@ from hidrop_platform.evaluate import model_shape_for_cost
 from hidrop_platform.faults import fault_hooks
 
 STATE_FILE = "hidrop_state.json"
-STOPPED_FILE = "stopped.txt"
-PROGRESS_FILE = "progress.json"
 DS_TAG = "deepspeed"
 
 
@@ -109,10 +107,32 @@ class WorkerPayload:
     config: dict  # the ExperimentConfig's JSON form
     tracking_uri: str
     experiment: str
-    run_dir: str  # <storage>/<name>: the driver's progress file and stop message
     export_dir: str
     spool_dir: str
+    news: Any = None  # a ray.util.queue.Queue of WorkerNews to the driver (None: nobody listens)
     hooks: list = dataclasses.field(default_factory=list)  # extra loop hooks: test faults, the benchmark's turns
+
+
+@dataclasses.dataclass
+class WorkerNews:
+    """What rank 0 tells the driver while it runs: its latest step (for the progress bar: worker output
+    reaches the driver only as log lines, where a bar cannot redraw), or why the run stopped (the driver
+    fails with that one line; a stop returns normally, so Ray does not retry it)."""
+
+    progress: Optional[dict] = None
+    stopped: Optional[str] = None
+
+
+def _tell(payload: "WorkerPayload", news: WorkerNews) -> None:
+    from ray.util.queue import Full
+
+    if payload.news is None:
+        return
+    try:
+        payload.news.put_nowait(news)
+    except Full:  # the driver is behind: a progress update may be dropped, the next one follows
+        if news.stopped is not None:
+            payload.news.put(news, timeout=30)
 
 
 class DeepSpeedRuntime(Runtime):
@@ -168,11 +188,11 @@ def train_worker(config: dict) -> None:
     loader, sampler = make_loader(vlm, dataset, t.micro_batch_size, cfg.seed, world=world, rank=rank)
     if len(loader) == 0:  # every rank sees the same lengths, so all stop here together
         if rank == 0:
-            _stop(
-                payload,
+            message = (
                 f"{len(dataset)} training samples cannot fill one batch of {t.micro_batch_size} "
-                f"on each of {world} workers",
+                f"on each of {world} workers"
             )
+            _tell(payload, WorkerNews(stopped=message))
         return
     total = t.max_steps or max(1, math.ceil(t.epochs * max(1, len(loader) // t.grad_accum)))
     state, run_id = _resume(engine, frozen)
@@ -194,7 +214,7 @@ def train_worker(config: dict) -> None:
         tracker.set_tags({N.DIVERGED: str(e)})
         tracker.finish("FAILED")
         if rank == 0:
-            _stop(payload, str(e))
+            _tell(payload, WorkerNews(stopped=str(e)))
         return
     tracker.finish()
     import torch.distributed as dist
@@ -258,9 +278,9 @@ class _LogMetrics(Hook):
     progress to the driver's bar. Collective (every rank computes the mean loss)."""
 
     def __init__(self, cfg, payload: WorkerPayload, tracker, module, cost: dict, rank: int):
-        self.every, self.run_dir, self.tracker, self.module, self.cost, self.rank = (
+        self.every, self.payload, self.tracker, self.module, self.cost, self.rank = (
             cfg.train.log_every,
-            payload.run_dir,
+            payload,
             tracker,
             module,
             cost,
@@ -304,7 +324,7 @@ class _LogMetrics(Hook):
                 from hidrop_platform.tracking import system_metrics
 
                 self.tracker.log_metrics({**metrics, **system_metrics()}, step=step.step)
-            _write_progress(self.run_dir, {"step": step.step, "total": step.total, **metrics})
+            _tell(self.payload, WorkerNews(progress={"step": step.step, "total": step.total, **metrics}))
         self.samples = self.tokens = 0
 
 
@@ -388,29 +408,6 @@ def _score_trained(cfg: ExperimentConfig, vlm, schedule) -> dict[str, float]:
     return score_metrics(evaluate_schedule(cfg, vlm, schedule, benchmarks_for(cfg)), schedule)
 
 
-def _write_progress(run_dir: str, info: dict) -> None:
-    """Rank 0's latest step, for the driver's progress bar (worker stdout reaches the driver as log lines,
-    where a bar cannot redraw)."""
-    folder = Path(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{PROGRESS_FILE}.tmp"
-    tmp.write_text(json.dumps(info))
-    tmp.replace(folder / PROGRESS_FILE)
-
-
-def read_progress(run_dir: str | Path) -> Optional[dict]:
-    try:
-        return json.loads((Path(run_dir) / PROGRESS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _stop(payload: WorkerPayload, message: str) -> None:
-    """Tell the driver why the run stopped; it fails with this one line (no worker traceback)."""
-    Path(payload.run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(payload.run_dir) / STOPPED_FILE).write_text(message)
-
-
 def _mean_across(value: torch.Tensor, world: int) -> float:
     import torch.distributed as dist
 
@@ -430,6 +427,7 @@ def run_training(
     `hidrop_platform.faults` join them when their environment variable asks."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
 
     from hidrop_platform.tracking import DEFAULT_TRACKING_DIR, TrackingUnavailable, default_tracking_uri, prepare
 
@@ -443,6 +441,7 @@ def run_training(
             print(f"warning: {e}; training continues and metrics are buffered locally", flush=True)
     storage = Path(t.storage_path).resolve()
     start_ray(t.ray_address)
+    news = Queue(maxsize=1000, actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -450,10 +449,10 @@ def run_training(
                 config=cfg.model_dump(mode="json"),
                 tracking_uri=uri,
                 experiment=experiment,
-                run_dir=str(storage / cfg.name),
                 export_dir=str(storage / cfg.name / "export"),
                 spool_dir=str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool"),
                 hooks=[*hooks, *fault_hooks()],
+                news=news,
             )
         },
         scaling_config=ScalingConfig(
@@ -466,29 +465,34 @@ def run_training(
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
         ),
     )
-    stopped = storage / cfg.name / STOPPED_FILE
-    stopped.unlink(missing_ok=True)
-    (storage / cfg.name / PROGRESS_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
-    done = threading.Event()
+    done, stopped = threading.Event(), []
 
-    def poll() -> None:
-        while not done.wait(1.0):
-            info = read_progress(storage / cfg.name)
-            if info is not None:
-                progress(info)
+    def listen() -> None:  # rank 0's news until the fit ends, then whatever is left in the queue
+        while True:
+            try:
+                item = news.get(timeout=1.0)
+            except Empty:
+                if done.is_set():
+                    return
+                continue
+            if item.stopped is not None:
+                stopped.append(item.stopped)
+            elif progress is not None:
+                progress(item.progress)
 
-    watcher = threading.Thread(target=poll, daemon=True) if progress else None
-    if watcher:
-        watcher.start()
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
     try:
         result = trainer.fit()
-    except Exception as e:  # TrainingFailedError wraps the worker's exception
-        raise TrainSetupError(_root_message(e)) from None
+    except Exception as e:  # WorkerGroupError carries each failed worker's exception
+        raise TrainSetupError(_failure_message(e)) from None
     finally:
         done.set()
-    if stopped.is_file():
-        raise TrainSetupError(stopped.read_text().strip())
+        listener.join(timeout=10)
+        news.shutdown(force=True)
+    if stopped:
+        raise TrainSetupError(stopped[0].strip())
     metrics = dict(result.metrics or {})
     return {
         "experiment": cfg.name,
@@ -530,9 +534,16 @@ def _worker_env() -> dict:
     return env
 
 
-def _root_message(e: BaseException) -> str:
-    text = str(e)
-    for marker in ("TrainSetupError: ", "EvalSetupError: ", "ModelLoadError: ", "OverheadBenchError: ", "ValueError: "):
-        if marker in text:
-            return text.split(marker, 1)[1].strip().splitlines()[0]
-    return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
+def _failure_message(e: BaseException) -> str:
+    """One line for the user: a failed worker's own message when it is a mistake they can fix (a setup
+    error, a bad value), else the last line of Ray's report."""
+    from hidrop.models import ModelLoadError
+    from hidrop_platform.evaluate import EvalSetupError
+    from hidrop_platform.turns import OverheadBenchError
+
+    user_errors = (TrainSetupError, EvalSetupError, ModelLoadError, OverheadBenchError, ValueError)
+    for failure in getattr(e, "worker_failures", {}).values():
+        if isinstance(failure, user_errors) and str(failure).strip():
+            return str(failure).strip().splitlines()[0]
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else type(e).__name__

@@ -404,3 +404,25 @@ def test_fail_at_step_fires_on_the_first_attempt_only(monkeypatch):
         loop.run()
     again, _ = _plain_loop(recipe, 3, [FailAtStep(2)], state=LoopState(step=1, batches_in_epoch=1))
     assert again.run().step == 3  # resumed: runs to the end
+
+
+@pytest.mark.slow
+def test_worker_news_reach_the_driver_progress_and_stop(tmp_path, monkeypatch):
+    """Rank 0's progress and its reason to stop travel through one Ray queue, not files in storage."""
+    from hidrop_platform.config import DataSpec
+    from hidrop_platform.train import TrainSetupError, run_training
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(pytest.ROOT / SMOKE).model_copy(deep=True)
+    cfg.train = cfg.train.model_copy(update={"num_workers": 1, "max_steps": 3, "storage_path": str(tmp_path / "runs")})
+    cfg.tracking = cfg.tracking.model_copy(update={"enabled": False})
+    seen: list[dict] = []
+    run_training(cfg, progress=seen.append)
+    assert [i["step"] for i in seen] == [1, 2, 3] and all(i["total"] == 3 for i in seen)
+    folder = tmp_path / "runs" / cfg.name
+    assert not (folder / "progress.json").exists() and not (folder / "stopped.txt").exists()  # no side files
+
+    one = cfg.model_copy(update={"name": "no_batch"})  # one sample shared by two workers: none gets one
+    one.train = cfg.train.model_copy(update={"num_workers": 2, "data": [DataSpec(name="easy_vqa", limit=1)]})
+    with pytest.raises(TrainSetupError, match="1 training samples cannot fill one batch of 4 on each of 2 workers"):
+        run_training(one)
