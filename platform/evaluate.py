@@ -30,25 +30,20 @@ def resolve_path(path: Optional[str]) -> Optional[str]:
 
 def build_model(cfg: ExperimentConfig, device: Optional[str] = None):
     """The experiment's `VisionLanguageModel` on `device`, checked against the YAML's shape."""
-    from hidrop.models import DTYPES, ModelLoadError, load_llava_hf, load_model, mini_llava
-    from hidrop.tiny import tiny_vlm
+    from hidrop.models import ModelLoadError, build_vlm
 
     m = cfg.model.model_copy(update={"path": resolve_path(cfg.model.path)})
-    dtype = DTYPES[m.dtype]
     device = device or cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        if m.kind == "mini_llava":
-            vlm = mini_llava(m.feature, dtype=dtype, attn_implementation=m.attn_implementation, checkpoint=m.path)
-        elif m.kind == "llava_hf":
-            vlm = load_llava_hf(m.path, dtype=dtype, attn_implementation=m.attn_implementation)
-        elif m.kind == "llama" or (m.kind == "tiny_llava" and m.path):
-            vlm = load_model(m.path, dtype=dtype, attn_implementation=m.attn_implementation)
-        elif m.kind == "tiny_llava":
-            vlm = tiny_vlm(seed=cfg.seed, num_layers=m.shape.num_layers)
-        else:
-            raise EvalSetupError(
-                f"model.kind={m.kind} has no weights to evaluate; use mini_llava, llava_hf or tiny_llava"
-            )
+        vlm = build_vlm(
+            m.kind,
+            m.path,
+            feature=m.feature,
+            dtype=m.dtype,
+            attn_implementation=m.attn_implementation,
+            seed=cfg.seed,
+            num_layers=m.shape.num_layers,
+        )
     except ModelLoadError as e:
         raise EvalSetupError(str(e)) from None
     except OSError as e:

@@ -28,7 +28,8 @@ from ray.tune.search import Searcher
 
 from hidrop.training import Hook, StepEnd, TrainingLoop
 from hidrop_platform import mlflow_names as N
-from hidrop_platform.config import ConfigError, ExperimentConfig, ScheduleSpec, flatten, validate_config, with_overrides
+from hidrop.schedule import ScheduleSpec
+from hidrop_platform.config import ConfigError, ExperimentConfig, flatten, validate_config, with_overrides
 from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
 from hidrop_platform.faults import fail_trial_if_asked
 from hidrop_platform.pareto import plot_pareto
