@@ -26,9 +26,9 @@ from typing import Any, Optional
 
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, comparison_rows, format_delta
 from hidrop.evaluation.published import PublishedError, comparisons_for, exact_preset, method_from_name, model_key
+from hidrop_platform import mlflow_names as N
 from hidrop_platform.pareto import plot_pareto
 from hidrop_platform.sweep import TrialRecord, summarize_sweep
-from hidrop_platform import mlflow_names as N
 from hidrop_platform.tracking import (
     TrackingUnavailable,
     download_artifact,

@@ -34,7 +34,6 @@ from hidrop.models import VisionLanguageModel
 from hidrop.sample import Sample
 from hidrop.schedule import Schedule, ScheduleError, pyramid, spread_layers
 
-
 # ---- curve helpers (pure) ----------------------------------------------------------------------
 
 

@@ -15,7 +15,6 @@ attention mask and RoPE tables, built once and sized to the stage.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import Optional
 

@@ -25,7 +25,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_model as load_safetensors_into, save_file as save_safetensors_file
+from safetensors.torch import load_model as load_safetensors_into
+from safetensors.torch import save_file as save_safetensors_file
 from torch import nn
 from transformers import (
     AutoTokenizer,

@@ -10,8 +10,12 @@ from typing import Callable, Optional
 
 import yaml
 
+from hidrop.diagnostics import default_budget, layer_curves, passive_shallow_layers, propose, run_sweeps
+from hidrop.evaluation.harness import EvalError
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ExperimentConfig, flatten, validate_config
+from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
+from hidrop_platform.tracking import Tracker, TrackingUnavailable, default_tracking_uri, prepare
 
 
 class AnalyzeSetupError(RuntimeError):
@@ -19,9 +23,6 @@ class AnalyzeSetupError(RuntimeError):
 
 
 def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[str], None]] = None, vlm=None) -> dict:
-    from hidrop.diagnostics import default_budget, layer_curves, passive_shallow_layers, propose, run_sweeps
-    from hidrop.evaluation.harness import EvalError
-    from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
 
     a = cfg.analyze
     say = progress or (lambda msg: None)
@@ -161,7 +162,6 @@ def plot_curves(result: dict, path: Path) -> Path:
 def _track(cfg: ExperimentConfig, result: dict, out: Path) -> None:
     if not cfg.tracking.enabled:
         return
-    from hidrop_platform.tracking import TrackingUnavailable, Tracker, default_tracking_uri, prepare
 
     uri = cfg.tracking.uri or default_tracking_uri()
     experiment = cfg.tracking.experiment or cfg.name

@@ -10,8 +10,12 @@ keep sets frozen (no scoring pass) versus with scoring, as a share of a vanilla 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import statistics
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,7 +27,10 @@ from hidrop.cost import ModelShape, model_tflops
 from hidrop.engine import ScheduledModel
 from hidrop.models import DTYPES
 from hidrop.schedule import Schedule, preset
+from hidrop.training import make_dataset, plain_training
 from hidrop_platform.config import ExperimentConfig
+from hidrop_platform.evaluate import build_model
+from hidrop_platform.train import deepspeed_config, run_training, training_samples
 from hidrop_platform.turns import OverheadBenchError, RecordStepTimes, TakeTurns, Turns
 
 STEP_TIMES_FILE = "step_times.json"  # the Ray side's step times, under <storage>/<name>
@@ -315,11 +322,6 @@ def run_overhead_bench(cfg: ExperimentConfig, steps: int = 40, warmup: int = 5, 
     per-step ratios. A step's time runs from the end of the wait for its turn to the end of the optimizer
     step, data loading included, on both sides. The local Ray cluster's daemons stay up throughout.
     """
-    import multiprocessing
-    import tempfile
-    import threading
-
-    from hidrop_platform.train import run_training
 
     t = cfg.train
     if t.use_gpu or t.precision != "fp32":
@@ -397,7 +399,6 @@ def _ray_side_config(cfg: ExperimentConfig, storage: str, total: int) -> Experim
 
 def _overhead_result(cfg, ray_cfg, ray_run: dict, plain_run: dict, warmup: int, threads: int) -> dict:
     """Medians, the per-step ratios' median and middle half, and both first-step losses."""
-    from hidrop_platform.train import deepspeed_config
 
     t = cfg.train
     ray_times, plain_times = ray_run["seconds"][warmup:], plain_run["seconds"][warmup:]
@@ -434,11 +435,6 @@ def _read_json(path: Path) -> dict:
 def _plain_side(config: dict, total: int, threads: int, folder: str, out_path: str) -> None:
     """The plain loop's process: the same loop and data as the worker on the plain runtime, no Ray, no
     DeepSpeed; one step per turn. A failure is written to `out_path` as one line (no traceback)."""
-    import sys
-
-    from hidrop.training import make_dataset, plain_training
-    from hidrop_platform.evaluate import build_model
-    from hidrop_platform.train import training_samples
 
     cfg = ExperimentConfig.model_validate(config)
     t = cfg.train

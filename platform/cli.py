@@ -1,4 +1,7 @@
-"""The `hidrop` command line."""
+"""The `hidrop` command line.
+
+Each command imports its own module (train, tune, evaluate, ...) inside the command function: `hidrop
+--help` and a one-line config error must not wait seconds for torch, Ray and MLflow to import."""
 
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ The same dotted names are used by command-line overrides, (later) Tune search sp
 
 from __future__ import annotations
 
+import copy
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -12,7 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hidrop.cost import ModelShape
+from hidrop.evaluation.published import load_published
+from hidrop.evaluation.registry import known_benchmarks
 from hidrop.schedule import (
+    PRESETS,
     Schedule,
     ScheduleError,
     ScheduleSpec,
@@ -90,7 +96,6 @@ class BenchmarkSpec(BaseModel):
 
     @model_validator(mode="after")
     def _known(self) -> "BenchmarkSpec":
-        from hidrop.evaluation.registry import known_benchmarks
 
         if self.name not in known_benchmarks():
             raise ValueError(f"unknown benchmark {self.name!r}; known: {', '.join(known_benchmarks())}")
@@ -118,7 +123,6 @@ class EvalConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_published(self) -> "EvalConfig":
-        from hidrop.evaluation.published import load_published
 
         known = ["auto", "none", *sorted(load_published().models)]
         if self.published not in known:
@@ -153,7 +157,6 @@ class BenchConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_methods(self) -> "BenchConfig":
-        from hidrop.schedule import PRESETS
 
         unknown = [m for m in self.methods if m not in PRESETS]
         if unknown:
@@ -416,8 +419,6 @@ class ExperimentConfig(BaseModel):
 
 def names_a_field(dotted: str) -> bool:
     """Whether `a.b.c` names a field of ExperimentConfig (list items by index; free-form dicts accept any key)."""
-    import types
-    import typing
 
     node: Any = ExperimentConfig
     for part in dotted.split("."):
@@ -487,7 +488,6 @@ def validate_config(data: dict, where: str = "config") -> ExperimentConfig:
 
 def with_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     """A deep copy of raw config data with {dotted name: value} applied (a search trial's config)."""
-    import copy
 
     data = copy.deepcopy(data)
     for key, value in overrides.items():

@@ -12,12 +12,16 @@ The configs are built here (not read from experiments/) so the demo works from a
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 from hidrop_platform.config import validate_config
+from hidrop_platform.tracking import default_tracking_uri
+from hidrop_platform.train import run_training, start_ray
+from hidrop_platform.tune import run_tune
 
 EXPERIMENT = "demo"
 PROJECTOR = "checkpoints/mini_llava_projector"  # resolved from the project root by build_model
@@ -108,7 +112,6 @@ def train_config(size: DemoSize, stamp: str, method: str) -> dict:
 def quiet_libraries() -> None:
     """The demo's own progress bar is the output: no weight-loading bars or INFO lines from libraries."""
     import logging
-    import os
 
     import transformers
 
@@ -131,9 +134,6 @@ class DemoProgress:
 
 def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: Optional[DemoProgress] = None) -> dict:
     from hidrop_dashboards.report import build_report
-    from hidrop_platform.tracking import default_tracking_uri
-    from hidrop_platform.train import run_training, start_ray
-    from hidrop_platform.tune import run_tune
 
     progress = progress or DemoProgress()
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+import hidrop
+from hidrop.evaluation.harness import EvalError, evaluate, model_shape
+from hidrop.evaluation.published import eval_report_comparisons, model_key
+from hidrop.evaluation.registry import get_benchmark
 from hidrop.evaluation.results import EvalReport
+from hidrop.models import ModelLoadError, build_vlm
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ExperimentConfig
 
@@ -18,11 +24,9 @@ class EvalSetupError(RuntimeError):
 def resolve_path(path: Optional[str]) -> Optional[str]:
     """A relative path as given (from the working directory), else from the project root, so shipped
     checkpoints such as checkpoints/mini_llava_projector work from anywhere."""
-    from pathlib import Path
 
     if path is None or Path(path).is_absolute() or Path(path).exists():
         return path
-    import hidrop
 
     candidate = Path(hidrop.__file__).resolve().parents[1] / path
     return str(candidate) if candidate.exists() else path
@@ -30,7 +34,6 @@ def resolve_path(path: Optional[str]) -> Optional[str]:
 
 def build_model(cfg: ExperimentConfig, device: Optional[str] = None):
     """The experiment's `VisionLanguageModel` on `device`, checked against the YAML's shape."""
-    from hidrop.models import ModelLoadError, build_vlm
 
     m = cfg.model.model_copy(update={"path": resolve_path(cfg.model.path)})
     device = device or cfg.eval.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,7 +65,6 @@ def build_model(cfg: ExperimentConfig, device: Optional[str] = None):
 
 def benchmarks_for(cfg: ExperimentConfig, limit: Optional[int] = None) -> list:
     """The experiment's `eval.benchmarks`, built with its seed; `limit` replaces each one's own limit."""
-    from hidrop.evaluation.registry import get_benchmark
 
     try:
         return [get_benchmark(b.name, limit=limit or b.limit, seed=cfg.seed, **b.options) for b in cfg.eval.benchmarks]
@@ -72,7 +74,6 @@ def benchmarks_for(cfg: ExperimentConfig, limit: Optional[int] = None) -> list:
 
 
 def run_eval(cfg: ExperimentConfig, progress: Optional[Callable[[int, int, str], None]] = None, vlm=None) -> EvalReport:
-    from hidrop.evaluation.harness import EvalError, evaluate
 
     torch.manual_seed(cfg.seed)
     vlm = vlm or build_model(cfg)
@@ -104,7 +105,6 @@ def evaluate_schedule(
     """One schedule under the experiment's eval settings, no baselines besides the unpruned reference
     (skipped when `reference_scores` holds its figures from an earlier pass): a trial's or a trained
     model's evaluation. The harness runs in eval mode without gradients and restores the model's mode."""
-    from hidrop.evaluation.harness import evaluate
 
     return evaluate(
         vlm,
@@ -133,7 +133,6 @@ def score_metrics(report: EvalReport, schedule) -> dict[str, float]:
 
 def published_model(cfg: ExperimentConfig) -> Optional[str]:
     """The published model (hidrop/evaluation/published.yaml) the experiment's model is, if any."""
-    from hidrop.evaluation.published import model_key
 
     return model_key(cfg.model.kind, cfg.model.path, cfg.eval.published)
 
@@ -141,7 +140,6 @@ def published_model(cfg: ExperimentConfig) -> Optional[str]:
 def attach_published(report: EvalReport, cfg: ExperimentConfig) -> None:
     """Add the paper's matching rows and the differences to an eval report (`published`, per method),
     and a note for every partial match or self-contradicting paper row."""
-    from hidrop.evaluation.published import eval_report_comparisons
 
     key = published_model(cfg)
     report.published_model = key
@@ -157,6 +155,5 @@ def attach_published(report: EvalReport, cfg: ExperimentConfig) -> None:
 
 def model_shape_for_cost(cfg: ExperimentConfig, vlm):
     """The loaded model's cost shape at the experiment's typical prompt length."""
-    from hidrop.evaluation.harness import model_shape
 
     return model_shape(vlm, cfg.model.shape.text_tokens)

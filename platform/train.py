@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import tempfile
@@ -22,6 +23,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from hidrop.cost import cost_report
+from hidrop.data import easy_vqa_samples, load_llava_json
+from hidrop.evaluation.offline import Probes
+from hidrop.models import ModelLoadError
 from hidrop.training import (
     Hook,
     LoopState,
@@ -37,8 +41,26 @@ from hidrop.training import (
 )
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ExperimentConfig
-from hidrop_platform.evaluate import model_shape_for_cost
+from hidrop_platform.evaluate import (
+    EvalSetupError,
+    benchmarks_for,
+    build_model,
+    evaluate_schedule,
+    model_shape_for_cost,
+    score_metrics,
+)
 from hidrop_platform.faults import fault_hooks
+from hidrop_platform.tracking import (
+    DEFAULT_TRACKING_DIR,
+    Tracker,
+    TrackingUnavailable,
+    default_tracking_uri,
+    package_versions,
+    prepare,
+    schedule_params,
+    system_metrics,
+)
+from hidrop_platform.turns import OverheadBenchError
 
 STATE_FILE = "hidrop_state.json"
 DS_TAG = "deepspeed"
@@ -83,8 +105,6 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def training_samples(cfg: ExperimentConfig, grid: int):
-    from hidrop.data import easy_vqa_samples, load_llava_json
-    from hidrop.evaluation.offline import Probes
 
     samples = []
     for spec in cfg.train.data:
@@ -165,8 +185,6 @@ class DeepSpeedRuntime(Runtime):
 def train_worker(config: dict) -> None:
     import deepspeed
     import ray.train
-
-    from hidrop_platform.evaluate import build_model
 
     payload: WorkerPayload = config["payload"]
     cfg = ExperimentConfig.model_validate(payload.config)
@@ -252,7 +270,6 @@ def _resume(engine, frozen: bool) -> tuple[LoopState, Optional[str]]:
 
 def _worker_tracker(cfg: ExperimentConfig, payload: WorkerPayload, run_id, rank: int, world: int, device, schedule):
     """Rank 0's MLflow run (a resumed attempt continues `run_id`); the run's params on its first attempt."""
-    from hidrop_platform.tracking import Tracker, package_versions, schedule_params
 
     tracker = Tracker(
         payload.tracking_uri,
@@ -321,8 +338,6 @@ class _LogMetrics(Hook):
                 metrics[f"{N.LEARNED_KEEP}{i + 1}"] = float(keep)
         if self.rank == 0:
             if self.tracker.enabled:
-                from hidrop_platform.tracking import system_metrics
-
                 self.tracker.log_metrics({**metrics, **system_metrics()}, step=step.step)
             _tell(self.payload, WorkerNews(progress={"step": step.step, "total": step.total, **metrics}))
         self.samples = self.tokens = 0
@@ -403,7 +418,6 @@ class _EvalAfter(Hook):
 
 def _score_trained(cfg: ExperimentConfig, vlm, schedule) -> dict[str, float]:
     """The trained model on eval.benchmarks: its schedule's scores, relative to the same model unpruned."""
-    from hidrop_platform.evaluate import benchmarks_for, evaluate_schedule, score_metrics
 
     return score_metrics(evaluate_schedule(cfg, vlm, schedule, benchmarks_for(cfg)), schedule)
 
@@ -428,8 +442,6 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
-
-    from hidrop_platform.tracking import DEFAULT_TRACKING_DIR, TrackingUnavailable, default_tracking_uri, prepare
 
     t = cfg.train
     uri = cfg.tracking.uri or default_tracking_uri()
@@ -507,7 +519,6 @@ def run_training(
 def start_ray(address: Optional[str] = None) -> None:
     """Connect to `address`, or start a local Ray, once per process. Worker output stays in Ray's log files
     (/tmp/ray/session_latest/logs): the driver shows progress bars, and --json prints only JSON."""
-    import logging
 
     import ray
 
@@ -537,9 +548,6 @@ def _worker_env() -> dict:
 def _failure_message(e: BaseException) -> str:
     """One line for the user: a failed worker's own message when it is a mistake they can fix (a setup
     error, a bad value), else the last line of Ray's report."""
-    from hidrop.models import ModelLoadError
-    from hidrop_platform.evaluate import EvalSetupError
-    from hidrop_platform.turns import OverheadBenchError
 
     user_errors = (TrainSetupError, EvalSetupError, ModelLoadError, OverheadBenchError, ValueError)
     for failure in getattr(e, "worker_failures", {}).values():

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import itertools
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections import Counter
@@ -26,14 +28,26 @@ from typing import Any, Callable, Optional
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
-from hidrop.training import Hook, StepEnd, TrainingLoop
+from hidrop.cost import cost_report
+from hidrop.evaluation.harness import EvalError, evaluate
+from hidrop.schedule import ScheduleSpec, vanilla
+from hidrop.training import Hook, StepEnd, TrainingLoop, make_dataset, plain_training
 from hidrop_platform import mlflow_names as N
-from hidrop.schedule import ScheduleSpec
 from hidrop_platform.config import ConfigError, ExperimentConfig, flatten, validate_config, with_overrides
-from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
+from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model, evaluate_schedule, score_metrics
 from hidrop_platform.faults import fail_trial_if_asked
 from hidrop_platform.pareto import plot_pareto
 from hidrop_platform.sweep import TrialRecord, summarize_sweep
+from hidrop_platform.tracking import (
+    DEFAULT_TRACKING_DIR,
+    Tracker,
+    TrackingUnavailable,
+    close_if_running,
+    default_tracking_uri,
+    prepare,
+    schedule_params,
+)
+from hidrop_platform.train import start_ray, training_samples
 
 OBJECTIVES = {"pareto": ([N.RELATIVE_SCORE, N.VISION_TFLOPS], ["max", "min"]), "score": (N.RELATIVE_SCORE, "max")}
 OPTUNA_STREAK = 20  # rejected Optuna proposals in a row before a random valid point is enqueued for it
@@ -84,7 +98,6 @@ def trial_config(base: dict, overrides: dict) -> ExperimentConfig:
 
 
 def _budget_problem(cfg: ExperimentConfig) -> Optional[str]:
-    from hidrop.cost import cost_report
 
     budget = cfg.tune.max_vision_tflops
     if cfg.tune.objective != "score" or budget is None:
@@ -95,7 +108,6 @@ def _budget_problem(cfg: ExperimentConfig) -> Optional[str]:
 
 def _reason(err: Exception) -> str:
     """A rejection reason with the sample's numbers masked, so that one cause is counted once."""
-    import re
 
     return re.sub(r"-?\d+(\.\d+)?(e-?\d+)?", "#", str(err).removeprefix("trial: "))
 
@@ -183,7 +195,6 @@ class ScheduleSearcher(Searcher):
             return _reason(e)
 
     def _valid_grid(self) -> list[dict]:
-        import itertools
 
         keys = list(self.space)
         points = []
@@ -323,7 +334,6 @@ def _trial_model(cfg: ExperimentConfig, fresh: bool):
 
 def _evaluate(cfg: ExperimentConfig, vlm, reference: dict, benches: list) -> dict:
     """Metrics of the trial's schedule on `benches`, relative to the sweep's reference."""
-    from hidrop_platform.evaluate import evaluate_schedule, score_metrics
 
     schedule = cfg.main_schedule
     report = evaluate_schedule(cfg, vlm, schedule, benches, reference_scores=reference["scores"])
@@ -358,8 +368,6 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     """Tune's function trainable: build the trial config, (train,) evaluate, report, log to MLflow."""
     import torch
     from ray import tune
-
-    from hidrop_platform.tracking import Tracker, schedule_params
 
     torch.set_num_threads(max(1, int(ctx.threads)))
     cfg = trial_config(ctx.base, config["overrides"])
@@ -430,8 +438,6 @@ def _trained(cfg: ExperimentConfig, ctx: TrialContext, tracker, start: float, de
     """A short finetune with the schedule active, evaluated every `eval_every` steps (ASHA stops the
     weak ones early). Single process: nesting Ray Train groups inside trials leaks placement groups
     when ASHA stops them (ray-project/ray#54305)."""
-    from hidrop.training import make_dataset, plain_training
-    from hidrop_platform.train import training_samples
 
     t = cfg.train
     vlm = _trial_model(cfg, fresh=True)
@@ -487,11 +493,9 @@ def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callab
         cached = json.loads(path.read_text())
         if cached.get("key") == key:  # a sweep that did not start, run again with the same model and benchmarks
             return cached
-    from hidrop.schedule import vanilla
 
     if progress:
         progress("evaluating the unpruned reference")
-    from hidrop.evaluation.harness import EvalError, evaluate
 
     try:
         vlm = build_model(cfg)
@@ -548,8 +552,6 @@ def run_tune(
 ) -> dict:
     """Run (or resume) the sweep; returns every trial, the Pareto front and where the seeds sit."""
     import ray
-
-    from hidrop_platform.train import start_ray
 
     s = cfg.tune
     name = s.name or cfg.name
@@ -634,13 +636,6 @@ def _check_space(base: dict, cfg: ExperimentConfig) -> float:
 def _open_parent(cfg: ExperimentConfig, base: dict, name: str, sweep_dir: Path, resume: bool):
     """The sweep's parent MLflow run, created once and found again on resume (with the config the sweep
     started with); returns it with that config."""
-    from hidrop_platform.tracking import (
-        DEFAULT_TRACKING_DIR,
-        TrackingUnavailable,
-        Tracker,
-        default_tracking_uri,
-        prepare,
-    )
 
     uri = cfg.tracking.uri or default_tracking_uri()
     experiment = cfg.tracking.experiment or cfg.name
@@ -735,7 +730,6 @@ class _ProgressCallback(Callback):
     def _close_run(self, trial_id: str) -> None:
         if not self.ctx or not self.ctx.tracking:
             return
-        from hidrop_platform.tracking import close_if_running
 
         run_id = _trial_record(self.ctx, trial_id).get("run_id")
         if run_id:  # still running here means stopped early after a reported evaluation

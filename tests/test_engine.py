@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from batches import N_VIS, make_samples, pad_batch, vision_features
+from reference import reference_forward
+
 from hidrop.engine import ScheduledModel
 from hidrop.schedule import DropEvent, PositionMode, QueryRule, Schedule, Selector, preset, vanilla
 from hidrop.tiny import TINY_IMAGE_TOKEN, tiny_llama, tiny_llava
-from reference import reference_forward
 
 ATOL = 2e-4
 

@@ -207,9 +207,9 @@ def test_save_module_with_flat_buffer_views_and_tied_weights(tmp_path):
     save_model refuses those); tied weights must still be written once and restored tied."""
     from safetensors import safe_open
     from safetensors.torch import load_model as load_safetensors
+    from torch import nn
 
     from hidrop.models import save_module
-    from torch import nn
 
     def make() -> nn.Module:
         m = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 10, bias=False))

@@ -9,7 +9,6 @@ import json
 import pytest
 
 from hidrop.evaluation.metrics import relative_score
-from hidrop.evaluation.results import EvalReport
 from hidrop.evaluation.published import (
     AVG_TOLERANCE,
     PublishedError,
@@ -21,6 +20,7 @@ from hidrop.evaluation.published import (
     same_budget,
     schedule_method,
 )
+from hidrop.evaluation.results import EvalReport
 from hidrop.schedule import preset
 
 PAPER11 = [
@@ -610,9 +610,8 @@ def test_report_shows_published_rows_and_exact_deltas(paper_store, tmp_path):
 
 def test_report_without_a_published_model_shows_none(paper_store, tmp_path):
     """The same store's rows are about an unnamed model when eval.published says none."""
-    from hidrop_platform.tracking import Tracker, default_tracking_uri, prepare
-
     from hidrop_dashboards.report import build_report
+    from hidrop_platform.tracking import Tracker, default_tracking_uri, prepare
 
     uri = default_tracking_uri(tmp_path)
     prepare(uri, "other")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from hidrop_platform.pareto import pareto_front
 from hidrop_dashboards.report import ReportError, build_report, collect, methods_table
-from hidrop_platform.tracking import TrackingUnavailable, Tracker, check_readable, default_tracking_uri, prepare
+from hidrop_platform.pareto import pareto_front
+from hidrop_platform.tracking import Tracker, TrackingUnavailable, check_readable, default_tracking_uri, prepare
 
 REFERENCE = {"easy_vqa": 60.0, "probes": 80.0}
 BLIND = {"easy_vqa": 30.0, "probes": 60.0}  # relative: (50 + 75) / 2 = 62.5

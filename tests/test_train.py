@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hidrop.training import Hook, TrainingLoop, lr_at, set_trainable
 from hidrop.tiny import tiny_vlm
+from hidrop.training import Hook, TrainingLoop, lr_at, set_trainable
 from hidrop_platform.config import load_config
 from hidrop_platform.train import deepspeed_config
 

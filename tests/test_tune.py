@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from hidrop.schedule import ScheduleError, hidrop, keep_curve, pyramid, spread_layers
-from hidrop_platform.pareto import pareto_front
 from hidrop_platform.config import ConfigError, load_config_data, validate_config, with_overrides
+from hidrop_platform.pareto import pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
 
