@@ -15,7 +15,7 @@ from hidrop.evaluation.harness import EvalError
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ExperimentConfig, flatten, validate_config
 from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
-from hidrop_platform.tracking import Tracker, TrackingUnavailable, default_tracking_uri, prepare
+from hidrop_platform.tracking import Tracker, prepare_for
 
 
 class AnalyzeSetupError(RuntimeError):
@@ -163,12 +163,7 @@ def _track(cfg: ExperimentConfig, result: dict, out: Path) -> None:
     if not cfg.tracking.enabled:
         return
 
-    uri = cfg.tracking.uri or default_tracking_uri()
-    experiment = cfg.tracking.experiment or cfg.name
-    try:
-        prepare(uri, experiment)
-    except TrackingUnavailable as e:
-        print(f"warning: {e}; the analysis is buffered locally", flush=True)
+    uri, experiment = prepare_for(cfg, "the analysis")
     tracker = Tracker(uri, experiment, run_name=f"analyze:{cfg.name}", tags={N.KIND: N.KIND_ANALYZE}).start()
     tracker.log_params({k: v for k, v in flatten(cfg).items() if not k.startswith("tune.")})
     tracker.log_params({f"{N.PROPOSED}{k}": v for k, v in result["proposal"]["schedule_fields"].items()})

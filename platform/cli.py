@@ -459,11 +459,11 @@ def analyze_command(
 
 def _report_source(experiment: str, tracking_uri: Optional[str]) -> tuple[str, str]:
     """(tracking URI, MLflow experiment name) from a name or an experiment YAML's tracking section."""
-    from hidrop_platform.tracking import default_tracking_uri
+    from hidrop_platform.tracking import default_tracking_uri, tracking_target
 
     if experiment.endswith((".yaml", ".yml")):
-        cfg = _load(experiment)
-        return tracking_uri or cfg.tracking.uri or default_tracking_uri(), cfg.tracking.experiment or cfg.name
+        uri, name = tracking_target(_load(experiment))
+        return tracking_uri or uri, name
     return tracking_uri or default_tracking_uri(), experiment
 
 

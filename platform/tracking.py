@@ -228,6 +228,25 @@ def close_if_running(tracking_uri: str, run_id: str, status: str, tags: dict) ->
         raise
 
 
+def tracking_target(cfg: "ExperimentConfig") -> tuple[str, str]:
+    """(tracking URI, MLflow experiment name) of an experiment: its `tracking:` section, else the local
+    store and the experiment's name. The one place these defaults are resolved."""
+    return cfg.tracking.uri or default_tracking_uri(), cfg.tracking.experiment or cfg.name
+
+
+def prepare_for(cfg: "ExperimentConfig", what: str) -> tuple[str, str]:
+    """`prepare` the experiment's store once, in the driver (concurrent workers or trials must not race on
+    a new sqlite schema); an unreachable store is a warning, since `Tracker` buffers. Returns
+    `tracking_target(cfg)`."""
+    uri, experiment = tracking_target(cfg)
+    if cfg.tracking.enabled:
+        try:
+            prepare(uri, experiment)
+        except TrackingUnavailable as e:
+            print(f"warning: {e}; {what} continues and its records are buffered locally", flush=True)
+    return uri, experiment
+
+
 def prepare(tracking_uri: str, experiment: str, artifact_root: Optional[str] = None) -> str:
     """Create the store and experiment once, on the driver, before workers start; returns the experiment id.
 

@@ -53,10 +53,8 @@ from hidrop_platform.faults import fault_hooks
 from hidrop_platform.tracking import (
     DEFAULT_TRACKING_DIR,
     Tracker,
-    TrackingUnavailable,
-    default_tracking_uri,
     package_versions,
-    prepare,
+    prepare_for,
     schedule_params,
     system_metrics,
 )
@@ -444,13 +442,7 @@ def run_training(
     from ray.util.queue import Empty, Queue
 
     t = cfg.train
-    uri = cfg.tracking.uri or default_tracking_uri()
-    experiment = cfg.tracking.experiment or cfg.name
-    if cfg.tracking.enabled:
-        try:
-            prepare(uri, experiment)
-        except TrackingUnavailable as e:
-            print(f"warning: {e}; training continues and metrics are buffered locally", flush=True)
+    uri, experiment = prepare_for(cfg, "training")
     storage = Path(t.storage_path).resolve()
     start_ray(t.ray_address)
     news = Queue(maxsize=1000, actor_options={"num_cpus": 0})

@@ -41,10 +41,8 @@ from hidrop_platform.sweep import TrialRecord, summarize_sweep
 from hidrop_platform.tracking import (
     DEFAULT_TRACKING_DIR,
     Tracker,
-    TrackingUnavailable,
     close_if_running,
-    default_tracking_uri,
-    prepare,
+    prepare_for,
     schedule_params,
 )
 from hidrop_platform.train import start_ray, training_samples
@@ -636,14 +634,7 @@ def _check_space(base: dict, cfg: ExperimentConfig) -> float:
 def _open_parent(cfg: ExperimentConfig, base: dict, name: str, sweep_dir: Path, resume: bool):
     """The sweep's parent MLflow run, created once and found again on resume (with the config the sweep
     started with); returns it with that config."""
-
-    uri = cfg.tracking.uri or default_tracking_uri()
-    experiment = cfg.tracking.experiment or cfg.name
-    if cfg.tracking.enabled:
-        try:
-            prepare(uri, experiment)  # once, here: concurrent trials must not race on a new sqlite schema
-        except TrackingUnavailable as e:
-            print(f"warning: {e}; the sweep continues and its runs are buffered locally", flush=True)
+    uri, experiment = prepare_for(cfg, "the sweep")
     sweep_file = sweep_dir / SWEEP_FILE
     sweep_state = json.loads(sweep_file.read_text()) if sweep_file.is_file() else {}
     if resume and "base" in sweep_state:  # a resumed sweep keeps the config it started with
