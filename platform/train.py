@@ -439,7 +439,7 @@ def run_training(
     `hidrop_platform.faults` join them when their environment variable asks."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Queue
 
     t = cfg.train
     uri, experiment = prepare_for(cfg, "training")
@@ -471,21 +471,7 @@ def run_training(
     )
     start = time.perf_counter()
     done, stopped = threading.Event(), []
-
-    def listen() -> None:  # rank 0's news until the fit ends, then whatever is left in the queue
-        while True:
-            try:
-                item = news.get(timeout=1.0)
-            except Empty:
-                if done.is_set():
-                    return
-                continue
-            if item.stopped is not None:
-                stopped.append(item.stopped)
-            elif progress is not None:
-                progress(item.progress)
-
-    listener = threading.Thread(target=listen, daemon=True)
+    listener = threading.Thread(target=_listen, args=(news, progress, done, stopped), daemon=True)
     listener.start()
     try:
         result = trainer.fit()
@@ -506,6 +492,23 @@ def run_training(
         "export": str(storage / cfg.name / "export" / "final"),
         "tracking_uri": uri,
     }
+
+
+def _listen(news, progress: Optional[Callable[[dict], None]], done: threading.Event, stopped: list) -> None:
+    """Rank 0's news until the fit ends, then whatever is left in the queue."""
+    from ray.util.queue import Empty
+
+    while True:
+        try:
+            item = news.get(timeout=1.0)
+        except Empty:
+            if done.is_set():
+                return
+            continue
+        if item.stopped is not None:
+            stopped.append(item.stopped)
+        elif progress is not None:
+            progress(item.progress)
 
 
 def start_ray(address: Optional[str] = None) -> None:
