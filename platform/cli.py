@@ -147,16 +147,24 @@ def eval_command(
     experiment: str = typer.Argument(..., help="experiment YAML (model, schedule(s), eval section)"),
     overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides, e.g. eval.batch_size=4"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    records: Optional[str] = typer.Option(
+        None, "--records", help="also write every question's record (method, answer, score, unit) to FILE.jsonl[.gz]"
+    ),
 ):
-    """Score the experiment's schedule(s) and the baselines on its benchmarks (offline ones by default)."""
-    from hidrop_platform.evaluate import EvalSetupError, build_model, run_eval
+    """Score the experiment's schedule(s) and the baselines on its benchmarks (offline ones by default), each
+    score with its 95% bootstrap interval."""
+    from hidrop_platform.evaluate import EvalSetupError, build_model, run_eval, write_records
 
     cfg = _load(experiment, overrides)
+    if records and not records.endswith((".jsonl", ".jsonl.gz")):
+        _fail(f"--records {records}: records are written as JSON lines; name the file *.jsonl or *.jsonl.gz")
     try:
         if as_json:
             with _stdout_to_stderr():
-                report = run_eval(cfg)
-            print(json.dumps(report.to_dict(), indent=2))
+                report = run_eval(cfg, keep_records=bool(records))
+                if records:
+                    write_records(report, records)
+            print(json.dumps(report.to_dict(records=False), indent=2))
             return
         from rich.progress import (
             BarColumn,
@@ -182,7 +190,10 @@ def eval_command(
             def progress(done: int, total: int, label: str) -> None:
                 bar.update(task, completed=done, total=total, description=f"evaluating {label}")
 
-            report = run_eval(cfg, progress=progress, vlm=vlm)
+            report = run_eval(cfg, progress=progress, vlm=vlm, keep_records=bool(records))
+        if records:
+            count = write_records(report, records)
+            out.print(f"{count} question records written to {records}")
     except EvalSetupError as e:
         _fail(str(e))
     _print_eval(report)
@@ -247,6 +258,14 @@ def train(
     out.print(f"  MLflow: {result['tracking_uri']}")
 
 
+def _with_interval(value: Optional[float], interval: Optional[list[float]]) -> str:
+    if value is None:
+        return "-"
+    if not interval:
+        return f"{value:.1f}"
+    return f"{value:.1f} [{interval[0]:.1f}, {interval[1]:.1f}]"
+
+
 def _print_eval(report: EvalReport) -> None:
     names = report.benchmark_names()
     table = Table(
@@ -256,21 +275,28 @@ def _print_eval(report: EvalReport) -> None:
     table.add_column("method")
     for n in names:
         table.add_column(n, justify="right")
-    for col in ("relative %", "avg vis tokens", "vision TFLOPs", "model TFLOPs", "evidence recall"):
+    for col in ("relative %", "like", "avg vis tokens", "vision TFLOPs", "model TFLOPs", "evidence recall"):
         table.add_column(col, justify="right")
     for r in report.methods:
         recall = next((b.evidence_recall for b in r.benchmarks.values() if b.evidence_recall is not None), None)
-        rel = r.relative_score
+        like = [w for w, flag in (("all tokens", r.like_reference), ("blind", r.like_blind)) if flag]
         table.add_row(
             r.method,
-            *[f"{r.benchmarks[n].score:.1f}" for n in names],
-            "-" if rel is None else f"{rel:.1f}",
+            *[_with_interval(r.benchmarks[n].score, r.benchmarks[n].interval) for n in names],
+            _with_interval(r.relative_score, r.relative_interval),
+            " & ".join(like) if r.kind != report.reference else "",
             f"{r.avg_vision_tokens:.1f}",
             f"{r.vision_tflops:.4f}",
             f"{r.model_tflops:.4f}",
             "-" if not recall else " / ".join(f"{x:.2f}" for x in recall),
         )
     out.print(table)
+    if report.n_resamples:
+        out.print(
+            f"[dim]95% intervals: bootstrap over each benchmark's unit ({report.n_resamples} resamples); the relative "
+            "score's is paired with all tokens on the same questions. like: indistinguishable from all tokens "
+            "(its interval contains 100) / from blind (paired).[/]"
+        )
     per_family = {
         r.method: {
             f"{bn}/{k.removeprefix('family/')}": v

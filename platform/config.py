@@ -120,6 +120,9 @@ class EvalConfig(BaseModel):
     # LLaVA-1.5-7B), "none", or a model of hidrop/evaluation/published.yaml (llava15_7b, mobilellama_2.7b)
     published: str = "auto"
     published_training: Literal["any", "training_free", "trained", "trained_eval_training_free"] = "any"
+    # leave benchmarks where all tokens is not significantly above blind out of `hidrop eval`'s relative score
+    require_signal: bool = True
+    resamples: int = Field(default=1000, ge=100)  # bootstrap resamples behind every interval
 
     @model_validator(mode="after")
     def _known_published(self) -> "EvalConfig":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -73,8 +75,12 @@ def benchmarks_for(cfg: ExperimentConfig, limit: Optional[int] = None) -> list:
         raise EvalSetupError(f"eval.benchmarks: {msg}") from None
 
 
-def run_eval(cfg: ExperimentConfig, progress: Optional[Callable[[int, int, str], None]] = None, vlm=None) -> EvalReport:
-
+def run_eval(
+    cfg: ExperimentConfig,
+    progress: Optional[Callable[[int, int, str], None]] = None,
+    vlm=None,
+    keep_records: bool = False,
+) -> EvalReport:
     torch.manual_seed(cfg.seed)
     vlm = vlm or build_model(cfg)
     schedules = cfg.schedules() if cfg.eval.include_compare else [cfg.main_schedule]
@@ -90,6 +96,9 @@ def run_eval(cfg: ExperimentConfig, progress: Optional[Callable[[int, int, str],
             max_new_tokens=cfg.eval.max_new_tokens,
             seed=cfg.seed,
             progress=progress,
+            keep_records=keep_records,
+            require_signal=cfg.eval.require_signal,
+            n_resamples=cfg.eval.resamples,
         )
     except EvalError as e:
         raise EvalSetupError(str(e)) from None
@@ -97,6 +106,23 @@ def run_eval(cfg: ExperimentConfig, progress: Optional[Callable[[int, int, str],
     report.device = str(vlm.device)
     attach_published(report, cfg)
     return report
+
+
+def write_records(report: EvalReport, path: str | Path) -> int:
+    """The report's per-question records as JSON lines (gzip when the name ends in .gz); returns the count."""
+    path = Path(path)
+    if not path.name.endswith((".jsonl", ".jsonl.gz")):
+        raise EvalSetupError(
+            f"--records {path}: records are written as JSON lines; name the file *.jsonl or *.jsonl.gz"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    count = 0
+    with opener(path, "wt", encoding="utf-8") as f:
+        for row in report.record_rows():
+            f.write(json.dumps(row) + "\n")
+            count += 1
+    return count
 
 
 def evaluate_schedule(

@@ -23,7 +23,15 @@ from hidrop.cost import ModelShape, VisionEncoderShape, cost_report, text_only_t
 from hidrop.data import Collator, encode_sample, get_template
 from hidrop.evaluation.metrics import evidence_recall, mean, relative_score
 from hidrop.evaluation.registry import Benchmark
-from hidrop.evaluation.results import BenchmarkPlan, BenchmarkResult, EvalReport, MethodResult, ModelInfo
+from hidrop.evaluation.results import (
+    BenchmarkPlan,
+    BenchmarkResult,
+    EvalReport,
+    MethodResult,
+    ModelInfo,
+    QuestionRecord,
+)
+from hidrop.evaluation.uncertainty import N_RESAMPLES, attach_intervals
 from hidrop.models import VisionLanguageModel
 from hidrop.sample import Sample
 from hidrop.schedule import Schedule, first_error_line, vanilla
@@ -194,12 +202,18 @@ def evaluate(
     progress: Optional[Callable[[int, int, str], None]] = None,
     keep_predictions: bool = False,
     reference_scores: Optional[dict[str, float]] = None,
+    keep_records: bool = False,
+    require_signal: bool = False,
+    n_resamples: int = N_RESAMPLES,
 ) -> EvalReport:
     """Score every schedule and baseline on every benchmark.
 
     progress(done_batches, total_batches, label) is called after each batch. `reference_scores`
     (benchmark -> all_tokens score from an earlier run with the same benchmarks and seed) skips the
     unpruned pass and scores relative to those figures: a search evaluates its reference once.
+    Every score gets a bootstrap interval (`n_resamples`, hidrop.evaluation.uncertainty); `keep_records`
+    keeps every question's record; `require_signal` leaves benchmarks where all tokens is not significantly
+    above blind out of the relative score.
     """
     if mode not in MODES:
         raise EvalError(f"unknown mode {mode!r}; choose from {list(MODES)}")
@@ -220,11 +234,13 @@ def evaluate(
     plans, fallback_notes = _plans(vlm, benchmarks, mode)
     start = time.perf_counter()
     per_method, text_tokens = _score_plans(
-        vlm, methods, plans, batch_size, max_new_tokens, seed, keep_predictions, progress
+        vlm, methods, plans, batch_size, max_new_tokens, seed, keep_predictions, keep_records, progress
     )
     wall = time.perf_counter() - start
     report = _report(vlm, methods, per_method, plans, mean(text_tokens), wall, reference_scores)
     report.notes = fallback_notes + report.notes
+    raw = {m.name: per_method[m.name]["raw"] for m in methods}
+    attach_intervals(report, plans, raw, seed=seed, require_signal=require_signal, n_resamples=n_resamples)
     return report
 
 
@@ -258,7 +274,9 @@ def _plans(vlm: VisionLanguageModel, benchmarks: Sequence[Benchmark], mode: str)
     return plans, fallback_notes
 
 
-def _score_plans(vlm, methods: list[Method], plans, batch_size, max_new_tokens, seed, keep_predictions, progress):
+def _score_plans(
+    vlm, methods: list[Method], plans, batch_size, max_new_tokens, seed, keep_predictions, keep_records, progress
+):
     """Every method on every plan's batches (each batch's images once through the vision tower); returns
     per-method benchmark results and counts, and the mean text length per batch."""
     template = get_template(vlm.template)
@@ -266,7 +284,7 @@ def _score_plans(vlm, methods: list[Method], plans, batch_size, max_new_tokens, 
     engines = {m.name: vlm.scheduled(m.schedule) for m in methods}
     total_batches = sum(math.ceil(len(p[1]) / batch_size) for p in plans)
     done = 0
-    per_method: dict[str, dict] = {m.name: {"benchmarks": {}, "recall": [], "vision_counts": []} for m in methods}
+    per_method: dict[str, dict] = {m.name: {"benchmarks": {}, "raw": {}, "vision_counts": []} for m in methods}
     text_tokens = []
     was_training = vlm.model.training
     vlm.model.eval()
@@ -302,6 +320,14 @@ def _score_plans(vlm, methods: list[Method], plans, batch_size, max_new_tokens, 
                     extra["evidence_recall"] = [mean(r[i] for r in rec if r[i] is not None) for i in range(len(rec[0]))]
                 if keep_predictions:
                     extra["predictions"] = {s.id: p for s, p in zip(samples, preds[m.name])}
+                if keep_records:
+                    extra["records"] = [
+                        QuestionRecord(
+                            id=s.id, family=s.family, prediction=p, reference=s.answer, score=sc, unit=bench.unit(s)
+                        )
+                        for s, p, sc in zip(samples, preds[m.name], scores[m.name])
+                    ]
+                per_method[m.name]["raw"][bench.name] = scores[m.name]
                 per_method[m.name]["benchmarks"][bench.name] = BenchmarkResult(
                     **figures, samples=len(samples), mode=bench_mode, **extra
                 )

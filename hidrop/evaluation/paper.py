@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -290,6 +291,9 @@ class POPE(LocalBenchmark):
     def score(self, sample: Sample, prediction: str) -> float:
         return float(parse_yes_no(prediction) == (sample.answer or "").strip().lower())
 
+    def stratum(self, sample: Sample) -> str:
+        return sample.family  # the split: the score is the mean of the per-split F1
+
     def aggregate(self, samples: Sequence[Sample], scores: Sequence[float]) -> dict[str, float]:
         # the per-sample score says right / wrong; the prediction's yes / no follows from it and the label
         predictions = ["yes" if (s.answer == "yes") == bool(sc) else "no" for s, sc in zip(samples, scores)]
@@ -354,6 +358,12 @@ class MME(LocalBenchmark):
     def score(self, sample: Sample, prediction: str) -> float:
         return float(parse_yes_no(prediction) == sample.answer)
 
+    def unit(self, sample: Sample) -> str:
+        return f"{sample.family}/{sample.meta['image_key']}"  # acc+ needs both of an image's questions
+
+    def relabel(self, sample: Sample, copy: int) -> Sample:
+        return dataclasses.replace(sample, meta={**sample.meta, "image_key": f"{sample.meta['image_key']}#{copy}"})
+
     def aggregate(self, samples: Sequence[Sample], scores: Sequence[float]) -> dict[str, float]:
         m = mme_scores((s.family, s.meta["image_key"], bool(sc)) for s, sc in zip(samples, scores))
         total = m["perception"] if any(s.family in MME_PERCEPTION for s in samples) else m["cognition"]
@@ -413,6 +423,12 @@ class MMBench(ChoiceBenchmark):
                         )
                     )
         return out
+
+    def unit(self, sample: Sample) -> str:
+        return str(sample.meta["group"])  # CircularEval: a question counts when all its rotations are right
+
+    def relabel(self, sample: Sample, copy: int) -> Sample:
+        return dataclasses.replace(sample, meta={**sample.meta, "group": f"{sample.meta['group']}#{copy}"})
 
     def aggregate(self, samples: Sequence[Sample], scores: Sequence[float]) -> dict[str, float]:
         groups: dict[int, list[bool]] = defaultdict(list)

@@ -41,6 +41,25 @@ class Benchmark:
     def score(self, sample: Sample, prediction: str) -> float:
         return exact_match(prediction, sample.answer or "")
 
+    def unit(self, sample: Sample) -> str:
+        """What the official metric aggregates over, for resampling (hidrop.evaluation.uncertainty): the
+        question, unless a benchmark scores groups of questions together."""
+        return sample.id
+
+    def stratum(self, sample: Sample) -> str:
+        """Resampling keeps each stratum's size (POPE: its splits, averaged as separate scores)."""
+        return ""
+
+    def relabel(self, sample: Sample, copy: int) -> Sample:
+        """`sample` as the `copy`-th draw of its unit in a resample, so that `aggregate` counts a unit drawn
+        twice as two units (benchmarks that group by a key override this with a distinct key)."""
+        return sample
+
+    @classmethod
+    def mean_score(cls) -> bool:
+        """The score is 100 x the mean per-question score (the base aggregate): resampling needs no loop."""
+        return cls.aggregate is Benchmark.aggregate
+
     def aggregate(self, samples: Sequence[Sample], scores: Sequence[float]) -> dict[str, float]:
         """{"score": the headline figure, plus per-family figures}, all in percent."""
         out = {"score": 100.0 * mean(scores)}

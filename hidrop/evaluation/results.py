@@ -7,11 +7,35 @@ A benchmark's own figures (`family/...`, `category/...`, POPE's per-split F1) ri
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from pydantic import BaseModel, ConfigDict
 
 from hidrop.schedule import Schedule
+
+
+class QuestionRecord(BaseModel):
+    """One scored question: what a later analysis needs without re-running the model."""
+
+    id: str
+    family: str = ""
+    prediction: str
+    reference: Optional[str] = None
+    score: float  # the per-question score (0/1, or the VQA soft score)
+    unit: str  # what the official metric aggregates over (the question, an MME image pair, an MMBench group)
+
+
+class PairedDifference(BaseModel):
+    """A - B on the same questions: the point difference, its paired bootstrap interval, a p-value (exact
+    McNemar for 0/1 scores, else the paired bootstrap's)."""
+
+    difference: float
+    low: float
+    high: float
+    p_value: Optional[float] = None
+
+    def significant(self) -> bool:
+        return self.low > 0 or self.high < 0
 
 
 class BenchmarkResult(BaseModel):
@@ -24,6 +48,9 @@ class BenchmarkResult(BaseModel):
     mode: str
     evidence_recall: Optional[list[float]] = None  # per drop, benchmarks with evidence only
     predictions: Optional[dict[str, str]] = None  # question id -> answer, with keep_predictions=True
+    interval: Optional[list[float]] = None  # 95% bootstrap interval of `score` [low, high]
+    vs_reference: Optional[PairedDifference] = None  # score - all tokens' score, paired
+    records: Optional[list[QuestionRecord]] = None  # with keep_records=True
 
     def figures(self) -> dict[str, Any]:
         """The benchmark's own figures beyond `score` (family/..., category/..., per-split F1)."""
@@ -43,12 +70,29 @@ class MethodResult(BaseModel):
     measured_avg_vision_tokens: Optional[float] = None
     vision_tflops: float
     model_tflops: float
+    relative_interval: Optional[list[float]] = None  # paired with the reference on the same resamples
+    like_reference: Optional[bool] = None  # the relative score's interval contains 100
+    like_blind: Optional[bool] = None  # its paired difference to blind's relative score is not significant
 
     def scores(self) -> dict[str, float]:
         return {b: e.score for b, e in self.benchmarks.items()}
 
     def as_schedule(self) -> Optional[Schedule]:
         return None if self.schedule is None else Schedule.model_validate(self.schedule)
+
+
+class SignalCheck(BaseModel):
+    """Does the model use the image on this benchmark: all tokens vs blind, paired."""
+
+    reference: float
+    reference_interval: list[float]
+    blind: float
+    blind_interval: list[float]
+    difference: PairedDifference
+    excluded: bool = False  # left out of the relative score (eval.require_signal)
+
+    def has_signal(self) -> bool:
+        return self.difference.low > 0
 
 
 class ModelInfo(BaseModel):
@@ -72,6 +116,8 @@ class EvalReport(BaseModel):
     mean_text_tokens: float
     wall_time_s: float
     notes: list[str] = []
+    n_resamples: Optional[int] = None  # bootstrap resamples behind every interval
+    signal: Optional[dict[str, SignalCheck]] = None  # per benchmark, when blind ran
     # set by the platform's `hidrop eval`
     experiment: Optional[str] = None
     device: Optional[str] = None
@@ -96,6 +142,17 @@ class EvalReport(BaseModel):
     def benchmark_names(self) -> list[str]:
         return [b.name for b in self.benchmarks]
 
-    def to_dict(self) -> dict:
-        """The JSON form (fields the run never set, such as predictions, are left out)."""
-        return self.model_dump(exclude_unset=True)
+    def to_dict(self, records: bool = True) -> dict:
+        """The JSON form (fields the run never set, such as predictions, are left out; `records=False`
+        leaves the per-question records out too)."""
+        exclude = None
+        if not records:
+            exclude = {"methods": {"__all__": {"benchmarks": {"__all__": {"records"}}}}}
+        return self.model_dump(exclude_unset=True, exclude=exclude)
+
+    def record_rows(self) -> Iterator[dict]:
+        """Every kept per-question record, flat: method, benchmark, then the record's fields."""
+        for m in self.methods:
+            for b, e in m.benchmarks.items():
+                for r in e.records or []:
+                    yield {"method": m.method, "benchmark": b, **r.model_dump()}
