@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -142,7 +143,20 @@ def evaluate_schedule(
         max_new_tokens=cfg.eval.max_new_tokens,
         seed=cfg.seed,
         reference_scores=None if schedule.is_vanilla() else reference_scores,
+        keep_records=True,
+        n_resamples=cfg.eval.resamples,
     )
+
+
+def log_records(tracker, report: EvalReport) -> None:
+    """Every question's record of `report` as one compact artifact of the run (eval/records.jsonl.gz), so
+    a later analysis reads them back without re-running a model."""
+    if not tracker.enabled:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / N.RECORDS_FILE
+        write_records(report, path)
+        tracker.log_artifact(path, N.RECORDS_DIR)
 
 
 def score_metrics(report: EvalReport, schedule) -> dict[str, float]:
@@ -150,7 +164,12 @@ def score_metrics(report: EvalReport, schedule) -> dict[str, float]:
     model's per-benchmark scores when the report measured them alongside."""
     row = report.row_for(schedule)
     metrics = {N.RELATIVE_SCORE: row.relative_score}
+    if row.relative_interval and row is not report.methods[0]:
+        metrics[N.RELATIVE_SCORE_LOW], metrics[N.RELATIVE_SCORE_HIGH] = row.relative_interval
     metrics.update(N.per_benchmark(N.SCORE, row.scores()))
+    intervals = {b: e.interval for b, e in row.benchmarks.items() if e.interval}
+    metrics.update(N.per_benchmark(N.SCORE_LOW, {b: i[0] for b, i in intervals.items()}))
+    metrics.update(N.per_benchmark(N.SCORE_HIGH, {b: i[1] for b, i in intervals.items()}))
     reference = report.reference_row() if any(m.kind == report.reference for m in report.methods) else None
     if reference is not None and reference is not row:
         metrics.update(N.per_benchmark(N.ALL_TOKENS, reference.scores()))

@@ -35,6 +35,8 @@ OUTCOME_STATUSES = (FINISHED, STOPPED_EARLY)  # trials whose metrics are results
 
 # ---- metrics ----------------------------------------------------------------------------------------
 RELATIVE_SCORE = "relative_score"  # the paper's Avg (%) against the unpruned model
+RELATIVE_SCORE_LOW = "relative_score_lo"  # its paired 95% interval, when the run measured the reference too
+RELATIVE_SCORE_HIGH = "relative_score_hi"
 AVG_VISION_TOKENS = "avg_vision_tokens"
 MEASURED_AVG_VISION_TOKENS = "measured_avg_vision_tokens"
 VISION_TFLOPS = "vision_tflops"  # per sample, the paper's formula
@@ -82,6 +84,8 @@ SCORE = "score/"  # the run's (or trial's) score
 REFERENCE = "reference/"  # a sweep's unpruned reference
 BLIND = "blind/"  # a sweep's blind (no image) baseline
 ALL_TOKENS = "all_tokens/"  # a trained model evaluated unpruned
+SCORE_LOW = "score_lo/"  # the 95% bootstrap interval of score/<bench>
+SCORE_HIGH = "score_hi/"
 LEARNED_KEEP = "learned_keep/"  # learnable keep counts, per filtering layer (1-based)
 
 # ---- params -----------------------------------------------------------------------------------------
@@ -120,6 +124,8 @@ REPORT_DIR = "report"  # hidrop report's files, on the sweep's parent
 ANALYSIS_DIR = "analysis"  # analyze's curves.png, analysis.json, proposed.yaml
 ANALYSIS_CURVES = "analysis/curves.png"
 MODEL_DIR = "model"  # a training's export; intermediate ones under model/step-N
+RECORDS_DIR = "eval"  # eval/records.jsonl.gz: every question's record of a trial's or training's evaluation
+RECORDS_FILE = "records.jsonl.gz"
 
 
 def per_benchmark(prefix: str, scores: Mapping[str, float]) -> dict[str, float]:

@@ -46,6 +46,7 @@ from hidrop_platform.evaluate import (
     benchmarks_for,
     build_model,
     evaluate_schedule,
+    log_records,
     model_shape_for_cost,
     score_metrics,
 )
@@ -409,15 +410,17 @@ class _EvalAfter(Hook):
     def on_step_end(self, loop: TrainingLoop, step: StepEnd) -> None:
         if step.step != step.total or self.rank != 0:
             return
-        scores = _score_trained(self.cfg, self.vlm, self.module.engine.learned_schedule())
+        scores = _score_trained(self.cfg, self.vlm, self.module.engine.learned_schedule(), self.tracker)
         if self.tracker.enabled:
             self.tracker.log_metrics(scores, step=step.step)
 
 
-def _score_trained(cfg: ExperimentConfig, vlm, schedule) -> dict[str, float]:
+def _score_trained(cfg: ExperimentConfig, vlm, schedule, tracker) -> dict[str, float]:
     """The trained model on eval.benchmarks: its schedule's scores, relative to the same model unpruned."""
 
-    return score_metrics(evaluate_schedule(cfg, vlm, schedule, benchmarks_for(cfg)), schedule)
+    report = evaluate_schedule(cfg, vlm, schedule, benchmarks_for(cfg))
+    log_records(tracker, report)  # rank 0 only: the others' trackers are disabled
+    return score_metrics(report, schedule)
 
 
 def _mean_across(value: torch.Tensor, world: int) -> float:

@@ -34,7 +34,14 @@ from hidrop.schedule import ScheduleSpec, vanilla
 from hidrop.training import Hook, StepEnd, TrainingLoop, make_dataset, plain_training
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ConfigError, ExperimentConfig, flatten, validate_config, with_overrides
-from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model, evaluate_schedule, score_metrics
+from hidrop_platform.evaluate import (
+    EvalSetupError,
+    benchmarks_for,
+    build_model,
+    evaluate_schedule,
+    log_records,
+    score_metrics,
+)
 from hidrop_platform.faults import fail_trial_if_asked
 from hidrop_platform.pareto import plot_pareto
 from hidrop_platform.sweep import TrialRecord, summarize_sweep
@@ -330,11 +337,13 @@ def _trial_model(cfg: ExperimentConfig, fresh: bool):
     return _MODEL_CACHE[key]
 
 
-def _evaluate(cfg: ExperimentConfig, vlm, reference: dict, benches: list) -> dict:
-    """Metrics of the trial's schedule on `benches`, relative to the sweep's reference."""
+def _evaluate(cfg: ExperimentConfig, vlm, reference: dict, benches: list, tracker) -> dict:
+    """Metrics of the trial's schedule on `benches`, relative to the sweep's reference; its per-question
+    records go to the trial's run."""
 
     schedule = cfg.main_schedule
     report = evaluate_schedule(cfg, vlm, schedule, benches, reference_scores=reference["scores"])
+    log_records(tracker, report)
     row = report.row_for(schedule)
     metrics = {
         **score_metrics(report, schedule),
@@ -407,7 +416,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         if cfg.tune.kind == "trained":
             metrics = _trained(cfg, ctx, tracker, start, devices, reported)
         else:
-            metrics = _evaluate(cfg, _trial_model(cfg, fresh=False), ctx.reference, benchmarks_for(cfg))
+            metrics = _evaluate(cfg, _trial_model(cfg, fresh=False), ctx.reference, benchmarks_for(cfg), tracker)
             metrics[N.ACCELERATOR_HOURS] = (time.perf_counter() - start) * devices / 3600
             metrics[N.WALL_S] = time.perf_counter() - start
             tracker.log_metrics(metrics, step=0)
@@ -460,7 +469,7 @@ class _EvalEvery(Hook):
         self.tracker.log_metrics({N.LOSS: step.loss}, step=step.step)
         if step.step % self.cfg.tune.eval_every and step.step != step.total:
             return
-        metrics = _evaluate(self.cfg, self.vlm, self.reference, self.benches)
+        metrics = _evaluate(self.cfg, self.vlm, self.reference, self.benches, self.tracker)
         wall = time.perf_counter() - self.start
         metrics.update(
             {
