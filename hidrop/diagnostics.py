@@ -274,6 +274,7 @@ def run_sweeps(
         batch_size=batch_size,
         seed=seed,
         progress=progress,
+        n_resamples=0,  # point estimates: the sweep curves carry no intervals yet
     )
     score = {r.method: mean(r.scores().values()) for r in report.methods}
     return {

@@ -337,6 +337,7 @@ class TrainingLoop:
         hooks: Sequence[Hook] = (),
         state: Optional[LoopState] = None,
     ):
+        sampler.skip = 0  # `run` sets the skip per epoch; the lengths below are whole epochs
         if len(loader) == 0:
             raise ValueError(f"{len(loader.dataset)} training samples make no batch of {recipe.micro_batch_size}")
         self.runtime, self.loader, self.sampler, self.total, self.recipe = runtime, loader, sampler, total, recipe

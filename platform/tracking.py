@@ -679,7 +679,7 @@ def sync_spool(path: str | Path, tracking_uri: Optional[str] = None) -> str:
         header["experiment"],
         run_id=header["run_id"],
         run_name=header["run_name"],
-        spool_dir=path.parent,
+        spool_dir=spool.path.parent,
     )
     tracker.spool = spool
     tracker._started = True

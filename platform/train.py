@@ -511,7 +511,10 @@ def _listen(news, progress: Optional[Callable[[dict], None]], done: threading.Ev
         if item.stopped is not None:
             stopped.append(item.stopped)
         elif progress is not None:
-            progress(item.progress)
+            try:
+                progress(item.progress)
+            except Exception:  # a broken progress display must not swallow a later stop message
+                progress = None
 
 
 def start_ray(address: Optional[str] = None) -> None:

@@ -517,6 +517,7 @@ def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callab
             batch_size=cfg.eval.batch_size,
             max_new_tokens=cfg.eval.max_new_tokens,
             seed=cfg.seed,
+            n_resamples=cfg.eval.resamples,
         )
     except (EvalSetupError, EvalError, ValueError, KeyError) as e:
         raise TuneSetupError(f"reference evaluation: {str(e).splitlines()[0]}") from None

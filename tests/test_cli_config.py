@@ -142,11 +142,11 @@ def test_json_stdout_is_the_document_alone():
 import os, subprocess, types
 import hidrop_platform.evaluate as evaluate
 
-def noisy(cfg, progress=None, vlm=None):
+def noisy(cfg, progress=None, vlm=None, **kw):
     print("python-level noise")
     os.write(1, b"fd-level noise\\n")
     subprocess.run(["echo", "child noise"], check=True)
-    return types.SimpleNamespace(to_dict=lambda: {"ok": 1})
+    return types.SimpleNamespace(to_dict=lambda **kw: {"ok": 1})
 
 evaluate.run_eval = noisy
 from hidrop_platform.cli import app

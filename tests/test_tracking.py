@@ -218,6 +218,9 @@ def test_sync_spool_raises_while_still_down(down_uri, tmp_path):
     with pytest.raises(TrackingUnavailable, match="spool kept"):
         sync_spool(t.spool_path)
     assert t.spool_path.is_file()
+    with pytest.raises(TrackingUnavailable, match="spool kept"):
+        sync_spool(str(t.spool_path))  # as the finish() warning tells users to type it
+    assert t.spool_path.is_file()
 
 
 def test_offline_start_syncs_when_server_comes_back(store, down_uri, tmp_path):

@@ -230,3 +230,25 @@ def test_eval_cli_prints_intervals_writes_records_and_json_bounds(tmp_path):
     assert table.exit_code == 0 and "bootstrap" in table.output and " [" in table.output
     bad = CliRunner().invoke(app, ["eval", str(exp), "--records", str(tmp_path / "r.csv")])
     assert bad.exit_code == 2 and "JSON lines" in bad.output
+
+
+def test_mme_resamples_keep_every_category_and_p_values_follow_the_unit():
+    from hidrop.evaluation.uncertainty import attach_intervals
+
+    mme = MME(root="/nonexistent")
+    cats = ("color", "count")
+    pairs = [
+        Sample(id=f"{c}{i}", conversations=(), answer="Yes", family=c, meta={"image_key": f"{c}{i // 2}"})
+        for c in cats
+        for i in range(8)
+    ]
+    r = Resampler(mme, pairs, seed=0, n_resamples=100)
+    for row in r.unit_picks:  # every resample draws 4 pairs of each category
+        drawn = [pairs[r.units[u][0]].family for u in row]
+        assert drawn.count("color") == drawn.count("count") == 4
+    # grouped metric: the p-value is the bootstrap's, not McNemar's on questions
+    raw = {"all_tokens": {"mme": [1.0] * 16}, "x": {"mme": [1.0, 0.0] * 8}}
+    report = _report(raw)
+    attach_intervals(report, [(mme, pairs)], raw, n_resamples=200)
+    assert report.method("x").benchmarks["mme"].vs_reference.p_value == pytest.approx(0.0)
+    assert mcnemar_p(raw["x"]["mme"], raw["all_tokens"]["mme"]) > 0  # McNemar would have said otherwise

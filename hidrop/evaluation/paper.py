@@ -361,6 +361,9 @@ class MME(LocalBenchmark):
     def unit(self, sample: Sample) -> str:
         return f"{sample.family}/{sample.meta['image_key']}"  # acc+ needs both of an image's questions
 
+    def stratum(self, sample: Sample) -> str:
+        return sample.family  # the score sums per-category figures: every resample keeps every category
+
     def relabel(self, sample: Sample, copy: int) -> Sample:
         return dataclasses.replace(sample, meta={**sample.meta, "image_key": f"{sample.meta['image_key']}#{copy}"})
 

@@ -122,11 +122,13 @@ def mcnemar_p(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
 
 
 # ---- on an evaluation report -------------------------------------------------------------------------
-def _difference(point: float, resampled: np.ndarray, a: Sequence[float], b: Sequence[float]):
+def _difference(point: float, resampled: np.ndarray, a: Sequence[float], b: Sequence[float], per_question: bool):
+    """`per_question`: the score is the mean over independent questions, so McNemar applies; grouped or
+    non-mean metrics (MME pairs, MMBench groups, POPE's F1) take the bootstrap's p-value."""
     from hidrop.evaluation.results import PairedDifference
 
     lo, hi = percentile_interval(resampled)
-    p = mcnemar_p(a, b)
+    p = mcnemar_p(a, b) if per_question else None
     return PairedDifference(difference=point, low=lo, high=hi, p_value=bootstrap_p(resampled) if p is None else p)
 
 
@@ -150,6 +152,8 @@ def attach_intervals(
     from hidrop.evaluation.metrics import relative_score
     from hidrop.evaluation.results import SignalCheck
 
+    if n_resamples <= 0:
+        return  # intervals switched off (a caller that only needs point estimates)
     resamplers = {
         plan[0].name: Resampler(plan[0], plan[1], seed=seed * 1_000_003 + i, n_resamples=n_resamples)
         for i, plan in enumerate(plans)
@@ -167,7 +171,9 @@ def attach_intervals(
             continue
         for b, e in m.benchmarks.items():
             diff = stats[m.method][b] - stats[ref.method][b]
-            e.vs_reference = _difference(e.score - ref.benchmarks[b].score, diff, raw[m.method][b], raw[ref.method][b])
+            e.vs_reference = _difference(
+                e.score - ref.benchmarks[b].score, diff, raw[m.method][b], raw[ref.method][b], resamplers[b].fast
+            )
     blind = next((m for m in report.methods if m.kind == "blind"), None)
     kept = list(ref.benchmarks)
     if blind is not None:
@@ -179,6 +185,7 @@ def attach_intervals(
                 stats[ref.method][b] - stats[blind.method][b],
                 raw[ref.method][b],
                 raw[blind.method][b],
+                resamplers[b].fast,
             )
             report.signal[b] = SignalCheck(
                 reference=e.score,
@@ -200,7 +207,7 @@ def attach_intervals(
             for m in report.methods:
                 m.relative_score = relative_score({b: m.benchmarks[b].score for b in kept}, ref.scores())
         elif silent:
-            why = "on none of the benchmarks, so all are kept" if require_signal else "kept (eval.require_signal=false)"
+            why = "on none of the benchmarks, so all are kept" if require_signal else "kept in the relative score"
             report.notes.append(
                 f"all tokens is not significantly above blind on {', '.join(silent)}: "
                 f"no signal there; {why}; relative scores there measure noise"
@@ -209,9 +216,10 @@ def attach_intervals(
     relative = {m.method: paired_relative({b: stats[m.method][b] for b in kept}, ref_stats) for m in report.methods}
     for m in report.methods:
         m.relative_interval = list(percentile_interval(relative[m.method]))
-        if m is not ref:
-            lo, hi = m.relative_interval
+        lo, hi = m.relative_interval
+        if m is not ref and math.isfinite(lo) and math.isfinite(hi):  # undefined ratios: no verdict
             m.like_reference = bool(lo <= 100.0 <= hi)
         if blind is not None and m is not blind:
             lo, hi = percentile_interval(relative[m.method] - relative[blind.method])
-            m.like_blind = bool(lo <= 0.0 <= hi)
+            if math.isfinite(lo) and math.isfinite(hi):
+                m.like_blind = bool(lo <= 0.0 <= hi)
