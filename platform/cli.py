@@ -18,6 +18,7 @@ from rich.table import Table
 
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, paper_table
 from hidrop.evaluation.results import EvalReport
+from hidrop.evaluation.uncertainty import format_interval
 from hidrop_platform import mlflow_names as N
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Vision-token schedules for LLaVA-style models.")
@@ -153,12 +154,12 @@ def eval_command(
 ):
     """Score the experiment's schedule(s) and the baselines on its benchmarks (offline ones by default), each
     score with its 95% bootstrap interval."""
-    from hidrop_platform.evaluate import EvalSetupError, build_model, run_eval, write_records
+    from hidrop_platform.evaluate import EvalSetupError, build_model, check_records_path, run_eval, write_records
 
     cfg = _load(experiment, overrides)
-    if records and not records.endswith((".jsonl", ".jsonl.gz")):
-        _fail(f"--records {records}: records are written as JSON lines; name the file *.jsonl or *.jsonl.gz")
     try:
+        if records:
+            check_records_path(records)
         if as_json:
             with _stdout_to_stderr():
                 report = run_eval(cfg, keep_records=bool(records))
@@ -259,11 +260,7 @@ def train(
 
 
 def _with_interval(value: Optional[float], interval: Optional[list[float]]) -> str:
-    if value is None:
-        return "-"
-    if not interval:
-        return f"{value:.1f}"
-    return f"{value:.1f} [{interval[0]:.1f}, {interval[1]:.1f}]"
+    return "-" if value is None else format_interval(value, interval)
 
 
 def _print_eval(report: EvalReport) -> None:

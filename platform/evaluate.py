@@ -109,13 +109,19 @@ def run_eval(
     return report
 
 
-def write_records(report: EvalReport, path: str | Path) -> int:
-    """The report's per-question records as JSON lines (gzip when the name ends in .gz); returns the count."""
+def check_records_path(path: str | Path) -> Path:
+    """Records are JSON lines: refuse any other file name before an evaluation runs."""
     path = Path(path)
     if not path.name.endswith((".jsonl", ".jsonl.gz")):
         raise EvalSetupError(
             f"--records {path}: records are written as JSON lines; name the file *.jsonl or *.jsonl.gz"
         )
+    return path
+
+
+def write_records(report: EvalReport, path: str | Path) -> int:
+    """The report's per-question records as JSON lines (gzip when the name ends in .gz); returns the count."""
+    path = check_records_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     opener = gzip.open if path.name.endswith(".gz") else open
     count = 0
@@ -162,15 +168,14 @@ def log_records(tracker, report: EvalReport) -> None:
 def score_metrics(report: EvalReport, schedule) -> dict[str, float]:
     """The MLflow metrics of `schedule`'s scores: relative score, per-benchmark scores, and the unpruned
     model's per-benchmark scores when the report measured them alongside."""
-    row = report.row_for(schedule)
+    row, reference = report.row_for(schedule), report.measured_reference()
     metrics = {N.RELATIVE_SCORE: row.relative_score}
-    if row.relative_interval and row is not report.methods[0]:
+    if row.relative_interval and row is not reference:
         metrics[N.RELATIVE_SCORE_LOW], metrics[N.RELATIVE_SCORE_HIGH] = row.relative_interval
     metrics.update(N.per_benchmark(N.SCORE, row.scores()))
     intervals = {b: e.interval for b, e in row.benchmarks.items() if e.interval}
     metrics.update(N.per_benchmark(N.SCORE_LOW, {b: i[0] for b, i in intervals.items()}))
     metrics.update(N.per_benchmark(N.SCORE_HIGH, {b: i[1] for b, i in intervals.items()}))
-    reference = report.reference_row() if any(m.kind == report.reference for m in report.methods) else None
     if reference is not None and reference is not row:
         metrics.update(N.per_benchmark(N.ALL_TOKENS, reference.scores()))
     return metrics

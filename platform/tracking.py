@@ -228,6 +228,11 @@ def close_if_running(tracking_uri: str, run_id: str, status: str, tags: dict) ->
         raise
 
 
+def default_spool_dir() -> Path:
+    """Where offline records wait: ./mlruns/spool, resolved (workers and trials may run elsewhere)."""
+    return (Path(DEFAULT_TRACKING_DIR) / "spool").resolve()
+
+
 def tracking_target(cfg: "ExperimentConfig") -> tuple[str, str]:
     """(tracking URI, MLflow experiment name) of an experiment: its `tracking:` section, else the local
     store and the experiment's name. The one place these defaults are resolved."""
@@ -365,7 +370,7 @@ class Tracker:
         self.enabled = enabled
         self.retry_interval = retry_interval
         self.experiment_id: Optional[str] = None
-        spool_dir = Path(spool_dir) if spool_dir is not None else Path(DEFAULT_TRACKING_DIR) / "spool"
+        spool_dir = Path(spool_dir) if spool_dir is not None else default_spool_dir()
         # a random suffix: ranks or trials sharing a run name must never append to the same spool
         stem = f"{_safe_name(experiment)}-{_safe_name(run_name or run_id or 'run')}-{uuid.uuid4().hex[:8]}"
         self.spool = Spool(spool_dir.resolve() / f"{stem}.jsonl")

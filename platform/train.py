@@ -52,8 +52,8 @@ from hidrop_platform.evaluate import (
 )
 from hidrop_platform.faults import fault_hooks
 from hidrop_platform.tracking import (
-    DEFAULT_TRACKING_DIR,
     Tracker,
+    default_spool_dir,
     package_versions,
     prepare_for,
     schedule_params,
@@ -457,7 +457,7 @@ def run_training(
                 tracking_uri=uri,
                 experiment=experiment,
                 export_dir=str(storage / cfg.name / "export"),
-                spool_dir=str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool"),
+                spool_dir=str(default_spool_dir()),
                 hooks=[*hooks, *fault_hooks()],
                 news=news,
             )

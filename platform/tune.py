@@ -46,9 +46,9 @@ from hidrop_platform.faults import fail_trial_if_asked
 from hidrop_platform.pareto import plot_pareto
 from hidrop_platform.sweep import TrialRecord, summarize_sweep
 from hidrop_platform.tracking import (
-    DEFAULT_TRACKING_DIR,
     Tracker,
     close_if_running,
+    default_spool_dir,
     prepare_for,
     schedule_params,
 )
@@ -655,7 +655,7 @@ def _open_parent(cfg: ExperimentConfig, base: dict, name: str, sweep_dir: Path, 
         experiment,
         run_id=sweep_state.get("parent_run_id"),
         run_name=f"sweep:{name}",
-        spool_dir=str(Path(DEFAULT_TRACKING_DIR).resolve() / "spool"),
+        spool_dir=str(default_spool_dir()),
         enabled=cfg.tracking.enabled,
         tags={N.SWEEP: name, N.KIND: N.KIND_SWEEP},
     ).start()

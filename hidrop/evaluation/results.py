@@ -130,8 +130,15 @@ class EvalReport(BaseModel):
                 return m
         raise KeyError(f"no method {name!r} in the report; it has {[m.method for m in self.methods]}")
 
+    def measured_reference(self) -> Optional[MethodResult]:
+        """The reference's row, or None when the report scored against an earlier pass's figures."""
+        return next((m for m in self.methods if m.kind == self.reference), None)
+
     def reference_row(self) -> MethodResult:
-        return next(m for m in self.methods if m.kind == self.reference)
+        row = self.measured_reference()
+        if row is None:
+            raise KeyError(f"the report has no {self.reference} row (scored against earlier figures)")
+        return row
 
     def row_for(self, schedule: Schedule) -> MethodResult:
         """`schedule`'s row; a vanilla schedule is reported as the all-tokens row."""

@@ -132,7 +132,10 @@ def _difference(point: float, resampled: np.ndarray, a: Sequence[float], b: Sequ
     return PairedDifference(difference=point, low=lo, high=hi, p_value=bootstrap_p(resampled) if p is None else p)
 
 
-def _fmt(score: float, interval: Sequence[float]) -> str:
+def format_interval(score: float, interval: Optional[Sequence[float]]) -> str:
+    """`62.5 [54.2, 70.8]` (the score alone when it has no interval)."""
+    if not interval:
+        return f"{score:.1f}"
     return f"{score:.1f} [{interval[0]:.1f}, {interval[1]:.1f}]"
 
 
@@ -163,9 +166,9 @@ def attach_intervals(
         for b, e in m.benchmarks.items():
             e.interval = list(percentile_interval(stats[m.method][b]))
     report.n_resamples = n_resamples
-    if not any(m.kind == report.reference for m in report.methods):
+    ref = report.measured_reference()
+    if ref is None:
         return  # scored against an earlier pass's figures: no reference questions to pair with
-    ref = report.reference_row()
     for m in report.methods:
         if m is ref:
             continue
@@ -201,8 +204,8 @@ def attach_intervals(
                 c = report.signal[b]
                 c.excluded = True
                 report.notes.append(
-                    f"{b}: all tokens {_fmt(c.reference, c.reference_interval)} vs blind "
-                    f"{_fmt(c.blind, c.blind_interval)}: no signal, excluded from the relative score"
+                    f"{b}: all tokens {format_interval(c.reference, c.reference_interval)} vs blind "
+                    f"{format_interval(c.blind, c.blind_interval)}: no signal, excluded from the relative score"
                 )
             for m in report.methods:
                 m.relative_score = relative_score({b: m.benchmarks[b].score for b in kept}, ref.scores())
