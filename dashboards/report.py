@@ -26,9 +26,10 @@ from typing import Any, Optional
 
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, comparison_rows, format_delta
 from hidrop.evaluation.published import PublishedError, comparisons_for, exact_preset, method_from_name, model_key
+from hidrop.evaluation.uncertainty import format_interval
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.pareto import plot_pareto
-from hidrop_platform.sweep import TrialRecord, summarize_sweep
+from hidrop_platform.sweep import TrialRecord, front_mark, summarize_sweep
 from hidrop_platform.tracking import (
     TrackingUnavailable,
     download_artifact,
@@ -184,7 +185,8 @@ def _sweep(parent, children: list) -> dict:
             )
         )
     # the rule `hidrop tune` uses: a failed or killed trial's last metrics are no outcome
-    summary = summarize_sweep(records, reference, blind)
+    bounds = [m.get(N.BLIND_RELATIVE_LOW), m.get(N.BLIND_RELATIVE_HIGH)]
+    summary = summarize_sweep(records, reference, blind, bounds if None not in bounds else None)
     trials = [t.to_dict() for t in summary.trials]
     return {
         "name": _tag(parent, N.SWEEP),
@@ -193,6 +195,10 @@ def _sweep(parent, children: list) -> dict:
         "reference_scores": reference,
         "blind_scores": blind,
         "blind_relative_score": summary.blind_relative_score,
+        "blind_relative_interval": summary.blind_relative_interval,
+        "significant": summary.significant,
+        "blind_level": summary.blind_level,
+        "discoveries": summary.discoveries(),
         "benchmarks": _paper_order(reference),
         "published_model": parent_model,
         "wall_s": m.get(N.WALL_S),
@@ -277,8 +283,9 @@ def methods_table(data: dict) -> dict:
             order.index(t["label"].removeprefix("seed:")) if t["label"].removeprefix("seed:") in order else len(order)
         ),
     )
-    searched = sorted(
-        (t for t in data["trials"] if not t["seed"] and t.get("pareto")), key=lambda t: -t["relative_score"]
+    searched = sorted(  # discoveries only: a blind-level front point is no finding
+        (t for t in data["trials"] if not t["seed"] and t.get("pareto") and not t.get("blind_level")),
+        key=lambda t: -t["relative_score"],
     )[:MAX_SEARCHED_ROWS]
     rows = []
     for kind, group in (("preset", presets), ("searched", searched)):
@@ -292,6 +299,8 @@ def methods_table(data: dict) -> dict:
                     "vision_tflops": t.get("vision_tflops"),
                     "scores": {b: t["scores"].get(b) for b in benches},
                     "relative_score": t["relative_score"],
+                    "relative_interval": _bounds(t),
+                    "front": front_mark(t),
                     "plan": t["plan"],
                     "published": _comparisons(t, sweep["reference_scores"], "table1"),
                 }
@@ -306,11 +315,25 @@ def methods_table(data: dict) -> dict:
                 "vision_tflops": 0.0,
                 "scores": {b: sweep["blind_scores"].get(b) for b in benches},
                 "relative_score": sweep["blind_relative_score"],
+                "relative_interval": sweep.get("blind_relative_interval"),
+                "front": "",
                 "plan": "",
                 "published": [],
             }
         )
     return {"columns": benches, "rows": rows}
+
+
+def _bounds(t: dict) -> Optional[list[float]]:
+    lo, hi = t.get(N.RELATIVE_SCORE_LOW), t.get(N.RELATIVE_SCORE_HIGH)
+    return None if lo is None or hi is None else [lo, hi]
+
+
+def _relative_text(row: dict) -> str:
+    """Avg (%) with its paired 95% interval when the row has one."""
+    if row.get("relative_score") is None:
+        return "-"
+    return format_interval(row["relative_score"], row.get("relative_interval"))
 
 
 def _all_tokens_training(trainings: list[dict]) -> Optional[dict]:
@@ -440,7 +463,7 @@ def _markdown(table: dict, trainings: list[dict], hours_label: str, positions: l
                         r["method"] + (" *" if r["pareto"] else ""),
                         _fmt(r["avg_vision_tokens"]),
                         *(_fmt(r["scores"][b]) for b in table["columns"]),
-                        _fmt(r["relative_score"]),
+                        _relative_text(r),
                     ]
                 )
                 + " |"
@@ -658,10 +681,10 @@ def _html_sweep(data: dict, table: dict, figures: dict[str, Optional[Path]]) -> 
     head = ["method", "avg vision tokens", *table["columns"], "Avg (%)"]
     rows = [
         [
-            r["method"] + (" (front)" if r["pareto"] and r["kind"] == "preset" else ""),
+            r["method"] + (f" (front: {r['front']})" if r["pareto"] and r["kind"] == "preset" else ""),
             _fmt(r["avg_vision_tokens"]),
             *(_fmt(r["scores"][b]) for b in table["columns"]),
-            _fmt(r["relative_score"]),
+            _relative_text(r),
         ]
         for r in table["rows"]
     ]
@@ -681,8 +704,8 @@ def _html_sweep(data: dict, table: dict, figures: dict[str, Optional[Path]]) -> 
     trials_rows = [
         [
             t["label"],
-            "yes" if t.get("pareto") else "",
-            _fmt(t.get("relative_score")),
+            front_mark(t),
+            _relative_text({**t, "relative_interval": _bounds(t)}),
             _fmt(t.get("avg_vision_tokens")),
             _fmt(t.get("vision_tflops"), 4),
             t["status"],
@@ -693,8 +716,13 @@ def _html_sweep(data: dict, table: dict, figures: dict[str, Optional[Path]]) -> 
     parts.append(
         "<h2 id='trials'>All trials</h2>"
         + _html_table(
-            ["trial", "front", "Avg (%)", "avg tokens", "vision TFLOPs", "status", "per-layer plan"], trials_rows
+            ["trial", "front", "Avg (%) [95% CI]", "avg tokens", "vision TFLOPs", "status", "per-layer plan"],
+            trials_rows,
         )
+        + "<p class='note'>front: <b>clear</b> = on the front with significance (no cheaper-or-equal trial's "
+        "interval reaches its lower bound); <b>yes</b> = on the front of the point estimates only; "
+        "<b>blind level</b> = not significantly above answering without the image (paired), never a discovery. "
+        "Intervals are paired 95% bootstrap intervals against the sweep's all-tokens questions.</p>"
     )
     return parts
 
@@ -811,6 +839,11 @@ def build_report(
                 out / "pareto.png",
                 f"{experiment} / {sweep_info['name']}: relative score vs vision TFLOPs",
                 reference_lines=lines,
+                reference_bands=(
+                    {"blind": sweep_info["blind_relative_interval"]}
+                    if sweep_info.get("blind_relative_interval")
+                    else None
+                ),
             )
     trainings = training_table(data)
     positions = position_tables(data, trainings)

@@ -20,6 +20,7 @@ from hidrop.evaluation.paper import PAPER_BENCHMARKS, paper_table
 from hidrop.evaluation.results import EvalReport
 from hidrop.evaluation.uncertainty import format_interval
 from hidrop_platform import mlflow_names as N
+from hidrop_platform.sweep import front_mark, interval_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Vision-token schedules for LLaVA-style models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Speed benchmarks (ratios measured in one run).")
@@ -375,7 +376,7 @@ def _print_sweep(summary: dict) -> None:
         f"{summary['rejected']} invalid samples rejected, {summary['concurrency']} at a time, "
         f"{summary['wall_time_s']:.0f} s"
     )
-    for col in ("trial", "front", "relative score", *benches, "avg tokens", "vision TFLOPs", "overrides"):
+    for col in ("trial", "front", "relative score [95% CI]", *benches, "avg tokens", "vision TFLOPs", "overrides"):
         table.add_column(col, justify="left" if col in ("trial", "overrides") else "right")
     ok = sorted((r for r in rows if "relative_score" in r), key=lambda r: r["vision_tflops"])
     for r in ok:
@@ -391,8 +392,8 @@ def _print_sweep(summary: dict) -> None:
         )
         table.add_row(
             r["label"],
-            "*" if r.get("pareto") else "",
-            f"{r['relative_score']:.1f}",
+            front_mark(r),
+            interval_text(r),
             *[f"{r['scores'].get(b, float('nan')):.1f}" for b in benches],
             f"{r['avg_vision_tokens']:.1f}",
             f"{r['vision_tflops']:.4g}",
@@ -402,7 +403,9 @@ def _print_sweep(summary: dict) -> None:
     out.print(
         "reference (all tokens): "
         + ", ".join(f"{b} {v:.1f}" for b, v in summary["reference_scores"].items())
-        + f"; blind baseline: {summary['blind_relative_score']:.1f}% relative"
+        + "; blind baseline: "
+        + format_interval(summary["blind_relative_score"], summary.get("blind_relative_interval"))
+        + "% relative"
     )
     for r in rows:
         if r["status"] == N.FAILED:
@@ -414,6 +417,15 @@ def _print_sweep(summary: dict) -> None:
     out.print(f"{summary['valid_share'] * 100:.0f}% of uniformly random samples of the space are valid schedules")
     if "best_under_budget" in summary:
         out.print(f"best under the vision-TFLOPs budget: {summary['best_under_budget'] or 'none fits'}")
+    out.print(
+        "front: clear = with significance (no cheaper-or-equal trial's interval reaches its lower bound); "
+        "yes = on the estimates only; blind level = not significantly above blind (no discovery)"
+    )
+    discoveries = summary.get("discoveries", [])
+    out.print(
+        f"discoveries (searched, above blind): {', '.join(discoveries) or 'none'}; "
+        f"with significance: {', '.join(summary.get('significant', [])) or 'none'}"
+    )
     out.print(
         f"Pareto front: {', '.join(summary['pareto'])}. Parent MLflow run {summary['parent_run_id']} "
         f"({summary['tracking_uri']}); plot and table in {summary['sweep_dir']}/summary"

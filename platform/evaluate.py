@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 import hidrop
-from hidrop.evaluation.harness import EvalError, evaluate, model_shape
+from hidrop.evaluation.harness import EvalError, Known, evaluate, model_shape
 from hidrop.evaluation.published import eval_report_comparisons, model_key
 from hidrop.evaluation.registry import get_benchmark
 from hidrop.evaluation.results import EvalReport
@@ -119,56 +119,62 @@ def check_records_path(path: str | Path) -> Path:
     return path
 
 
-def write_records(report: EvalReport, path: str | Path) -> int:
-    """The report's per-question records as JSON lines (gzip when the name ends in .gz); returns the count."""
+def write_records(report: EvalReport, path: str | Path, reused: bool = True) -> int:
+    """The report's per-question records as JSON lines (gzip when the name ends in .gz); returns the count.
+    `reused=False` leaves out rows reused whole from earlier records."""
     path = check_records_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     opener = gzip.open if path.name.endswith(".gz") else open
     count = 0
     with opener(path, "wt", encoding="utf-8") as f:
-        for row in report.record_rows():
+        for row in report.record_rows(reused=reused):
             f.write(json.dumps(row) + "\n")
             count += 1
     return count
 
 
 def evaluate_schedule(
-    cfg: ExperimentConfig, vlm, schedule, benchmarks: list, reference_scores: Optional[dict[str, float]] = None
+    cfg: ExperimentConfig, vlm, schedule, benchmarks: list, known: Optional[Known] = None, select=None
 ) -> EvalReport:
-    """One schedule under the experiment's eval settings, no baselines besides the unpruned reference
-    (skipped when `reference_scores` holds its figures from an earlier pass): a trial's or a trained
-    model's evaluation. The harness runs in eval mode without gradients and restores the model's mode."""
+    """One schedule under the experiment's eval settings: a trial's or a trained model's evaluation. The
+    unpruned reference is measured alongside unless `known` holds its records from an earlier pass (a
+    sweep's stored reference, with blind's when it was run: then blind is in the report too, reused);
+    `select` narrows the questions (a rung, a held-out split). Runs without gradients in eval mode and
+    restores the model's mode."""
 
     return evaluate(
         vlm,
         [schedule],
         benchmarks,
-        baselines=[],
+        baselines=["blind"] if known and "blind" in known else [],
         mode=cfg.eval.mode,
         batch_size=cfg.eval.batch_size,
         max_new_tokens=cfg.eval.max_new_tokens,
         seed=cfg.seed,
-        reference_scores=None if schedule.is_vanilla() else reference_scores,
+        known=known,
+        select=select,
         keep_records=True,
+        require_signal=cfg.eval.require_signal,
         n_resamples=cfg.eval.resamples,
     )
 
 
 def log_records(tracker, report: EvalReport) -> None:
     """Every question's record of `report` as one compact artifact of the run (eval/records.jsonl.gz), so
-    a later analysis reads them back without re-running a model."""
+    a later analysis reads them back without re-running a model. A sweep's stored reference rows are the
+    sweep's, not the trial's: they are left out."""
     if not tracker.enabled:
         return
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / N.RECORDS_FILE
-        write_records(report, path)
+        write_records(report, path, reused=False)
         tracker.log_artifact(path, N.RECORDS_DIR)
 
 
 def score_metrics(report: EvalReport, schedule) -> dict[str, float]:
     """The MLflow metrics of `schedule`'s scores: relative score, per-benchmark scores, and the unpruned
     model's per-benchmark scores when the report measured them alongside."""
-    row, reference = report.row_for(schedule), report.measured_reference()
+    row, reference = report.row_for(schedule), report.reference_or_none()
     metrics = {N.RELATIVE_SCORE: row.relative_score}
     if row.relative_interval and row is not reference:
         metrics[N.RELATIVE_SCORE_LOW], metrics[N.RELATIVE_SCORE_HIGH] = row.relative_interval
@@ -176,8 +182,10 @@ def score_metrics(report: EvalReport, schedule) -> dict[str, float]:
     intervals = {b: e.interval for b, e in row.benchmarks.items() if e.interval}
     metrics.update(N.per_benchmark(N.SCORE_LOW, {b: i[0] for b, i in intervals.items()}))
     metrics.update(N.per_benchmark(N.SCORE_HIGH, {b: i[1] for b, i in intervals.items()}))
-    if reference is not None and reference is not row:
+    if reference is not None and reference is not row and not reference.reused:
         metrics.update(N.per_benchmark(N.ALL_TOKENS, reference.scores()))
+    if row.above_blind is not None and row is not reference:
+        metrics[N.BLIND_LEVEL] = float(not row.above_blind)
     return metrics
 
 

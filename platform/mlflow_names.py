@@ -21,6 +21,7 @@ DEVICE_TYPE = "device_type"  # cpu / cuda
 NUM_WORKERS = "num_workers"
 STAGE = "stage"  # pretrain / finetune
 PARENT_RUN = "mlflow.parentRunId"  # MLflow's own nesting tag
+BLIND_LEVEL_TAG = "hidrop.blind_level"  # "True" on a trial not significantly above blind: never a discovery
 
 KIND_SWEEP, KIND_TRAIN, KIND_ANALYZE = "sweep", "train", "analyze"
 
@@ -37,6 +38,12 @@ OUTCOME_STATUSES = (FINISHED, STOPPED_EARLY)  # trials whose metrics are results
 RELATIVE_SCORE = "relative_score"  # the paper's Avg (%) against the unpruned model
 RELATIVE_SCORE_LOW = "relative_score_lo"  # its paired 95% interval, when the run measured the reference too
 RELATIVE_SCORE_HIGH = "relative_score_hi"
+BLIND_LEVEL = "blind_level"  # 1: the relative score is not significantly above blind's (paired); also a tag
+BLIND_RELATIVE_LOW = "blind_relative_score_lo"  # on a sweep parent: blind's relative score interval
+BLIND_RELATIVE_HIGH = "blind_relative_score_hi"
+RUNG = "rung"  # a multi-fidelity trial's evaluation round (1-based)
+QUESTIONS_RUN = "questions_run"  # (method, question) pairs a trial's evaluation scored with the model
+CONFIRM = "confirm/"  # held-out confirmation: confirm/relative_score, confirm/score/<bench>, ...
 AVG_VISION_TOKENS = "avg_vision_tokens"
 MEASURED_AVG_VISION_TOKENS = "measured_avg_vision_tokens"
 VISION_TFLOPS = "vision_tflops"  # per sample, the paper's formula
@@ -48,6 +55,11 @@ TRAIN_STEP = "train_step"  # the step a trained trial's evaluation belongs to
 # a trial's outcome metrics, as its summary row carries them (hidrop_platform.sweep.TrialRecord)
 TRIAL_METRICS = (
     RELATIVE_SCORE,
+    RELATIVE_SCORE_LOW,
+    RELATIVE_SCORE_HIGH,
+    BLIND_LEVEL,
+    RUNG,
+    QUESTIONS_RUN,
     VISION_TFLOPS,
     MODEL_TFLOPS,
     AVG_VISION_TOKENS,

@@ -22,6 +22,32 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (points[i][1], points[i][0]))
 
 
+def significant_front(
+    points: Sequence[tuple[float, float]], intervals: Sequence[Optional[tuple[float, float]]]
+) -> list[int]:
+    """Indices of the points that are on the front with significance: no other point costs as much or
+    less and has a score interval reaching this point's lower bound, i.e. no cheaper-or-equal point may
+    be as good once the noise is counted; and on `pareto_front` (an interval need not contain its point
+    estimate, so this is asked, not assumed). The test is interval overlap, which is conservative: two
+    trials' paired difference would need both trials' question records. A point without an interval
+    is never significant, and counts as its point score against the others."""
+
+    def bounds(i: int) -> tuple[float, float]:
+        iv = intervals[i]
+        return (points[i][0], points[i][0]) if iv is None else (float(iv[0]), float(iv[1]))
+
+    on_front = set(pareto_front(points))
+    front = []
+    for i, (_, cost_i) in enumerate(points):
+        if intervals[i] is None or i not in on_front:
+            continue
+        low_i = bounds(i)[0]
+        rivals = any(points[j][1] <= cost_i and bounds(j)[1] >= low_i for j in range(len(points)) if j != i)
+        if not rivals:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][1], points[i][0]))
+
+
 def plot_pareto(
     rows: Sequence[dict],
     path: str | Path,
@@ -29,16 +55,34 @@ def plot_pareto(
     score_key: str = "relative_score",
     cost_key: str = "vision_tflops",
     reference_lines: Optional[dict[str, float]] = None,
+    reference_bands: Optional[dict[str, Sequence[float]]] = None,
 ) -> Path:
-    """Scatter of every trial, the front as a step line, seed schedules (presets) labelled. Writes a PNG."""
+    """Scatter of every trial with its 95% interval as an error bar, the front as a step line (clear
+    points filled, blind-level ones crossed out), seed schedules (presets) labelled, and reference lines
+    with their interval as a band (blind). Writes a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, band in (reference_bands or {}).items():
+        ax.axhspan(band[0], band[1], color="grey", alpha=0.15, lw=0, label=f"{name} 95% CI")
+
+    def errorbars(group: Sequence[dict], **style) -> None:
+        if not group:
+            return
+        x = [r[cost_key] for r in group]
+        y = [r[score_key] for r in group]
+        lo = [r.get(f"{score_key}_lo", r[score_key]) for r in group]
+        hi = [r.get(f"{score_key}_hi", r[score_key]) for r in group]
+        yerr = [[max(0.0, v - a) for v, a in zip(y, lo)], [max(0.0, b - v) for v, b in zip(y, hi)]]
+        ax.errorbar(x, y, yerr=yerr, fmt="none", elinewidth=0.8, capsize=2, alpha=0.6, **style)
+
     searched = [r for r in rows if not r.get("seed")]
     seeds = [r for r in rows if r.get("seed")]
+    errorbars(searched, ecolor="#8a9bb0")
+    errorbars(seeds, ecolor="#d9822b")
     ax.scatter([r[cost_key] for r in searched], [r[score_key] for r in searched], s=22, c="#8a9bb0", label="searched")
     ax.scatter(
         [r[cost_key] for r in seeds], [r[score_key] for r in seeds], s=40, c="#d9822b", marker="D", label="presets"
@@ -59,16 +103,39 @@ def plot_pareto(
             where="post",
             c="#c23b22",
             lw=1.5,
-            label="Pareto front",
+            label="Pareto front (estimates)",
         )
+        clear = [r for r in front if r.get("significant")]
+        if clear:
+            ax.scatter(
+                [r[cost_key] for r in clear],
+                [r[score_key] for r in clear],
+                s=70,
+                facecolors="none",
+                edgecolors="#c23b22",
+                lw=1.5,
+                label="front with significance",
+            )
+        level = [r for r in front if r.get("blind_level")]
+        if level:
+            ax.scatter(
+                [r[cost_key] for r in level],
+                [r[score_key] for r in level],
+                s=60,
+                c="black",
+                marker="x",
+                label="blind level (no discovery)",
+            )
     for name, value in (reference_lines or {}).items():
+        if value is None:
+            continue
         ax.axhline(value, ls="--", lw=0.8, c="grey")
         ax.annotate(name, (ax.get_xlim()[1], value), fontsize=7, ha="right", va="bottom", color="grey")
     ax.set_xlabel("vision TFLOPs per sample (paper formula)")
-    ax.set_ylabel("relative score (% of all tokens)")
+    ax.set_ylabel("relative score (% of all tokens), 95% CI")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

@@ -5,13 +5,14 @@ baseline's place out. Pure (no MLflow, no Ray): `hidrop tune` builds the records
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
 from hidrop.evaluation.metrics import relative_score
+from hidrop.evaluation.uncertainty import format_interval
 from hidrop_platform import mlflow_names as N
-from hidrop_platform.pareto import pareto_front
+from hidrop_platform.pareto import pareto_front, significant_front
 
 
 class TrialRecord(BaseModel):
@@ -26,6 +27,12 @@ class TrialRecord(BaseModel):
     scores: dict[str, float] = {}
     pareto: bool = False
     relative_score: Optional[float] = None
+    relative_score_lo: Optional[float] = None  # the paired 95% interval against the sweep's reference
+    relative_score_hi: Optional[float] = None
+    blind_level: Optional[float] = None  # 1.0: not significantly above blind (a metric, so 0/1)
+    rung: Optional[float] = None  # multi-fidelity: the last rung it was evaluated at
+    questions_run: Optional[float] = None
+    significant: bool = False  # on the front with significance (no cheaper point may be as good)
     vision_tflops: Optional[float] = None
     model_tflops: Optional[float] = None
     avg_vision_tokens: Optional[float] = None
@@ -55,26 +62,49 @@ assert set(N.TRIAL_METRICS) <= set(TrialRecord.model_fields), "every trial metri
 
 class SweepSummary(BaseModel):
     trials: list[TrialRecord]  # seeds first, then cheapest first
-    pareto: list[str]  # labels on the front, cheapest first
+    pareto: list[str]  # labels on the front of the estimates, cheapest first
+    significant: list[str]  # of those, the ones on the front with significance (and above blind)
+    blind_level: list[str]  # front points whose score is not significantly above blind: never discoveries
     failed: int
     accelerator_hours: float  # the trials' own (the reference pass is not a trial)
     blind_relative_score: Optional[float]  # where answering without the image lands
+    blind_relative_interval: Optional[list[float]] = None
 
     def outcomes(self) -> list[TrialRecord]:
         return [t for t in self.trials if t.is_outcome()]
 
+    def discoveries(self) -> list[str]:
+        """Front points that are searched (not seeds) and above blind."""
+        seeds = {t.label for t in self.trials if t.seed}
+        return [p for p in self.pareto if p not in seeds and p not in self.blind_level]
+
 
 def summarize_sweep(
-    trials: list[TrialRecord], reference_scores: Mapping[str, float], blind_scores: Mapping[str, float]
+    trials: list[TrialRecord],
+    reference_scores: Mapping[str, float],
+    blind_scores: Mapping[str, float],
+    blind_relative_interval: Optional[Sequence[float]] = None,
 ) -> SweepSummary:
     """The one rule for a sweep's front and counts: relative score up and vision TFLOPs down over the
-    outcomes only; every record's `pareto` is set."""
+    outcomes only, on the estimates and with significance (`pareto.significant_front`); a blind-level
+    trial (its paired relative score not above blind's) can sit on the front but is never significant.
+    Every record's `pareto` and `significant` is set."""
     scored = [t for t in trials if t.is_outcome()]
     for t in trials:
-        t.pareto = False
-    front = [scored[i] for i in pareto_front([(t.relative_score, t.vision_tflops) for t in scored])]
+        t.pareto = t.significant = False
+    points = [(t.relative_score, t.vision_tflops) for t in scored]
+    intervals = [
+        None
+        if t.relative_score_lo is None or t.relative_score_hi is None
+        else (t.relative_score_lo, t.relative_score_hi)
+        for t in scored
+    ]
+    front = [scored[i] for i in pareto_front(points)]
     for t in front:
         t.pareto = True
+    clear = [scored[i] for i in significant_front(points, intervals) if not scored[i].blind_level]
+    for t in clear:
+        t.significant = True
     ordered = sorted(
         trials,
         key=lambda t: (not t.seed, math.inf if t.vision_tflops is None else t.vision_tflops, t.label),
@@ -82,7 +112,26 @@ def summarize_sweep(
     return SweepSummary(
         trials=ordered,
         pareto=[t.label for t in front],
+        significant=[t.label for t in clear],
+        blind_level=[t.label for t in front if t.blind_level],
         failed=sum(t.status == N.FAILED for t in trials),
         accelerator_hours=sum(t.accelerator_hours or 0.0 for t in trials),
         blind_relative_score=relative_score(dict(blind_scores), dict(reference_scores)),
+        blind_relative_interval=list(blind_relative_interval) if blind_relative_interval else None,
     )
+
+
+def front_mark(record: dict) -> str:
+    """How a trial sits on the front: "clear" (with significance), "yes" (on the estimates only),
+    "blind level" (on the front, but not significantly above blind), or ""."""
+    if not record.get("pareto"):
+        return ""
+    if record.get("blind_level"):
+        return "blind level"
+    return "clear" if record.get("significant") else "yes"
+
+
+def interval_text(record: dict, key: str = N.RELATIVE_SCORE) -> str:
+    """`92.6 [81.0, 104.2]` from a trial's relative score and its bounds (the score alone without them)."""
+    lo, hi = record.get(f"{key}_lo"), record.get(f"{key}_hi")
+    return format_interval(record[key], None if lo is None or hi is None else (lo, hi))

@@ -29,7 +29,9 @@ from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from hidrop.cost import cost_report
-from hidrop.evaluation.harness import EvalError, evaluate
+from hidrop.evaluation.harness import REFERENCE, EvalError, Known, evaluate
+from hidrop.evaluation.results import EvalReport, QuestionRecord
+from hidrop.evaluation.uncertainty import format_interval
 from hidrop.schedule import ScheduleSpec, vanilla
 from hidrop.training import Hook, StepEnd, TrainingLoop, make_dataset, plain_training
 from hidrop_platform import mlflow_names as N
@@ -44,7 +46,7 @@ from hidrop_platform.evaluate import (
 )
 from hidrop_platform.faults import fail_trial_if_asked
 from hidrop_platform.pareto import plot_pareto
-from hidrop_platform.sweep import TrialRecord, summarize_sweep
+from hidrop_platform.sweep import TrialRecord, front_mark, interval_text, summarize_sweep
 from hidrop_platform.tracking import (
     Tracker,
     close_if_running,
@@ -337,12 +339,28 @@ def _trial_model(cfg: ExperimentConfig, fresh: bool):
     return _MODEL_CACHE[key]
 
 
-def _evaluate(cfg: ExperimentConfig, vlm, reference: dict, benches: list, tracker) -> dict:
-    """Metrics of the trial's schedule on `benches`, relative to the sweep's reference; its per-question
-    records go to the trial's run."""
+def stored_known(reference: dict, schedule) -> Known:
+    """The sweep's stored all-tokens and blind records as `evaluate(known=...)` takes them; a vanilla trial
+    measures all tokens itself (it is that row)."""
+    known = {
+        method: {b: {r["id"]: QuestionRecord.model_validate(r) for r in rows} for b, rows in benches.items()}
+        for method, benches in reference.get("records", {}).items()
+    }
+    if schedule.is_vanilla():
+        known.pop(REFERENCE, None)
+    return known
+
+
+def _evaluate(
+    cfg: ExperimentConfig, vlm, reference: dict, benches: list, tracker, own: Optional[Known] = None, select=None
+) -> tuple[dict, EvalReport]:
+    """Metrics of the trial's schedule on `benches`, paired with the sweep's stored reference and blind
+    records (interval, blind level); its own per-question records go to the trial's run. `own`: its
+    records from earlier rungs (never scored again); `select`: this rung's questions."""
 
     schedule = cfg.main_schedule
-    report = evaluate_schedule(cfg, vlm, schedule, benches, reference_scores=reference["scores"])
+    known = {**stored_known(reference, schedule), **(own or {})}
+    report = evaluate_schedule(cfg, vlm, schedule, benches, known=known, select=select)
     log_records(tracker, report)
     row = report.row_for(schedule)
     metrics = {
@@ -351,10 +369,13 @@ def _evaluate(cfg: ExperimentConfig, vlm, reference: dict, benches: list, tracke
         N.VISION_TFLOPS: row.vision_tflops,
         N.MODEL_TFLOPS: row.model_tflops,
         N.SAMPLES: report.samples_evaluated,
+        N.QUESTIONS_RUN: report.questions_run or 0,
     }
     if row.measured_avg_vision_tokens is not None:
         metrics[N.MEASURED_AVG_VISION_TOKENS] = row.measured_avg_vision_tokens
-    return metrics
+    if N.BLIND_LEVEL in metrics:
+        tracker.set_tags({N.BLIND_LEVEL_TAG: str(bool(metrics[N.BLIND_LEVEL]))})
+    return metrics, report
 
 
 def _trial_record(ctx: TrialContext, trial_id: str) -> dict:
@@ -416,7 +437,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         if cfg.tune.kind == "trained":
             metrics = _trained(cfg, ctx, tracker, start, devices, reported)
         else:
-            metrics = _evaluate(cfg, _trial_model(cfg, fresh=False), ctx.reference, benchmarks_for(cfg), tracker)
+            metrics, _ = _evaluate(cfg, _trial_model(cfg, fresh=False), ctx.reference, benchmarks_for(cfg), tracker)
             metrics[N.ACCELERATOR_HOURS] = (time.perf_counter() - start) * devices / 3600
             metrics[N.WALL_S] = time.perf_counter() - start
             tracker.log_metrics(metrics, step=0)
@@ -469,7 +490,7 @@ class _EvalEvery(Hook):
         self.tracker.log_metrics({N.LOSS: step.loss}, step=step.step)
         if step.step % self.cfg.tune.eval_every and step.step != step.total:
             return
-        metrics = _evaluate(self.cfg, self.vlm, self.reference, self.benches, self.tracker)
+        metrics, _ = _evaluate(self.cfg, self.vlm, self.reference, self.benches, self.tracker)
         wall = time.perf_counter() - self.start
         metrics.update(
             {
@@ -517,6 +538,8 @@ def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callab
             batch_size=cfg.eval.batch_size,
             max_new_tokens=cfg.eval.max_new_tokens,
             seed=cfg.seed,
+            keep_records=True,
+            require_signal=cfg.eval.require_signal,
             n_resamples=cfg.eval.resamples,
         )
     except (EvalSetupError, EvalError, ValueError, KeyError) as e:
@@ -526,14 +549,28 @@ def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callab
         "scores": reference.scores(),
         "blind_scores": blind.scores(),
         "blind_relative_score": blind.relative_score,
+        "blind_relative_interval": blind.relative_interval,
+        "signal": {b: c.model_dump() for b, c in (report.signal or {}).items()},
+        # every question's record of both: trials reuse them, paired, instead of re-running them
+        "records": {
+            m.method: {b: [r.model_dump() for r in e.records or []] for b, e in m.benchmarks.items()}
+            for m in (reference, blind)
+        },
         "vision_tflops": reference.vision_tflops,
         "notes": report.notes,
         "samples": report.samples_evaluated,
         "key": key,
     }
-    path.write_text(json.dumps(ref, indent=2))
+    path.write_text(json.dumps(ref))
     del vlm
     return ref
+
+
+def _blind_bounds(reference: dict) -> dict[str, float]:
+    interval = reference.get("blind_relative_interval")
+    if not interval or not all(math.isfinite(v) for v in interval):
+        return {}
+    return {N.BLIND_RELATIVE_LOW: interval[0], N.BLIND_RELATIVE_HIGH: interval[1]}
 
 
 def _check_resources(cfg: ExperimentConfig, cluster: dict) -> tuple[int, float]:
@@ -576,7 +613,9 @@ def run_tune(
         at_once, devices = _check_resources(cfg, ray.cluster_resources())
         reference = _reference(cfg, sweep_dir, note)
         parent.log_metrics(
-            N.per_benchmark(N.REFERENCE, reference["scores"]) | N.per_benchmark(N.BLIND, reference["blind_scores"]),
+            N.per_benchmark(N.REFERENCE, reference["scores"])
+            | N.per_benchmark(N.BLIND, reference["blind_scores"])
+            | _blind_bounds(reference),
             step=0,
         )
         ctx = TrialContext(
@@ -765,13 +804,19 @@ def _summarize(
                 **({"error": str(result.error).strip().splitlines()[-1][:300]} if result.error else {}),
             )
         )
-    summary = summarize_sweep(records, reference["scores"], reference["blind_scores"])
+    summary = summarize_sweep(
+        records, reference["scores"], reference["blind_scores"], reference.get("blind_relative_interval")
+    )
     return {
         "sweep": name,
         "trials": [t.to_dict() for t in summary.trials],
         "pareto": summary.pareto,
+        "significant": summary.significant,
+        "blind_level": summary.blind_level,
+        "discoveries": summary.discoveries(),
         "reference_scores": reference["scores"],
         "blind_relative_score": summary.blind_relative_score,
+        "blind_relative_interval": summary.blind_relative_interval,
         "rejections": dict(searcher.rejections) if searcher else {},
         "rejected": sum(searcher.rejections.values()) if searcher else 0,
         "failed": summary.failed,
@@ -791,14 +836,21 @@ def _log_summary(parent, summary: dict, sweep_dir: Path, name: str, reference: d
     out.mkdir(exist_ok=True)
     ok = [r for r in summary["trials"] if TrialRecord.model_validate(r).is_outcome()]
     lines = [
-        "| trial | on front | relative score | vision TFLOPs | avg tokens | schedule overrides |",
+        "| trial | front | relative score [95% CI] | vision TFLOPs | avg tokens | schedule overrides |",
         "|---|---|---|---|---|---|",
     ]
     for r in sorted(ok, key=lambda r: r["vision_tflops"]):
         lines.append(
-            f"| {r['label']} | {'yes' if r.get('pareto') else ''} | {r['relative_score']:.1f} | "
+            f"| {r['label']} | {front_mark(r)} | {interval_text(r)} | "
             f"{r['vision_tflops']:.4g} | {r['avg_vision_tokens']:.1f} | `{json.dumps(_rounded(r['overrides']))}` |"
         )
+    blind = reference.get("blind_relative_interval")
+    lines += [
+        "",
+        "front: clear = no cheaper-or-equal trial's interval reaches its lower bound; yes = on the front of the "
+        "estimates only; blind level = not significantly above answering without the image "
+        f"(blind: {format_interval(reference['blind_relative_score'], blind)}).",
+    ]
     (out / "pareto.md").write_text("\n".join(lines) + "\n")
     (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
     if ok:
@@ -807,6 +859,7 @@ def _log_summary(parent, summary: dict, sweep_dir: Path, name: str, reference: d
             out / "pareto.png",
             f"{name}: relative score vs vision TFLOPs",
             reference_lines={"blind": reference["blind_relative_score"]},
+            reference_bands={"blind": blind} if blind else None,
         )
     for path in out.iterdir():
         parent.log_artifact(path, N.PARETO_DIR)

@@ -311,3 +311,54 @@ def test_recall_and_counts_with_evidence_less_and_text_only_samples(vlm):
     report = evaluate(vlm, [SCHEDULE], [MixedBench(n=6)], batch_size=4)
     assert _method(report, "oracle").benchmarks["colour_test"].evidence_recall == [1.0, 1.0]
     assert _method(report, "all_tokens").measured_avg_vision_tokens == 16.0
+
+
+# ---- reused records: a sweep's stored reference, a trial's earlier rungs -----------------------------
+def test_stored_reference_pairs_a_trial_exactly_like_a_joint_run(vlm):
+    from hidrop.evaluation.harness import known_records
+
+    bench = ColourBench(n=12)
+    joint = evaluate(vlm, [SCHEDULE], [bench], baselines=["blind"], batch_size=4, keep_records=True, n_resamples=300)
+    vanilla = Schedule(num_layers=8, num_vision_tokens=16)
+    stored = known_records(evaluate(vlm, [vanilla], [bench], baselines=["blind"], batch_size=4, keep_records=True))
+    assert set(stored) == {"all_tokens", "blind"}
+    trial = evaluate(
+        vlm, [SCHEDULE], [bench], baselines=["blind"], batch_size=4, keep_records=True, known=stored, n_resamples=300
+    )
+    # only the schedule ran: 12 questions, 3 batches; the stored rows are marked reused
+    assert trial.questions_run == 12 and trial.batches_run == 3 and joint.questions_run == 36
+    assert trial.method("all_tokens").reused and trial.method("blind").reused
+    assert not trial.method("test_hidrop").reused
+    a, b = joint.method("test_hidrop"), trial.method("test_hidrop")
+    assert a.scores() == b.scores() and a.relative_score == pytest.approx(b.relative_score)
+    assert a.relative_interval == pytest.approx(b.relative_interval)
+    assert (a.like_blind, a.above_blind) == (b.like_blind, b.above_blind)
+    rows = list(trial.record_rows(reused=False))
+    assert {r["method"] for r in rows} == {"test_hidrop"} and len(rows) == 12
+
+
+def test_rungs_never_score_a_question_twice_and_end_where_a_full_run_ends(vlm):
+    from hidrop.evaluation.harness import known_records
+
+    bench = ColourBench(n=12)
+    full = evaluate(vlm, [SCHEDULE], [bench], baselines=[], batch_size=4, keep_records=True, n_resamples=0)
+    known = {}
+    seen = 0
+    for size in (3, 6, 12):  # rung r scores questions [0, size); the earlier ones come from `known`
+        rung = evaluate(
+            vlm,
+            [SCHEDULE],
+            [bench],
+            baselines=[],
+            batch_size=4,
+            keep_records=True,
+            n_resamples=0,
+            known=known,
+            select=lambda b, samples, size=size: samples[:size],
+        )
+        assert rung.questions_run == 2 * (size - seen)  # all tokens and the schedule, new questions only
+        assert rung.benchmarks[0].samples == size
+        seen = size
+        known = known_records(rung)
+    assert rung.method("test_hidrop").scores() == full.method("test_hidrop").scores()
+    assert rung.method("all_tokens").scores() == full.method("all_tokens").scores()

@@ -445,3 +445,59 @@ def test_an_all_impossible_space_fails_before_any_trial(tmp_path):
     with pytest.raises(TuneSetupError, match="none of 300 random samples is a valid schedule"):
         run_tune(validate_config(base), base)
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+def test_significant_front_against_brute_force():
+    from hidrop_platform.pareto import significant_front
+
+    rng = random.Random(2)
+    for _ in range(200):
+        n = rng.randint(1, 12)
+        pts = [(rng.uniform(40, 100), rng.choice([0.1, 0.2, 0.3, 0.4, 0.5])) for _ in range(n)]
+        ivs = [None if rng.random() < 0.1 else (s - rng.uniform(0, 15), s + rng.uniform(0, 15)) for s, _ in pts]
+        est = set(pareto_front(pts))
+
+        def high(j):
+            return pts[j][0] if ivs[j] is None else ivs[j][1]
+
+        brute = {
+            i
+            for i in est
+            if ivs[i] is not None and not any(pts[j][1] <= pts[i][1] and high(j) >= ivs[i][0] for j in range(n) if j != i)
+        }
+        got = significant_front(pts, ivs)
+        assert set(got) == brute and set(got) <= est
+    # a clear step up: the dearer point is significant only once its interval clears the cheaper one's
+    assert significant_front([(60, 0.1), (90, 0.5)], [(55, 65), (85, 95)]) == [0, 1]
+    assert significant_front([(60, 0.1), (90, 0.5)], [(55, 70), (68, 99)]) == [0]
+
+
+def test_a_blind_level_trial_is_tagged_and_never_a_discovery():
+    from hidrop_platform.sweep import TrialRecord, front_mark, summarize_sweep
+
+    def trial(label, score, lo, hi, tflops, blind_level, seed=False):
+        metrics = {
+            "relative_score": score,
+            "relative_score_lo": lo,
+            "relative_score_hi": hi,
+            "blind_level": float(blind_level),
+            "vision_tflops": tflops,
+            "score/a": score,
+        }
+        return TrialRecord.from_metrics(label, "finished", metrics, seed=seed)
+
+    records = [
+        trial("cheap-noise", 55.0, 30.0, 75.0, 0.05, True),  # cheapest, so on the front: but blind level
+        trial("good", 85.0, 80.0, 90.0, 0.3, False),
+        trial("better", 97.0, 93.0, 100.0, 0.6, False),
+        trial("seed:vanilla", 100.0, 100.0, 100.0, 1.0, False, seed=True),
+    ]
+    s = summarize_sweep(records, {"a": 50.0}, {"a": 25.0}, [40.0, 60.0])
+    assert s.pareto == ["cheap-noise", "good", "better", "seed:vanilla"]
+    assert s.blind_level == ["cheap-noise"] and "cheap-noise" not in s.discoveries()
+    assert s.discoveries() == ["good", "better"]  # searched, above blind (seeds are no discoveries)
+    # each clears every cheaper interval; vanilla's 100 is reached by "better"'s upper bound: not clear
+    assert s.significant == ["good", "better"]
+    marks = {t.label: front_mark(t.to_dict()) for t in s.trials}
+    assert marks == {"cheap-noise": "blind level", "good": "clear", "better": "clear", "seed:vanilla": "yes"}
+    assert s.blind_relative_interval == [40.0, 60.0]

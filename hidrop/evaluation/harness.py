@@ -37,6 +37,7 @@ from hidrop.sample import Sample
 from hidrop.schedule import Schedule, first_error_line, vanilla
 
 BASELINES = ("all_tokens", "blind", "random", "oracle")
+Known = dict[str, dict[str, dict[str, QuestionRecord]]]  # method -> benchmark -> question id -> its record
 REFERENCE = "all_tokens"
 MODES = ("auto", "closed", "generate")
 
@@ -201,19 +202,22 @@ def evaluate(
     seed: int = 0,
     progress: Optional[Callable[[int, int, str], None]] = None,
     keep_predictions: bool = False,
-    reference_scores: Optional[dict[str, float]] = None,
+    known: Optional[Known] = None,
+    select: Optional[Callable[[Benchmark, list[Sample]], list[Sample]]] = None,
     keep_records: bool = False,
     require_signal: bool = False,
     n_resamples: int = N_RESAMPLES,
 ) -> EvalReport:
     """Score every schedule and baseline on every benchmark.
 
-    progress(done_batches, total_batches, label) is called after each batch. `reference_scores`
-    (benchmark -> all_tokens score from an earlier run with the same benchmarks and seed) skips the
-    unpruned pass and scores relative to those figures: a search evaluates its reference once.
-    Every score gets a bootstrap interval (`n_resamples`, hidrop.evaluation.uncertainty); `keep_records`
-    keeps every question's record; `require_signal` leaves benchmarks where all tokens is not significantly
-    above blind out of the relative score.
+    progress(done_batches, total_batches, label) is called after each batch. `known` (method ->
+    benchmark -> question id -> record, from an earlier run with the same model, benchmarks and seed)
+    is reused instead of re-run: a search evaluates its reference once and pairs every trial with its
+    stored per-question scores, and a trial evaluated in growing rungs never scores a question twice.
+    `select(benchmark, samples)` narrows each benchmark's questions (a rung, or the unseen questions of
+    a held-out confirmation). Every score gets a bootstrap interval (`n_resamples`,
+    hidrop.evaluation.uncertainty); `keep_records` keeps every question's record; `require_signal`
+    leaves benchmarks where all tokens is not significantly above blind out of the relative score.
     """
     if mode not in MODES:
         raise EvalError(f"unknown mode {mode!r}; choose from {list(MODES)}")
@@ -227,24 +231,20 @@ def evaluate(
                 f"the model has {n_layers} / {n_vis}"
             )
     methods = _methods(schedules, baselines, n_layers, n_vis)
-    if reference_scores is not None and len(methods) > 1:
-        methods = [m for m in methods if m.name != REFERENCE]
-    else:
-        reference_scores = None
-    plans, fallback_notes = _plans(vlm, benchmarks, mode)
+    plans, fallback_notes = _plans(vlm, benchmarks, mode, select)
     start = time.perf_counter()
-    per_method, text_tokens = _score_plans(
-        vlm, methods, plans, batch_size, max_new_tokens, seed, keep_predictions, keep_records, progress
-    )
+    run = _Run(batch_size, max_new_tokens, seed, keep_predictions, keep_records, known or {})
+    per_method, text_tokens = _score_plans(vlm, methods, plans, run, progress)
     wall = time.perf_counter() - start
-    report = _report(vlm, methods, per_method, plans, mean(text_tokens), wall, reference_scores)
+    report = _report(vlm, methods, per_method, plans, mean(text_tokens) if text_tokens else 0.0, wall)
+    report.questions_run, report.batches_run = run.questions_run, run.batches_run
     report.notes = fallback_notes + report.notes
     raw = {m.name: per_method[m.name]["raw"] for m in methods}
     attach_intervals(report, plans, raw, seed=seed, require_signal=require_signal, n_resamples=n_resamples)
     return report
 
 
-def _plans(vlm: VisionLanguageModel, benchmarks: Sequence[Benchmark], mode: str) -> tuple[list, list[str]]:
+def _plans(vlm: VisionLanguageModel, benchmarks: Sequence[Benchmark], mode: str, select=None) -> tuple[list, list[str]]:
     """Per benchmark: (benchmark at the model's grid, its samples, its scoring mode, first-token ids per
     candidate set), and the notes of benchmarks that fell back from closed scoring to generation."""
     benches = [b.for_grid(vlm.grid) if hasattr(b, "for_grid") and vlm.grid else b for b in benchmarks]
@@ -254,6 +254,8 @@ def _plans(vlm: VisionLanguageModel, benchmarks: Sequence[Benchmark], mode: str)
             samples = bench.samples()
         except (ValueError, TypeError, FileNotFoundError) as e:  # bad options, missing data files
             raise EvalError(f"benchmark {bench.name!r}: {_one_line(e)}") from None
+        if select is not None:
+            samples = list(select(bench, samples))
         if not samples:
             raise EvalError(f"benchmark {bench.name!r} yielded no samples")
         bench_mode = bench.default_mode if mode == "auto" else mode
@@ -274,15 +276,39 @@ def _plans(vlm: VisionLanguageModel, benchmarks: Sequence[Benchmark], mode: str)
     return plans, fallback_notes
 
 
-def _score_plans(
-    vlm, methods: list[Method], plans, batch_size, max_new_tokens, seed, keep_predictions, keep_records, progress
-):
-    """Every method on every plan's batches (each batch's images once through the vision tower); returns
-    per-method benchmark results and counts, and the mean text length per batch."""
+@dataclasses.dataclass
+class _Run:
+    """How `evaluate` runs, and what it counted: (method, question) pairs scored and method x batch passes."""
+
+    batch_size: int
+    max_new_tokens: int
+    seed: int
+    keep_predictions: bool
+    keep_records: bool
+    known: Known
+    questions_run: int = 0
+    batches_run: int = 0
+
+    def known_for(self, method: str, bench: str) -> dict[str, QuestionRecord]:
+        return self.known.get(method, {}).get(bench, {})
+
+
+def _score_plans(vlm, methods: list[Method], plans, run: _Run, progress):
+    """Every method on every plan's batches (each batch's images once through the vision tower), skipping
+    the questions `run.known` already scored for a method; returns per-method benchmark results and
+    counts, and the mean text length per batch."""
     template = get_template(vlm.template)
     n_vis = vlm.num_vision_tokens
-    engines = {m.name: vlm.scheduled(m.schedule) for m in methods}
-    total_batches = sum(math.ceil(len(p[1]) / batch_size) for p in plans)
+    todo = {
+        p[0].name: {
+            m.name: [i for i, s in enumerate(p[1]) if s.id not in run.known_for(m.name, p[0].name)] for m in methods
+        }
+        for p in plans
+    }
+    running = {m.name for m in methods if any(todo[b][m.name] for b in todo)}
+    engines = {m.name: vlm.scheduled(m.schedule) for m in methods if m.name in running}
+    run_indices = {b: sorted(set().union(*t.values())) for b, t in todo.items()}
+    total_batches = sum(math.ceil(len(idx) / run.batch_size) for idx in run_indices.values())
     done = 0
     per_method: dict[str, dict] = {m.name: {"benchmarks": {}, "raw": {}, "vision_counts": []} for m in methods}
     text_tokens = []
@@ -290,21 +316,25 @@ def _score_plans(
     vlm.model.eval()
     try:
         for bench, samples, bench_mode, cand_ids in plans:
-            scores = {m.name: [] for m in methods}
-            preds = {m.name: [] for m in methods}
+            measured: dict[str, dict[int, tuple[float, str]]] = {m.name: {} for m in methods}
             recalls = {m.name: [] for m in methods}
-            for b0 in range(0, len(samples), batch_size):
-                chunk = samples[b0 : b0 + batch_size]
-                batch = _Batch(vlm, chunk, template, need_blind=any(m.kind == "blind" for m in methods))
+            indices = run_indices[bench.name]
+            active = [m for m in methods if todo[bench.name][m.name]]
+            for b0 in range(0, len(indices), run.batch_size):
+                rows = indices[b0 : b0 + run.batch_size]
+                chunk = [samples[i] for i in rows]
+                batch = _Batch(vlm, chunk, template, need_blind=any(m.kind == "blind" for m in active))
                 text_tokens.append(float(((batch.attention_mask.bool()) & ~batch.vision).sum(1).float().mean()))
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + done)
+                gen = torch.Generator().manual_seed(run.seed * 1_000_003 + done)
                 noise = None if batch.vision_embeds is None else torch.rand(len(batch.image_rows), n_vis, generator=gen)
-                for m in methods:
+                for m in active:
                     texts, keep_masks, counts = _run_method(
-                        vlm, engines[m.name], m, batch, bench_mode, cand_ids, max_new_tokens, noise
+                        vlm, engines[m.name], m, batch, bench_mode, cand_ids, run.max_new_tokens, noise
                     )
-                    scores[m.name].extend(bench.score(s, p) for s, p in zip(chunk, texts))
-                    preds[m.name].extend(texts)
+                    for i, s, text in zip(rows, chunk, texts):
+                        measured[m.name][i] = (bench.score(s, text), text)
+                    run.questions_run += len(chunk)
+                    run.batches_run += 1
                     if counts is not None:
                         per_method[m.name]["vision_counts"].append(counts)
                     if keep_masks and batch.vision_embeds is not None:
@@ -313,27 +343,45 @@ def _score_plans(
                 if progress is not None:
                     progress(done, total_batches, bench.name)
             for m in methods:
-                figures = bench.aggregate(samples, scores[m.name])
+                known = run.known_for(m.name, bench.name)
+                pairs = [
+                    measured[m.name][i] if i in measured[m.name] else (known[s.id].score, known[s.id].prediction)
+                    for i, s in enumerate(samples)
+                ]
+                scores, preds = [p[0] for p in pairs], [p[1] for p in pairs]
+                figures = bench.aggregate(samples, scores)
                 rec = recalls[m.name]
                 extra: dict = {}
                 if rec and any(x is not None for r in rec for x in r):
                     extra["evidence_recall"] = [mean(r[i] for r in rec if r[i] is not None) for i in range(len(rec[0]))]
-                if keep_predictions:
-                    extra["predictions"] = {s.id: p for s, p in zip(samples, preds[m.name])}
-                if keep_records:
+                if run.keep_predictions:
+                    extra["predictions"] = {s.id: p for s, p in zip(samples, preds)}
+                if run.keep_records:
                     extra["records"] = [
                         QuestionRecord(
                             id=s.id, family=s.family, prediction=p, reference=s.answer, score=sc, unit=bench.unit(s)
                         )
-                        for s, p, sc in zip(samples, preds[m.name], scores[m.name])
+                        for s, p, sc in zip(samples, preds, scores)
                     ]
-                per_method[m.name]["raw"][bench.name] = scores[m.name]
+                per_method[m.name]["raw"][bench.name] = scores
                 per_method[m.name]["benchmarks"][bench.name] = BenchmarkResult(
                     **figures, samples=len(samples), mode=bench_mode, **extra
                 )
+        for m in methods:
+            per_method[m.name]["reused"] = m.name not in running
     finally:
         vlm.model.train(was_training)
     return per_method, text_tokens
+
+
+def known_records(report: EvalReport, methods: Optional[Sequence[str]] = None) -> Known:
+    """A report's per-question records as `evaluate(known=...)` takes them (kept with keep_records=True)."""
+    out: Known = {}
+    for m in report.methods:
+        if methods is not None and m.method not in methods:
+            continue
+        out[m.method] = {b: {r.id: r for r in (e.records or [])} for b, e in m.benchmarks.items()}
+    return out
 
 
 def generate_answers(
@@ -438,14 +486,10 @@ def _report(
     plans,
     text_tokens: float,
     wall: float,
-    reference_scores: Optional[dict[str, float]] = None,
 ) -> EvalReport:
     shape = model_shape(vlm, text_tokens)
     scores = {m.name: {b: e.score for b, e in per_method[m.name]["benchmarks"].items()} for m in methods}
-    reference = scores[REFERENCE] if reference_scores is None else reference_scores
-    missing = [b for b in next(iter(scores.values())) if b not in reference]
-    if missing:
-        raise EvalError(f"reference_scores lack benchmark(s) {missing}")
+    reference = scores[REFERENCE]
     rows = []
     for m in methods:
         cost = cost_report(m.schedule, shape)
@@ -463,6 +507,7 @@ def _report(
                 measured_avg_vision_tokens=_weighted(per_method[m.name]["vision_counts"]),
                 vision_tflops=cost["vision_tflops"],
                 model_tflops=cost["model_tflops"],
+                reused=per_method[m.name]["reused"],
             )
         )
     notes = []

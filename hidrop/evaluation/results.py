@@ -73,6 +73,8 @@ class MethodResult(BaseModel):
     relative_interval: Optional[list[float]] = None  # paired with the reference on the same resamples
     like_reference: Optional[bool] = None  # the relative score's interval contains 100
     like_blind: Optional[bool] = None  # its paired difference to blind's relative score is not significant
+    above_blind: Optional[bool] = None  # that difference is significantly positive (else: blind level)
+    reused: bool = False  # every score came from earlier records (`evaluate(known=...)`), none measured here
 
     def scores(self) -> dict[str, float]:
         return {b: e.score for b, e in self.benchmarks.items()}
@@ -118,6 +120,8 @@ class EvalReport(BaseModel):
     notes: list[str] = []
     n_resamples: Optional[int] = None  # bootstrap resamples behind every interval
     signal: Optional[dict[str, SignalCheck]] = None  # per benchmark, when blind ran
+    questions_run: Optional[int] = None  # (method, question) pairs the model scored in this run
+    batches_run: Optional[int] = None  # method x batch passes through the model in this run
     # set by the platform's `hidrop eval`
     experiment: Optional[str] = None
     device: Optional[str] = None
@@ -130,14 +134,14 @@ class EvalReport(BaseModel):
                 return m
         raise KeyError(f"no method {name!r} in the report; it has {[m.method for m in self.methods]}")
 
-    def measured_reference(self) -> Optional[MethodResult]:
-        """The reference's row, or None when the report scored against an earlier pass's figures."""
+    def reference_or_none(self) -> Optional[MethodResult]:
+        """The reference's row (measured here or reused from earlier records), None when it is absent."""
         return next((m for m in self.methods if m.kind == self.reference), None)
 
     def reference_row(self) -> MethodResult:
-        row = self.measured_reference()
+        row = self.reference_or_none()
         if row is None:
-            raise KeyError(f"the report has no {self.reference} row (scored against earlier figures)")
+            raise KeyError(f"the report has no {self.reference} row")
         return row
 
     def row_for(self, schedule: Schedule) -> MethodResult:
@@ -157,9 +161,12 @@ class EvalReport(BaseModel):
             exclude = {"methods": {"__all__": {"benchmarks": {"__all__": {"records"}}}}}
         return self.model_dump(exclude_unset=True, exclude=exclude)
 
-    def record_rows(self) -> Iterator[dict]:
-        """Every kept per-question record, flat: method, benchmark, then the record's fields."""
+    def record_rows(self, reused: bool = True) -> Iterator[dict]:
+        """Every kept per-question record, flat: method, benchmark, then the record's fields; `reused=False`
+        leaves out the rows taken whole from earlier records (a trial's stored reference)."""
         for m in self.methods:
+            if m.reused and not reused:
+                continue
             for b, e in m.benchmarks.items():
                 for r in e.records or []:
                     yield {"method": m.method, "benchmark": b, **r.model_dump()}

@@ -166,7 +166,7 @@ def attach_intervals(
         for b, e in m.benchmarks.items():
             e.interval = list(percentile_interval(stats[m.method][b]))
     report.n_resamples = n_resamples
-    ref = report.measured_reference()
+    ref = report.reference_or_none()
     if ref is None:
         return  # scored against an earlier pass's figures: no reference questions to pair with
     for m in report.methods:
@@ -226,3 +226,4 @@ def attach_intervals(
             lo, hi = percentile_interval(relative[m.method] - relative[blind.method])
             if math.isfinite(lo) and math.isfinite(hi):
                 m.like_blind = bool(lo <= 0.0 <= hi)
+                m.above_blind = bool(lo > 0.0)
