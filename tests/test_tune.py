@@ -460,11 +460,10 @@ def test_significant_front_against_brute_force():
         def high(j):
             return pts[j][0] if ivs[j] is None else ivs[j][1]
 
-        brute = {
-            i
-            for i in est
-            if ivs[i] is not None and not any(pts[j][1] <= pts[i][1] and high(j) >= ivs[i][0] for j in range(n) if j != i)
-        }
+        def rivalled(i):
+            return any(pts[j][1] <= pts[i][1] and high(j) >= ivs[i][0] for j in range(n) if j != i)
+
+        brute = {i for i in est if ivs[i] is not None and not rivalled(i)}
         got = significant_front(pts, ivs)
         assert set(got) == brute and set(got) <= est
     # a clear step up: the dearer point is significant only once its interval clears the cheaper one's
