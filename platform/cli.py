@@ -20,7 +20,7 @@ from hidrop.evaluation.paper import PAPER_BENCHMARKS, paper_table
 from hidrop.evaluation.results import EvalReport
 from hidrop.evaluation.uncertainty import format_interval
 from hidrop_platform import mlflow_names as N
-from hidrop_platform.sweep import front_mark, interval_text
+from hidrop_platform.sweep import CONFIRM_COLUMNS, confirm_rows, front_mark, interval_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Vision-token schedules for LLaVA-style models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Speed benchmarks (ratios measured in one run).")
@@ -376,7 +376,9 @@ def _print_sweep(summary: dict) -> None:
         f"{summary['rejected']} invalid samples rejected, {summary['concurrency']} at a time, "
         f"{summary['wall_time_s']:.0f} s"
     )
-    for col in ("trial", "front", "relative score [95% CI]", *benches, "avg tokens", "vision TFLOPs", "overrides"):
+    cols = ("trial", "front", "relative score [95% CI]", *benches, "questions", "avg tokens", "vision TFLOPs")
+    cols += ("overrides",)
+    for col in cols:
         table.add_column(col, justify="left" if col in ("trial", "overrides") else "right")
     ok = sorted((r for r in rows if "relative_score" in r), key=lambda r: r["vision_tflops"])
     for r in ok:
@@ -395,6 +397,7 @@ def _print_sweep(summary: dict) -> None:
             front_mark(r),
             interval_text(r),
             *[f"{r['scores'].get(b, float('nan')):.1f}" for b in benches],
+            f"{r.get('samples', 0):.0f}" + (" (stopped)" if r["status"] == N.STOPPED_EARLY else ""),
             f"{r['avg_vision_tokens']:.1f}",
             f"{r['vision_tflops']:.4g}",
             overrides,
@@ -426,6 +429,21 @@ def _print_sweep(summary: dict) -> None:
         f"discoveries (searched, above blind): {', '.join(discoveries) or 'none'}; "
         f"with significance: {', '.join(summary.get('significant', [])) or 'none'}"
     )
+    confirm = summary.get("confirm")
+    if confirm and confirm.get("rows"):
+        questions = ", ".join(f"{b} {n}" for b, n in confirm["benchmarks"].items())
+        held = Table(title=f"Held-out confirmation: {questions} questions the search never saw")
+        for col in CONFIRM_COLUMNS:
+            held.add_column(col, justify="left" if col == "trial" else "right")
+        for row in confirm_rows(confirm):
+            held.add_row(*row)
+        out.print(held)
+        if confirm.get("optimism_gap") is not None:
+            out.print(
+                f"optimism gap of the searched winners (search - confirmed): {confirm['optimism_gap']:+.1f} points"
+            )
+    if summary.get("questions_run"):
+        out.print(f"questions scored by the trials: {summary['questions_run']} (method x question pairs)")
     out.print(
         f"Pareto front: {', '.join(summary['pareto'])}. Parent MLflow run {summary['parent_run_id']} "
         f"({summary['tracking_uri']}); plot and table in {summary['sweep_dir']}/summary"

@@ -289,6 +289,30 @@ class Dimension(BaseModel):
         raise ValueError("a float range has no finite set of values")
 
 
+class ConfirmConfig(BaseModel):
+    """Held-out confirmation (the winner's curse): after the search, the seeds and the top_k front trials
+    are re-evaluated on questions the search never saw, into their own runs (confirm/... metrics)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(default=5, ge=0)  # searched front trials, best relative score first
+    # default: each search benchmark with twice its limit; every question the search saw is removed
+    benchmarks: Optional[list[BenchmarkSpec]] = None
+    limit_factor: int = Field(default=2, ge=2)  # the default's limit multiplier
+
+
+class FidelityConfig(BaseModel):
+    """Multi-fidelity search of training-free trials: `rungs` rounds on 1/factor^(rungs-1), ..., 1/factor, 1
+    of each benchmark's questions (nested: no question is scored twice); after each rung only the best
+    1/factor of the trials in the Pareto order go on (hidrop_platform.fidelity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rungs: int = Field(default=3, ge=2)
+    factor: int = Field(default=3, ge=2)
+    promote_seeds: bool = True  # seeds always run every rung (their full-question scores are the baselines)
+
+
 class SweepConfig(BaseModel):
     """`hidrop tune`: what is searched (dotted config names -> dimensions), how, and with what resources."""
 
@@ -316,6 +340,8 @@ class SweepConfig(BaseModel):
     eval_every: int = Field(default=5, gt=0)
     grace_period: int = Field(default=1, gt=0)  # ASHA: evaluations before a trial may be stopped
     reduction_factor: int = Field(default=2, gt=1)
+    confirm: Optional[ConfirmConfig] = None
+    fidelity: Optional[FidelityConfig] = None  # training-free trials only
 
     @model_validator(mode="after")
     def _consistent(self) -> "SweepConfig":
@@ -325,6 +351,8 @@ class SweepConfig(BaseModel):
             floats = [k for k, d in self.space.items() if not d.discrete]
             if floats:
                 raise ValueError(f"grid search needs choice or int dimensions; {floats} are float ranges")
+        if self.fidelity is not None and self.kind != "training_free":
+            raise ValueError("tune.fidelity applies to training_free trials (trained ones use ASHA on eval_every)")
         if self.kind == "trained" and self.eval_every > self.train_steps:
             raise ValueError(f"eval_every={self.eval_every} is more than train_steps={self.train_steps}")
         if not self.space and self.algorithm != "grid" and not self.seeds:

@@ -159,7 +159,7 @@ def evaluate_schedule(
     )
 
 
-def log_records(tracker, report: EvalReport) -> None:
+def log_records(tracker, report: EvalReport, folder: str = N.RECORDS_DIR) -> None:
     """Every question's record of `report` as one compact artifact of the run (eval/records.jsonl.gz), so
     a later analysis reads them back without re-running a model. A sweep's stored reference rows are the
     sweep's, not the trial's: they are left out."""
@@ -168,7 +168,7 @@ def log_records(tracker, report: EvalReport) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / N.RECORDS_FILE
         write_records(report, path, reused=False)
-        tracker.log_artifact(path, N.RECORDS_DIR)
+        tracker.log_artifact(path, folder)
 
 
 def score_metrics(report: EvalReport, schedule) -> dict[str, float]:

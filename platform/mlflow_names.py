@@ -44,6 +44,7 @@ BLIND_RELATIVE_HIGH = "blind_relative_score_hi"
 RUNG = "rung"  # a multi-fidelity trial's evaluation round (1-based)
 QUESTIONS_RUN = "questions_run"  # (method, question) pairs a trial's evaluation scored with the model
 CONFIRM = "confirm/"  # held-out confirmation: confirm/relative_score, confirm/score/<bench>, ...
+OPTIMISM_GAP = "confirm/optimism_gap"  # on a sweep parent: mean search minus confirmed score of the winners
 AVG_VISION_TOKENS = "avg_vision_tokens"
 MEASURED_AVG_VISION_TOKENS = "measured_avg_vision_tokens"
 VISION_TFLOPS = "vision_tflops"  # per sample, the paper's formula
@@ -138,6 +139,7 @@ ANALYSIS_CURVES = "analysis/curves.png"
 MODEL_DIR = "model"  # a training's export; intermediate ones under model/step-N
 RECORDS_DIR = "eval"  # eval/records.jsonl.gz: every question's record of a trial's or training's evaluation
 RECORDS_FILE = "records.jsonl.gz"
+CONFIRM_DIR = "confirm"  # confirm/records.jsonl.gz on a sweep parent: the held-out questions' records
 
 
 def per_benchmark(prefix: str, scores: Mapping[str, float]) -> dict[str, float]:

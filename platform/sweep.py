@@ -135,3 +135,49 @@ def interval_text(record: dict, key: str = N.RELATIVE_SCORE) -> str:
     """`92.6 [81.0, 104.2]` from a trial's relative score and its bounds (the score alone without them)."""
     lo, hi = record.get(f"{key}_lo"), record.get(f"{key}_hi")
     return format_interval(record[key], None if lo is None or hi is None else (lo, hi))
+
+
+def _triple_text(values: Sequence[Optional[float]]) -> str:
+    score, lo, hi = (list(values) + [None, None, None])[:3]
+    if score is None:
+        return "-"
+    return format_interval(score, None if lo is None or hi is None else (lo, hi))
+
+
+def confirm_rows(confirm: Mapping[str, Any]) -> list[list[str]]:
+    """The held-out confirmation as table rows: trial, vision TFLOPs, search score, confirmed score (both
+    with their 95% intervals), the optimism gap (search minus confirmed)."""
+    out = []
+    for r in confirm.get("rows", []):
+        gap = r.get("gap")
+        out.append(
+            [
+                r["label"],
+                f"{r['vision_tflops']:.4g}",
+                _triple_text(r["search"]),
+                _triple_text(r["confirmed"]),
+                "-" if gap is None else f"{gap:+.1f}",
+            ]
+        )
+    return out
+
+
+CONFIRM_COLUMNS = ["trial", "vision TFLOPs", "search [95% CI]", "confirmed [95% CI]", "search - confirmed"]
+
+
+def confirm_markdown(confirm: Mapping[str, Any]) -> list[str]:
+    if not confirm.get("rows"):
+        return []
+    questions = ", ".join(f"{b} {n}" for b, n in confirm.get("benchmarks", {}).items())
+    lines = [
+        "",
+        f"## Held-out confirmation ({questions} questions the search never saw)",
+        "",
+        "| " + " | ".join(CONFIRM_COLUMNS) + " |",
+        "|" + "---|" * len(CONFIRM_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in confirm_rows(confirm)]
+    gap = confirm.get("optimism_gap")
+    if gap is not None:
+        lines += ["", f"Optimism gap of the searched winners (mean search - confirmed): {gap:+.1f} points."]
+    return lines

@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ray.tune import Callback
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import Searcher
 
 from hidrop.cost import cost_report
-from hidrop.evaluation.harness import REFERENCE, EvalError, Known, evaluate
+from hidrop.evaluation.harness import REFERENCE, EvalError, Known, evaluate, known_records
 from hidrop.evaluation.results import EvalReport, QuestionRecord
+from hidrop.evaluation.subsets import rung_select, unseen_select
 from hidrop.evaluation.uncertainty import format_interval
 from hidrop.schedule import ScheduleSpec, vanilla
 from hidrop.training import Hook, StepEnd, TrainingLoop, make_dataset, plain_training
@@ -43,10 +45,12 @@ from hidrop_platform.evaluate import (
     evaluate_schedule,
     log_records,
     score_metrics,
+    write_records,
 )
 from hidrop_platform.faults import fail_trial_if_asked
+from hidrop_platform.fidelity import goes_on
 from hidrop_platform.pareto import plot_pareto
-from hidrop_platform.sweep import TrialRecord, front_mark, interval_text, summarize_sweep
+from hidrop_platform.sweep import TrialRecord, confirm_markdown, front_mark, interval_text, summarize_sweep
 from hidrop_platform.tracking import (
     Tracker,
     close_if_running,
@@ -436,6 +440,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         devices = float(ctx.devices_per_trial)
         if cfg.tune.kind == "trained":
             metrics = _trained(cfg, ctx, tracker, start, devices, reported)
+        elif cfg.tune.fidelity is not None:
+            metrics = _in_rungs(cfg, ctx, tracker, start, devices, reported)
         else:
             metrics, _ = _evaluate(cfg, _trial_model(cfg, fresh=False), ctx.reference, benchmarks_for(cfg), tracker)
             metrics[N.ACCELERATOR_HOURS] = (time.perf_counter() - start) * devices / 3600
@@ -458,8 +464,62 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         tracker.set_tags({N.STATUS: N.FAILED, N.ERROR: str(e).splitlines()[0][:500] if str(e) else type(e).__name__})
         tracker.finish("FAILED")
         raise
-    if cfg.tune.kind != "trained":  # trained trials reported after every evaluation already
+    if cfg.tune.kind != "trained" and cfg.tune.fidelity is None:  # the others reported after every evaluation
         tune.report(metrics)  # outside the try: Tune stopping the sweep here does not undo a finished run
+
+
+def _in_rungs(cfg: ExperimentConfig, ctx: TrialContext, tracker, start: float, devices: float, reported: dict) -> dict:
+    """A training-free trial in rungs of growing, nested question sets, reported to Tune after each (its
+    `ParetoHalving` scheduler stops the ones that fall behind); each rung scores only its new questions."""
+    from ray import tune
+
+    f = cfg.tune.fidelity
+    vlm = _trial_model(cfg, fresh=False)
+    benches = benchmarks_for(cfg)
+    own: Known = {}
+    questions = 0
+    metrics: dict = {}
+    for rung in range(1, f.rungs + 1):
+        select = rung_select(rung, f.rungs, f.factor, cfg.seed)
+        metrics, report = _evaluate(cfg, vlm, ctx.reference, benches, tracker, own=own, select=select)
+        row = report.row_for(cfg.main_schedule)
+        own = known_records(report, [row.method])
+        questions += report.questions_run or 0
+        wall = time.perf_counter() - start
+        metrics.update(
+            {N.RUNG: rung, N.QUESTIONS_RUN: questions, N.WALL_S: wall, N.ACCELERATOR_HOURS: wall * devices / 3600}
+        )
+        tracker.log_metrics(metrics, step=rung)
+        reported.update(metrics)
+        tune.report(metrics)  # the scheduler may stop the trial here
+    return metrics
+
+
+class ParetoHalving(FIFOScheduler):
+    """Successive halving on the Pareto order for rung-evaluated trials (hidrop_platform.fidelity): at
+    each rung below the last, a trial goes on only if it ranks in the best 1/factor of the trials that
+    reached that rung so far (seeds always go on unless `promote_seeds` is off)."""
+
+    def __init__(self, rungs: int, factor: int, promote_seeds: bool):
+        super().__init__()
+        self.rungs, self.factor, self.promote_seeds = rungs, factor, promote_seeds
+        self.seen: dict[int, dict[str, tuple[float, float]]] = {}  # rung -> trial id -> (score, cost)
+        self.stopped: list[str] = []
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        rung = int(result.get(N.RUNG, 0))
+        if rung < 1 or N.RELATIVE_SCORE not in result or N.VISION_TFLOPS not in result:
+            return self.CONTINUE
+        point = (float(result[N.RELATIVE_SCORE]), float(result[N.VISION_TFLOPS]))
+        at_rung = self.seen.setdefault(rung, {})
+        rivals = [p for t, p in at_rung.items() if t != trial.trial_id]
+        at_rung[trial.trial_id] = point
+        if rung >= self.rungs or (trial.config.get("seed") and self.promote_seeds):
+            return self.CONTINUE
+        if goes_on(point, rivals, self.factor):
+            return self.CONTINUE
+        self.stopped.append(trial.trial_id)
+        return self.STOP
 
 
 def _trained(cfg: ExperimentConfig, ctx: TrialContext, tracker, start: float, devices: float, reported: dict) -> dict:
@@ -562,6 +622,7 @@ def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callab
         "key": key,
     }
     path.write_text(json.dumps(ref))
+    write_records(report, sweep_dir / N.RECORDS_FILE)  # logged on the parent run as eval/records.jsonl.gz
     del vlm
     return ref
 
@@ -618,6 +679,8 @@ def run_tune(
             | _blind_bounds(reference),
             step=0,
         )
+        if (sweep_dir / N.RECORDS_FILE).is_file():
+            parent.log_artifact(sweep_dir / N.RECORDS_FILE, N.RECORDS_DIR)
         ctx = TrialContext(
             base=base,
             reference=reference,
@@ -640,8 +703,11 @@ def run_tune(
         live = _searcher_of(tuner) or searcher
         if len(grid) < live.total_trials or grid.num_terminated + grid.num_errors < len(grid):
             raise SweepInterrupted(f"{grid.num_terminated + grid.num_errors} of {live.total_trials} trials finished")
-        summary = _summarize(grid, reference, live, name, at_once, wall)
+        rungs = s.fidelity.rungs if s.fidelity else None
+        summary = _summarize(grid, reference, live, name, at_once, wall, ctx, rungs)
         summary["valid_share"] = share
+        if s.confirm is not None:
+            summary["confirm"] = confirm_front(cfg, base, summary, reference, parent, note)
         if s.objective == "score":
             fits = [r for r in summary["trials"] if "relative_score" in r and r["vision_tflops"] <= s.max_vision_tflops]
             summary["best_under_budget"] = max(fits, key=lambda r: r["relative_score"])["label"] if fits else None
@@ -654,6 +720,109 @@ def run_tune(
         parent.set_tags({N.STATUS: N.INTERRUPTED if isinstance(e, KeyboardInterrupt) else N.FAILED})
         parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+
+
+# ---- held-out confirmation ---------------------------------------------------------------------
+
+
+def confirm_benchmarks(cfg: ExperimentConfig) -> list:
+    """The confirmation's benchmarks: `tune.confirm.benchmarks`, or each search benchmark with
+    `limit_factor` x its limit (the seen questions are removed when it runs)."""
+    c = cfg.tune.confirm
+    specs = c.benchmarks
+    if specs is None:
+        whole = [b.name for b in cfg.eval.benchmarks if b.limit is None]
+        if whole:
+            raise TuneSetupError(
+                f"tune.confirm: the search evaluates all of {', '.join(whole)}, so no question is left unseen; "
+                "give a limit in eval.benchmarks or name held-out ones in tune.confirm.benchmarks"
+            )
+        specs = [b.model_copy(update={"limit": b.limit * c.limit_factor}) for b in cfg.eval.benchmarks]
+    return benchmarks_for(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"benchmarks": specs})}))
+
+
+def confirm_front(cfg: ExperimentConfig, base: dict, summary: dict, reference: dict, parent, note=None) -> dict:
+    """Re-evaluate the seeds and the top_k searched front trials, with all tokens and blind, on questions
+    the search never saw (checked by id); log confirm/... metrics into each trial's run. Returns the
+    search-vs-confirmed table and the optimism gap (search minus confirmed) of the searched winners."""
+    c = cfg.tune.confirm
+    outcomes = [r for r in summary["trials"] if TrialRecord.model_validate(r).is_outcome()]
+    winners = sorted(
+        (r for r in outcomes if r.get("pareto") and not r["seed"] and not r.get("blind_level")),
+        key=lambda r: -r["relative_score"],
+    )[: c.top_k]
+    picks = [r for r in outcomes if r["seed"]] + winners
+    if not picks:
+        return {"rows": [], "notes": ["nothing to confirm: no finished seed or front trial"]}
+    if note:
+        note(f"confirming {len(picks)} schedules on held-out questions")
+    seen = {b: [r["id"] for r in rows] for b, rows in reference.get("records", {}).get(REFERENCE, {}).items()}
+    schedules = {r["label"]: trial_config(base, r["overrides"]).main_schedule for r in picks}
+    try:
+        report = evaluate(
+            build_model(cfg),
+            [sch.model_copy(update={"name": label}) for label, sch in schedules.items() if not sch.is_vanilla()]
+            or [vanilla(cfg.model.shape.num_layers, cfg.model.shape.num_vision_tokens)],
+            confirm_benchmarks(cfg),
+            baselines=["blind"],
+            mode=cfg.eval.mode,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            seed=cfg.seed,
+            select=unseen_select(seen),
+            keep_records=True,
+            require_signal=cfg.eval.require_signal,
+            n_resamples=cfg.eval.resamples,
+        )
+    except (EvalSetupError, EvalError) as e:
+        raise TuneSetupError(f"tune.confirm: {str(e).splitlines()[0]}") from None
+    ref = report.reference_row()
+    questions = {b: [q.id for q in e.records or []] for b, e in ref.benchmarks.items()}
+    overlap = sum(len(set(ids) & set(seen.get(b, ()))) for b, ids in questions.items())
+    if overlap:  # unseen_select makes this impossible; a confirmation must never read a searched question
+        raise TuneSetupError(f"tune.confirm: {overlap} held-out questions were seen by the search")
+    rows = []
+    for r in picks:
+        row = ref if schedules[r["label"]].is_vanilla() else report.method(r["label"])
+        confirmed = {
+            N.RELATIVE_SCORE: row.relative_score,
+            **N.per_benchmark(N.SCORE, row.scores()),
+            N.SAMPLES: report.samples_evaluated,
+        }
+        if row.relative_interval and row is not ref:
+            confirmed[N.RELATIVE_SCORE_LOW], confirmed[N.RELATIVE_SCORE_HIGH] = row.relative_interval
+        if row.above_blind is not None:
+            confirmed[N.BLIND_LEVEL] = float(not row.above_blind)
+        if r.get("run_id") and cfg.tracking.enabled:
+            run = Tracker(
+                parent.tracking_uri, parent.experiment, run_id=r["run_id"], spool_dir=str(parent.spool_path.parent)
+            ).start()
+            run.log_metrics({f"{N.CONFIRM}{k}": v for k, v in confirmed.items() if v is not None}, step=0)
+            run.finish("FINISHED")
+        rows.append(
+            {
+                "label": r["label"],
+                "seed": r["seed"],
+                "vision_tflops": r["vision_tflops"],
+                "search": [r["relative_score"], r.get(N.RELATIVE_SCORE_LOW), r.get(N.RELATIVE_SCORE_HIGH)],
+                "confirmed": [row.relative_score, *(row.relative_interval or [None, None])],
+                "gap": None if row.relative_score is None else r["relative_score"] - row.relative_score,
+                "blind_level": confirmed.get(N.BLIND_LEVEL),
+            }
+        )
+    gaps = [x["gap"] for x in rows if not x["seed"] and x["gap"] is not None]
+    out = {
+        "benchmarks": {b: len(ids) for b, ids in questions.items()},
+        "overlap": overlap,
+        "reference_scores": ref.scores(),
+        "rows": rows,
+        "optimism_gap": sum(gaps) / len(gaps) if gaps else None,
+        "notes": report.notes,
+    }
+    if out["optimism_gap"] is not None:
+        parent.log_metrics({N.OPTIMISM_GAP: out["optimism_gap"]}, step=0)
+    log_records(parent, report, N.CONFIRM_DIR)  # the held-out questions of every confirmed schedule
+    return out
 
 
 def _check_resume(sweep_dir: Path, name: str, resume: bool) -> None:
@@ -719,6 +888,8 @@ def _tuner(cfg: ExperimentConfig, ctx: TrialContext, searcher, callback, at_once
     if resume:
         return tune.Tuner.restore(ctx.sweep_dir, trainable=trainable, resume_errored=True)
     scheduler = None
+    if s.fidelity is not None:
+        scheduler = ParetoHalving(s.fidelity.rungs, s.fidelity.factor, s.fidelity.promote_seeds)
     if s.kind == "trained":
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
@@ -789,18 +960,25 @@ def _searcher_of(tuner) -> Optional[ScheduleSearcher]:
 
 
 def _summarize(
-    grid, reference: dict, searcher: Optional[ScheduleSearcher], name: str, at_once: int, wall: float
+    grid, reference: dict, searcher: Optional[ScheduleSearcher], name: str, at_once: int, wall: float, ctx, rungs=None
 ) -> dict:
     records = []
     for result in grid:
         config = result.config or {}
+        metrics = dict(result.metrics or {})
+        status = N.FAILED if result.error else N.FINISHED
+        if status == N.FINISHED and rungs and metrics.get(N.RUNG, rungs) < rungs:
+            status = N.STOPPED_EARLY  # the multi-fidelity scheduler stopped it after a rung: an outcome
+        trial_id = metrics.get("trial_id")
+        run_id = _trial_record(ctx, trial_id).get("run_id") if trial_id else None
         records.append(
             TrialRecord.from_metrics(
                 config.get("label", "?"),
-                N.FAILED if result.error else N.FINISHED,
-                dict(result.metrics or {}),
+                status,
+                metrics,
                 seed=bool(config.get("seed")),
                 overrides=config.get("overrides", {}),
+                **({"run_id": run_id} if run_id else {}),
                 **({"error": str(result.error).strip().splitlines()[-1][:300]} if result.error else {}),
             )
         )
@@ -820,6 +998,7 @@ def _summarize(
         "rejections": dict(searcher.rejections) if searcher else {},
         "rejected": sum(searcher.rejections.values()) if searcher else 0,
         "failed": summary.failed,
+        "questions_run": int(sum(t.questions_run or 0 for t in summary.trials)),
         "concurrency": at_once,
         "wall_time_s": wall,
         "accelerator_hours": summary.accelerator_hours,
@@ -851,6 +1030,7 @@ def _log_summary(parent, summary: dict, sweep_dir: Path, name: str, reference: d
         "estimates only; blind level = not significantly above answering without the image "
         f"(blind: {format_interval(reference['blind_relative_score'], blind)}).",
     ]
+    lines += confirm_markdown(summary.get("confirm") or {})
     (out / "pareto.md").write_text("\n".join(lines) + "\n")
     (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
     if ok:

@@ -500,3 +500,135 @@ def test_a_blind_level_trial_is_tagged_and_never_a_discovery():
     marks = {t.label: front_mark(t.to_dict()) for t in s.trials}
     assert marks == {"cheap-noise": "blind level", "good": "clear", "better": "clear", "seed:vanilla": "yes"}
     assert s.blind_relative_interval == [40.0, 60.0]
+
+
+# ---- multi-fidelity search and held-out confirmation --------------------------------------------------
+
+
+def test_rung_subsets_are_nested_keep_units_whole_and_unseen_drops_seen_units():
+    from hidrop.evaluation.paper import MMBench
+    from hidrop.evaluation.registry import Benchmark
+    from hidrop.evaluation.subsets import rung_select, unit_order, unseen_select
+    from hidrop.sample import Sample
+
+    plain = Benchmark()
+    plain.name = "plain"
+    samples = [Sample(id=f"q{i}", conversations=()) for i in range(90)]
+    rungs = [rung_select(r, 3, 3, seed=0)(plain, samples) for r in (1, 2, 3)]
+    assert [len(x) for x in rungs] == [10, 30, 90]
+    assert {s.id for s in rungs[0]} <= {s.id for s in rungs[1]} <= {s.id for s in rungs[2]}
+    assert rung_select(1, 3, 3, seed=1)(plain, samples) != rungs[0]  # the order is seeded
+    # circular groups stay whole in every rung
+    mmb = MMBench(root="/nonexistent")
+    grouped = [Sample(id=f"g{i // 4}-{i % 4}", conversations=(), meta={"group": i // 4}) for i in range(40)]
+    units = {mmb.unit(s) for s in grouped}
+    assert len(units) == 10 and len(unit_order(mmb, grouped, 0)) == 10
+    first = rung_select(1, 2, 3, seed=0)(mmb, grouped)
+    per_unit = {}
+    for s in first:
+        per_unit[mmb.unit(s)] = per_unit.get(mmb.unit(s), 0) + 1
+    assert len(first) == 16 and set(per_unit.values()) == {4}  # ceil(10 / 3) = 4 whole groups
+    kept = unseen_select({"plain": [s.id for s in rungs[1]]})(plain, samples)
+    assert len(kept) == 60 and not {s.id for s in kept} & {s.id for s in rungs[1]}
+    half_seen = unseen_select({mmb.name: ["g0-1"]})(mmb, grouped)
+    assert len(half_seen) == 36 and not any(s.id.startswith("g0-") for s in half_seen)
+
+
+def test_pareto_halving_and_hypervolume_against_brute_force():
+    from hidrop_platform.fidelity import goes_on, hypervolume, pareto_layers, promoted
+
+    rng = random.Random(5)
+    for _ in range(100):
+        pts = [(rng.uniform(0, 100), rng.choice([0.1, 0.2, 0.3, 0.4])) for _ in range(rng.randint(1, 15))]
+        layers = pareto_layers(pts)
+        for i, (s, c) in enumerate(pts):  # a point's layer is one more than the deepest point dominating it
+            above = [layers[j] for j, (s2, c2) in enumerate(pts) if s2 >= s and c2 <= c and (s2, c2) != (s, c)]
+            assert layers[i] == (max(above) + 1 if above else 0)
+        keep = promoted(pts, 3)
+        assert len(keep) == math.ceil(len(pts) / 3)
+        dropped = [layers[i] for i in range(len(pts)) if i not in keep]
+        assert not dropped or max(layers[i] for i in keep) <= min(dropped)  # no kept point below a dropped one
+        # hypervolume: area of the union of [cost, 1] x [0, score] boxes, on a fine grid
+        grid = 200
+        hits = sum(
+            any(c <= (x + 0.5) / grid and s >= (y + 0.5) / grid * 100 for s, c in pts)
+            for x in range(grid)
+            for y in range(grid)
+        )
+        assert hypervolume(pts, max_cost=1.0) == pytest.approx(hits / grid / grid * 100, abs=1.5)
+    assert goes_on((90, 0.1), [(50, 0.5), (60, 0.4)], 3)  # dominates both: first of three
+    assert not goes_on((40, 0.5), [(50, 0.5), (60, 0.4)], 3)
+
+
+def test_successive_halving_finds_a_planted_best_schedule_with_fewer_questions():
+    """Synthetic candidates with known accuracies: the planted one (best score at a low cost) must reach the
+    last rung and the front, for fewer scored questions than evaluating everything in full."""
+    import numpy as np
+
+    from hidrop_platform.fidelity import RungPoint, successive_halving
+
+    n_full, rungs, factor = 810, 3, 3
+    rng = np.random.default_rng(0)
+    truth = {f"c{i}": (float(rng.uniform(0.4, 0.8)), float(rng.uniform(0.2, 1.0))) for i in range(27)}
+    truth["planted"] = (0.9, 0.25)
+    answers = {label: rng.random(n_full) < acc for label, (acc, _) in truth.items()}
+
+    def evaluate(label, rung):
+        n = n_full // factor ** (rungs - rung)
+        acc, cost = truth[label]
+        score = 100 * answers[label][:n].mean() / 0.9
+        earlier = n_full // factor ** (rungs - rung + 1) if rung > 1 else 0
+        return RungPoint(score=score, cost=cost, questions_run=n - earlier)
+
+    search = successive_halving(list(truth), evaluate, rungs, factor)
+    assert "planted" in search.completed()
+    final = search.final()
+    best = max(final, key=lambda k: final[k].score if k in search.completed() else -1)
+    assert best == "planted"
+    exhaustive = n_full * len(truth)
+    assert search.questions_run() <= exhaustive / 3  # 28 x 90 + 10 x 180 + 4 x 540 = 6480 of 22680
+
+
+@pytest.mark.slow
+def test_multi_fidelity_sweep_stops_trials_and_confirms_on_unseen_questions(tmp_path):
+    exp = tmp_path / "tune.yaml"
+    data = _tiny(
+        tmp_path,
+        seeds=["vanilla", "hidrop_tok64"],
+        num_samples=5,
+        fidelity={"rungs": 2, "factor": 3},
+        confirm={"top_k": 2},
+    )
+    data["eval"]["benchmarks"] = [{"name": "easy_vqa", "limit": 18}]
+    data["eval"]["resamples"] = 200
+    exp.write_text(yaml.safe_dump(data))
+    proc = _cli("tune", str(exp), "--json", cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{\n") :])
+    trials = summary["trials"]
+    assert len(trials) == 7
+    stopped = [t for t in trials if t["status"] == "stopped_early"]
+    done = [t for t in trials if t["status"] == "finished"]
+    assert stopped and all(t["rung"] == 1 and t["samples"] == 6 for t in stopped)  # ceil(18 / 3) questions
+    assert all(t["rung"] == 2 and t["samples"] == 18 for t in done)
+    # each question once per trial: a finished searched trial scored 18, a stopped one 6
+    searched_done = [t for t in done if not t["seed"]]
+    assert all(t["questions_run"] == 18 for t in searched_done) and all(t["questions_run"] == 6 for t in stopped)
+    assert all("relative_score_lo" in t for t in trials if t["label"] != "seed:vanilla")
+    confirm = summary["confirm"]
+    assert confirm["overlap"] == 0 and confirm["benchmarks"]["easy_vqa"] > 0
+    labels = {r["label"] for r in confirm["rows"]}
+    assert {"seed:vanilla", "seed:hidrop_tok64"} <= labels
+    # the confirmation's questions are disjoint from the sweep's, by id (records on the parent run)
+    import gzip
+
+    runs, client = _runs(tmp_path / "mlflow.db")
+    parent = next(r for r in runs if r.data.tags.get("hidrop.kind") == "sweep")
+    ids = {}
+    for folder in ("eval", "confirm"):
+        path = client.download_artifacts(parent.info.run_id, f"{folder}/records.jsonl.gz", str(tmp_path / folder))
+        with gzip.open(path, "rt") as f:
+            ids[folder] = {json.loads(line)["id"] for line in f}
+    assert ids["eval"] and ids["confirm"] and not ids["eval"] & ids["confirm"]
+    confirmed = next(r for r in runs if r.info.run_name == "seed:hidrop_tok64")
+    assert "confirm/relative_score" in confirmed.data.metrics and confirmed.data.tags.get("hidrop.blind_level")
