@@ -881,6 +881,75 @@ def bench_overhead(
     out.print(f"first-step loss: plain {first['plain']:.5f}, Ray + DeepSpeed {first['ray_deepspeed']:.5f} (same work)")
 
 
+@bench_app.command("search")
+def bench_search(
+    experiment: str = typer.Argument(..., help="experiment YAML with a training-free tune section"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides, e.g. tune.fidelity.factor=2"),
+    candidates: Optional[int] = typer.Option(
+        None, help="random valid samples after the seeds (default: tune.num_samples)"
+    ),
+    budget: Optional[float] = typer.Option(None, help="vision-TFLOPs budget of the 'best' schedule (default: median)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Exhaustive evaluation vs multi-fidelity search (tune.fidelity) on one fixed candidate set: questions,
+    model passes and wall time of each, and what each finds, confirmed on held-out questions."""
+    from hidrop_platform.bench_search import SearchBenchError, run_search_bench
+
+    cfg, base = _load_with_data(experiment, overrides)
+    if cfg.tune.kind != "training_free":
+        _fail("bench search compares training-free searches; set tune.kind=training_free")
+    try:
+        with out.status("search benchmark...") as status:
+            result = run_search_bench(cfg, base, candidates, budget, progress=lambda m: status.update(m))
+    except SearchBenchError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    ex, mf = result["exhaustive"], result["multi_fidelity"]
+    questions = ", ".join(f"{b} {n}" for b, n in result["search_questions"].items())
+    table = Table(
+        title=f"Search cost and quality: {result['candidates']} candidates on {questions} questions; "
+        f"{result['rungs']} rungs x{result['factor']}"
+    )
+    for col in ("search", "questions", "passes", "wall s", "front", "best under budget", "confirmed [95% CI]", "HV"):
+        table.add_column(col, justify="left" if col in ("search", "best under budget") else "right")
+    for name, side in (("exhaustive", ex), ("multi-fidelity", mf)):
+        best = side["best_confirmed"]
+        table.add_row(
+            name,
+            str(side["questions_run"]),
+            str(side["batches_run"]),
+            f"{side['wall_s']:.1f}",
+            str(len(side["front"])),
+            side["best_under_budget"] or "-",
+            "-" if not best else format_interval(best[0], None if None in best[1:] else best[1:]),
+            f"{side['hypervolume_confirmed']:.3g}",
+        )
+    ratio = result["cost_ratio"]
+    table.add_row(
+        "ratio",
+        f"{ratio['questions_run']:.2f}x",
+        f"{ratio['batches_run']:.2f}x",
+        f"{ratio['wall_s']:.2f}x",
+        "",
+        "",
+        "",
+        "",
+    )
+    out.print(table)
+    held = ", ".join(f"{b} {n}" for b, n in result["confirm_questions"].items())
+    out.print(
+        f"budget {result['budget_vision_tflops']:.4g} vision TFLOPs; held-out questions {held} "
+        f"(overlap with the search: {result['confirm_overlap']}); multi-fidelity stopped {mf['stopped']} of "
+        f"{result['candidates']}; reference pass (shared, not counted): {result['reference']['questions_run']} "
+        f"questions, {result['reference']['wall_s']:.1f} s"
+    )
+    out.print(result["verdict"])
+    for n in result["notes"]:
+        out.print(f"[yellow]note:[/] {n}")
+
+
 def main() -> None:  # pragma: no cover
     app(prog_name="hidrop")
 

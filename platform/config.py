@@ -310,7 +310,9 @@ class FidelityConfig(BaseModel):
 
     rungs: int = Field(default=3, ge=2)
     factor: int = Field(default=3, ge=2)
-    promote_seeds: bool = True  # seeds always run every rung (their full-question scores are the baselines)
+    # seeds run every rung, whatever their rank; off by default: they compete like any trial, and
+    # tune.confirm scores them on held-out questions anyway
+    promote_seeds: bool = False
 
 
 class SweepConfig(BaseModel):

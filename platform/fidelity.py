@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 from hidrop_platform.pareto import pareto_front
 
@@ -88,11 +88,16 @@ class Search:
 
 
 def successive_halving(
-    labels: Sequence[str], evaluate: Callable[[str, int], RungPoint], rungs: int, factor: int
+    labels: Sequence[str],
+    evaluate: Callable[[str, int], RungPoint],
+    rungs: int,
+    factor: int,
+    always: Collection[str] = (),
 ) -> Search:
     """Synchronous successive halving over `labels`: every live candidate at rung r, then the best
-    1/factor (`promoted`) go on. `evaluate(label, rung)` scores one candidate at one rung (reusing its
-    earlier rungs' questions is the evaluator's job)."""
+    1/factor (`promoted`) go on, plus those in `always` (seeds, when they must run every rung).
+    `evaluate(label, rung)` scores one candidate at one rung (reusing its earlier rungs' questions is
+    the evaluator's job)."""
     search = Search(rungs=rungs, points={label: [] for label in labels})
     alive = list(labels)
     for rung in range(1, rungs + 1):
@@ -100,7 +105,8 @@ def successive_halving(
             search.points[label].append(evaluate(label, rung))
         if rung < rungs:
             points = [(search.points[label][-1].score, search.points[label][-1].cost) for label in alive]
-            alive = [alive[i] for i in promoted(points, factor)]
+            keep = set(promoted(points, factor))
+            alive = [label for i, label in enumerate(alive) if i in keep or label in always]
     return search
 
 

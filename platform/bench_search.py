@@ -1,0 +1,230 @@
+"""`hidrop bench search`: what multi-fidelity search saves, measured against exhaustive evaluation on
+one fixed candidate set in one run, and what it loses, measured on held-out questions.
+
+Both searches see the same candidates (the seeds, then `candidates` valid random samples of
+`tune.space`), the same model and the same questions, and pair with one reference pass (all tokens
+and blind on every question, counted apart: a sweep pays it once either way). Exhaustive scores every
+candidate on every question; multi-fidelity runs `tune.fidelity`'s rungs with successive halving on
+the Pareto order (hidrop_platform.fidelity). Cost: (method, question) pairs scored, method x batch
+passes, wall time. Quality: both fronts and both best-under-budget schedules are re-evaluated on
+questions neither search saw (`tune.confirm`'s benchmarks), and compared there: the confirmed score
+of the best schedule under the budget, with its interval, and the hypervolume of each front's
+confirmed points (relative score x share of the dearest candidate's vision TFLOPs saved, reference
+point: score 0 at the dearest cost; 100 would be a free schedule as good as all tokens). In-process
+and sequential (no Ray), so the two wall times compare like for like.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+from hidrop.evaluation.harness import REFERENCE, EvalError, evaluate, known_records
+from hidrop.evaluation.subsets import rung_select, unseen_select
+from hidrop.schedule import vanilla
+from hidrop_platform.config import ConfirmConfig, ExperimentConfig, FidelityConfig
+from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model, evaluate_schedule
+from hidrop_platform.fidelity import RungPoint, Search, hypervolume, successive_halving
+from hidrop_platform.pareto import pareto_front
+from hidrop_platform.tune import ScheduleSearcher, TuneSetupError, confirm_benchmarks, trial_config
+
+
+class SearchBenchError(RuntimeError):
+    """A search benchmark that cannot run as configured (one line for the CLI)."""
+
+
+def candidate_set(cfg: ExperimentConfig, base: dict, candidates: int) -> dict[str, dict]:
+    """label -> overrides: the seeds, then `candidates` valid random samples of the space (seeded)."""
+    tune = cfg.tune.model_copy(update={"algorithm": "random", "num_samples": max(1, candidates)})
+    searcher = ScheduleSearcher(base, cfg.model_copy(update={"tune": tune}))
+    out: dict[str, dict] = {}
+    for i in range(searcher.total_trials):
+        suggestion = searcher.suggest(f"bench-{i}")
+        if not isinstance(suggestion, dict):
+            break
+        if suggestion["seed"] or tune.space:
+            out[suggestion["label"]] = suggestion["overrides"]
+    return out
+
+
+def _point(report, schedule, wall: float) -> RungPoint:
+    row = report.row_for(schedule)
+    lo, hi = row.relative_interval or (None, None)
+    return RungPoint(
+        score=row.relative_score,
+        cost=row.vision_tflops,
+        low=lo,
+        high=hi,
+        questions_run=report.questions_run or 0,
+        batches_run=report.batches_run or 0,
+        wall_s=wall,
+    )
+
+
+def run_search_bench(
+    cfg: ExperimentConfig,
+    base: dict,
+    candidates: Optional[int] = None,
+    budget: Optional[float] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict:
+    say = progress or (lambda msg: None)
+    f = cfg.tune.fidelity or FidelityConfig()
+    if cfg.tune.confirm is None:
+        cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"confirm": ConfirmConfig()})})
+    try:
+        pool = candidate_set(cfg, base, candidates or cfg.tune.num_samples)
+        schedules = {
+            label: trial_config(base, o).main_schedule.model_copy(update={"name": label}) for label, o in pool.items()
+        }
+        vlm = build_model(cfg)
+        benches = benchmarks_for(cfg)
+        held_out = confirm_benchmarks(cfg)
+    except (EvalSetupError, TuneSetupError) as e:
+        raise SearchBenchError(str(e)) from None
+    shape = cfg.model.shape
+    unpruned = vanilla(shape.num_layers, shape.num_vision_tokens)
+    common = dict(
+        mode=cfg.eval.mode,
+        batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        seed=cfg.seed,
+        keep_records=True,
+        require_signal=cfg.eval.require_signal,
+        n_resamples=cfg.eval.resamples,
+    )
+    try:
+        say("reference: all tokens and blind on every search question")
+        t0 = time.perf_counter()
+        ref = evaluate(vlm, [unpruned], benches, baselines=["blind"], **common)
+        ref_wall = time.perf_counter() - t0
+        stored = known_records(ref)
+
+        def known_for(schedule) -> dict:
+            return {k: v for k, v in stored.items() if not (schedule.is_vanilla() and k == REFERENCE)}
+
+        exhaustive: dict[str, RungPoint] = {}
+        for i, (label, schedule) in enumerate(schedules.items()):
+            say(f"exhaustive {i + 1}/{len(schedules)}: {label}")
+            t0 = time.perf_counter()
+            report = evaluate_schedule(cfg, vlm, schedule, benches, known=known_for(schedule))
+            exhaustive[label] = _point(report, schedule, time.perf_counter() - t0)
+
+        own: dict[str, dict] = {label: {} for label in schedules}
+
+        def evaluate_rung(label: str, rung: int) -> RungPoint:
+            say(f"multi-fidelity rung {rung}/{f.rungs}: {label}")
+            schedule = schedules[label]
+            t0 = time.perf_counter()
+            report = evaluate_schedule(
+                cfg,
+                vlm,
+                schedule,
+                benches,
+                known={**known_for(schedule), **own[label]},
+                select=rung_select(rung, f.rungs, f.factor, cfg.seed),
+            )
+            own[label] = known_records(report, [report.row_for(schedule).method])
+            return _point(report, schedule, time.perf_counter() - t0)
+
+        seeds = [label for label in schedules if label.startswith("seed:")] if f.promote_seeds else []
+        search = successive_halving(list(schedules), evaluate_rung, f.rungs, f.factor, always=seeds)
+        return _compare(cfg, vlm, schedules, exhaustive, search, held_out, stored, budget, common, say) | {
+            "candidates": len(schedules),
+            "rungs": f.rungs,
+            "factor": f.factor,
+            "promote_seeds": f.promote_seeds,
+            "reference": {"questions_run": ref.questions_run, "batches_run": ref.batches_run, "wall_s": ref_wall},
+            "search_questions": {b.name: b.samples for b in ref.benchmarks},
+            "notes": ref.notes,
+        }
+    except EvalError as e:
+        raise SearchBenchError(str(e).splitlines()[0]) from None
+
+
+def _front(points: dict[str, RungPoint]) -> list[str]:
+    labels = list(points)
+    return [labels[i] for i in pareto_front([(points[k].score, points[k].cost) for k in labels])]
+
+
+def _best_under(points: dict[str, RungPoint], budget: float) -> Optional[str]:
+    fits = [k for k, p in points.items() if p.cost <= budget]
+    return max(fits, key=lambda k: (points[k].score, -points[k].cost)) if fits else None
+
+
+def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, budget, common, say) -> dict:
+    costs = sorted(p.cost for p in exhaustive.values())
+    budget = budget or cfg.tune.max_vision_tflops or costs[len(costs) // 2]  # default: the median candidate
+    full = {k: search.final()[k] for k in search.completed()}  # multi-fidelity points at full fidelity
+    sides = {
+        "exhaustive": (exhaustive, _front(exhaustive), _best_under(exhaustive, budget)),
+        "multi_fidelity": (search.final(), _front(search.final()), _best_under(full, budget)),
+    }
+    confirm_labels = sorted({k for _, front, best in sides.values() for k in [*front, best] if k})
+    say(f"confirming {len(confirm_labels)} schedules on held-out questions")
+    seen = {b: list(rows) for b, rows in stored[REFERENCE].items()}
+    pruned = [schedules[k] for k in confirm_labels if not schedules[k].is_vanilla()]
+    report = evaluate(
+        vlm,
+        pruned or [vanilla(cfg.model.shape.num_layers, cfg.model.shape.num_vision_tokens)],
+        held_out,
+        baselines=["blind"],
+        select=unseen_select(seen),
+        **common,
+    )
+    ref = report.reference_row()
+    overlap = sum(len({r.id for r in e.records or []} & set(seen.get(b, ()))) for b, e in ref.benchmarks.items())
+
+    def confirmed(label: str) -> list:
+        row = ref if schedules[label].is_vanilla() else report.method(label)
+        return [row.relative_score, *(row.relative_interval or [None, None])]
+
+    max_cost = costs[-1]
+    out: dict = {"budget_vision_tflops": budget, "confirm_questions": {b.name: b.samples for b in report.benchmarks}}
+    out["confirm_overlap"] = overlap
+    for side, (points, front, best) in sides.items():
+        out[side] = {
+            "questions_run": sum(p.questions_run for p in _all_points(side, exhaustive, search)),
+            "batches_run": sum(p.batches_run for p in _all_points(side, exhaustive, search)),
+            "wall_s": sum(p.wall_s for p in _all_points(side, exhaustive, search)),
+            "front": front,
+            "best_under_budget": best,
+            "best_search": None if best is None else [points[best].score, points[best].low, points[best].high],
+            "best_confirmed": None if best is None else confirmed(best),
+            # cost as a share of the dearest candidate's: the area is in relative-score points x cost share
+            "hypervolume_confirmed": hypervolume(
+                [(confirmed(k)[0], points[k].cost / max_cost) for k in front if confirmed(k)[0] is not None], 1.0
+            ),
+            "hypervolume_search": hypervolume([(points[k].score, points[k].cost / max_cost) for k in front], 1.0),
+        }
+    mf = out["multi_fidelity"]
+    mf["completed"] = search.completed()
+    mf["stopped"] = len(schedules) - len(search.completed())
+    ex = out["exhaustive"]
+    out["cost_ratio"] = {k: (mf[k] / ex[k] if ex[k] else None) for k in ("questions_run", "batches_run", "wall_s")}
+    out["verdict"] = _verdict(out)
+    return out
+
+
+def _all_points(side: str, exhaustive: dict[str, RungPoint], search: Search) -> list[RungPoint]:
+    if side == "exhaustive":
+        return list(exhaustive.values())
+    return [p for pts in search.points.values() for p in pts]
+
+
+def _verdict(out: dict) -> str:
+    """One honest line: the cost ratio, and whether the confirmed best schedules are distinguishable."""
+    ex, mf = out["exhaustive"], out["multi_fidelity"]
+    ratio = out["cost_ratio"]["questions_run"]
+    head = f"multi-fidelity scored {ratio:.2f}x the questions of exhaustive evaluation" if ratio is not None else ""
+    a, b = ex["best_confirmed"], mf["best_confirmed"]
+    if not a or not b or None in a[:3] or None in b[:3]:
+        return head + "; no confirmed best schedule under the budget to compare"
+    if ex["best_under_budget"] == mf["best_under_budget"]:
+        return head + f"; both found the same best schedule under the budget ({ex['best_under_budget']})"
+    overlap = a[1] <= b[2] and b[1] <= a[2]
+    return head + (
+        f"; confirmed best under the budget: exhaustive {a[0]:.1f} [{a[1]:.1f}, {a[2]:.1f}] vs multi-fidelity "
+        f"{b[0]:.1f} [{b[1]:.1f}, {b[2]:.1f}]: "
+        + ("indistinguishable within their intervals" if overlap else "the intervals do not overlap")
+    )
