@@ -29,7 +29,7 @@ from hidrop.evaluation.published import PublishedError, comparisons_for, exact_p
 from hidrop.evaluation.uncertainty import format_interval
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.pareto import plot_pareto
-from hidrop_platform.sweep import TrialRecord, front_mark, summarize_sweep
+from hidrop_platform.sweep import CONFIRM_COLUMNS, TrialRecord, confirm_rows, front_mark, summarize_sweep
 from hidrop_platform.tracking import (
     TrackingUnavailable,
     download_artifact,
@@ -182,6 +182,7 @@ def _sweep(parent, children: list) -> dict:
                 **_published_fields(run.data.params, run.info.run_name, parent_model),
                 plan=run.data.params.get(N.PLAN, ""),
                 search=N.strip_prefix(N.SEARCH, run.data.params),
+                confirm=N.strip_prefix(N.CONFIRM, run.data.metrics),
             )
         )
     # the rule `hidrop tune` uses: a failed or killed trial's last metrics are no outcome
@@ -199,6 +200,7 @@ def _sweep(parent, children: list) -> dict:
         "significant": summary.significant,
         "blind_level": summary.blind_level,
         "discoveries": summary.discoveries(),
+        "optimism_gap": m.get(N.OPTIMISM_GAP),
         "benchmarks": _paper_order(reference),
         "published_model": parent_model,
         "wall_s": m.get(N.WALL_S),
@@ -322,6 +324,30 @@ def methods_table(data: dict) -> dict:
             }
         )
     return {"columns": benches, "rows": rows}
+
+
+def confirm_table(data: dict) -> dict:
+    """Held-out confirmation, as `hidrop tune` logged it into the trials' runs: search score vs confirmed
+    score, both with their intervals, and the gap (search - confirmed); seeds first, then cheapest."""
+    rows = []
+    for t in data.get("trials") or []:
+        c = t.get("confirm") or {}
+        if N.RELATIVE_SCORE not in c:
+            continue
+        gap = t["relative_score"] - c[N.RELATIVE_SCORE] if t.get("relative_score") is not None else None
+        rows.append(
+            {
+                "label": t["label"],
+                "seed": t["seed"],
+                "vision_tflops": t.get("vision_tflops"),
+                "search": [t.get("relative_score"), t.get(N.RELATIVE_SCORE_LOW), t.get(N.RELATIVE_SCORE_HIGH)],
+                "confirmed": [c[N.RELATIVE_SCORE], c.get(N.RELATIVE_SCORE_LOW), c.get(N.RELATIVE_SCORE_HIGH)],
+                "gap": gap,
+                "samples": c.get(N.SAMPLES),
+            }
+        )
+    rows.sort(key=lambda r: (not r["seed"], r["vision_tflops"] or 0.0))
+    return {"rows": rows, "optimism_gap": (data.get("sweep") or {}).get("optimism_gap")}
 
 
 def _bounds(t: dict) -> Optional[list[float]]:
@@ -450,7 +476,9 @@ def _scores_text(scores: dict, digits: int = 1, signed: bool = False) -> str:
     return ", ".join(f"{b} {format_delta(v, digits) if signed else _fmt(v, digits)}" for b, v in scores.items())
 
 
-def _markdown(table: dict, trainings: list[dict], hours_label: str, positions: list[dict]) -> str:
+def _markdown(
+    table: dict, trainings: list[dict], hours_label: str, positions: list[dict], confirm: Optional[dict] = None
+) -> str:
     lines = []
     if table["rows"]:
         head = ["method", "avg tokens", *table["columns"], "Avg (%)"]
@@ -472,6 +500,12 @@ def _markdown(table: dict, trainings: list[dict], hours_label: str, positions: l
                 pub, delta = comparison_rows(c, table["columns"])
                 lines.append(f"| ↳ {c['description']} | {c['tokens']:g} | " + " | ".join(pub) + " |")
                 lines.append("| ↳ measured − paper | | " + " | ".join(delta) + " |")
+    if confirm and confirm["rows"]:
+        lines += ["", "Held-out confirmation (questions the search never saw):", ""]
+        lines += ["| " + " | ".join(CONFIRM_COLUMNS) + " |", "|" + "---|" * len(CONFIRM_COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in confirm_rows(confirm)]
+        if confirm["optimism_gap"] is not None:
+            lines.append(f"\nOptimism gap of the searched winners: {confirm['optimism_gap']:+.1f} points.")
     if trainings:
         lines += [
             "",
@@ -713,6 +747,21 @@ def _html_sweep(data: dict, table: dict, figures: dict[str, Optional[Path]]) -> 
         ]
         for t in data["trials"]
     ]
+    confirm = confirm_table(data)
+    if confirm["rows"]:
+        parts.append(
+            "<h2 id='confirm'>Held-out confirmation</h2>"
+            + _html_table(CONFIRM_COLUMNS, confirm_rows(confirm))
+            + "<p class='note'>The seeds and the best searched front trials, re-evaluated with all tokens and "
+            "blind on questions the search never saw (checked by id). The gap (search - confirmed) is the "
+            "winner's curse: a searched winner's search score is biased up by having been picked on it"
+            + (
+                f"; mean gap of the searched winners {confirm['optimism_gap']:+.1f} points"
+                if confirm["optimism_gap"] is not None
+                else ""
+            )
+            + ".</p>"
+        )
     parts.append(
         "<h2 id='trials'>All trials</h2>"
         + _html_table(
@@ -856,10 +905,17 @@ def build_report(
         except Exception:  # an analysis logged without its plot (tracking was offline): the report goes on
             figures["curves"] = None
     (out / "report.html").write_text(render_html(data, table, trainings, figures, hours_label, positions))
-    (out / "report.md").write_text(_markdown(table, trainings, hours_label, positions))
+    confirm = confirm_table(data)
+    (out / "report.md").write_text(_markdown(table, trainings, hours_label, positions, confirm))
     (out / "report.json").write_text(
         json.dumps(
-            {**data, "methods_table": table, "training_table": trainings, "position_tables": positions},
+            {
+                **data,
+                "methods_table": table,
+                "training_table": trainings,
+                "position_tables": positions,
+                "confirm_table": confirm,
+            },
             indent=2,
             default=str,
         )

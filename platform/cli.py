@@ -678,17 +678,36 @@ def _demo_with_bars(chosen, out_dir: str) -> dict:
 def _print_demo(result: dict) -> None:
     rows = sorted((t for t in result["trials"] if t["relative_score"] is not None), key=lambda t: t["vision_tflops"])
     table = Table(title=f"hidrop demo: {len(rows)} schedules on the mini-LLaVA ({result['wall_time_s']:.0f} s)")
-    for col in ("schedule", "front", "relative score", "avg vision tokens", "vision TFLOPs"):
+    for col in ("schedule", "front", "relative score [95% CI]", "questions", "avg vision tokens", "vision TFLOPs"):
         table.add_column(col, justify="left" if col == "schedule" else "right", no_wrap=col == "schedule")
     for t in rows:
         table.add_row(
             t["label"],
-            "*" if t["pareto"] else "",
-            f"{t['relative_score']:.1f}",
+            front_mark(t),
+            interval_text(t),
+            f"{t.get('samples') or 0:.0f}" + (" (stopped)" if t.get("status") == N.STOPPED_EARLY else ""),
             f"{t['avg_vision_tokens']:.1f}",
             f"{t['vision_tflops']:.4g}",
         )
     out.print(table)
+    blind = format_interval(result["blind_relative_score"], result.get("blind_relative_interval"))
+    out.print(
+        f"blind (no image): {blind}% relative: a schedule whose interval reaches into that band is 'blind level'. "
+        "front: clear = with significance; yes = on the estimates only"
+    )
+    for n in result.get("notes", []):
+        out.print(f"[yellow]note:[/] {n}")
+    confirm = result.get("confirm") or {}
+    if confirm.get("rows"):
+        questions = ", ".join(f"{b} {n}" for b, n in confirm["benchmarks"].items())
+        held = Table(title=f"Held-out confirmation: {questions} questions the search never saw")
+        for col in CONFIRM_COLUMNS:
+            held.add_column(col, justify="left" if col == "trial" else "right", no_wrap=col == "trial")
+        for row in confirm_rows(confirm):
+            held.add_row(*row)
+        out.print(held)
+        if confirm.get("optimism_gap") is not None:
+            out.print(f"optimism gap of the searched winners (search - confirmed): {confirm['optimism_gap']:+.1f}")
     for t in result["trainings"]:
         out.print(f"trained {t['method']}: {t['wall_time_s']:.0f} s, final loss {t['loss']:.3f}")
     out.print(f"[bold]Report:[/] {Path(result['report']['html']).resolve()}")

@@ -78,6 +78,14 @@ def test_demo_logs_everything_and_builds_the_report(demo):
         assert {"relative_score", "score/easy_vqa", "score/probes", "accelerator_hours"} <= set(run.data.metrics)
     published = {Path(a.path).name for a in client.list_artifacts(parents[0].info.run_id, "report")}
     assert {"report.html", "pareto.png"} <= published
+    # intervals on the trials, the blind band, and the seeds confirmed on questions the search never saw
+    assert any(t["relative_score_lo"] is not None for t in result["trials"])
+    assert len(result["blind_relative_interval"]) == 2
+    confirm = result["confirm"]
+    assert confirm["overlap"] == 0 and {f"seed:{p}" for p in ("fastv", "pdrop")} <= {
+        r["label"] for r in confirm["rows"]
+    }
+    assert "Held-out confirmation" in Path(report["html"]).read_text()
 
 
 def _free_port() -> int:
