@@ -632,3 +632,39 @@ def test_multi_fidelity_sweep_stops_trials_and_confirms_on_unseen_questions(tmp_
     assert ids["eval"] and ids["confirm"] and not ids["eval"] & ids["confirm"]
     confirmed = next(r for r in runs if r.info.run_name == "seed:hidrop_tok64")
     assert "confirm/relative_score" in confirmed.data.metrics and confirmed.data.tags.get("hidrop.blind_level")
+
+
+def test_fidelity_and_confirm_configs_are_checked(tmp_path):
+    from hidrop_platform.tune import TuneSetupError, confirm_benchmarks
+
+    with pytest.raises(ConfigError, match="tune.fidelity applies to training_free"):
+        validate_config(_tiny(tmp_path, kind="trained", fidelity={"rungs": 2}))
+    with pytest.raises(ConfigError, match="rungs"):
+        validate_config(_tiny(tmp_path, fidelity={"rungs": 1}))
+    whole = _tiny(tmp_path, confirm={"top_k": 1})
+    whole["eval"]["benchmarks"] = [{"name": "easy_vqa"}]
+    with pytest.raises(TuneSetupError, match="no question is left unseen"):
+        confirm_benchmarks(validate_config(whole))
+    doubled = confirm_benchmarks(validate_config(_tiny(tmp_path, confirm={"top_k": 1})))
+    assert [b.limit for b in doubled] == [16]  # the search's 8, twice
+
+
+@pytest.mark.slow
+def test_bench_search_accounts_for_every_question_and_confirms_unseen(tmp_path):
+    data = _tiny(tmp_path, seeds=["vanilla"], fidelity={"rungs": 2, "factor": 3})
+    data["eval"]["benchmarks"] = [{"name": "easy_vqa", "limit": 18}]
+    data["eval"]["resamples"] = 200
+    exp = tmp_path / "tune.yaml"
+    exp.write_text(yaml.safe_dump(data))
+    proc = _cli("bench", "search", str(exp), "--candidates", "5", "--json", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout[proc.stdout.index("{\n") :])
+    n = r["candidates"]
+    assert n == 6 and r["search_questions"] == {"easy_vqa": 18}
+    ex, mf = r["exhaustive"], r["multi_fidelity"]
+    assert ex["questions_run"] == 18 * n  # one pass per candidate over every question
+    # rung 1: 6 questions each; rung 2: only the 12 new ones, for the best ceil(n / 3)
+    assert mf["questions_run"] == 6 * n + 12 * math.ceil(n / 3) and mf["stopped"] == n - math.ceil(n / 3)
+    assert r["cost_ratio"]["questions_run"] == pytest.approx(mf["questions_run"] / ex["questions_run"])
+    assert r["confirm_overlap"] == 0 and r["confirm_questions"]["easy_vqa"] > 0
+    assert ex["best_under_budget"] and ex["best_confirmed"][0] is not None and r["verdict"]
