@@ -579,7 +579,7 @@ def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callab
     )
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("key") == key:  # a sweep that did not start, run again with the same model and benchmarks
+        if cached.get("key") == key and "records" in cached:  # a sweep that did not start, run again as is
             return cached
 
     if progress:
