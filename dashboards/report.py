@@ -187,7 +187,15 @@ def _sweep(parent, children: list) -> dict:
         )
     # the rule `hidrop tune` uses: a failed or killed trial's last metrics are no outcome
     bounds = [m.get(N.BLIND_RELATIVE_LOW), m.get(N.BLIND_RELATIVE_HIGH)]
-    summary = summarize_sweep(records, reference, blind, bounds if None not in bounds else None)
+    rungs = parent.data.params.get(N.FIDELITY_RUNGS)
+    summary = summarize_sweep(
+        records,
+        reference,
+        blind,
+        bounds if None not in bounds else None,
+        m.get(N.BLIND_RELATIVE),
+        int(rungs) if rungs not in (None, "None", "") else None,
+    )
     trials = [t.to_dict() for t in summary.trials]
     return {
         "name": _tag(parent, N.SWEEP),

@@ -16,6 +16,7 @@ and sequential (no Ray), so the two wall times compare like for like.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Optional
 
@@ -49,9 +50,10 @@ def candidate_set(cfg: ExperimentConfig, base: dict, candidates: int) -> dict[st
 
 def _point(report, schedule, wall: float) -> RungPoint:
     row = report.row_for(schedule)
-    lo, hi = row.relative_interval or (None, None)
+    lo, hi = (None, None) if schedule.is_vanilla() else (row.relative_interval or (None, None))
+    score = row.relative_score
     return RungPoint(
-        score=row.relative_score,
+        score=-math.inf if score is None else score,  # undefined (a reference at 0): ranks last
         cost=row.vision_tflops,
         low=lo,
         high=hi,
@@ -158,7 +160,8 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
     full = {k: search.final()[k] for k in search.completed()}  # multi-fidelity points at full fidelity
     sides = {
         "exhaustive": (exhaustive, _front(exhaustive), _best_under(exhaustive, budget)),
-        "multi_fidelity": (search.final(), _front(search.final()), _best_under(full, budget)),
+        # a candidate stopped at a low rung was scored on fewer questions: only full-fidelity ones compete
+        "multi_fidelity": (full, _front(full), _best_under(full, budget)),
     }
     confirm_labels = sorted({k for _, front, best in sides.values() for k in [*front, best] if k})
     say(f"confirming {len(confirm_labels)} schedules on held-out questions")

@@ -355,6 +355,10 @@ class SweepConfig(BaseModel):
                 raise ValueError(f"grid search needs choice or int dimensions; {floats} are float ranges")
         if self.fidelity is not None and self.kind != "training_free":
             raise ValueError("tune.fidelity applies to training_free trials (trained ones use ASHA on eval_every)")
+        if self.confirm is not None and self.kind != "training_free":
+            raise ValueError(
+                "tune.confirm applies to training_free trials (a trained trial's score belongs to its finetuned model)"
+            )
         if self.kind == "trained" and self.eval_every > self.train_steps:
             raise ValueError(f"eval_every={self.eval_every} is more than train_steps={self.train_steps}")
         if not self.space and self.algorithm != "grid" and not self.seeds:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -119,15 +120,15 @@ def check_records_path(path: str | Path) -> Path:
     return path
 
 
-def write_records(report: EvalReport, path: str | Path, reused: bool = True) -> int:
-    """The report's per-question records as JSON lines (gzip when the name ends in .gz); returns the count.
-    `reused=False` leaves out rows reused whole from earlier records."""
+def write_records(report: EvalReport, path: str | Path, methods=None) -> int:
+    """The report's per-question records as JSON lines (gzip when the name ends in .gz), of `methods` only
+    when given; returns the count."""
     path = check_records_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     opener = gzip.open if path.name.endswith(".gz") else open
     count = 0
     with opener(path, "wt", encoding="utf-8") as f:
-        for row in report.record_rows(reused=reused):
+        for row in report.record_rows(methods):
             f.write(json.dumps(row) + "\n")
             count += 1
     return count
@@ -159,16 +160,20 @@ def evaluate_schedule(
     )
 
 
-def log_records(tracker, report: EvalReport, folder: str = N.RECORDS_DIR) -> None:
-    """Every question's record of `report` as one compact artifact of the run (eval/records.jsonl.gz), so
-    a later analysis reads them back without re-running a model. A sweep's stored reference rows are the
-    sweep's, not the trial's: they are left out."""
+def log_records(tracker, report: EvalReport, folder: str = N.RECORDS_DIR, methods=None) -> None:
+    """Every question's record of `report` (of `methods` only, when given) as one compact artifact of the
+    run (eval/records.jsonl.gz), so a later analysis reads them back without re-running a model."""
     if not tracker.enabled:
         return
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / N.RECORDS_FILE
-        write_records(report, path, reused=False)
+        write_records(report, path, methods)
         tracker.log_artifact(path, folder)
+
+
+def finite_interval(interval) -> bool:
+    """An interval with two finite bounds (a resample with an undefined ratio gives NaN ones)."""
+    return bool(interval) and all(v is not None and math.isfinite(v) for v in interval)
 
 
 def score_metrics(report: EvalReport, schedule) -> dict[str, float]:
@@ -176,10 +181,10 @@ def score_metrics(report: EvalReport, schedule) -> dict[str, float]:
     model's per-benchmark scores when the report measured them alongside."""
     row, reference = report.row_for(schedule), report.reference_or_none()
     metrics = {N.RELATIVE_SCORE: row.relative_score}
-    if row.relative_interval and row is not reference:
+    if finite_interval(row.relative_interval) and row is not reference:
         metrics[N.RELATIVE_SCORE_LOW], metrics[N.RELATIVE_SCORE_HIGH] = row.relative_interval
     metrics.update(N.per_benchmark(N.SCORE, row.scores()))
-    intervals = {b: e.interval for b, e in row.benchmarks.items() if e.interval}
+    intervals = {b: e.interval for b, e in row.benchmarks.items() if finite_interval(e.interval)}
     metrics.update(N.per_benchmark(N.SCORE_LOW, {b: i[0] for b, i in intervals.items()}))
     metrics.update(N.per_benchmark(N.SCORE_HIGH, {b: i[1] for b, i in intervals.items()}))
     if reference is not None and reference is not row and not reference.reused:

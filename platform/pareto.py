@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -30,16 +31,19 @@ def significant_front(
     be as good once the noise is counted; and on `pareto_front` (an interval need not contain its point
     estimate, so this is asked, not assumed). The test is interval overlap, which is conservative: two
     trials' paired difference would need both trials' question records. A point without an interval
-    is never significant, and counts as its point score against the others."""
+    (or with a NaN bound) is never significant, and counts as its point score against the others."""
+
+    def usable(iv) -> bool:
+        return iv is not None and all(v is not None and math.isfinite(v) for v in iv)
 
     def bounds(i: int) -> tuple[float, float]:
         iv = intervals[i]
-        return (points[i][0], points[i][0]) if iv is None else (float(iv[0]), float(iv[1]))
+        return (float(iv[0]), float(iv[1])) if usable(iv) else (points[i][0], points[i][0])
 
     on_front = set(pareto_front(points))
     front = []
     for i, (_, cost_i) in enumerate(points):
-        if intervals[i] is None or i not in on_front:
+        if not usable(intervals[i]) or i not in on_front:
             continue
         low_i = bounds(i)[0]
         rivals = any(points[j][1] <= cost_i and bounds(j)[1] >= low_i for j in range(len(points)) if j != i)

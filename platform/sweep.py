@@ -79,17 +79,27 @@ class SweepSummary(BaseModel):
         return [p for p in self.pareto if p not in seeds and p not in self.blind_level]
 
 
+def full_fidelity(t: TrialRecord, rungs: Optional[int]) -> bool:
+    """Was `t` scored on all of the sweep's questions (every trial without rungs; else the last rung)."""
+    return rungs is None or t.rung is None or t.rung >= rungs
+
+
 def summarize_sweep(
     trials: list[TrialRecord],
     reference_scores: Mapping[str, float],
     blind_scores: Mapping[str, float],
     blind_relative_interval: Optional[Sequence[float]] = None,
+    blind_relative_score: Optional[float] = None,
+    rungs: Optional[int] = None,
 ) -> SweepSummary:
     """The one rule for a sweep's front and counts: relative score up and vision TFLOPs down over the
     outcomes only, on the estimates and with significance (`pareto.significant_front`); a blind-level
     trial (its paired relative score not above blind's) can sit on the front but is never significant.
-    Every record's `pareto` and `significant` is set."""
-    scored = [t for t in trials if t.is_outcome()]
+    Every record's `pareto` and `significant` is set. With `rungs` (a multi-fidelity sweep), a trial
+    stopped before the last rung is an outcome but was scored on fewer questions: it stays off the front.
+    `blind_relative_score`: blind's, as the reference pass computed it (over the benchmarks with signal);
+    recomputed over every benchmark when not given."""
+    scored = [t for t in trials if t.is_outcome() and full_fidelity(t, rungs)]
     for t in trials:
         t.pareto = t.significant = False
     points = [(t.relative_score, t.vision_tflops) for t in scored]
@@ -116,7 +126,11 @@ def summarize_sweep(
         blind_level=[t.label for t in front if t.blind_level],
         failed=sum(t.status == N.FAILED for t in trials),
         accelerator_hours=sum(t.accelerator_hours or 0.0 for t in trials),
-        blind_relative_score=relative_score(dict(blind_scores), dict(reference_scores)),
+        blind_relative_score=(
+            blind_relative_score
+            if blind_relative_score is not None
+            else relative_score(dict(blind_scores), dict(reference_scores))
+        ),
         blind_relative_interval=list(blind_relative_interval) if blind_relative_interval else None,
     )
 

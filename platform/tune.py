@@ -31,6 +31,7 @@ from ray.tune.search import Searcher
 
 from hidrop.cost import cost_report
 from hidrop.evaluation.harness import REFERENCE, EvalError, Known, evaluate, known_records
+from hidrop.evaluation.registry import get_benchmark
 from hidrop.evaluation.results import EvalReport, QuestionRecord
 from hidrop.evaluation.subsets import rung_select, unseen_select
 from hidrop.evaluation.uncertainty import format_interval
@@ -43,6 +44,7 @@ from hidrop_platform.evaluate import (
     benchmarks_for,
     build_model,
     evaluate_schedule,
+    finite_interval,
     log_records,
     score_metrics,
     write_records,
@@ -50,7 +52,14 @@ from hidrop_platform.evaluate import (
 from hidrop_platform.faults import fail_trial_if_asked
 from hidrop_platform.fidelity import goes_on
 from hidrop_platform.pareto import plot_pareto
-from hidrop_platform.sweep import TrialRecord, confirm_markdown, front_mark, interval_text, summarize_sweep
+from hidrop_platform.sweep import (
+    TrialRecord,
+    confirm_markdown,
+    front_mark,
+    full_fidelity,
+    interval_text,
+    summarize_sweep,
+)
 from hidrop_platform.tracking import (
     Tracker,
     close_if_running,
@@ -365,8 +374,8 @@ def _evaluate(
     schedule = cfg.main_schedule
     known = {**stored_known(reference, schedule), **(own or {})}
     report = evaluate_schedule(cfg, vlm, schedule, benches, known=known, select=select)
-    log_records(tracker, report)
     row = report.row_for(schedule)
+    log_records(tracker, report, methods=[row.method])  # the stored reference rows are the sweep's
     metrics = {
         **score_metrics(report, schedule),
         N.AVG_VISION_TOKENS: row.avg_vision_tokens,
@@ -500,17 +509,21 @@ class ParetoHalving(FIFOScheduler):
     each rung below the last, a trial goes on only if it ranks in the best 1/factor of the trials that
     reached that rung so far (seeds always go on unless `promote_seeds` is off)."""
 
-    def __init__(self, rungs: int, factor: int, promote_seeds: bool):
+    def __init__(self, rungs: int, factor: int, promote_seeds: bool, by_score: bool = False):
         super().__init__()
         self.rungs, self.factor, self.promote_seeds = rungs, factor, promote_seeds
+        self.by_score = by_score  # objective "score": rank by relative score alone
         self.seen: dict[int, dict[str, tuple[float, float]]] = {}  # rung -> trial id -> (score, cost)
         self.stopped: list[str] = []
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         rung = int(result.get(N.RUNG, 0))
-        if rung < 1 or N.RELATIVE_SCORE not in result or N.VISION_TFLOPS not in result:
+        score, cost = result.get(N.RELATIVE_SCORE), result.get(N.VISION_TFLOPS)
+        if rung < 1 or cost is None:
             return self.CONTINUE
-        point = (float(result[N.RELATIVE_SCORE]), float(result[N.VISION_TFLOPS]))
+        # an undefined score (a reference at 0 on a small rung) ranks last rather than stopping the sweep
+        score = float(score) if score is not None and math.isfinite(float(score)) else -math.inf
+        point = (score, 0.0 if self.by_score else float(cost))
         at_rung = self.seen.setdefault(rung, {})
         rivals = [p for t, p in at_rung.items() if t != trial.trial_id]
         at_rung[trial.trial_id] = point
@@ -628,10 +641,14 @@ def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callab
 
 
 def _blind_bounds(reference: dict) -> dict[str, float]:
+    """Blind's relative score and interval for the parent run (the report reads them back)."""
+    out = {}
+    if reference.get("blind_relative_score") is not None:
+        out[N.BLIND_RELATIVE] = reference["blind_relative_score"]
     interval = reference.get("blind_relative_interval")
-    if not interval or not all(math.isfinite(v) for v in interval):
-        return {}
-    return {N.BLIND_RELATIVE_LOW: interval[0], N.BLIND_RELATIVE_HIGH: interval[1]}
+    if interval and all(v is not None and math.isfinite(v) for v in interval):
+        out[N.BLIND_RELATIVE_LOW], out[N.BLIND_RELATIVE_HIGH] = interval
+    return out
 
 
 def _check_resources(cfg: ExperimentConfig, cluster: dict) -> tuple[int, float]:
@@ -673,6 +690,8 @@ def run_tune(
         start_ray(s.ray_address)
         at_once, devices = _check_resources(cfg, ray.cluster_resources())
         reference = _reference(cfg, sweep_dir, note)
+        if s.confirm is not None:
+            check_confirm(cfg, reference)  # before any trial: a confirmation that cannot run fails now
         parent.log_metrics(
             N.per_benchmark(N.REFERENCE, reference["scores"])
             | N.per_benchmark(N.BLIND, reference["blind_scores"])
@@ -707,9 +726,19 @@ def run_tune(
         summary = _summarize(grid, reference, live, name, at_once, wall, ctx, rungs)
         summary["valid_share"] = share
         if s.confirm is not None:
-            summary["confirm"] = confirm_front(cfg, base, summary, reference, parent, note)
+            try:
+                summary["confirm"] = confirm_front(cfg, base, summary, reference, parent, note)
+            except TuneSetupError as e:  # the sweep's own results stand: say what failed, keep them
+                summary["confirm"] = {"rows": [], "notes": [str(e)]}
+                summary["notes"] = [*summary.get("notes", []), str(e)]
         if s.objective == "score":
-            fits = [r for r in summary["trials"] if "relative_score" in r and r["vision_tflops"] <= s.max_vision_tflops]
+            fits = [
+                r
+                for r in summary["trials"]
+                if r.get("relative_score") is not None
+                and r["vision_tflops"] <= s.max_vision_tflops
+                and full_fidelity(TrialRecord.model_validate(r), rungs)
+            ]
             summary["best_under_budget"] = max(fits, key=lambda r: r["relative_score"])["label"] if fits else None
         _log_summary(parent, summary, sweep_dir, name, reference)
         parent.set_tags({N.STATUS: N.FINISHED})
@@ -731,14 +760,36 @@ def confirm_benchmarks(cfg: ExperimentConfig) -> list:
     c = cfg.tune.confirm
     specs = c.benchmarks
     if specs is None:
-        whole = [b.name for b in cfg.eval.benchmarks if b.limit is None]
-        if whole:
-            raise TuneSetupError(
-                f"tune.confirm: the search evaluates all of {', '.join(whole)}, so no question is left unseen; "
-                "give a limit in eval.benchmarks or name held-out ones in tune.confirm.benchmarks"
-            )
-        specs = [b.model_copy(update={"limit": b.limit * c.limit_factor}) for b in cfg.eval.benchmarks]
+        specs = []
+        for b in cfg.eval.benchmarks:
+            limit = b.limit or get_benchmark(b.name, seed=cfg.seed, **b.options).limit  # its own default
+            if limit is None:
+                raise TuneSetupError(
+                    f"tune.confirm: the search evaluates all of {b.name}, so no question is left unseen; "
+                    "give it a limit in eval.benchmarks or name held-out ones in tune.confirm.benchmarks"
+                )
+            specs.append(b.model_copy(update={"limit": limit * c.limit_factor}))
     return benchmarks_for(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"benchmarks": specs})}))
+
+
+def _seen(reference: dict) -> dict[str, list[str]]:
+    """Question ids the search evaluates, per benchmark (every rung's are among them)."""
+    return {b: [r["id"] for r in rows] for b, rows in reference.get("records", {}).get(REFERENCE, {}).items()}
+
+
+def check_confirm(cfg: ExperimentConfig, reference: dict) -> None:
+    """Every confirmation benchmark has questions the search will not see (raises TuneSetupError)."""
+    select = unseen_select(_seen(reference))
+    for bench in confirm_benchmarks(cfg):
+        try:
+            left = select(bench, bench.samples())
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            raise TuneSetupError(f"tune.confirm: benchmark {bench.name!r}: {str(e).splitlines()[0]}") from None
+        if not left:
+            raise TuneSetupError(
+                f"tune.confirm: benchmark {bench.name!r} has no question the search does not see; "
+                "raise tune.confirm.limit_factor or name held-out benchmarks in tune.confirm.benchmarks"
+            )
 
 
 def confirm_front(cfg: ExperimentConfig, base: dict, summary: dict, reference: dict, parent, note=None) -> dict:
@@ -756,7 +807,7 @@ def confirm_front(cfg: ExperimentConfig, base: dict, summary: dict, reference: d
         return {"rows": [], "notes": ["nothing to confirm: no finished seed or front trial"]}
     if note:
         note(f"confirming {len(picks)} schedules on held-out questions")
-    seen = {b: [r["id"] for r in rows] for b, rows in reference.get("records", {}).get(REFERENCE, {}).items()}
+    seen = _seen(reference)
     schedules = {r["label"]: trial_config(base, r["overrides"]).main_schedule for r in picks}
     try:
         report = evaluate(
@@ -789,9 +840,9 @@ def confirm_front(cfg: ExperimentConfig, base: dict, summary: dict, reference: d
             **N.per_benchmark(N.SCORE, row.scores()),
             N.SAMPLES: report.samples_evaluated,
         }
-        if row.relative_interval and row is not ref:
+        if finite_interval(row.relative_interval) and row is not ref:
             confirmed[N.RELATIVE_SCORE_LOW], confirmed[N.RELATIVE_SCORE_HIGH] = row.relative_interval
-        if row.above_blind is not None:
+        if row.above_blind is not None and row is not ref:
             confirmed[N.BLIND_LEVEL] = float(not row.above_blind)
         if r.get("run_id") and cfg.tracking.enabled:
             run = Tracker(
@@ -805,7 +856,14 @@ def confirm_front(cfg: ExperimentConfig, base: dict, summary: dict, reference: d
                 "seed": r["seed"],
                 "vision_tflops": r["vision_tflops"],
                 "search": [r["relative_score"], r.get(N.RELATIVE_SCORE_LOW), r.get(N.RELATIVE_SCORE_HIGH)],
-                "confirmed": [row.relative_score, *(row.relative_interval or [None, None])],
+                "confirmed": [
+                    row.relative_score,
+                    *(
+                        row.relative_interval
+                        if finite_interval(row.relative_interval) and row is not ref
+                        else [None, None]
+                    ),
+                ],
                 "gap": None if row.relative_score is None else r["relative_score"] - row.relative_score,
                 "blind_level": confirmed.get(N.BLIND_LEVEL),
             }
@@ -889,7 +947,9 @@ def _tuner(cfg: ExperimentConfig, ctx: TrialContext, searcher, callback, at_once
         return tune.Tuner.restore(ctx.sweep_dir, trainable=trainable, resume_errored=True)
     scheduler = None
     if s.fidelity is not None:
-        scheduler = ParetoHalving(s.fidelity.rungs, s.fidelity.factor, s.fidelity.promote_seeds)
+        scheduler = ParetoHalving(
+            s.fidelity.rungs, s.fidelity.factor, s.fidelity.promote_seeds, by_score=s.objective == "score"
+        )
     if s.kind == "trained":
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
@@ -983,7 +1043,12 @@ def _summarize(
             )
         )
     summary = summarize_sweep(
-        records, reference["scores"], reference["blind_scores"], reference.get("blind_relative_interval")
+        records,
+        reference["scores"],
+        reference["blind_scores"],
+        reference.get("blind_relative_interval"),
+        reference.get("blind_relative_score"),
+        rungs,
     )
     return {
         "sweep": name,

@@ -333,7 +333,7 @@ def test_stored_reference_pairs_a_trial_exactly_like_a_joint_run(vlm):
     assert a.scores() == b.scores() and a.relative_score == pytest.approx(b.relative_score)
     assert a.relative_interval == pytest.approx(b.relative_interval)
     assert (a.like_blind, a.above_blind) == (b.like_blind, b.above_blind)
-    rows = list(trial.record_rows(reused=False))
+    rows = list(trial.record_rows(methods=["test_hidrop"]))
     assert {r["method"] for r in rows} == {"test_hidrop"} and len(rows) == 12
 
 

@@ -641,10 +641,14 @@ def test_fidelity_and_confirm_configs_are_checked(tmp_path):
         validate_config(_tiny(tmp_path, kind="trained", fidelity={"rungs": 2}))
     with pytest.raises(ConfigError, match="rungs"):
         validate_config(_tiny(tmp_path, fidelity={"rungs": 1}))
+    with pytest.raises(ConfigError, match="tune.confirm applies to training_free"):
+        validate_config(_tiny(tmp_path, kind="trained", confirm={"top_k": 1}))
     whole = _tiny(tmp_path, confirm={"top_k": 1})
-    whole["eval"]["benchmarks"] = [{"name": "easy_vqa"}]
+    whole["eval"]["benchmarks"] = [{"name": "mme"}]  # the paper's benchmarks default to every question
     with pytest.raises(TuneSetupError, match="no question is left unseen"):
         confirm_benchmarks(validate_config(whole))
+    whole["eval"]["benchmarks"] = [{"name": "easy_vqa"}, {"name": "probes", "limit": 3}]
+    assert [b.limit for b in confirm_benchmarks(validate_config(whole))] == [1000, 6]  # own default 500, twice
     doubled = confirm_benchmarks(validate_config(_tiny(tmp_path, confirm={"top_k": 1})))
     assert [b.limit for b in doubled] == [16]  # the search's 8, twice
 
@@ -668,3 +672,32 @@ def test_bench_search_accounts_for_every_question_and_confirms_unseen(tmp_path):
     assert r["cost_ratio"]["questions_run"] == pytest.approx(mf["questions_run"] / ex["questions_run"])
     assert r["confirm_overlap"] == 0 and r["confirm_questions"]["easy_vqa"] > 0
     assert ex["best_under_budget"] and ex["best_confirmed"][0] is not None and r["verdict"]
+
+
+def test_a_trial_stopped_at_a_low_rung_stays_off_the_front():
+    from hidrop_platform.sweep import TrialRecord, summarize_sweep
+    from hidrop_platform.tune import ParetoHalving
+
+    def trial(label, score, tflops, rung, status):
+        metrics = {"relative_score": score, "vision_tflops": tflops, "rung": rung, "score/a": score}
+        return TrialRecord.from_metrics(label, status, metrics)
+
+    records = [trial("lucky", 99.0, 0.1, 1, "stopped_early"), trial("full", 90.0, 0.5, 2, "finished")]
+    s = summarize_sweep(records, {"a": 50.0}, {"a": 25.0}, None, 40.0, rungs=2)
+    assert s.pareto == ["full"] and {t.label for t in s.outcomes()} == {"lucky", "full"}
+    assert s.blind_relative_score == 40.0  # the reference pass's figure, not a recomputation
+    assert summarize_sweep(records, {"a": 50.0}, {"a": 25.0}).pareto == ["lucky"]  # no rungs: all compete
+
+    class Trial:
+        def __init__(self, tid, seed=False):
+            self.trial_id, self.config = tid, {"seed": seed}
+
+    sched = ParetoHalving(rungs=2, factor=2, promote_seeds=False)
+    assert (
+        sched.on_trial_result(None, Trial("a"), {"rung": 1, "relative_score": 80.0, "vision_tflops": 1.0}) == "CONTINUE"
+    )
+    # an undefined score ranks last instead of crashing the controller
+    assert sched.on_trial_result(None, Trial("b"), {"rung": 1, "relative_score": None, "vision_tflops": 1.0}) == "STOP"
+    assert (
+        sched.on_trial_result(None, Trial("c"), {"rung": 2, "relative_score": 10.0, "vision_tflops": 1.0}) == "CONTINUE"
+    )

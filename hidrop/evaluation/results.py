@@ -7,7 +7,7 @@ A benchmark's own figures (`family/...`, `category/...`, POPE's per-split F1) ri
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Collection, Iterator, Optional
 
 from pydantic import BaseModel, ConfigDict
 
@@ -161,11 +161,11 @@ class EvalReport(BaseModel):
             exclude = {"methods": {"__all__": {"benchmarks": {"__all__": {"records"}}}}}
         return self.model_dump(exclude_unset=True, exclude=exclude)
 
-    def record_rows(self, reused: bool = True) -> Iterator[dict]:
-        """Every kept per-question record, flat: method, benchmark, then the record's fields; `reused=False`
-        leaves out the rows taken whole from earlier records (a trial's stored reference)."""
+    def record_rows(self, methods: Optional[Collection[str]] = None) -> Iterator[dict]:
+        """Every kept per-question record, flat: method, benchmark, then the record's fields (of `methods`
+        only, when given: a trial logs its own, not the sweep's stored reference)."""
         for m in self.methods:
-            if m.reused and not reused:
+            if methods is not None and m.method not in methods:
                 continue
             for b, e in m.benchmarks.items():
                 for r in e.records or []:

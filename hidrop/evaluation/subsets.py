@@ -75,7 +75,7 @@ def unseen_select(seen: dict[str, Collection[str]]) -> Select:
         ids = set(seen.get(bench.name, ()))
         if not ids:
             return samples
-        drop = {unit for (_, unit), idx in _units(bench, samples).items() if any(samples[i].id in ids for i in idx)}
-        return [s for s in samples if bench.unit(s) not in drop]
+        drop = {key for key, idx in _units(bench, samples).items() if any(samples[i].id in ids for i in idx)}
+        return [s for s in samples if (bench.stratum(s), bench.unit(s)) not in drop]
 
     return select
