@@ -5,7 +5,8 @@ only the promising ones.
 The promotion rule is successive halving on the Pareto order, since the objective is a front, not one
 number (ASHA on the relative score alone would stop every cheap schedule): at rung r, a trial goes on
 when it ranks in the best 1/factor of the trials seen at that rung, ordered by non-dominated layer
-(relative score up, vision TFLOPs down), then score. The same rule runs asynchronously inside Ray Tune
+(relative score up, vision TFLOPs down), then by NSGA-II's crowding distance within the layer, so the
+survivors keep the front's spread from cheap to accurate. The same rule runs asynchronously inside Ray Tune
 (`tune.ParetoHalving`, each trial against those that reached the rung before it, as ASHA does) and
 synchronously in `hidrop bench search` (`successive_halving`: each rung's trials against each other).
 Pure: no Ray, no MLflow, no model.
@@ -49,13 +50,32 @@ def pareto_layers(points: Sequence[tuple[float, float]]) -> list[int]:
     return layer
 
 
+def crowding(points: Sequence[tuple[float, float]], members: Sequence[int]) -> dict[int, float]:
+    """NSGA-II's crowding distance of each member of one layer: the normalised side lengths of the box
+    its two neighbours span, per objective; the two ends of the layer get infinity, so a cut keeps the
+    layer's spread (its cheapest and its best point first) rather than only its highest scores."""
+    distance = {i: 0.0 for i in members}
+    for axis in (0, 1):
+        ranked = sorted(members, key=lambda i: (points[i][axis], i))
+        span = points[ranked[-1]][axis] - points[ranked[0]][axis]
+        distance[ranked[0]] = distance[ranked[-1]] = math.inf
+        if span <= 0 or not math.isfinite(span):
+            continue
+        for before, i, after in zip(ranked, ranked[1:], ranked[2:]):
+            distance[i] += (points[after][axis] - points[before][axis]) / span
+    return distance
+
+
 def promoted(points: Sequence[tuple[float, float]], factor: int) -> list[int]:
     """Indices of the points that go on to the next rung: the best ceil(n / factor) in the Pareto order
-    (layer, then higher score, then lower cost, then index)."""
+    (layer, then crowding distance within the layer, then higher score, lower cost, index)."""
     if not points:
         return []
     layers = pareto_layers(points)
-    order = sorted(range(len(points)), key=lambda i: (layers[i], -points[i][0], points[i][1], i))
+    spread: dict[int, float] = {}
+    for depth in set(layers):
+        spread.update(crowding(points, [i for i in range(len(points)) if layers[i] == depth]))
+    order = sorted(range(len(points)), key=lambda i: (layers[i], -spread[i], -points[i][0], points[i][1], i))
     return sorted(order[: math.ceil(len(points) / factor)])
 
 

@@ -557,6 +557,8 @@ def test_pareto_halving_and_hypervolume_against_brute_force():
         )
         assert hypervolume(pts, max_cost=1.0) == pytest.approx(hits / grid / grid * 100, abs=1.5)
     assert goes_on((90, 0.1), [(50, 0.5), (60, 0.4)], 3)  # dominates both: first of three
+    # one cut of a front keeps its two ends before its middle
+    assert promoted([(50, 0.1), (70, 0.2), (72, 0.3), (90, 0.9)], 2) == [0, 3]
     assert not goes_on((40, 0.5), [(50, 0.5), (60, 0.4)], 3)
 
 
