@@ -20,8 +20,9 @@ import math
 import time
 from typing import Callable, Optional
 
-from hidrop.evaluation.harness import REFERENCE, EvalError, evaluate, known_records
+from hidrop.evaluation.harness import REFERENCE, EvalError, at_grid, evaluate, known_records
 from hidrop.evaluation.subsets import rung_select, unseen_select
+from hidrop.evaluation.uncertainty import compare_methods
 from hidrop.schedule import vanilla
 from hidrop_platform.config import ConfirmConfig, ExperimentConfig, FidelityConfig
 from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model, evaluate_schedule
@@ -177,6 +178,11 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
     )
     ref = report.reference_row()
     overlap = sum(len({r.id for r in e.records or []} & set(seen.get(b, ()))) for b, e in ref.benchmarks.items())
+    select = unseen_select(seen)
+    plans = [(b, select(b, b.samples())) for b in at_grid(vlm, held_out)]  # the questions it just scored
+
+    def row_name(label: str) -> str:
+        return REFERENCE if schedules[label].is_vanilla() else label
 
     def confirmed(label: str) -> list:
         row = ref if schedules[label].is_vanilla() else report.method(label)
@@ -204,6 +210,10 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
     mf["completed"] = search.completed()
     mf["stopped"] = len(schedules) - len(search.completed())
     ex = out["exhaustive"]
+    a, b = ex["best_under_budget"], mf["best_under_budget"]
+    if a and b and a != b:  # the two bests on the same held-out questions, paired
+        d = compare_methods(report, plans, row_name(a), row_name(b), cfg.seed, cfg.eval.resamples)
+        out["best_difference"] = d.model_dump()
     out["cost_ratio"] = {k: (mf[k] / ex[k] if ex[k] else None) for k in ("questions_run", "batches_run", "wall_s")}
     out["verdict"] = _verdict(out)
     return out
@@ -221,13 +231,16 @@ def _verdict(out: dict) -> str:
     ratio = out["cost_ratio"]["questions_run"]
     head = f"multi-fidelity scored {ratio:.2f}x the questions of exhaustive evaluation" if ratio is not None else ""
     a, b = ex["best_confirmed"], mf["best_confirmed"]
-    if not a or not b or None in a[:3] or None in b[:3]:
+    if not a or not b or a[0] is None or b[0] is None:
         return head + "; no confirmed best schedule under the budget to compare"
     if ex["best_under_budget"] == mf["best_under_budget"]:
         return head + f"; both found the same best schedule under the budget ({ex['best_under_budget']})"
-    overlap = a[1] <= b[2] and b[1] <= a[2]
+    d = out.get("best_difference")
+    text = f"; confirmed best under the budget: exhaustive {a[0]:.1f} vs multi-fidelity {b[0]:.1f}"
+    if not d:
+        return head + text
+    verdict = "significant" if d["low"] > 0 or d["high"] < 0 else "not significant"
     return head + (
-        f"; confirmed best under the budget: exhaustive {a[0]:.1f} [{a[1]:.1f}, {a[2]:.1f}] vs multi-fidelity "
-        f"{b[0]:.1f} [{b[1]:.1f}, {b[2]:.1f}]: "
-        + ("indistinguishable within their intervals" if overlap else "the intervals do not overlap")
+        f"{text}, paired difference {d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}] "
+        f"(p={d['p_value']:.3f}): {verdict}"
     )

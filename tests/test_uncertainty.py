@@ -252,3 +252,29 @@ def test_mme_resamples_keep_every_category_and_p_values_follow_the_unit():
     attach_intervals(report, [(mme, pairs)], raw, n_resamples=200)
     assert report.method("x").benchmarks["mme"].vs_reference.p_value == pytest.approx(0.0)
     assert mcnemar_p(raw["x"]["mme"], raw["all_tokens"]["mme"]) > 0  # McNemar would have said otherwise
+
+
+def test_compare_methods_is_the_paired_difference_attach_intervals_uses():
+    from hidrop.evaluation.results import QuestionRecord
+    from hidrop.evaluation.uncertainty import attach_intervals, compare_methods
+
+    n = 150
+    rng = np.random.default_rng(4)
+    truth = (rng.random(n) < 0.8).astype(float)
+    blind = (rng.random(n) < 0.3).astype(float)
+    near = np.where(rng.random(n) < 0.9, truth, 1 - truth)  # a schedule close to all tokens
+    raw = {"all_tokens": {"a": truth.tolist()}, "blind": {"a": blind.tolist()}, "near": {"a": near.tolist()}}
+    report = _report(raw)
+    for m in report.methods:
+        m.benchmarks["a"].records = [
+            QuestionRecord(id=f"q{i}", prediction="", score=s, unit=f"q{i}") for i, s in enumerate(raw[m.method]["a"])
+        ]
+    plans = [(Benchmark(), _samples(n))]
+    plans[0][0].name = "a"
+    attach_intervals(report, plans, raw, seed=3, n_resamples=400)
+    d = compare_methods(report, plans, "near", "blind", seed=3, n_resamples=400)
+    assert d.difference == pytest.approx(report.method("near").relative_score - report.method("blind").relative_score)
+    assert d.significant() and d.low > 0 and d.p_value < 0.01
+    assert report.method("near").above_blind  # the same paired test, the same verdict
+    same = compare_methods(report, plans, "near", "near", seed=3, n_resamples=400)
+    assert (same.difference, same.low, same.high) == (0.0, 0.0, 0.0)

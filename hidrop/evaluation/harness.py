@@ -244,10 +244,15 @@ def evaluate(
     return report
 
 
+def at_grid(vlm: VisionLanguageModel, benchmarks: Sequence[Benchmark]) -> list[Benchmark]:
+    """The benchmarks as `evaluate` runs them: at the model's token grid (the probes' evidence follows it)."""
+    return [b.for_grid(vlm.grid) if hasattr(b, "for_grid") and vlm.grid else b for b in benchmarks]
+
+
 def _plans(vlm: VisionLanguageModel, benchmarks: Sequence[Benchmark], mode: str, select=None) -> tuple[list, list[str]]:
     """Per benchmark: (benchmark at the model's grid, its samples, its scoring mode, first-token ids per
     candidate set), and the notes of benchmarks that fell back from closed scoring to generation."""
-    benches = [b.for_grid(vlm.grid) if hasattr(b, "for_grid") and vlm.grid else b for b in benchmarks]
+    benches = at_grid(vlm, benchmarks)
     plans, fallback_notes = [], []
     for bench in benches:
         try:

@@ -132,6 +132,33 @@ def _difference(point: float, resampled: np.ndarray, a: Sequence[float], b: Sequ
     return PairedDifference(difference=point, low=lo, high=hi, p_value=bootstrap_p(resampled) if p is None else p)
 
 
+def compare_methods(report, plans: Sequence[tuple], a: str, b: str, seed: int = 0, n_resamples: int = N_RESAMPLES):
+    """Relative score of method `a` minus method `b`, paired: both and the reference resampled together on
+    the same questions (the seeds `attach_intervals` uses), over the benchmarks the relative score keeps.
+    `plans`: (benchmark, samples) per benchmark as evaluated; the report must carry records
+    (keep_records=True). Returns a PairedDifference (bootstrap p-value)."""
+    from hidrop.evaluation.results import PairedDifference
+
+    ref = report.reference_row()
+    kept = [b_ for b_ in ref.benchmarks if not (report.signal and report.signal[b_].excluded)]
+    rel = {}
+    for name in (a, b):
+        m = report.method(name)
+        stats, ref_stats = {}, {}
+        for i, plan in enumerate(plans):
+            bench = plan[0].name
+            if bench not in kept:
+                continue
+            r = Resampler(plan[0], plan[1], seed=seed * 1_000_003 + i, n_resamples=n_resamples)
+            stats[bench] = r.statistics([q.score for q in m.benchmarks[bench].records])
+            ref_stats[bench] = r.statistics([q.score for q in ref.benchmarks[bench].records])
+        rel[name] = paired_relative(stats, ref_stats)
+    diff = rel[a] - rel[b]
+    lo, hi = percentile_interval(diff)
+    point = report.method(a).relative_score - report.method(b).relative_score
+    return PairedDifference(difference=point, low=lo, high=hi, p_value=bootstrap_p(diff))
+
+
 def format_interval(score: float, interval: Optional[Sequence[float]]) -> str:
     """`62.5 [54.2, 70.8]` (the score alone when it has no interval)."""
     if not interval:
