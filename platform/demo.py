@@ -85,7 +85,8 @@ def sweep_config(size: DemoSize, stamp: str) -> dict:
             "seeds": PRESETS,
             "resources_per_trial": {"CPU": 1},
             "storage_path": "runs/demo/tune",
-            "fidelity": {"rungs": 2, "factor": 3},
+            # the presets run every rung: they are the paper's baselines the searched trials are read against
+            "fidelity": {"rungs": 2, "factor": 3, "promote_seeds": True},
             "confirm": {"top_k": size.confirm_top_k},
             "space": {
                 "schedule.inject_layer": {"int": [1, 12]},
