@@ -601,7 +601,7 @@ def ui_command(
 def demo_command(
     size: str = typer.Option(
         "default",
-        help="small (~4 min on 2 cores), default (~7 min) or large (24 trials x 96 questions, 40 training steps)",
+        help="small (~4 min on 2 cores), default (~9 min) or large (24 trials x 162 questions, 40 training steps)",
     ),
     trials: Optional[int] = typer.Option(None, help="searched trials after the 6 presets (overrides --size)"),
     samples: Optional[int] = typer.Option(None, help="easy-vqa questions per trial (overrides --size)"),
