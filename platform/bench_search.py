@@ -20,12 +20,20 @@ import math
 import time
 from typing import Callable, Optional
 
-from hidrop.evaluation.harness import REFERENCE, EvalError, at_grid, evaluate, known_records
+from hidrop.evaluation.harness import REFERENCE, EvalError, at_grid, known_records
 from hidrop.evaluation.subsets import rung_select, unseen_select
 from hidrop.evaluation.uncertainty import compare_methods
-from hidrop.schedule import vanilla
 from hidrop_platform.config import ConfirmConfig, ExperimentConfig, FidelityConfig
-from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model, evaluate_schedule
+from hidrop_platform.evaluate import (
+    EvalSetupError,
+    benchmarks_for,
+    build_model,
+    evaluate_schedule,
+    held_out_pass,
+    known_for,
+    reference_pass,
+    seen_overlap,
+)
 from hidrop_platform.fidelity import RungPoint, Search, hypervolume, successive_halving
 from hidrop_platform.pareto import pareto_front
 from hidrop_platform.tune import ScheduleSearcher, TuneSetupError, confirm_benchmarks, trial_config
@@ -85,32 +93,18 @@ def run_search_bench(
         held_out = confirm_benchmarks(cfg)
     except (EvalSetupError, TuneSetupError) as e:
         raise SearchBenchError(str(e)) from None
-    shape = cfg.model.shape
-    unpruned = vanilla(shape.num_layers, shape.num_vision_tokens)
-    common = dict(
-        mode=cfg.eval.mode,
-        batch_size=cfg.eval.batch_size,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        seed=cfg.seed,
-        keep_records=True,
-        require_signal=cfg.eval.require_signal,
-        n_resamples=cfg.eval.resamples,
-    )
     try:
         say("reference: all tokens and blind on every search question")
         t0 = time.perf_counter()
-        ref = evaluate(vlm, [unpruned], benches, baselines=["blind"], **common)
+        ref = reference_pass(cfg, vlm, benches)
         ref_wall = time.perf_counter() - t0
         stored = known_records(ref)
-
-        def known_for(schedule) -> dict:
-            return {k: v for k, v in stored.items() if not (schedule.is_vanilla() and k == REFERENCE)}
 
         exhaustive: dict[str, RungPoint] = {}
         for i, (label, schedule) in enumerate(schedules.items()):
             say(f"exhaustive {i + 1}/{len(schedules)}: {label}")
             t0 = time.perf_counter()
-            report = evaluate_schedule(cfg, vlm, schedule, benches, known=known_for(schedule))
+            report = evaluate_schedule(cfg, vlm, schedule, benches, known=known_for(stored, schedule))
             exhaustive[label] = _point(report, schedule, time.perf_counter() - t0)
 
         own: dict[str, dict] = {label: {} for label in schedules}
@@ -124,7 +118,7 @@ def run_search_bench(
                 vlm,
                 schedule,
                 benches,
-                known={**known_for(schedule), **own[label]},
+                known={**known_for(stored, schedule), **own[label]},
                 select=rung_select(rung, f.rungs, f.factor, cfg.seed),
             )
             own[label] = known_records(report, [report.row_for(schedule).method])
@@ -132,7 +126,7 @@ def run_search_bench(
 
         seeds = [label for label in schedules if label.startswith("seed:")] if f.promote_seeds else []
         search = successive_halving(list(schedules), evaluate_rung, f.rungs, f.factor, always=seeds)
-        return _compare(cfg, vlm, schedules, exhaustive, search, held_out, stored, budget, common, say) | {
+        return _compare(cfg, vlm, schedules, exhaustive, search, held_out, stored, budget, say) | {
             "candidates": len(schedules),
             "rungs": f.rungs,
             "factor": f.factor,
@@ -155,7 +149,7 @@ def _best_under(points: dict[str, RungPoint], budget: float) -> Optional[str]:
     return max(fits, key=lambda k: (points[k].score, -points[k].cost)) if fits else None
 
 
-def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, budget, common, say) -> dict:
+def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, budget, say) -> dict:
     costs = sorted(p.cost for p in exhaustive.values())
     budget = budget or cfg.tune.max_vision_tflops or costs[len(costs) // 2]  # default: the median candidate
     full = {k: search.final()[k] for k in search.completed()}  # multi-fidelity points at full fidelity
@@ -167,17 +161,9 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
     confirm_labels = sorted({k for _, front, best in sides.values() for k in [*front, best] if k})
     say(f"confirming {len(confirm_labels)} schedules on held-out questions")
     seen = {b: list(rows) for b, rows in stored[REFERENCE].items()}
-    pruned = [schedules[k] for k in confirm_labels if not schedules[k].is_vanilla()]
-    report = evaluate(
-        vlm,
-        pruned or [vanilla(cfg.model.shape.num_layers, cfg.model.shape.num_vision_tokens)],
-        held_out,
-        baselines=["blind"],
-        select=unseen_select(seen),
-        **common,
-    )
+    report = held_out_pass(cfg, vlm, [schedules[k] for k in confirm_labels], held_out, seen)
     ref = report.reference_row()
-    overlap = sum(len({r.id for r in e.records or []} & set(seen.get(b, ()))) for b, e in ref.benchmarks.items())
+    overlap = seen_overlap(report, seen)
     select = unseen_select(seen)
     plans = [(b, select(b, b.samples())) for b in at_grid(vlm, held_out)]  # the questions it just scored
 
@@ -191,11 +177,12 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
     max_cost = costs[-1]
     out: dict = {"budget_vision_tflops": budget, "confirm_questions": {b.name: b.samples for b in report.benchmarks}}
     out["confirm_overlap"] = overlap
+    spent = {"exhaustive": list(exhaustive.values()), "multi_fidelity": search.every_point()}
     for side, (points, front, best) in sides.items():
         out[side] = {
-            "questions_run": sum(p.questions_run for p in _all_points(side, exhaustive, search)),
-            "batches_run": sum(p.batches_run for p in _all_points(side, exhaustive, search)),
-            "wall_s": sum(p.wall_s for p in _all_points(side, exhaustive, search)),
+            "questions_run": sum(p.questions_run for p in spent[side]),
+            "batches_run": sum(p.batches_run for p in spent[side]),
+            "wall_s": sum(p.wall_s for p in spent[side]),
             "front": front,
             "best_under_budget": best,
             "best_search": None if best is None else [points[best].score, points[best].low, points[best].high],
@@ -217,12 +204,6 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
     out["cost_ratio"] = {k: (mf[k] / ex[k] if ex[k] else None) for k in ("questions_run", "batches_run", "wall_s")}
     out["verdict"] = _verdict(out)
     return out
-
-
-def _all_points(side: str, exhaustive: dict[str, RungPoint], search: Search) -> list[RungPoint]:
-    if side == "exhaustive":
-        return list(exhaustive.values())
-    return [p for pts in search.points.values() for p in pts]
 
 
 def _verdict(out: dict) -> str:

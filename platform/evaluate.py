@@ -12,11 +12,13 @@ from typing import Callable, Optional
 import torch
 
 import hidrop
-from hidrop.evaluation.harness import EvalError, Known, evaluate, model_shape
+from hidrop.evaluation.harness import REFERENCE, EvalError, Known, evaluate, model_shape
 from hidrop.evaluation.published import eval_report_comparisons, model_key
 from hidrop.evaluation.registry import get_benchmark
 from hidrop.evaluation.results import EvalReport
+from hidrop.evaluation.subsets import unseen_select
 from hidrop.models import ModelLoadError, build_vlm
+from hidrop.schedule import vanilla
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ExperimentConfig
 
@@ -77,6 +79,60 @@ def benchmarks_for(cfg: ExperimentConfig, limit: Optional[int] = None) -> list:
         raise EvalSetupError(f"eval.benchmarks: {msg}") from None
 
 
+def eval_settings(cfg: ExperimentConfig) -> dict:
+    """The experiment's eval settings as `evaluate` takes them: one place, so a sweep's reference, its
+    trials, a confirmation and `hidrop eval` score the same way."""
+    return dict(
+        mode=cfg.eval.mode,
+        batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        seed=cfg.seed,
+        require_signal=cfg.eval.require_signal,
+        n_resamples=cfg.eval.resamples,
+    )
+
+
+def reference_pass(cfg: ExperimentConfig, vlm, benchmarks: list) -> EvalReport:
+    """All tokens and blind on `benchmarks`, with every question's record: what a search stores once and
+    pairs each trial with."""
+    shape = cfg.model.shape
+    return evaluate(
+        vlm,
+        [vanilla(shape.num_layers, shape.num_vision_tokens)],
+        benchmarks,
+        baselines=["blind"],
+        keep_records=True,
+        **eval_settings(cfg),
+    )
+
+
+def known_for(known: Known, schedule) -> Known:
+    """Stored records a trial may reuse: all of them, except that a vanilla schedule measures the all
+    tokens row itself (it is that row)."""
+    return {m: rows for m, rows in known.items() if not (schedule.is_vanilla() and m == REFERENCE)}
+
+
+def held_out_pass(cfg: ExperimentConfig, vlm, schedules: list, benchmarks: list, seen: dict) -> EvalReport:
+    """`schedules` (each named), all tokens and blind on the questions of `benchmarks` that are not in
+    `seen` (benchmark -> question ids a search read): a confirmation, paired on those questions."""
+    pruned = [s for s in schedules if not s.is_vanilla()]
+    return evaluate(
+        vlm,
+        pruned or [vanilla(cfg.model.shape.num_layers, cfg.model.shape.num_vision_tokens)],
+        benchmarks,
+        baselines=["blind"],
+        select=unseen_select(seen),
+        keep_records=True,
+        **eval_settings(cfg),
+    )
+
+
+def seen_overlap(report: EvalReport, seen: dict) -> int:
+    """How many questions `report` scored that are in `seen`: zero for a confirmation, by construction."""
+    ref = report.reference_row()
+    return sum(len({r.id for r in e.records or []} & set(seen.get(b, ()))) for b, e in ref.benchmarks.items())
+
+
 def run_eval(
     cfg: ExperimentConfig,
     progress: Optional[Callable[[int, int, str], None]] = None,
@@ -93,14 +149,9 @@ def run_eval(
             schedules,
             benchmarks,
             baselines=cfg.eval.baselines,
-            mode=cfg.eval.mode,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            seed=cfg.seed,
             progress=progress,
             keep_records=keep_records,
-            require_signal=cfg.eval.require_signal,
-            n_resamples=cfg.eval.resamples,
+            **eval_settings(cfg),
         )
     except EvalError as e:
         raise EvalSetupError(str(e)) from None
@@ -148,15 +199,10 @@ def evaluate_schedule(
         [schedule],
         benchmarks,
         baselines=["blind"] if known and "blind" in known else [],
-        mode=cfg.eval.mode,
-        batch_size=cfg.eval.batch_size,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        seed=cfg.seed,
         known=known,
         select=select,
         keep_records=True,
-        require_signal=cfg.eval.require_signal,
-        n_resamples=cfg.eval.resamples,
+        **eval_settings(cfg),
     )
 
 

@@ -97,14 +97,9 @@ class Search:
     def completed(self) -> list[str]:
         return [label for label, pts in self.points.items() if len(pts) == self.rungs]
 
-    def questions_run(self) -> int:
-        return sum(p.questions_run for pts in self.points.values() for p in pts)
-
-    def batches_run(self) -> int:
-        return sum(p.batches_run for pts in self.points.values() for p in pts)
-
-    def wall_s(self) -> float:
-        return sum(p.wall_s for pts in self.points.values() for p in pts)
+    def every_point(self) -> list[RungPoint]:
+        """Every rung of every candidate: what the search paid for."""
+        return [p for pts in self.points.values() for p in pts]
 
 
 def successive_halving(

@@ -109,27 +109,14 @@ def plot_pareto(
             lw=1.5,
             label="Pareto front (estimates)",
         )
-        clear = [r for r in front if r.get("significant")]
-        if clear:
-            ax.scatter(
-                [r[cost_key] for r in clear],
-                [r[score_key] for r in clear],
-                s=70,
-                facecolors="none",
-                edgecolors="#c23b22",
-                lw=1.5,
-                label="front with significance",
-            )
-        level = [r for r in front if r.get("blind_level")]
-        if level:
-            ax.scatter(
-                [r[cost_key] for r in level],
-                [r[score_key] for r in level],
-                s=60,
-                c="black",
-                marker="x",
-                label="blind level (no discovery)",
-            )
+        marks = {
+            "significant": dict(s=70, facecolors="none", edgecolors="#c23b22", lw=1.5, label="front with significance"),
+            "blind_level": dict(s=60, c="black", marker="x", label="blind level (no discovery)"),
+        }
+        for flag, style in marks.items():
+            marked = [r for r in front if r.get(flag)]
+            if marked:
+                ax.scatter([r[cost_key] for r in marked], [r[score_key] for r in marked], **style)
     for name, value in (reference_lines or {}).items():
         if value is None:
             continue

@@ -30,12 +30,12 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import Searcher
 
 from hidrop.cost import cost_report
-from hidrop.evaluation.harness import REFERENCE, EvalError, Known, evaluate, known_records
+from hidrop.evaluation.harness import REFERENCE, EvalError, Known, known_records
 from hidrop.evaluation.registry import get_benchmark
 from hidrop.evaluation.results import EvalReport, QuestionRecord
 from hidrop.evaluation.subsets import rung_select, unseen_select
 from hidrop.evaluation.uncertainty import format_interval
-from hidrop.schedule import ScheduleSpec, vanilla
+from hidrop.schedule import ScheduleSpec
 from hidrop.training import Hook, StepEnd, TrainingLoop, make_dataset, plain_training
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ConfigError, ExperimentConfig, flatten, validate_config, with_overrides
@@ -45,8 +45,12 @@ from hidrop_platform.evaluate import (
     build_model,
     evaluate_schedule,
     finite_interval,
+    held_out_pass,
+    known_for,
     log_records,
+    reference_pass,
     score_metrics,
+    seen_overlap,
     write_records,
 )
 from hidrop_platform.faults import fail_trial_if_asked
@@ -359,9 +363,7 @@ def stored_known(reference: dict, schedule) -> Known:
         method: {b: {r["id"]: QuestionRecord.model_validate(r) for r in rows} for b, rows in benches.items()}
         for method, benches in reference.get("records", {}).items()
     }
-    if schedule.is_vanilla():
-        known.pop(REFERENCE, None)
-    return known
+    return known_for(known, schedule)
 
 
 def _evaluate(
@@ -600,21 +602,7 @@ def _reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callab
 
     try:
         vlm = build_model(cfg)
-        benches = benchmarks_for(cfg)
-        shape = cfg.model.shape
-        report = evaluate(
-            vlm,
-            [vanilla(shape.num_layers, shape.num_vision_tokens)],
-            benches,
-            baselines=["blind"],
-            mode=cfg.eval.mode,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            seed=cfg.seed,
-            keep_records=True,
-            require_signal=cfg.eval.require_signal,
-            n_resamples=cfg.eval.resamples,
-        )
+        report = reference_pass(cfg, vlm, benchmarks_for(cfg))
     except (EvalSetupError, EvalError, ValueError, KeyError) as e:
         raise TuneSetupError(f"reference evaluation: {str(e).splitlines()[0]}") from None
     reference, blind = report.reference_row(), report.method("blind")
@@ -810,26 +798,12 @@ def confirm_front(cfg: ExperimentConfig, base: dict, summary: dict, reference: d
     seen = _seen(reference)
     schedules = {r["label"]: trial_config(base, r["overrides"]).main_schedule for r in picks}
     try:
-        report = evaluate(
-            build_model(cfg),
-            [sch.model_copy(update={"name": label}) for label, sch in schedules.items() if not sch.is_vanilla()]
-            or [vanilla(cfg.model.shape.num_layers, cfg.model.shape.num_vision_tokens)],
-            confirm_benchmarks(cfg),
-            baselines=["blind"],
-            mode=cfg.eval.mode,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            seed=cfg.seed,
-            select=unseen_select(seen),
-            keep_records=True,
-            require_signal=cfg.eval.require_signal,
-            n_resamples=cfg.eval.resamples,
-        )
+        named = [sch.model_copy(update={"name": label}) for label, sch in schedules.items()]
+        report = held_out_pass(cfg, build_model(cfg), named, confirm_benchmarks(cfg), seen)
     except (EvalSetupError, EvalError) as e:
         raise TuneSetupError(f"tune.confirm: {str(e).splitlines()[0]}") from None
     ref = report.reference_row()
-    questions = {b: [q.id for q in e.records or []] for b, e in ref.benchmarks.items()}
-    overlap = sum(len(set(ids) & set(seen.get(b, ()))) for b, ids in questions.items())
+    overlap = seen_overlap(report, seen)
     if overlap:  # unseen_select makes this impossible; a confirmation must never read a searched question
         raise TuneSetupError(f"tune.confirm: {overlap} held-out questions were seen by the search")
     rows = []
@@ -870,7 +844,7 @@ def confirm_front(cfg: ExperimentConfig, base: dict, summary: dict, reference: d
         )
     gaps = [x["gap"] for x in rows if not x["seed"] and x["gap"] is not None]
     out = {
-        "benchmarks": {b: len(ids) for b, ids in questions.items()},
+        "benchmarks": {b: len(e.records or []) for b, e in ref.benchmarks.items()},
         "overlap": overlap,
         "reference_scores": ref.scores(),
         "rows": rows,
