@@ -206,15 +206,22 @@ def train(
     experiment: str = typer.Argument(..., help="experiment YAML (model, schedule, train and tracking sections)"),
     overrides: Optional[List[str]] = typer.Argument(None, help="a.b=value overrides, e.g. train.num_workers=2"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    restart: bool = typer.Option(
+        False, "--restart", help="start afresh even if a run of this name exists (the old one is moved aside)"
+    ),
+    force: bool = typer.Option(False, "--force", help="continue an existing run even though the config changed"),
 ):
-    """Train with Ray Train workers running DeepSpeed (LLaVA stage 1 or 2, schedule active), tracked in MLflow."""
-    from hidrop_platform.train import TrainSetupError, run_training
+    """Train with Ray Train workers running DeepSpeed (LLaVA stage 1 or 2, schedule active), tracked in MLflow.
+    Re-running the same name continues its last checkpoint when the config agrees."""
+    from hidrop_platform.train import TrainInterrupted, TrainSetupError, run_training
 
     cfg = _load(experiment, overrides)
+    if restart and force:
+        _fail("--restart and --force contradict each other: pick one")
     try:
         if as_json:
             with _stdout_to_stderr():
-                result = run_training(cfg)
+                result = run_training(cfg, restart=restart, force=force)
         else:
             from rich.progress import (
                 BarColumn,
@@ -244,9 +251,12 @@ def train(
                         stats=f"loss {info['loss']:.4f}  lr {info['lr']:.2e}  {info['samples_per_s']:.1f} samples/s",
                     )
 
-                result = run_training(cfg, progress=progress)
+                result = run_training(cfg, progress=progress, restart=restart, force=force)
     except TrainSetupError as e:
         _fail(str(e))
+    except TrainInterrupted as e:
+        err.print(f"[bold yellow]interrupted:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return
@@ -255,6 +265,8 @@ def train(
         f"loss {result['metrics'].get('loss', float('nan')):.4f} "
         f"at step {result['metrics'].get('step')}"
     )
+    if result.get("continued"):
+        out.print(f"  {result['continued']}")
     out.print(f"  checkpoint (DeepSpeed state): {result['checkpoint']}")
     out.print(f"  exported model (safetensors + schedule): {result['export']}")
     out.print(f"  MLflow: {result['tracking_uri']}")

@@ -228,6 +228,18 @@ def close_if_running(tracking_uri: str, run_id: str, status: str, tags: dict) ->
         raise
 
 
+def last_logged_step(tracking_uri: str, run_id: str, key: str) -> Optional[int]:
+    """The highest step at which `key` was logged in the run (None: never, or the store is unreachable):
+    a resumed training skips the steps its earlier attempt logged after its last checkpoint."""
+    try:
+        history = _client(tracking_uri).get_metric_history(run_id, key)
+    except Exception as err:  # noqa: BLE001 - offline: the resumed run logs what it redoes
+        if _is_unreachable(err):
+            return None
+        raise
+    return max((m.step for m in history), default=None)
+
+
 def default_spool_dir() -> Path:
     """Where offline records wait: ./mlruns/spool, resolved (workers and trials may run elsewhere)."""
     return (Path(DEFAULT_TRACKING_DIR) / "spool").resolve()

@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -51,9 +53,12 @@ from hidrop_platform.evaluate import (
     score_metrics,
 )
 from hidrop_platform.faults import fault_hooks
+from hidrop_platform.resume import ContinuationRefused, UnsafeCheckpoint, load_deepspeed_checkpoint, prepare_run_folder
 from hidrop_platform.tracking import (
     Tracker,
+    close_if_running,
     default_spool_dir,
+    last_logged_step,
     package_versions,
     prepare_for,
     schedule_params,
@@ -140,6 +145,8 @@ class WorkerNews:
 
     progress: Optional[dict] = None
     stopped: Optional[str] = None
+    run_id: Optional[str] = None  # the MLflow run, sent once: the driver closes it on Ctrl+C
+    controller: Any = None  # Ray Train's controller actor, sent once: the driver aborts it on Ctrl+C
 
 
 def _tell(payload: "WorkerPayload", news: WorkerNews) -> None:
@@ -214,8 +221,15 @@ def train_worker(config: dict) -> None:
     total = t.max_steps or max(1, math.ceil(t.epochs * max(1, len(loader) // t.grad_accum)))
     state, run_id = _resume(engine, frozen)
     tracker = _worker_tracker(cfg, payload, run_id, rank, world, device, schedule)
+    logged_until = None
+    if rank == 0 and tracker.enabled and tracker.run_id:
+        _tell(payload, WorkerNews(run_id=tracker.run_id))
+        if run_id is not None:  # continued: the earlier attempt may have logged steps past its checkpoint
+            logged_until = last_logged_step(payload.tracking_uri, run_id, N.LOSS)
+            tracker.set_tags({N.RESUMED_FROM_STEP: state.step})
+    cost = cost_report(schedule, model_shape_for_cost(cfg, vlm))
     hooks = [
-        _LogMetrics(cfg, payload, tracker, module, cost_report(schedule, model_shape_for_cost(cfg, vlm)), rank),
+        _LogMetrics(cfg, payload, tracker, module, cost, rank, logged_until),
         _Checkpoint(engine, tracker, rank, frozen, t.checkpoint_every),
         _Export(cfg, payload, vlm, module, tracker, rank),
         *payload.hooks,
@@ -260,8 +274,9 @@ def _resume(engine, frozen: bool) -> tuple[LoopState, Optional[str]]:
     if checkpoint is None:
         return LoopState(), None
     with checkpoint.as_directory() as d:
-        # frozen weights are not in the checkpoint: they come from model.path, as on the first attempt
-        engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not frozen)
+        # frozen weights are not in the checkpoint: they come from model.path, as on the first attempt;
+        # tensors and DeepSpeed's known state only: the folder may be shared storage
+        load_deepspeed_checkpoint(engine, d, tag=DS_TAG, strict=not frozen)
         saved = json.loads((Path(d) / STATE_FILE).read_text())
     run_id = saved.pop("run_id", None)
     return LoopState(**{k: v for k, v in saved.items() if k in LoopState.__dataclass_fields__}), run_id
@@ -293,7 +308,7 @@ class _LogMetrics(Hook):
     """Every `log_every` steps: loss, LR, throughput, cost and the learned keep counts to MLflow, and rank 0's
     progress to the driver's bar. Collective (every rank computes the mean loss)."""
 
-    def __init__(self, cfg, payload: WorkerPayload, tracker, module, cost: dict, rank: int):
+    def __init__(self, cfg, payload: WorkerPayload, tracker, module, cost: dict, rank: int, logged_until=None):
         self.every, self.payload, self.tracker, self.module, self.cost, self.rank = (
             cfg.train.log_every,
             payload,
@@ -304,6 +319,7 @@ class _LogMetrics(Hook):
         )
         self.samples = self.tokens = 0
         self.seconds = 0.0
+        self.logged_until: Optional[int] = logged_until  # a continued run: steps up to here are in MLflow already
 
     def on_start(self, loop: TrainingLoop) -> None:
         self.window_start = time.perf_counter()
@@ -336,7 +352,8 @@ class _LogMetrics(Hook):
             for i, keep in enumerate(self.module.engine.learned_schedule().keep_counts):
                 metrics[f"{N.LEARNED_KEEP}{i + 1}"] = float(keep)
         if self.rank == 0:
-            if self.tracker.enabled:
+            redone = self.logged_until is not None and step.step <= self.logged_until
+            if self.tracker.enabled and not redone:  # a redone step's first values stand: no duplicate points
                 self.tracker.log_metrics({**metrics, **system_metrics()}, step=step.step)
             _tell(self.payload, WorkerNews(progress={"step": step.step, "total": step.total, **metrics}))
         self.samples = self.tokens = 0
@@ -435,9 +452,15 @@ def _mean_across(value: torch.Tensor, world: int) -> float:
 
 # ---- the driver ---------------------------------------------------------------------------------
 def run_training(
-    cfg: ExperimentConfig, progress: Optional[Callable[[dict], None]] = None, hooks: Sequence[Hook] = ()
+    cfg: ExperimentConfig,
+    progress: Optional[Callable[[dict], None]] = None,
+    hooks: Sequence[Hook] = (),
+    restart: bool = False,
+    force: bool = False,
 ) -> dict:
     """Run the Ray Train job; `progress(info)` is called about once a second with rank 0's latest step.
+    A run of the same name in `train.storage_path` is continued only when its config agrees
+    (`hidrop_platform.resume`); `restart` moves it aside, `force` continues it with the new config.
     `hooks` join every worker's loop (the overhead benchmark's turn-taking); the test faults of
     `hidrop_platform.faults` join them when their environment variable asks."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -447,6 +470,11 @@ def run_training(
     t = cfg.train
     uri, experiment = prepare_for(cfg, "training")
     storage = Path(t.storage_path).resolve()
+    folder = storage / cfg.name
+    try:
+        continued = prepare_run_folder(folder, cfg.model_dump(mode="json"), restart=restart, force=force)
+    except ContinuationRefused as e:
+        raise TrainSetupError(str(e)) from None
     start_ray(t.ray_address)
     news = Queue(maxsize=1000, actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
@@ -456,7 +484,7 @@ def run_training(
                 config=cfg.model_dump(mode="json"),
                 tracking_uri=uri,
                 experiment=experiment,
-                export_dir=str(storage / cfg.name / "export"),
+                export_dir=str(folder / "export"),
                 spool_dir=str(default_spool_dir()),
                 hooks=[*hooks, *fault_hooks()],
                 news=news,
@@ -470,35 +498,132 @@ def run_training(
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=[_controller_reporter(news)],
         ),
     )
     start = time.perf_counter()
-    done, stopped = threading.Event(), []
-    listener = threading.Thread(target=_listen, args=(news, progress, done, stopped), daemon=True)
+    done, stopped, heard = threading.Event(), [], {}
+    listener = threading.Thread(target=_listen, args=(news, progress, done, stopped, heard), daemon=True)
     listener.start()
+    # Ray Train handles SIGINT itself when fit() runs in the main thread (it aborts and exits without a
+    # word); in a thread of its own it does not, so Ctrl+C reaches us and we can say where the run stands
+    outcome: dict = {}
+    fitting = threading.Thread(target=_fit, args=(trainer, outcome), daemon=True, name="hidrop-fit")
+    fitting.start()
     try:
-        result = trainer.fit()
-    except Exception as e:  # WorkerGroupError carries each failed worker's exception
-        raise TrainSetupError(_failure_message(e)) from None
+        while fitting.is_alive():
+            fitting.join(timeout=0.5)
+    except KeyboardInterrupt:
+        import ray
+
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not cut this short
+        try:
+            if heard.get("controller") is not None:  # Ray's own graceful abort: the workers stop, fit returns
+                with contextlib.suppress(Exception):
+                    ray.get(heard["controller"].abort.remote(), timeout=60)
+                fitting.join(timeout=60)
+            done.set()
+            listener.join(timeout=10)
+            message = _interrupted(cfg, folder, uri, heard)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        raise TrainInterrupted(message) from None
     finally:
         done.set()
         listener.join(timeout=10)
-        news.shutdown(force=True)
+        with contextlib.suppress(Exception):  # after Ctrl+C Ray is already down
+            news.shutdown(force=True)
+    if "error" in outcome:  # WorkerGroupError carries each failed worker's exception
+        raise TrainSetupError(_failure_message(outcome["error"]))
+    result = outcome["result"]
     if stopped:
         raise TrainSetupError(stopped[0].strip())
+    removed = _remove_orphans(folder, result)
     metrics = dict(result.metrics or {})
     return {
         "experiment": cfg.name,
         "wall_time_s": time.perf_counter() - start,
         "metrics": metrics,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "export": str(storage / cfg.name / "export" / "final"),
+        "export": str(folder / "export" / "final"),
         "tracking_uri": uri,
+        "continued": continued,
+        "orphaned_checkpoints_removed": removed,
     }
 
 
-def _listen(news, progress: Optional[Callable[[dict], None]], done: threading.Event, stopped: list) -> None:
-    """Rank 0's news until the fit ends, then whatever is left in the queue."""
+def _controller_reporter(news):
+    """A Ray Train controller callback that sends the controller's actor handle to the driver, which
+    aborts the run through it on Ctrl+C (what Ray's own SIGINT handler does in the main thread). Ray's
+    callback interface for this is internal (ray.train.v2._internal): it is used here only."""
+    import ray
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class ReportController(ControllerCallback):
+        def after_controller_start(self, train_run_context) -> None:
+            with contextlib.suppress(Exception):
+                news.put(WorkerNews(controller=ray.get_runtime_context().current_actor), timeout=10)
+
+    return ReportController()
+
+
+def _fit(trainer, outcome: dict) -> None:
+    try:
+        outcome["result"] = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - handed to the main thread, which reports it
+        outcome["error"] = e
+
+
+class TrainInterrupted(RuntimeError):
+    """Ctrl+C: the message says where the run stands and how to continue it."""
+
+
+def _newest_checkpoint(folder: Path) -> Optional[Path]:
+    done = [p for p in folder.glob("checkpoint_*") if (p / STATE_FILE).is_file()]
+    return max(done, key=lambda p: json.loads((p / STATE_FILE).read_text()).get("step", 0), default=None)
+
+
+def _interrupted(cfg: ExperimentConfig, folder: Path, uri: str, heard: dict) -> str:
+    """Mark the MLflow run KILLED (tagged with its last step) and say where the last checkpoint is."""
+    step = heard.get("step")
+    run_id = heard.get("run_id")
+    if run_id and cfg.tracking.enabled:
+        tags = {N.STATUS: N.INTERRUPTED, **({N.INTERRUPTED_AT_STEP: step} if step is not None else {})}
+        with contextlib.suppress(Exception):  # an unreachable store must not hide the message
+            close_if_running(uri, run_id, "KILLED", tags)
+    last = _newest_checkpoint(folder)
+    where = (
+        f"the last checkpoint (step {json.loads((last / STATE_FILE).read_text()).get('step')}) is {last}; "
+        "re-run the same command to continue from it"
+        if last
+        else "no checkpoint was written yet; a re-run starts from the beginning"
+    )
+    run = f"MLflow run {run_id} is marked KILLED" if run_id else "no MLflow run was started yet"
+    at = f" at step {step}" if step is not None else ""
+    return f"training {cfg.name!r} interrupted{at}: {run}; {where}"
+
+
+def _remove_orphans(folder: Path, result) -> list[str]:
+    """Checkpoints on disk that Ray does not keep (written just before a worker died, before Ray
+    registered them): they would outlive keep_checkpoints forever."""
+    kept = {Path(c.path).resolve() for c, _ in (getattr(result, "best_checkpoints", None) or [])}
+    if result.checkpoint is not None:
+        kept.add(Path(result.checkpoint.path).resolve())
+    if not kept:
+        return []
+    removed = []
+    for path in folder.glob("checkpoint_*"):
+        if path.is_dir() and path.resolve() not in kept:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
+def _listen(
+    news, progress: Optional[Callable[[dict], None]], done: threading.Event, stopped: list, heard: dict
+) -> None:
+    """Rank 0's news until the fit ends, then whatever is left in the queue; `heard` keeps the run id
+    and the latest step (what an interruption reports)."""
     from ray.util.queue import Empty
 
     while True:
@@ -508,13 +633,21 @@ def _listen(news, progress: Optional[Callable[[dict], None]], done: threading.Ev
             if done.is_set():
                 return
             continue
+        except Exception:  # the queue actor went away (Ctrl+C): nothing more will come
+            return
+        if item.run_id is not None:
+            heard["run_id"] = item.run_id
+        if item.controller is not None:
+            heard["controller"] = item.controller
         if item.stopped is not None:
             stopped.append(item.stopped)
-        elif progress is not None:
-            try:
-                progress(item.progress)
-            except Exception:  # a broken progress display must not swallow a later stop message
-                progress = None
+        elif item.progress is not None:
+            heard["step"] = item.progress.get("step")
+            if progress is not None:
+                try:
+                    progress(item.progress)
+                except Exception:  # a broken progress display must not swallow a later stop message
+                    progress = None
 
 
 def start_ray(address: Optional[str] = None) -> None:
@@ -550,7 +683,7 @@ def _failure_message(e: BaseException) -> str:
     """One line for the user: a failed worker's own message when it is a mistake they can fix (a setup
     error, a bad value), else the last line of Ray's report."""
 
-    user_errors = (TrainSetupError, EvalSetupError, ModelLoadError, OverheadBenchError, ValueError)
+    user_errors = (TrainSetupError, EvalSetupError, ModelLoadError, OverheadBenchError, UnsafeCheckpoint, ValueError)
     for failure in getattr(e, "worker_failures", {}).values():
         if isinstance(failure, user_errors) and str(failure).strip():
             return str(failure).strip().splitlines()[0]

@@ -144,8 +144,9 @@ def test_killed_run_resumes_into_the_same_mlflow_run(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     client, runs = _runs(tmp_path)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")})
-    assert steps == list(range(1, 9))  # no gap: restarted from the step-4 checkpoint
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
+    assert steps == list(range(1, 9))  # no gap and no step twice: restarted from the step-4 checkpoint
+    assert runs[0].data.tags["hidrop.resumed_from_step"] == "4"
 
 
 @pytest.mark.slow

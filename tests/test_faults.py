@@ -1,0 +1,207 @@
+"""Faults found by trying to break the platform (issue 19): each test reproduces one and shows it holds.
+
+Fast tests exercise the pieces directly (config comparison, the weights-only checkpoint loader); the slow
+ones run the real `hidrop train` on a tiny model, with Ctrl+C sent as a real SIGINT."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hidrop_platform.resume import (
+    CONFIG_FILE,
+    ContinuationRefused,
+    UnsafeCheckpoint,
+    WeightsOnlyLoads,
+    config_changes,
+    prepare_run_folder,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "experiments" / "tiny_train_smoke.yaml"
+
+
+class _Planted:
+    """What an attacker with write access to shared storage would leave: unpickling it runs code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _plant(path: Path, marker: Path) -> None:
+    torch.save({"module": _Planted(marker)}, path)
+
+
+# ---- 1. a changed config does not silently continue the old run ----------------------------------
+def test_config_changes_lists_what_may_not_change():
+    old = {"name": "t", "train": {"lr": 0.003, "max_steps": 200, "log_every": 1}, "schedule": {"preset": "a"}}
+    new = {"name": "t", "train": {"lr": 0.01, "max_steps": 260, "log_every": 5}, "schedule": {"preset": "b"}}
+    assert config_changes(old, new) == {"schedule.preset": ("a", "b"), "train.lr": (0.003, 0.01)}
+    assert config_changes(old, {**old, "train": {**old["train"], "max_steps": 9}}) == {}
+
+
+def test_prepare_run_folder_refuses_forces_and_restarts(tmp_path):
+    folder = tmp_path / "runs" / "t"
+    old = {"name": "t", "train": {"lr": 0.003}}
+    assert prepare_run_folder(folder, old) is None  # fresh
+    assert json.loads((folder / CONFIG_FILE).read_text()) == old
+    (folder / "checkpoint_2026-12-01_00-00-00").mkdir()
+    assert prepare_run_folder(folder, old) == "continuing the earlier run"
+    new = {"name": "t", "train": {"lr": 0.01}}
+    with pytest.raises(ContinuationRefused, match=r"train.lr: 0.003 -> 0.01.*--restart.*--force"):
+        prepare_run_folder(folder, new)
+    assert json.loads((folder / CONFIG_FILE).read_text()) == old  # nothing changed by a refusal
+    assert "train.lr" in prepare_run_folder(folder, new, force=True)
+    moved = prepare_run_folder(folder, old, restart=True)
+    aside = [p for p in folder.parent.iterdir() if p.name.startswith("t.replaced-")]
+    assert len(aside) == 1 and str(aside[0]) in moved
+    assert (aside[0] / "checkpoint_2026-12-01_00-00-00").is_dir()  # the old run is kept, not deleted
+    assert not any(folder.glob("checkpoint_*"))
+
+
+# ---- 2. resume never runs code from the checkpoint folder ----------------------------------------
+def test_weights_only_loads_refuse_a_planted_pickle(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    _plant(path, marker)
+    with pytest.raises(UnsafeCheckpoint, match="refusing to resume from .*mp_rank_00_model_states.pt"):
+        WeightsOnlyLoads(None).load(str(path))
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the control: the same file does run code when unpickled
+    assert marker.exists()
+
+
+def test_weights_only_loads_read_tensors_and_deepspeed_state(tmp_path):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    path = tmp_path / "state.pt"
+    state = {"module": {"w": torch.arange(4.0)}, "zero_stage": ZeroStageEnum.gradients, "ds_version": "0.19"}
+    torch.save(state, path)
+    loaded = WeightsOnlyLoads(None).load(str(path))
+    assert torch.equal(loaded["module"]["w"], state["module"]["w"]) and loaded["zero_stage"] == 2
+
+
+# ---- real runs ------------------------------------------------------------------------------------
+def _train(tmp_path, *overrides, flags=()):
+    from hidrop_platform.cli import app
+
+    args = [
+        "train",
+        str(SMOKE),
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.num_workers=1",
+        "--json",
+        *flags,
+        *overrides,
+    ]
+    return CliRunner().invoke(app, args)
+
+
+def _train_runs(tmp_path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client, client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.slow
+def test_rerun_with_changed_config_is_refused_and_restart_starts_afresh(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = _train(tmp_path, "train.max_steps=4")
+    assert first.exit_code == 0, first.output
+    export = tmp_path / "runs" / "tiny_train_smoke" / "export" / "final" / "model.safetensors"
+    before = export.read_bytes()
+    refused = _train(tmp_path, "train.max_steps=6", "train.lr=1e-2", "schedule.preset=vanilla")
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "train.lr: 0.003 -> 0.01" in refused.output and "schedule.preset" in refused.output
+    assert export.read_bytes() == before  # nothing was overwritten
+    client, runs = _train_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].data.params["train.lr"] == "0.003"
+
+    longer = _train(tmp_path, "train.max_steps=6")  # only max_steps: continues the same run
+    assert longer.exit_code == 0, longer.output
+    client, runs = _train_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].data.tags["hidrop.resumed_from_step"] == "4"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # every step once
+
+    fresh = _train(tmp_path, "train.max_steps=2", "train.lr=1e-2", flags=["--restart"])
+    assert fresh.exit_code == 0, fresh.output
+    client, runs = _train_runs(tmp_path)
+    assert len(runs) == 2 and {r.data.params["train.lr"] for r in runs} == {"0.003", "0.01"}
+    assert any(p.name.startswith("tiny_train_smoke.replaced-") for p in (tmp_path / "runs").iterdir())
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_planted_checkpoint_file_and_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = _train(tmp_path, "train.max_steps=4")
+    assert first.exit_code == 0, first.output
+    folder = tmp_path / "runs" / "tiny_train_smoke"
+    planted = [p for p in folder.glob("checkpoint_*/deepspeed/deepspeed/mp_rank_00_model_states.pt")]
+    planted = planted or list(folder.glob("checkpoint_*/**/mp_rank_00_model_states.pt"))
+    assert planted, sorted(str(p) for p in folder.rglob("*.pt"))
+    marker = tmp_path / "ran"
+    for path in planted:
+        _plant(path, marker)
+    again = _train(tmp_path, "train.max_steps=6")
+    assert again.exit_code == 2, again.output
+    assert "refusing to resume" in again.output and "Traceback" not in again.output
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_run_killed_and_a_rerun_continues_it(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    args = [
+        str(Path(sys.executable).parent / "hidrop"),
+        "train",
+        str(SMOKE),
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.num_workers=1",
+        "train.checkpoint_every=2",
+        "train.max_steps=5000",
+    ]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "runs" / "tiny_train_smoke"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(folder.glob("checkpoint_*/hidrop_state.json")):
+        time.sleep(1)
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout[-2000:] + stderr
+    assert "interrupted" in stderr and "re-run the same command to continue" in stderr, stderr
+    assert "Traceback" not in stderr
+    client, runs = _train_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    assert runs[0].data.tags["status"] == "interrupted" and "hidrop.interrupted_at_step" in runs[0].data.tags
+    interrupted_at = int(runs[0].data.tags["hidrop.interrupted_at_step"])
+
+    # the same command (a shorter max_steps is allowed) continues the same run to the end
+    again = subprocess.run(
+        [*args[:-1], f"train.max_steps={interrupted_at + 2}", "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    client, runs = _train_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == interrupted_at + 2  # no step logged twice
