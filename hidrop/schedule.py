@@ -18,10 +18,11 @@ Conventions (method.md sections 1-4), made explicit because the paper's prose an
 from __future__ import annotations
 
 import math
+import typing
 from enum import Enum
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class PositionMode(str, Enum):
@@ -53,7 +54,30 @@ def first_error_line(err: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-class DropEvent(BaseModel):
+def _leaf_types(annotation) -> set:
+    args = typing.get_args(annotation)
+    if not args or typing.get_origin(annotation) is typing.Literal:
+        return {annotation}
+    return set().union(*(_leaf_types(a) for a in args))
+
+
+class ConfigModel(BaseModel):
+    """Base of every YAML-facing model: unknown keys, `true` for a number (YAML's booleans are also ints
+    to pydantic) and inf/NaN are errors, not silently accepted values."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value, info):
+        if isinstance(value, bool):
+            leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if leaves & {int, float} and not leaves & {bool, typing.Any}:
+                raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+class DropEvent(ConfigModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     after_layer: int = Field(description="prune between this layer and the next (1-indexed)")
@@ -474,7 +498,7 @@ def pyramid(
 CURVE_FIELDS = ("drop_layers", "stages", "first_keep_ratio", "avg_tokens", "keep_decay", "tail_keeps")
 
 
-class ScheduleSpec(BaseModel):
+class ScheduleSpec(ConfigModel):
     """A schedule as written in YAML: a preset (optionally adjusted), explicit fields, or the curve form.
 
     The curve form (what `hidrop tune` samples) replaces `drops` by a few numbers: the filtering layers

@@ -4,6 +4,7 @@ plot every curve, and log all of it as one MLflow run."""
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,6 +19,15 @@ from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
 from hidrop_platform.tracking import Tracker, prepare_for
 
 
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise AnalyzeSetupError(f"analyze.output: cannot write to {folder} ({e.strerror or e})") from None
+
+
 class AnalyzeSetupError(RuntimeError):
     """Bad data or model for the diagnostics; one line for the user."""
 
@@ -27,6 +37,7 @@ def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[
     a = cfg.analyze
     say = progress or (lambda msg: None)
     start = time.perf_counter()
+    _check_writable(Path(a.output) / cfg.name)  # before minutes of model work, not after
     try:
         say(f"loading {cfg.model.kind} model")
         vlm = vlm or build_model(cfg)

@@ -568,7 +568,7 @@ def report_command(
 
 @app.command("ui")
 def ui_command(
-    port: int = typer.Option(5000, help="port to listen on"),
+    port: int = typer.Option(5000, help="port to listen on (1-65535)"),
     host: str = typer.Option("127.0.0.1", help="interface to bind; anything but loopback exposes your runs"),
     tracking_uri: Optional[str] = typer.Option(
         None, "--tracking-uri", help="default: the local store ./mlruns/mlflow.db"
@@ -576,6 +576,9 @@ def ui_command(
 ):
     """Start the MLflow UI over the local store (127.0.0.1 by default); Ctrl+C stops it."""
     import signal
+
+    if not 1 <= port <= 65535:
+        _fail(f"--port must be between 1 and 65535, not {port}")
 
     from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri
     from hidrop_platform.ui import UI_TRAINING_VIEW, serve_ui, stop_ui, ui_base_url
@@ -629,10 +632,15 @@ def demo_command(
     if size not in SIZES:
         _fail(f"--size must be one of {', '.join(SIZES)}, not {size!r}")
     chosen = SIZES[size]
-    for name, value in (("searched", trials), ("easy_vqa", samples), ("train_steps", train_steps)):
+    for option, name, value in (
+        ("--trials", "searched", trials),
+        ("--samples", "easy_vqa", samples),
+        ("--train-steps", "train_steps", train_steps),
+    ):
         if value is not None:
-            if value < (0 if name == "train_steps" else 1):
-                _fail(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'train_steps' else '>= 1'}, not {value}")
+            least = 0 if name == "train_steps" else 1
+            if value < least:
+                _fail(f"{option} must be >= {least}, not {value}")
             chosen = dataclasses.replace(chosen, **{name: value})
     from hidrop_dashboards.report import ReportError
     from hidrop_platform.train import TrainSetupError

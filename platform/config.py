@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hidrop.cost import ModelShape
 from hidrop.evaluation.published import load_published
 from hidrop.evaluation.registry import known_benchmarks
 from hidrop.schedule import (
     PRESETS,
+    ConfigModel,
     Schedule,
     ScheduleError,
     ScheduleSpec,
@@ -58,7 +59,7 @@ TINY_LLAVA_SHAPE = dict(
 DEFAULT_SHAPES = {"mini_llava": MINI_LLAVA_SHAPE, "tiny_llava": TINY_LLAVA_SHAPE}
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(ConfigModel):
     model_config = ConfigDict(extra="forbid")
 
     # shape: cost accounting only; mini_llava: the offline model (EfficientNet-Lite0 + SmolLM2-135M);
@@ -85,7 +86,7 @@ class ModelConfig(BaseModel):
         return self
 
 
-class BenchmarkSpec(BaseModel):
+class BenchmarkSpec(ConfigModel):
     """One benchmark of the registry; `options` go to its constructor (e.g. families, split)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -102,7 +103,7 @@ class BenchmarkSpec(BaseModel):
         return self
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(ConfigModel):
     model_config = ConfigDict(extra="forbid")
 
     benchmarks: list[BenchmarkSpec] = Field(
@@ -133,7 +134,7 @@ class EvalConfig(BaseModel):
         return self
 
 
-class BenchConfig(BaseModel):
+class BenchConfig(ConfigModel):
     model_config = ConfigDict(extra="forbid")
 
     batch_size: int = Field(default=8, gt=0)
@@ -167,7 +168,7 @@ class BenchConfig(BaseModel):
         return self
 
 
-class DataSpec(BaseModel):
+class DataSpec(ConfigModel):
     """One training source: easy_vqa (train split), probes (train seeds), or LLaVA JSON + image folder."""
 
     model_config = ConfigDict(extra="forbid")
@@ -185,13 +186,44 @@ class DataSpec(BaseModel):
         return self
 
 
-class TrainConfig(BaseModel):
+class LoraConfig(ConfigModel):
+    """`train.lora`: peft's LoraConfig fields that the trainer passes on (anything else is a typo)."""
+
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+
+# DeepSpeed's top-level config sections (its docs); `train.deepspeed` may hold others, but not a near miss
+DEEPSPEED_KEYS = (
+    "train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler fp16 bf16 "
+    "amp gradient_clipping prescale_gradients gradient_predivide_factor sparse_gradients zero_optimization "
+    "zero_allow_untested_optimizer zero_force_ds_cpu_optimizer steps_per_print wall_clock_breakdown dump_state "
+    "flops_profiler activation_checkpointing sparse_attention data_efficiency curriculum_learning tensorboard "
+    "wandb csv_monitor comet elasticity communication_data_type seq_parallel_communication_data_type autotuning "
+    "checkpoint aio data_types compile torch_autocast pipeline memory_breakdown hybrid_engine "
+    "dataloader_drop_last disable_allgather gradient_allreduce_op log_level use_data_before_expert_parallel_ "
+    "compression_training weight_quantization nebula timers graph_harvesting"
+).split()
+
+
+def _near_miss(key: str, known) -> Optional[str]:
+    import difflib
+
+    if key in known:
+        return None
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+class TrainConfig(ConfigModel):
     """LLaVA's two stages under Ray Train + DeepSpeed. Defaults follow LLaVA-1.5 where they apply."""
 
     model_config = ConfigDict(extra="forbid")
 
     stage: Literal["pretrain", "finetune"] = "pretrain"
-    lora: Optional[dict[str, Any]] = None  # finetune only: {r, alpha, dropout, target_modules}
+    lora: Optional[dict[str, Any]] = None  # finetune only: LoraConfig's fields {r, alpha, dropout, target_modules}
     data: list[DataSpec] = Field(default_factory=lambda: [DataSpec(name="easy_vqa", limit=2000)])
     template: Optional[str] = None  # default: the model's (chatml for the mini-LLaVA); "plain" for LLaVA stage 1
     max_length: Optional[int] = Field(default=None, gt=0)
@@ -224,6 +256,20 @@ class TrainConfig(BaseModel):
     eval_after: bool = False  # rank 0 scores the trained model on eval.benchmarks (and unpruned) into the same run
     ray_address: Optional[str] = None  # None: a local Ray
 
+    @field_validator("lora")
+    @classmethod
+    def _lora_fields(cls, value):
+        return None if value is None else LoraConfig.model_validate(value).model_dump()
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_keys(cls, value: dict) -> dict:
+        for key in value:
+            meant = _near_miss(key, DEEPSPEED_KEYS)
+            if meant:
+                raise ValueError(f"unknown DeepSpeed key {key!r}: did you mean {meant!r}?")
+        return value
+
     @model_validator(mode="after")
     def _lora_stage(self) -> "TrainConfig":
         if self.lora is not None and self.stage != "finetune":
@@ -240,7 +286,7 @@ class TrainConfig(BaseModel):
         return self
 
 
-class TrackingConfig(BaseModel):
+class TrackingConfig(ConfigModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
@@ -248,7 +294,7 @@ class TrackingConfig(BaseModel):
     experiment: Optional[str] = None  # None: the experiment's name
 
 
-class Dimension(BaseModel):
+class Dimension(ConfigModel):
     """One searched knob: `{choice: [...]}`, `{int: [lo, hi]}` (inclusive, optional step) or `{float: [lo, hi]}`
     (optional log)."""
 
@@ -289,7 +335,7 @@ class Dimension(BaseModel):
         raise ValueError("a float range has no finite set of values")
 
 
-class ConfirmConfig(BaseModel):
+class ConfirmConfig(ConfigModel):
     """Held-out confirmation (the winner's curse): after the search, the seeds and the top_k front trials
     are re-evaluated on questions the search never saw, into their own runs (confirm/... metrics)."""
 
@@ -301,7 +347,7 @@ class ConfirmConfig(BaseModel):
     limit_factor: int = Field(default=2, ge=2)  # the default's limit multiplier
 
 
-class FidelityConfig(BaseModel):
+class FidelityConfig(ConfigModel):
     """Multi-fidelity search of training-free trials: `rungs` rounds on 1/factor^(rungs-1), ..., 1/factor, 1
     of each benchmark's questions (nested: no question is scored twice); after each rung only the best
     1/factor of the trials in the Pareto order go on (hidrop_platform.fidelity)."""
@@ -315,7 +361,7 @@ class FidelityConfig(BaseModel):
     promote_seeds: bool = False
 
 
-class SweepConfig(BaseModel):
+class SweepConfig(ConfigModel):
     """`hidrop tune`: what is searched (dotted config names -> dimensions), how, and with what resources."""
 
     model_config = ConfigDict(extra="forbid")
@@ -366,7 +412,7 @@ class SweepConfig(BaseModel):
         return self
 
 
-class AnalyzeConfig(BaseModel):
+class AnalyzeConfig(ConfigModel):
     """`hidrop analyze`: layer diagnostics on a calibration set drawn from eval.benchmarks."""
 
     model_config = ConfigDict(extra="forbid")
@@ -387,7 +433,7 @@ class AnalyzeConfig(BaseModel):
     output: str = "runs/analyze"
 
 
-class ExperimentConfig(BaseModel):
+class ExperimentConfig(ConfigModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
@@ -427,9 +473,17 @@ class ExperimentConfig(BaseModel):
                 )
             if key.split(".")[0] in ("tune", "name"):
                 raise ValueError(f"tune.space: {key!r} cannot be searched")
+        shape = self.model.shape
         for i, seed in enumerate(self.tune.seeds):
             if not isinstance(seed, (str, dict)):
                 raise ValueError(f"tune.seeds.{i}: give a preset name or a schedule mapping")
+            try:  # a seed that cannot resolve would cost a failed trial (and a traceback) later
+                spec = ScheduleSpec(preset=seed) if isinstance(seed, str) else ScheduleSpec.model_validate(seed)
+                spec.resolve(shape.num_layers, shape.num_vision_tokens)
+            except ValidationError as err:
+                raise ValueError(f"tune.seeds.{i}: {first_error_line(err)}") from None
+            except ScheduleError as err:
+                raise ValueError(f"tune.seeds.{i}: {err}") from None
         return self
 
     @model_validator(mode="after")
@@ -511,6 +565,26 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
         node[last] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error (YAML would keep
+    the last one without a word)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (given twice in one mapping)", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Load, apply `a.b=c` overrides (values parsed as YAML), validate. Raises ConfigError (one line)."""
     return validate_config(load_config_data(path, overrides), str(path))
@@ -541,7 +615,7 @@ def load_config_data(path: str | Path, overrides: list[str] | tuple[str, ...] = 
     if not path.is_file():
         raise ConfigError(f"{path}: no such experiment file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
@@ -554,6 +628,8 @@ def load_config_data(path: str | Path, overrides: list[str] | tuple[str, ...] = 
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like a.b=value")
         key, raw = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"override {item!r} names no field before '=' (e.g. train.max_steps=5)")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
