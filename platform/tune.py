@@ -7,13 +7,15 @@ reference is evaluated once per sweep, so a training-free trial runs only its ow
 
 Layout of a sweep folder (`tune.storage_path/<name>`): Ray Tune's experiment state, plus
 `sweep.json` (the parent MLflow run), `reference.json` (the all-tokens scores) and `trial_runs/`
-(trial id -> MLflow run id, so a retried or resumed trial logs into the same run).
+(one record per point, label + sampled overrides -> MLflow run id and, once done, its result: a
+retried or resumed trial logs into the same run, and a finished point is never evaluated twice).
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -393,18 +395,29 @@ def _evaluate(
     return metrics, report
 
 
-def _trial_record(ctx: TrialContext, trial_id: str) -> dict:
-    """What earlier attempts of this trial left: its MLflow run id, attempts, and its result once done."""
-    path = Path(ctx.sweep_dir) / RUNS_DIR / f"{trial_id}.json"
+def point_key(config: dict) -> str:
+    """A trial's key in `trial_runs/`: its label and sampled overrides, not Tune's trial id. After a
+    crash Tune restores an older snapshot and hands the same points out again under new trial ids;
+    keyed by the point, a finished one is reported from its record, never evaluated or logged twice."""
+    point = {"label": config.get("label"), "overrides": config.get("overrides")}
+    point = json.dumps(point, sort_keys=True, default=str)
+    digest = hashlib.sha256(point.encode()).hexdigest()[:16]
+    return f"{re.sub(r'[^A-Za-z0-9_-]+', '_', str(config.get('label', 'trial')))}-{digest}"
+
+
+def _trial_record(ctx: TrialContext, config: dict) -> dict:
+    """What earlier attempts at this point left: its MLflow run id, attempts, and its result once done."""
+    path = Path(ctx.sweep_dir) / RUNS_DIR / f"{point_key(config)}.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _save_trial_record(ctx: TrialContext, trial_id: str, record: dict) -> None:
+def _save_trial_record(ctx: TrialContext, config: dict, record: dict) -> None:
     folder = Path(ctx.sweep_dir) / RUNS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{trial_id}.tmp"
+    key = point_key(config)
+    tmp = folder / f".{key}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(record))
-    tmp.replace(folder / f"{trial_id}.json")
+    tmp.replace(folder / f"{key}.json")
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
@@ -415,9 +428,10 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     torch.set_num_threads(max(1, int(ctx.threads)))
     cfg = trial_config(ctx.base, config["overrides"])
     trial_id = tune.get_context().get_trial_id()
-    record = _trial_record(ctx, trial_id)
+    record = _trial_record(ctx, config)
     if "result" in record:
-        # finished before an interruption that Tune's state did not see: report it again, do not re-run it
+        # finished before an interruption or a crash that Tune's saved state did not see: report it
+        # again, do not run it again
         tune.report(record["result"])
         return
     run_id, attempts = record.get("run_id"), int(record.get("attempts", 0)) + 1
@@ -437,7 +451,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         },
     ).start()
     run_id = tracker.run_id or run_id
-    _save_trial_record(ctx, trial_id, {"run_id": run_id, "attempts": attempts})
+    _save_trial_record(ctx, config, {"run_id": run_id, "attempts": attempts})
     schedule = cfg.main_schedule
     start = time.perf_counter()
     reported: dict = {}  # the last evaluation a trained trial reported to Tune
@@ -460,7 +474,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             tracker.log_metrics(metrics, step=0)
         # the result is kept before Tune hears of it: a trial Tune's saved state still calls running
         # after an interruption is then reported again on resume, not evaluated again
-        _save_trial_record(ctx, trial_id, {"run_id": tracker.run_id or run_id, "attempts": attempts, "result": metrics})
+        _save_trial_record(ctx, config, {"run_id": tracker.run_id or run_id, "attempts": attempts, "result": metrics})
         tracker.set_tags({N.STATUS: N.FINISHED})
         tracker.finish("FINISHED")
     except (KeyboardInterrupt, SystemExit):  # the sweep was interrupted, or ASHA stopped a trained trial
@@ -968,15 +982,15 @@ class _ProgressCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
-        self._close_run(trial.trial_id)
+        self._close_run(trial.config)
         if self.progress:
             self.progress(trial.config.get("label", trial.trial_id), self.done, self.total)
 
-    def _close_run(self, trial_id: str) -> None:
+    def _close_run(self, config: dict) -> None:
         if not self.ctx or not self.ctx.tracking:
             return
 
-        run_id = _trial_record(self.ctx, trial_id).get("run_id")
+        run_id = _trial_record(self.ctx, config).get("run_id")
         if run_id:  # still running here means stopped early after a reported evaluation
             close_if_running(self.ctx.tracking_uri, run_id, "FINISHED", {N.STATUS: N.STOPPED_EARLY})
 
@@ -1003,8 +1017,7 @@ def _summarize(
         status = N.FAILED if result.error else N.FINISHED
         if status == N.FINISHED and rungs and metrics.get(N.RUNG, rungs) < rungs:
             status = N.STOPPED_EARLY  # the multi-fidelity scheduler stopped it after a rung: an outcome
-        trial_id = metrics.get("trial_id")
-        run_id = _trial_record(ctx, trial_id).get("run_id") if trial_id else None
+        run_id = _trial_record(ctx, config).get("run_id") if config else None
         records.append(
             TrialRecord.from_metrics(
                 config.get("label", "?"),

@@ -205,3 +205,40 @@ def test_ctrl_c_marks_the_run_killed_and_a_rerun_continues_it(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
     assert len(steps) == len(set(steps)) and max(steps) == interrupted_at + 2  # no step logged twice
+
+
+# ---- 3. a crashed sweep does not duplicate trials on --resume ---------------------------------------
+@pytest.mark.slow
+def test_sigkilled_sweep_resumes_without_duplicating_trials(tmp_path):
+    import yaml
+    from test_tune import _cli, _runs, _tiny
+
+    exp = tmp_path / "tune.yaml"
+    exp.write_text(yaml.safe_dump(_tiny(tmp_path, seeds=["vanilla"], num_samples=11, max_concurrent=1)))
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "hidrop"), "tune", str(exp), "--json"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill takes Ray's processes down with it
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    runs_dir = tmp_path / "runs" / "tiny_tune" / "trial_runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and sum("result" in p.read_text() for p in runs_dir.glob("*.json")) < 4:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    finished_before = sum("result" in p.read_text() for p in runs_dir.glob("*.json"))
+    assert 4 <= finished_before < 12
+
+    again = _cli("tune", str(exp), "--resume", "--json", cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout[again.stdout.index("{\n") :])
+    runs, client = _runs(tmp_path / "mlflow.db")
+    trials = [r for r in runs if r.data.tags.get("hidrop.kind") != "sweep"]
+    names = sorted(r.info.run_name for r in trials)
+    assert len(summary["trials"]) == 12 and len(names) == 12 and len(set(names)) == 12, names  # each once
+    for r in trials:
+        assert r.info.status == "FINISHED", (r.info.run_name, r.info.status)
+        assert len(client.get_metric_history(r.info.run_id, "relative_score")) == 1  # evaluated once
