@@ -255,6 +255,7 @@ def train(
     except TrainSetupError as e:
         _fail(str(e))
     except TrainInterrupted as e:
+        _stop_ray()
         err.print(f"[bold yellow]interrupted:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     if as_json:
@@ -375,9 +376,19 @@ def tune_command(
     except TuneSetupError as e:
         _fail(str(e))
     except KeyboardInterrupt as e:
+        _stop_ray()  # before the message: a second Ctrl+C now cannot cut Ray's shutdown short
         detail = f" ({e})" if str(e) else ""
         _fail(f"sweep interrupted{detail}; finished trials are kept. Continue with: hidrop tune {experiment} --resume")
     _print_sweep(summary)
+
+
+def _stop_ray() -> None:
+    import signal
+
+    from hidrop_platform.train import stop_ray
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # from here on the command only reports and exits
+    stop_ray()
 
 
 def _print_sweep(summary: dict) -> None:
@@ -392,7 +403,7 @@ def _print_sweep(summary: dict) -> None:
     cols += ("overrides",)
     for col in cols:
         table.add_column(col, justify="left" if col in ("trial", "overrides") else "right")
-    ok = sorted((r for r in rows if "relative_score" in r), key=lambda r: r["vision_tflops"])
+    ok = sorted((r for r in rows if r.get("relative_score") is not None), key=lambda r: r["vision_tflops"])
     for r in ok:
         overrides = (
             ", ".join(
@@ -522,14 +533,21 @@ def analyze_command(
     out.print(f"experiment YAML: {result['output']}/proposed.yaml; curves: {result['output']}/curves.png")
 
 
+def _clean(uri: Optional[str]) -> Optional[str]:
+    """A --tracking-uri without its credentials (moved into the environment, where MLflow reads them)."""
+    from hidrop_platform.config import credentials_to_env
+
+    return credentials_to_env(uri) if uri else uri
+
+
 def _report_source(experiment: str, tracking_uri: Optional[str]) -> tuple[str, str]:
     """(tracking URI, MLflow experiment name) from a name or an experiment YAML's tracking section."""
     from hidrop_platform.tracking import default_tracking_uri, tracking_target
 
     if experiment.endswith((".yaml", ".yml")):
         uri, name = tracking_target(_load(experiment))
-        return tracking_uri or uri, name
-    return tracking_uri or default_tracking_uri(), experiment
+        return _clean(tracking_uri) or uri, name
+    return _clean(tracking_uri) or default_tracking_uri(), experiment
 
 
 @app.command("report")
@@ -583,7 +601,7 @@ def ui_command(
     from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri
     from hidrop_platform.ui import UI_TRAINING_VIEW, serve_ui, stop_ui, ui_base_url
 
-    uri = tracking_uri or default_tracking_uri()
+    uri = _clean(tracking_uri) or default_tracking_uri()
     if uri.startswith(("http://", "https://")):
         _fail(f"{uri} is already an MLflow server: open it in a browser (hidrop ui serves local stores)")
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -585,6 +585,35 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # where MLflow reads basic auth
+
+
+def credentials_to_env(uri: str) -> str:
+    """`http://user:secret@host` -> `http://host`, the user and password moved into this process's
+    MLFLOW_TRACKING_USERNAME / _PASSWORD (which MLflow sends as basic auth): a secret in a URI would be
+    written into params, the config artifact, sweep.json, console lines and Ray's worker logs."""
+    import os
+    import re
+    from urllib.parse import unquote
+
+    match = re.match(r"^(https?://)([^/@]+)@(.+)$", uri)
+    if not match:
+        return uri
+    user, _, password = match.group(2).partition(":")
+    os.environ[CREDENTIAL_ENV[0]] = unquote(user)
+    if password:
+        os.environ[CREDENTIAL_ENV[1]] = unquote(password)
+    return match.group(1) + match.group(3)
+
+
+def tracking_credentials() -> dict[str, str]:
+    """The credentials `credentials_to_env` moved into this process's environment, for a worker to set
+    in its own (handed over in the pickled payload: Ray logs a runtime env's variables in plain text)."""
+    import os
+
+    return {k: os.environ[k] for k in CREDENTIAL_ENV if k in os.environ}
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Load, apply `a.b=c` overrides (values parsed as YAML), validate. Raises ConfigError (one line)."""
     return validate_config(load_config_data(path, overrides), str(path))
@@ -638,6 +667,9 @@ def load_config_data(path: str | Path, overrides: list[str] | tuple[str, ...] = 
             _set_dotted(data, key.strip(), value)
         except (IndexError, ValueError, TypeError, AttributeError):
             raise ConfigError(f"override {item!r}: {key.strip()!r} does not name a field of {path}") from None
+    tracking = data.get("tracking")
+    if isinstance(tracking, dict) and isinstance(tracking.get("uri"), str):  # the secret stays in the environment
+        tracking["uri"] = credentials_to_env(tracking["uri"])
     return data
 
 

@@ -69,6 +69,7 @@ class SweepSummary(BaseModel):
     accelerator_hours: float  # the trials' own (the reference pass is not a trial)
     blind_relative_score: Optional[float]  # where answering without the image lands
     blind_relative_interval: Optional[list[float]] = None
+    undefined: list[str] = []  # finished, but no relative score: the reference scored 0 where they were scored
 
     def outcomes(self) -> list[TrialRecord]:
         return [t for t in self.trials if t.is_outcome()]
@@ -132,6 +133,7 @@ def summarize_sweep(
             else relative_score(dict(blind_scores), dict(reference_scores))
         ),
         blind_relative_interval=list(blind_relative_interval) if blind_relative_interval else None,
+        undefined=[t.label for t in trials if t.status in N.OUTCOME_STATUSES and t.relative_score is None],
     )
 
 

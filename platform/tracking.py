@@ -55,6 +55,8 @@ PROBE_TIMEOUT_S = 3.0
 # mlflow retries a failed request 7 times with exponential backoff by default (minutes of stalling while a
 # server is down); the spool is our retry mechanism, so mlflow only needs to ride out a short blip.
 _HTTP_ENV_DEFAULTS = {
+    # MLflow prints "View run ... at: <uri>" on stdout when a run ends: --json output must stay JSON
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
@@ -274,13 +276,29 @@ def prepare(tracking_uri: str, experiment: str, artifact_root: Optional[str] = N
     if reason is not None:
         raise TrackingUnavailable(f"MLflow tracking server {redact_uri(tracking_uri)} unreachable ({reason})")
     try:
-        return _ensure_experiment(_client(tracking_uri), tracking_uri, experiment, artifact_root)
+        with _creation_lock(tracking_uri):
+            return _ensure_experiment(_client(tracking_uri), tracking_uri, experiment, artifact_root)
     except Exception as err:
         if _is_unreachable(err):
             raise TrackingUnavailable(
                 f"MLflow tracking store {redact_uri(tracking_uri)} unavailable ({_short_reason(err)})"
             ) from None
         raise
+
+
+def _creation_lock(tracking_uri: str):
+    """A new sqlite store is created and migrated by the first process that opens it; two sweeps started
+    together would both run the migration (and one dies in alembic). A file lock next to the database
+    lets one create it while the other waits; servers need none."""
+    import contextlib
+
+    from filelock import FileLock
+
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return contextlib.nullcontext()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db) + ".lock", timeout=120)
 
 
 def check_readable(tracking_uri: str) -> None:

@@ -42,7 +42,7 @@ from hidrop.training import (
     trainable_parameters,
 )
 from hidrop_platform import mlflow_names as N
-from hidrop_platform.config import ExperimentConfig
+from hidrop_platform.config import ExperimentConfig, tracking_credentials
 from hidrop_platform.evaluate import (
     EvalSetupError,
     benchmarks_for,
@@ -135,6 +135,7 @@ class WorkerPayload:
     spool_dir: str
     news: Any = None  # a ray.util.queue.Queue of WorkerNews to the driver (None: nobody listens)
     hooks: list = dataclasses.field(default_factory=list)  # extra loop hooks: test faults, the benchmark's turns
+    credentials: dict = dataclasses.field(default_factory=dict)  # MLflow basic auth, never in a runtime env
 
 
 @dataclasses.dataclass
@@ -193,6 +194,7 @@ def train_worker(config: dict) -> None:
     import ray.train
 
     payload: WorkerPayload = config["payload"]
+    os.environ.update(payload.credentials)  # MLflow reads basic auth from there
     cfg = ExperimentConfig.model_validate(payload.config)
     t = cfg.train
     ctx = ray.train.get_context()
@@ -488,6 +490,7 @@ def run_training(
                 spool_dir=str(default_spool_dir()),
                 hooks=[*hooks, *fault_hooks()],
                 news=news,
+                credentials=tracking_credentials(),
             )
         },
         scaling_config=ScalingConfig(
@@ -669,6 +672,20 @@ def start_ray(address: Optional[str] = None) -> None:
     )
     for name in ("ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def stop_ray() -> None:
+    """Shut this process's Ray down with Ctrl+C ignored meanwhile (main thread only): a second Ctrl+C
+    during Ray's own shutdown would print a traceback and leave half-stopped Ray processes."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _worker_env() -> dict:

@@ -21,7 +21,9 @@ import json
 import math
 import os
 import re
+import signal
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -40,7 +42,14 @@ from hidrop.evaluation.uncertainty import format_interval
 from hidrop.schedule import ScheduleSpec
 from hidrop.training import Hook, StepEnd, TrainingLoop, make_dataset, plain_training
 from hidrop_platform import mlflow_names as N
-from hidrop_platform.config import ConfigError, ExperimentConfig, flatten, validate_config, with_overrides
+from hidrop_platform.config import (
+    ConfigError,
+    ExperimentConfig,
+    flatten,
+    tracking_credentials,
+    validate_config,
+    with_overrides,
+)
 from hidrop_platform.evaluate import (
     EvalSetupError,
     benchmarks_for,
@@ -96,6 +105,7 @@ class TrialContext:
     threads: float
     devices_per_trial: float
     device_type: str
+    credentials: dict = dataclasses.field(default_factory=dict)  # MLflow basic auth, never in a runtime env
 
 
 class TuneSetupError(RuntimeError):
@@ -426,6 +436,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     from ray import tune
 
     torch.set_num_threads(max(1, int(ctx.threads)))
+    os.environ.update(ctx.credentials)  # MLflow reads basic auth from there
     cfg = trial_config(ctx.base, config["overrides"])
     trial_id = tune.get_context().get_trial_id()
     record = _trial_record(ctx, config)
@@ -715,6 +726,7 @@ def run_tune(
             threads=s.resources_per_trial.get("CPU", 1),
             devices_per_trial=devices,
             device_type="gpu" if s.resources_per_trial.get("GPU", 0) > 0 else "cpu",
+            credentials=tracking_credentials(),
         )
         searcher = ScheduleSearcher(base, cfg)
         tuner = _tuner(cfg, ctx, searcher, _ProgressCallback(progress, searcher.total_trials, ctx), at_once, resume)
@@ -748,8 +760,11 @@ def run_tune(
         summary.update(parent_run_id=parent.run_id, tracking_uri=parent.tracking_uri, sweep_dir=str(sweep_dir))
         return summary
     except BaseException as e:
-        parent.set_tags({N.STATUS: N.INTERRUPTED if isinstance(e, KeyboardInterrupt) else N.FAILED})
-        parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        interrupted = isinstance(e, KeyboardInterrupt)
+        if interrupted and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not cut the bookkeeping short
+        parent.set_tags({N.STATUS: N.INTERRUPTED if interrupted else N.FAILED})
+        parent.finish("KILLED" if interrupted else "FAILED")
         raise
 
 
@@ -1054,8 +1069,20 @@ def _summarize(
         "concurrency": at_once,
         "wall_time_s": wall,
         "accelerator_hours": summary.accelerator_hours,
-        "notes": reference.get("notes", []),
+        "undefined": summary.undefined,
+        "notes": [*reference.get("notes", []), *_undefined_note(summary.undefined, reference["scores"])],
     }
+
+
+def _undefined_note(labels: list[str], reference_scores: dict) -> list[str]:
+    """Why finished trials have no relative score: a reported state, not a crash."""
+    if not labels:
+        return []
+    zero = [b for b, v in reference_scores.items() if v == 0] or list(reference_scores)
+    return [
+        f"{len(labels)} finished trials have no relative score: the all-tokens reference scores 0 on "
+        f"{', '.join(zero)} (a ratio to 0 is undefined); their per-benchmark scores are in their runs"
+    ]
 
 
 def _rounded(overrides: dict) -> dict:

@@ -242,3 +242,131 @@ def test_sigkilled_sweep_resumes_without_duplicating_trials(tmp_path):
     for r in trials:
         assert r.info.status == "FINISHED", (r.info.run_name, r.info.status)
         assert len(client.get_metric_history(r.info.run_id, "relative_score")) == 1  # evaluated once
+
+
+# ---- 4. two processes creating one new store ----------------------------------------------------------
+_PREPARE = """
+import sys, time
+from pathlib import Path
+from hidrop_platform.tracking import prepare
+folder = Path(sys.argv[1])
+(folder / f"ready-{sys.argv[2]}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.01)
+print(prepare(f"sqlite:///{folder}/new/mlflow.db", "exp"))
+"""
+
+
+def test_two_processes_create_a_new_store_at_once(tmp_path):
+    for attempt in range(2):
+        folder = tmp_path / str(attempt)
+        folder.mkdir()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _PREPARE, str(folder), str(i)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(folder.glob("ready-*"))) < 2:
+            time.sleep(0.01)
+        (folder / "go").touch()  # both at once, on a store that does not exist yet
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outs]
+        assert outs[0][0].strip() == outs[1][0].strip()  # the same experiment, created once
+
+
+# ---- 6. credentials in tracking.uri stay in the environment -----------------------------------------
+def test_credentials_move_from_the_uri_into_the_environment(monkeypatch):
+    import yaml
+
+    from hidrop_platform.config import flatten, load_config
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, "placeholder")  # restored after the test
+        monkeypatch.delenv(key)
+    cfg = load_config(SMOKE, ["tracking.uri=http://user:s3cret@127.0.0.1:9"])
+    assert cfg.tracking.uri == "http://127.0.0.1:9"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "user" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cret"
+    written = json.dumps(flatten(cfg)) + yaml.safe_dump(cfg.model_dump(mode="json"))
+    assert "s3cret" not in written and "user@" not in written
+
+
+# ---- 5. a reference that scores 0: undefined relative scores are reported, not a crash ---------------
+def test_sweep_with_a_zero_reference_reports_undefined_scores(tmp_path, capsys):
+    from hidrop_platform import cli
+    from hidrop_platform.sweep import TrialRecord, summarize_sweep
+    from hidrop_platform.tracking import Tracker
+    from hidrop_platform.tune import _log_summary, _undefined_note
+
+    reference = {"scores": {"easy_vqa": 0.0}, "blind_scores": {"easy_vqa": 0.0}, "blind_relative_score": None}
+    metrics = {"relative_score": None, "vision_tflops": 0.5, "avg_vision_tokens": 64.0, "score/easy_vqa": 0.0}
+    trials = [
+        TrialRecord.from_metrics(label, "finished", metrics, seed=label.startswith("seed"), overrides={})
+        for label in ("seed:vanilla", "trial-001")
+    ]
+    summary = summarize_sweep(trials, reference["scores"], reference["blind_scores"])
+    assert summary.pareto == [] and summary.undefined == ["seed:vanilla", "trial-001"]
+    assert summary.blind_relative_score is None
+    record = {
+        "sweep": "zero",
+        "trials": [t.to_dict() for t in summary.trials],
+        "pareto": summary.pareto,
+        "significant": [],
+        "blind_level": [],
+        "discoveries": [],
+        "reference_scores": reference["scores"],
+        "blind_relative_score": None,
+        "blind_relative_interval": None,
+        "rejections": {},
+        "rejected": 0,
+        "failed": 0,
+        "concurrency": 1,
+        "wall_time_s": 1.0,
+        "accelerator_hours": 0.0,
+        "undefined": summary.undefined,
+        "notes": _undefined_note(summary.undefined, reference["scores"]),
+        "valid_share": 1.0,
+        "parent_run_id": None,
+        "tracking_uri": "sqlite:///x",
+        "sweep_dir": str(tmp_path),
+    }
+    _log_summary(Tracker("sqlite:///unused", "x", enabled=False), record, tmp_path, "zero", reference)
+    assert "undefined" in (tmp_path / "summary" / "pareto.md").read_text()
+    cli._print_sweep(record)
+    printed = capsys.readouterr().out
+    assert "2 finished trials have no relative score" in printed and "blind baseline: undefined" in printed
+
+
+# ---- 8. Ctrl+C pressed repeatedly on a sweep stops it cleanly ----------------------------------------
+@pytest.mark.slow
+def test_repeated_ctrl_c_stops_a_sweep_cleanly(tmp_path):
+    import yaml
+    from test_tune import _tiny
+
+    exp = tmp_path / "tune.yaml"
+    exp.write_text(yaml.safe_dump(_tiny(tmp_path, seeds=["vanilla"], num_samples=30, max_concurrent=1)))
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "hidrop"), "tune", str(exp)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    runs_dir = tmp_path / "runs" / "tiny_tune" / "trial_runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(runs_dir.glob("*.json"))) < 3:
+        time.sleep(0.2)
+    for _ in range(3):  # an impatient user
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.6)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 2 and "--resume" in err, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"processes of the sweep's session still running: {leftover}"

@@ -4,6 +4,7 @@ run, and a diverging run stopping with a clear error."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,13 +169,18 @@ def test_unreachable_tracking_server_training_continues_and_spools(tmp_path, mon
             "train",
             str(pytest.ROOT / SMOKE),
             f"train.storage_path={tmp_path / 'runs'}",
-            "tracking.uri=http://127.0.0.1:9",
+            "tracking.uri=http://user:s3cret@127.0.0.1:9",  # the secret must not be written or printed
             "train.num_workers=1",
             "train.max_steps=3",
         ],
     )
     assert result.exit_code == 0, result.output
     assert "unreachable" in result.output
+    assert "s3cret" not in result.output
+    logs = Path("/tmp/ray/session_latest/logs")
+    for path in [*tmp_path.rglob("*"), *(logs.rglob("*") if logs.is_dir() else [])]:
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert b"s3cret" not in path.read_bytes(), path
     spools = list((tmp_path / "mlruns" / "spool").glob("*.jsonl"))
     assert spools, "metrics were not buffered"
     # replay into a local store: every step arrives

@@ -159,8 +159,11 @@ def compare_methods(report, plans: Sequence[tuple], a: str, b: str, seed: int = 
     return PairedDifference(difference=point, low=lo, high=hi, p_value=bootstrap_p(diff))
 
 
-def format_interval(score: float, interval: Optional[Sequence[float]]) -> str:
-    """`62.5 [54.2, 70.8]` (the score alone when it has no interval)."""
+def format_interval(score: Optional[float], interval: Optional[Sequence[float]]) -> str:
+    """`62.5 [54.2, 70.8]` (the score alone when it has no interval; "undefined" without a score, e.g. a
+    relative score against a reference that scored 0)."""
+    if score is None:
+        return "undefined"
     if not interval:
         return f"{score:.1f}"
     return f"{score:.1f} [{interval[0]:.1f}, {interval[1]:.1f}]"
