@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -218,6 +219,7 @@ def train(
     cfg = _load(experiment, overrides)
     if restart and force:
         _fail("--restart and --force contradict each other: pick one")
+    started = time.time()
     try:
         if as_json:
             with _stdout_to_stderr():
@@ -253,11 +255,14 @@ def train(
 
                 result = run_training(cfg, progress=progress, restart=restart, force=force)
     except TrainSetupError as e:
+        _warn_spooled(started)
         _fail(str(e))
     except TrainInterrupted as e:
         _stop_ray()
         err.print(f"[bold yellow]interrupted:[/] {e}", highlight=False, soft_wrap=True)
+        _warn_spooled(started)
         raise typer.Exit(130) from None
+    _warn_spooled(started)
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return
@@ -354,10 +359,12 @@ def tune_command(
     from hidrop_platform.tune import TuneSetupError, run_tune
 
     cfg, base = _load_with_data(experiment, overrides)
+    started = time.time()
     try:
         if as_json:
             with _stdout_to_stderr():
                 summary = run_tune(cfg, base, resume=resume)
+            _warn_spooled(started)
             print(json.dumps(summary, indent=2, default=str))
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -374,11 +381,14 @@ def tune_command(
 
             summary = run_tune(cfg, base, resume=resume, progress=progress)
     except TuneSetupError as e:
+        _warn_spooled(started)
         _fail(str(e))
     except KeyboardInterrupt as e:
         _stop_ray()  # before the message: a second Ctrl+C now cannot cut Ray's shutdown short
+        _warn_spooled(started)
         detail = f" ({e})" if str(e) else ""
         _fail(f"sweep interrupted{detail}; finished trials are kept. Continue with: hidrop tune {experiment} --resume")
+    _warn_spooled(started)
     _print_sweep(summary)
 
 
@@ -582,6 +592,51 @@ def report_command(
     out.print(f"  methods: {', '.join(result['methods']) or '-'}")
     if result["published_to_run"]:
         out.print(f"  also attached to the sweep's parent run {result['published_to_run']} (artifacts/report)")
+
+
+@app.command("sync")
+def sync_command(
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="replay into this store (default: the one each record was meant for)"
+    ),
+    spool_dir: Optional[str] = typer.Option(None, "--spool-dir", help="default: ./mlruns/spool"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Replay MLflow records that wait in ./mlruns/spool (their store was unreachable or full) into their runs."""
+    from hidrop_platform.tracking import TrackingUnavailable, default_spool_dir, pending_spools, sync_spool
+
+    rows = []
+    for path in pending_spools(Path(spool_dir) if spool_dir else default_spool_dir()):
+        try:
+            rows.append({"file": str(path), "status": "synced", "run_id": sync_spool(path, _clean(tracking_uri))})
+        except TrackingUnavailable as e:
+            rows.append({"file": str(path), "status": "waiting", "error": str(e)})
+        except Exception as e:  # noqa: BLE001 - the store rejected a record: say which file, keep it
+            rows.append({"file": str(path), "status": "rejected", "error": " ".join(str(e).split())[:300]})
+    left = [r for r in rows if r["status"] != "synced"]
+    if as_json:
+        print(json.dumps({"spools": rows, "left": len(left)}, indent=2))
+    else:
+        for r in rows:
+            out.print(f"{r['status']:>8}  {r['file']}  {r.get('run_id') or r.get('error', '')}", highlight=False)
+        out.print(f"{len(rows) - len(left)} of {len(rows)} spooled runs synced" if rows else "nothing to sync")
+    if left:
+        _fail(f"{len(left)} spooled runs are still waiting (first: {left[0]['error']})")
+
+
+def _warn_spooled(since: float) -> None:
+    """Records the workers or trials could not write (an unreachable or full store) wait in the spool:
+    say so in the driver's own output, not only in Ray's worker logs."""
+    from hidrop_platform.tracking import default_spool_dir, pending_spools
+
+    waiting = pending_spools(default_spool_dir(), since)
+    if waiting:
+        err.print(
+            f"[bold yellow]warning:[/] records of {len(waiting)} MLflow runs could not be written and wait in "
+            f"{waiting[0].parent}; `hidrop sync` replays them once the store answers",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command("ui")

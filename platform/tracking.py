@@ -277,7 +277,10 @@ def prepare(tracking_uri: str, experiment: str, artifact_root: Optional[str] = N
         raise TrackingUnavailable(f"MLflow tracking server {redact_uri(tracking_uri)} unreachable ({reason})")
     try:
         with _creation_lock(tracking_uri):
+            _create_store_whole(tracking_uri)
             return _ensure_experiment(_client(tracking_uri), tracking_uri, experiment, artifact_root)
+    except TrackingUnavailable:
+        raise
     except Exception as err:
         if _is_unreachable(err):
             raise TrackingUnavailable(
@@ -299,6 +302,33 @@ def _creation_lock(tracking_uri: str):
         return contextlib.nullcontext()
     db.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(db) + ".lock", timeout=120)
+
+
+def _create_store_whole(tracking_uri: str) -> None:
+    """A new sqlite store is created and migrated under a temporary name, then renamed into place: a
+    migration cut short (a full disk) must not leave a database that no later command can open."""
+    db = sqlite_path(tracking_uri)
+    if db is None or db.exists():
+        return
+    from mlflow import MlflowClient
+
+    tmp = db.with_name(f".{db.name}.creating-{os.getpid()}")
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates and migrates
+        os.replace(tmp, db)
+    except Exception as err:
+        for leftover in db.parent.glob(f"{tmp.name}*"):  # the file and sqlite's journal
+            leftover.unlink(missing_ok=True)
+        text = " ".join(re.split(r"\s*\[SQL:", str(err))[0].split())  # sqlalchemy appends the statement
+        reason = getattr(err, "strerror", None) or text[:200] or type(err).__name__
+        raise TrackingUnavailable(f"cannot create the MLflow store {db}: {reason}") from None
+
+
+def pending_spools(spool_dir: Path, since: float = 0.0) -> list[Path]:
+    """Spool files (records that could not reach their store yet) written at or after `since`."""
+    if not spool_dir.is_dir():
+        return []
+    return sorted(p for p in spool_dir.glob("*.jsonl") if p.stat().st_mtime >= since)
 
 
 def check_readable(tracking_uri: str) -> None:
@@ -517,8 +547,8 @@ class Tracker:
                 _warn(
                     f"MLflow run not fully synced to {redact_uri(self.tracking_uri)}; "
                     f"{len(self.spool.pending)} records "
-                    f'kept in {self.spool_path}. Replay them later with: python -c "from hidrop_platform.'
-                    f"tracking import sync_spool; sync_spool('{self.spool_path}')\""
+                    f"kept in {self.spool_path}. Replay them later with: "
+                    f"hidrop sync --spool-dir {self.spool_path.parent}"
                 )
 
     @property

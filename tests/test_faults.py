@@ -370,3 +370,51 @@ def test_repeated_ctrl_c_stops_a_sweep_cleanly(tmp_path):
     assert "Traceback" not in err, err[-3000:]
     leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert not leftover, f"processes of the sweep's session still running: {leftover}"
+
+
+# ---- 7. a full disk: a new store is created whole or not at all; spooled records are replayable --------
+_FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))  # a new store needs about 1 MB
+from hidrop_platform.tracking import TrackingUnavailable, prepare
+try:
+    prepare(sys.argv[1], "exp")
+except TrackingUnavailable as e:
+    print(e)
+"""
+
+
+def test_a_store_cut_short_by_a_full_disk_can_be_created_later(tmp_path):
+    from hidrop_platform.tracking import prepare
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, uri], capture_output=True, text=True, timeout=120)
+    assert "cannot create the MLflow store" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "\n" not in proc.stdout.strip() and "[SQL:" not in proc.stdout
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # no half-migrated database left behind
+    assert prepare(uri, "exp")  # the next command, with room again, creates it
+
+
+def test_spooled_records_replay_with_hidrop_sync(tmp_path, monkeypatch):
+    import mlflow
+
+    from hidrop_platform.cli import app
+    from hidrop_platform.tracking import Tracker, default_spool_dir
+
+    monkeypatch.chdir(tmp_path)
+    tracker = Tracker("http://127.0.0.1:9", "exp", run_name="offline", spool_dir=default_spool_dir()).start()
+    tracker.log_metrics({"loss": 1.5}, step=1)
+    tracker.log_metrics({"loss": 1.25}, step=2)
+    tracker.finish()
+    assert list(default_spool_dir().glob("*.jsonl"))
+    later = f"sqlite:///{tmp_path / 'later.db'}"
+    result = CliRunner().invoke(app, ["sync", "--tracking-uri", later, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output[result.output.index("{") :])["spools"]
+    assert [r["status"] for r in rows] == ["synced"]
+    history = mlflow.MlflowClient(later).get_metric_history(rows[0]["run_id"], "loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.5), (2, 1.25)]
+    assert not list(default_spool_dir().glob("*.jsonl"))  # replayed: the spool is gone
+    again = CliRunner().invoke(app, ["sync"])
+    assert again.exit_code == 0 and "nothing to sync" in again.output

@@ -182,7 +182,7 @@ def test_server_down_spools_then_sync_spool_replays(store, down_uri, tmp_path):
     assert len(down) == 1 and down_uri in down[0] and str(t.spool_path) in down[0]
     assert {w.filename for w in caught if issubclass(w.category, TrackingWarning)} == {__file__}  # the caller
     left = [m for m in messages if "not fully synced" in m]
-    assert len(left) == 1 and "sync_spool" in left[0]
+    assert len(left) == 1 and "hidrop sync --spool-dir" in left[0]
     assert t.run_id is None and t.spool_path.is_file()
 
     records = [json.loads(line) for line in t.spool_path.read_text().splitlines()]
@@ -219,7 +219,7 @@ def test_sync_spool_raises_while_still_down(down_uri, tmp_path):
         sync_spool(t.spool_path)
     assert t.spool_path.is_file()
     with pytest.raises(TrackingUnavailable, match="spool kept"):
-        sync_spool(str(t.spool_path))  # as the finish() warning tells users to type it
+        sync_spool(str(t.spool_path))  # a path given as text
     assert t.spool_path.is_file()
 
 
