@@ -211,25 +211,21 @@ def test_ctrl_c_marks_the_run_killed_and_a_rerun_continues_it(tmp_path):
 @pytest.mark.slow
 def test_sigkilled_sweep_resumes_without_duplicating_trials(tmp_path):
     import yaml
-    from test_tune import _cli, _runs, _tiny
+    from test_tune import _cli, _runs, _tiny, start_sweep
 
     exp = tmp_path / "tune.yaml"
     exp.write_text(yaml.safe_dump(_tiny(tmp_path, seeds=["vanilla"], num_samples=11, max_concurrent=1)))
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "hidrop"), "tune", str(exp), "--json"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the kill takes Ray's processes down with it
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+
+    def finished(folder: Path) -> int:
+        return sum("result" in p.read_text() for p in folder.glob("*.json"))
+
     runs_dir = tmp_path / "runs" / "tiny_tune" / "trial_runs"
-    deadline = time.time() + 300
-    while time.time() < deadline and sum("result" in p.read_text() for p in runs_dir.glob("*.json")) < 4:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    proc = start_sweep(
+        exp, tmp_path, "--json", until=lambda f: finished(f) >= 4, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole session: the driver and Ray's processes
     proc.wait(timeout=60)
-    finished_before = sum("result" in p.read_text() for p in runs_dir.glob("*.json"))
+    finished_before = finished(runs_dir)
     assert 4 <= finished_before < 12
 
     again = _cli("tune", str(exp), "--resume", "--json", cwd=tmp_path, timeout=600)
@@ -345,23 +341,11 @@ def test_sweep_with_a_zero_reference_reports_undefined_scores(tmp_path, capsys):
 @pytest.mark.slow
 def test_repeated_ctrl_c_stops_a_sweep_cleanly(tmp_path):
     import yaml
-    from test_tune import _tiny
+    from test_tune import _tiny, start_sweep
 
     exp = tmp_path / "tune.yaml"
     exp.write_text(yaml.safe_dump(_tiny(tmp_path, seeds=["vanilla"], num_samples=30, max_concurrent=1)))
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "hidrop"), "tune", str(exp)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    runs_dir = tmp_path / "runs" / "tiny_tune" / "trial_runs"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(runs_dir.glob("*.json"))) < 3:
-        time.sleep(0.2)
+    proc = start_sweep(exp, tmp_path)
     for _ in range(3):  # an impatient user
         proc.send_signal(signal.SIGINT)
         time.sleep(0.6)

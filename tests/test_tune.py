@@ -355,25 +355,32 @@ def test_sweep_completes_with_one_nested_run_per_trial_and_a_failing_trial_retri
     assert vanilla["relative_score"] == pytest.approx(100.0)
 
 
+def start_sweep(exp, cwd, *args, until=None, **popen):
+    """`hidrop tune EXP` in its own session (signals reach it alone; killpg takes Ray's processes too),
+    returned once `until(trial_runs folder)` holds: by default, three trials have started."""
+    runs_dir = cwd / "runs" / "tiny_tune" / "trial_runs"
+    until = until or (lambda folder: len(list(folder.glob("*.json"))) >= 3)
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hidrop_platform.cli", "tune", str(exp), *args],
+        cwd=cwd,
+        start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        **popen,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not until(runs_dir):
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     exp = tmp_path / "tune.yaml"
     # 12 trials of about a second each: enough left after the third starts that Ctrl+C cannot arrive after
     # the last one (a sweep that finishes before the signal lands rightly exits 0)
     exp.write_text(yaml.safe_dump(_tiny(tmp_path, seeds=["vanilla"], num_samples=11, max_concurrent=1)))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hidrop_platform.cli", "tune", str(exp), "--json"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    runs_dir = tmp_path / "runs" / "tiny_tune" / "trial_runs"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(runs_dir.glob("*.json"))) < 3:
-        time.sleep(0.5)
+    proc = start_sweep(exp, tmp_path, "--json")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 2 and "--resume" in err, err[-2000:]
