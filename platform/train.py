@@ -379,7 +379,8 @@ class _Checkpoint(Hook):
             self.engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=self.frozen)
             if self.rank == 0:  # Ray merges every rank's folder: only rank 0 knows the MLflow run id
                 (Path(d) / STATE_FILE).write_text(json.dumps(state))
-            progress = {"loss": float(step.output["lm_loss"]), "step": step.step}  # Ray's, not MLflow's
+            # the mean over workers (every rank is here: a collective), the figure MLflow logs too
+            progress = {"loss": loop.runtime.mean(step.output["lm_loss"]), "step": step.step}
             ray.train.report(progress, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
