@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Mapping
 
 # ---- tags -------------------------------------------------------------------------------------------
-KIND = "hidrop.kind"  # which command wrote the run: KIND_SWEEP / KIND_TRAIN / KIND_ANALYZE
+KIND = "hidrop.kind"  # what the run is: KIND_SWEEP / KIND_TRIAL / KIND_TRAIN / KIND_ANALYZE
 SWEEP = "hidrop.sweep"  # the sweep's name, on the parent and on every trial
 SEED = "hidrop.seed"  # "True" on a seed (preset) trial
 TRIAL_ID = "hidrop.trial_id"  # Ray Tune's trial id
@@ -25,7 +25,7 @@ STAGE = "stage"  # pretrain / finetune
 PARENT_RUN = "mlflow.parentRunId"  # MLflow's own nesting tag
 BLIND_LEVEL_TAG = "hidrop.blind_level"  # "True" on a trial not significantly above blind: never a discovery
 
-KIND_SWEEP, KIND_TRAIN, KIND_ANALYZE = "sweep", "train", "analyze"
+KIND_SWEEP, KIND_TRIAL, KIND_TRAIN, KIND_ANALYZE = "sweep", "trial", "train", "analyze"
 
 # values of the STATUS tag
 RUNNING = "running"

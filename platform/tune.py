@@ -455,6 +455,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         spool_dir=ctx.spool_dir,
         enabled=ctx.tracking,
         tags={
+            N.KIND: N.KIND_TRIAL,
             N.SWEEP: ctx.sweep,
             N.TRIAL_ID: trial_id,
             N.SEED: str(config["seed"]),

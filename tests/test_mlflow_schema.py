@@ -44,7 +44,7 @@ def _cli(*args, cwd):
 
 def _kind(run) -> str:
     tags = run.data.tags
-    if tags.get("hidrop.kind"):
+    if tags.get("hidrop.kind") not in (None, "trial"):
         return tags["hidrop.kind"]
     return f"trial:{run.info.run_name}" if tags.get("hidrop.seed") == "True" else "trial:searched"
 
