@@ -393,11 +393,8 @@ def tune_command(
 
 
 def _stop_ray() -> None:
-    import signal
-
     from hidrop_platform.train import stop_ray
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # from here on the command only reports and exits
     stop_ray()
 
 

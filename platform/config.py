@@ -675,6 +675,11 @@ def load_config_data(path: str | Path, overrides: list[str] | tuple[str, ...] = 
 
 def flatten(config: ExperimentConfig) -> dict[str, Any]:
     """Dotted-name view of the resolved config (MLflow params, Tune keys)."""
+    return flatten_data(config.model_dump(mode="json"))
+
+
+def flatten_data(data: Any) -> dict[str, Any]:
+    """Dotted names (list items by index) -> leaf values of plain config data."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -687,5 +692,5 @@ def flatten(config: ExperimentConfig) -> dict[str, Any]:
         else:
             out[prefix] = node
 
-    walk("", config.model_dump(mode="json"))
+    walk("", data)
     return out

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from hidrop_platform.config import flatten_data
+
 CONFIG_FILE = "hidrop_config.json"
 
 # fields a continued run may change: how long it goes on and how it is watched, not what it trains
@@ -43,18 +45,9 @@ class ContinuationRefused(RuntimeError):
     """A re-run whose config differs from the run it would continue (one line for the CLI)."""
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
-        return out or {prefix: {}}
-    return {prefix: data}
-
-
 def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """Dotted name -> (old, new) for every field that differs and may not change on a continuation."""
-    a, b = _flat(old), _flat(new)
+    a, b = flatten_data(old), flatten_data(new)
     changes = {}
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key) and not key.startswith(CONTINUABLE):

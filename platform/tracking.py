@@ -95,7 +95,8 @@ def redact_uri(uri: str) -> str:
     return re.sub(r"^(\w+://)[^/@]+@", r"\1", uri)
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
+    """`name` as a file-name part: runs of other characters become one underscore."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
 
 
@@ -105,7 +106,7 @@ def _default_artifact_location(tracking_uri: str, experiment: str) -> Optional[s
     if db is None:
         return None
     # mlflow's own default would be ./mlruns relative to whatever the working directory happens to be
-    return (db.resolve().parent / "artifacts" / _safe_name(experiment)).as_uri()
+    return (db.resolve().parent / "artifacts" / safe_name(experiment)).as_uri()
 
 
 def _configure_http_env() -> None:
@@ -432,7 +433,7 @@ class Tracker:
         self.experiment_id: Optional[str] = None
         spool_dir = Path(spool_dir) if spool_dir is not None else default_spool_dir()
         # a random suffix: ranks or trials sharing a run name must never append to the same spool
-        stem = f"{_safe_name(experiment)}-{_safe_name(run_name or run_id or 'run')}-{uuid.uuid4().hex[:8]}"
+        stem = f"{safe_name(experiment)}-{safe_name(run_name or run_id or 'run')}-{uuid.uuid4().hex[:8]}"
         self.spool = Spool(spool_dir.resolve() / f"{stem}.jsonl")
 
         self._started = False

@@ -582,9 +582,14 @@ class TrainInterrupted(RuntimeError):
     """Ctrl+C: the message says where the run stands and how to continue it."""
 
 
-def _newest_checkpoint(folder: Path) -> Optional[Path]:
-    done = [p for p in folder.glob("checkpoint_*") if (p / STATE_FILE).is_file()]
-    return max(done, key=lambda p: json.loads((p / STATE_FILE).read_text()).get("step", 0), default=None)
+def _newest_checkpoint(folder: Path) -> Optional[tuple[Path, int]]:
+    """The complete checkpoint with the highest step, and that step."""
+    done = [
+        (p, json.loads((p / STATE_FILE).read_text()).get("step", 0))
+        for p in folder.glob("checkpoint_*")
+        if (p / STATE_FILE).is_file()
+    ]
+    return max(done, key=lambda item: item[1], default=None)
 
 
 def _interrupted(cfg: ExperimentConfig, folder: Path, uri: str, heard: dict) -> str:
@@ -597,8 +602,7 @@ def _interrupted(cfg: ExperimentConfig, folder: Path, uri: str, heard: dict) -> 
             close_if_running(uri, run_id, "KILLED", tags)
     last = _newest_checkpoint(folder)
     where = (
-        f"the last checkpoint (step {json.loads((last / STATE_FILE).read_text()).get('step')}) is {last}; "
-        "re-run the same command to continue from it"
+        f"the last checkpoint (step {last[1]}) is {last[0]}; re-run the same command to continue from it"
         if last
         else "no checkpoint was written yet; a re-run starts from the beginning"
     )
@@ -676,17 +680,14 @@ def start_ray(address: Optional[str] = None) -> None:
 
 
 def stop_ray() -> None:
-    """Shut this process's Ray down with Ctrl+C ignored meanwhile (main thread only): a second Ctrl+C
-    during Ray's own shutdown would print a traceback and leave half-stopped Ray processes."""
+    """After an interruption: ignore Ctrl+C from here on (main thread only; the command only reports
+    and exits) and shut this process's Ray down. A second Ctrl+C during Ray's own shutdown would print a
+    traceback and leave half-stopped Ray processes."""
     import ray
 
-    if not ray.is_initialized():
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if ray.is_initialized():
         ray.shutdown()
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _worker_env() -> dict:

@@ -80,6 +80,7 @@ from hidrop_platform.tracking import (
     close_if_running,
     default_spool_dir,
     prepare_for,
+    safe_name,
     schedule_params,
 )
 from hidrop_platform.train import start_ray, training_samples
@@ -412,7 +413,7 @@ def point_key(config: dict) -> str:
     point = {"label": config.get("label"), "overrides": config.get("overrides")}
     point = json.dumps(point, sort_keys=True, default=str)
     digest = hashlib.sha256(point.encode()).hexdigest()[:16]
-    return f"{re.sub(r'[^A-Za-z0-9_-]+', '_', str(config.get('label', 'trial')))}-{digest}"
+    return f"{safe_name(str(config.get('label', 'trial')))}-{digest}"
 
 
 def _trial_record(ctx: TrialContext, config: dict) -> dict:

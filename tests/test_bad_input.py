@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from planted import Planted
 from typer.testing import CliRunner
 
 from hidrop_platform.cli import app
@@ -63,14 +64,6 @@ CASES = [
 ]
 
 
-class _Planted:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny llava-hf folder, broken six ways, each with an experiment YAML that evaluates it."""
@@ -94,7 +87,7 @@ def models(tmp_path_factory):
     shutil.copy(root / "four_layers" / "model.safetensors", variant("shape") / "model.safetensors")
     pickled = variant("pickle")
     (pickled / "model.safetensors").unlink()
-    torch.save({"weights": _Planted(root / "ran")}, pickled / "pytorch_model.bin")
+    torch.save({"weights": Planted(root / "ran")}, pickled / "pytorch_model.bin")
     edit_config(variant("badvalue"), lambda c: c["text_config"].update(hidden_size="wide"))
     edit_config(variant("badschedule"), lambda c: c["hidrop"].update(schedule={"num_layers": "x"}))
     edit_config(variant("badsection"), lambda c: c.update(hidrop="oops"))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from planted import Planted
 from typer.testing import CliRunner
 
 from hidrop_platform.resume import (
@@ -28,18 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "tiny_train_smoke.yaml"
 
 
-class _Planted:
-    """What an attacker with write access to shared storage would leave: unpickling it runs code."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def _plant(path: Path, marker: Path) -> None:
-    torch.save({"module": _Planted(marker)}, path)
+    torch.save({"module": Planted(marker)}, path)
 
 
 # ---- 1. a changed config does not silently continue the old run ----------------------------------
