@@ -214,13 +214,15 @@ def train(
 ):
     """Train with Ray Train workers running DeepSpeed (LLaVA stage 1 or 2, schedule active), tracked in MLflow.
     Re-running the same name continues its last checkpoint when the config agrees."""
-    from hidrop_platform.train import TrainInterrupted, TrainSetupError, run_training
+    from hidrop_platform.train import TrainInterrupted, TrainSetupError, connect_for_training, run_training
 
     cfg = _load(experiment, overrides)
     if restart and force:
         _fail("--restart and --force contradict each other: pick one")
     started = time.time()
     try:
+        with _stdout_to_stderr():  # Ray's start-up chatter must not reach --json output
+            connect_for_training(cfg)  # one-line cluster errors before the progress bar
         if as_json:
             with _stdout_to_stderr():
                 result = run_training(cfg, restart=restart, force=force)
@@ -356,11 +358,13 @@ def tune_command(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Ray Tune search over schedules; every trial is an MLflow run under the sweep's parent run."""
-    from hidrop_platform.tune import TuneSetupError, run_tune
+    from hidrop_platform.tune import TuneSetupError, connect_for_tune, run_tune
 
     cfg, base = _load_with_data(experiment, overrides)
     started = time.time()
     try:
+        with _stdout_to_stderr():  # Ray's start-up chatter must not reach --json output
+            connect_for_tune(cfg)  # one-line cluster errors before the progress bar
         if as_json:
             with _stdout_to_stderr():
                 summary = run_tune(cfg, base, resume=resume)
@@ -393,7 +397,7 @@ def tune_command(
 
 
 def _stop_ray() -> None:
-    from hidrop_platform.train import stop_ray
+    from hidrop_platform.raycluster import stop_ray
 
     stop_ray()
 

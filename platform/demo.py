@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Optional
 
 from hidrop_platform.config import validate_config
+from hidrop_platform.raycluster import start_ray
 from hidrop_platform.tracking import default_tracking_uri
-from hidrop_platform.train import run_training, start_ray
+from hidrop_platform.train import run_training
 from hidrop_platform.tune import run_tune
 
 EXPERIMENT = "demo"
-PROJECTOR = "checkpoints/mini_llava_projector"  # resolved from the project root by build_model
+PROJECTOR = "checkpoints/mini_llava_projector"  # the shipped copy (hidrop.assets), found by build_model
 
 
 @dataclass(frozen=True)

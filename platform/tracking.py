@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # only for annotations: the config module pulls in the schedu
 
 DEFAULT_TRACKING_DIR = "mlruns"
 DB_FILE = "mlflow.db"
+SPOOL_DIR_ENV = "HIDROP_SPOOL_DIR"
 
 # mlflow's own limits (mlflow.utils.validation), repeated here so that importing this module stays cheap
 MAX_PARAM_VAL_LENGTH = 6000
@@ -244,7 +245,15 @@ def last_logged_step(tracking_uri: str, run_id: str, key: str) -> Optional[int]:
 
 
 def default_spool_dir() -> Path:
-    """Where offline records wait: ./mlruns/spool, resolved (workers and trials may run elsewhere)."""
+    """Where offline records wait: $HIDROP_SPOOL_DIR, else ./mlruns/spool, resolved (workers and trials
+    may run elsewhere). A Ray job's working directory is deleted with the job, so there it is
+    ~/.cache/hidrop/spool instead."""
+    from hidrop_platform.raycluster import job_working_dir
+
+    if os.environ.get(SPOOL_DIR_ENV):
+        return Path(os.environ[SPOOL_DIR_ENV]).expanduser().resolve()
+    if job_working_dir() is not None:
+        return Path.home() / ".cache" / "hidrop" / "spool"
     return (Path(DEFAULT_TRACKING_DIR) / "spool").resolve()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import os
 import shutil
@@ -53,6 +52,7 @@ from hidrop_platform.evaluate import (
     score_metrics,
 )
 from hidrop_platform.faults import fault_hooks
+from hidrop_platform.raycluster import ClusterSetupError, alive_nodes, check_fits, check_job_paths, start_ray
 from hidrop_platform.resume import ContinuationRefused, UnsafeCheckpoint, load_deepspeed_checkpoint, prepare_run_folder
 from hidrop_platform.tracking import (
     Tracker,
@@ -454,6 +454,19 @@ def _mean_across(value: torch.Tensor, world: int) -> float:
 
 
 # ---- the driver ---------------------------------------------------------------------------------
+def connect_for_training(cfg: ExperimentConfig) -> None:
+    """Reach Ray and check that the workers can ever be placed, before anything is written: a cluster
+    that cannot be reached or used leaves nothing behind. The CLI calls it before its progress bar;
+    `run_training` again (then it costs one node listing)."""
+    t = cfg.train
+    try:
+        check_job_paths({"train.storage_path": t.storage_path}, cfg.tracking.uri, cfg.tracking.enabled)
+        start_ray(t.ray_address, "train.ray_address")
+        check_fits("train.resources_per_worker", worker_bundle(t), t.num_workers, alive_nodes())
+    except ClusterSetupError as e:
+        raise TrainSetupError(str(e)) from None
+
+
 def run_training(
     cfg: ExperimentConfig,
     progress: Optional[Callable[[dict], None]] = None,
@@ -471,6 +484,7 @@ def run_training(
     from ray.util.queue import Queue
 
     t = cfg.train
+    connect_for_training(cfg)
     uri, experiment = prepare_for(cfg, "training")
     storage = Path(t.storage_path).resolve()
     folder = storage / cfg.name
@@ -478,7 +492,6 @@ def run_training(
         continued = prepare_run_folder(folder, cfg.model_dump(mode="json"), restart=restart, force=force)
     except ContinuationRefused as e:
         raise TrainSetupError(str(e)) from None
-    start_ray(t.ray_address)
     news = Queue(maxsize=1000, actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_worker,
@@ -554,6 +567,15 @@ def run_training(
         "continued": continued,
         "orphaned_checkpoints_removed": removed,
     }
+
+
+def worker_bundle(t) -> dict[str, float]:
+    """What Ray Train reserves on one node for each worker: resources_per_worker, plus one GPU with
+    use_gpu when the request names none."""
+    bundle = {k: float(v) for k, v in t.resources_per_worker.items()}
+    if t.use_gpu and "GPU" not in bundle:
+        bundle["GPU"] = 1.0
+    return bundle
 
 
 def _controller_reporter(news):
@@ -656,46 +678,6 @@ def _listen(
                     progress(item.progress)
                 except Exception:  # a broken progress display must not swallow a later stop message
                     progress = None
-
-
-def start_ray(address: Optional[str] = None) -> None:
-    """Connect to `address`, or start a local Ray, once per process. Worker output stays in Ray's log files
-    (/tmp/ray/session_latest/logs): the driver shows progress bars, and --json prints only JSON."""
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's boxed banner ignores verbose=0
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        runtime_env={"env_vars": _worker_env()},
-    )
-    for name in ("ray.tune", "ray.train", "ray.air"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def stop_ray() -> None:
-    """After an interruption: ignore Ctrl+C from here on (main thread only; the command only reports
-    and exits) and shut this process's Ray down. A second Ctrl+C during Ray's own shutdown would print a
-    traceback and leave half-stopped Ray processes."""
-    import ray
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if ray.is_initialized():
-        ray.shutdown()
-
-
-def _worker_env() -> dict:
-    env = {"HF_HUB_OFFLINE": "1"}
-    for key in ("HIDROP_CACHE", "TORCH_EXTENSIONS_DIR"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    return env
 
 
 def _failure_message(e: BaseException) -> str:

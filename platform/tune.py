@@ -67,6 +67,7 @@ from hidrop_platform.evaluate import (
 from hidrop_platform.faults import fail_trial_if_asked
 from hidrop_platform.fidelity import goes_on
 from hidrop_platform.pareto import plot_pareto
+from hidrop_platform.raycluster import ClusterSetupError, alive_nodes, check_fits, check_job_paths, start_ray
 from hidrop_platform.sweep import (
     TrialRecord,
     confirm_markdown,
@@ -83,7 +84,7 @@ from hidrop_platform.tracking import (
     safe_name,
     schedule_params,
 )
-from hidrop_platform.train import start_ray, training_samples
+from hidrop_platform.train import training_samples
 
 OBJECTIVES = {"pareto": ([N.RELATIVE_SCORE, N.VISION_TFLOPS], ["max", "min"]), "score": (N.RELATIVE_SCORE, "max")}
 OPTUNA_STREAK = 20  # rejected Optuna proposals in a row before a random valid point is enqueued for it
@@ -666,30 +667,35 @@ def _blind_bounds(reference: dict) -> dict[str, float]:
     return out
 
 
-def _check_resources(cfg: ExperimentConfig, cluster: dict) -> tuple[int, float]:
-    """(trials that fit at once, devices per trial); raises when a trial can never be placed."""
+def _check_resources(cfg: ExperimentConfig, nodes: list[dict]) -> tuple[int, float]:
+    """(trials that fit at once, devices per trial); raises when a trial can never be placed: each trial
+    is one bundle, so it must fit on a single node, not merely in the cluster's total."""
     wanted = {k: float(v) for k, v in cfg.tune.resources_per_trial.items() if float(v) > 0}
     if not wanted:
         raise TuneSetupError("tune.resources_per_trial asks for nothing; give at least CPU")
-    fits = []
-    for key, amount in wanted.items():
-        have = float(cluster.get(key, 0))
-        if amount > have:
-            raise TuneSetupError(
-                f"tune.resources_per_trial asks for {key}={amount:g} but the cluster has {have:g}; "
-                "no trial could ever start"
-            )
-        fits.append(int(have // amount))
-    at_once = max(1, min(fits))
+    try:
+        at_once = check_fits("tune.resources_per_trial", wanted, 1, nodes)
+    except ClusterSetupError as e:
+        raise TuneSetupError(f"{e}; no trial could ever start") from None
     devices = wanted.get("GPU", 1.0)
     return (min(at_once, cfg.tune.max_concurrent) if cfg.tune.max_concurrent else at_once), devices
+
+
+def connect_for_tune(cfg: ExperimentConfig) -> tuple[int, float]:
+    """Reach Ray and check that a trial can ever be placed; returns `_check_resources`. The CLI calls it
+    before its progress bar, `run_tune` again (then it costs one node listing)."""
+    try:
+        check_job_paths({"tune.storage_path": cfg.tune.storage_path}, cfg.tracking.uri, cfg.tracking.enabled)
+        start_ray(cfg.tune.ray_address, "tune.ray_address")
+        return _check_resources(cfg, alive_nodes())
+    except ClusterSetupError as e:
+        raise TuneSetupError(str(e)) from None
 
 
 def run_tune(
     cfg: ExperimentConfig, base: dict, resume: bool = False, progress: Optional[Callable[[str, int, int], None]] = None
 ) -> dict:
     """Run (or resume) the sweep; returns every trial, the Pareto front and where the seeds sit."""
-    import ray
 
     s = cfg.tune
     name = s.name or cfg.name
@@ -697,13 +703,12 @@ def run_tune(
     sweep_dir = storage / name
     _check_resume(sweep_dir, name, resume)
     share = _check_space(base, cfg)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     note = (lambda msg: progress(msg, 0, 0)) if progress else None
+    at_once, devices = connect_for_tune(cfg)  # before the parent run: a failure here leaves nothing behind
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     parent, cfg, base = _open_parent(cfg, base, name, sweep_dir, resume)
     s = cfg.tune
     try:
-        start_ray(s.ray_address)
-        at_once, devices = _check_resources(cfg, ray.cluster_resources())
         reference = _reference(cfg, sweep_dir, note)
         if s.confirm is not None:
             check_confirm(cfg, reference)  # before any trial: a confirmation that cannot run fails now

@@ -1,0 +1,96 @@
+"""The cluster checks that run before anything waits on Ray: constructed nodes and environments."""
+
+import json
+import socket
+
+import pytest
+
+from hidrop_platform.raycluster import (
+    JOB_CONFIG_ENV,
+    SKIP_CHECK_ENV,
+    ClusterSetupError,
+    check_address,
+    check_fits,
+    check_job_paths,
+    fits_per_node,
+    worker_env,
+)
+
+TWO_SMALL = [{"CPU": 1.0, "memory": 1e9}, {"CPU": 1.0, "memory": 1e9}]
+
+
+def test_a_request_must_fit_one_node_not_the_total():
+    # the issue's case: CPU=2 fits the cluster's total of 2 but neither 1-CPU node
+    with pytest.raises(ClusterSetupError) as err:
+        check_fits("tune.resources_per_trial", {"CPU": 2}, 1, TWO_SMALL)
+    assert "CPU=2 on one node" in str(err.value) and "largest offers CPU=1 (2 nodes)" in str(err.value)
+    assert check_fits("tune.resources_per_trial", {"CPU": 1}, 1, TWO_SMALL) == 2
+
+
+def test_workers_must_fit_node_by_node():
+    nodes = [{"CPU": 3.0}, {"CPU": 1.0}]
+    assert fits_per_node({"CPU": 2}, nodes) == [1, 0]
+    assert check_fits("train.resources_per_worker", {"CPU": 1}, 4, nodes) == 4
+    with pytest.raises(ClusterSetupError, match=r"needs 2 x \{CPU=2\}, each on one node.*hold only 1"):
+        check_fits("train.resources_per_worker", {"CPU": 2}, 2, nodes)  # 4 CPUs in all, yet only one fits
+    with pytest.raises(ClusterSetupError, match="largest offers CPU=3, GPU=0"):
+        check_fits("train.resources_per_worker", {"CPU": 1, "GPU": 1}, 1, nodes)
+
+
+def test_an_autoscaling_cluster_can_skip_the_check(monkeypatch):
+    monkeypatch.setenv(SKIP_CHECK_ENV, "1")
+    assert check_fits("train.resources_per_worker", {"CPU": 64}, 2, TWO_SMALL) == 2
+
+
+def test_a_dashboard_address_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(ClusterSetupError) as err:
+        check_address(None)
+    assert str(err.value).startswith("RAY_ADDRESS=http://127.0.0.1:8265 is a dashboard")
+    assert "\n" not in str(err.value)
+
+
+def test_an_unreachable_gcs_fails_fast(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ClusterSetupError, match=rf"cannot reach the Ray cluster at 127.0.0.1:{port} \(ray_address\)"):
+        check_address(f"127.0.0.1:{port}")
+    assert check_address("auto") == "auto"  # Ray resolves these itself
+    assert check_address(None) is None
+
+
+def _as_job(monkeypatch, tmp_path, runtime_env):
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": runtime_env}))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_inside_a_job_the_driver_does_not_repeat_the_jobs_env_vars(monkeypatch, tmp_path):
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    assert worker_env()["HF_HUB_OFFLINE"] == "1"
+    _as_job(monkeypatch, tmp_path, {"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    assert "HF_HUB_OFFLINE" not in worker_env()  # Ray refuses to merge a repeated key
+
+
+def test_a_job_refuses_paths_that_vanish_with_its_working_dir(monkeypatch, tmp_path):
+    _as_job(monkeypatch, tmp_path, {"working_dir": "gcs://_ray_pkg_abc.zip"})
+    with pytest.raises(ClusterSetupError, match=r"train.storage_path='runs' is relative.*deletes after the job"):
+        check_job_paths({"train.storage_path": "runs"}, "http://mlflow:5000", True)
+    with pytest.raises(ClusterSetupError, match="tracking.uri is unset"):
+        check_job_paths({"train.storage_path": "/shared/runs"}, None, True)
+    check_job_paths({"train.storage_path": "/shared/runs"}, "http://mlflow:5000", True)
+    check_job_paths({"train.storage_path": "/shared/runs"}, None, False)  # tracking off: no store to lose
+    # without a working_dir the job runs where it was started: relative paths stay
+    _as_job(monkeypatch, tmp_path, {"env_vars": {}})
+    check_job_paths({"train.storage_path": "runs"}, None, True)
+
+
+def test_a_jobs_spool_lives_outside_its_working_dir(monkeypatch, tmp_path):
+    from hidrop_platform.tracking import SPOOL_DIR_ENV, default_spool_dir
+
+    monkeypatch.delenv(SPOOL_DIR_ENV, raising=False)
+    _as_job(monkeypatch, tmp_path, {"working_dir": "gcs://_ray_pkg_abc.zip"})
+    assert tmp_path not in default_spool_dir().parents
+    monkeypatch.setenv(SPOOL_DIR_ENV, str(tmp_path / "spool"))
+    assert default_spool_dir() == (tmp_path / "spool").resolve()
