@@ -20,6 +20,7 @@ DIVERGED = "diverged"  # a training stopped by a non-finite loss
 RESUMED_FROM_STEP = "hidrop.resumed_from_step"  # a continued training: the checkpoint step it went on from
 INTERRUPTED_AT_STEP = "hidrop.interrupted_at_step"  # a training stopped by Ctrl+C: its last reported step
 DEVICE_TYPE = "device_type"  # cpu / cuda
+RAY_NODE = "hidrop.ray_node"  # the Ray node id a trial ran on (its last attempt's)
 NUM_WORKERS = "num_workers"
 STAGE = "stage"  # pretrain / finetune
 PARENT_RUN = "mlflow.parentRunId"  # MLflow's own nesting tag

@@ -18,6 +18,7 @@ import signal
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -67,6 +68,7 @@ from hidrop_platform.tracking import (
 from hidrop_platform.turns import OverheadBenchError
 
 STATE_FILE = "hidrop_state.json"
+RUN_FILE = "hidrop_run.json"  # in the run folder: this fit's MLflow run, for a group restarted before any checkpoint
 DS_TAG = "deepspeed"
 
 
@@ -136,6 +138,7 @@ class WorkerPayload:
     news: Any = None  # a ray.util.queue.Queue of WorkerNews to the driver (None: nobody listens)
     hooks: list = dataclasses.field(default_factory=list)  # extra loop hooks: test faults, the benchmark's turns
     credentials: dict = dataclasses.field(default_factory=dict)  # MLflow basic auth, never in a runtime env
+    fit_id: str = ""  # one per `run_training` call: a restarted worker group shares it, a re-run does not
 
 
 @dataclasses.dataclass
@@ -222,10 +225,13 @@ def train_worker(config: dict) -> None:
         return
     total = t.max_steps or max(1, math.ceil(t.epochs * max(1, len(loader) // t.grad_accum)))
     state, run_id = _resume(engine, frozen)
+    if run_id is None:  # no checkpoint yet: a group Ray restarted still logs into this fit's run
+        run_id = _run_of_this_fit(payload)
     tracker = _worker_tracker(cfg, payload, run_id, rank, world, device, schedule)
     logged_until = None
     if rank == 0 and tracker.enabled and tracker.run_id:
         _tell(payload, WorkerNews(run_id=tracker.run_id))
+        _remember_run(payload, tracker.run_id)
         if run_id is not None:  # continued: the earlier attempt may have logged steps past its checkpoint
             logged_until = last_logged_step(payload.tracking_uri, run_id, N.LOSS)
             tracker.set_tags({N.RESUMED_FROM_STEP: state.step})
@@ -282,6 +288,29 @@ def _resume(engine, frozen: bool) -> tuple[LoopState, Optional[str]]:
         saved = json.loads((Path(d) / STATE_FILE).read_text())
     run_id = saved.pop("run_id", None)
     return LoopState(**{k: v for k, v in saved.items() if k in LoopState.__dataclass_fields__}), run_id
+
+
+def _run_file(payload: WorkerPayload) -> Path:
+    return Path(payload.export_dir).parent / RUN_FILE
+
+
+def _run_of_this_fit(payload: WorkerPayload) -> Optional[str]:
+    """The MLflow run an earlier worker group of the same fit started (a worker killed before the first
+    checkpoint), else None."""
+    try:
+        known = json.loads(_run_file(payload).read_text())
+    except (OSError, ValueError):
+        return None
+    return known.get("run_id") if payload.fit_id and known.get("fit_id") == payload.fit_id else None
+
+
+def _remember_run(payload: WorkerPayload, run_id: str) -> None:
+    path = _run_file(payload)
+    with contextlib.suppress(OSError):  # only a restart before the first checkpoint needs it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"fit_id": payload.fit_id, "run_id": run_id}))
+        temporary.replace(path)
 
 
 def _worker_tracker(cfg: ExperimentConfig, payload: WorkerPayload, run_id, rank: int, world: int, device, schedule):
@@ -505,6 +534,7 @@ def run_training(
                 hooks=[*hooks, *fault_hooks()],
                 news=news,
                 credentials=tracking_credentials(),
+                fit_id=uuid.uuid4().hex,
             )
         },
         scaling_config=ScalingConfig(
@@ -535,9 +565,17 @@ def run_training(
 
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not cut this short
         try:
-            if heard.get("controller") is not None:  # Ray's own graceful abort: the workers stop, fit returns
+            # Ray's own graceful abort (the workers stop, fit returns) once workers run; a run still waiting
+            # for its workers has nothing to save, and its controller answers only once they are placed, so
+            # it is killed (fit returns at once; a fit thread still inside Ray at shutdown ends the process)
+            controller = heard.get("controller")
+            started = heard.get("run_id") is not None or heard.get("step") is not None
+            if controller is not None:
                 with contextlib.suppress(Exception):
-                    ray.get(heard["controller"].abort.remote(), timeout=60)
+                    if started:
+                        ray.get(controller.abort.remote(), timeout=60)
+                    else:
+                        ray.kill(controller, no_restart=True)
                 fitting.join(timeout=60)
             done.set()
             listener.join(timeout=10)

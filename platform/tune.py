@@ -434,6 +434,7 @@ def _save_trial_record(ctx: TrialContext, config: dict, record: dict) -> None:
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
     """Tune's function trainable: build the trial config, (train,) evaluate, report, log to MLflow."""
+    import ray
     import torch
     from ray import tune
 
@@ -462,6 +463,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             N.TRIAL_ID: trial_id,
             N.SEED: str(config["seed"]),
             N.DEVICE_TYPE: ctx.device_type,
+            N.RAY_NODE: ray.get_runtime_context().get_node_id(),
         },
     ).start()
     run_id = tracker.run_id or run_id

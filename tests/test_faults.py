@@ -393,3 +393,40 @@ def test_spooled_records_replay_with_hidrop_sync(tmp_path, monkeypatch):
     assert not list(default_spool_dir().glob("*.jsonl"))  # replayed: the spool is gone
     again = CliRunner().invoke(app, ["sync"])
     assert again.exit_code == 0 and "nothing to sync" in again.output
+
+
+# ---- issue 20: a training still waiting for workers stops on Ctrl+C ------------------------------
+@pytest.mark.slow
+def test_ctrl_c_stops_a_training_still_waiting_for_its_workers(tmp_path):
+    """A request the cluster cannot place now (the per-node check skipped, as on an autoscaling cluster)
+    waits for workers; Ctrl+C must end it promptly with the usual message, not hang."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HIDROP_SKIP_RESOURCE_CHECK": "1"}
+    args = [
+        str(Path(sys.executable).parent / "hidrop"),
+        "train",
+        str(SMOKE),
+        "train.resources_per_worker={CPU: 64}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(30)  # Ray is up and the controller waits for a placement that never comes
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout[-2000:] + stderr
+    assert time.time() - sent < 45
+    assert "interrupted" in stderr and "no checkpoint was written yet" in stderr and "Traceback" not in stderr
+
+
+def test_a_worker_group_restarted_before_any_checkpoint_finds_its_run(tmp_path):
+    from hidrop_platform.train import WorkerPayload, _remember_run, _run_of_this_fit
+
+    def payload(fit_id: str) -> WorkerPayload:
+        return WorkerPayload({}, "sqlite://", "exp", str(tmp_path / "run" / "export"), str(tmp_path), fit_id=fit_id)
+
+    assert _run_of_this_fit(payload("a")) is None
+    _remember_run(payload("a"), "run-1")
+    assert _run_of_this_fit(payload("a")) == "run-1"  # Ray restarted the group: same fit, same run
+    assert _run_of_this_fit(payload("b")) is None  # a new command starts its own run (or resumes a checkpoint)

@@ -1,0 +1,227 @@
+"""A real 2-node Ray cluster on this machine (two `ray start` processes on free loopback ports, the head
+with a job server) and a real `mlflow server`: what a cluster user runs, read back through MLflow's REST
+API. Slow: the cluster, the server and DeepSpeed workers take minutes to start on two cores."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", **extra)
+    return env
+
+
+def _get(url: str, timeout: float = 10) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _wait(check, what: str, timeout: float):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            found = check()
+        except OSError:
+            found = None
+        if found:
+            return found
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on a free loopback port, artifacts proxied through it (what a cluster uses)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd += ["--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "art")]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, "mlflow server", 120)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head (1 CPU, dashboard + job server) and a second node (1 CPU). The second node gets its own temp
+    dir: two nodes sharing one would delete each other's unpacked job working dirs."""
+    gcs, dashboard = _free_port(), _free_port()
+    node_tmp = Path(tempfile_short()) / "node2"
+    env = _env()
+    head = ["--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--include-dashboard=true"]
+    head += ["--dashboard-host=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+    subprocess.run([str(BIN / "ray"), "start", *head], env=env, check=True, capture_output=True, timeout=180)
+    api = f"http://127.0.0.1:{dashboard}"
+    try:
+        worker = ["--address", f"127.0.0.1:{gcs}", "--num-cpus=1", f"--temp-dir={node_tmp}"]
+        subprocess.run([str(BIN / "ray"), "start", *worker], env=env, check=True, capture_output=True, timeout=180)
+        nodes = _wait(lambda: (n := _alive_nodes(api)) and len(n) == 2 and n, "two alive nodes", 120)
+        head_id = next(n["node_id"] for n in nodes if n["is_head_node"])
+        yield {"gcs": f"127.0.0.1:{gcs}", "api": api, "head": head_id, "nodes": {n["node_id"] for n in nodes}}
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(node_tmp.parent, ignore_errors=True)
+
+
+def tempfile_short() -> str:
+    import tempfile
+
+    # Ray's socket paths live under the temp dir and must stay short (AF_UNIX limit)
+    return tempfile.mkdtemp(prefix="hr", dir="/tmp")
+
+
+def _state(api: str, kind: str, **filters) -> list[dict]:
+    query = [("detail", "1"), ("limit", "1000")]
+    for key, value in filters.items():
+        query += [("filter_keys", key), ("filter_predicates", "="), ("filter_values", value)]
+    return _get(f"{api}/api/v0/{kind}?{urllib.parse.urlencode(query)}")["data"]["result"]["result"]
+
+
+def _alive_nodes(api: str) -> list[dict]:
+    return _state(api, "nodes", state="ALIVE")
+
+
+def _runs(url: str, experiment: str) -> list[dict]:
+    exp = _get(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}")["experiment"]
+    return _post(f"{url}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]}).get("runs", [])
+
+
+def _tags(run: dict) -> dict:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def _history(url: str, run_id: str, key: str) -> list[int]:
+    query = urllib.parse.urlencode({"run_id": run_id, "metric_key": key, "max_results": 10000})
+    return [int(m.get("step", 0)) for m in _get(f"{url}/api/2.0/mlflow/metrics/get-history?{query}")["metrics"]]
+
+
+def test_a_job_trains_one_worker_per_node_and_survives_a_killed_worker(cluster, mlflow_server, tmp_path):
+    """Submitted through platform/cluster/submit.sh: 2 workers land one per node; SIGKILL of the second
+    node's worker restarts the group from the last checkpoint into the same MLflow run."""
+    storage = tmp_path / "runs"
+    steps = 400
+    submit = subprocess.Popen(
+        [
+            "bash",
+            str(ROOT / "platform" / "cluster" / "submit.sh"),
+            "experiments/tiny_train_smoke.yaml",
+            f"train.storage_path={storage}",
+            f"tracking.uri={mlflow_server}",
+            "train.num_workers=2",
+            "train.max_failures=1",
+            "train.checkpoint_every=20",
+            f"train.max_steps={steps}",
+            "train.log_model=false",
+        ],
+        cwd=ROOT,
+        env=_env(RAY_ADDRESS=cluster["api"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        folder = storage / "tiny_train_smoke"
+        # two on disk: the first is surely registered with Ray, so the restart goes on from a checkpoint
+        _wait(lambda: len(list(folder.glob("checkpoint_*/hidrop_state.json"))) >= 2, "two checkpoints", 400)
+        workers = _state(cluster["api"], "actors", class_name="RayTrainWorker", state="ALIVE")
+        assert {w["node_id"] for w in workers} == cluster["nodes"], workers  # one worker on each node
+        victim = next(w for w in workers if w["node_id"] != cluster["head"])
+        os.kill(int(victim["pid"]), signal.SIGKILL)
+        output, _ = submit.communicate(timeout=600)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0 and "succeeded" in output, output[-3000:]
+
+    runs = _runs(mlflow_server, "tiny_train_smoke")
+    assert len(runs) == 1, [(r["info"], _tags(r)) for r in runs]  # the restarted group logged into the same run
+    run = runs[0]
+    assert run["info"]["status"] == "FINISHED"
+    tags = _tags(run)
+    assert tags["hidrop.kind"] == "train" and tags["num_workers"] == "2"
+    assert int(tags["hidrop.resumed_from_step"]) >= 20, output[-3000:]  # from a checkpoint, not from step 0
+    logged = _history(mlflow_server, run["info"]["run_id"], "loss")
+    assert len(logged) == len(set(logged)) and max(logged) == steps  # every step once, to the end
+
+
+def test_a_sweep_places_trials_on_both_nodes(cluster, mlflow_server, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_tune import _tiny
+
+    data = _tiny(tmp_path, num_samples=4, resources_per_trial={"CPU": 1}, ray_address=cluster["gcs"])
+    data["tracking"] = {"uri": mlflow_server, "experiment": "multinode-sweep"}
+    exp = tmp_path / "tune.yaml"
+    exp.write_text(yaml.safe_dump(data))
+    proc = subprocess.run(
+        [str(BIN / "hidrop"), "tune", str(exp), "--json"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)  # --json parses with an HTTP store (no "View run" lines on stdout)
+    assert summary["trials"]
+    trials = [r for r in _runs(mlflow_server, "multinode-sweep") if _tags(r).get("hidrop.kind") == "trial"]
+    assert len(trials) == len(summary["trials"])
+    assert {_tags(r)["hidrop.ray_node"] for r in trials} == cluster["nodes"]
+
+
+def test_requests_no_node_can_hold_fail_fast(cluster, tmp_path):
+    """CPU=2 fits the cluster's total (2) but neither node: one line, nothing written, no waiting."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_tune import _tiny
+
+    data = _tiny(tmp_path, resources_per_trial={"CPU": 2}, ray_address=cluster["gcs"])
+    exp = tmp_path / "tune.yaml"
+    exp.write_text(yaml.safe_dump(data))
+    smoke = str(ROOT / "experiments" / "tiny_train_smoke.yaml")
+    for args in (
+        ["tune", str(exp)],
+        ["train", smoke, f"train.ray_address={cluster['gcs']}", "train.resources_per_worker={CPU: 2}"],
+    ):
+        start = time.time()
+        proc = subprocess.run([str(BIN / "hidrop"), *args], cwd=tmp_path, env=_env(), capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "asks for CPU=2 on one node" in lines[0] and "largest offers CPU=1" in lines[0]
+        assert time.time() - start < 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tune.yaml"]  # no run folder, no store
