@@ -225,3 +225,18 @@ def test_requests_no_node_can_hold_fail_fast(cluster, tmp_path):
         assert len(lines) == 1 and "asks for CPU=2 on one node" in lines[0] and "largest offers CPU=1" in lines[0]
         assert time.time() - start < 60
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tune.yaml"]  # no run folder, no store
+
+
+def test_a_job_refuses_a_relative_storage_path(cluster):
+    """As a job the working dir is Ray's unpacked copy, deleted afterwards: one line, and the job fails."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / "platform" / "cluster" / "submit.sh"), "experiments/tiny_train_smoke.yaml"],
+        cwd=ROOT,
+        env=_env(RAY_ADDRESS=cluster["api"]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "error: train.storage_path='runs' is relative: as a Ray job" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
