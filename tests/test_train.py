@@ -140,18 +140,6 @@ def test_two_worker_zero2_run_trains_and_tracks(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_into_the_same_mlflow_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("HIDROP_TEST_FAIL_AT_STEP", "6")
-    result = _run(tmp_path, monkeypatch, "train.max_failures=1", "train.num_workers=1")
-    assert result.exit_code == 0, result.output
-    client, runs = _runs(tmp_path)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
-    assert steps == list(range(1, 9))  # no gap and no step twice: restarted from the step-4 checkpoint
-    assert runs[0].data.tags["hidrop.resumed_from_step"] == "4"
-
-
-@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     result = _run(tmp_path, monkeypatch, "train.lr=1e30", "train.num_workers=1")
     assert result.exit_code == 2, result.output
