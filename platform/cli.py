@@ -364,7 +364,7 @@ def tune_command(
     started = time.time()
     try:
         with _stdout_to_stderr():  # Ray's start-up chatter must not reach --json output
-            connect_for_tune(cfg)  # one-line cluster errors before the progress bar
+            connect_for_tune(cfg, resume)  # one-line cluster errors before the progress bar
         if as_json:
             with _stdout_to_stderr():
                 summary = run_tune(cfg, base, resume=resume)

@@ -683,9 +683,12 @@ def _check_resources(cfg: ExperimentConfig, nodes: list[dict]) -> tuple[int, flo
     return (min(at_once, cfg.tune.max_concurrent) if cfg.tune.max_concurrent else at_once), devices
 
 
-def connect_for_tune(cfg: ExperimentConfig) -> tuple[int, float]:
+def connect_for_tune(cfg: ExperimentConfig, resume: bool = False) -> tuple[int, float]:
     """Reach Ray and check that a trial can ever be placed; returns `_check_resources`. The CLI calls it
-    before its progress bar, `run_tune` again (then it costs one node listing)."""
+    before its progress bar, `run_tune` again (then it costs one node listing). A `--resume` with nothing
+    to resume is said first: it needs no cluster."""
+    name = cfg.tune.name or cfg.name
+    _check_resume(Path(cfg.tune.storage_path).resolve() / name, name, resume)
     try:
         check_job_paths({"tune.storage_path": cfg.tune.storage_path}, cfg.tracking.uri, cfg.tracking.enabled)
         start_ray(cfg.tune.ray_address, "tune.ray_address")
@@ -706,7 +709,7 @@ def run_tune(
     _check_resume(sweep_dir, name, resume)
     share = _check_space(base, cfg)
     note = (lambda msg: progress(msg, 0, 0)) if progress else None
-    at_once, devices = connect_for_tune(cfg)  # before the parent run: a failure here leaves nothing behind
+    at_once, devices = connect_for_tune(cfg, resume)  # before the parent run: a failure here leaves nothing behind
     sweep_dir.mkdir(parents=True, exist_ok=True)
     parent, cfg, base = _open_parent(cfg, base, name, sweep_dir, resume)
     s = cfg.tune

@@ -410,7 +410,11 @@ def test_ctrl_c_stops_a_training_still_waiting_for_its_workers(tmp_path):
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(20)  # Ray is up and the controller waits for a placement that never comes
+    # the store is created once Ray is up; then the controller waits for a placement that never comes
+    deadline = time.time() + 180
+    while time.time() < deadline and not (tmp_path / "mlflow.db").exists():
+        time.sleep(1)
+    time.sleep(10)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     sent = time.time()

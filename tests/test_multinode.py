@@ -112,14 +112,10 @@ def cluster():
         _wait(lambda: _job_server_ready(api, env), "the job server's agent", 180)
         yield {"gcs": f"127.0.0.1:{gcs}", "api": api, "head": head_id, "nodes": {n["node_id"] for n in nodes}}
     finally:
-        for proc in reversed(started):
+        for proc in reversed(started):  # a throwaway cluster: no graceful shutdown to wait for
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(started):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
         subprocess.run(["pkill", "-9", "-f", str(root)], capture_output=True)  # anything that left the group
         shutil.rmtree(root, ignore_errors=True)
 
