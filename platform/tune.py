@@ -701,12 +701,10 @@ def run_tune(
     cfg: ExperimentConfig, base: dict, resume: bool = False, progress: Optional[Callable[[str, int, int], None]] = None
 ) -> dict:
     """Run (or resume) the sweep; returns every trial, the Pareto front and where the seeds sit."""
-
     s = cfg.tune
     name = s.name or cfg.name
     storage = Path(s.storage_path).resolve()
     sweep_dir = storage / name
-    _check_resume(sweep_dir, name, resume)
     share = _check_space(base, cfg)
     note = (lambda msg: progress(msg, 0, 0)) if progress else None
     at_once, devices = connect_for_tune(cfg, resume)  # before the parent run: a failure here leaves nothing behind
