@@ -40,6 +40,7 @@ def test_workers_must_fit_node_by_node():
 def test_an_autoscaling_cluster_can_skip_the_check(monkeypatch):
     monkeypatch.setenv(SKIP_CHECK_ENV, "1")
     assert check_fits("train.resources_per_worker", {"CPU": 64}, 2, TWO_SMALL) == 2
+    assert check_fits("tune.resources_per_trial", {"CPU": 1}, 1, TWO_SMALL) == 2  # trials still run side by side
 
 
 def test_a_dashboard_address_is_refused_in_one_line(monkeypatch):
