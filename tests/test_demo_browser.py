@@ -1,9 +1,9 @@
-"""The quickstart end to end: `hidrop demo` (smallest size) in a fresh directory, then `hidrop ui` and the
-report opened in a real headless Chromium (Debian's, driven by playwright), with screenshots.
+"""The quickstart end to end: `hidrop demo` (smallest size, the `demo` fixture of conftest.py) in a fresh
+directory, then `hidrop ui` and the report opened in a real headless Chromium (Debian's, driven by
+playwright), with screenshots.
 
 Set HIDROP_SCREENSHOTS=DIR to keep the screenshots."""
 
-import json
 import os
 import shutil
 import signal
@@ -32,22 +32,6 @@ CHROMIUM_ARGS = [
 ]
 HIDROP = [sys.executable, "-m", "hidrop_platform.cli"]
 PRESET_ROWS = ["LLaVA (all tokens)", "FastV", "PDrop", "HiDrop Tok48", "HiDrop Tok64", "HiDrop Tok80"]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict:
-    work = tmp_path_factory.mktemp("demo")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(
-        [*HIDROP, "demo", "--size", "small", "--trials", "1", "--samples", "8", "--train-steps", "2", "--json"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {"work": work, "result": json.loads(done.stdout), "env": env}
 
 
 def test_demo_logs_everything_and_builds_the_report(demo):

@@ -107,11 +107,15 @@ def _train_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_rerun_with_changed_config_is_refused_and_restart_starts_afresh(tmp_path, monkeypatch):
+def test_rerun_refuses_a_changed_config_and_a_planted_checkpoint_and_restart_starts_afresh(tmp_path, monkeypatch):
+    """One run folder through its life: a changed config is refused, a longer run continues, a planted
+    pickle in the checkpoint is refused before anything runs, and --restart starts afresh (one scenario,
+    so the slow suite trains three times instead of five)."""
     monkeypatch.chdir(tmp_path)
     first = _train(tmp_path, "train.max_steps=4")
     assert first.exit_code == 0, first.output
-    export = tmp_path / "runs" / "tiny_train_smoke" / "export" / "final" / "model.safetensors"
+    folder = tmp_path / "runs" / "tiny_train_smoke"
+    export = folder / "export" / "final" / "model.safetensors"
     before = export.read_bytes()
     refused = _train(tmp_path, "train.max_steps=6", "train.lr=1e-2", "schedule.preset=vanilla")
     assert refused.exit_code == 2 and "Traceback" not in refused.output
@@ -127,28 +131,24 @@ def test_rerun_with_changed_config_is_refused_and_restart_starts_afresh(tmp_path
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]  # every step once
 
-    fresh = _train(tmp_path, "train.max_steps=2", "train.lr=1e-2", flags=["--restart"])
-    assert fresh.exit_code == 0, fresh.output
-    client, runs = _train_runs(tmp_path)
-    assert len(runs) == 2 and {r.data.params["train.lr"] for r in runs} == {"0.003", "0.01"}
-    assert any(p.name.startswith("tiny_train_smoke.replaced-") for p in (tmp_path / "runs").iterdir())
-
-
-@pytest.mark.slow
-def test_resume_refuses_a_planted_checkpoint_file_and_runs_nothing(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    first = _train(tmp_path, "train.max_steps=4")
-    assert first.exit_code == 0, first.output
-    folder = tmp_path / "runs" / "tiny_train_smoke"
-    planted = [p for p in folder.glob("checkpoint_*/deepspeed/deepspeed/mp_rank_00_model_states.pt")]
+    # a pickle planted in the newest checkpoint: resuming refuses it and never unpickles it
+    planted = list(folder.glob("checkpoint_*/deepspeed/deepspeed/mp_rank_00_model_states.pt"))
     planted = planted or list(folder.glob("checkpoint_*/**/mp_rank_00_model_states.pt"))
     assert planted, sorted(str(p) for p in folder.rglob("*.pt"))
     marker = tmp_path / "ran"
     for path in planted:
         _plant(path, marker)
-    again = _train(tmp_path, "train.max_steps=6")
+    again = _train(tmp_path, "train.max_steps=8")
     assert again.exit_code == 2, again.output
     assert "refusing to resume" in again.output and "Traceback" not in again.output
+    assert not marker.exists()
+    assert len(_train_runs(tmp_path)[1]) == 1  # the refusal started no run
+
+    fresh = _train(tmp_path, "train.max_steps=2", "train.lr=1e-2", flags=["--restart"])
+    assert fresh.exit_code == 0, fresh.output
+    client, runs = _train_runs(tmp_path)
+    assert len(runs) == 2 and {r.data.params["train.lr"] for r in runs} == {"0.003", "0.01"}
+    assert any(p.name.startswith("tiny_train_smoke.replaced-") for p in (tmp_path / "runs").iterdir())
     assert not marker.exists()
 
 
@@ -329,24 +329,6 @@ def test_sweep_with_a_zero_reference_reports_undefined_scores(tmp_path, capsys):
 
 
 # ---- 8. Ctrl+C pressed repeatedly on a sweep stops it cleanly ----------------------------------------
-@pytest.mark.slow
-def test_repeated_ctrl_c_stops_a_sweep_cleanly(tmp_path):
-    import yaml
-    from test_tune import _tiny, start_sweep
-
-    exp = tmp_path / "tune.yaml"
-    exp.write_text(yaml.safe_dump(_tiny(tmp_path, seeds=["vanilla"], num_samples=30, max_concurrent=1)))
-    proc = start_sweep(exp, tmp_path)
-    for _ in range(3):  # an impatient user
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.6)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 2 and "--resume" in err, err[-2000:]
-    assert "Traceback" not in err, err[-3000:]
-    leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert not leftover, f"processes of the sweep's session still running: {leftover}"
-
-
 # ---- 7. a full disk: a new store is created whole or not at all; spooled records are replayable --------
 _FULL_DISK = """
 import resource, signal, sys

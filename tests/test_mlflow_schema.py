@@ -1,4 +1,5 @@
-"""What a tiny sweep, a tiny training run and a tiny analysis write to MLflow, against a stored snapshot
+"""What the smallest `hidrop demo` (a sweep with held-out confirmation, a vanilla and a HiDrop training:
+the session's `demo` fixture) and a tiny analysis write to MLflow, against a stored snapshot
 (tests/snapshots/mlflow_schema.json): every tag, param and metric name per kind of run, and the values
 that are deterministic. A rename on the writer's side that the dashboards would not see fails here.
 
@@ -7,6 +8,7 @@ then review the snapshot's diff."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,18 +44,29 @@ def _cli(*args, cwd):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+STAMP = re.compile(r"\d{8}-\d{6}")  # the demo's run names carry their start time
+
+
 def _kind(run) -> str:
     tags = run.data.tags
+    if tags.get("hidrop.kind") == "train":
+        return f"train:{run.info.run_name.rsplit('-', 1)[-1]}"  # demo-STAMP-train-vanilla
     if tags.get("hidrop.kind") not in (None, "trial"):
         return tags["hidrop.kind"]
     return f"trial:{run.info.run_name}" if tags.get("hidrop.seed") == "True" else "trial:searched"
+
+
+def _param(key: str, value: str, tmp: str):
+    if key.startswith(VOLATILE_PARAMS) or tmp in value:
+        return None
+    return STAMP.sub("STAMP", value)
 
 
 def _describe(client, run, tmp: str) -> dict:
     params = run.data.params
     out = {
         "tags": sorted(k for k in run.data.tags if not k.startswith("mlflow.") or k == "mlflow.parentRunId"),
-        "params": {k: (None if k.startswith(VOLATILE_PARAMS) or tmp in v else v) for k, v in sorted(params.items())},
+        "params": {k: _param(k, v, tmp) for k, v in sorted(params.items())},
         "metrics": {
             k: (float(f"{v:.6g}") if k in DETERMINISTIC_METRICS else None) for k, v in sorted(run.data.metrics.items())
         },
@@ -69,71 +82,44 @@ def _artifacts(client, run_id: str, path: str = "") -> list[str]:
     return found
 
 
-def _write_experiments(tmp: Path) -> dict[str, Path]:
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    tune = {
-        "name": "schema_tune",
-        "model": {"kind": "tiny_llava"},
-        "schedule": {"inject_layer": 2, "exit_layer": 7, "stages": 2, "first_keep_ratio": 0.5},
-        "eval": {"benchmarks": [{"name": "easy_vqa", "limit": 8}], "baselines": [], "batch_size": 8},
-        "tracking": {"uri": uri},
-        "tune": {
-            "algorithm": "random",
-            "num_samples": 1,
-            "seeds": ["vanilla", "hidrop_tok64"],
-            "storage_path": str(tmp / "tune"),
-            "space": {
-                "schedule.inject_layer": {"int": [1, 6]},
-                "schedule.exit_layer": {"int": [3, 8]},
-                "schedule.stages": {"int": [1, 3]},
-                "schedule.first_keep_ratio": {"float": [0.1, 0.9]},
-            },
-        },
-    }
-    train = yaml.safe_load((ROOT / "experiments" / "tiny_train_smoke.yaml").read_text())
-    train["name"] = "schema_train"
-    train["train"].update(
-        max_steps=2, num_workers=1, checkpoint_every=2, storage_path=str(tmp / "train"), eval_after=True
-    )
-    train["eval"] = {"benchmarks": [{"name": "easy_vqa", "limit": 8}], "baselines": ["all_tokens"]}
-    train["tracking"] = {"uri": uri}
+def _write_analysis(tmp: Path) -> Path:
+    path = tmp / "analyze.yaml"
     analyze = {
         "name": "schema_analyze",
         "model": {"kind": "tiny_llava"},
         "eval": {"benchmarks": [{"name": "easy_vqa", "limit": 8}]},
         "analyze": {"samples": 4, "sweep_samples": 4, "ilvas_k": [3], "ilvas_n": [2], "output": str(tmp / "an")},
-        "tracking": {"uri": uri},
+        "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db"},
     }
-    paths = {}
-    for name, data in (("tune", tune), ("train", train), ("analyze", analyze)):
-        paths[name] = tmp / f"{name}.yaml"
-        paths[name].write_text(yaml.safe_dump(data))
-    return paths
+    path.write_text(yaml.safe_dump(analyze))
+    return path
+
+
+# the kinds kept in the snapshot; the other seeds (fastv, pdrop, hidrop_tok48/80) write what these do
+KINDS = {"sweep", "trial:seed:vanilla", "trial:seed:hidrop_tok64", "trial:searched", "train:vanilla", "train:hidrop"}
 
 
 @pytest.mark.slow
-def test_what_sweep_training_and_analysis_write_to_mlflow(tmp_path):
+def test_what_sweep_training_and_analysis_write_to_mlflow(demo, tmp_path):
     import mlflow
 
-    paths = _write_experiments(tmp_path)
-    for command, path in paths.items():
-        _cli(command, str(path), cwd=tmp_path)
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    from hidrop_platform.tracking import default_tracking_uri
+
+    _cli("analyze", str(_write_analysis(tmp_path)), cwd=tmp_path)
     seen: dict[str, dict] = {}
-    for exp in client.search_experiments():
-        for run in client.search_runs([exp.experiment_id], max_results=100):
-            described = _describe(client, run, str(tmp_path))
-            kind = _kind(run)
-            assert kind not in seen, kind  # one run of each kind
-            seen[kind] = described
-    assert set(seen) == {
-        "sweep",
-        "trial:seed:vanilla",
-        "trial:seed:hidrop_tok64",
-        "trial:searched",
-        "train",
-        "analyze",
-    }, sorted(seen)
+    stores = (
+        (default_tracking_uri(demo["work"]), str(demo["work"])),
+        (f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path)),
+    )
+    for uri, tmp in stores:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        for exp in client.search_experiments():
+            for run in client.search_runs([exp.experiment_id], max_results=100):
+                kind = _kind(run)
+                if kind in KINDS or kind == "analyze":
+                    assert kind not in seen, kind  # one run of each kind
+                    seen[kind] = _describe(client, run, tmp)
+    assert set(seen) == KINDS | {"analyze"}, sorted(seen)
     # searched trials sample their schedule: only names are stable
     searched = seen["trial:searched"]
     searched["params"] = dict.fromkeys(searched["params"])

@@ -192,6 +192,45 @@ def test_real_mini_llava_projector_checkpoint(mini, tmp_path):
 
 
 @pytest.mark.slow
+def test_lora_adapter_checkpoint_answers_as_the_adapted_model(tmp_path):
+    """weights="adapter": projector + bf16 LoRA factors (a few MB); loading merges them into the packaged
+    LM. The reference is peft's own unmerged forward of the adapted model."""
+    from hidrop.models import mini_llava
+    from hidrop.training import set_trainable
+
+    vlm = mini_llava()
+    set_trainable(vlm, "finetune", {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    torch.manual_seed(1)
+    with torch.no_grad():  # peft starts B at zero (a no-op adapter): stand in for training
+        for name, param in vlm.model.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    ids = torch.randint(0, 1000, (1, 24))
+    with torch.no_grad():
+        adapted = vlm.model.lm(input_ids=ids).logits
+    schedule = preset("hidrop_tok64", 30, 196)
+    vlm.projector_trained = True
+    vlm.save(tmp_path / "adapter", weights="adapter", schedule=schedule)
+    files = {p.name: p.stat().st_size for p in (tmp_path / "adapter").iterdir()}
+    assert set(files) == {"config.json", "projector.safetensors", "lora.safetensors"}
+    assert files["lora.safetensors"] < 1_000_000  # 30 layers x 2 modules x r=4, bf16
+    back = load_model(tmp_path / "adapter")
+    assert back.schedule == schedule and back.projector_trained
+    with torch.no_grad():
+        loaded = back.model.lm(input_ids=ids).logits
+        base = mini_llava().model.lm(input_ids=ids).logits
+    gap = (loaded - adapted).abs().max().item()
+    assert gap < 0.05 * (base - adapted).abs().max().item(), gap  # the adapter's effect, kept to bf16 rounding
+    x = torch.randn(1, 3, 224, 224)
+    assert torch.equal(back.vision_embeds(x), vlm.vision_embeds(x))
+    with pytest.raises(ValueError, match="needs LoRA adapters on the LM"):
+        back.save(tmp_path / "again", weights="adapter")  # merged now: nothing to save as factors
+    (tmp_path / "adapter" / "lora.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="lora.safetensors not found"):
+        load_model(tmp_path / "adapter")
+
+
+@pytest.mark.slow
 def test_shipped_projector_checkpoint_loads():
     from pathlib import Path
 

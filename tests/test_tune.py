@@ -381,9 +381,14 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     # the last one (a sweep that finishes before the signal lands rightly exits 0)
     exp.write_text(yaml.safe_dump(_tiny(tmp_path, seeds=["vanilla"], num_samples=11, max_concurrent=1)))
     proc = start_sweep(exp, tmp_path, "--json")
-    proc.send_signal(signal.SIGINT)
+    for _ in range(3):  # an impatient user: the 2nd and 3rd Ctrl+C land while the first is being handled
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.6)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 2 and "--resume" in err, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"processes of the sweep's session still running: {leftover}"
     runs, _ = _runs(tmp_path / "mlflow.db")
     done_before = {
         r.info.run_id for r in runs if r.info.status == "FINISHED" and r.data.tags.get("hidrop.kind") != "sweep"
