@@ -50,6 +50,8 @@ SMOLLM2_IMAGE_TOKEN = "<empty_output>"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PROJECTOR_FILE = "projector.safetensors"
+ADAPTER_FILE = "lora.safetensors"  # weights="adapter": the LoRA factors next to the projector
+ADAPTER_DTYPE = torch.bfloat16  # halves the shipped size; loading merges them in fp32
 FORMAT_KEY = "hidrop"  # the block in config.json that carries the schedule and how to rebuild the model
 
 
@@ -308,12 +310,17 @@ class VisionLanguageModel:
 
         weights="projector" (mini-LLaVA only) writes just the projector (~1.6 MB) and records that the
         encoder and LM come from the packages: the small checkpoint the project ships.
+        weights="adapter" (a mini-LLaVA with LoRA adapters, unmerged) adds the LoRA factors in bf16 (a
+        few MB): what LLaVA stage 2 on the packaged LM trains. `load_model` merges them into the LM.
         """
         folder = Path(folder)
-        if weights not in ("all", "projector"):
-            raise ValueError(f"weights must be 'all' or 'projector', not {weights!r}")
-        if weights == "projector" and not isinstance(self.model, MiniLlava):
-            raise ValueError("weights='projector' needs a mini-LLaVA (its encoder and LM ship in packages)")
+        if weights not in ("all", "projector", "adapter"):
+            raise ValueError(f"weights must be 'all', 'projector' or 'adapter', not {weights!r}")
+        if weights != "all" and not isinstance(self.model, MiniLlava):
+            raise ValueError(f"weights={weights!r} needs a mini-LLaVA (its encoder and LM ship in packages)")
+        factors = lora_factors(self.model.lm) if weights == "adapter" else None
+        if weights == "adapter" and not factors[0]:
+            raise ValueError("weights='adapter' needs LoRA adapters on the LM, and it has none (or they are merged)")
         folder.mkdir(parents=True, exist_ok=True)
         schedule = schedule or self.schedule
         meta = {
@@ -330,10 +337,14 @@ class VisionLanguageModel:
         if isinstance(self.model, MiniLlava):
             meta["encoder"] = {"name": "efficientnet-lite0", "feature": self.model.encoder.feature}
             meta["weights"] = weights
+            if factors is not None:
+                meta["lora"] = factors[1]
             config = {FORMAT_KEY: meta, "text_config": self.model.lm.config.to_dict()}
             (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-            if weights == "projector":
+            if weights in ("projector", "adapter"):
                 save_module(self.model.projector, folder / PROJECTOR_FILE)
+                if factors is not None:
+                    save_safetensors_file(factors[0], str(folder / ADAPTER_FILE), metadata={"format": "pt"})
                 return folder  # tokenizer and LM come from the packaged SmolLM2
             save_module(self.model, folder / WEIGHTS_FILE)
         else:
@@ -342,6 +353,51 @@ class VisionLanguageModel:
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
         return folder
+
+
+def lora_factors(lm: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The LoRA factors of every adapted Linear in `lm` (peft's layers, unmerged), as
+    {"<module>.lora_A": (r, in), "<module>.lora_B": (out, r)} in ADAPTER_DTYPE, and {"scaling": alpha / r,
+    "modules": [...]} for config.json. Empty when `lm` carries no (unmerged) adapter."""
+    tensors, scales = {}, set()
+    for name, module in lm.named_modules():
+        if not (hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})):
+            continue
+        if getattr(module, "merged", False):
+            continue
+        tensors[f"{name}.lora_A"] = module.lora_A["default"].weight.detach().to(ADAPTER_DTYPE).contiguous()
+        tensors[f"{name}.lora_B"] = module.lora_B["default"].weight.detach().to(ADAPTER_DTYPE).contiguous()
+        scales.add(float(module.scaling["default"]))
+    if len(scales) > 1:
+        raise ValueError(f"LoRA adapters with different scalings {sorted(scales)}: not one adapter")
+    modules = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    return tensors, {"scaling": scales.pop() if scales else None, "modules": modules, "dtype": "bfloat16"}
+
+
+def merge_lora_factors(lm: nn.Module, path: Path, lora: dict) -> None:
+    """Add scaling * B @ A (computed in fp32) to each adapted Linear's weight: the LM then answers as
+    the trained, adapted one did (up to the bf16 rounding of the stored factors)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    expected = {f"{m}.lora_{x}" for m in lora["modules"] for x in "AB"}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ModelLoadError(f"{path}: its tensors do not match config.json (missing {missing[:3]}, extra {extra[:3]})")
+    scaling = float(lora["scaling"])
+    with torch.no_grad():
+        for name in lora["modules"]:
+            try:
+                linear = lm.get_submodule(name)
+            except AttributeError:
+                raise ModelLoadError(f"{path}: the LM has no module {name!r}") from None
+            a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
+            if tuple(b.shape[:1]) + tuple(a.shape[1:]) != tuple(linear.weight.shape):
+                raise ModelLoadError(
+                    f"{path}: {name}: factors {tuple(b.shape)} x {tuple(a.shape)} do not fit its weight"
+                )
+            merged = linear.weight.float() + scaling * (b @ a)
+            linear.weight.copy_(merged.to(linear.weight.dtype))
 
 
 def save_module(module: nn.Module, path: str | Path) -> None:
@@ -410,13 +466,19 @@ def _first_line(err: BaseException) -> str:
 
 def _load_described(folder: Path, config: dict, meta: dict, schedule, dtype, attn_implementation):
     """`load_model` once config.json has been read: dispatch on what it describes."""
-    if meta.get("kind") == "mini_llava" and meta.get("weights") == "projector":
-        if not (folder / PROJECTOR_FILE).is_file():
-            raise ModelLoadError(f"{folder / PROJECTOR_FILE} not found")
-        vlm = mini_llava(meta["encoder"]["feature"], dtype=dtype, attn_implementation=attn_implementation)
+    if meta.get("kind") == "mini_llava" and meta.get("weights") in ("projector", "adapter"):
+        needed = [PROJECTOR_FILE] + ([ADAPTER_FILE] if meta["weights"] == "adapter" else [])
+        for name in needed:
+            if not (folder / name).is_file():
+                raise ModelLoadError(f"{folder / name} not found")
+        # the packaged LM in fp32 first: the adapter merges at full precision, then everything casts
+        vlm = mini_llava(meta["encoder"]["feature"], dtype=torch.float32, attn_implementation=attn_implementation)
         if vlm.lm.config.num_hidden_layers != config["text_config"]["num_hidden_layers"]:
             raise ModelLoadError(f"{folder}: its projector was trained for a different LM than the packaged SmolLM2")
         load_model_safetensors(vlm.model.projector, folder / PROJECTOR_FILE)
+        if meta["weights"] == "adapter":
+            merge_lora_factors(vlm.model.lm, folder / ADAPTER_FILE, meta["lora"])
+        vlm.model.lm.to(dtype)
         vlm.model.projector.to(dtype)
         vlm.schedule, vlm.template = schedule, meta["template"]
         vlm.projector_trained = bool(meta.get("projector_trained", True))

@@ -413,6 +413,16 @@ class _Checkpoint(Hook):
             ray.train.report(progress, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+def export_weights(kind: str, t) -> str:
+    """What an export of the mini-LLaVA holds beyond what ships in packages: the projector after stage 1,
+    the projector and LoRA factors after a LoRA stage 2; otherwise (other models, full finetunes) all."""
+    if kind != "mini_llava":
+        return "all"
+    if t.stage == "pretrain":
+        return "projector"
+    return "adapter" if t.lora else "all"
+
+
 class _Export(Hook):
     """Every `export_every` steps and at the end: the model as safetensors with its (learned) schedule."""
 
@@ -433,7 +443,7 @@ class _Export(Hook):
         import deepspeed
 
         folder = self.folder / ("final" if last else f"step-{step.step}")
-        weights = "projector" if self.vlm.kind == "mini_llava" and t.stage == "pretrain" else "all"
+        weights = export_weights(self.vlm.kind, t)
         self.vlm.projector_trained = True
         # ZeRO-3 partitions parameters: every rank gathers them, rank 0 writes
         gather = (
@@ -444,7 +454,10 @@ class _Export(Hook):
         with gather:
             if self.rank == 0:
                 learned = self.module.engine.learned_schedule()  # learnable keep ratios: what they became
-                merged_lora_export(self.vlm, lambda: self.vlm.save(folder, schedule=learned, weights=weights))
+                if weights == "adapter":  # the factors themselves: a few MB instead of the whole LM
+                    self.vlm.save(folder, schedule=learned, weights=weights)
+                else:
+                    merged_lora_export(self.vlm, lambda: self.vlm.save(folder, schedule=learned, weights=weights))
                 if t.log_model:
                     self.tracker.log_artifact(folder, N.MODEL_DIR if last else N.model_step_dir(step.step))
 
