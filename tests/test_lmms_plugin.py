@@ -3,6 +3,7 @@ loaded the way LMMS_EVAL_PLUGINS loads it, its answers equal the harness's own g
 same schedule, each question reaches the model with its image, and stop strings cut the answers."""
 
 import importlib
+import importlib.util
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -123,3 +124,33 @@ def test_plugin_answers_like_the_harness(fake_lmms_eval, tmp_path):
     assert cut[0] == (answers[0].split(answers[0][:1], 1)[0] if answers[0] else "")
     with pytest.raises(NotImplementedError, match="generation"):
         model.loglikelihood(requests)
+    scored = [Request(("context", "continuation")) for _ in range(2)]
+    for r in scored:
+        r.task_name = "mmbench_en_dev_lite"
+    with pytest.raises(NotImplementedError, match="task mmbench_en_dev_lite is scored by log-likelihood"):
+        model.loglikelihood(scored)
+
+
+def test_batch_size_takes_what_lmms_eval_passes(fake_lmms_eval):
+    plugin = importlib.import_module("hidrop.lmms_plugin.models.hidrop")
+    assert [plugin.batch_size_from(v) for v in (None, 1, "4", "auto", "auto:3")] == [1, 1, 4, 8, 8]
+    for bad in ("many", "0", "-2"):
+        with pytest.raises(ValueError, match="batch_size"):
+            plugin.batch_size_from(bad)
+
+
+def test_the_entry_point_names_the_model_class():
+    from pathlib import Path
+
+    import tomllib
+
+    import hidrop.lmms_plugin as plugin
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["entry-points"]["lmms_eval.models"] == {"hidrop": "hidrop.lmms_plugin:manifest"}
+    module, cls = plugin.MODEL_CLASS.rsplit(".", 1)
+    assert (
+        module == "hidrop.lmms_plugin.models.hidrop"
+        and cls in importlib.import_module("hidrop.lmms_plugin.models").AVAILABLE_MODELS.values()
+    )
+    assert importlib.util.find_spec("hidrop.lmms_plugin.tasks") is not None  # LMMS_EVAL_PLUGINS needs it

@@ -24,12 +24,31 @@ from hidrop.schedule import Schedule, preset
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+AUTO_BATCH_SIZE = 8  # what `--batch_size auto` means here: the harness batches by itself, no probing
+
+
+def batch_size_from(value: int | str | None) -> int:
+    """lmms-eval's --batch_size (N, "auto" or "auto:N") as the number of questions per generate call."""
+    text = str(1 if value is None else value).strip()
+    if text == "auto":
+        return AUTO_BATCH_SIZE
+    if text.startswith("auto:"):  # lmms-eval's "re-probe N times"; there is nothing to probe
+        return AUTO_BATCH_SIZE
+    try:
+        size = int(text)
+    except ValueError:
+        raise ValueError(f"batch_size={value!r}: expected a whole number, 'auto' or 'auto:N'") from None
+    if size < 1:
+        raise ValueError(f"batch_size={value!r} must be at least 1")
+    return size
+
+
 @register_model("hidrop")
 class HiDropLMM(lmms):
     """model_args: pretrained (checkpoint folder), schedule (a preset name such as hidrop_tok64, a
     schedule JSON/YAML file, or "checkpoint" for the one saved with the model; default hidrop_tok64),
-    device, dtype (float32 / bfloat16 / float16), batch_size, max_new_tokens (default for tasks that
-    give none), attn_implementation."""
+    device, dtype (float32 / bfloat16 / float16), max_new_tokens (default for tasks that give none),
+    attn_implementation. The batch size is lmms-eval's own --batch_size (N or auto = 8)."""
 
     def __init__(
         self,
@@ -45,12 +64,24 @@ class HiDropLMM(lmms):
         super().__init__()
         from hidrop.models import load_model
 
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
         self.device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.vlm = load_model(pretrained, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
         self.vlm.model.to(self.device_name)
         self.schedule = self._schedule(schedule)
-        self.batch_size_per_call = int(batch_size)
+        self.batch_size_per_call = batch_size_from(batch_size)
         self.max_new_tokens = int(max_new_tokens)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
+        """As lmms-eval's, except that a key given both in --model_args and by lmms-eval itself
+        (batch_size, device) is not a TypeError: --model_args wins, as the more specific."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string or "")
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **args})
 
     def _schedule(self, spec: str) -> Schedule:
         n_layers, n_vis = self.vlm.num_layers, self.vlm.num_vision_tokens
@@ -99,8 +130,11 @@ class HiDropLMM(lmms):
         return answers
 
     def loglikelihood(self, requests):
+        tasks = sorted({str(r.task_name) for r in requests if getattr(r, "task_name", None)})
+        named = f"task {', '.join(tasks)}" if tasks else "this task"
         raise NotImplementedError(
-            "the hidrop model answers by generation (generate_until); pick a generation variant of this task"
+            f"{named} is scored by log-likelihood; the hidrop model answers by generation (generate_until): "
+            "pick a generation variant of it"
         )
 
     def generate_until_multi_round(self, requests):
