@@ -15,6 +15,15 @@ calibration set with the model unpruned:
 - Sweeps: the benchmark score when every vision token leaves before layer l (exit sweep) and when they
   arrive at layer l (injection sweep), evaluated through the engine.
 
+Every number carries its uncertainty: the curves their standard error over the calibration samples
+(`*_se`), the sweep scores a paired bootstrap interval of their difference to all tokens on the same
+questions. The proposal decides on those intervals, not on point estimates: a sweep point is "within
+tolerance" when its difference's interval reaches above -tolerance, it "loses more" when the whole
+interval lies below, and a reason says "inconclusive" when the interval straddles the threshold, with
+the number of questions that would resolve it at the observed spread. An ILVAS local maximum counts only
+when it stands above both neighbours by more than 1.96 standard errors of the paired per-sample
+differences.
+
 Attention comes from the same single-query scoring pass the engine prunes with (the layer's own
 input_layernorm, q_proj and k_proj on its input, softmax in fp32 over all keys), never from
 `output_attentions`, so the model keeps its SDPA / FlashAttention kernels, and the layer loop keeps only
@@ -23,8 +32,11 @@ the statistics, not every hidden state, so memory stays at one forward's worth.
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -82,6 +94,125 @@ def onset(values: Sequence[float], fraction: float) -> int:
     return len(values) + 1
 
 
+Z95 = 1.96  # two-sided 95%
+
+
+def standard_error(per_sample: np.ndarray) -> np.ndarray:
+    """Column-wise standard error of the mean over rows (samples); 0 with fewer than two rows."""
+    x = np.asarray(per_sample, dtype=float)
+    if x.shape[0] < 2:
+        return np.zeros(x.shape[1:])
+    return x.std(axis=0, ddof=1) / math.sqrt(x.shape[0])
+
+
+def significant_maxima(
+    values: Sequence[Optional[float]], per_sample: Optional[Sequence[Sequence[float]]], lo: int, hi: int
+) -> tuple[list[int], list[int]]:
+    """(maxima that stand out, local maxima that do not), 1-indexed, within lo..hi. A local maximum of
+    `values` stands out when it exceeds each neighbour by more than Z95 standard errors of the paired
+    per-sample difference (the samples are the same at every layer, so their shared level cancels).
+    Without per-sample values every local maximum counts."""
+    clean = [x if x is not None else -1.0 for x in values]
+    found = local_extrema(clean, lo, hi, "max")
+    if per_sample is None:
+        return found, []
+    x = np.asarray(
+        [[v if v is not None else np.nan for v in row] for row in per_sample], dtype=float
+    )  # (samples, layers)
+    keep, weak = [], []
+    for layer in found:
+        i = layer - 1
+        right = i + 1
+        while right < len(clean) and clean[right] == clean[i]:  # past a flat top
+            right += 1
+        sides = [j for j in (i - 1, right) if lo - 1 <= j <= hi - 1 and j != i]
+        stands = True
+        for j in sides:
+            d = x[:, i] - x[:, j]
+            d = d[np.isfinite(d)]
+            se = float(standard_error(d[:, None])[0]) if len(d) else 0.0
+            if not (d.mean() > Z95 * se if len(d) else False):
+                stands = False
+        (keep if stands else weak).append(layer)
+    return keep, weak
+
+
+def verdict(interval: Sequence[float], tolerance: float) -> str:
+    """A sweep point's paired difference to all tokens against -tolerance: "loses" (the whole interval
+    below it), "within" (the whole interval above) or "inconclusive" (it straddles the threshold)."""
+    lo, hi = interval
+    if hi < -tolerance:
+        return "loses"
+    if lo > -tolerance:
+        return "within"
+    return "inconclusive"
+
+
+def questions_to_resolve(difference: float, interval: Sequence[float], tolerance: float, n: int) -> Optional[int]:
+    """About how many questions would make the interval clear -tolerance at the observed spread (its
+    half-width shrinks as 1/sqrt(n)); None when the difference sits on the threshold."""
+    half = (interval[1] - interval[0]) / 2
+    gap = abs(difference + tolerance)
+    if gap <= 1e-9:
+        return None
+    return max(n, math.ceil(n * (half / gap) ** 2))
+
+
+def describe_point(label: str, diff: float, interval: Sequence[float], tolerance: float, n: int) -> str:
+    """'L12: -1.0 [-3.5, +1.5] vs all tokens' plus, when it straddles -tolerance, the inconclusive note."""
+    text = f"{label}: {diff:+.1f} [{interval[0]:+.1f}, {interval[1]:+.1f}] vs all tokens"
+    if verdict(interval, tolerance) == "inconclusive":
+        need = questions_to_resolve(diff, interval, tolerance, n)
+        text += f" (inconclusive at {n} questions" + (
+            f"; about {need} would resolve it at this spread)" if need else ")"
+        )
+    return text
+
+
+def sweep_statistics(
+    records: dict[str, dict[str, Sequence]], reference: str, n_resamples: int = 1000, seed: int = 0
+) -> dict[str, dict]:
+    """Per method: its score (mean over benchmarks of 100 x the mean question score), the percentile
+    interval of that score, and its paired difference to `reference` with its interval. Each
+    benchmark's units (`record.unit`: a question, an image pair, a group) are resampled jointly for every
+    method, so the question difficulty they share cancels from the differences. `records`: method ->
+    benchmark -> records with .id, .unit, .score (the same questions for every method)."""
+    rng = np.random.default_rng(seed)
+    ref = records[reference]
+    draws = {}  # benchmark -> (question order, unit of each question, resampled unit indices)
+    for bench, recs in ref.items():
+        ids = [r.id for r in recs]
+        units = sorted({r.unit for r in recs})
+        unit_index = {u: k for k, u in enumerate(units)}
+        of_question = np.array([unit_index[r.unit] for r in recs])
+        picks = rng.integers(0, len(units), size=(n_resamples, len(units)))
+        # counts[r, u]: how often unit u is drawn in resample r; a question weighs its unit's count
+        counts = np.zeros((n_resamples, len(units)))
+        np.add.at(counts, (np.repeat(np.arange(n_resamples), len(units)), picks.ravel()), 1.0)
+        draws[bench] = (ids, counts[:, of_question])
+    out = {}
+    resampled = {}
+    for method, benches in records.items():
+        points, stats = [], []
+        for bench, (ids, weights) in draws.items():
+            by_id = {r.id: r.score for r in benches[bench]}
+            scores = np.array([by_id[i] for i in ids], dtype=float)
+            points.append(100.0 * scores.mean())
+            stats.append(100.0 * (weights @ scores) / weights.sum(axis=1))
+        resampled[method] = np.mean(stats, axis=0)
+        out[method] = {"score": float(np.mean(points)), "interval": _percentiles(resampled[method])}
+    for method, row in out.items():
+        diff = resampled[method] - resampled[reference]
+        row["diff"] = row["score"] - out[reference]["score"]
+        row["diff_interval"] = _percentiles(diff)
+    return out
+
+
+def _percentiles(values: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
 # ---- the layer loop ----------------------------------------------------------------------------
 
 
@@ -107,30 +238,40 @@ def layer_curves(
     L, n_vis = vlm.num_layers, vlm.num_vision_tokens
     ks = sorted({min(int(k), n_vis) for k in ilvas_k if int(k) > 0})
     ns = sorted({int(n) for n in ilvas_n if 0 < int(n) < L})
-    sums = {"intra": torch.zeros(L, dtype=torch.float64), "cross": torch.zeros(L, dtype=torch.float64)}
-    ilvas_sum = {(k, n): torch.zeros(L - n, dtype=torch.float64) for k in ks for n in ns}
-    count = 0
+    per_sample = {"intra": [], "cross": []}  # (samples, L) each: the spread as well as the mean
+    ilvas_rows = {(k, n): [] for k in ks for n in ns}
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         ref_images = _reference_images(chunk, reference, samples)
         intra, cross, attention = _batch_stats(vlm, chunk, ref_images)
-        sums["intra"] += intra.sum(0)
-        sums["cross"] += cross.sum(0)
-        for (k, n), acc in ilvas_sum.items():
-            acc += _ilvas(attention, k, n).sum(0)
-        count += len(chunk)
-    ilvas = {f"K{k}_n{n}": (acc / count).tolist() for (k, n), acc in ilvas_sum.items()}
+        per_sample["intra"].append(intra.numpy())
+        per_sample["cross"].append(cross.numpy())
+        for (k, n), rows in ilvas_rows.items():
+            rows.append(_ilvas(attention, k, n).numpy())
+    intra, cross = (np.concatenate(per_sample[key]) for key in ("intra", "cross"))
+    ilvas = {key: np.concatenate(rows) for key, rows in ilvas_rows.items()}  # (samples, L - n)
+    ilvas_mean_rows = _mean_ilvas(ilvas, len(intra), L)  # (samples, L), NaN where no (K, n) is defined
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # layers no (K, n) reaches: NaN, reported as None
+        mean_row = np.nanmean(ilvas_mean_rows, axis=0) if len(ilvas) else np.full(L, np.nan)
     return {
         "num_layers": L,
         "num_vision_tokens": n_vis,
-        "samples": count,
+        "samples": len(intra),
         "reference": reference,
-        "s_intra": (sums["intra"] / count).tolist(),
-        "s_cross": (sums["cross"] / count).tolist(),
-        "ilvas": ilvas,
+        "s_intra": intra.mean(0).tolist(),
+        "s_intra_se": standard_error(intra).tolist(),
+        "s_cross": cross.mean(0).tolist(),
+        "s_cross_se": standard_error(cross).tolist(),
+        "ilvas": {f"K{k}_n{n}": rows.mean(0).tolist() for (k, n), rows in ilvas.items()},
         "ilvas_k": ks,
         "ilvas_n": ns,
-        "ilvas_mean": _mean_ilvas(ilvas_sum, count, L),
+        "ilvas_mean": [None if math.isnan(v) else float(v) for v in mean_row],
+        "ilvas_mean_se": [None if math.isnan(v) else float(v) for v in _nan_se(ilvas_mean_rows)],
+        # per calibration sample: what the maxima test pairs (rounded: the JSON stays small)
+        "ilvas_mean_per_sample": [
+            [None if math.isnan(v) else round(float(v), 5) for v in row] for row in ilvas_mean_rows
+        ],
     }
 
 
@@ -143,13 +284,24 @@ def _reference_images(chunk, reference: str, all_samples) -> list[Image.Image]:
     raise ValueError(f"reference must be 'gray' or 'shuffled', not {reference!r}")
 
 
-def _mean_ilvas(ilvas_sum: dict, count: int, L: int) -> list[Optional[float]]:
-    """ILVAS averaged over every (K, n) defined at layer l (the paper found the maxima stable across them)."""
-    out: list[Optional[float]] = []
+def _mean_ilvas(ilvas: dict, count: int, L: int) -> np.ndarray:
+    """Per sample, ILVAS averaged over every (K, n) defined at layer l (the paper found the maxima stable
+    across them): (samples, L), NaN at layers where none is defined."""
+    out = np.full((count, L), np.nan)
     for i in range(L):
-        vals = [float(acc[i]) / count for (_, n), acc in ilvas_sum.items() if i < L - n]
-        out.append(sum(vals) / len(vals) if vals else None)
+        cols = [rows[:, i] for (_, n), rows in ilvas.items() if i < L - n]
+        if cols:
+            out[:, i] = np.mean(cols, axis=0)
     return out
+
+
+def _nan_se(rows: np.ndarray) -> np.ndarray:
+    se = np.full(rows.shape[1], np.nan)
+    for i in range(rows.shape[1]):
+        col = rows[:, i][np.isfinite(rows[:, i])]
+        if len(col):
+            se[i] = standard_error(col[:, None])[0]
+    return se
 
 
 def _batch_stats(vlm: VisionLanguageModel, chunk: Sequence[Sample], ref_images: list[Image.Image]):
@@ -259,10 +411,11 @@ def run_sweeps(
     batch_size: int = 8,
     seed: int = 0,
     progress=None,
+    n_resamples: int = 1000,
 ) -> dict:
-    """Scores of the exit and injection sweeps (one harness pass: the vision tower runs once per batch)."""
+    """Scores of the exit and injection sweeps (one harness pass: the vision tower runs once per batch),
+    each with its interval and its paired difference to all tokens on the same questions."""
     from hidrop.evaluation.harness import evaluate
-    from hidrop.evaluation.metrics import mean
 
     exits, injects = sweep_schedules(vlm.num_layers, vlm.num_vision_tokens, stride)
     report = evaluate(
@@ -274,18 +427,46 @@ def run_sweeps(
         batch_size=batch_size,
         seed=seed,
         progress=progress,
-        n_resamples=0,  # point estimates: the sweep curves carry no intervals yet
+        keep_records=True,
+        n_resamples=0,  # the sweep's own paired statistics below, over the mean of the benchmarks
     )
-    score = {r.method: mean(r.scores().values()) for r in report.methods}
-    return {
-        "layers": [s.exit_layer for s in exits],
-        "exit": [score[s.name] for s in exits],
-        "inject": [score[s.name] for s in injects],
-        "all_tokens": score["all_tokens"],
-        "blind": score["blind"],
-        "samples": report.samples_evaluated,
-        "notes": report.notes,
-    }
+    return sweeps_from_records(
+        {m.method: {b: e.records for b, e in m.benchmarks.items()} for m in report.methods},
+        [s.exit_layer for s in exits],
+        [s.name for s in exits],
+        [s.name for s in injects],
+        n_resamples=n_resamples,
+        seed=seed,
+        samples=report.samples_evaluated,
+        notes=report.notes,
+    )
+
+
+def sweeps_from_records(records: dict, layers: list[int], exit_names: list[str], inject_names: list[str], **kw) -> dict:
+    """The sweep result from per-question records (see `sweep_statistics`): per layer the score, its
+    interval, and the paired difference to all tokens with its interval; all tokens vs blind too."""
+    stats = sweep_statistics(records, "all_tokens", n_resamples=kw.get("n_resamples", 1000), seed=kw.get("seed", 0))
+    questions = sum(len(r) for r in records["all_tokens"].values())
+    out = {"layers": layers}
+    for kind, names in (("exit", exit_names), ("inject", inject_names)):
+        out[kind] = [stats[n]["score"] for n in names]
+        out[f"{kind}_interval"] = [stats[n]["interval"] for n in names]
+        out[f"{kind}_diff"] = [stats[n]["diff"] for n in names]
+        out[f"{kind}_diff_interval"] = [stats[n]["diff_interval"] for n in names]
+    blind = stats["blind"]
+    out.update(
+        all_tokens=stats["all_tokens"]["score"],
+        all_tokens_interval=stats["all_tokens"]["interval"],
+        blind=blind["score"],
+        blind_interval=blind["interval"],
+        # all tokens minus blind: does the image matter at all on these questions?
+        signal={"diff": -blind["diff"], "interval": [-blind["diff_interval"][1], -blind["diff_interval"][0]]},
+        questions=questions,
+        samples=kw.get("samples", questions),
+        notes=list(kw.get("notes", [])),
+    )
+    out["signal"]["resolved"] = out["signal"]["interval"][0] > 0
+    return out
 
 
 # ---- the proposal ------------------------------------------------------------------------------
@@ -350,41 +531,90 @@ def _propose_inject(curves: dict, sweeps: Optional[dict], tolerance: float, onse
     if sweeps is not None:  # the injection sweep measures directly what the two curves suggest
         passive = passive_shallow_layers(sweeps, tolerance)
         if passive < inject:
+            n = sweeps.get("questions", sweeps.get("samples", 0))
+            k = sweeps["layers"].index(passive) + 1 if passive in sweeps["layers"] else 0
+            diff, interval = _point(sweeps, "inject", k)
+            late = f"L{sweeps['layers'][k]}"
             inject = passive
             why["inject_layer"] += (
-                f"; but the injection sweep loses more than {tolerance:g} points when the image "
-                f"arrives after L{passive}, so L{passive}"
+                f"; but the injection sweep loses more than {tolerance:g} points when the image arrives at "
+                f"{late} ({describe_point(late, diff, interval, tolerance, n)}: the whole interval lies "
+                f"below -{tolerance:g}), so L{passive}"
             )
     return inject
 
 
+def _point(sweeps: dict, kind: str, k: int) -> tuple[float, list[float]]:
+    """Sweep point k's paired difference to all tokens and its interval (a point interval for sweeps
+    recorded without intervals)."""
+    diff = sweeps.get(f"{kind}_diff", [x - sweeps["all_tokens"] for x in sweeps[kind]])[k]
+    intervals = sweeps.get(f"{kind}_diff_interval")
+    return diff, (list(intervals[k]) if intervals else [diff, diff])
+
+
 def _propose_exit(sweeps: Optional[dict], tolerance: float, why) -> Optional[int]:
-    """Where the exit sweep reaches its plateau; None (vision to the end) without one."""
+    """Where the exit sweep's plateau starts: from there on, no point's interval lies wholly below
+    -tolerance. None (vision to the end) without one."""
     if sweeps is None:
         why["exit_layer"] = "no exit sweep was run: vision stays to the end"
         return None
-    i = plateau_start(sweeps["exit"], sweeps["all_tokens"], tolerance)
-    if i >= len(sweeps["layers"]):
-        why["exit_layer"] = "no exit layer keeps the score within tolerance: vision stays to the end"
+    n = sweeps.get("questions", sweeps.get("samples", 0))
+    points = [_point(sweeps, "exit", k) for k in range(len(sweeps["layers"]))]
+    start = len(points)
+    for k in range(len(points) - 1, -1, -1):
+        if verdict(points[k][1], tolerance) == "loses":
+            break
+        start = k
+    if start >= len(points):
+        diff, interval = points[-1]
+        last = f"L{sweeps['layers'][-1]}"
+        why["exit_layer"] = (
+            f"every exit loses more than {tolerance:g} points, even the last "
+            f"({describe_point(last, diff, interval, tolerance, n)}): vision stays to the end"
+        )
         return None
-    exit_layer = sweeps["layers"][i]
-    why["exit_layer"] = (
-        f"removing every vision token before L{exit_layer} or later keeps the score within "
-        f"{tolerance:g} points of all tokens ({sweeps['all_tokens']:.1f})"
+    exit_layer = sweeps["layers"][start]
+    diff, interval = points[start]
+    reason = (
+        f"from L{exit_layer} on, no exit's interval lies below -{tolerance:g} points: "
+        f"{describe_point(f'L{exit_layer}', diff, interval, tolerance, n)}"
     )
+    if start > 0:
+        before = sweeps["layers"][start - 1]
+        d0, i0 = points[start - 1]
+        reason += f"; exiting before L{before} loses more ({describe_point(f'L{before}', d0, i0, tolerance, n)})"
+    unsure = [
+        sweeps["layers"][k] for k in range(start, len(points)) if verdict(points[k][1], tolerance) == "inconclusive"
+    ]
+    if unsure:
+        reason += f"; inconclusive at {n} questions for {len(unsure)} of the {len(points) - start} exits from there"
+    why["exit_layer"] = reason
     return exit_layer
 
 
 def _propose_drops(curves: dict, inject: int, end: int, stages: int, why) -> list[int]:
-    """Filtering layers: the most prominent ILVAS maxima inside the window, else spread evenly."""
+    """Filtering layers: the most prominent ILVAS maxima inside the window that stand out of their spread
+    over the calibration samples, else spread evenly."""
     lo, hi = inject, end - 2
-    maxima = [l for l in local_extrema([x if x is not None else -1.0 for x in curves["ilvas_mean"]], lo, hi, "max")]
+    maxima, weak = significant_maxima(curves["ilvas_mean"], curves.get("ilvas_mean_per_sample"), lo, hi)
     chosen = sorted(maxima[:stages])
+    spread = f"over {curves.get('samples', '?')} calibration samples"
     if chosen:
-        why["drop_layers"] = f"ILVAS local maxima in L{lo}..L{hi}, the {len(chosen)} most prominent: {chosen}"
+        why["drop_layers"] = (
+            f"ILVAS local maxima in L{lo}..L{hi} that stand out of their spread {spread} "
+            f"(> {Z95:g} standard errors above both neighbours), the {len(chosen)} most prominent: {chosen}"
+        )
+        if weak:
+            why["drop_layers"] += f"; not {sorted(weak)}, within the spread"
         return chosen
     chosen = spread_layers(inject, end, max(1, min(stages, hi - lo + 1)))
-    why["drop_layers"] = f"ILVAS has no local maximum in L{lo}..L{hi}: {len(chosen)} layers spread over the window"
+    if weak:
+        why["drop_layers"] = (
+            f"ILVAS's local maxima in L{lo}..L{hi} ({sorted(weak)}) lie within their spread {spread} "
+            f"(not {Z95:g} standard errors above a neighbour): {len(chosen)} layers spread evenly over the window"
+        )
+    else:
+        why["drop_layers"] = f"ILVAS has no local maximum in L{lo}..L{hi}: {len(chosen)} layers spread over the window"
     return chosen
 
 
@@ -419,13 +649,13 @@ def _propose_keeps(L: int, n_vis: int, spec: dict, why) -> Schedule:
 
 
 def passive_shallow_layers(sweeps: dict, tolerance: float) -> int:
-    """The deepest injection layer whose score stays within `tolerance` of all tokens (1 = none passive)."""
+    """The deepest injection layer before the first one that loses more than `tolerance` points (its
+    paired interval wholly below -tolerance): 1 when injecting at the first swept layer already loses."""
     deepest = 1
-    for layer, score in zip(sweeps["layers"], sweeps["inject"]):
-        if score >= sweeps["all_tokens"] - tolerance:
-            deepest = layer
-        else:
+    for k, layer in enumerate(sweeps["layers"]):
+        if verdict(_point(sweeps, "inject", k)[1], tolerance) == "loses":
             break
+        deepest = layer
     return deepest
 
 

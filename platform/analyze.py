@@ -11,7 +11,15 @@ from typing import Callable, Optional
 
 import yaml
 
-from hidrop.diagnostics import default_budget, layer_curves, passive_shallow_layers, propose, run_sweeps
+from hidrop.diagnostics import (
+    default_budget,
+    describe_point,
+    layer_curves,
+    passive_shallow_layers,
+    propose,
+    run_sweeps,
+    sweep_statistics,
+)
 from hidrop.evaluation.harness import EvalError
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ExperimentConfig, flatten, validate_config
@@ -50,9 +58,13 @@ def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[
         curves = layer_curves(
             vlm, calibration, ilvas_k=a.ilvas_k, ilvas_n=a.ilvas_n, reference=a.reference, batch_size=a.batch_size
         )
-        sweeps = None
+        sweeps, signal_search = None, None
         if a.sweeps:
-            benches = benchmarks_for(cfg, limit=a.sweep_samples)
+            n = a.sweep_samples
+            if n is None:  # as many questions as it takes for the image to matter measurably
+                n, signal_search = choose_sweep_samples(lambda k: _signal(cfg, vlm, k), most=a.sweep_samples_max)
+                say(f"sweeps on {n} questions per benchmark (all tokens vs blind resolved there)")
+            benches = benchmarks_for(cfg, limit=n)
             say(f"exit and injection sweeps ({2 * len(range(2, vlm.num_layers + 1, a.sweep_stride))} schedules)")
             sweeps = run_sweeps(
                 vlm,
@@ -77,20 +89,40 @@ def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[
         exit_tolerance=a.exit_tolerance,
         onset_fraction=a.onset_fraction,
     )
-    findings = {}
+    findings, warnings = {}, []
     if sweeps is not None:
         passive = passive_shallow_layers(sweeps, a.exit_tolerance)
+        k = sweeps["layers"].index(passive) if passive in sweeps["layers"] else None
+        quoted = (
+            describe_point(
+                f"L{passive}",
+                sweeps["inject_diff"][k],
+                sweeps["inject_diff_interval"][k],
+                a.exit_tolerance,
+                sweeps["questions"],
+            )
+            if k is not None
+            else ""
+        )
         findings = {
             "deepest_passive_injection": passive,
             "shallow_layers_passive": passive > 1,
             "summary": (
-                f"injecting the image at L{passive} keeps the score within {a.exit_tolerance:g} points of all tokens: "
-                f"layers 1..{passive - 1} do not need it"
+                f"injecting the image at L{passive} is not shown to lose more than {a.exit_tolerance:g} points "
+                f"({quoted}): layers 1..{passive - 1} may do without it"
                 if passive > 1
-                else f"injecting the image after L1 already costs more than {a.exit_tolerance:g} points: "
+                else f"injecting the image after L1 already loses more than {a.exit_tolerance:g} points: "
                 "the shallow layers are not passive for this model"
             ),
         }
+        sig = sweeps["signal"]
+        if not sig["resolved"]:
+            lo, hi = sig["interval"]
+            warnings.append(
+                f"all tokens vs blind on the {sweeps['questions']} sweep questions: {sig['diff']:+.1f} "
+                f"[{lo:+.1f}, {hi:+.1f}] points, not significantly above blind: the sweeps cannot tell layers "
+                "apart here (raise analyze.sweep_samples, or the model barely uses the image)"
+            )
     out = Path(a.output) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -100,6 +132,8 @@ def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[
         "sweeps": sweeps,
         "proposal": proposal,
         "findings": findings,
+        "warnings": warnings,
+        "sweep_signal_search": signal_search,
         "wall_time_s": time.perf_counter() - start,
         "output": str(out),
     }
@@ -110,6 +144,47 @@ def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[
     result["files"] = sorted(str(p) for p in out.iterdir())
     _track(cfg, result, out)
     return result
+
+
+def choose_sweep_samples(measure: Callable[[int], dict], start: int = 48, most: int = 768) -> tuple[int, list[dict]]:
+    """The smallest n of start, 2 x start, ... (at most `most`) at which `measure(n)` (all tokens minus
+    blind on n questions per benchmark: {"diff", "interval", "questions"}) lies wholly above 0; the last
+    one tried when none does, or when the benchmarks run out of questions. Returns (n, every check)."""
+    tried: list[dict] = []
+    n = min(start, most)
+    while True:
+        check = {**measure(n), "samples": n}
+        exhausted = bool(tried) and check["questions"] <= tried[-1]["questions"]
+        tried.append(check)
+        if check["interval"][0] > 0 or n >= most or exhausted:
+            return n, tried
+        n = min(2 * n, most)
+
+
+def _signal(cfg: ExperimentConfig, vlm, n: int) -> dict:
+    """All tokens minus blind, paired, on `n` questions per benchmark of eval.benchmarks."""
+    from hidrop.evaluation.harness import evaluate
+    from hidrop.schedule import vanilla
+
+    report = evaluate(
+        vlm,
+        [vanilla(vlm.num_layers, vlm.num_vision_tokens)],  # folded into all tokens: two methods are run
+        benchmarks_for(cfg, limit=n),
+        baselines=["blind"],
+        mode=cfg.eval.mode,
+        batch_size=cfg.eval.batch_size,
+        seed=cfg.seed,
+        keep_records=True,
+        n_resamples=0,
+    )
+    records = {m.method: {b: e.records for b, e in m.benchmarks.items()} for m in report.methods}
+    stats = sweep_statistics(records, "all_tokens", seed=cfg.seed)
+    lo, hi = stats["blind"]["diff_interval"]
+    return {
+        "diff": -stats["blind"]["diff"],
+        "interval": [-hi, -lo],
+        "questions": sum(len(r) for r in records["all_tokens"].values()),
+    }
 
 
 def _proposed_experiment(base: dict, proposal: dict, cfg: ExperimentConfig) -> str:
@@ -139,23 +214,41 @@ def plot_curves(result: dict, path: Path) -> Path:
     panels = 4 if sw else 3
     fig, axes = plt.subplots(panels, 1, figsize=(7, 2.4 * panels), dpi=110, sharex=True)
     marks = [("inject", prop["inject_layer"], "#2a7fba"), ("exit", prop["exit_layer"], "#c23b22")]
-    axes[0].plot(layers, c["s_intra"], marker=".", c="#444")
+
+    def band(ax, key):  # mean +- 1.96 standard errors over the calibration samples
+        mean = [v if v is not None else float("nan") for v in c[key]]
+        se = [v if v is not None else float("nan") for v in c.get(key + "_se") or [0.0] * len(mean)]
+        ax.fill_between(
+            layers,
+            [m - 1.96 * e for m, e in zip(mean, se)],
+            [m + 1.96 * e for m, e in zip(mean, se)],
+            color="#888",
+            alpha=0.25,
+            lw=0,
+            label="95% band",
+        )
+        return mean
+
+    axes[0].plot(layers, band(axes[0], "s_intra"), marker=".", c="#444")
     axes[0].set_ylabel("S_intra")
-    axes[1].plot(layers, c["s_cross"], marker=".", c="#444")
+    axes[1].plot(layers, band(axes[1], "s_cross"), marker=".", c="#444")
     axes[1].set_ylabel("S_cross")
     for key, values in c["ilvas"].items():
         axes[2].plot(layers[: len(values)], values, lw=0.8, alpha=0.6, label=key)
-    axes[2].plot(layers, [v if v is not None else float("nan") for v in c["ilvas_mean"]], c="k", lw=1.6, label="mean")
+    axes[2].plot(layers, band(axes[2], "ilvas_mean"), c="k", lw=1.6, label="mean")
     axes[2].set_ylabel("ILVAS")
     axes[2].legend(fontsize=6, ncol=4)
     for d in prop["drops"]:
         axes[2].axvline(d["after_layer"], c="#d9822b", ls=":", lw=1)
     if sw:
-        axes[3].plot(sw["layers"], sw["exit"], marker=".", label="vision exits before L")
-        axes[3].plot(sw["layers"], sw["inject"], marker=".", label="vision injected at L")
+        for kind, label in (("exit", "vision exits before L"), ("inject", "vision injected at L")):
+            lows = [i[0] for i in sw.get(f"{kind}_interval") or [[x, x] for x in sw[kind]]]
+            highs = [i[1] for i in sw.get(f"{kind}_interval") or [[x, x] for x in sw[kind]]]
+            (line,) = axes[3].plot(sw["layers"], sw[kind], marker=".", label=label)
+            axes[3].fill_between(sw["layers"], lows, highs, color=line.get_color(), alpha=0.15, lw=0)
         axes[3].axhline(sw["all_tokens"], c="grey", ls="--", lw=0.8)
         axes[3].axhline(sw["blind"], c="grey", ls=":", lw=0.8)
-        axes[3].set_ylabel("score")
+        axes[3].set_ylabel(f"score ({sw.get('questions', sw['samples'])} q, 95%)")
         axes[3].legend(fontsize=7)
     for ax in axes:
         for name, layer, colour in marks:
@@ -180,14 +273,20 @@ def _track(cfg: ExperimentConfig, result: dict, out: Path) -> None:
     tracker.log_params({f"{N.PROPOSED}{k}": v for k, v in result["proposal"]["schedule_fields"].items()})
     c = result["curves"]
     for i in range(c["num_layers"]):
-        metrics = {N.S_INTRA: c["s_intra"][i], N.S_CROSS: c["s_cross"][i]}
-        if c["ilvas_mean"][i] is not None:
-            metrics[N.ILVAS_MEAN] = c["ilvas_mean"][i]
+        metrics = {}
+        for name in (N.S_INTRA, N.S_CROSS, N.ILVAS_MEAN):
+            for key in (name, name + N.SE_SUFFIX):
+                if c[key][i] is not None:
+                    metrics[key] = c[key][i]
         tracker.log_metrics(metrics, step=i + 1)
     sw = result["sweeps"]
     if sw:
-        for layer, e, j in zip(sw["layers"], sw["exit"], sw["inject"]):
-            tracker.log_metrics({N.EXIT_SWEEP_SCORE: e, N.INJECT_SWEEP_SCORE: j}, step=layer)
+        for k, layer in enumerate(sw["layers"]):
+            metrics = {N.EXIT_SWEEP_SCORE: sw["exit"][k], N.INJECT_SWEEP_SCORE: sw["inject"][k]}
+            for kind, name in (("exit", N.EXIT_SWEEP_DIFF), ("inject", N.INJECT_SWEEP_DIFF)):
+                lo, hi = sw[f"{kind}_diff_interval"][k]
+                metrics.update({name: sw[f"{kind}_diff"][k], name + N.LOW_SUFFIX: lo, name + N.HIGH_SUFFIX: hi})
+            tracker.log_metrics(metrics, step=layer)
         tracker.log_metrics({N.ALL_TOKENS_SCORE: sw["all_tokens"], N.BLIND_SCORE: sw["blind"]}, step=0)
     for path in out.iterdir():
         tracker.log_artifact(path, N.ANALYSIS_DIR)

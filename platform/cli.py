@@ -511,31 +511,47 @@ def analyze_command(
         title=f"{result['experiment']}: layer diagnostics on {c['samples']} samples ({result['wall_time_s']:.0f} s)"
     )
     sw = result["sweeps"]
-    cols = ["layer", "S_intra", "S_cross", "ILVAS (mean)"] + (["exit before L", "inject at L"] if sw else [])
+    cols = ["layer", "S_intra +- se", "S_cross +- se", "ILVAS (mean) +- se"]
+    cols += ["exit before L: vs all tokens [95%]", "inject at L: vs all tokens [95%]"] if sw else []
     for col in cols:
         table.add_column(col, justify="right")
-    by_layer = dict(zip(sw["layers"], zip(sw["exit"], sw["inject"]))) if sw else {}
+
+    def paired(kind: str, k: int) -> str:
+        lo, hi = sw[f"{kind}_diff_interval"][k]
+        return f"{sw[f'{kind}_diff'][k]:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+    def curve(key: str, i: int) -> str:
+        value, se = c[key][i], (c.get(key + "_se") or [None] * len(c[key]))[i]
+        if value is None:
+            return "-"
+        return f"{value:.3f}" + (f" +- {se:.3f}" if se is not None else "")
+
+    by_layer = {l: k for k, l in enumerate(sw["layers"])} if sw else {}
     drops = {d["after_layer"] for d in p["schedule"]["drops"]}
     for l in range(1, c["num_layers"] + 1):
-        ilvas = c["ilvas_mean"][l - 1]
         mark = (
             (" inj" if l == p["schedule"]["inject_layer"] else "")
             + (" exit" if l == p["schedule"]["exit_layer"] else "")
             + (" drop" if l in drops else "")
         )
-        row = [
-            f"L{l}{mark}",
-            f"{c['s_intra'][l - 1]:.3f}",
-            f"{c['s_cross'][l - 1]:.3f}",
-            "-" if ilvas is None else f"{ilvas:.3f}",
-        ]
+        row = [f"L{l}{mark}", curve("s_intra", l - 1), curve("s_cross", l - 1), curve("ilvas_mean", l - 1)]
         if sw:
-            e, j = by_layer.get(l, (None, None))
-            row += ["-" if e is None else f"{e:.1f}", "-" if j is None else f"{j:.1f}"]
+            k = by_layer.get(l)
+            row += ["-", "-"] if k is None else [paired("exit", k), paired("inject", k)]
         table.add_row(*row)
     out.print(table)
     if sw:
-        out.print(f"all tokens {sw['all_tokens']:.1f}, blind {sw['blind']:.1f} ({sw['samples']} samples)")
+        a_lo, a_hi = sw["all_tokens_interval"]
+        b_lo, b_hi = sw["blind_interval"]
+        s_lo, s_hi = sw["signal"]["interval"]
+        out.print(
+            f"all tokens {sw['all_tokens']:.1f} [{a_lo:.1f}, {a_hi:.1f}], blind {sw['blind']:.1f} "
+            f"[{b_lo:.1f}, {b_hi:.1f}] on {sw['questions']} questions; all tokens - blind "
+            f"{sw['signal']['diff']:+.1f} [{s_lo:+.1f}, {s_hi:+.1f}]",
+            highlight=False,
+        )
+    for warning in result.get("warnings", []):
+        out.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if result["findings"]:
         out.print(f"[bold]shallow layers:[/] {result['findings']['summary']}")
     out.print(f"[bold green]proposed[/] {p['plan']} (avg {p['avg_tokens']:.2f} tokens)")

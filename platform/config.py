@@ -419,7 +419,10 @@ class AnalyzeConfig(ConfigModel):
     model_config = ConfigDict(extra="forbid")
 
     samples: int = Field(default=32, gt=0)  # calibration samples for the layer curves
-    sweep_samples: int = Field(default=64, gt=0)  # per benchmark, for the exit / injection sweeps
+    # per benchmark, for the exit / injection sweeps; None: the smallest of 48, 96, ... (at most
+    # sweep_samples_max) at which all tokens is significantly above blind on this model
+    sweep_samples: Optional[int] = Field(default=None, gt=0)
+    sweep_samples_max: int = Field(default=768, gt=0)
     sweeps: bool = True
     sweep_stride: int = Field(default=1, gt=0)
     ilvas_k: list[int] = Field(default_factory=lambda: [5, 20, 50])

@@ -95,6 +95,10 @@ ALL_TOKENS_SCORE = "all_tokens_score"  # analyze's sweep endpoints
 BLIND_SCORE = "blind_score"
 EXIT_SWEEP_SCORE = "exit_sweep_score"
 INJECT_SWEEP_SCORE = "inject_sweep_score"
+SE_SUFFIX = "_se"  # a curve's standard error over the calibration samples: s_intra_se, s_cross_se, ilvas_mean_se
+EXIT_SWEEP_DIFF = "exit_sweep_diff"  # a sweep point minus all tokens, paired, with its 95% interval
+INJECT_SWEEP_DIFF = "inject_sweep_diff"
+LOW_SUFFIX, HIGH_SUFFIX = "_lo", "_hi"
 
 # per-benchmark metrics: PREFIX + benchmark name
 SCORE = "score/"  # the run's (or trial's) score

@@ -5,10 +5,12 @@ determinism, and `hidrop analyze` end to end on a tiny model (YAML that validate
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -22,10 +24,15 @@ from hidrop.diagnostics import (
     onset,
     plateau_start,
     propose,
+    questions_to_resolve,
     reference_image,
     run_sweeps,
+    significant_maxima,
+    sweep_statistics,
+    verdict,
 )
 from hidrop.evaluation.registry import get_benchmark
+from hidrop.evaluation.results import QuestionRecord
 from hidrop.tiny import tiny_vlm
 from hidrop_platform.config import load_config
 
@@ -191,7 +198,7 @@ def test_analyze_cli_writes_a_valid_yaml_plots_and_one_mlflow_run(tmp_path):
                 "eval": {"benchmarks": [{"name": "easy_vqa", "limit": 8}]},
                 "analyze": {
                     "samples": 6,
-                    "sweep_samples": 6,
+                    "sweep_samples_max": 12,  # no sweep_samples: grown until all tokens beats blind, here to 12
                     "ilvas_k": [3, 8],
                     "ilvas_n": [2],
                     "output": str(tmp_path / "out"),
@@ -219,6 +226,12 @@ def test_analyze_cli_writes_a_valid_yaml_plots_and_one_mlflow_run(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("tiny_analyze").experiment_id])
     assert len(runs) == 1 and len(client.get_metric_history(runs[0].info.run_id, "s_intra")) == 8
+    # the sweep size was searched; an unresolved all-tokens-vs-blind gap is warned about with its interval
+    sweeps = result["sweeps"]
+    assert [t["samples"] for t in result["sweep_signal_search"]] == [12] and sweeps["questions"] == 12
+    assert bool(result["warnings"]) == (not sweeps["signal"]["resolved"])
+    assert all(len(iv) == 2 and iv[0] <= iv[1] for iv in sweeps["exit_diff_interval"] + sweeps["inject_diff_interval"])
+    assert len(client.get_metric_history(runs[0].info.run_id, "exit_sweep_diff_lo")) == len(sweeps["layers"])
     # the proposal seeds a search as is
     from hidrop_platform.config import validate_config
 
@@ -234,3 +247,147 @@ def test_analyze_cli_writes_a_valid_yaml_plots_and_one_mlflow_run(tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "analyze.reference" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- decisions on intervals (issue: diagnostics that decide with intervals) -------------------------
+def _records(scores, units=None):
+    units = units or [str(i) for i in range(len(scores))]
+    return [
+        QuestionRecord(id=str(i), prediction="", score=float(x), unit=u) for i, (x, u) in enumerate(zip(scores, units))
+    ]
+
+
+def test_sweep_statistics_match_scipys_paired_bootstrap():
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(3)
+    hard = rng.random(300) < 0.4  # shared difficulty: both methods fail the hard questions more often
+    ref = ((rng.random(300) < 0.9) & ~hard) | (hard & (rng.random(300) < 0.3))
+    method = ref & (rng.random(300) < 0.9)
+    records = {"all_tokens": {"b": _records(ref)}, "x": {"b": _records(method)}}
+    ours = sweep_statistics(records, "all_tokens", n_resamples=4000, seed=1)["x"]
+    diff = 100.0 * (method.astype(float) - ref.astype(float))
+    theirs = bootstrap((diff,), np.mean, n_resamples=4000, method="percentile", random_state=2).confidence_interval
+    assert ours["diff"] == pytest.approx(diff.mean())
+    assert ours["diff_interval"] == pytest.approx([theirs.low, theirs.high], abs=1.0)
+    alone = bootstrap((100.0 * method,), np.mean, n_resamples=4000, method="percentile", random_state=2)
+    assert ours["interval"] == pytest.approx(list(alone.confidence_interval), abs=1.0)
+    # paired: far narrower than the two intervals' widths would suggest
+    width = ours["diff_interval"][1] - ours["diff_interval"][0]
+    assert width < 0.7 * (ours["interval"][1] - ours["interval"][0]) * math.sqrt(2)
+    # units resample whole: two identical questions per unit are one question's worth of evidence
+    units = [str(i // 2) for i in range(300)]
+    doubled = np.repeat(method[::2], 2)
+    grouped = sweep_statistics(
+        {"all_tokens": {"b": _records(np.ones(300), units)}, "x": {"b": _records(doubled, units)}}, "all_tokens"
+    )["x"]
+    flat = sweep_statistics({"all_tokens": {"b": _records(np.ones(300))}, "x": {"b": _records(doubled)}}, "all_tokens")[
+        "x"
+    ]
+    ratio = (grouped["interval"][1] - grouped["interval"][0]) / (flat["interval"][1] - flat["interval"][0])
+    assert 1.2 < ratio < 1.7  # about sqrt(2)
+
+
+def test_verdicts_and_the_questions_that_would_resolve_them():
+    assert [verdict(i, 2.0) for i in ([-5, -2.5], [-1.5, 3], [-4, 1])] == ["loses", "within", "inconclusive"]
+    # half-width 10 at 50 questions, 5 points from the threshold: 4x the questions halve the width
+    assert questions_to_resolve(-7.0, [-17.0, 3.0], 2.0, 50) == 200
+    assert questions_to_resolve(-2.0, [-5.0, 1.0], 2.0, 50) is None  # on the threshold: no n resolves it
+
+
+WITHIN = [-1.0, 1.0]
+
+
+def _sweeps_with(exit_points=None, inject_points=None, loses_before=None, questions=96, L=24):
+    """Sweeps over L2..L`L`: each point "within" ([-1, +1]) unless given as {layer: (diff, interval)};
+    exits before `loses_before` lose clearly."""
+    layers = list(range(2, L + 1))
+    out = {"layers": layers, "all_tokens": 70.0, "blind": 30.0, "questions": questions}
+    for kind, given in (("exit", exit_points or {}), ("inject", inject_points or {})):
+        diffs, intervals = [], []
+        for layer in layers:
+            if layer in given:
+                d, iv = given[layer]
+            elif kind == "exit" and loses_before and layer < loses_before:
+                d, iv = -20.0, [-24.0, -16.0]
+            elif kind == "inject" and given and layer > max(given):
+                d, iv = -20.0, [-24.0, -16.0]
+            else:
+                d, iv = 0.0, WITHIN
+            diffs.append(d)
+            intervals.append(iv)
+        out[kind] = [70 + d for d in diffs]
+        out[f"{kind}_diff"], out[f"{kind}_diff_interval"] = diffs, intervals
+    return out
+
+
+def test_the_proposal_follows_the_interval_not_the_point_estimate():
+    curves, _ = _constructed()  # the curves alone: inject at L6
+    # exit: L16's point (-1.0) is inside the 2-point tolerance, but its whole interval lies below it
+    sweeps = _sweeps_with(exit_points={16: (-1.0, [-3.5, -2.2])}, loses_before=16)
+    p = propose(curves, sweeps, avg_tokens=25.0)
+    assert p["schedule_fields"]["exit_layer"] == 17  # the point rule would say L16
+    assert "L16: -1.0 [-3.5, -2.2]" in p["why"]["exit_layer"] and "loses more" in p["why"]["exit_layer"]
+    # the reverse: L15's point (-3.0) is outside the tolerance, but its interval reaches above it
+    sweeps = _sweeps_with(exit_points={15: (-3.0, [-6.0, -0.5])}, loses_before=15)
+    p = propose(curves, sweeps, avg_tokens=25.0)
+    assert p["schedule_fields"]["exit_layer"] == 15  # the point rule would say L16
+    reason = p["why"]["exit_layer"]
+    assert "L15: -3.0 [-6.0, -0.5]" in reason and "inconclusive at 96 questions" in reason
+    assert f"about {questions_to_resolve(-3.0, [-6.0, -0.5], 2.0, 96)} would resolve it" in reason
+    # injection: L4's point (-1.5) is inside the tolerance, its interval wholly below: inject at L3
+    sweeps = _sweeps_with(inject_points={2: (0.0, WITHIN), 3: (-0.5, WITHIN), 4: (-1.5, [-2.9, -2.1])})
+    p = propose(curves, sweeps, avg_tokens=25.0)
+    assert p["schedule_fields"]["inject_layer"] == 3 and "L4: -1.5 [-2.9, -2.1]" in p["why"]["inject_layer"]
+    # the reverse: L4's point (-2.5) is outside, its interval reaches above -2: not shown to lose
+    sweeps = _sweeps_with(inject_points={2: (0.0, WITHIN), 3: (-0.5, WITHIN), 4: (-2.5, [-5.5, 0.5])})
+    p = propose(curves, sweeps, avg_tokens=25.0)
+    assert p["schedule_fields"]["inject_layer"] == 4  # injecting at L5 is the first that loses
+    assert "L5: -20.0 [-24.0, -16.0]" in p["why"]["inject_layer"]
+
+
+def test_ilvas_maxima_must_stand_out_of_their_spread():
+    L, n = 24, 32
+    rng = np.random.default_rng(0)
+    base = np.full(L, 0.5)
+    base[[8, 11, 14]] += 0.03  # bumps at L9, L12, L15
+    noisy = base + rng.normal(0, 0.3, size=(n, L))  # the bumps drown in the per-sample spread
+    noisy -= noisy.mean(0) - base  # the mean curve is exactly `base`: the same maxima by point estimate
+    clean = base + rng.normal(0, 0.003, size=(n, L))
+    clean -= clean.mean(0) - base
+    assert significant_maxima(list(base), clean.tolist(), 6, 20) == ([9, 12, 15], [])
+    assert significant_maxima(list(base), noisy.tolist(), 6, 20) == ([], [9, 12, 15])
+    curves, sweeps = _constructed(L)
+    curves = dict(curves, ilvas_mean=list(base), ilvas_mean_per_sample=noisy.tolist(), samples=n)
+    p = propose(curves, sweeps, avg_tokens=25.0, stages=3)
+    assert p["schedule_fields"]["drop_layers"] != [9, 12, 15]
+    assert "lie within their spread over 32 calibration samples" in p["why"]["drop_layers"]
+    curves["ilvas_mean_per_sample"] = clean.tolist()
+    p = propose(curves, sweeps, avg_tokens=25.0, stages=3)
+    assert p["schedule_fields"]["drop_layers"] == [9, 12, 15] and "stand out" in p["why"]["drop_layers"]
+
+
+def test_curve_standard_errors_are_the_spread_of_single_sample_curves(vlm, samples):
+    both = layer_curves(vlm, samples, ilvas_k=[3], ilvas_n=[2], batch_size=4)
+    singles = [layer_curves(vlm, [s], ilvas_k=[3], ilvas_n=[2]) for s in samples]
+    for key in ("s_intra", "s_cross", "ilvas_mean"):
+        rows = np.array([[np.nan if v is None else v for v in c[key]] for c in singles])
+        expected = rows.std(axis=0, ddof=1) / math.sqrt(len(samples))
+        got = np.array([np.nan if v is None else v for v in both[key + "_se"]])
+        assert np.allclose(got, expected, atol=1e-6, equal_nan=True), key
+    assert len(both["ilvas_mean_per_sample"]) == len(samples)
+
+
+def test_sweep_questions_grow_until_all_tokens_beats_blind():
+    from hidrop_platform.analyze import choose_sweep_samples
+
+    def measure(n):  # a true gap of 8 points, an interval half-width of 20 at 48 questions
+        half = 20 * math.sqrt(48 / n)
+        return {"diff": 8.0, "interval": [8.0 - half, 8.0 + half], "questions": n}
+
+    n, tried = choose_sweep_samples(measure, start=48, most=768)
+    assert n == 384 and [t["samples"] for t in tried] == [48, 96, 192, 384]
+    n, tried = choose_sweep_samples(measure, start=48, most=100)
+    assert n == 100 and tried[-1]["interval"][0] < 0  # the cap: the caller warns with this interval
+    n, tried = choose_sweep_samples(lambda k: {**measure(60), "questions": 60}, start=48)
+    assert n == 96 and len(tried) == 2  # the benchmark ran out of questions
