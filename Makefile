@@ -13,7 +13,7 @@ space := $(eval) $(eval)
 BASE_EXTRAS := $(subst $(space),$(comma),$(strip $(filter-out lmms,$(subst $(comma), ,$(EXTRAS)))))
 WANT_LMMS := $(filter lmms,$(subst $(comma), ,$(EXTRAS)))
 
-.PHONY: install demo test test-fast lint format bench wheel clean
+.PHONY: install demo test test-fast lint format bench wheel clean gpu-check gpu-wheels
 
 $(BIN)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,21 @@ test-fast: install
 # the LLaVA-1.5-7B shape in bf16 on a GPU; on a CPU each command falls back to bench.cpu_shape
 bench: install
 	for kind in prefill generate train; do $(BIN)/hidrop bench $$kind experiments/llava15_7b_hidrop.yaml || exit 1; done
+
+# Every GPU figure in one run: gpu_check.json + a table (README "GPU figures"). Needs no install and no
+# registry: on the GPU machine run `make gpu-check` (or platform/gpu_check.sh) with the wheels in .whl/.
+# Dry run on any CPU: make gpu-check GPU_CHECK_ARGS="--device cpu --tiny"
+GPU_CHECK_ARGS ?=
+gpu-check:
+	platform/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# the wheels the GPU machine lacks (its Python 3.12 has torch and an older transformers), into .whl/
+GPU_WHEELS := transformers==5.23.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+gpu-wheels:
+	mkdir -p .whl
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl $(GPU_WHEELS)
 
 # dist/hidrop-VERSION-py3-none-any.whl, built offline from a clean copy of the checkout (tracked and
 # untracked-but-not-ignored files); the Dockerfile installs it with platform/cluster/install.sh
