@@ -8,7 +8,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 py="${PYTHON:-$([ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/python" || echo python3)}"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
-if compgen -G "$root/.whl/*.whl" >/dev/null; then
+# the wheels are built for the GPU machine's CPython 3.12 (`make gpu-wheels`); another interpreter skips them
+if compgen -G "$root/.whl/*.whl" >/dev/null && "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$scratch/site" "$root"/.whl/*.whl
     export PYTHONPATH="$scratch/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
