@@ -17,9 +17,11 @@ Conventions (method.md sections 1-4), made explicit because the paper's prose an
 
 from __future__ import annotations
 
+import json
 import math
 import typing
 from enum import Enum
+from pathlib import Path
 from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -362,6 +364,25 @@ PRESETS = {
 }
 
 
+CHECKPOINT = "checkpoint"  # the preset name for "the schedule the model's checkpoint carries"
+
+
+def checkpoint_schedule(folder: str | Path) -> Optional[Schedule]:
+    """The schedule a checkpoint folder carries (config.json's `hidrop.schedule`, as
+    `VisionLanguageModel.save` writes it: learned keep counts included), None when it has none. Reads
+    only the JSON: no model is loaded. Raises ScheduleError for a file that is not such a config."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text()).get("hidrop") or {}
+        return Schedule.model_validate(meta["schedule"]) if meta.get("schedule") else None
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ScheduleError(f"{path}: not a readable checkpoint config ({e})") from None
+    except ValidationError as e:
+        raise ScheduleError(f"{path}: hidrop.schedule.{first_error_line(e)}") from None
+
+
 def preset(name: str, num_layers: int = 32, num_vision_tokens: int = 576) -> Schedule:
     """A named preset at the given depth and vision-token count."""
     if name not in PRESETS:
@@ -532,10 +553,27 @@ class ScheduleSpec(ConfigModel):
     def uses_curve(self) -> bool:
         return any(getattr(self, f) is not None for f in CURVE_FIELDS)
 
-    def resolve(self, num_layers: int, num_vision_tokens: int) -> Schedule:
+    def resolve(self, num_layers: int, num_vision_tokens: int, saved: Optional[Schedule] = None) -> Schedule:
+        """The schedule at this depth and token count. `saved`: the model checkpoint's own schedule, what
+        `preset: checkpoint` stands for (ScheduleError when there is none, or it is for another shape)."""
         fields = self.model_dump(exclude_none=True, exclude={"preset", *CURVE_FIELDS})
+        if self.preset == CHECKPOINT:
+            if saved is None:
+                raise ScheduleError(
+                    "preset 'checkpoint' needs a model.path whose config.json carries a schedule; this one has none"
+                )
+            if (saved.num_layers, saved.num_vision_tokens) != (num_layers, num_vision_tokens):
+                raise ScheduleError(
+                    f"preset 'checkpoint': the saved schedule is for {saved.num_layers} layers / "
+                    f"{saved.num_vision_tokens} tokens, the model has {num_layers} / {num_vision_tokens}"
+                )
+            base_schedule = saved
+        elif self.preset:
+            base_schedule = preset(self.preset, num_layers, num_vision_tokens)
+        else:
+            base_schedule = None
         if self.uses_curve():
-            base = preset(self.preset, num_layers, num_vision_tokens).model_dump() if self.preset else {}
+            base = base_schedule.model_dump() if base_schedule else {}
             base.update(fields)
             for key in ("drops", "num_layers", "num_vision_tokens"):
                 base.pop(key, None)
@@ -543,8 +581,8 @@ class ScheduleSpec(ConfigModel):
                 base["name"] = f"{self.preset}_curve" if self.preset else "pyramid"
             curve = self.model_dump(include=set(CURVE_FIELDS), exclude_none=True)
             return pyramid(num_layers, num_vision_tokens, **base, **curve)
-        if self.preset is not None:
-            base = preset(self.preset, num_layers, num_vision_tokens).model_dump()
+        if base_schedule is not None:
+            base = base_schedule.model_dump()
             base.update(fields)
             if self.drops is not None:  # explicit drops replace the preset's
                 base["drops"] = [d.model_dump() for d in self.drops]

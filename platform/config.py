@@ -14,16 +14,18 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hidrop.assets import shipped_experiment, shipped_experiments
+from hidrop.assets import shipped_experiment, shipped_experiments, shipped_path
 from hidrop.cost import ModelShape
 from hidrop.evaluation.published import load_published
 from hidrop.evaluation.registry import known_benchmarks
 from hidrop.schedule import (
+    CHECKPOINT,
     PRESETS,
     ConfigModel,
     Schedule,
     ScheduleError,
     ScheduleSpec,
+    checkpoint_schedule,
     first_error_line,
 )
 
@@ -483,7 +485,7 @@ class ExperimentConfig(ConfigModel):
                 raise ValueError(f"tune.seeds.{i}: give a preset name or a schedule mapping")
             try:  # a seed that cannot resolve would cost a failed trial (and a traceback) later
                 spec = ScheduleSpec(preset=seed) if isinstance(seed, str) else ScheduleSpec.model_validate(seed)
-                spec.resolve(shape.num_layers, shape.num_vision_tokens)
+                spec.resolve(shape.num_layers, shape.num_vision_tokens, self.saved_schedule(spec))
             except ValidationError as err:
                 raise ValueError(f"tune.seeds.{i}: {first_error_line(err)}") from None
             except ScheduleError as err:
@@ -495,12 +497,22 @@ class ExperimentConfig(ConfigModel):
         self.schedules()  # raise now, with the field named, rather than deep inside a run
         return self
 
+    def saved_schedule(self, spec: Optional[ScheduleSpec] = None) -> Optional[Schedule]:
+        """The schedule model.path's checkpoint carries (what `preset: checkpoint` names), read from its
+        config.json only when `spec` asks for it (or always without a spec)."""
+        if spec is not None and spec.preset != CHECKPOINT or not self.model.path:
+            return None
+        folder = Path(self.model.path)
+        if not folder.exists():
+            folder = shipped_path(self.model.path) or folder
+        return checkpoint_schedule(folder)
+
     def schedules(self) -> list[Schedule]:
         shape = self.model.shape
         out = []
         for where, spec in [("schedule", self.schedule)] + [(f"compare.{i}", s) for i, s in enumerate(self.compare)]:
             try:
-                out.append(spec.resolve(shape.num_layers, shape.num_vision_tokens))
+                out.append(spec.resolve(shape.num_layers, shape.num_vision_tokens, self.saved_schedule(spec)))
             except ValidationError as err:
                 raise ScheduleError(f"{where}: {first_error_line(err)}") from None
             except ScheduleError as err:

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hidrop_platform.cli import app
-from hidrop_platform.config import ConfigError, flatten, load_config
+from hidrop_platform.config import ConfigError, flatten, load_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -157,3 +157,38 @@ app(["eval", "experiments/mini_llava_eval.yaml", "--json"])
     assert json.loads(done.stdout) == {"ok": 1}
     for noise in ("python-level noise", "fd-level noise", "child noise"):
         assert noise in done.stderr
+
+
+def test_preset_checkpoint_is_the_schedule_the_model_carries(tmp_path):
+    """`preset: checkpoint` stands for the schedule saved with model.path (learned keep counts and all),
+    read from its config.json without loading the model; fields beside it adjust it as for any preset."""
+    from hidrop.schedule import DropEvent, Schedule
+    from hidrop.tiny import tiny_vlm
+
+    learned = Schedule(
+        num_layers=8,
+        num_vision_tokens=16,
+        inject_layer=2,
+        exit_layer=7,
+        drops=(DropEvent(after_layer=3, keep=5),),
+        name="learned",
+    )
+    tiny_vlm(seed=1).save(tmp_path / "trained", schedule=learned)
+    data = {
+        "name": "from_checkpoint",
+        "model": {"kind": "tiny_llava", "path": str(tmp_path / "trained")},
+        "schedule": {"preset": "checkpoint"},
+        "compare": [{"preset": "checkpoint", "exit_layer": 6, "name": "learned_exit6"}],
+        "tune": {"seeds": ["checkpoint", "vanilla"]},
+    }
+    cfg = validate_config(data)
+    assert cfg.main_schedule == learned
+    exit6 = cfg.schedules()[1]
+    assert exit6.exit_layer == 6 and exit6.drops == learned.drops and exit6.name == "learned_exit6"
+    tiny_vlm(seed=1).save(tmp_path / "plain")  # no schedule saved with it
+    with pytest.raises(
+        ConfigError, match="preset 'checkpoint' needs a model.path whose config.json carries a schedule"
+    ):
+        validate_config({**data, "model": {"kind": "tiny_llava", "path": str(tmp_path / "plain")}})
+    with pytest.raises(ConfigError, match="tune.seeds.0: preset 'checkpoint'"):
+        validate_config({**data, "schedule": {"preset": "vanilla"}, "compare": [], "model": {"kind": "tiny_llava"}})
