@@ -177,19 +177,13 @@ def sweep_statistics(
     benchmark's units (`record.unit`: a question, an image pair, a group) are resampled jointly for every
     method, so the question difficulty they share cancels from the differences. `records`: method ->
     benchmark -> records with .id, .unit, .score (the same questions for every method)."""
+    from hidrop.evaluation.uncertainty import unit_weights
+
     rng = np.random.default_rng(seed)
     ref = records[reference]
-    draws = {}  # benchmark -> (question order, unit of each question, resampled unit indices)
+    draws = {}  # benchmark -> (question order, each question's weight in every resample)
     for bench, recs in ref.items():
-        ids = [r.id for r in recs]
-        units = sorted({r.unit for r in recs})
-        unit_index = {u: k for k, u in enumerate(units)}
-        of_question = np.array([unit_index[r.unit] for r in recs])
-        picks = rng.integers(0, len(units), size=(n_resamples, len(units)))
-        # counts[r, u]: how often unit u is drawn in resample r; a question weighs its unit's count
-        counts = np.zeros((n_resamples, len(units)))
-        np.add.at(counts, (np.repeat(np.arange(n_resamples), len(units)), picks.ravel()), 1.0)
-        draws[bench] = (ids, counts[:, of_question])
+        draws[bench] = ([r.id for r in recs], unit_weights([r.unit for r in recs], n_resamples, rng))
     out = {}
     resampled = {}
     for method, benches in records.items():

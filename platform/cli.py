@@ -560,6 +560,42 @@ def analyze_command(
     out.print(f"experiment YAML: {result['output']}/proposed.yaml; curves: {result['output']}/curves.png")
 
 
+@app.command("compare")
+def compare_command(
+    specs: List[str] = typer.Argument(..., help="FILE:METHOD[=LABEL] per method, from hidrop eval --records files"),
+    reference: str = typer.Option(..., "--reference", help="the label every relative score is against"),
+    resamples: int = typer.Option(1000, "--resamples", help="bootstrap resamples"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Methods of different evaluations (e.g. two trained models) paired on the questions they share:
+    scores, relative scores and every pairwise difference with 95% bootstrap intervals."""
+    from hidrop_platform.compare import CompareError, compare
+
+    try:
+        result = compare(specs, reference, n_resamples=resamples)
+    except CompareError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    benches = list(result["benchmarks"])
+    table = Table(title=f"paired on {', '.join(f'{b} {n}' for b, n in result['benchmarks'].items())} questions")
+    for col in ("label", *benches, f"relative to {reference} [95%]"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        cells = [format_interval(r["scores"][b], r["intervals"][b]) for b in benches]
+        table.add_row(r["label"], *cells, format_interval(r["relative_score"], r["relative_interval"]))
+    out.print(table)
+    for p in result["pairs"]:
+        lo, hi = p["interval"]
+        out.print(
+            f"{p['a']} - {p['b']}: {p['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}] points, p = {p['p_value']:.3g}",
+            highlight=False,
+        )
+    for note in result["notes"]:
+        out.print(f"[dim]note: {note}[/]", highlight=False)
+
+
 def _clean(uri: Optional[str]) -> Optional[str]:
     """A --tracking-uri without its credentials (moved into the environment, where MLflow reads them)."""
     from hidrop_platform.config import credentials_to_env

@@ -76,6 +76,19 @@ class Resampler:
         return self._copies[key]
 
 
+def unit_weights(units: Sequence[str], n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_resamples, questions): how often each question is drawn when its units (`units[i]` is question
+    i's) are resampled with replacement. Weighted means of per-question scores by these rows are the
+    bootstrap means; every method weighed by the same rows is paired."""
+    names = sorted(set(units))
+    index = {u: k for k, u in enumerate(names)}
+    of_question = np.array([index[u] for u in units], dtype=int)
+    picks = rng.integers(0, len(names), size=(n_resamples, len(names)))
+    counts = np.zeros((n_resamples, len(names)))
+    np.add.at(counts, (np.repeat(np.arange(n_resamples), len(names)), picks.ravel()), 1.0)
+    return counts[:, of_question]
+
+
 def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]

@@ -1,0 +1,138 @@
+"""`hidrop compare`: methods of different record files paired by question id, against hand computation
+and scipy's paired bootstrap, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hidrop_platform.compare import CompareError, compare
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rows(method, bench, scores, start=0):
+    return [
+        {
+            "method": method,
+            "benchmark": bench,
+            "id": f"q{start + i}",
+            "unit": f"q{start + i}",
+            "prediction": "",
+            "score": float(s),
+        }
+        for i, s in enumerate(scores)
+    ]
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(0)
+    hard = rng.random(400) < 0.3
+    ref = (rng.random(400) < 0.85) & ~hard | hard & (rng.random(400) < 0.3)
+    hid = ref & (rng.random(400) < 0.95)
+    pdr = ref & (rng.random(400) < 0.85)
+    probes_ref, probes_h, probes_p = (rng.random(60) < q for q in (0.6, 0.55, 0.5))
+    a = _write(
+        tmp_path / "a.jsonl",
+        _rows("all_tokens", "easy_vqa", ref)
+        + _rows("hidrop_tok64", "easy_vqa", hid)
+        + _rows("all_tokens", "probes", probes_ref)
+        + _rows("hidrop_tok64", "probes", probes_h),
+    )
+    # model B scored one easy-vqa question more: it is left out, with a note
+    b = _write(
+        tmp_path / "b.jsonl",
+        _rows("pdrop_tok64", "easy_vqa", list(pdr) + [1.0]) + _rows("pdrop_tok64", "probes", probes_p),
+    )
+    return {"a": a, "b": b, "ref": ref, "hid": hid, "pdr": pdr, "probes": (probes_ref, probes_h, probes_p)}
+
+
+def test_relative_scores_and_paired_differences(files):
+    specs = [f"{files['a']}:all_tokens=vanilla", f"{files['a']}:hidrop_tok64=HiDrop", f"{files['b']}:pdrop_tok64=PDrop"]
+    result = compare(specs, "vanilla", n_resamples=4000)
+    rows = {r["label"]: r for r in result["rows"]}
+    pref, ph, pp = files["probes"]
+    hand = {
+        "HiDrop": 50 * (files["hid"].mean() / files["ref"].mean() + ph.mean() / pref.mean()),
+        "PDrop": 50 * (files["pdr"].mean() / files["ref"].mean() + pp.mean() / pref.mean()),
+    }
+    assert rows["vanilla"]["relative_score"] == pytest.approx(100.0) and rows["vanilla"]["relative_interval"] is None
+    for label, value in hand.items():
+        assert rows[label]["relative_score"] == pytest.approx(value)
+    assert result["benchmarks"] == {"easy_vqa": 400, "probes": 60}
+    assert any("easy_vqa: 400 questions every spec scored; 1" in n for n in result["notes"])
+    # the HiDrop - PDrop interval against scipy's paired bootstrap of the same statistic
+    from scipy.stats import bootstrap
+
+    pair = next(p for p in result["pairs"] if (p["a"], p["b"]) == ("HiDrop", "PDrop"))
+    assert pair["difference"] == pytest.approx(hand["HiDrop"] - hand["PDrop"])
+    assert compare(specs, "vanilla", n_resamples=4000)["pairs"] == result["pairs"]  # seeded: the same bounds
+
+    # one benchmark: the HiDrop - PDrop interval against scipy's paired bootstrap of the same statistic
+    e = _write(files["a"].with_name("e.jsonl"), _rows("all_tokens", "q", files["ref"]) + _rows("h", "q", files["hid"]))
+    f = _write(files["a"].with_name("f.jsonl"), _rows("p", "q", files["pdr"]))
+    only = compare([f"{e}:all_tokens=vanilla", f"{e}:h=HiDrop", f"{f}:p=PDrop"], "vanilla", n_resamples=4000)
+    ours = next(p for p in only["pairs"] if (p["a"], p["b"]) == ("HiDrop", "PDrop"))
+
+    def statistic(r, h, p):
+        return 100 * (h.mean() - p.mean()) / r.mean()
+
+    triple = tuple(files[k].astype(float) for k in ("ref", "hid", "pdr"))
+    theirs = bootstrap(
+        triple, statistic, paired=True, vectorized=False, n_resamples=4000, method="percentile", random_state=1
+    ).confidence_interval
+    assert ours["interval"] == pytest.approx([theirs.low, theirs.high], abs=1.0)
+    assert (ours["p_value"] < 0.05) == (ours["interval"][0] > 0 or ours["interval"][1] < 0)
+
+
+def test_bad_specs_are_one_line_errors(files, tmp_path):
+    a = files["a"]
+    cases = [
+        ([str(a)], "x", "expected FILE:METHOD"),
+        ([f"{tmp_path / 'none.jsonl'}:all_tokens"], "all_tokens@none", "no such records file"),
+        ([f"{a}:fastv=F", f"{a}:all_tokens=R"], "R", "no records of method 'fastv'; it holds all_tokens, hidrop_tok64"),
+        ([f"{a}:all_tokens=R", f"{a}:hidrop_tok64=R"], "R", "labels must differ"),
+        ([f"{a}:all_tokens=R"], "Q", "--reference 'Q' is none of the labels"),
+    ]
+    for specs, reference, message in cases:
+        with pytest.raises(CompareError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            compare(specs, reference)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hidrop_platform.cli",
+            "compare",
+            f"{a}:fastv=F",
+            f"{a}:all_tokens=R",
+            "--reference",
+            "R",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hidrop_platform.cli",
+            "compare",
+            f"{a}:all_tokens=R",
+            f"{a}:hidrop_tok64=H",
+            "--reference",
+            "R",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0 and json.loads(ok.stdout)["pairs"][0]["a"] == "R"
