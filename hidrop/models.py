@@ -270,6 +270,9 @@ class VisionLanguageModel:
     schedule: Optional[Schedule] = None  # the schedule attached to the checkpoint, if any
     vision_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # tests: a stand-in vision tower
     projector_trained: bool = True  # False for a freshly assembled mini-LLaVA (reports say so)
+    # the mini-LLaVA's LM is the packaged SmolLM2 as shipped (fresh, or a projector-only checkpoint): only
+    # then can an export hold LoRA factors alone (weights="adapter") and rebuild the same model
+    lm_as_packaged: bool = False
 
     @property
     def lm(self) -> PreTrainedModel:
@@ -482,6 +485,7 @@ def _load_described(folder: Path, config: dict, meta: dict, schedule, dtype, att
         vlm.model.projector.to(dtype)
         vlm.schedule, vlm.template = schedule, meta["template"]
         vlm.projector_trained = bool(meta.get("projector_trained", True))
+        vlm.lm_as_packaged = meta["weights"] == "projector"  # an adapter's factors are merged in now
         return vlm
     if meta.get("kind") == "mini_llava":
         if not (folder / WEIGHTS_FILE).is_file():
@@ -612,6 +616,7 @@ def mini_llava(
         image_processor=ImageProcessor(encoder.image_size, EFFICIENTNET_MEAN, EFFICIENTNET_STD, pad_to_square=True),
         kind="mini_llava",
         projector_trained=False,
+        lm_as_packaged=True,
     )
 
 

@@ -63,7 +63,8 @@ def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[
             n = a.sweep_samples
             if n is None:  # as many questions as it takes for the image to matter measurably
                 n, signal_search = choose_sweep_samples(lambda k: _signal(cfg, vlm, k), most=a.sweep_samples_max)
-                say(f"sweeps on {n} questions per benchmark (all tokens vs blind resolved there)")
+                resolved = signal_search[-1]["interval"][0] > 0
+                say(f"sweeps on {n} questions per benchmark" + (" (all tokens beats blind there)" if resolved else ""))
             benches = benchmarks_for(cfg, limit=n)
             say(f"exit and injection sweeps ({2 * len(range(2, vlm.num_layers + 1, a.sweep_stride))} schedules)")
             sweeps = run_sweeps(

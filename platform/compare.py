@@ -29,8 +29,8 @@ class CompareError(ValueError):
 
 def parse_spec(spec: str) -> tuple[str, Path, str]:
     """FILE:METHOD[=LABEL] -> (label, file, method); the label defaults to METHOD@FILE's stem."""
-    body, _, label = spec.partition("=")
-    path, sep, method = body.rpartition(":")
+    path, sep, rest = spec.rpartition(":")  # the file may hold ':' or '=' itself; METHOD=LABEL may not hold ':'
+    method, _, label = rest.partition("=")
     if not sep or not path or not method:
         raise CompareError(f"{spec!r}: expected FILE:METHOD[=LABEL], e.g. runs/hidrop.jsonl:hidrop_tok64=HiDrop")
     path = Path(path)
@@ -72,11 +72,16 @@ def compare(specs: list[str], reference: str, n_resamples: int = N_RESAMPLES, se
     benches = sorted(set.intersection(*(set(d) for d in data.values())))
     if not benches:
         raise CompareError("the specs share no benchmark")
+    if n_resamples < 1:
+        raise CompareError(f"--resamples {n_resamples}: give at least 1")
     rng = np.random.default_rng(seed)
     notes, stats, points, questions = [], {label: {} for label in labels}, {label: {} for label in labels}, {}
+    unshared = sorted(set.union(*(set(d) for d in data.values())) - set(benches))
+    if unshared:
+        notes.append(f"left out, not scored by every spec: {', '.join(unshared)} (the relative scores cover {benches})")
     for bench in benches:
         ids = sorted(set.intersection(*(set(d[bench]) for d in data.values())))
-        dropped = max(len(d[bench]) for d in data.values()) - len(ids)
+        dropped = len(set.union(*(set(d[bench]) for d in data.values()))) - len(ids)
         if not ids:
             raise CompareError(f"{bench}: the specs share no question")
         if dropped:
@@ -90,9 +95,14 @@ def compare(specs: list[str], reference: str, n_resamples: int = N_RESAMPLES, se
             stats[label][bench] = 100.0 * (weights @ scores) / weights.sum(axis=1)
     relative, rows = {}, []
     for label in labels:
+        if any(points[reference][b] == 0 for b in benches):
+            zero = [b for b in benches if points[reference][b] == 0]
+            raise CompareError(
+                f"the reference {reference!r} scores 0 on {', '.join(zero)}: no relative score is defined"
+            )
         with np.errstate(divide="ignore", invalid="ignore"):
             ratios = [stats[label][b] / stats[reference][b] for b in benches]
-            point = [points[label][b] / points[reference][b] if points[reference][b] else np.nan for b in benches]
+            point = [points[label][b] / points[reference][b] for b in benches]
         relative[label] = 100.0 * np.mean(ratios, axis=0)
         rows.append(
             {

@@ -96,8 +96,9 @@ def _flash_attn_available() -> bool:
 
 def run_sdpa_flash_parity(device: str, tiny: bool) -> dict:
     """Without flash-attn: the engine under SDPA restricted to its FlashAttention kernel vs SDPA's math
-    kernel, same fp16/bf16 weights, a left-padded batch under HiDrop; max |logit difference|. What this
-    checks is SDPA's flash kernel inside our masks, not the flash-attn package."""
+    kernel, same fp16 weights, an unpadded batch under HiDrop (SDPA's flash kernel takes no explicit
+    mask, so only the causal path reaches it); max |logit difference|. What this checks is SDPA's flash
+    kernel inside the engine's pruned stages, not the flash-attn package nor padded batches."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from hidrop.engine import ScheduledModel
@@ -109,8 +110,7 @@ def run_sdpa_flash_parity(device: str, tiny: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     n_vis, text = 16, 12
     ids = torch.randint(3, 120, (3, n_vis + text), generator=g).to(device)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding in one row
+    mask = torch.ones_like(ids)  # no padding: with a padding mask SDPA would refuse its flash kernel
     vision = torch.zeros_like(ids, dtype=torch.bool)
     vision[:, 4 : 4 + n_vis] = True
     feats = torch.randn(int(vision.sum()), 128, generator=g).to(device, dtype)
@@ -128,9 +128,14 @@ def run_sdpa_flash_parity(device: str, tiny: bool) -> dict:
             return {"ran": False, "reason": str(e).splitlines()[0][:300]}
     if out["flash"] is None:
         return {"ran": False, "reason": "SDPA's flash kernel needs CUDA"}
-    live = mask.bool()
-    gap = (out["flash"] - out["math"]).abs()[live].max().item()
-    return {"ran": True, "max_abs_logit_diff": gap, "dtype": str(dtype).removeprefix("torch."), "ok": gap < 2e-2}
+    gap = (out["flash"] - out["math"]).abs().max().item()
+    return {
+        "ran": True,
+        "max_abs_logit_diff": gap,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": "unpadded",
+        "ok": gap < 2e-2,
+    }
 
 
 # ---- 3. the parallel-decoupling gain --------------------------------------------------------------
@@ -370,8 +375,16 @@ def _goals(result: dict) -> dict:
         "hidrop_tok64_train_speedup": train,
         "train_goal_met": None if train is None else train >= GOALS["train_speedup"],
         "decoupling_gain_ms": result["decoupling"]["gain_ms"],
-        "decoupling_goal_met": result["decoupling"]["gain_ms"] > 0,
+        # paired by round: met when even the lower quartile of the per-round gains is above 0, not on a
+        # median difference that noise alone could make positive
+        "decoupling_gain_ms_lower_quartile": _lower_quartile_gain(result["decoupling"]),
+        "decoupling_goal_met": _lower_quartile_gain(result["decoupling"]) > 0,
     }
+
+
+def _lower_quartile_gain(d: dict) -> float:
+    gains = sorted(s - p for p, s in zip(d["parallel_ms_all"], d["sequential_ms_all"]))
+    return float(statistics.quantiles(gains, n=4)[0]) if len(gains) > 1 else float(gains[0])
 
 
 def table(result: dict) -> str:
@@ -435,6 +448,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(table(result))
     print(f"written: {args.out}")
+    tests = result.get("gpu_tests")
+    if tests is not None and tests["exit_code"] not in (0, 5):  # 5: pytest collected nothing to run
+        print(f"error: pytest -m gpu exited {tests['exit_code']}: see gpu_tests in {args.out}", file=sys.stderr)
+        return 1
     return 0
 
 

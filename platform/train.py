@@ -413,14 +413,15 @@ class _Checkpoint(Hook):
             ray.train.report(progress, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def export_weights(kind: str, t) -> str:
+def export_weights(vlm, t) -> str:
     """What an export of the mini-LLaVA holds beyond what ships in packages: the projector after stage 1,
-    the projector and LoRA factors after a LoRA stage 2; otherwise (other models, full finetunes) all."""
-    if kind != "mini_llava":
+    the projector and LoRA factors after a LoRA stage 2 on the LM as packaged; otherwise (other models,
+    full finetunes, LoRA on an LM that an earlier finetune or adapter already changed) all."""
+    if vlm.kind != "mini_llava":
         return "all"
-    if t.stage == "pretrain":
+    if t.stage == "pretrain" and vlm.lm_as_packaged:
         return "projector"
-    return "adapter" if t.lora else "all"
+    return "adapter" if t.lora and vlm.lm_as_packaged else "all"
 
 
 class _Export(Hook):
@@ -443,7 +444,7 @@ class _Export(Hook):
         import deepspeed
 
         folder = self.folder / ("final" if last else f"step-{step.step}")
-        weights = export_weights(self.vlm.kind, t)
+        weights = export_weights(self.vlm, t)
         self.vlm.projector_trained = True
         # ZeRO-3 partitions parameters: every rank gathers them, rank 0 writes
         gather = (

@@ -136,3 +136,18 @@ def test_bad_specs_are_one_line_errors(files, tmp_path):
         timeout=120,
     )
     assert ok.returncode == 0 and json.loads(ok.stdout)["pairs"][0]["a"] == "R"
+
+
+def test_paths_may_hold_equals_signs_and_unshared_benchmarks_are_named(files, tmp_path):
+    odd = tmp_path / "lr=2e-5"
+    odd.mkdir()
+    moved = _write(odd / "a.jsonl", [json.loads(line) for line in files["a"].read_text().splitlines()])
+    only_easy = _write(
+        tmp_path / "b.jsonl",
+        [r for r in map(json.loads, files["b"].read_text().splitlines()) if r["benchmark"] == "easy_vqa"],
+    )
+    result = compare([f"{moved}:all_tokens=ref", f"{only_easy}:pdrop_tok64=PDrop"], "ref", n_resamples=200)
+    assert result["benchmarks"] == {"easy_vqa": 400}
+    assert any("left out, not scored by every spec: probes" in n for n in result["notes"])
+    # the union minus the shared questions: the one easy-vqa question only b.jsonl has
+    assert any("easy_vqa: 400 questions every spec scored; 1 scored by some only" in n for n in result["notes"])

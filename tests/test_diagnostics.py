@@ -289,7 +289,7 @@ def test_sweep_statistics_match_scipys_paired_bootstrap():
 
 
 def test_verdicts_and_the_questions_that_would_resolve_them():
-    assert [verdict(i, 2.0) for i in ([-5, -2.5], [-1.5, 3], [-4, 1])] == ["loses", "within", "inconclusive"]
+    assert [verdict(i, 2.0) for i in ([-5, -2.5], [-1.5, 3], [-4, 1])] == ["loses", "clear", "inconclusive"]
     # half-width 10 at 50 questions, 5 points from the threshold: 4x the questions halve the width
     assert questions_to_resolve(-7.0, [-17.0, 3.0], 2.0, 50) == 200
     assert questions_to_resolve(-2.0, [-5.0, 1.0], 2.0, 50) is None  # on the threshold: no n resolves it
