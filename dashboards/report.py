@@ -5,7 +5,9 @@ What it reads (everything the other commands log, nothing else):
   blind scores, and its nested trial runs (relative score, per-benchmark scores, tokens, TFLOPs, hours);
 - training runs (`hidrop train`): accelerator-hours, tokens kept, TFLOPs per sample, loss, and scores
   when the run evaluated its model (`train.eval_after`);
-- the latest `hidrop analyze` run's curves.
+- the latest `hidrop analyze` run's curves;
+- the latest `hidrop compare --track` run: methods of several evaluations (e.g. four trained models, each
+  under its own schedule) paired by question, as Table 1 with intervals, per benchmark and family.
 
 What it writes to `out_dir` and, as artifacts under `report/`, on the sweep's parent run:
 `report.html` (one self-contained page: the PNGs are embedded), `pareto.png`, `training_cost.png`,
@@ -160,9 +162,58 @@ def collect(tracking_uri: str, experiment: str, sweep: Optional[str] = None) -> 
             "name": analyses[0].info.run_name,
             "proposed": N.strip_prefix(N.PROPOSED, analyses[0].data.params),
         }
-    if parent is None and not data["trainings"] and data["analysis"] is None:
-        raise ReportError(f"experiment {experiment!r} has no sweep, training or analysis runs yet")
+    data["comparison"] = _comparison(tracking_uri, runs)
+    if parent is None and not data["trainings"] and data["analysis"] is None and data["comparison"] is None:
+        raise ReportError(f"experiment {experiment!r} has no sweep, training, analysis or comparison runs yet")
     return data
+
+
+def _comparison(tracking_uri: str, runs: list) -> Optional[dict]:
+    """The newest finished `hidrop compare --track` run's result (compare/compare.json), or None."""
+    for run in runs:
+        if _tag(run, N.KIND) == N.KIND_COMPARE and run.info.status == "FINISHED":
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = download_artifact(tracking_uri, run.info.run_id, N.COMPARE_ARTIFACT, tmp)
+                    result = json.loads(Path(local).read_text())
+            except Exception:  # logged while offline without its artifact: try an older one
+                continue
+            return {**result, "run_id": run.info.run_id}
+    return None
+
+
+def comparison_columns(comparison: dict) -> list[str]:
+    """Benchmarks, each followed by its families."""
+    fams = comparison.get("families", {})
+    return [k for b in comparison["benchmarks"] for k in (b, *(f for f in fams if f.startswith(b + "/")))]
+
+
+def comparison_cells(comparison: dict, row: dict) -> list[str]:
+    """label, avg tokens, vision TFLOPs, every score with its interval, relative score with its interval."""
+    every = {**row["scores"], **row.get("families", {})}
+    bounds = {**row["intervals"], **row.get("family_intervals", {})}
+    return [
+        row["label"],
+        _fmt(row.get("avg_vision_tokens")),
+        _fmt(row.get("vision_tflops"), 4),
+        *(format_interval(every[k], bounds[k]) for k in comparison_columns(comparison)),
+        format_interval(row["relative_score"], row["relative_interval"]),
+    ]
+
+
+def comparison_markdown(comparison: dict) -> list[str]:
+    head = ["method", "avg tokens", "vision TFLOPs", *comparison_columns(comparison)]
+    head.append(f"% of {comparison['reference']} [95%]")
+    n = ", ".join(f"{b}: {q}" for b, q in comparison["benchmarks"].items())
+    lines = ["", f"Measured across evaluations, paired by question ({n} questions):", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(comparison_cells(comparison, r)) + " |" for r in comparison["rows"]]
+    lines.append("")
+    for p in comparison["pairs"]:
+        lo, hi = p["interval"]
+        diff = f"{p['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+        lines.append(f"- {p['a']} − {p['b']}: {diff} points, p = {p['p_value']:.3g}")
+    return lines
 
 
 def _sweep(parent, children: list) -> dict:
@@ -485,9 +536,14 @@ def _scores_text(scores: dict, digits: int = 1, signed: bool = False) -> str:
 
 
 def _markdown(
-    table: dict, trainings: list[dict], hours_label: str, positions: list[dict], confirm: Optional[dict] = None
+    table: dict,
+    trainings: list[dict],
+    hours_label: str,
+    positions: list[dict],
+    confirm: Optional[dict] = None,
+    comparison: Optional[dict] = None,
 ) -> str:
-    lines = []
+    lines = comparison_markdown(comparison) if comparison else []
     if table["rows"]:
         head = ["method", "avg tokens", *table["columns"], "Avg (%)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -517,18 +573,21 @@ def _markdown(
     if trainings:
         lines += [
             "",
-            f"| training run | stage | avg tokens | {hours_label} | vision TFLOPs | model TFLOPs | loss | scores | "
-            "Avg (% of all-tokens training) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"| training run | stage | avg tokens | {hours_label} | samples/s | vision TFLOPs | model TFLOPs | loss | "
+            "scores | Avg (% of all-tokens training) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for t in trainings:
             lines.append(
                 f"| {t['label']} | {t['stage']} | {_fmt(t['avg_vision_tokens'])} | {_fmt(t['accelerator_hours'], 4)} | "
+                f"{_fmt(t['samples_per_s'], 2)} | "
                 f"{_fmt(t['vision_tflops'], 4)} | {_fmt(t['model_tflops'], 4)} | {_fmt(t['loss'], 3)} | "
                 f"{_scores_text(t['scores'])} | {_fmt(t['vs_all_tokens_training'])} |"
             )
             for c in t["published"]:
                 pub, delta = _training_published_cells(c)
+                pub.insert(4, "")  # samples/s: no published figure
+                delta.insert(4, "")
                 lines.append("| " + " | ".join(pub) + " |")
                 lines.append("| " + " | ".join(delta) + " |")
     for group in positions:
@@ -674,6 +733,8 @@ def render_html(
     """The report as one self-contained page: header, sweep (Pareto plot, Table 1, all trials), training
     cost (Table 2), position encodings (Table 10), diagnostics."""
     parts = _html_header(data)
+    if data.get("comparison"):
+        parts += _html_comparison(data["comparison"])
     if data["sweep"]:
         parts += _html_sweep(data, table, figures)
     parts += _html_training(trainings, figures, hours_label)
@@ -708,6 +769,27 @@ def _html_header(data: dict) -> list[str]:
             + ")"
         )
     parts.append(".</p>")
+    return parts
+
+
+def _html_comparison(comparison: dict) -> list[str]:
+    head = ["method", "avg tokens", "vision TFLOPs", *comparison_columns(comparison)]
+    head.append(f"% of {comparison['reference']} [95%]")
+    n = ", ".join(f"{b}: {q}" for b, q in comparison["benchmarks"].items())
+    parts = [
+        "<h2 id='comparison'>Methods across evaluations (Table 1 layout)</h2>",
+        f"<p class='note'>Paired by question id ({html.escape(n)} questions); every score carries its 95% "
+        f"bootstrap interval; relative score against {html.escape(comparison['reference'])}.</p>",
+        _html_table(head, [comparison_cells(comparison, r) for r in comparison["rows"]]),
+        "<ul>",
+    ]
+    for p in comparison["pairs"]:
+        lo, hi = p["interval"]
+        parts.append(
+            f"<li>{html.escape(p['a'])} − {html.escape(p['b'])}: {p['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}] "
+            f"points, p = {p['p_value']:.3g}</li>"
+        )
+    parts.append("</ul>")
     return parts
 
 
@@ -914,7 +996,7 @@ def build_report(
             figures["curves"] = None
     (out / "report.html").write_text(render_html(data, table, trainings, figures, hours_label, positions))
     confirm = confirm_table(data)
-    (out / "report.md").write_text(_markdown(table, trainings, hours_label, positions, confirm))
+    (out / "report.md").write_text(_markdown(table, trainings, hours_label, positions, confirm, data["comparison"]))
     (out / "report.json").write_text(
         json.dumps(
             {
@@ -944,6 +1026,7 @@ def build_report(
         "trials": len(data["trials"]),
         "trainings": len(trainings),
         "position_tables": len(positions),
+        "comparison": bool(data["comparison"]),
         "diagnostics": bool(figures.get("curves")),
         "published_rows": sum(
             len(r["published"]) for r in [*table["rows"], *trainings, *(r for g in positions for r in g["rows"])]

@@ -564,27 +564,47 @@ def analyze_command(
 def compare_command(
     specs: List[str] = typer.Argument(..., help="FILE:METHOD[=LABEL] per method, from hidrop eval --records files"),
     reference: str = typer.Option(..., "--reference", help="the label every relative score is against"),
+    baseline: Optional[str] = typer.Option(
+        None, "--baseline", help="a label (e.g. blind) every other is compared with per benchmark and family"
+    ),
     resamples: int = typer.Option(1000, "--resamples", help="bootstrap resamples"),
+    track: Optional[str] = typer.Option(
+        None, "--track", help="also log the comparison to this MLflow experiment (read by hidrop report)"
+    ),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="with --track; default: the local store ./mlruns/mlflow.db"
+    ),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Methods of different evaluations (e.g. two trained models) paired on the questions they share:
-    scores, relative scores and every pairwise difference with 95% bootstrap intervals."""
-    from hidrop_platform.compare import CompareError, compare
+    scores per benchmark and family, relative scores and every pairwise difference with 95% bootstrap
+    intervals; with --baseline, where each label is significantly above it."""
+    from hidrop_platform.compare import CompareError, compare, log_comparison
+    from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri
 
     try:
-        result = compare(specs, reference, n_resamples=resamples)
+        result = compare(specs, reference, baseline=baseline, n_resamples=resamples)
     except CompareError as e:
         _fail(str(e))
+    if track:
+        try:
+            with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+                result["run_id"] = log_comparison(result, _clean(tracking_uri) or default_tracking_uri(), track)
+        except TrackingUnavailable as e:
+            _fail(str(e))
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    benches = list(result["benchmarks"])
+    keys = [k for b in result["benchmarks"] for k in (b, *(f for f in result["families"] if f.startswith(b + "/")))]
     table = Table(title=f"paired on {', '.join(f'{b} {n}' for b, n in result['benchmarks'].items())} questions")
-    for col in ("label", *benches, f"relative to {reference} [95%]"):
+    for col in ("label", "tokens", *keys, f"relative to {reference} [95%]"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
-        cells = [format_interval(r["scores"][b], r["intervals"][b]) for b in benches]
-        table.add_row(r["label"], *cells, format_interval(r["relative_score"], r["relative_interval"]))
+        every = {**r["scores"], **r["families"]}
+        bounds = {**r["intervals"], **r["family_intervals"]}
+        tokens = "-" if r["avg_vision_tokens"] is None else f"{r['avg_vision_tokens']:.1f}"
+        cells = [format_interval(every[k], bounds[k]) for k in keys]
+        table.add_row(r["label"], tokens, *cells, format_interval(r["relative_score"], r["relative_interval"]))
     out.print(table)
     for p in result["pairs"]:
         lo, hi = p["interval"]
@@ -592,8 +612,26 @@ def compare_command(
             f"{p['a']} - {p['b']}: {p['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}] points, p = {p['p_value']:.3g}",
             highlight=False,
         )
+    if baseline:
+        diffs = Table(title=f"minus {baseline}, paired (* : interval above 0)")
+        for col in ("label", *keys):
+            diffs.add_column(col, justify="right")
+        for r in result["rows"]:
+            if "vs_baseline" in r:
+                d = r["vs_baseline"]
+                diffs.add_row(
+                    r["label"],
+                    *(
+                        f"{d[k]['difference']:+.1f} [{d[k]['interval'][0]:+.1f}, {d[k]['interval'][1]:+.1f}]"
+                        + ("*" if d[k]["interval"][0] > 0 else "")
+                        for k in keys
+                    ),
+                )
+        out.print(diffs)
     for note in result["notes"]:
         out.print(f"[dim]note: {note}[/]", highlight=False)
+    if result.get("run_id"):
+        out.print(f"logged to MLflow experiment {track!r}, run {result['run_id']} (hidrop report {track})")
 
 
 def _clean(uri: Optional[str]) -> Optional[str]:

@@ -9,6 +9,11 @@ resampled jointly for every label, and each label gets its benchmark scores (100
 score) with intervals, its relative score against the reference (mean over benchmarks of label /
 reference x 100) with a paired interval, and every pair of labels its paired difference of relative
 scores with a bootstrap p-value.
+
+Records carry each question's family (the probe suite's), so every score is also given per family
+(`probes/counting`), resampled with the same draws. With a `baseline` label (usually blind), every
+label's paired difference to it per benchmark and family says where a model uses the image at all.
+Rows also carry each method's average vision tokens and vision TFLOPs when the records hold them.
 """
 
 from __future__ import annotations
@@ -16,15 +21,26 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from hidrop.evaluation.uncertainty import N_RESAMPLES, bootstrap_p, percentile_interval, unit_weights
+from hidrop.evaluation.uncertainty import N_RESAMPLES, bootstrap_p, mcnemar_p, percentile_interval, unit_weights
 
 
 class CompareError(ValueError):
     """A spec or record file that cannot be compared; one line for the user."""
+
+
+@dataclass
+class Records:
+    """One method's rows of a `--records` file: benchmark -> question id -> (unit, score, family)."""
+
+    questions: dict[str, dict[str, tuple[str, float, str]]]
+    avg_vision_tokens: Optional[float] = None
+    vision_tflops: Optional[float] = None
 
 
 def parse_spec(spec: str) -> tuple[str, Path, str]:
@@ -37,30 +53,55 @@ def parse_spec(spec: str) -> tuple[str, Path, str]:
     return (label or f"{method}@{path.name.split('.')[0]}"), path, method
 
 
-def read_records(path: Path, method: str) -> dict[str, dict[str, tuple[str, float]]]:
-    """benchmark -> question id -> (unit, score) of one method in a `--records` file."""
+def read_records(path: Path, method: str) -> Records:
+    """One method's records of a `--records` file."""
     if not path.is_file():
         raise CompareError(f"{path}: no such records file (write one with hidrop eval --records FILE.jsonl)")
     opener = gzip.open if path.name.endswith(".gz") else open
-    out: dict[str, dict[str, tuple[str, float]]] = {}
-    methods = set()
+    out: dict[str, dict[str, tuple[str, float, str]]] = {}
+    methods, costs = set(), {}
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
+            for line in f:
                 if not line.strip():
                     continue
                 row = json.loads(line)
                 methods.add(row["method"])
                 if row["method"] == method:
-                    out.setdefault(row["benchmark"], {})[str(row["id"])] = (str(row["unit"]), float(row["score"]))
+                    out.setdefault(row["benchmark"], {})[str(row["id"])] = (
+                        str(row["unit"]),
+                        float(row["score"]),
+                        str(row.get("family") or ""),
+                    )
+                    for key in ("avg_vision_tokens", "vision_tflops"):
+                        if row.get(key) is not None:
+                            costs[key] = float(row[key])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as e:
         raise CompareError(f"{path}: not a records file ({type(e).__name__}: {str(e)[:120]})") from None
     if not out:
         raise CompareError(f"{path}: no records of method {method!r}; it holds {', '.join(sorted(methods)) or 'none'}")
-    return out
+    return Records(out, **costs)
 
 
-def compare(specs: list[str], reference: str, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict:
+def _weighted_means(weights: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """100 x the bootstrap means; NaN where a resample drew none of these questions (a small family)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 100.0 * (weights @ scores) / weights.sum(axis=1)
+
+
+def _difference(stats_a, stats_b, point: float, a: np.ndarray, b: np.ndarray, per_question: bool) -> dict:
+    diff = stats_a - stats_b
+    p = mcnemar_p(a, b) if per_question else None
+    return {
+        "difference": point,
+        "interval": list(percentile_interval(diff)),
+        "p_value": bootstrap_p(diff) if p is None else p,
+    }
+
+
+def compare(
+    specs: list[str], reference: str, baseline: Optional[str] = None, n_resamples: int = N_RESAMPLES, seed: int = 0
+) -> dict:
     """The comparison as a JSON-ready dict (see the module docstring)."""
     parsed = [parse_spec(s) for s in specs]
     labels = [label for label, _, _ in parsed]
@@ -68,14 +109,22 @@ def compare(specs: list[str], reference: str, n_resamples: int = N_RESAMPLES, se
         raise CompareError(f"labels must differ: {labels} (name them with FILE:METHOD=LABEL)")
     if reference not in labels:
         raise CompareError(f"--reference {reference!r} is none of the labels {labels}")
-    data = {label: read_records(path, method) for label, path, method in parsed}
+    if baseline is not None and baseline not in labels:
+        raise CompareError(f"--baseline {baseline!r} is none of the labels {labels}")
+    loaded = {label: read_records(path, method) for label, path, method in parsed}
+    data = {label: r.questions for label, r in loaded.items()}
     benches = sorted(set.intersection(*(set(d) for d in data.values())))
     if not benches:
         raise CompareError("the specs share no benchmark")
     if n_resamples < 1:
         raise CompareError(f"--resamples {n_resamples}: give at least 1")
     rng = np.random.default_rng(seed)
-    notes, stats, points, questions = [], {label: {} for label in labels}, {label: {} for label in labels}, {}
+    notes, questions = [], {}
+    stats = {label: {} for label in labels}  # benchmark or benchmark/family -> resampled scores
+    points = {label: {} for label in labels}
+    raw: dict[str, dict[str, np.ndarray]] = {label: {} for label in labels}  # per-question scores per key
+    per_question: dict[str, bool] = {}
+    families: dict[str, list[str]] = {}
     unshared = sorted(set.union(*(set(d) for d in data.values())) - set(benches))
     if unshared:
         notes.append(f"left out, not scored by every spec: {', '.join(unshared)} (the relative scores cover {benches})")
@@ -87,32 +136,56 @@ def compare(specs: list[str], reference: str, n_resamples: int = N_RESAMPLES, se
         if dropped:
             notes.append(f"{bench}: {len(ids)} questions every spec scored; {dropped} scored by some only are left out")
         units = [data[reference][bench][i][0] for i in ids]
+        family_of = np.array([data[reference][bench][i][2] for i in ids])
         weights = unit_weights(units, n_resamples, rng)
         questions[bench] = len(ids)
+        one_per_unit = len(set(units)) == len(units)
+        groups = {bench: np.ones(len(ids), dtype=bool)}
+        families[bench] = sorted(f for f in set(family_of) if f) if len(set(family_of)) > 1 else []
+        for fam in families[bench]:
+            groups[f"{bench}/{fam}"] = family_of == fam
         for label in labels:
             scores = np.array([data[label][bench][i][1] for i in ids])
-            points[label][bench] = 100.0 * scores.mean()
-            stats[label][bench] = 100.0 * (weights @ scores) / weights.sum(axis=1)
+            for key, mask in groups.items():
+                raw[label][key] = scores[mask]
+                points[label][key] = 100.0 * scores[mask].mean()
+                stats[label][key] = _weighted_means(weights[:, mask], scores[mask])
+                per_question[key] = one_per_unit
+    zero = [b for b in benches if points[reference][b] == 0]
+    if zero:
+        raise CompareError(f"the reference {reference!r} scores 0 on {', '.join(zero)}: no relative score is defined")
+    family_keys = [f"{b}/{f}" for b in benches for f in families[b]]
     relative, rows = {}, []
     for label in labels:
-        if any(points[reference][b] == 0 for b in benches):
-            zero = [b for b in benches if points[reference][b] == 0]
-            raise CompareError(
-                f"the reference {reference!r} scores 0 on {', '.join(zero)}: no relative score is defined"
-            )
         with np.errstate(divide="ignore", invalid="ignore"):
             ratios = [stats[label][b] / stats[reference][b] for b in benches]
-            point = [points[label][b] / points[reference][b] for b in benches]
+        point = [points[label][b] / points[reference][b] for b in benches]
         relative[label] = 100.0 * np.mean(ratios, axis=0)
-        rows.append(
-            {
-                "label": label,
-                "scores": {b: points[label][b] for b in benches},
-                "intervals": {b: list(percentile_interval(stats[label][b])) for b in benches},
-                "relative_score": float(100.0 * np.mean(point)),
-                "relative_interval": None if label == reference else list(percentile_interval(relative[label])),
+        cost = loaded[label]
+        row = {
+            "label": label,
+            "scores": {b: points[label][b] for b in benches},
+            "intervals": {b: list(percentile_interval(stats[label][b])) for b in benches},
+            "families": {k: points[label][k] for k in family_keys},
+            "family_intervals": {k: list(percentile_interval(stats[label][k])) for k in family_keys},
+            "relative_score": float(100.0 * np.mean(point)),
+            "relative_interval": None if label == reference else list(percentile_interval(relative[label])),
+            "avg_vision_tokens": cost.avg_vision_tokens,
+            "vision_tflops": cost.vision_tflops,
+        }
+        if baseline is not None and label != baseline:
+            row["vs_baseline"] = {
+                k: _difference(
+                    stats[label][k],
+                    stats[baseline][k],
+                    points[label][k] - points[baseline][k],
+                    raw[label][k],
+                    raw[baseline][k],
+                    per_question[k],
+                )
+                for k in [*benches, *family_keys]
             }
-        )
+        rows.append(row)
     pairs = []
     for a, b in itertools.combinations(labels, 2):
         diff = relative[a] - relative[b]
@@ -129,8 +202,11 @@ def compare(specs: list[str], reference: str, n_resamples: int = N_RESAMPLES, se
         )
     return {
         "reference": reference,
+        "baseline": baseline,
         "benchmarks": questions,
+        "families": {k: int(len(raw[reference][k])) for k in family_keys},
         "n_resamples": n_resamples,
+        "specs": specs,
         "rows": rows,
         "pairs": pairs,
         "notes": notes
@@ -139,3 +215,43 @@ def compare(specs: list[str], reference: str, n_resamples: int = N_RESAMPLES, se
             "(the official aggregate for mean metrics such as VQA accuracy)"
         ],
     }
+
+
+def above_baseline(result: dict, label: str) -> list[str]:
+    """The benchmarks and families on which `label` scores significantly above the baseline."""
+    row = next(r for r in result["rows"] if r["label"] == label)
+    return [k for k, d in (row.get("vs_baseline") or {}).items() if d["interval"][0] > 0]
+
+
+def log_comparison(result: dict, tracking_uri: str, experiment: str) -> Optional[str]:
+    """The comparison as one MLflow run (hidrop.kind=compare): per label its relative score and bounds,
+    per benchmark and family its score, and the whole result as compare/compare.json, which `hidrop
+    report` reads for its Table 1 layout across evaluations. Returns the run id (None while offline)."""
+    from hidrop_platform import mlflow_names as N
+    from hidrop_platform.tracking import Tracker, prepare
+
+    prepare(tracking_uri, experiment)
+    tracker = Tracker(
+        tracking_uri, experiment, run_name=f"compare:{result['reference']}", tags={N.KIND: N.KIND_COMPARE}
+    ).start()
+    tracker.log_params(
+        {
+            N.COMPARE_REFERENCE: result["reference"],
+            N.COMPARE_BASELINE: result["baseline"] or "",
+            N.COMPARE_SPECS: " ".join(result["specs"])[:6000],
+        }
+    )
+    metrics: dict[str, float] = {}
+    for row in result["rows"]:
+        label = N.safe_metric_part(row["label"])
+        metrics[f"{N.RELATIVE_SCORE}/{label}"] = row["relative_score"]
+        if row["relative_interval"]:
+            metrics[f"{N.RELATIVE_SCORE_LOW}/{label}"], metrics[f"{N.RELATIVE_SCORE_HIGH}/{label}"] = row[
+                "relative_interval"
+            ]
+        for key, value in {**row["scores"], **row["families"]}.items():
+            metrics[f"{N.SCORE}{label}/{key}"] = value
+    tracker.log_metrics(metrics, step=0)
+    tracker.log_dict(result, N.COMPARE_ARTIFACT)
+    tracker.finish()
+    return tracker.run_id

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Mapping
 
 # ---- tags -------------------------------------------------------------------------------------------
-KIND = "hidrop.kind"  # what the run is: KIND_SWEEP / KIND_TRIAL / KIND_TRAIN / KIND_ANALYZE
+KIND = "hidrop.kind"  # what the run is: KIND_SWEEP / KIND_TRIAL / KIND_TRAIN / KIND_ANALYZE / KIND_COMPARE
 SWEEP = "hidrop.sweep"  # the sweep's name, on the parent and on every trial
 SEED = "hidrop.seed"  # "True" on a seed (preset) trial
 TRIAL_ID = "hidrop.trial_id"  # Ray Tune's trial id
@@ -27,6 +27,7 @@ PARENT_RUN = "mlflow.parentRunId"  # MLflow's own nesting tag
 BLIND_LEVEL_TAG = "hidrop.blind_level"  # "True" on a trial not significantly above blind: never a discovery
 
 KIND_SWEEP, KIND_TRIAL, KIND_TRAIN, KIND_ANALYZE = "sweep", "trial", "train", "analyze"
+KIND_COMPARE = "compare"  # `hidrop compare --track`: methods of several evaluations, paired by question
 
 # values of the STATUS tag
 RUNNING = "running"
@@ -163,3 +164,17 @@ def strip_prefix(prefix: str, values: Mapping[str, float | str]) -> dict:
 
 def model_step_dir(step: int) -> str:
     return f"{MODEL_DIR}/step-{step}"
+
+
+# ---- `hidrop compare --track` -------------------------------------------------------------------------
+COMPARE_REFERENCE = "compare.reference"  # param: the label relative scores are against
+COMPARE_BASELINE = "compare.baseline"  # param: the label differences are taken to (blind), or ""
+COMPARE_SPECS = "compare.specs"  # param: the FILE:METHOD=LABEL specs, space-separated
+COMPARE_ARTIFACT = "compare/compare.json"  # the whole comparison, read by dashboards/report.py
+
+
+def safe_metric_part(label: str) -> str:
+    """A label as MLflow accepts it inside a metric name (letters, digits, _ - . / and spaces)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", label)

@@ -151,3 +151,85 @@ def test_paths_may_hold_equals_signs_and_unshared_benchmarks_are_named(files, tm
     assert any("left out, not scored by every spec: probes" in n for n in result["notes"])
     # the union minus the shared questions: the one easy-vqa question only b.jsonl has
     assert any("easy_vqa: 400 questions every spec scored; 1 scored by some only" in n for n in result["notes"])
+
+
+def _family_rows(method, scores_by_family, start=0):
+    rows, i = [], start
+    for family, scores in scores_by_family.items():
+        for s in scores:
+            rows.append(
+                {
+                    "method": method,
+                    "benchmark": "probes",
+                    "id": f"p{i}",
+                    "unit": f"p{i}",
+                    "family": family,
+                    "prediction": "",
+                    "score": float(s),
+                    "avg_vision_tokens": 23.3 if method != "blind" else 0.0,
+                    "vision_tflops": 0.003,
+                }
+            )
+            i += 1
+    return rows
+
+
+def test_families_and_the_baseline_difference_follow_hand_computation_and_mcnemar(tmp_path):
+    """Per family: 100 x the mean over that family's questions, and (vs a baseline) the paired difference
+    with the exact McNemar p-value of the discordant pairs; a family far above blind is flagged, one at
+    blind level is not."""
+    from scipy.stats import binomtest
+
+    from hidrop_platform.compare import above_baseline
+
+    rng = np.random.default_rng(3)
+    n = 120
+    counting_ref = rng.random(n) < 0.9
+    counting_blind = rng.random(n) < 0.25  # far below: signal
+    spatial_ref = rng.random(n) < 0.5
+    spatial_blind = spatial_ref ^ (rng.random(n) < 0.1)  # the same answers but a few: no signal
+    f = _write(
+        tmp_path / "m.jsonl",
+        _family_rows("all_tokens", {"counting": counting_ref, "spatial": spatial_ref})
+        + _family_rows("blind", {"counting": counting_blind, "spatial": spatial_blind}),
+    )
+    result = compare([f"{f}:all_tokens=R", f"{f}:blind=B"], "R", baseline="B", n_resamples=2000)
+    rows = {r["label"]: r for r in result["rows"]}
+    assert result["families"] == {"probes/counting": n, "probes/spatial": n}
+    assert rows["R"]["families"]["probes/counting"] == pytest.approx(100 * counting_ref.mean())
+    assert rows["B"]["families"]["probes/spatial"] == pytest.approx(100 * spatial_blind.mean())
+    lo, hi = rows["R"]["family_intervals"]["probes/counting"]
+    assert lo < 100 * counting_ref.mean() < hi
+    assert rows["R"]["avg_vision_tokens"] == 23.3 and rows["B"]["avg_vision_tokens"] == 0.0
+    d = rows["R"]["vs_baseline"]["probes/counting"]
+    assert d["difference"] == pytest.approx(100 * (counting_ref.mean() - counting_blind.mean()))
+    only_r = int((counting_ref & ~counting_blind).sum())
+    only_b = int((~counting_ref & counting_blind).sum())
+    assert d["p_value"] == pytest.approx(binomtest(only_r, only_r + only_b, 0.5).pvalue)
+    assert above_baseline(result, "R") == ["probes", "probes/counting"]
+    assert "vs_baseline" not in rows["B"]
+    with pytest.raises(CompareError, match="--baseline 'X' is none of the labels"):
+        compare([f"{f}:all_tokens=R"], "R", baseline="X")
+
+
+def test_tracked_comparison_is_the_report_table(tmp_path, files):
+    """`--track` logs one compare run; `hidrop report` renders it as its Table 1 layout with intervals."""
+    from dashboards.report import build_report
+    from hidrop_platform.compare import log_comparison
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    specs = [f"{files['a']}:all_tokens=vanilla", f"{files['a']}:hidrop_tok64=HiDrop", f"{files['b']}:pdrop_tok64=PDrop"]
+    result = compare(specs, "vanilla", n_resamples=300)
+    run_id = log_comparison(result, uri, "cmp")
+    assert run_id
+    built = build_report(uri, "cmp", tmp_path / "report")
+    assert built["comparison"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    rows = {r["label"]: r for r in result["rows"]}
+    h = rows["HiDrop"]
+    lo, hi = h["relative_interval"]
+    assert f"| HiDrop | - | - | {h['scores']['easy_vqa']:.1f} [" in md
+    assert f"{h['relative_score']:.1f} [{lo:.1f}, {hi:.1f}]" in md
+    pair = next(p for p in result["pairs"] if p["a"] == "HiDrop" and p["b"] == "PDrop")
+    assert f"- HiDrop − PDrop: {pair['difference']:+.1f}" in md
+    assert "Methods across evaluations" in (tmp_path / "report" / "report.html").read_text()

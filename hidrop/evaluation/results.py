@@ -163,10 +163,12 @@ class EvalReport(BaseModel):
 
     def record_rows(self, methods: Optional[Collection[str]] = None) -> Iterator[dict]:
         """Every kept per-question record, flat: method, benchmark, then the record's fields (of `methods`
-        only, when given: a trial logs its own, not the sweep's stored reference)."""
+        only, when given: a trial logs its own, not the sweep's stored reference). Each row carries its
+        method's average vision tokens and vision TFLOPs, so a records file alone says what a score cost."""
         for m in self.methods:
             if methods is not None and m.method not in methods:
                 continue
+            cost = {"avg_vision_tokens": m.avg_vision_tokens, "vision_tflops": m.vision_tflops}
             for b, e in m.benchmarks.items():
                 for r in e.records or []:
-                    yield {"method": m.method, "benchmark": b, **r.model_dump()}
+                    yield {"method": m.method, "benchmark": b, **r.model_dump(), **cost}
