@@ -892,6 +892,15 @@ def _print_demo(result: dict) -> None:
         out.print(held)
         if confirm.get("optimism_gap") is not None:
             out.print(f"optimism gap of the searched winners (search - confirmed): {confirm['optimism_gap']:+.1f}")
+    trained = result.get("trained")
+    if trained:
+        paired = Table(title="Trained with the schedule active, on the same questions (paired)")
+        for col in ("model", "scores [95% CI]", "relative score [95% CI]"):
+            paired.add_column(col, justify="left" if col == "model" else "right")
+        for r in trained["rows"]:
+            scores = ", ".join(f"{b} {format_interval(v, r['intervals'][b])}" for b, v in r["scores"].items())
+            paired.add_row(r["label"], scores, format_interval(r["relative_score"], r["relative_interval"]))
+        out.print(paired)
     for t in result["trainings"]:
         out.print(f"trained {t['method']}: {t['wall_time_s']:.0f} s, final loss {t['loss']:.3f}")
     out.print(f"[bold]Report:[/] {Path(result['report']['html']).resolve()}")

@@ -1,13 +1,16 @@
 """`hidrop demo`: the whole platform on embedded defaults, in minutes, on a laptop-class CPU.
 
-1. a schedule search on the offline mini-LLaVA (trained projector shipped in checkpoints/): the paper's
-   presets (vanilla, FastV, PDrop, HiDrop Tok48/64/80) are its seed trials, then Optuna searches; trials
-   run in two rungs (a third, then all of the questions) with Pareto successive halving, every score
-   carries its paired 95% interval, and the seeds and the best front trials are confirmed on held-out
-   questions;
-2. two short LLaVA stage-2 (LoRA) trainings, all tokens and HiDrop, each scoring its model at the end,
-   so the report can compare what training cost;
-3. the report (dashboards/report.py) over the MLflow experiment `demo`.
+1. a schedule search on the offline mini-LLaVA trained through stage 2 with all tokens (shipped in
+   checkpoints/mini_llava_tok64_vanilla): the paper's presets (vanilla, FastV, PDrop, HiDrop Tok48/64/80)
+   are its seed trials, then Optuna searches; trials run in two rungs (a third, then all of the questions)
+   with Pareto successive halving, every score carries its paired 95% interval, and the seeds and the
+   best front trials are confirmed on held-out questions;
+2. the HiDrop-trained model (checkpoints/mini_llava_tok64_hidrop) scored under its own schedule on the
+   search's questions and paired with the search's all-tokens and blind rows (`hidrop compare --track`):
+   what training with the schedule active buys over applying it training-free;
+3. two short LLaVA stage-2 (LoRA) trainings from the stage-1 projector, all tokens and HiDrop, each
+   scoring its model at the end, so the report can compare what training cost;
+4. the report (dashboards/report.py) over the MLflow experiment `demo`.
 
 Everything is local: Ray on this machine, MLflow in ./mlruns, Tune and Train state in ./runs/demo.
 The configs are built here (not read from experiments/) so the demo works from any directory.
@@ -28,7 +31,9 @@ from hidrop_platform.train import run_training
 from hidrop_platform.tune import run_tune
 
 EXPERIMENT = "demo"
-PROJECTOR = "checkpoints/mini_llava_projector"  # the shipped copy (hidrop.assets), found by build_model
+PROJECTOR = "checkpoints/mini_llava_projector"  # the shipped copies (hidrop.assets), found by build_model
+STAGE2 = "checkpoints/mini_llava_tok64_vanilla"  # stage 2 with all tokens: the model the search prunes
+TRAINED_HIDROP = "checkpoints/mini_llava_tok64_hidrop"  # stage 2 with HiDrop Tok64 active
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def sweep_config(size: DemoSize, stamp: str) -> dict:
     return {
         "name": "demo_search",
         "description": "hidrop demo: paper presets and a small Optuna search on the offline mini-LLaVA",
-        "model": {"kind": "mini_llava", "feature": "block10", "path": PROJECTOR},
+        "model": {"kind": "mini_llava", "feature": "block10", "path": STAGE2},
         "schedule": {"preset": "hidrop_tok64"},
         "eval": {"benchmarks": _benchmarks(size), "baselines": [], "mode": "auto", "batch_size": 8},
         "tracking": {"experiment": EXPERIMENT},
@@ -98,6 +103,42 @@ def sweep_config(size: DemoSize, stamp: str) -> dict:
             },
         },
     }
+
+
+def trained_config(size: DemoSize) -> dict:
+    """The HiDrop-trained model under the schedule it was trained with, on the search's benchmarks."""
+    return {
+        "name": "demo_trained_hidrop",
+        "model": {"kind": "mini_llava", "feature": "block10", "path": TRAINED_HIDROP},
+        "schedule": {"preset": "checkpoint"},
+        "eval": {"benchmarks": _benchmarks(size), "baselines": [], "mode": "auto", "batch_size": 8},
+        "tracking": {"experiment": EXPERIMENT},
+    }
+
+
+def compare_trained(size: DemoSize, sweep_dir: Path, uri: str) -> dict:
+    """Score the HiDrop-trained model on the search's questions and pair it, by question, with the
+    search's stored all-tokens and blind records; logged as a compare run the report shows."""
+    from hidrop_platform import mlflow_names as N
+    from hidrop_platform.compare import compare, log_comparison
+    from hidrop_platform.evaluate import run_eval, write_records
+
+    cfg = validate_config(trained_config(size), "hidrop demo")
+    report = run_eval(cfg, keep_records=True)
+    trained = sweep_dir / "trained_hidrop.jsonl.gz"
+    write_records(report, trained)
+    stored = sweep_dir / N.RECORDS_FILE
+    result = compare(
+        [
+            f"{stored}:all_tokens=all tokens (stage 2)",
+            f"{stored}:blind=blind",
+            f"{trained}:{cfg.main_schedule.name}=HiDrop-trained",
+        ],
+        reference="all tokens (stage 2)",
+        baseline="blind",
+    )
+    result["run_id"] = log_comparison(result, uri, EXPERIMENT)
+    return result
 
 
 def train_config(size: DemoSize, stamp: str, method: str) -> dict:
@@ -162,7 +203,7 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
 
     progress = progress or DemoProgress()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    stages = 2 + (size.train_steps > 0) * 2
+    stages = 3 + (size.train_steps > 0) * 2
     start = time.perf_counter()
     timings: dict[str, float] = {}
     quiet_libraries()
@@ -180,13 +221,22 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
     summary = run_tune(validate_config(base, "hidrop demo"), base, progress=progress.sweep)
     timings["search_s"] = time.perf_counter() - t0
 
+    progress.stage(
+        "the HiDrop-trained model on the same questions, paired with all tokens and blind", 2, stages, "trained"
+    )
+    t0 = time.perf_counter()
+    uri = default_tracking_uri()
+    sweep_dir = Path(base["tune"]["storage_path"]).resolve() / base["tune"]["name"]
+    trained = compare_trained(size, sweep_dir, uri)
+    timings["trained_s"] = time.perf_counter() - t0
+
     trainings = []
     if size.train_steps > 0:
         for i, method in enumerate(("vanilla", "hidrop")):
             progress.stage(
                 f"training with {method}: {size.train_steps} LoRA steps on 1 Ray worker (DeepSpeed ZeRO-2), "
                 "then scored",
-                2 + i,
+                3 + i,
                 stages,
                 f"train {method}",
             )
@@ -206,7 +256,6 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
 
     progress.stage(f"report: {report_dir}", stages, stages, "report")
     t0 = time.perf_counter()
-    uri = default_tracking_uri()
     report = build_report(uri, EXPERIMENT, report_dir, sweep=summary["sweep"])
     timings["report_s"] = time.perf_counter() - t0
     return {
@@ -224,6 +273,14 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
         "notes": summary["notes"],
         "confirm": summary.get("confirm"),
         "trials": [{k: r.get(k) for k in TRIAL_FIELDS} for r in summary["trials"]],
+        "trained": {
+            "rows": [
+                {k: r[k] for k in ("label", "scores", "intervals", "relative_score", "relative_interval")}
+                for r in trained["rows"]
+            ],
+            "pairs": trained["pairs"],
+            "run_id": trained["run_id"],
+        },
         "trainings": trainings,
         "report": report,
         "timings_s": timings,

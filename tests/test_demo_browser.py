@@ -70,6 +70,12 @@ def test_demo_logs_everything_and_builds_the_report(demo):
         r["label"] for r in confirm["rows"]
     }
     assert "Held-out confirmation" in Path(report["html"]).read_text()
+    # the HiDrop-trained model on the search's questions, paired with its all-tokens and blind rows
+    trained = result["trained"]
+    assert [r["label"] for r in trained["rows"]] == ["all tokens (stage 2)", "blind", "HiDrop-trained"]
+    compares = [r for r in runs if r.data.tags.get("hidrop.kind") == "compare"]
+    assert [r.info.run_id for r in compares] == [trained["run_id"]] and report["comparison"]
+    assert "HiDrop-trained" in Path(report["html"]).read_text()
 
 
 def _free_port() -> int:

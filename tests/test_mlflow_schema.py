@@ -96,7 +96,15 @@ def _write_analysis(tmp: Path) -> Path:
 
 
 # the kinds kept in the snapshot; the other seeds (fastv, pdrop, hidrop_tok48/80) write what these do
-KINDS = {"sweep", "trial:seed:vanilla", "trial:seed:hidrop_tok64", "trial:searched", "train:vanilla", "train:hidrop"}
+KINDS = {
+    "sweep",
+    "trial:seed:vanilla",
+    "trial:seed:hidrop_tok64",
+    "trial:searched",
+    "train:vanilla",
+    "train:hidrop",
+    "compare",
+}
 
 
 @pytest.mark.slow
