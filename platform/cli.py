@@ -567,6 +567,9 @@ def compare_command(
     baseline: Optional[str] = typer.Option(
         None, "--baseline", help="a label (e.g. blind) every other is compared with per benchmark and family"
     ),
+    relative: Optional[str] = typer.Option(
+        None, "--relative", help="comma-separated benchmarks the relative score averages (default: all shared)"
+    ),
     resamples: int = typer.Option(1000, "--resamples", help="bootstrap resamples"),
     track: Optional[str] = typer.Option(
         None, "--track", help="also log the comparison to this MLflow experiment (read by hidrop report)"
@@ -583,7 +586,8 @@ def compare_command(
     from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri
 
     try:
-        result = compare(specs, reference, baseline=baseline, n_resamples=resamples)
+        over = [b.strip() for b in relative.split(",") if b.strip()] if relative else None
+        result = compare(specs, reference, baseline=baseline, n_resamples=resamples, relative_over=over)
     except CompareError as e:
         _fail(str(e))
     if track:

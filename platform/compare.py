@@ -100,9 +100,15 @@ def _difference(stats_a, stats_b, point: float, a: np.ndarray, b: np.ndarray, pe
 
 
 def compare(
-    specs: list[str], reference: str, baseline: Optional[str] = None, n_resamples: int = N_RESAMPLES, seed: int = 0
+    specs: list[str],
+    reference: str,
+    baseline: Optional[str] = None,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    relative_over: Optional[list[str]] = None,
 ) -> dict:
-    """The comparison as a JSON-ready dict (see the module docstring)."""
+    """The comparison as a JSON-ready dict (see the module docstring). `relative_over`: the benchmarks the
+    relative score averages (default: every shared one); the others are still scored, with intervals."""
     parsed = [parse_spec(s) for s in specs]
     labels = [label for label, _, _ in parsed]
     if len(set(labels)) != len(labels):
@@ -151,15 +157,22 @@ def compare(
                 points[label][key] = 100.0 * scores[mask].mean()
                 stats[label][key] = _weighted_means(weights[:, mask], scores[mask])
                 per_question[key] = one_per_unit
-    zero = [b for b in benches if points[reference][b] == 0]
+    averaged = benches
+    if relative_over:
+        missing = [b for b in relative_over if b not in benches]
+        if missing:
+            raise CompareError(f"--relative {','.join(missing)}: not a benchmark every spec scored ({benches})")
+        averaged = [b for b in benches if b in relative_over]
+        notes.append(f"relative scores over {', '.join(averaged)} only (--relative)")
+    zero = [b for b in averaged if points[reference][b] == 0]
     if zero:
         raise CompareError(f"the reference {reference!r} scores 0 on {', '.join(zero)}: no relative score is defined")
     family_keys = [f"{b}/{f}" for b in benches for f in families[b]]
     relative, rows = {}, []
     for label in labels:
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = [stats[label][b] / stats[reference][b] for b in benches]
-        point = [points[label][b] / points[reference][b] for b in benches]
+            ratios = [stats[label][b] / stats[reference][b] for b in averaged]
+        point = [points[label][b] / points[reference][b] for b in averaged]
         relative[label] = 100.0 * np.mean(ratios, axis=0)
         cost = loaded[label]
         row = {
@@ -203,6 +216,7 @@ def compare(
     return {
         "reference": reference,
         "baseline": baseline,
+        "relative_over": averaged,
         "benchmarks": questions,
         "families": {k: int(len(raw[reference][k])) for k in family_keys},
         "n_resamples": n_resamples,

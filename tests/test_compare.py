@@ -233,3 +233,13 @@ def test_tracked_comparison_is_the_report_table(tmp_path, files):
     pair = next(p for p in result["pairs"] if p["a"] == "HiDrop" and p["b"] == "PDrop")
     assert f"- HiDrop − PDrop: {pair['difference']:+.1f}" in md
     assert "Methods across evaluations" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_relative_over_a_subset_of_benchmarks(files):
+    specs = [f"{files['a']}:all_tokens=vanilla", f"{files['a']}:hidrop_tok64=HiDrop"]
+    result = compare(specs, "vanilla", n_resamples=300, relative_over=["easy_vqa"])
+    h = next(r for r in result["rows"] if r["label"] == "HiDrop")
+    assert h["relative_score"] == pytest.approx(100 * files["hid"].mean() / files["ref"].mean())
+    assert "probes" in h["scores"] and result["relative_over"] == ["easy_vqa"]
+    with pytest.raises(CompareError, match="--relative mme: not a benchmark every spec scored"):
+        compare(specs, "vanilla", relative_over=["mme"])
