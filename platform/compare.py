@@ -201,7 +201,8 @@ def compare(
         rows.append(row)
     pairs = []
     for a, b in itertools.combinations(labels, 2):
-        diff = relative[a] - relative[b]
+        with np.errstate(invalid="ignore"):  # a resample whose ratio is undefined stays NaN, then ignored
+            diff = relative[a] - relative[b]
         ra = next(r for r in rows if r["label"] == a)["relative_score"]
         rb = next(r for r in rows if r["label"] == b)["relative_score"]
         pairs.append(
