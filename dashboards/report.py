@@ -30,6 +30,7 @@ from hidrop.evaluation.paper import PAPER_BENCHMARKS, comparison_rows, format_de
 from hidrop.evaluation.published import PublishedError, comparisons_for, exact_preset, method_from_name, model_key
 from hidrop.evaluation.uncertainty import format_interval
 from hidrop_platform import mlflow_names as N
+from hidrop_platform.compare import columns, pair_text
 from hidrop_platform.pareto import plot_pareto
 from hidrop_platform.sweep import CONFIRM_COLUMNS, TrialRecord, confirm_rows, front_mark, summarize_sweep
 from hidrop_platform.tracking import (
@@ -182,12 +183,6 @@ def _comparison(tracking_uri: str, runs: list) -> Optional[dict]:
     return None
 
 
-def comparison_columns(comparison: dict) -> list[str]:
-    """Benchmarks, each followed by its families."""
-    fams = comparison.get("families", {})
-    return [k for b in comparison["benchmarks"] for k in (b, *(f for f in fams if f.startswith(b + "/")))]
-
-
 def comparison_cells(comparison: dict, row: dict) -> list[str]:
     """label, avg tokens, vision TFLOPs, every score with its interval, relative score with its interval."""
     every = {**row["scores"], **row.get("families", {})}
@@ -196,23 +191,24 @@ def comparison_cells(comparison: dict, row: dict) -> list[str]:
         row["label"],
         _fmt(row.get("avg_vision_tokens")),
         _fmt(row.get("vision_tflops"), 4),
-        *(format_interval(every[k], bounds[k]) for k in comparison_columns(comparison)),
+        *(format_interval(every[k], bounds[k]) for k in columns(comparison)),
         format_interval(row["relative_score"], row["relative_interval"]),
     ]
 
 
+def _comparison_head(comparison: dict) -> tuple[list[str], str]:
+    """The comparison table's header and its question counts."""
+    head = ["method", "avg tokens", "vision TFLOPs", *columns(comparison), f"% of {comparison['reference']} [95%]"]
+    return head, ", ".join(f"{b}: {q}" for b, q in comparison["benchmarks"].items())
+
+
 def comparison_markdown(comparison: dict) -> list[str]:
-    head = ["method", "avg tokens", "vision TFLOPs", *comparison_columns(comparison)]
-    head.append(f"% of {comparison['reference']} [95%]")
-    n = ", ".join(f"{b}: {q}" for b, q in comparison["benchmarks"].items())
+    head, n = _comparison_head(comparison)
     lines = ["", f"Measured across evaluations, paired by question ({n} questions):", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(comparison_cells(comparison, r)) + " |" for r in comparison["rows"]]
     lines.append("")
-    for p in comparison["pairs"]:
-        lo, hi = p["interval"]
-        diff = f"{p['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
-        lines.append(f"- {p['a']} − {p['b']}: {diff} points, p = {p['p_value']:.3g}")
+    lines += [f"- {pair_text(p, '−')}" for p in comparison["pairs"]]
     return lines
 
 
@@ -773,24 +769,16 @@ def _html_header(data: dict) -> list[str]:
 
 
 def _html_comparison(comparison: dict) -> list[str]:
-    head = ["method", "avg tokens", "vision TFLOPs", *comparison_columns(comparison)]
-    head.append(f"% of {comparison['reference']} [95%]")
-    n = ", ".join(f"{b}: {q}" for b, q in comparison["benchmarks"].items())
-    parts = [
+    head, n = _comparison_head(comparison)
+    return [
         "<h2 id='comparison'>Methods across evaluations (Table 1 layout)</h2>",
         f"<p class='note'>Paired by question id ({html.escape(n)} questions); every score carries its 95% "
         f"bootstrap interval; relative score against {html.escape(comparison['reference'])}.</p>",
         _html_table(head, [comparison_cells(comparison, r) for r in comparison["rows"]]),
         "<ul>",
+        *(f"<li>{html.escape(pair_text(p, '−'))}</li>" for p in comparison["pairs"]),
+        "</ul>",
     ]
-    for p in comparison["pairs"]:
-        lo, hi = p["interval"]
-        parts.append(
-            f"<li>{html.escape(p['a'])} − {html.escape(p['b'])}: {p['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}] "
-            f"points, p = {p['p_value']:.3g}</li>"
-        )
-    parts.append("</ul>")
-    return parts
 
 
 def _html_sweep(data: dict, table: dict, figures: dict[str, Optional[Path]]) -> list[str]:

@@ -582,7 +582,7 @@ def compare_command(
     """Methods of different evaluations (e.g. two trained models) paired on the questions they share:
     scores per benchmark and family, relative scores and every pairwise difference with 95% bootstrap
     intervals; with --baseline, where each label is significantly above it."""
-    from hidrop_platform.compare import CompareError, compare, log_comparison
+    from hidrop_platform.compare import CompareError, columns, compare, log_comparison, pair_text
     from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri
 
     try:
@@ -599,7 +599,7 @@ def compare_command(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    keys = [k for b in result["benchmarks"] for k in (b, *(f for f in result["families"] if f.startswith(b + "/")))]
+    keys = columns(result)
     table = Table(title=f"paired on {', '.join(f'{b} {n}' for b, n in result['benchmarks'].items())} questions")
     for col in ("label", "tokens", *keys, f"relative to {reference} [95%]"):
         table.add_column(col, justify="right")
@@ -611,11 +611,7 @@ def compare_command(
         table.add_row(r["label"], tokens, *cells, format_interval(r["relative_score"], r["relative_interval"]))
     out.print(table)
     for p in result["pairs"]:
-        lo, hi = p["interval"]
-        out.print(
-            f"{p['a']} - {p['b']}: {p['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}] points, p = {p['p_value']:.3g}",
-            highlight=False,
-        )
+        out.print(pair_text(p), highlight=False)
     if baseline:
         diffs = Table(title=f"minus {baseline}, paired (* : interval above 0)")
         for col in ("label", *keys):

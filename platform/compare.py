@@ -232,6 +232,21 @@ def compare(
     }
 
 
+def columns(result: dict) -> list[str]:
+    """The score columns of a comparison: each benchmark followed by its families."""
+    families = result.get("families", {})
+    return [k for b in result["benchmarks"] for k in (b, *(f for f in families if f.startswith(b + "/")))]
+
+
+def pair_text(pair: dict, minus: str = "-") -> str:
+    """One pairwise difference as text: `A - B: +1.2 [-0.3, +2.7] points, p = 0.11`."""
+    lo, hi = pair["interval"]
+    return (
+        f"{pair['a']} {minus} {pair['b']}: {pair['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}] points, "
+        f"p = {pair['p_value']:.3g}"
+    )
+
+
 def above_baseline(result: dict, label: str) -> list[str]:
     """The benchmarks and families on which `label` scores significantly above the baseline."""
     row = next(r for r in result["rows"] if r["label"] == label)

@@ -226,8 +226,7 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
     )
     t0 = time.perf_counter()
     uri = default_tracking_uri()
-    sweep_dir = Path(base["tune"]["storage_path"]).resolve() / base["tune"]["name"]
-    trained = compare_trained(size, sweep_dir, uri)
+    trained = compare_trained(size, Path(summary["sweep_dir"]), uri)
     timings["trained_s"] = time.perf_counter() - t0
 
     trainings = []
