@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from hidrop.evaluation.registry import relative_benchmarks
 from hidrop.evaluation.uncertainty import N_RESAMPLES, bootstrap_p, mcnemar_p, percentile_interval, unit_weights
 
 
@@ -108,7 +109,8 @@ def compare(
     relative_over: Optional[list[str]] = None,
 ) -> dict:
     """The comparison as a JSON-ready dict (see the module docstring). `relative_over`: the benchmarks the
-    relative score averages (default: every shared one); the others are still scored, with intervals."""
+    relative score averages (default: every shared one that is not diagnostic, i.e. not the probes); the
+    others are still scored, with intervals."""
     parsed = [parse_spec(s) for s in specs]
     labels = [label for label, _, _ in parsed]
     if len(set(labels)) != len(labels):
@@ -157,13 +159,14 @@ def compare(
                 points[label][key] = 100.0 * scores[mask].mean()
                 stats[label][key] = _weighted_means(weights[:, mask], scores[mask])
                 per_question[key] = one_per_unit
-    averaged = benches
     if relative_over:
         missing = [b for b in relative_over if b not in benches]
         if missing:
             raise CompareError(f"--relative {','.join(missing)}: not a benchmark every spec scored ({benches})")
-        averaged = [b for b in benches if b in relative_over]
-        notes.append(f"relative scores over {', '.join(averaged)} only (--relative)")
+    averaged = relative_benchmarks(benches, relative_over or None)
+    if averaged != benches:
+        why = "--relative" if relative_over else "diagnostic by default; --relative chooses"
+        notes.append(f"relative scores over {', '.join(averaged)} only ({why})")
     zero = [b for b in averaged if points[reference][b] == 0]
     if zero:
         raise CompareError(f"the reference {reference!r} scores 0 on {', '.join(zero)}: no relative score is defined")

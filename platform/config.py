@@ -124,6 +124,9 @@ class EvalConfig(ConfigModel):
     # LLaVA-1.5-7B), "none", or a model of hidrop/evaluation/published.yaml (llava15_7b, mobilellama_2.7b)
     published: str = "auto"
     published_training: Literal["any", "training_free", "trained", "trained_eval_training_free"] = "any"
+    # the benchmarks the relative score averages; default: every benchmark that is not diagnostic (the
+    # probes are: scored per family with evidence recall, but not averaged in; list them here to be)
+    relative: Optional[list[str]] = None
     # leave benchmarks where all tokens is not significantly above blind out of `hidrop eval`'s relative score
     require_signal: bool = True
     resamples: int = Field(default=1000, ge=100)  # bootstrap resamples behind every interval
@@ -131,6 +134,11 @@ class EvalConfig(ConfigModel):
     @model_validator(mode="after")
     def _known_published(self) -> "EvalConfig":
 
+        if self.relative is not None:
+            names = [b.name for b in self.benchmarks]
+            unknown = [b for b in self.relative if b not in names]
+            if unknown or not self.relative:
+                raise ValueError(f"relative={self.relative}: name benchmarks of eval.benchmarks ({', '.join(names)})")
         known = ["auto", "none", *sorted(load_published().models)]
         if self.published not in known:
             raise ValueError(f"published={self.published!r} is not a published model; choose from {', '.join(known)}")

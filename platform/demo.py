@@ -46,8 +46,7 @@ class DemoSize:
 
 
 # easy-vqa carries the relative score: at 54 questions all tokens (~67%) is far above blind (~35%). The
-# probes are too hard for the mini-LLaVA at these counts: the paired check finds no signal there and
-# leaves them out of the relative score, saying so (eval.require_signal)
+# probes are diagnostic (per-family scores, evidence recall): scored, but not in the relative score
 SIZES = {
     "small": DemoSize(searched=2, easy_vqa=18, probes=2, train_steps=3, confirm_top_k=1),
     "default": DemoSize(searched=6, easy_vqa=54, probes=4, train_steps=6),

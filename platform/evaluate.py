@@ -89,6 +89,7 @@ def eval_settings(cfg: ExperimentConfig) -> dict:
         seed=cfg.seed,
         require_signal=cfg.eval.require_signal,
         n_resamples=cfg.eval.resamples,
+        relative=cfg.eval.relative,
     )
 
 

@@ -41,6 +41,12 @@ CASES = [
     ),
     ("lr-inf", "name: x\ntrain: {lr: .inf}\n", "validate {exp}", "train.lr: Input should be a finite number"),
     ("lr-nan", "name: x\ntrain: {lr: .nan}\n", "validate {exp}", "train.lr: Input should be a finite number"),
+    (
+        "relative-unknown",
+        "name: x\neval: {benchmarks: [{name: easy_vqa}], relative: [probes]}\n",
+        "validate {exp}",
+        "relative=['probes']: name benchmarks of eval.benchmarks (easy_vqa)",
+    ),
     ("seed-unknown", "name: x\ntune: {seeds: [vanilla, nope]}\n", "validate {exp}", "tune.seeds.1: unknown schedule"),
     (
         "space-inf-bound",

@@ -55,7 +55,8 @@ def files(tmp_path):
 
 def test_relative_scores_and_paired_differences(files):
     specs = [f"{files['a']}:all_tokens=vanilla", f"{files['a']}:hidrop_tok64=HiDrop", f"{files['b']}:pdrop_tok64=PDrop"]
-    result = compare(specs, "vanilla", n_resamples=4000)
+    both = ["easy_vqa", "probes"]  # the probes are diagnostic: averaged in only when asked
+    result = compare(specs, "vanilla", n_resamples=4000, relative_over=both)
     rows = {r["label"]: r for r in result["rows"]}
     pref, ph, pp = files["probes"]
     hand = {
@@ -72,7 +73,7 @@ def test_relative_scores_and_paired_differences(files):
 
     pair = next(p for p in result["pairs"] if (p["a"], p["b"]) == ("HiDrop", "PDrop"))
     assert pair["difference"] == pytest.approx(hand["HiDrop"] - hand["PDrop"])
-    assert compare(specs, "vanilla", n_resamples=4000)["pairs"] == result["pairs"]  # seeded: the same bounds
+    assert compare(specs, "vanilla", n_resamples=4000, relative_over=both)["pairs"] == result["pairs"]  # seeded
 
     # one benchmark: the HiDrop - PDrop interval against scipy's paired bootstrap of the same statistic
     e = _write(files["a"].with_name("e.jsonl"), _rows("all_tokens", "q", files["ref"]) + _rows("h", "q", files["hid"]))
@@ -241,5 +242,12 @@ def test_relative_over_a_subset_of_benchmarks(files):
     h = next(r for r in result["rows"] if r["label"] == "HiDrop")
     assert h["relative_score"] == pytest.approx(100 * files["hid"].mean() / files["ref"].mean())
     assert "probes" in h["scores"] and result["relative_over"] == ["easy_vqa"]
+    # by default too: the probes are diagnostic, scored per family but not averaged in, and the note says so
+    default = compare(specs, "vanilla", n_resamples=300)
+    assert default["relative_over"] == ["easy_vqa"]
+    assert next(r for r in default["rows"] if r["label"] == "HiDrop")["relative_score"] == pytest.approx(
+        h["relative_score"]
+    )
+    assert any("relative scores over easy_vqa only (diagnostic by default" in n for n in default["notes"])
     with pytest.raises(CompareError, match="--relative mme: not a benchmark every spec scored"):
         compare(specs, "vanilla", relative_over=["mme"])

@@ -228,6 +228,32 @@ def test_offline_benchmarks_registered_and_run(vlm):
     assert _method(report, "oracle").benchmarks["easy_vqa"].evidence_recall is None  # no evidence there
 
 
+def test_probes_are_scored_but_not_averaged_into_the_relative_score_by_default(vlm):
+    easy, probes = get_benchmark("easy_vqa", limit=6), get_benchmark("probes", limit=2)
+    sched = preset("fastv", 8, 16)
+    default = evaluate(vlm, [sched], [easy, probes], baselines=["blind"], batch_size=8, n_resamples=200)
+    both = evaluate(
+        vlm,
+        [sched],
+        [easy, probes],
+        baselines=["blind"],
+        batch_size=8,
+        n_resamples=200,
+        relative=["easy_vqa", "probes"],
+    )
+    ref, row = default.reference_row().scores(), _method(default, sched.name).scores()
+    assert default.relative_over == ["easy_vqa"] and both.relative_over == ["easy_vqa", "probes"]
+    assert _method(default, sched.name).relative_score == pytest.approx(
+        relative_score({"easy_vqa": row["easy_vqa"]}, ref)
+    )
+    assert _method(both, sched.name).relative_score == pytest.approx(relative_score(row, ref))
+    assert "probes" in _method(default, sched.name).benchmarks  # still scored, with its interval
+    assert any(n.startswith("probes: scored, not in the relative score") for n in default.notes)
+    assert not any("not in the relative score" in n for n in both.notes)
+    with pytest.raises(EvalError, match="relative: mme not among the evaluated benchmarks"):
+        evaluate(vlm, [sched], [easy], relative=["mme"])
+
+
 def test_errors(vlm):
     with pytest.raises(EvalError, match="baseline"):
         evaluate(vlm, [SCHEDULE], [ColourBench(n=1)], baselines=["nope"])

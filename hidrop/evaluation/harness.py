@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from hidrop.cost import ModelShape, VisionEncoderShape, cost_report, text_only_tflops
 from hidrop.data import Collator, encode_sample, get_template
 from hidrop.evaluation.metrics import evidence_recall, mean, relative_score
-from hidrop.evaluation.registry import Benchmark
+from hidrop.evaluation.registry import Benchmark, relative_benchmarks
 from hidrop.evaluation.results import (
     BenchmarkPlan,
     BenchmarkResult,
@@ -207,6 +207,7 @@ def evaluate(
     keep_records: bool = False,
     require_signal: bool = False,
     n_resamples: int = N_RESAMPLES,
+    relative: Optional[Sequence[str]] = None,
 ) -> EvalReport:
     """Score every schedule and baseline on every benchmark.
 
@@ -218,6 +219,8 @@ def evaluate(
     a held-out confirmation). Every score gets a bootstrap interval (`n_resamples`,
     hidrop.evaluation.uncertainty); `keep_records` keeps every question's record; `require_signal`
     leaves benchmarks where all tokens is not significantly above blind out of the relative score.
+    `relative`: the benchmarks the relative score averages (default: every non-diagnostic one; the
+    others are still scored, with intervals).
     """
     if mode not in MODES:
         raise EvalError(f"unknown mode {mode!r}; choose from {list(MODES)}")
@@ -230,13 +233,18 @@ def evaluate(
                 f"schedule {s.name!r} is for {s.num_layers} layers / {s.num_vision_tokens} tokens, "
                 f"the model has {n_layers} / {n_vis}"
             )
+    names = [b.name for b in benchmarks]
+    unknown = sorted(set(relative or ()) - set(names))
+    if unknown:
+        raise EvalError(f"relative: {', '.join(unknown)} not among the evaluated benchmarks ({', '.join(names)})")
+    over = relative_benchmarks(names, relative)
     methods = _methods(schedules, baselines, n_layers, n_vis)
     plans, fallback_notes = _plans(vlm, benchmarks, mode, select)
     start = time.perf_counter()
     run = _Run(batch_size, max_new_tokens, seed, keep_predictions, keep_records, known or {})
     per_method, text_tokens = _score_plans(vlm, methods, plans, run, progress)
     wall = time.perf_counter() - start
-    report = _report(vlm, methods, per_method, plans, mean(text_tokens) if text_tokens else 0.0, wall)
+    report = _report(vlm, methods, per_method, plans, mean(text_tokens) if text_tokens else 0.0, wall, over)
     report.questions_run, report.batches_run = run.questions_run, run.batches_run
     report.notes = fallback_notes + report.notes
     raw = {m.name: per_method[m.name]["raw"] for m in methods}
@@ -491,6 +499,7 @@ def _report(
     plans,
     text_tokens: float,
     wall: float,
+    over: Sequence[str],
 ) -> EvalReport:
     shape = model_shape(vlm, text_tokens)
     scores = {m.name: {b: e.score for b, e in per_method[m.name]["benchmarks"].items()} for m in methods}
@@ -507,7 +516,7 @@ def _report(
                 schedule=m.schedule.model_dump(mode="json") if m.kind != "blind" else None,
                 plan=cost["plan"],
                 benchmarks=per_method[m.name]["benchmarks"],
-                relative_score=relative_score(scores[m.name], reference),
+                relative_score=relative_score({b: v for b, v in scores[m.name].items() if b in over}, reference),
                 avg_vision_tokens=cost["avg_vision_tokens"],
                 measured_avg_vision_tokens=_weighted(per_method[m.name]["vision_counts"]),
                 vision_tflops=cost["vision_tflops"],
@@ -516,6 +525,12 @@ def _report(
             )
         )
     notes = []
+    left_out = [b for b in reference if b not in over]
+    if left_out:
+        notes.append(
+            f"{', '.join(left_out)}: scored, not in the relative score (over {', '.join(over)}; "
+            "diagnostic by default, eval.relative chooses)"
+        )
     blind = scores.get("blind")
     if blind:
         gap = mean(reference[b] - blind[b] for b in reference if b in blind)
@@ -535,4 +550,5 @@ def _report(
         mean_text_tokens=text_tokens,
         wall_time_s=wall,
         notes=notes,
+        relative_over=list(over),
     )

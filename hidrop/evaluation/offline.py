@@ -33,6 +33,7 @@ class Probes(Benchmark):
     """
 
     description = "procedural probes: background, attribute, existence, counting, spatial, text"
+    diagnostic = True  # per-family scores and evidence recall; not in the default relative score
 
     def __init__(
         self,

@@ -23,6 +23,9 @@ class Benchmark:
     # "generate": greedy generation then the official matching rule
     default_mode: str = "closed"
     description: str = ""
+    # a diagnostic benchmark is scored and reported but stays out of the default relative score (probes:
+    # on the trained mini-LLaVA most families are not above blind; README "The probes are diagnostic")
+    diagnostic: bool = False
 
     def __init__(self, limit: Optional[int] = None, seed: int = 0, **options):
         self.limit = limit
@@ -68,6 +71,16 @@ class Benchmark:
             for fam in families:
                 out[f"family/{fam}"] = 100.0 * mean(sc for s, sc in zip(samples, scores) if s.family == fam)
         return out
+
+
+def relative_benchmarks(names: Sequence[str], chosen: Optional[Sequence[str]] = None) -> list[str]:
+    """The benchmarks of `names` a relative score averages: `chosen` (in `names`' order), or by default
+    every one that is not diagnostic (all of them when every one is)."""
+    if chosen is not None:
+        return [n for n in names if n in chosen]
+    _load_builtin()
+    kept = [n for n in names if not (n in BENCHMARKS and BENCHMARKS[n].diagnostic)]
+    return kept or list(names)
 
 
 def register(name: str) -> Callable[[type[Benchmark]], type[Benchmark]]:

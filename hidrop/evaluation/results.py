@@ -120,6 +120,7 @@ class EvalReport(BaseModel):
     notes: list[str] = []
     n_resamples: Optional[int] = None  # bootstrap resamples behind every interval
     signal: Optional[dict[str, SignalCheck]] = None  # per benchmark, when blind ran
+    relative_over: Optional[list[str]] = None  # the benchmarks every relative score averages
     questions_run: Optional[int] = None  # (method, question) pairs the model scored in this run
     batches_run: Optional[int] = None  # method x batch passes through the model in this run
     # set by the platform's `hidrop eval`

@@ -153,7 +153,7 @@ def compare_methods(report, plans: Sequence[tuple], a: str, b: str, seed: int = 
     from hidrop.evaluation.results import PairedDifference
 
     ref = report.reference_row()
-    kept = [b_ for b_ in ref.benchmarks if not (report.signal and report.signal[b_].excluded)]
+    kept = [b_ for b_ in _averaged(report, ref) if not (report.signal and report.signal[b_].excluded)]
     rel = {}
     for name in (a, b):
         m = report.method(name)
@@ -170,6 +170,12 @@ def compare_methods(report, plans: Sequence[tuple], a: str, b: str, seed: int = 
     lo, hi = percentile_interval(diff)
     point = report.method(a).relative_score - report.method(b).relative_score
     return PairedDifference(difference=point, low=lo, high=hi, p_value=bootstrap_p(diff))
+
+
+def _averaged(report, ref) -> list[str]:
+    """The benchmarks the report's relative scores average (all of the reference's when unset)."""
+    over = report.relative_over
+    return [b for b in ref.benchmarks if over is None or b in over]
 
 
 def format_interval(score: Optional[float], interval: Optional[Sequence[float]]) -> str:
@@ -221,7 +227,7 @@ def attach_intervals(
                 e.score - ref.benchmarks[b].score, diff, raw[m.method][b], raw[ref.method][b], resamplers[b].fast
             )
     blind = next((m for m in report.methods if m.kind == "blind"), None)
-    kept = list(ref.benchmarks)
+    kept = _averaged(report, ref)
     if blind is not None:
         report.signal = {}
         for b, e in ref.benchmarks.items():
@@ -240,7 +246,7 @@ def attach_intervals(
                 blind_interval=be.interval,
                 difference=diff,
             )
-        silent = [b for b, c in report.signal.items() if not c.has_signal()]
+        silent = [b for b, c in report.signal.items() if not c.has_signal() and b in kept]
         if silent and require_signal and len(silent) < len(kept):
             kept = [b for b in kept if b not in silent]
             for b in silent:
