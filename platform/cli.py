@@ -568,7 +568,9 @@ def compare_command(
         None, "--baseline", help="a label (e.g. blind) every other is compared with per benchmark and family"
     ),
     relative: Optional[str] = typer.Option(
-        None, "--relative", help="comma-separated benchmarks the relative score averages (default: all shared)"
+        None,
+        "--relative",
+        help="comma-separated benchmarks the relative score averages (default: all shared but the probes)",
     ),
     resamples: int = typer.Option(1000, "--resamples", help="bootstrap resamples"),
     track: Optional[str] = typer.Option(
@@ -632,6 +634,56 @@ def compare_command(
         out.print(f"[dim]note: {note}[/]", highlight=False)
     if result.get("run_id"):
         out.print(f"logged to MLflow experiment {track!r}, run {result['run_id']} (hidrop report {track})")
+
+
+@app.command("proxy")
+def proxy_command(
+    cheap: str = typer.Argument(
+        ..., help="the cheap sweep (e.g. training-free): its folder, or its name under runs/tune"
+    ),
+    costly: str = typer.Argument(..., help="the sweep it should predict (e.g. trained), over the same space"),
+    tracking_uri: Optional[str] = typer.Option(
+        None, "--tracking-uri", help="where the trials' records are; default: each sweep's own store"
+    ),
+    resamples: int = typer.Option(1000, "--resamples", help="bootstrap resamples over the questions"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Does the cheap sweep rank schedules like the costly one? Trials matched by their overrides; Spearman
+    and Kendall with 95% intervals over the questions, and the regret of taking the cheap sweep's pick."""
+    from hidrop_platform.proxy import ProxyError, compare_sweeps
+
+    try:
+        result = compare_sweeps(cheap, costly, tracking_uri=_clean(tracking_uri), n_resamples=resamples)
+    except ProxyError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    a, b = result["sweeps"]
+    n = ", ".join(f"{k} {v}" for k, v in result["benchmarks"].items())
+    table = Table(title=f"{result['schedules']} schedules in both sweeps, paired on {n} questions")
+    for col in ("schedule", f"{a} [95%]", "rank", f"{b} [95%]", "rank"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r["overrides"].items())
+        (sa, sb), (ia, ib) = r["scores"], r["intervals"]
+        table.add_row(label, format_interval(sa, ia), str(r["ranks"][0]), format_interval(sb, ib), str(r["ranks"][1]))
+    out.print(table)
+    out.print(
+        f"Spearman {format_interval(result['spearman'], result['spearman_interval'])}, Kendall "
+        f"{format_interval(result['kendall'], result['kendall_interval'])} (intervals over the questions, "
+        f"not over the choice of schedules)",
+        highlight=False,
+    )
+    lo, hi = result["regret_interval"]
+    out.print(
+        f"{a}'s pick {result['pick']['labels'][1]} scores {result['pick']['scores'][1]:.1f} in {b}; the best there, "
+        f"{result['best']['labels'][1]}, {result['best']['scores'][1]:.1f}: regret {result['regret']:.1f} "
+        f"[{lo:.1f}, {hi:.1f}]; the two picks coincide in {100 * result['same_pick_share']:.0f}% of resamples",
+        highlight=False,
+    )
+    for note in result["notes"]:
+        out.print(f"[dim]note: {note}[/]", highlight=False)
 
 
 def _clean(uri: Optional[str]) -> Optional[str]:
