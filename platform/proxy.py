@@ -20,6 +20,7 @@ import gzip
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -116,9 +117,11 @@ def _side(folder: Path, tracking_uri: Optional[str], tmp: Path) -> dict:  # tmp:
 def _ranks_corr(scores: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per resample (rows), Spearman's rho and Kendall's tau between two (resamples, schedules) arrays."""
     rho, tau = np.empty(len(scores)), np.empty(len(scores))
-    for i, (a, b) in enumerate(zip(scores, other)):
-        rho[i] = spearmanr(a, b).statistic
-        tau[i] = kendalltau(a, b).statistic
+    with warnings.catch_warnings():  # a resample where one side ties everywhere has no correlation: NaN, dropped
+        warnings.simplefilter("ignore")
+        for i, (a, b) in enumerate(zip(scores, other)):
+            rho[i] = spearmanr(a, b).statistic
+            tau[i] = kendalltau(a, b).statistic
     return rho, tau
 
 
@@ -190,6 +193,7 @@ def compare_sweeps(
                 "ranks": [int(ranks_a[j]), int(ranks_b[j])],
             }
         )
+    pick_row, best_row = rows[pick], rows[best]
     rows.sort(key=lambda r: r["ranks"][1])
     return {
         "sweeps": [s["name"] for s in sides],
@@ -201,8 +205,8 @@ def compare_sweeps(
         "spearman_interval": list(percentile_interval(rho)),
         "kendall": float(kendalltau(point_a, point_b).statistic),
         "kendall_interval": list(percentile_interval(tau)),
-        "pick": rows[[r["labels"] for r in rows].index([s["trials"][shared[pick]]["label"] for s in sides])],
-        "best": rows[[r["labels"] for r in rows].index([s["trials"][shared[best]]["label"] for s in sides])],
+        "pick": pick_row,
+        "best": best_row,
         "regret": float(point_b[best] - point_b[pick]),
         "regret_interval": list(percentile_interval(regret)),
         "same_pick_share": agree,
