@@ -20,9 +20,11 @@ import math
 import time
 from typing import Callable, Optional
 
+import numpy as np
+
 from hidrop.evaluation.harness import REFERENCE, EvalError, at_grid, known_records
 from hidrop.evaluation.subsets import rung_select, unseen_select
-from hidrop.evaluation.uncertainty import compare_methods
+from hidrop.evaluation.uncertainty import bootstrap_p, compare_methods, percentile_interval, resampled_relative
 from hidrop_platform.config import ConfirmConfig, ExperimentConfig, FidelityConfig
 from hidrop_platform.evaluate import (
     EvalSetupError,
@@ -201,27 +203,73 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
     if a and b and a != b:  # the two bests on the same held-out questions, paired
         d = compare_methods(report, plans, row_name(a), row_name(b), cfg.seed, cfg.eval.resamples)
         out["best_difference"] = d.model_dump()
+    fronts = {k: v[1] for k, v in sides.items()}
+    members = sorted({k for front in fronts.values() for k in front})
+    by_row = resampled_relative(report, plans, sorted({row_name(k) for k in members}), cfg.seed, cfg.eval.resamples)
+    draws = {k: by_row[row_name(k)] for k in members}
+    hv = hypervolume_difference(draws, fronts, {k: exhaustive[k].cost / max_cost for k in members})
+    if hv is not None:
+        hv["difference"] = ex["hypervolume_confirmed"] - mf["hypervolume_confirmed"]
+    out["hypervolume_difference"] = hv
     out["cost_ratio"] = {k: (mf[k] / ex[k] if ex[k] else None) for k in ("questions_run", "batches_run", "wall_s")}
     out["verdict"] = _verdict(out)
     return out
 
 
+def hypervolume_difference(
+    draws: dict[str, np.ndarray], fronts: dict[str, list[str]], cost_share: dict[str, float]
+) -> Optional[dict]:
+    """Exhaustive's front hypervolume minus multi-fidelity's with a paired interval: `draws` holds every
+    front member's relative score on the same resamples of the held-out questions, and both fronts'
+    areas are recomputed on each (a member's cost share is fixed; only its score is uncertain)."""
+    members = sorted({k for front in fronts.values() for k in front})
+    if not members:
+        return None
+    n = len(draws[members[0]])
+
+    def areas(front: list[str]) -> np.ndarray:
+        return np.array([hypervolume([(draws[k][i], cost_share[k]) for k in front], 1.0) for i in range(n)])
+
+    diff = areas(fronts["exhaustive"]) - areas(fronts["multi_fidelity"])
+    lo, hi = percentile_interval(diff)
+    return {"low": lo, "high": hi, "p_value": bootstrap_p(diff)}
+
+
 def _verdict(out: dict) -> str:
-    """One honest line: the cost ratio, and whether the confirmed best schedules are distinguishable."""
-    ex, mf = out["exhaustive"], out["multi_fidelity"]
+    """One honest line: the cost ratio, whether the confirmed best schedules under the budget are
+    distinguishable, and whether the confirmed fronts' hypervolumes are."""
     ratio = out["cost_ratio"]["questions_run"]
     head = f"multi-fidelity scored {ratio:.2f}x the questions of exhaustive evaluation" if ratio is not None else ""
+    return head + _best_text(out) + _front_text(out)
+
+
+def _significance(d: dict) -> str:
+    return "significant" if d["low"] > 0 or d["high"] < 0 else "not significant"
+
+
+def _best_text(out: dict) -> str:
+    ex, mf = out["exhaustive"], out["multi_fidelity"]
     a, b = ex["best_confirmed"], mf["best_confirmed"]
     if not a or not b or a[0] is None or b[0] is None:
-        return head + "; no confirmed best schedule under the budget to compare"
+        return "; no confirmed best schedule under the budget to compare"
     if ex["best_under_budget"] == mf["best_under_budget"]:
-        return head + f"; both found the same best schedule under the budget ({ex['best_under_budget']})"
+        return f"; both found the same best schedule under the budget ({ex['best_under_budget']})"
     d = out.get("best_difference")
     text = f"; confirmed best under the budget: exhaustive {a[0]:.1f} vs multi-fidelity {b[0]:.1f}"
     if not d:
-        return head + text
-    verdict = "significant" if d["low"] > 0 or d["high"] < 0 else "not significant"
-    return head + (
+        return text
+    return (
         f"{text}, paired difference {d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}] "
-        f"(p={d['p_value']:.3f}): {verdict}"
+        f"(p={d['p_value']:.3f}): {_significance(d)}"
+    )
+
+
+def _front_text(out: dict) -> str:
+    d = out.get("hypervolume_difference")
+    if not d:
+        return ""
+    ex, mf = out["exhaustive"]["hypervolume_confirmed"], out["multi_fidelity"]["hypervolume_confirmed"]
+    return (
+        f"; confirmed front hypervolume: exhaustive {ex:.1f} vs multi-fidelity {mf:.1f}, paired difference "
+        f"{d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}] (p={d['p_value']:.3f}): {_significance(d)}"
     )

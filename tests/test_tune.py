@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -688,6 +689,9 @@ def test_bench_search_accounts_for_every_question_and_confirms_unseen(tmp_path):
     assert r["cost_ratio"]["questions_run"] == pytest.approx(mf["questions_run"] / ex["questions_run"])
     assert r["confirm_overlap"] == 0 and r["confirm_questions"]["easy_vqa"] > 0
     assert ex["best_under_budget"] and ex["best_confirmed"][0] is not None and r["verdict"]
+    hv = r["hypervolume_difference"]
+    assert hv["difference"] == pytest.approx(ex["hypervolume_confirmed"] - mf["hypervolume_confirmed"])
+    assert hv["low"] <= hv["high"] and "confirmed front hypervolume" in r["verdict"]
 
 
 def test_a_trial_stopped_at_a_low_rung_stays_off_the_front():
@@ -717,3 +721,25 @@ def test_a_trial_stopped_at_a_low_rung_stays_off_the_front():
     assert (
         sched.on_trial_result(None, Trial("c"), {"rung": 2, "relative_score": 10.0, "vision_tflops": 1.0}) == "CONTINUE"
     )
+
+
+def test_paired_hypervolume_difference_matches_brute_force():
+    from hidrop_platform.bench_search import hypervolume_difference
+
+    rng = np.random.default_rng(4)
+    draws = {k: rng.normal(loc, 5.0, size=300) for k, loc in {"a": 90.0, "b": 70.0, "c": 40.0, "d": 60.0}.items()}
+    share = {"a": 0.8, "b": 0.5, "c": 0.1, "d": 0.3}
+    fronts = {"exhaustive": ["a", "b", "c"], "multi_fidelity": ["a", "d"]}
+
+    def area(front, i):  # the integral over cost x of the best score among members costing at most x
+        cuts = sorted({share[k] for k in front} | {1.0})
+        total = 0.0
+        for lo, hi in zip(cuts, cuts[1:]):
+            total += (hi - lo) * max([max(draws[k][i], 0.0) for k in front if share[k] <= lo] + [0.0])
+        return total
+
+    brute = np.array([area(fronts["exhaustive"], i) - area(fronts["multi_fidelity"], i) for i in range(300)])
+    got = hypervolume_difference(draws, fronts, share)
+    assert [got["low"], got["high"]] == pytest.approx(list(np.percentile(brute, [2.5, 97.5])))
+    same = hypervolume_difference(draws, {"exhaustive": ["a", "b"], "multi_fidelity": ["b", "a"]}, share)
+    assert (same["low"], same["high"], same["p_value"]) == (0.0, 0.0, 1.0)

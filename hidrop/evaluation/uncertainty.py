@@ -145,27 +145,35 @@ def _difference(point: float, resampled: np.ndarray, a: Sequence[float], b: Sequ
     return PairedDifference(difference=point, low=lo, high=hi, p_value=bootstrap_p(resampled) if p is None else p)
 
 
-def compare_methods(report, plans: Sequence[tuple], a: str, b: str, seed: int = 0, n_resamples: int = N_RESAMPLES):
-    """Relative score of method `a` minus method `b`, paired: both and the reference resampled together on
-    the same questions (the seeds `attach_intervals` uses), over the benchmarks the relative score keeps.
-    `plans`: (benchmark, samples) per benchmark as evaluated; the report must carry records
-    (keep_records=True). Returns a PairedDifference (bootstrap p-value)."""
-    from hidrop.evaluation.results import PairedDifference
-
+def resampled_relative(
+    report, plans: Sequence[tuple], names: Sequence[str], seed: int = 0, n_resamples: int = N_RESAMPLES
+):
+    """Each named method's relative score on every resample, all of them and the reference drawn together
+    on the same questions (the seeds `attach_intervals` uses), over the benchmarks the relative score
+    keeps: name -> array (n_resamples,). `plans`: (benchmark, samples) per benchmark as evaluated; the
+    report must carry records (keep_records=True)."""
     ref = report.reference_row()
     kept = [b_ for b_ in _averaged(report, ref) if not (report.signal and report.signal[b_].excluded)]
-    rel = {}
-    for name in (a, b):
+    resamplers = {
+        plan[0].name: Resampler(plan[0], plan[1], seed=seed * 1_000_003 + i, n_resamples=n_resamples)
+        for i, plan in enumerate(plans)
+        if plan[0].name in kept
+    }
+    ref_stats = {b: r.statistics([q.score for q in ref.benchmarks[b].records]) for b, r in resamplers.items()}
+    out = {}
+    for name in names:
         m = report.method(name)
-        stats, ref_stats = {}, {}
-        for i, plan in enumerate(plans):
-            bench = plan[0].name
-            if bench not in kept:
-                continue
-            r = Resampler(plan[0], plan[1], seed=seed * 1_000_003 + i, n_resamples=n_resamples)
-            stats[bench] = r.statistics([q.score for q in m.benchmarks[bench].records])
-            ref_stats[bench] = r.statistics([q.score for q in ref.benchmarks[bench].records])
-        rel[name] = paired_relative(stats, ref_stats)
+        stats = {b: r.statistics([q.score for q in m.benchmarks[b].records]) for b, r in resamplers.items()}
+        out[name] = paired_relative(stats, ref_stats)
+    return out
+
+
+def compare_methods(report, plans: Sequence[tuple], a: str, b: str, seed: int = 0, n_resamples: int = N_RESAMPLES):
+    """Relative score of method `a` minus method `b`, paired: both and the reference resampled together on
+    the same questions (`resampled_relative`). Returns a PairedDifference (bootstrap p-value)."""
+    from hidrop.evaluation.results import PairedDifference
+
+    rel = resampled_relative(report, plans, [a, b], seed, n_resamples)
     diff = rel[a] - rel[b]
     lo, hi = percentile_interval(diff)
     point = report.method(a).relative_score - report.method(b).relative_score
