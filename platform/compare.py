@@ -54,8 +54,8 @@ def parse_spec(spec: str) -> tuple[str, Path, str]:
     return (label or f"{method}@{path.name.split('.')[0]}"), path, method
 
 
-def read_records(path: Path, method: str) -> Records:
-    """One method's records of a `--records` file."""
+def read_records(path: Path, method: Optional[str]) -> Records:
+    """One method's records of a `--records` file (`method` None: the file's only method)."""
     if not path.is_file():
         raise CompareError(f"{path}: no such records file (write one with hidrop eval --records FILE.jsonl)")
     opener = gzip.open if path.name.endswith(".gz") else open
@@ -79,6 +79,11 @@ def read_records(path: Path, method: str) -> Records:
                             costs[key] = float(row[key])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as e:
         raise CompareError(f"{path}: not a records file ({type(e).__name__}: {str(e)[:120]})") from None
+    if method is None:
+        if len(methods) != 1:
+            held = ", ".join(sorted(methods))
+            raise CompareError(f"{path}: records of {len(methods)} methods ({held}); expected one")
+        return read_records(path, methods.pop())
     if not out:
         raise CompareError(f"{path}: no records of method {method!r}; it holds {', '.join(sorted(methods)) or 'none'}")
     return Records(out, **costs)

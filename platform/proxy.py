@@ -16,7 +16,6 @@ from MLflow (each trial logs eval/records.jsonl.gz), and reports:
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import tempfile
@@ -30,6 +29,7 @@ from scipy.stats import kendalltau, rankdata, spearmanr
 from hidrop.evaluation.registry import relative_benchmarks
 from hidrop.evaluation.uncertainty import N_RESAMPLES, percentile_interval, unit_weights
 from hidrop_platform import mlflow_names as N
+from hidrop_platform.compare import CompareError, read_records
 
 MIN_MATCHED = 3  # fewer schedules leave no ranking to compare
 
@@ -54,23 +54,12 @@ def _summary(folder: Path) -> tuple[dict, Optional[str]]:
     return summary, (base.get("tracking") or {}).get("uri")
 
 
-def _records(path: Path, method: Optional[str] = None) -> dict[str, dict[str, tuple[str, float]]]:
-    """benchmark -> question id -> (unit, score) of `method` (default: the file's only method)."""
-    rows = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    methods = sorted({r["method"] for r in rows})
-    if method is None:
-        if len(methods) != 1:
-            raise ProxyError(f"{path}: records of {len(methods)} methods ({', '.join(methods)}); expected one")
-        method = methods[0]
-    out: dict[str, dict[str, tuple[str, float]]] = {}
-    for r in rows:
-        if r["method"] == method:
-            out.setdefault(r["benchmark"], {})[str(r["id"])] = (str(r["unit"]), float(r["score"]))
-    if not out:
-        raise ProxyError(f"{path}: no records of {method!r}; it holds {', '.join(methods)}")
-    return out
+def _records(path: Path, method: Optional[str] = None) -> dict[str, dict[str, tuple]]:
+    """benchmark -> question id -> (unit, score, family) of `method` (default: the file's only method)."""
+    try:
+        return read_records(path, method).questions
+    except CompareError as e:
+        raise ProxyError(str(e)) from None
 
 
 def _key(overrides: dict) -> str:
