@@ -29,6 +29,7 @@ from hidrop_platform.config import ConfirmConfig, ExperimentConfig, FidelityConf
 from hidrop_platform.evaluate import (
     EvalSetupError,
     benchmarks_for,
+    blind_score,
     build_model,
     evaluate_schedule,
     held_out_pass,
@@ -68,6 +69,7 @@ def _point(report, schedule, wall: float) -> RungPoint:
         cost=row.vision_tflops,
         low=lo,
         high=hi,
+        blind=blind_score(report),
         questions_run=report.questions_run or 0,
         batches_run=report.batches_run or 0,
         wall_s=wall,
@@ -127,11 +129,15 @@ def run_search_bench(
             return _point(report, schedule, time.perf_counter() - t0)
 
         seeds = [label for label in schedules if label.startswith("seed:")] if f.promote_seeds else []
-        search = successive_halving(list(schedules), evaluate_rung, f.rungs, f.factor, always=seeds)
+        unpruned = ref.reference_row().vision_tflops  # the hypervolume's reference cost
+        search = successive_halving(
+            list(schedules), evaluate_rung, f.rungs, f.factor, always=seeds, rule=f.promotion, ceiling=unpruned
+        )
         return _compare(cfg, vlm, schedules, exhaustive, search, held_out, stored, budget, say) | {
             "candidates": len(schedules),
             "rungs": f.rungs,
             "factor": f.factor,
+            "promotion": f.promotion,
             "promote_seeds": f.promote_seeds,
             "reference": {"questions_run": ref.questions_run, "batches_run": ref.batches_run, "wall_s": ref_wall},
             "search_questions": {b.name: b.samples for b in ref.benchmarks},
@@ -177,7 +183,9 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
         return [row.relative_score, *(row.relative_interval or [None, None])]
 
     max_cost = costs[-1]
+    blind = report.method("blind").relative_score  # the floor of the "above blind" hypervolume
     out: dict = {"budget_vision_tflops": budget, "confirm_questions": {b.name: b.samples for b in report.benchmarks}}
+    out["blind_confirmed"] = blind
     out["confirm_overlap"] = overlap
     spent = {"exhaustive": list(exhaustive.values()), "multi_fidelity": search.every_point()}
     for side, (points, front, best) in sides.items():
@@ -194,6 +202,12 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
                 [(confirmed(k)[0], points[k].cost / max_cost) for k in front if confirmed(k)[0] is not None], 1.0
             ),
             "hypervolume_search": hypervolume([(points[k].score, points[k].cost / max_cost) for k in front], 1.0),
+            # the area above blind: a blind-level point (answering as if without the image) adds nothing
+            "hypervolume_confirmed_above_blind": hypervolume(
+                [(confirmed(k)[0], points[k].cost / max_cost) for k in front if confirmed(k)[0] is not None],
+                1.0,
+                blind,
+            ),
         }
     mf = out["multi_fidelity"]
     mf["completed"] = search.completed()
@@ -205,34 +219,53 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
         out["best_difference"] = d.model_dump()
     fronts = {k: v[1] for k, v in sides.items()}
     members = sorted({k for front in fronts.values() for k in front})
-    by_row = resampled_relative(report, plans, sorted({row_name(k) for k in members}), cfg.seed, cfg.eval.resamples)
+    names = sorted({row_name(k) for k in members} | {"blind"})
+    by_row = resampled_relative(report, plans, names, cfg.seed, cfg.eval.resamples)
     draws = {k: by_row[row_name(k)] for k in members}
-    hv = hypervolume_difference(draws, fronts, {k: exhaustive[k].cost / max_cost for k in members})
-    if hv is not None:
-        hv["difference"] = ex["hypervolume_confirmed"] - mf["hypervolume_confirmed"]
-    out["hypervolume_difference"] = hv
+    share = {k: exhaustive[k].cost / max_cost for k in members}
+    for key, floor, area in (
+        ("hypervolume_difference", None, "hypervolume_confirmed"),
+        ("hypervolume_difference_above_blind", by_row["blind"], "hypervolume_confirmed_above_blind"),
+    ):
+        hv = hypervolume_difference(draws, fronts, share, floor)
+        if hv is not None:
+            hv["difference"] = ex[area] - mf[area]
+            hv["within_exhaustive_interval"] = bool(hv["exhaustive_interval"][0] <= mf[area])
+        out[key] = hv
     out["cost_ratio"] = {k: (mf[k] / ex[k] if ex[k] else None) for k in ("questions_run", "batches_run", "wall_s")}
     out["verdict"] = _verdict(out)
     return out
 
 
 def hypervolume_difference(
-    draws: dict[str, np.ndarray], fronts: dict[str, list[str]], cost_share: dict[str, float]
+    draws: dict[str, np.ndarray],
+    fronts: dict[str, list[str]],
+    cost_share: dict[str, float],
+    floor: Optional[np.ndarray] = None,
 ) -> Optional[dict]:
     """Exhaustive's front hypervolume minus multi-fidelity's with a paired interval: `draws` holds every
     front member's relative score on the same resamples of the held-out questions, and both fronts'
-    areas are recomputed on each (a member's cost share is fixed; only its score is uncertain)."""
+    areas are recomputed on each (a member's cost share is fixed; only its score is uncertain). `floor`:
+    blind's score on the same resamples, for the area above blind (else above 0). Also each front's own
+    interval: "as good within its interval" is multi-fidelity's area above exhaustive's lower bound."""
     members = sorted({k for front in fronts.values() for k in front})
     if not members:
         return None
     n = len(draws[members[0]])
 
     def areas(front: list[str]) -> np.ndarray:
-        return np.array([hypervolume([(draws[k][i], cost_share[k]) for k in front], 1.0) for i in range(n)])
+        low = np.zeros(n) if floor is None else floor
+        return np.array([hypervolume([(draws[k][i], cost_share[k]) for k in front], 1.0, low[i]) for i in range(n)])
 
-    diff = areas(fronts["exhaustive"]) - areas(fronts["multi_fidelity"])
-    lo, hi = percentile_interval(diff)
-    return {"low": lo, "high": hi, "p_value": bootstrap_p(diff)}
+    ex, mf = areas(fronts["exhaustive"]), areas(fronts["multi_fidelity"])
+    lo, hi = percentile_interval(ex - mf)
+    return {
+        "low": lo,
+        "high": hi,
+        "p_value": bootstrap_p(ex - mf),
+        "exhaustive_interval": list(percentile_interval(ex)),
+        "multi_fidelity_interval": list(percentile_interval(mf)),
+    }
 
 
 def _verdict(out: dict) -> str:
@@ -265,11 +298,20 @@ def _best_text(out: dict) -> str:
 
 
 def _front_text(out: dict) -> str:
-    d = out.get("hypervolume_difference")
-    if not d:
-        return ""
-    ex, mf = out["exhaustive"]["hypervolume_confirmed"], out["multi_fidelity"]["hypervolume_confirmed"]
-    return (
-        f"; confirmed front hypervolume: exhaustive {ex:.1f} vs multi-fidelity {mf:.1f}, paired difference "
-        f"{d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}] (p={d['p_value']:.3f}): {_significance(d)}"
-    )
+    text = ""
+    for key, area, what in (
+        ("hypervolume_difference", "hypervolume_confirmed", "confirmed front hypervolume"),
+        ("hypervolume_difference_above_blind", "hypervolume_confirmed_above_blind", "above blind"),
+    ):
+        d = out.get(key)
+        if not d:
+            continue
+        ex, mf = out["exhaustive"][area], out["multi_fidelity"][area]
+        lo, hi = d["exhaustive_interval"]
+        within = "within" if d["within_exhaustive_interval"] else "below"
+        text += (
+            f"; {what}: exhaustive {ex:.1f} [{lo:.1f}, {hi:.1f}] vs multi-fidelity {mf:.1f} ({within} its "
+            f"interval), paired difference {d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}] "
+            f"(p={d['p_value']:.3f}): {_significance(d)}"
+        )
+    return text

@@ -1174,9 +1174,10 @@ def bench_search(
     questions = ", ".join(f"{b} {n}" for b, n in result["search_questions"].items())
     table = Table(
         title=f"Search cost and quality: {result['candidates']} candidates on {questions} questions; "
-        f"{result['rungs']} rungs x{result['factor']}"
+        f"{result['rungs']} rungs x{result['factor']}, {result['promotion']} promotion"
     )
-    for col in ("search", "questions", "passes", "wall s", "front", "best under budget", "confirmed [95% CI]", "HV"):
+    columns = ("search", "questions", "passes", "wall s", "front", "best under budget", "confirmed [95% CI]", "HV")
+    for col in (*columns, "HV above blind"):
         table.add_column(col, justify="left" if col in ("search", "best under budget") else "right")
     for name, side in (("exhaustive", ex), ("multi-fidelity", mf)):
         best = side["best_confirmed"]
@@ -1189,6 +1190,7 @@ def bench_search(
             side["best_under_budget"] or "-",
             "-" if not best else format_interval(best[0], None if None in best[1:] else best[1:]),
             f"{side['hypervolume_confirmed']:.3g}",
+            f"{side['hypervolume_confirmed_above_blind']:.3g}",
         )
     ratio = result["cost_ratio"]
     table.add_row(
@@ -1196,6 +1198,7 @@ def bench_search(
         f"{ratio['questions_run']:.2f}x",
         f"{ratio['batches_run']:.2f}x",
         f"{ratio['wall_s']:.2f}x",
+        "",
         "",
         "",
         "",

@@ -360,13 +360,16 @@ class ConfirmConfig(ConfigModel):
 
 class FidelityConfig(ConfigModel):
     """Multi-fidelity search of training-free trials: `rungs` rounds on 1/factor^(rungs-1), ..., 1/factor, 1
-    of each benchmark's questions (nested: no question is scored twice); after each rung only the best
-    1/factor of the trials in the Pareto order go on (hidrop_platform.fidelity)."""
+    of each benchmark's questions (nested: no question is scored twice). After each rung, `promotion`
+    "halving" keeps the best 1/factor of the trials by what they add to the front; "interval" stops
+    only the trials behind the front beyond their interval, and caps the promotion into the last rung at
+    1/factor (hidrop_platform.fidelity)."""
 
     model_config = ConfigDict(extra="forbid")
 
     rungs: int = Field(default=3, ge=2)
     factor: int = Field(default=3, ge=2)
+    promotion: Literal["halving", "interval"] = "halving"
     # seeds run every rung, whatever their rank; off by default: they compete like any trial, and
     # tune.confirm scores them on held-out questions anyway
     promote_seeds: bool = False

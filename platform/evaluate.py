@@ -223,6 +223,13 @@ def finite_interval(interval) -> bool:
     return bool(interval) and all(v is not None and math.isfinite(v) for v in interval)
 
 
+def blind_score(report: EvalReport) -> Optional[float]:
+    """Blind's relative score in `report` (on the same questions as its other rows), if it ran."""
+    row = next((m for m in report.methods if m.method == "blind"), None)
+    score = None if row is None else row.relative_score
+    return score if score is not None and math.isfinite(score) else None
+
+
 def score_metrics(report: EvalReport, schedule) -> dict[str, float]:
     """The MLflow metrics of `schedule`'s scores: relative score, per-benchmark scores, and the unpruned
     model's per-benchmark scores when the report measured them alongside."""

@@ -2,14 +2,22 @@
 (`hidrop.evaluation.subsets.rung_select`: nested, so a question is scored once per trial) and promote
 only the promising ones.
 
-The promotion rule is successive halving on the Pareto order, since the objective is a front, not one
-number (ASHA on the relative score alone would stop every cheap schedule): at rung r, a trial goes on
-when it ranks in the best 1/factor of the trials seen at that rung, ordered by non-dominated layer
-(relative score up, vision TFLOPs down), then by NSGA-II's crowding distance within the layer, so the
-survivors keep the front's spread from cheap to accurate. The same rule runs asynchronously inside Ray Tune
-(`tune.ParetoHalving`, each trial against those that reached the rung before it, as ASHA does) and
-synchronously in `hidrop bench search` (`successive_halving`: each rung's trials against each other).
-Pure: no Ray, no MLflow, no model.
+The objective is a front, not one number (ASHA on the relative score alone would stop every cheap
+schedule), so trials are ranked by what they add to the front: first the non-dominated trials in the
+order a greedy hypervolume selection takes them (each next one the trial that adds the most area above
+blind's score at that rung, SMS-EMOA's criterion: a blind-level trial adds nothing, since answering
+without the image costs no vision FLOPs), then the rest by non-dominated layer and NSGA-II's crowding
+distance. Two promotion rules use that order:
+
+- `halving`: at each rung below the last, the best 1/factor go on (successive halving);
+- `interval`: at each rung below the last, a trial stops when it is behind the front beyond its noise
+  (its upper bound is below the score of a trial at the same rung that costs no more), and at the last
+  promotion at most 1/factor go on. Early rungs stop only the hopeless; the cut spends the dearest rung
+  on the trials that add most to the front.
+
+The same rules run asynchronously inside Ray Tune (`tune.ParetoHalving`, each trial against those that
+reached the rung before it, as ASHA does) and synchronously in `hidrop bench search`
+(`successive_halving`: each rung's trials against each other). Pure: no Ray, no MLflow, no model.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ class RungPoint:
     cost: float  # vision TFLOPs
     low: Optional[float] = None
     high: Optional[float] = None
+    blind: Optional[float] = None  # blind's relative score on the same questions: the front's floor
     questions_run: int = 0  # (method, question) pairs this rung scored
     batches_run: int = 0
     wall_s: float = 0.0
@@ -66,22 +75,98 @@ def crowding(points: Sequence[tuple[float, float]], members: Sequence[int]) -> d
     return distance
 
 
-def promoted(points: Sequence[tuple[float, float]], factor: int) -> list[int]:
-    """Indices of the points that go on to the next rung: the best ceil(n / factor) in the Pareto order
-    (layer, then crowding distance within the layer, then higher score, lower cost, index)."""
+def pareto_order(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices by non-dominated layer, then crowding distance within the layer, then higher score, lower
+    cost, index."""
     if not points:
         return []
     layers = pareto_layers(points)
     spread: dict[int, float] = {}
     for depth in set(layers):
         spread.update(crowding(points, [i for i in range(len(points)) if layers[i] == depth]))
-    order = sorted(range(len(points)), key=lambda i: (layers[i], -spread[i], -points[i][0], points[i][1], i))
-    return sorted(order[: math.ceil(len(points) / factor)])
+    return sorted(range(len(points)), key=lambda i: (layers[i], -spread[i], -points[i][0], points[i][1], i))
 
 
-def goes_on(point: tuple[float, float], rivals: Sequence[tuple[float, float]], factor: int) -> bool:
-    """Asynchronous form: does `point` make the cut among itself and the `rivals` already at its rung."""
-    return len(rivals) in promoted([*rivals, point], factor)
+def front_order(
+    points: Sequence[tuple[float, float]], floor: float = 0.0, ceiling: Optional[float] = None
+) -> list[int]:
+    """Indices by what each adds to the front: the non-dominated points in the order a greedy hypervolume
+    selection takes them (area above `floor`, up to the reference cost `ceiling`: the unpruned model's,
+    else a tenth beyond the dearest point), then every other point in `pareto_order`. Only
+    non-dominated points can add area once their dominators are taken, and a point never adds more than
+    one dominating it, so the greedy pass need only look at the front."""
+    order = pareto_order(points)
+    if not order:
+        return []
+    if ceiling is None:
+        ceiling = 1.1 * max([p[1] for p in points if math.isfinite(p[1])] or [0.0]) or 1.0
+    front = set(pareto_front(points))
+    left = [i for i in order if i in front and points[i][0] > floor and points[i][1] < ceiling]
+    taken: list[int] = []
+    area = 0.0
+    while left:
+        gains = [hypervolume([points[k] for k in [*taken, i]], ceiling, floor) - area for i in left]
+        best = max(range(len(left)), key=lambda k: gains[k])  # ties: the earlier in pareto_order
+        if gains[best] <= 0:
+            break
+        area += gains[best]
+        taken.append(left.pop(best))
+    return taken + [i for i in order if i not in taken]
+
+
+def floor_of(points: Sequence[RungPoint]) -> float:
+    """The front's floor at one rung: blind's relative score on its questions (0 when unknown)."""
+    blinds = [p.blind for p in points if p.blind is not None and math.isfinite(p.blind)]
+    return sum(blinds) / len(blinds) if blinds else 0.0
+
+
+def promoted(
+    points: Sequence[tuple[float, float]], factor: float, floor: float = 0.0, ceiling: Optional[float] = None
+) -> list[int]:
+    """Indices of the points that go on to the next rung: the best ceil(n / factor) in `front_order`."""
+    return sorted(front_order(points, floor, ceiling)[: math.ceil(len(points) / factor)])
+
+
+def behind_front(point: RungPoint, rivals: Sequence[RungPoint]) -> bool:
+    """Behind the front beyond its noise: a rival that costs no more scores above `point`'s upper bound
+    (a point without an interval, e.g. the unpruned model, is never behind)."""
+    if point.high is None or not math.isfinite(point.high):
+        return False
+    return any(r.cost <= point.cost and r.score > point.high for r in rivals)
+
+
+def promote(
+    points: Sequence[RungPoint],
+    factor: int,
+    rule: str = "halving",
+    last: bool = False,
+    ceiling: Optional[float] = None,
+) -> list[int]:
+    """Indices of the rung's points that go on: `rule` "halving" keeps the best ceil(n / factor) in
+    `front_order`; "interval" keeps those not `behind_front`, capped at ceil(n / factor) when `last` (the
+    promotion into the last rung). `ceiling`: the unpruned model's cost, the hypervolume's reference."""
+    pairs = [(p.score, p.cost) for p in points]
+    floor = floor_of(points)
+    if rule == "halving":
+        return promoted(pairs, factor, floor, ceiling)
+    alive = [i for i, p in enumerate(points) if not behind_front(p, [q for j, q in enumerate(points) if j != i])]
+    cap = math.ceil(len(points) / factor)
+    if not last or len(alive) <= cap:
+        return alive
+    ranked = front_order([pairs[i] for i in alive], floor, ceiling)
+    return sorted(alive[k] for k in ranked[:cap])
+
+
+def goes_on(
+    point: RungPoint,
+    rivals: Sequence[RungPoint],
+    factor: int,
+    rule: str = "halving",
+    last: bool = False,
+    ceiling: Optional[float] = None,
+) -> bool:
+    """Asynchronous form: does `point` go on among itself and the `rivals` already at its rung."""
+    return len(rivals) in promote([*rivals, point], factor, rule, last, ceiling)
 
 
 @dataclass
@@ -108,9 +193,11 @@ def successive_halving(
     rungs: int,
     factor: int,
     always: Collection[str] = (),
+    rule: str = "halving",
+    ceiling: Optional[float] = None,
 ) -> Search:
-    """Synchronous successive halving over `labels`: every live candidate at rung r, then the best
-    1/factor (`promoted`) go on, plus those in `always` (seeds, when they must run every rung).
+    """Synchronous successive halving over `labels`: every live candidate at rung r, then those `promote`
+    keeps under `rule` go on, plus those in `always` (seeds, when they must run every rung).
     `evaluate(label, rung)` scores one candidate at one rung (reusing its earlier rungs' questions is
     the evaluator's job)."""
     search = Search(rungs=rungs, points={label: [] for label in labels})
@@ -119,8 +206,8 @@ def successive_halving(
         for label in alive:
             search.points[label].append(evaluate(label, rung))
         if rung < rungs:
-            points = [(search.points[label][-1].score, search.points[label][-1].cost) for label in alive]
-            keep = set(promoted(points, factor))
+            points = [search.points[label][-1] for label in alive]
+            keep = set(promote(points, factor, rule, last=rung == rungs - 1, ceiling=ceiling))
             alive = [label for i, label in enumerate(alive) if i in keep or label in always]
     return search
 

@@ -53,6 +53,7 @@ from hidrop_platform.config import (
 from hidrop_platform.evaluate import (
     EvalSetupError,
     benchmarks_for,
+    blind_score,
     build_model,
     evaluate_schedule,
     finite_interval,
@@ -65,7 +66,7 @@ from hidrop_platform.evaluate import (
     write_records,
 )
 from hidrop_platform.faults import fail_trial_if_asked
-from hidrop_platform.fidelity import goes_on
+from hidrop_platform.fidelity import RungPoint, goes_on
 from hidrop_platform.pareto import plot_pareto
 from hidrop_platform.raycluster import ClusterSetupError, alive_nodes, check_fits, check_job_paths, start_ray
 from hidrop_platform.sweep import (
@@ -530,6 +531,9 @@ def _in_rungs(cfg: ExperimentConfig, ctx: TrialContext, tracker, start: float, d
         metrics.update(
             {N.RUNG: rung, N.QUESTIONS_RUN: questions, N.WALL_S: wall, N.ACCELERATOR_HOURS: wall * devices / 3600}
         )
+        blind = blind_score(report)
+        if blind is not None:  # the scheduler's floor: blind on this rung's questions
+            metrics[N.BLIND_RELATIVE] = blind
         tracker.log_metrics(metrics, step=rung)
         reported.update(metrics)
         tune.report(metrics)  # the scheduler may stop the trial here
@@ -537,15 +541,26 @@ def _in_rungs(cfg: ExperimentConfig, ctx: TrialContext, tracker, start: float, d
 
 
 class ParetoHalving(FIFOScheduler):
-    """Successive halving on the Pareto order for rung-evaluated trials (hidrop_platform.fidelity): at
-    each rung below the last, a trial goes on only if it ranks in the best 1/factor of the trials that
-    reached that rung so far (seeds always go on unless `promote_seeds` is off)."""
+    """Multi-fidelity promotion for rung-evaluated trials (hidrop_platform.fidelity): at each rung below
+    the last, a trial goes on only if `promotion` keeps it among the trials that reached that rung so far
+    ("halving": it ranks in the best 1/factor by what it adds to the front; "interval": it is not behind
+    the front beyond its interval, and at the last promotion also ranks in the best 1/factor). Seeds
+    always go on when `promote_seeds` is on."""
 
-    def __init__(self, rungs: int, factor: int, promote_seeds: bool, by_score: bool = False):
+    def __init__(
+        self,
+        rungs: int,
+        factor: int,
+        promote_seeds: bool,
+        by_score: bool = False,
+        promotion: str = "halving",
+        ceiling: Optional[float] = None,  # the unpruned model's vision TFLOPs: the hypervolume's reference
+    ):
         super().__init__()
-        self.rungs, self.factor, self.promote_seeds = rungs, factor, promote_seeds
+        self.rungs, self.factor, self.promote_seeds, self.promotion = rungs, factor, promote_seeds, promotion
+        self.ceiling = None if by_score else ceiling
         self.by_score = by_score  # objective "score": rank by relative score alone
-        self.seen: dict[int, dict[str, tuple[float, float]]] = {}  # rung -> trial id -> (score, cost)
+        self.seen: dict[int, dict[str, RungPoint]] = {}  # rung -> trial id -> its point
         self.stopped: list[str] = []
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -555,13 +570,19 @@ class ParetoHalving(FIFOScheduler):
             return self.CONTINUE
         # an undefined score (a reference at 0 on a small rung) ranks last rather than stopping the sweep
         score = float(score) if score is not None and math.isfinite(float(score)) else -math.inf
-        point = (score, 0.0 if self.by_score else float(cost))
+        point = RungPoint(
+            score=score,
+            cost=0.0 if self.by_score else float(cost),
+            low=result.get(N.RELATIVE_SCORE_LOW),
+            high=result.get(N.RELATIVE_SCORE_HIGH),
+            blind=result.get(N.BLIND_RELATIVE),
+        )
         at_rung = self.seen.setdefault(rung, {})
         rivals = [p for t, p in at_rung.items() if t != trial.trial_id]
         at_rung[trial.trial_id] = point
         if rung >= self.rungs or (trial.config.get("seed") and self.promote_seeds):
             return self.CONTINUE
-        if goes_on(point, rivals, self.factor):
+        if goes_on(point, rivals, self.factor, self.promotion, rung == self.rungs - 1, self.ceiling):
             return self.CONTINUE
         self.stopped.append(trial.trial_id)
         return self.STOP
@@ -961,7 +982,12 @@ def _tuner(cfg: ExperimentConfig, ctx: TrialContext, searcher, callback, at_once
     scheduler = None
     if s.fidelity is not None:
         scheduler = ParetoHalving(
-            s.fidelity.rungs, s.fidelity.factor, s.fidelity.promote_seeds, by_score=s.objective == "score"
+            s.fidelity.rungs,
+            s.fidelity.factor,
+            s.fidelity.promote_seeds,
+            by_score=s.objective == "score",
+            promotion=s.fidelity.promotion,
+            ceiling=ctx.reference.get("vision_tflops"),
         )
     if s.kind == "trained":
         scheduler = ASHAScheduler(

@@ -549,7 +549,7 @@ def test_rung_subsets_are_nested_keep_units_whole_and_unseen_drops_seen_units():
 
 
 def test_pareto_halving_and_hypervolume_against_brute_force():
-    from hidrop_platform.fidelity import goes_on, hypervolume, pareto_layers, promoted
+    from hidrop_platform.fidelity import RungPoint, goes_on, hypervolume, pareto_layers, promoted
 
     rng = random.Random(5)
     for _ in range(100):
@@ -570,10 +570,67 @@ def test_pareto_halving_and_hypervolume_against_brute_force():
             for y in range(grid)
         )
         assert hypervolume(pts, max_cost=1.0) == pytest.approx(hits / grid / grid * 100, abs=1.5)
-    assert goes_on((90, 0.1), [(50, 0.5), (60, 0.4)], 3)  # dominates both: first of three
-    # one cut of a front keeps its two ends before its middle
-    assert promoted([(50, 0.1), (70, 0.2), (72, 0.3), (90, 0.9)], 2) == [0, 3]
-    assert not goes_on((40, 0.5), [(50, 0.5), (60, 0.4)], 3)
+    P = RungPoint
+    assert goes_on(P(90, 0.1), [P(50, 0.5), P(60, 0.4), P(100, 1.0)], 4)  # dominates both: first of four
+    assert not goes_on(P(40, 0.5), [P(50, 0.5), P(60, 0.4), P(100, 1.0)], 4)
+    # one cut of a front keeps the points that add the most area up to the unpruned cost 1.0: alone,
+    # 70 x 0.8 beats 72 x 0.7 and 50 x 0.9; then (50, 0.1) adds 50 x 0.1 against 2 x 0.7 and 20 x 0.1
+    assert promoted([(50, 0.1), (70, 0.2), (72, 0.3), (90, 0.9)], 2, ceiling=1.0) == [0, 1]
+
+
+def test_front_order_is_greedy_hypervolume_over_every_point_and_blind_adds_nothing():
+    """The greedy pass looks only at the front; a brute-force greedy over every point (dominated ones too)
+    must take the same areas step by step. Above blind's score a blind-level cheap point adds nothing."""
+    from hidrop_platform.fidelity import front_order, hypervolume, pareto_layers, promoted
+
+    rng = random.Random(11)
+    for _ in range(60):
+        pts = [(rng.uniform(0, 100), rng.uniform(0, 1)) for _ in range(rng.randint(2, 12))]
+        floor = rng.choice([0.0, 40.0])
+        ceiling = rng.choice([1.0, None])  # the unpruned model's cost, or by default a tenth beyond the dearest
+        order = front_order(pts, floor, ceiling)
+        ceiling = ceiling or 1.1 * max(c for _, c in pts)
+        assert sorted(order) == list(range(len(pts)))
+        taken, area = [], 0.0
+        while True:
+            gains = {i: hypervolume([pts[k] for k in [*taken, i]], ceiling, floor) - area for i in range(len(pts))}
+            best = max(gains.values())
+            if best <= 1e-12:
+                break
+            assert gains[order[len(taken)]] == pytest.approx(best)  # each greedy step takes a best gain
+            taken.append(order[len(taken)])
+            area += best
+        layers = pareto_layers(pts)
+        rest = order[len(taken) :]
+        assert [layers[i] for i in rest] == sorted(layers[i] for i in rest)  # then by layer
+    cheap_blind, trade_off, middle, full = (50, 0.05), (80, 0.5), (60, 0.3), (100, 1.0)
+    pts = [cheap_blind, trade_off, middle, full]
+    assert promoted(pts, 2, ceiling=1.0) == [0, 1]  # above 0 the blind-level point adds 50 x 0.95
+    assert promoted(pts, 2, floor=50.0, ceiling=1.0) == [1, 2]  # above blind it adds nothing
+
+
+def test_interval_promotion_stops_only_trials_behind_the_front_and_caps_the_last_cut():
+    from hidrop_platform.fidelity import RungPoint, behind_front, promote
+
+    rng = random.Random(3)
+    for _ in range(100):
+        pts = []
+        for _ in range(rng.randint(1, 12)):
+            score = rng.uniform(30, 100)
+            half = rng.uniform(2, 25)
+            pts.append(RungPoint(score, rng.choice([0.1, 0.2, 0.5, 0.8]), score - half, score + half, blind=40.0))
+        brute = [
+            i
+            for i, p in enumerate(pts)
+            if not any(q.cost <= p.cost and q.score > p.high for j, q in enumerate(pts) if j != i)
+        ]
+        assert promote(pts, 3, "interval") == brute
+        capped = promote(pts, 3, "interval", last=True)
+        assert set(capped) <= set(brute) and len(capped) == min(len(brute), math.ceil(len(pts) / 3))
+    unpruned = RungPoint(100.0, 1.0)  # no interval: never behind
+    assert not behind_front(unpruned, [RungPoint(120.0, 0.1, 110.0, 130.0)])
+    assert behind_front(RungPoint(50.0, 0.5, 40.0, 60.0), [RungPoint(61.0, 0.5, 50.0, 70.0)])
+    assert not behind_front(RungPoint(50.0, 0.5, 40.0, 60.0), [RungPoint(90.0, 0.6, 80.0, 99.0)])  # dearer
 
 
 def test_successive_halving_finds_a_planted_best_schedule_with_fewer_questions():
@@ -592,18 +649,25 @@ def test_successive_halving_finds_a_planted_best_schedule_with_fewer_questions()
     def evaluate(label, rung):
         n = n_full // factor ** (rungs - rung)
         acc, cost = truth[label]
-        score = 100 * answers[label][:n].mean() / 0.9
+        p = answers[label][:n].mean()
+        half = 1.96 * math.sqrt(max(p * (1 - p), 1e-6) / n)  # the normal interval on a proportion
+        score = 100 * p / 0.9
         earlier = n_full // factor ** (rungs - rung + 1) if rung > 1 else 0
-        return RungPoint(score=score, cost=cost, questions_run=n - earlier)
+        return RungPoint(score, cost, 100 * (p - half) / 0.9, 100 * (p + half) / 0.9, questions_run=n - earlier)
 
-    search = successive_halving(list(truth), evaluate, rungs, factor)
-    assert "planted" in search.completed()
-    final = search.final()
-    best = max(final, key=lambda k: final[k].score if k in search.completed() else -1)
-    assert best == "planted"
     exhaustive = n_full * len(truth)
-    spent = sum(p.questions_run for p in search.every_point())
-    assert spent <= exhaustive / 3  # 28 x 90 + 10 x 180 + 4 x 540 = 6480 of 22680
+    for rule in ("halving", "interval"):
+        search = successive_halving(list(truth), evaluate, rungs, factor, rule=rule, ceiling=1.0)
+        assert "planted" in search.completed()
+        final = search.final()
+        best = max(final, key=lambda k: final[k].score if k in search.completed() else -1)
+        assert best == "planted"
+        spent = sum(p.questions_run for p in search.every_point())
+        if rule == "halving":
+            assert spent <= exhaustive / 3  # 28 x 90 + 10 x 180 + 4 x 540 = 6480 of 22680
+        else:  # every trial at rung 1 and 2 at worst, then a third: 28 x 270 + 10 x 540
+            assert spent < exhaustive and spent <= 28 * 270 + 10 * 540
+            assert len(search.completed()) < len(truth)  # it did stop some
 
 
 @pytest.mark.slow
@@ -692,6 +756,13 @@ def test_bench_search_accounts_for_every_question_and_confirms_unseen(tmp_path):
     hv = r["hypervolume_difference"]
     assert hv["difference"] == pytest.approx(ex["hypervolume_confirmed"] - mf["hypervolume_confirmed"])
     assert hv["low"] <= hv["high"] and "confirmed front hypervolume" in r["verdict"]
+    above = r["hypervolume_difference_above_blind"]
+    assert above["difference"] == pytest.approx(
+        ex["hypervolume_confirmed_above_blind"] - mf["hypervolume_confirmed_above_blind"]
+    )
+    assert ex["hypervolume_confirmed_above_blind"] <= ex["hypervolume_confirmed"] and r["promotion"] == "halving"
+    assert above["exhaustive_interval"][0] <= ex["hypervolume_confirmed_above_blind"] + 1e-9
+    assert "above blind" in r["verdict"]
 
 
 def test_a_trial_stopped_at_a_low_rung_stays_off_the_front():
@@ -721,6 +792,19 @@ def test_a_trial_stopped_at_a_low_rung_stays_off_the_front():
     assert (
         sched.on_trial_result(None, Trial("c"), {"rung": 2, "relative_score": 10.0, "vision_tflops": 1.0}) == "CONTINUE"
     )
+    ivl = ParetoHalving(rungs=3, factor=2, promote_seeds=False, promotion="interval", ceiling=1.0)
+
+    def at(rung, score, lo, hi, tflops):
+        return {"rung": rung, "relative_score": score, "relative_score_lo": lo, "relative_score_hi": hi,
+                "vision_tflops": tflops, "blind_relative_score": 40.0}  # fmt: skip
+
+    assert ivl.on_trial_result(None, Trial("a"), at(1, 90.0, 80.0, 99.0, 0.2)) == "CONTINUE"
+    assert ivl.on_trial_result(None, Trial("b"), at(1, 60.0, 45.0, 75.0, 0.5)) == "STOP"  # dearer, below 90
+    assert ivl.on_trial_result(None, Trial("c"), at(1, 70.0, 50.0, 95.0, 0.5)) == "CONTINUE"  # within its noise
+    assert ivl.on_trial_result(None, Trial("d"), at(1, 50.0, 30.0, 70.0, 0.1)) == "CONTINUE"  # cheapest
+    # the promotion into the last rung is also capped at ceil(n / 2) by what each adds to the front
+    assert ivl.on_trial_result(None, Trial("a"), at(2, 90.0, 85.0, 95.0, 0.2)) == "CONTINUE"
+    assert ivl.on_trial_result(None, Trial("c"), at(2, 80.0, 70.0, 91.0, 0.5)) == "STOP"  # ceil(2 / 2) = 1
 
 
 def test_paired_hypervolume_difference_matches_brute_force():
