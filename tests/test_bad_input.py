@@ -47,6 +47,12 @@ CASES = [
         "validate {exp}",
         "relative=['probes']: name benchmarks of eval.benchmarks (easy_vqa)",
     ),
+    (
+        "promotion-unknown",
+        "name: x\ntune: {fidelity: {promotion: best}}\n",
+        "validate {exp}",
+        "tune.fidelity.promotion: Input should be 'halving' or 'interval'",
+    ),
     ("seed-unknown", "name: x\ntune: {seeds: [vanilla, nope]}\n", "validate {exp}", "tune.seeds.1: unknown schedule"),
     (
         "space-inf-bound",
