@@ -82,7 +82,11 @@ def run_search_bench(
     candidates: Optional[int] = None,
     budget: Optional[float] = None,
     progress: Optional[Callable[[str], None]] = None,
+    orders: int = 1,
 ) -> dict:
+    """`orders` > 1 also replays the multi-fidelity search on orders - 1 reshuffled rung orders (rung seeds
+    seed + 1, ...) from the exhaustive pass's records, so no model runs for them, and confirms every
+    replay's front too: how much the cost and the front depend on which questions the rungs drew."""
     say = progress or (lambda msg: None)
     f = cfg.tune.fidelity or FidelityConfig()
     if cfg.tune.confirm is None:
@@ -105,11 +109,13 @@ def run_search_bench(
         stored = known_records(ref)
 
         exhaustive: dict[str, RungPoint] = {}
+        scored: dict[str, dict] = {}  # label -> its records on every search question
         for i, (label, schedule) in enumerate(schedules.items()):
             say(f"exhaustive {i + 1}/{len(schedules)}: {label}")
             t0 = time.perf_counter()
             report = evaluate_schedule(cfg, vlm, schedule, benches, known=known_for(stored, schedule))
             exhaustive[label] = _point(report, schedule, time.perf_counter() - t0)
+            scored[label] = known_records(report, [report.row_for(schedule).method])
 
         own: dict[str, dict] = {label: {} for label in schedules}
 
@@ -133,7 +139,11 @@ def run_search_bench(
         search = successive_halving(
             list(schedules), evaluate_rung, f.rungs, f.factor, always=seeds, rule=f.promotion, ceiling=unpruned
         )
-        return _compare(cfg, vlm, schedules, exhaustive, search, held_out, stored, budget, say) | {
+        replays = []
+        for k in range(1, orders):  # the same rule on reshuffled rung orders, from the exhaustive records
+            say(f"replaying the rungs on question order {k + 1}/{orders}")
+            replays.append(_replay(cfg, vlm, schedules, benches, stored, scored, seeds, unpruned, cfg.seed + k))
+        return _compare(cfg, vlm, schedules, exhaustive, search, held_out, stored, budget, say, replays) | {
             "candidates": len(schedules),
             "rungs": f.rungs,
             "factor": f.factor,
@@ -147,6 +157,28 @@ def run_search_bench(
         raise SearchBenchError(str(e).splitlines()[0]) from None
 
 
+def _replay(cfg, vlm, schedules, benches, stored, scored, seeds, ceiling, seed: int) -> Search:
+    """The multi-fidelity search with rung order `seed`, every rung read from the exhaustive records:
+    each point counts the questions the rung would have scored (its new ones), wall time 0."""
+    f = cfg.tune.fidelity or FidelityConfig()
+    seen: dict[str, int] = {}
+
+    def evaluate_rung(label: str, rung: int) -> RungPoint:
+        schedule = schedules[label]
+        known = {**known_for(stored, schedule), **scored[label]}
+        report = evaluate_schedule(
+            cfg, vlm, schedule, benches, known=known, select=rung_select(rung, f.rungs, f.factor, seed)
+        )
+        point = _point(report, schedule, 0.0)
+        n = sum(len(e.records or []) for e in report.row_for(schedule).benchmarks.values())
+        point.questions_run, point.batches_run, seen[label] = n - seen.get(label, 0), 0, n
+        return point
+
+    return successive_halving(
+        list(schedules), evaluate_rung, f.rungs, f.factor, always=seeds, rule=f.promotion, ceiling=ceiling
+    )
+
+
 def _front(points: dict[str, RungPoint]) -> list[str]:
     labels = list(points)
     return [labels[i] for i in pareto_front([(points[k].score, points[k].cost) for k in labels])]
@@ -157,16 +189,23 @@ def _best_under(points: dict[str, RungPoint], budget: float) -> Optional[str]:
     return max(fits, key=lambda k: (points[k].score, -points[k].cost)) if fits else None
 
 
-def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, budget, say) -> dict:
+def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, budget, say, replays=()) -> dict:
     costs = sorted(p.cost for p in exhaustive.values())
     budget = budget or cfg.tune.max_vision_tflops or costs[len(costs) // 2]  # default: the median candidate
-    full = {k: search.final()[k] for k in search.completed()}  # multi-fidelity points at full fidelity
+
+    def completed(s: Search) -> dict[str, RungPoint]:
+        # a candidate stopped at a low rung was scored on fewer questions: only full-fidelity ones compete
+        return {k: s.final()[k] for k in s.completed()}
+
+    full = completed(search)
     sides = {
         "exhaustive": (exhaustive, _front(exhaustive), _best_under(exhaustive, budget)),
-        # a candidate stopped at a low rung was scored on fewer questions: only full-fidelity ones compete
         "multi_fidelity": (full, _front(full), _best_under(full, budget)),
     }
-    confirm_labels = sorted({k for _, front, best in sides.values() for k in [*front, best] if k})
+    replay_fronts = [_front(completed(r)) for r in replays]
+    confirm_labels = sorted(
+        {k for _, front, best in sides.values() for k in [*front, best] if k} | {k for f in replay_fronts for k in f}
+    )
     say(f"confirming {len(confirm_labels)} schedules on held-out questions")
     seen = {b: list(rows) for b, rows in stored[REFERENCE].items()}
     report = held_out_pass(cfg, vlm, [schedules[k] for k in confirm_labels], held_out, seen)
@@ -218,11 +257,10 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
         d = compare_methods(report, plans, row_name(a), row_name(b), cfg.seed, cfg.eval.resamples)
         out["best_difference"] = d.model_dump()
     fronts = {k: v[1] for k, v in sides.items()}
-    members = sorted({k for front in fronts.values() for k in front})
-    names = sorted({row_name(k) for k in members} | {"blind"})
+    names = sorted({row_name(k) for k in confirm_labels} | {"blind"})
     by_row = resampled_relative(report, plans, names, cfg.seed, cfg.eval.resamples)
-    draws = {k: by_row[row_name(k)] for k in members}
-    share = {k: exhaustive[k].cost / max_cost for k in members}
+    draws = {k: by_row[row_name(k)] for k in confirm_labels}
+    share = {k: exhaustive[k].cost / max_cost for k in confirm_labels}
     for key, floor, area in (
         ("hypervolume_difference", None, "hypervolume_confirmed"),
         ("hypervolume_difference_above_blind", by_row["blind"], "hypervolume_confirmed_above_blind"),
@@ -233,8 +271,45 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
             hv["within_exhaustive_interval"] = bool(hv["exhaustive_interval"][0] <= mf[area])
         out[key] = hv
     out["cost_ratio"] = {k: (mf[k] / ex[k] if ex[k] else None) for k in ("questions_run", "batches_run", "wall_s")}
+    if replays:
+        searches = [(search, sides["multi_fidelity"][1]), *zip(replays, replay_fronts)]
+        row_args = (ex, draws, sides, share, by_row, confirmed, blind)
+        rows = [_order_row(r, front, *row_args) for r, front in searches]
+        out["orders"] = _orders_summary(rows)
     out["verdict"] = _verdict(out)
     return out
+
+
+def _order_row(search: Search, front, ex, draws, sides, share, by_row, confirmed, blind) -> dict:
+    """One rung order's multi-fidelity search against exhaustive: its cost ratio and its confirmed front."""
+    fronts = {"exhaustive": sides["exhaustive"][1], "multi_fidelity": front}
+    above = hypervolume_difference(draws, fronts, share, by_row["blind"]) or {}
+    points = [(confirmed(k)[0], share[k]) for k in front if confirmed(k)[0] is not None]
+    area = hypervolume(points, 1.0, blind)
+    return {
+        "questions_ratio": sum(p.questions_run for p in search.every_point()) / ex["questions_run"],
+        "completed": len(search.completed()),
+        "front": front,
+        "hypervolume_confirmed": hypervolume(points, 1.0),
+        "hypervolume_confirmed_above_blind": area,
+        "difference_above_blind": [ex["hypervolume_confirmed_above_blind"] - area, above.get("low"), above.get("high")],
+        "within_exhaustive_interval": bool(above) and above["exhaustive_interval"][0] <= area,
+    }
+
+
+def _orders_summary(rows: list[dict]) -> dict:
+    """Over the rung orders (the first is the search's own): the spread of the cost ratio and of the
+    confirmed loss above blind, and how often the loss is significant or outside exhaustive's interval."""
+    ratios = [r["questions_ratio"] for r in rows]
+    losses = [r["difference_above_blind"][0] for r in rows]
+    return {
+        "n": len(rows),
+        "questions_ratio": {"mean": float(np.mean(ratios)), "min": min(ratios), "max": max(ratios)},
+        "loss_above_blind": {"mean": float(np.mean(losses)), "min": min(losses), "max": max(losses)},
+        "significant_loss": sum(1 for r in rows if (r["difference_above_blind"][1] or 0) > 0),
+        "within_exhaustive_interval": sum(1 for r in rows if r["within_exhaustive_interval"]),
+        "rows": rows,
+    }
 
 
 def hypervolume_difference(

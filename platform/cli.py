@@ -1153,6 +1153,9 @@ def bench_search(
         None, help="random valid samples after the seeds (default: tune.num_samples)"
     ),
     budget: Optional[float] = typer.Option(None, help="vision-TFLOPs budget of the 'best' schedule (default: median)"),
+    orders: int = typer.Option(
+        1, min=1, help="also replay the rungs on N-1 reshuffled question orders (from the exhaustive records)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Exhaustive evaluation vs multi-fidelity search (tune.fidelity) on one fixed candidate set: questions,
@@ -1164,7 +1167,7 @@ def bench_search(
         _fail("bench search compares training-free searches; set tune.kind=training_free")
     try:
         with out.status("search benchmark...") as status:
-            result = run_search_bench(cfg, base, candidates, budget, progress=lambda m: status.update(m))
+            result = run_search_bench(cfg, base, candidates, budget, progress=lambda m: status.update(m), orders=orders)
     except SearchBenchError as e:
         _fail(str(e))
     if as_json:
@@ -1213,6 +1216,15 @@ def bench_search(
         f"questions, {result['reference']['wall_s']:.1f} s"
     )
     out.print(result["verdict"])
+    if "orders" in result:
+        o = result["orders"]
+        q, loss = o["questions_ratio"], o["loss_above_blind"]
+        out.print(
+            f"over {o['n']} rung orders: questions {q['mean']:.2f}x (range {q['min']:.2f}-{q['max']:.2f}); "
+            f"confirmed front loss above blind {loss['mean']:+.1f} (range {loss['min']:+.1f} to {loss['max']:+.1f}), "
+            f"significant in {o['significant_loss']} of {o['n']}, within exhaustive's interval in "
+            f"{o['within_exhaustive_interval']} of {o['n']}"
+        )
     for n in result["notes"]:
         out.print(f"[yellow]note:[/] {n}")
 

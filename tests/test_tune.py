@@ -741,7 +741,7 @@ def test_bench_search_accounts_for_every_question_and_confirms_unseen(tmp_path):
     data["eval"]["resamples"] = 200
     exp = tmp_path / "tune.yaml"
     exp.write_text(yaml.safe_dump(data))
-    proc = _cli("bench", "search", str(exp), "--candidates", "5", "--json", cwd=tmp_path, timeout=600)
+    proc = _cli("bench", "search", str(exp), "--candidates", "5", "--orders", "3", "--json", cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout[proc.stdout.index("{\n") :])
     n = r["candidates"]
@@ -763,6 +763,14 @@ def test_bench_search_accounts_for_every_question_and_confirms_unseen(tmp_path):
     assert ex["hypervolume_confirmed_above_blind"] <= ex["hypervolume_confirmed"] and r["promotion"] == "halving"
     assert above["exhaustive_interval"][0] <= ex["hypervolume_confirmed_above_blind"] + 1e-9
     assert "above blind" in r["verdict"]
+    # the replays read the exhaustive records: the first row is the search itself, each has the same cost
+    # bound (rung 1 for all, rung 2's new questions for ceil(n / 3)), and its front was confirmed
+    o = r["orders"]
+    assert o["n"] == 3 and len(o["rows"]) == 3
+    assert o["rows"][0]["questions_ratio"] == pytest.approx(r["cost_ratio"]["questions_run"])
+    assert all(row["questions_ratio"] == pytest.approx(o["rows"][0]["questions_ratio"]) for row in o["rows"])
+    assert all(row["hypervolume_confirmed_above_blind"] <= row["hypervolume_confirmed"] for row in o["rows"])
+    assert o["rows"][0]["difference_above_blind"][0] == pytest.approx(above["difference"])
 
 
 def test_a_trial_stopped_at_a_low_rung_stays_off_the_front():
