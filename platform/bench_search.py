@@ -4,14 +4,15 @@ one fixed candidate set in one run, and what it loses, measured on held-out ques
 Both searches see the same candidates (the seeds, then `candidates` valid random samples of
 `tune.space`), the same model and the same questions, and pair with one reference pass (all tokens
 and blind on every question, counted apart: a sweep pays it once either way). Exhaustive scores every
-candidate on every question; multi-fidelity runs `tune.fidelity`'s rungs with successive halving on
-the Pareto order (hidrop_platform.fidelity). Cost: (method, question) pairs scored, method x batch
-passes, wall time. Quality: both fronts and both best-under-budget schedules are re-evaluated on
-questions neither search saw (`tune.confirm`'s benchmarks), and compared there: the confirmed score
-of the best schedule under the budget, with its interval, and the hypervolume of each front's
-confirmed points (relative score x share of the dearest candidate's vision TFLOPs saved, reference
-point: score 0 at the dearest cost; 100 would be a free schedule as good as all tokens). In-process
-and sequential (no Ray), so the two wall times compare like for like.
+candidate on every question; multi-fidelity runs `tune.fidelity`'s rungs and promotion rule
+(hidrop_platform.fidelity). Cost: (method, question) pairs scored, method x batch passes, wall time.
+Quality: both fronts and both best-under-budget schedules are re-evaluated on questions neither search
+saw (`tune.confirm`'s benchmarks), and compared there: the confirmed score of the best schedule under
+the budget, with its interval, and the hypervolume of each front's confirmed points (relative score x
+share of the dearest candidate's vision TFLOPs saved), above 0 and above blind's confirmed score (a
+blind-level point adds nothing there), each with a paired interval on the difference. `orders` > 1
+replays the rungs on reshuffled question orders from the exhaustive records. In-process and
+sequential (no Ray), so the two wall times compare like for like.
 """
 
 from __future__ import annotations

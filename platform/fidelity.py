@@ -77,14 +77,18 @@ def crowding(points: Sequence[tuple[float, float]], members: Sequence[int]) -> d
 
 def pareto_order(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices by non-dominated layer, then crowding distance within the layer, then higher score, lower
-    cost, index."""
+    cost, index; undefined scores last."""
     if not points:
         return []
     layers = pareto_layers(points)
     spread: dict[int, float] = {}
     for depth in set(layers):
         spread.update(crowding(points, [i for i in range(len(points)) if layers[i] == depth]))
-    return sorted(range(len(points)), key=lambda i: (layers[i], -spread[i], -points[i][0], points[i][1], i))
+    # an undefined score (-inf: a reference at 0 on a small rung) ranks after every defined one
+    return sorted(
+        range(len(points)),
+        key=lambda i: (not math.isfinite(points[i][0]), layers[i], -spread[i], -points[i][0], points[i][1], i),
+    )
 
 
 def front_order(
@@ -109,8 +113,8 @@ def front_order(
         best = max(range(len(left)), key=lambda k: gains[k])  # ties: the earlier in pareto_order
         if gains[best] <= 0:
             break
-        area += gains[best]
         taken.append(left.pop(best))
+        area = hypervolume([points[k] for k in taken], ceiling, floor)  # recomputed: no drift on duplicates
     return taken + [i for i in order if i not in taken]
 
 
@@ -145,6 +149,8 @@ def promote(
     """Indices of the rung's points that go on: `rule` "halving" keeps the best ceil(n / factor) in
     `front_order`; "interval" keeps those not `behind_front`, capped at ceil(n / factor) when `last` (the
     promotion into the last rung). `ceiling`: the unpruned model's cost, the hypervolume's reference."""
+    if rule not in ("halving", "interval"):
+        raise ValueError(f"unknown promotion rule {rule!r}: halving or interval")
     pairs = [(p.score, p.cost) for p in points]
     floor = floor_of(points)
     if rule == "halving":

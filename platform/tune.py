@@ -547,6 +547,10 @@ class ParetoHalving(FIFOScheduler):
     the front beyond its interval, and at the last promotion also ranks in the best 1/factor). Seeds
     always go on when `promote_seeds` is on."""
 
+    # class defaults: a sweep started before these fields existed unpickles its scheduler without them
+    promotion: str = "halving"
+    ceiling: Optional[float] = None
+
     def __init__(
         self,
         rungs: int,
