@@ -183,7 +183,7 @@ def test_a_job_trains_one_worker_per_node_and_survives_a_killed_worker(cluster, 
     try:
         folder = storage / "tiny_train_smoke"
         # three on disk: the earlier ones are surely registered with Ray, so the restart goes on from a
-        # checkpoint (with two, a CI run once restarted from step 0: the controller had not caught up)
+        # checkpoint (with two, a CI run once restarted from step 0, probably before the controller caught up)
         _wait(lambda: len(list(folder.glob("checkpoint_*/hidrop_state.json"))) >= 3, "three checkpoints", 400)
         workers = _state(cluster["api"], "actors", class_name="RayTrainWorker", state="ALIVE")
         assert {w["node_id"] for w in workers} == cluster["nodes"], workers  # one worker on each node
