@@ -223,6 +223,12 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
         return [row.relative_score, *(row.relative_interval or [None, None])]
 
     max_cost = costs[-1]
+    share = {k: exhaustive[k].cost / max_cost for k in confirm_labels}  # a schedule's cost, either side
+
+    def confirmed_points(front: list[str]) -> list[tuple[float, float]]:
+        """(confirmed score, cost share) of a front's members that have a confirmed score."""
+        return [(confirmed(k)[0], share[k]) for k in front if confirmed(k)[0] is not None]
+
     blind = report.method("blind").relative_score  # the floor of the "above blind" hypervolume
     out: dict = {"budget_vision_tflops": budget, "confirm_questions": {b.name: b.samples for b in report.benchmarks}}
     out["blind_confirmed"] = blind
@@ -238,16 +244,10 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
             "best_search": None if best is None else [points[best].score, points[best].low, points[best].high],
             "best_confirmed": None if best is None else confirmed(best),
             # cost as a share of the dearest candidate's: the area is in relative-score points x cost share
-            "hypervolume_confirmed": hypervolume(
-                [(confirmed(k)[0], points[k].cost / max_cost) for k in front if confirmed(k)[0] is not None], 1.0
-            ),
+            "hypervolume_confirmed": hypervolume(confirmed_points(front), 1.0),
             "hypervolume_search": hypervolume([(points[k].score, points[k].cost / max_cost) for k in front], 1.0),
             # the area above blind: a blind-level point (answering as if without the image) adds nothing
-            "hypervolume_confirmed_above_blind": hypervolume(
-                [(confirmed(k)[0], points[k].cost / max_cost) for k in front if confirmed(k)[0] is not None],
-                1.0,
-                blind,
-            ),
+            "hypervolume_confirmed_above_blind": hypervolume(confirmed_points(front), 1.0, blind),
         }
     mf = out["multi_fidelity"]
     mf["completed"] = search.completed()
@@ -261,7 +261,6 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
     names = sorted({row_name(k) for k in confirm_labels} | {"blind"})
     by_row = resampled_relative(report, plans, names, cfg.seed, cfg.eval.resamples)
     draws = {k: by_row[row_name(k)] for k in confirm_labels}
-    share = {k: exhaustive[k].cost / max_cost for k in confirm_labels}
     for key, floor, area in (
         ("hypervolume_difference", None, "hypervolume_confirmed"),
         ("hypervolume_difference_above_blind", by_row["blind"], "hypervolume_confirmed_above_blind"),
@@ -274,18 +273,18 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
     out["cost_ratio"] = {k: (mf[k] / ex[k] if ex[k] else None) for k in ("questions_run", "batches_run", "wall_s")}
     if replays:
         searches = [(search, sides["multi_fidelity"][1]), *zip(replays, replay_fronts)]
-        row_args = (ex, draws, sides, share, by_row, confirmed, blind)
+        row_args = (ex, draws, sides, share, by_row["blind"], confirmed_points, blind)
         rows = [_order_row(r, front, *row_args) for r, front in searches]
         out["orders"] = _orders_summary(rows)
     out["verdict"] = _verdict(out)
     return out
 
 
-def _order_row(search: Search, front, ex, draws, sides, share, by_row, confirmed, blind) -> dict:
+def _order_row(search: Search, front, ex, draws, sides, share, blind_draws, confirmed_points, blind) -> dict:
     """One rung order's multi-fidelity search against exhaustive: its cost ratio and its confirmed front."""
     fronts = {"exhaustive": sides["exhaustive"][1], "multi_fidelity": front}
-    above = hypervolume_difference(draws, fronts, share, by_row["blind"]) or {}
-    points = [(confirmed(k)[0], share[k]) for k in front if confirmed(k)[0] is not None]
+    above = hypervolume_difference(draws, fronts, share, blind_draws) or {}
+    points = confirmed_points(front)
     area = hypervolume(points, 1.0, blind)
     return {
         "questions_ratio": sum(p.questions_run for p in search.every_point()) / ex["questions_run"],
