@@ -91,6 +91,12 @@ CASES = [
     ("model-bad-schedule", None, "eval {models}/badschedule.yaml", "hidrop.schedule.num_layers"),
     ("model-bad-section", None, "eval {models}/badsection.yaml", "the 'hidrop' section must be an object"),
     ("model-not-json", None, "eval {models}/notjson.yaml", "config.json' is not a valid JSON file"),
+    # --- issue 34: checkpoint options that could unpickle (1) and resume (9) ---
+    # --- issue 34: run names (2) and concurrent sweeps (5) ---
+    # --- issue 34: credentials (3) and paths read from files (4) ---
+    # --- issue 34: YAML bombs and shapes (6) ---
+    # --- issue 34: write paths and tracking URIs checked first (7) ---
+    # --- issue 34: numbers and values refused (8) ---
 ]
 
 
