@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from hidrop.cost import format_tflops
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, comparison_rows, format_delta
 from hidrop.evaluation.published import PublishedError, comparisons_for, exact_preset, method_from_name, model_key
 from hidrop.evaluation.uncertainty import format_interval
@@ -190,7 +191,7 @@ def comparison_cells(comparison: dict, row: dict) -> list[str]:
     return [
         row["label"],
         _fmt(row.get("avg_vision_tokens")),
-        _fmt(row.get("vision_tflops"), 4),
+        format_tflops(row.get("vision_tflops"), 4),
         *(format_interval(every[k], bounds[k]) for k in columns(comparison)),
         format_interval(row["relative_score"], row["relative_interval"]),
     ]
@@ -576,8 +577,8 @@ def _markdown(
         for t in trainings:
             lines.append(
                 f"| {t['label']} | {t['stage']} | {_fmt(t['avg_vision_tokens'])} | {_fmt(t['accelerator_hours'], 4)} | "
-                f"{_fmt(t['samples_per_s'], 2)} | "
-                f"{_fmt(t['vision_tflops'], 4)} | {_fmt(t['model_tflops'], 4)} | {_fmt(t['loss'], 3)} | "
+                f"{_fmt(t['samples_per_s'], 2)} | {format_tflops(t['vision_tflops'], 4)} | "
+                f"{format_tflops(t['model_tflops'], 4)} | {_fmt(t['loss'], 3)} | "
                 f"{_scores_text(t['scores'])} | {_fmt(t['vs_all_tokens_training'])} |"
             )
             for c in t["published"]:
@@ -679,11 +680,13 @@ def _img(path: Optional[Path], alt: str) -> str:
 
 
 def _html_table(head: list[str], rows: list[list[str]], row_classes: Optional[list[str]] = None) -> str:
-    out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in head), "</tr></thead><tbody>"]
+    # in a scrolling box: a wide table (many benchmarks) would otherwise run off the page
+    out = ['<div class="wide"><table><thead><tr>', *(f"<th>{html.escape(h)}</th>" for h in head)]
+    out.append("</tr></thead><tbody>")
     for i, row in enumerate(rows):
         cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
         out.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "".join(out)
 
 
@@ -691,6 +694,7 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
 h1{font-size:1.5em} h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
+.wide{max-width:100%;overflow-x:auto} td{overflow-wrap:anywhere}
 th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
 th:first-child,td:first-child{text-align:left} tr.preset td{background:#fdf3e7} tr.baseline td{color:#777}
 tr.front td:first-child{font-weight:600} img{max-width:100%;border:1px solid #eee} .note{color:#555;font-size:.9em}
@@ -819,7 +823,7 @@ def _html_sweep(data: dict, table: dict, figures: dict[str, Optional[Path]]) -> 
             front_mark(t),
             _relative_text({**t, "relative_interval": _bounds(t)}),
             _fmt(t.get("avg_vision_tokens")),
-            _fmt(t.get("vision_tflops"), 4),
+            format_tflops(t.get("vision_tflops"), 4),
             t["status"],
             t["plan"],
         ]
@@ -877,8 +881,8 @@ def _html_training(trainings: list[dict], figures: dict[str, Optional[Path]], ho
                 t["stage"],
                 _fmt(t["avg_vision_tokens"]),
                 _fmt(t["accelerator_hours"], 4),
-                _fmt(t["vision_tflops"], 4),
-                _fmt(t["model_tflops"], 4),
+                format_tflops(t["vision_tflops"], 4),
+                format_tflops(t["model_tflops"], 4),
                 _fmt(t["samples_per_s"], 2),
                 _fmt(t["loss"], 3),
                 _scores_text(t["scores"]),

@@ -17,17 +17,27 @@ from pydantic import ConfigDict, Field
 
 from hidrop.schedule import ConfigModel, Schedule
 
+# Ceilings on shape fields, well above any released model: cost accounting loops over layers and tokens,
+# so a typo like 1e8 layers would hang `hidrop flops` instead of being refused
+MAX_LAYERS = 1024
+MAX_WIDTH = 1 << 18  # hidden and intermediate sizes
+MAX_HEADS = 1024
+MAX_VOCAB = 10_000_000
+MAX_TOKENS = 1 << 20  # vision, text and logits positions
+
 
 class VisionEncoderShape(ConfigModel):
     """A ViT-style encoder (CLIP ViT-L/14-336 for LLaVA-1.5) or a fixed cost for anything else."""
 
     model_config = ConfigDict(extra="forbid")
 
-    num_layers: int = 24
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_tokens: int = 577  # patches + CLS
-    fixed_gmacs: Optional[float] = Field(default=None, description="use this instead of the ViT formula (e.g. a CNN)")
+    num_layers: int = Field(default=24, gt=0, le=MAX_LAYERS)
+    hidden_size: int = Field(default=1024, gt=0, le=MAX_WIDTH)
+    intermediate_size: int = Field(default=4096, gt=0, le=MAX_WIDTH)
+    num_tokens: int = Field(default=577, gt=0, le=MAX_TOKENS)  # patches + CLS
+    fixed_gmacs: Optional[float] = Field(
+        default=None, ge=0, le=1e9, description="use this instead of the ViT formula (e.g. a CNN)"
+    )
 
     def macs(self) -> float:
         if self.fixed_gmacs is not None:
@@ -41,17 +51,17 @@ class ModelShape(ConfigModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_layers: int = Field(default=32, gt=0)
-    hidden_size: int = Field(default=4096, gt=0)
-    intermediate_size: int = Field(default=11008, gt=0)
-    num_attention_heads: int = Field(default=32, gt=0)
-    num_key_value_heads: int = Field(default=32, gt=0)
-    vocab_size: int = Field(default=32000, gt=0)
-    num_vision_tokens: int = Field(default=576, gt=0)
-    text_tokens: int = Field(default=64, ge=0)  # typical prompt length used for the whole-model figure
-    logits_positions: int = Field(default=1, ge=0)  # 1 = inference prefill (generate reads the last row)
+    num_layers: int = Field(default=32, gt=0, le=MAX_LAYERS)
+    hidden_size: int = Field(default=4096, gt=0, le=MAX_WIDTH)
+    intermediate_size: int = Field(default=11008, gt=0, le=MAX_WIDTH)
+    num_attention_heads: int = Field(default=32, gt=0, le=MAX_HEADS)
+    num_key_value_heads: int = Field(default=32, gt=0, le=MAX_HEADS)
+    vocab_size: int = Field(default=32000, gt=0, le=MAX_VOCAB)
+    num_vision_tokens: int = Field(default=576, gt=0, le=MAX_TOKENS)
+    text_tokens: int = Field(default=64, ge=0, le=MAX_TOKENS)  # typical prompt length used for the whole-model figure
+    logits_positions: int = Field(default=1, ge=0, le=MAX_TOKENS)  # 1 = inference prefill (generate reads the last row)
     vision_encoder: Optional[VisionEncoderShape] = Field(default_factory=VisionEncoderShape)
-    projector_hidden_size: Optional[int] = 4096  # mlp2x_gelu: d_vis -> d -> d
+    projector_hidden_size: Optional[int] = Field(default=4096, gt=0, le=MAX_WIDTH)  # mlp2x_gelu: d_vis -> d -> d
 
     @property
     def kv_dim(self) -> int:
@@ -121,3 +131,12 @@ def cost_report(schedule: Schedule, shape: ModelShape) -> dict:
         "model_tflops": model_tflops(schedule, shape),
         "plan": schedule.describe(),
     }
+
+
+def format_tflops(value: Optional[float], decimals: int = 3) -> str:
+    """`3.817` (fixed decimals), but significant digits once fixed ones would print a tiny model as 0.000."""
+    if value is None or value != value:  # None or NaN
+        return "-"
+    if value != 0 and abs(value) < 10 ** (2 - decimals):
+        return f"{value:.3g}"
+    return f"{value:.{decimals}f}"

@@ -13,8 +13,10 @@ once into a plain safetensors folder under the cache directory.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -61,6 +63,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelLoadError(RuntimeError):
     """A checkpoint or packaged asset cannot be found or read (one-line message for the CLI)."""
+
+
+class _DropMessage(logging.Filter):
+    """Drops one known, expected message (by its start); everything else on the logger still shows."""
+
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+# DeepSpeed (imported by transformers or the platform) says this on every CPU-only process, on stdout: a
+# CPU here is expected, not news. A filter on its logger by name: hidrop never imports DeepSpeed.
+_DEEPSPEED_CPU = "Setting accelerator to CPU."
+if not any(isinstance(f, _DropMessage) for f in logging.getLogger("DeepSpeed").filters):
+    logging.getLogger("DeepSpeed").addFilter(_DropMessage(_DEEPSPEED_CPU))
 
 
 def cache_dir() -> Path:
@@ -217,14 +237,35 @@ def _smollm2_gguf_dir() -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Neither transformers' bars (loading, writing shards) nor the GGUF reader's own plain tqdm: the
+    one-time conversion is not worth three raw bars in a user's output. Errors still raise."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars, real = hf_logging.is_progress_bar_enabled(), getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if real is not None:
+        gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        if real is not None:
+            gguf_utils.tqdm = real
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def smollm2_dir() -> Path:
     """A plain safetensors copy of SmolLM2-135M-Instruct; converted from the GGUF on first use (~20 s)."""
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / WEIGHTS_FILE).is_file() and (target / "tokenizer.json").is_file():
         return target
     src = _smollm2_gguf_dir()
-    gguf_model = LlamaForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    with _no_progress_bars():
+        gguf_model = LlamaForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     # save_pretrained refuses a GGUF-loaded model: copy the dequantized weights into a fresh model
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
@@ -234,8 +275,9 @@ def smollm2_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
-        fresh.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with _no_progress_bars():
+            fresh.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable
         if target.exists() and not (target / WEIGHTS_FILE).is_file():
             shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier copy
@@ -251,7 +293,8 @@ def smollm2_dir() -> Path:
 
 def load_smollm2(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     folder = smollm2_dir()
-    lm = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
+    with _no_progress_bars():  # a 135M model loads in a blink: a bar per process is only noise
+        lm = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     return lm.eval(), AutoTokenizer.from_pretrained(folder)
 
 

@@ -544,6 +544,14 @@ class ScheduleSpec(ConfigModel):
     keep_decay: Optional[float] = None
     tail_keeps: Optional[list[int]] = None
 
+    @field_validator("preset")
+    @classmethod
+    def _preset_named(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():  # "" would silently mean "no preset": all tokens
+            known = ", ".join(sorted([*PRESETS, CHECKPOINT]))
+            raise ValueError(f"an empty preset name; choose from {known} or leave it out")
+        return value
+
     @model_validator(mode="after")
     def _one_form(self) -> "ScheduleSpec":
         if self.drops is not None and self.uses_curve():

@@ -25,7 +25,13 @@ import numpy as np
 
 from hidrop.evaluation.harness import REFERENCE, EvalError, at_grid, known_records
 from hidrop.evaluation.subsets import rung_select, unseen_select
-from hidrop.evaluation.uncertainty import bootstrap_p, compare_methods, percentile_interval, resampled_relative
+from hidrop.evaluation.uncertainty import (
+    bootstrap_p,
+    compare_methods,
+    format_p,
+    percentile_interval,
+    resampled_relative,
+)
 from hidrop_platform.config import ConfirmConfig, ExperimentConfig, FidelityConfig
 from hidrop_platform.evaluate import (
     EvalSetupError,
@@ -88,6 +94,10 @@ def run_search_bench(
     """`orders` > 1 also replays the multi-fidelity search on orders - 1 reshuffled rung orders (rung seeds
     seed + 1, ...) from the exhaustive pass's records, so no model runs for them, and confirms every
     replay's front too: how much the cost and the front depend on which questions the rungs drew."""
+    if candidates is not None and candidates < 1:
+        raise SearchBenchError(f"--candidates must be >= 1, not {candidates}")
+    if budget is not None and not 0 < budget < math.inf:  # also NaN
+        raise SearchBenchError(f"--budget must be a positive, finite number of vision TFLOPs, not {budget}")
     say = progress or (lambda msg: None)
     f = cfg.tune.fidelity or FidelityConfig()
     if cfg.tune.confirm is None:
@@ -368,7 +378,7 @@ def _best_text(out: dict) -> str:
         return text
     return (
         f"{text}, paired difference {d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}] "
-        f"(p={d['p_value']:.3f}): {_significance(d)}"
+        f"({format_p(d['p_value'])}): {_significance(d)}"
     )
 
 
@@ -387,6 +397,6 @@ def _front_text(out: dict) -> str:
         text += (
             f"; {what}: exhaustive {ex:.1f} [{lo:.1f}, {hi:.1f}] vs multi-fidelity {mf:.1f} ({within} its "
             f"interval), paired difference {d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}] "
-            f"(p={d['p_value']:.3f}): {_significance(d)}"
+            f"({format_p(d['p_value'])}): {_significance(d)}"
         )
     return text

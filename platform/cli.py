@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hidrop.cost import format_tflops
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, paper_table
 from hidrop.evaluation.results import EvalReport
 from hidrop.evaluation.uncertainty import format_interval
@@ -100,8 +101,8 @@ def validate(
         )
         out.print(f"    per-layer tokens: {r['plan']}")
         out.print(
-            f"    avg tokens {r['avg_vision_tokens']:.2f}, vision {r['vision_tflops']:.3f} TFLOPs "
-            f"({r['vision_pct_of_vanilla']:.1f}% of vanilla), whole model {r['model_tflops']:.3f} TFLOPs"
+            f"    avg tokens {r['avg_vision_tokens']:.2f}, vision {format_tflops(r['vision_tflops'])} TFLOPs "
+            f"({r['vision_pct_of_vanilla']:.1f}% of vanilla), whole model {format_tflops(r['model_tflops'])} TFLOPs"
         )
 
 
@@ -137,9 +138,9 @@ def flops(
             r["experiment"],
             r["name"],
             f"{r['avg_vision_tokens']:.2f}",
-            f"{r['vision_tflops']:.3f}",
+            format_tflops(r["vision_tflops"]),
             f"{r['vision_pct_of_vanilla']:.1f}",
-            f"{r['model_tflops']:.3f}",
+            format_tflops(r["model_tflops"]),
             r["plan"],
         )
     out.print(table)
@@ -304,8 +305,8 @@ def _print_eval(report: EvalReport) -> None:
             _with_interval(r.relative_score, r.relative_interval),
             " & ".join(like) if r.kind != report.reference else "",
             f"{r.avg_vision_tokens:.1f}",
-            f"{r.vision_tflops:.4f}",
-            f"{r.model_tflops:.4f}",
+            format_tflops(r.vision_tflops, 4),
+            format_tflops(r.model_tflops, 4),
             "-" if not recall else " / ".join(f"{x:.2f}" for x in recall),
         )
     out.print(table)
@@ -585,8 +586,12 @@ def compare_command(
     scores per benchmark and family, relative scores and every pairwise difference with 95% bootstrap
     intervals; with --baseline, where each label is significantly above it."""
     from hidrop_platform.compare import CompareError, columns, compare, log_comparison, pair_text
-    from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri
+    from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri, tracking_uri_problem
 
+    if track and tracking_uri:  # before the bootstrap, not after it
+        problem = tracking_uri_problem(tracking_uri, "--tracking-uri")
+        if problem is not None:
+            _fail(problem)
     try:
         over = [b.strip() for b in relative.split(",") if b.strip()] if relative else None
         result = compare(specs, reference, baseline=baseline, n_resamples=resamples, relative_over=over)
@@ -716,10 +721,14 @@ def report_command(
 ):
     """Dashboards from MLflow: Pareto plot, methods x benchmarks table, training-cost table, diagnostics."""
     from hidrop_dashboards.report import ReportError, build_report
+    from hidrop_platform.raycluster import write_problem
     from hidrop_platform.tracking import TrackingUnavailable, check_readable
 
     uri, name = _report_source(experiment, tracking_uri)
     target = out_dir or f"reports/{name}"
+    problem = write_problem(target)
+    if problem is not None:
+        _fail(f"--out {target}: {problem}")
     try:
         check_readable(uri)
         result = build_report(uri, name, target, sweep=sweep, publish=publish)
@@ -748,6 +757,8 @@ def sync_command(
     """Replay MLflow records that wait in ./mlruns/spool (their store was unreachable or full) into their runs."""
     from hidrop_platform.tracking import TrackingUnavailable, default_spool_dir, pending_spools, sync_spool
 
+    if spool_dir and Path(spool_dir).exists() and not Path(spool_dir).is_dir():
+        _fail(f"--spool-dir {spool_dir} is not a folder")
     rows = []
     for path in pending_spools(Path(spool_dir) if spool_dir else default_spool_dir()):
         try:
@@ -843,7 +854,7 @@ def demo_command(
     """The quickstart: presets + a small schedule search, two short trainings, and the report (all local)."""
     import dataclasses
 
-    from hidrop_platform.demo import SIZES, run_demo
+    from hidrop_platform.demo import DEMO_MAX, SIZES, run_demo
 
     if size not in SIZES:
         _fail(f"--size must be one of {', '.join(SIZES)}, not {size!r}")
@@ -857,11 +868,19 @@ def demo_command(
             least = 0 if name == "train_steps" else 1
             if value < least:
                 _fail(f"{option} must be >= {least}, not {value}")
+            if value > DEMO_MAX[name]:  # a typo of a few zeros would run for days
+                _fail(f"{option} must be at most {DEMO_MAX[name]} (a local demo), not {value}")
             chosen = dataclasses.replace(chosen, **{name: value})
     from hidrop_dashboards.report import ReportError
+    from hidrop_platform.raycluster import write_problem
     from hidrop_platform.train import TrainSetupError
     from hidrop_platform.tune import TuneSetupError
 
+    # before minutes of search and training; runs/ and mlruns/ go into the working directory
+    for what, folder in ((f"--out {out_dir}", out_dir), ("the working directory (runs/, mlruns/)", ".")):
+        problem = write_problem(folder)
+        if problem is not None:
+            _fail(f"{what}: {problem}")
     try:
         if as_json:
             with _stdout_to_stderr():
@@ -1026,7 +1045,7 @@ def _run_method_bench(kind: str, experiment: str, overrides, device, small, as_j
             ("speed-up", "speedup_vs_vanilla", ".2fx"),
             ("FLOPs ratio", "flops_ratio_vs_vanilla", ".2fx"),
             ("scoring % of vanilla", "scoring_overhead_pct_of_vanilla", ".1f%"),
-            ("TFLOPs/sample", "model_tflops_per_sample", ".4f"),
+            ("TFLOPs/sample", "model_tflops_per_sample", ".4g"),
         ],
         "generate": [
             ("total ms", "latency_ms", ".1f"),
@@ -1042,7 +1061,7 @@ def _run_method_bench(kind: str, experiment: str, overrides, device, small, as_j
             ("speed-up", "speedup_vs_vanilla", ".2fx"),
             ("FLOPs ratio", "flops_ratio_vs_vanilla", ".2fx"),
             ("samples/s", "throughput_samples_s", ".2f"),
-            ("train TFLOPs/sample", "train_tflops_per_sample", ".4f"),
+            ("train TFLOPs/sample", "train_tflops_per_sample", ".4g"),
         ],
     }[kind]
     if any(r.get("peak_memory_gib") is not None for r in result["methods"]):

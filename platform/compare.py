@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,7 +29,16 @@ from typing import Optional
 import numpy as np
 
 from hidrop.evaluation.registry import relative_benchmarks
-from hidrop.evaluation.uncertainty import N_RESAMPLES, bootstrap_p, mcnemar_p, percentile_interval, unit_weights
+from hidrop.evaluation.uncertainty import (
+    N_RESAMPLES,
+    bootstrap_p,
+    format_p,
+    mcnemar_p,
+    percentile_interval,
+    unit_weights,
+)
+
+MAX_RESAMPLES = 100_000
 
 
 class CompareError(ValueError):
@@ -69,15 +79,24 @@ def read_records(path: Path, method: Optional[str]) -> Records:
                 row = json.loads(line)
                 methods.add(row["method"])
                 if row["method"] == method:
+                    score = float(row["score"])
+                    if not 0.0 <= score <= 1.0:  # also NaN; a question scores between 0 and 1
+                        raise CompareError(
+                            f"{path}: question {row['id']!r} of {row['benchmark']}: score {score} is not in [0, 1]"
+                        )
                     out.setdefault(row["benchmark"], {})[str(row["id"])] = (
                         str(row["unit"]),
-                        float(row["score"]),
+                        score,
                         str(row.get("family") or ""),
                     )
                     for key in ("avg_vision_tokens", "vision_tflops"):
                         if row.get(key) is not None:
                             costs[key] = float(row[key])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as e:
+    except CompareError:  # a ValueError, but already one line
+        raise
+    except EOFError:  # gzip cut short; click would turn EOFError into a bare "Aborted."
+        raise CompareError(f"{path}: truncated (the gzip stream ends early); write it again") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError, zlib.error) as e:
         raise CompareError(f"{path}: not a records file ({type(e).__name__}: {str(e)[:120]})") from None
     if method is None:
         if len(methods) != 1:
@@ -116,6 +135,8 @@ def compare(
     """The comparison as a JSON-ready dict (see the module docstring). `relative_over`: the benchmarks the
     relative score averages (default: every shared one that is not diagnostic, i.e. not the probes); the
     others are still scored, with intervals."""
+    if not 1 <= n_resamples <= MAX_RESAMPLES:  # each resample is a row of a (resamples x questions) matrix
+        raise CompareError(f"--resamples {n_resamples}: give 1 to {MAX_RESAMPLES}")
     parsed = [parse_spec(s) for s in specs]
     labels = [label for label, _, _ in parsed]
     if len(set(labels)) != len(labels):
@@ -129,8 +150,6 @@ def compare(
     benches = sorted(set.intersection(*(set(d) for d in data.values())))
     if not benches:
         raise CompareError("the specs share no benchmark")
-    if n_resamples < 1:
-        raise CompareError(f"--resamples {n_resamples}: give at least 1")
     rng = np.random.default_rng(seed)
     notes, questions = [], {}
     stats = {label: {} for label in labels}  # benchmark or benchmark/family -> resampled scores
@@ -251,7 +270,7 @@ def pair_text(pair: dict, minus: str = "-") -> str:
     lo, hi = pair["interval"]
     return (
         f"{pair['a']} {minus} {pair['b']}: {pair['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}] points, "
-        f"p = {pair['p_value']:.3g}"
+        f"{format_p(pair['p_value'])}"
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import types
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -28,6 +29,7 @@ from hidrop.schedule import (
     checkpoint_schedule,
     first_error_line,
 )
+from hidrop_platform.storage import check_name
 
 
 class ConfigError(ValueError):
@@ -110,7 +112,8 @@ class EvalConfig(ConfigModel):
     model_config = ConfigDict(extra="forbid")
 
     benchmarks: list[BenchmarkSpec] = Field(
-        default_factory=lambda: [BenchmarkSpec(name="easy_vqa", limit=200), BenchmarkSpec(name="probes", limit=20)]
+        default_factory=lambda: [BenchmarkSpec(name="easy_vqa", limit=200), BenchmarkSpec(name="probes", limit=20)],
+        min_length=1,  # no benchmark: a report with no scores
     )
     baselines: list[Literal["all_tokens", "blind", "random", "oracle"]] = Field(
         default_factory=lambda: ["all_tokens", "blind", "random", "oracle"]
@@ -154,7 +157,8 @@ class BenchConfig(ConfigModel):
     warmup: int = Field(default=2, ge=0)
     repeats: int = Field(default=5, gt=0)
     new_tokens: int = Field(default=32, gt=0)  # bench generate: greedy tokens per sample (no early stop)
-    methods: list[str] = Field(default_factory=lambda: ["vanilla", "fastv", "pdrop", "hidrop_tok64"])
+    # ratios are to vanilla (else the first row): an empty list would print 1.00x against nothing run
+    methods: list[str] = Field(default_factory=lambda: ["vanilla", "fastv", "pdrop", "hidrop_tok64"], min_length=1)
     # used when the run is on a CPU and the experiment's shape is too large for it (the mini-LLaVA LM)
     cpu_shape: ModelShape = Field(
         default_factory=lambda: ModelShape(
@@ -279,7 +283,35 @@ class TrainConfig(ConfigModel):
             meant = _near_miss(key, DEEPSPEED_KEYS)
             if meant:
                 raise ValueError(f"unknown DeepSpeed key {key!r}: did you mean {meant!r}?")
+        checkpoint = value.get("checkpoint")
+        if isinstance(checkpoint, dict) and checkpoint.get("load_universal"):
+            # its loads (zero/optimizer_state.pt, hp shards) bypass the checkpoint engine that resume.py
+            # makes weights-only: a pickle planted in the shared storage folder would run
+            raise ValueError(
+                "checkpoint.load_universal is not supported: DeepSpeed unpickles universal checkpoints "
+                "without weights_only, so a file planted in train.storage_path could run code"
+            )
         return value
+
+    @model_validator(mode="after")
+    def _data_fills_a_batch(self) -> "TrainConfig":
+        """Refused here, before Ray starts, when train.data's limits cannot give every worker one batch
+        (the worker would find out only after the run folder and MLflow run exist)."""
+        most = 0  # an upper bound: a split or file may hold fewer than its limit
+        for spec in self.data:
+            if spec.name == "probes":
+                families = spec.options.get("families")  # default: all 6 of hidrop.probes.FAMILIES
+                most += (spec.limit or 100) * (len(families) if isinstance(families, list) and families else 6)
+            elif spec.limit is None:
+                return self  # a whole split or file: its size is known once it is read
+            else:
+                most += spec.limit
+        if most // self.num_workers < self.micro_batch_size:
+            raise ValueError(
+                f"train.data's limits give at most {most} training samples: not one batch of "
+                f"micro_batch_size={self.micro_batch_size} for each of {self.num_workers} workers"
+            )
+        return self
 
     @model_validator(mode="after")
     def _lora_stage(self) -> "TrainConfig":
@@ -305,6 +337,10 @@ class TrackingConfig(ConfigModel):
     experiment: Optional[str] = None  # None: the experiment's name
 
 
+MAX_INT_BOUND = 10**9  # of a searched int range
+MAX_GRID_POINTS = 100_000  # grid search lists every point before the first trial
+
+
 class Dimension(ConfigModel):
     """One searched knob: `{choice: [...]}`, `{int: [lo, hi]}` (inclusive, optional step) or `{float: [lo, hi]}`
     (optional log)."""
@@ -327,6 +363,9 @@ class Dimension(ConfigModel):
         for rng in (self.int_range, self.float_range):
             if rng is not None and rng[0] > rng[1]:
                 raise ValueError(f"range {list(rng)} has low > high")
+        if self.int_range is not None and max(map(abs, self.int_range)) > MAX_INT_BOUND:
+            # searched ints are layers, tokens, steps; Optuna and numpy draw them as 64-bit integers
+            raise ValueError(f"int range {list(self.int_range)}: bounds must lie within +-{MAX_INT_BOUND}")
         if self.step is not None and self.int_range is None:
             raise ValueError("step applies to int ranges only")
         if self.log and (self.float_range is None or self.float_range[0] <= 0):
@@ -381,6 +420,12 @@ class SweepConfig(ConfigModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Optional[str] = None  # the sweep's folder and parent MLflow run; default: the experiment's name
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: Optional[str]) -> Optional[str]:
+        return None if name is None else check_name(name)
+
     kind: Literal["training_free", "trained"] = "training_free"
     algorithm: Literal["grid", "random", "optuna"] = "optuna"
     # pareto: maximize relative score and minimize vision TFLOPs (multi-objective);
@@ -413,6 +458,12 @@ class SweepConfig(ConfigModel):
             floats = [k for k, d in self.space.items() if not d.discrete]
             if floats:
                 raise ValueError(f"grid search needs choice or int dimensions; {floats} are float ranges")
+            points = 1
+            for d in self.space.values():
+                lo, hi = d.int_range or (0, len(d.choice) - 1)
+                points *= len(range(lo, hi + 1, d.step or 1))
+            if points > MAX_GRID_POINTS:
+                raise ValueError(f"grid search over {points} points; at most {MAX_GRID_POINTS} (narrow tune.space)")
         if self.fidelity is not None and self.kind != "training_free":
             raise ValueError("tune.fidelity applies to training_free trials (trained ones use ASHA on eval_every)")
         if self.confirm is not None and self.kind != "training_free":
@@ -464,7 +515,12 @@ class ExperimentConfig(ConfigModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tune: SweepConfig = Field(default_factory=SweepConfig)
     analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)  # Optuna's sampler seeds numpy's RandomState: 32 bits
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        return check_name(name)  # the run's folder under storage_path: one plain component
 
     @model_validator(mode="after")
     def _precision_matches_weights(self) -> "ExperimentConfig":
@@ -592,7 +648,84 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
         node[last] = value
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+# Bounds on a YAML document, checked before anything is built: a 500-byte alias bomb ("billion laughs")
+# expands to gigabytes when walked, and deep nesting overflows the (recursive) composer's stack.
+MAX_YAML_BYTES = 1 << 20  # shipped experiments are a few KB
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000  # counted with every alias expanded
+
+
+class YamlLimitError(yaml.MarkedYAMLError):
+    """A document over one of the bounds above (not malformed, refused)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader with the bounds above on nesting depth and alias-expanded size."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise YamlLimitError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node):
+        _check_expanded_size(node)
+        return super().construct_document(node)
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the nodes the document holds once every alias is expanded, and its depth then (memoised per
+    node, so the walk itself stays cheap); refuse more than MAX_YAML_NODES or MAX_YAML_DEPTH, and aliases
+    that contain themselves."""
+    seen: dict[int, tuple[int, int]] = {}  # node -> (expanded size, expanded height)
+    active: set[int] = set()
+
+    def deeper(depth: int, height: int, node: yaml.Node) -> None:
+        if depth + height > MAX_YAML_DEPTH:  # aliases nested in aliases stack their depths
+            problem = f"nested deeper than {MAX_YAML_DEPTH} levels once its aliases (*name) are expanded"
+            raise YamlLimitError(None, None, problem, node.start_mark)
+
+    def walk(node: yaml.Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        if key in seen:
+            deeper(depth, seen[key][1], node)
+            return seen[key]
+        if key in active:
+            raise YamlLimitError(None, None, "an alias refers to a node that contains it", node.start_mark)
+        total, height = 1, 1
+        if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
+            deeper(depth, 1, node)
+            active.add(key)
+            children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+            for child in children:
+                size, below = walk(child, depth + 1)
+                total, height = total + size, max(height, below + 1)
+                if total > MAX_YAML_NODES:
+                    problem = f"more than {MAX_YAML_NODES} values once its aliases (*name) are expanded"
+                    raise YamlLimitError(None, None, problem, node.start_mark)  # the innermost such node
+            active.discard(key)
+        seen[key] = (total, height)
+        return total, height
+
+    walk(root, 0)
+
+
+def bounded_yaml(text: str, loader: type = _BoundedLoader) -> Any:
+    """yaml.safe_load with the bounds above; YamlLimitError (a yaml.YAMLError) past them."""
+    if len(text) > MAX_YAML_BYTES:
+        raise YamlLimitError(None, None, f"{len(text)} characters; at most {MAX_YAML_BYTES} are read", None)
+    return yaml.load(text, Loader=loader)  # a SafeLoader
+
+
+class _UniqueKeyLoader(_BoundedLoader):
     """yaml.safe_load's loader, except that a key given twice in one mapping is an error (YAML would keep
     the last one without a word)."""
 
@@ -601,6 +734,9 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):  # a list or mapping as a key: not a name of anything
+            problem = f"a mapping key must be a plain value, not a {type(key).__name__}"
+            raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (given twice in one mapping)", key_node.start_mark
@@ -623,14 +759,19 @@ def credentials_to_env(uri: str) -> str:
     import re
     from urllib.parse import unquote
 
-    match = re.match(r"^(https?://)([^/@]+)@(.+)$", uri)
+    # schemes are case-insensitive (RFC 3986): HTTP:// is http://, lower-cased so every later check matches;
+    # the userinfo ends at the authority's last '@' (as urllib splits it), so a raw '@' in a password stays in it
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://)(?:([^/?#]*)@)?(.*)$", uri, re.DOTALL)
     if not match:
         return uri
-    user, _, password = match.group(2).partition(":")
+    scheme, userinfo, rest = match.group(1).lower(), match.group(2), match.group(3)
+    if userinfo is None or scheme not in ("http://", "https://"):
+        return scheme + uri[len(scheme) :]
+    user, _, password = userinfo.partition(":")
     os.environ[CREDENTIAL_ENV[0]] = unquote(user)
     if password:
         os.environ[CREDENTIAL_ENV[1]] = unquote(password)
-    return match.group(1) + match.group(3)
+    return scheme + rest
 
 
 def tracking_credentials() -> dict[str, str]:
@@ -676,13 +817,16 @@ def load_config_data(path: str | Path, overrides: list[str] | tuple[str, ...] = 
         hint = f" (did you mean the shipped experiment {near!r}?)" if near else ""
         raise ConfigError(f"{path}: no such experiment file{hint}")
     try:
-        data = yaml.load(source.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
+        if source.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: {source.stat().st_size} bytes; an experiment file is at most {MAX_YAML_BYTES}")
+        data = bounded_yaml(source.read_text(encoding="utf-8"), _UniqueKeyLoader)
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
+        what = "YAML refused" if isinstance(err, YamlLimitError) else "malformed YAML"
+        raise ConfigError(f"{path}: {what}{where}: {getattr(err, 'problem', err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     for item in overrides:
@@ -692,7 +836,9 @@ def load_config_data(path: str | Path, overrides: list[str] | tuple[str, ...] = 
         if not key.strip():
             raise ConfigError(f"override {item!r} names no field before '=' (e.g. train.max_steps=5)")
         try:
-            value = yaml.safe_load(raw)
+            value = bounded_yaml(raw)
+        except YamlLimitError as err:
+            raise ConfigError(f"override {key.strip()!r}: YAML refused: {err.problem}") from None
         except yaml.YAMLError:
             value = raw
         try:

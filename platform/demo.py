@@ -52,6 +52,9 @@ SIZES = {
     "default": DemoSize(searched=6, easy_vqa=54, probes=4, train_steps=6),
     "large": DemoSize(searched=24, easy_vqa=162, probes=10, train_steps=40, confirm_top_k=5),
 }
+# `hidrop demo` option ceilings: easy-vqa's test split holds ~9,700 questions, and the held-out confirmation
+# needs questions the search did not see
+DEMO_MAX = {"searched": 200, "easy_vqa": 4000, "train_steps": 10_000}
 TRIAL_FIELDS = (
     "label",
     "seed",

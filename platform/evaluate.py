@@ -21,6 +21,7 @@ from hidrop.models import ModelLoadError, build_vlm
 from hidrop.schedule import vanilla
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ExperimentConfig
+from hidrop_platform.raycluster import write_problem
 
 
 class EvalSetupError(RuntimeError):
@@ -163,12 +164,16 @@ def run_eval(
 
 
 def check_records_path(path: str | Path) -> Path:
-    """Records are JSON lines: refuse any other file name before an evaluation runs."""
+    """Records are JSON lines: refuse any other file name, and a place that cannot be written, before an
+    evaluation runs (not after it)."""
     path = Path(path)
     if not path.name.endswith((".jsonl", ".jsonl.gz")):
         raise EvalSetupError(
             f"--records {path}: records are written as JSON lines; name the file *.jsonl or *.jsonl.gz"
         )
+    problem = write_problem(path, folder=False)
+    if problem is not None:
+        raise EvalSetupError(f"--records {path}: {problem}")
     return path
 
 

@@ -4,11 +4,16 @@ search trial's start, each only when its environment variable asks."""
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 from hidrop.training import Hook, StepEnd, TrainingLoop
 
 FAIL_AT_STEP_ENV = "HIDROP_TEST_FAIL_AT_STEP"
 FAIL_TRIAL_ENV = "HIDROP_TEST_FAIL_TRIAL"
+TRIAL_BARRIER_ENV = "HIDROP_TEST_TRIAL_BARRIER"  # "FOLDER:N"
+HOLD_AT_STEP_ENV = "HIDROP_TEST_HOLD_AT_STEP"  # "STEP:FILE"
+BARRIER_GIVE_UP_S = 900  # only a hang guard: a barrier that can never fill fails the trial instead
 
 
 class FailAtStep(Hook):
@@ -26,12 +31,55 @@ class FailAtStep(Hook):
             raise RuntimeError(f"injected failure at step {step.step} ({FAIL_AT_STEP_ENV})")
 
 
+class HoldAtStep(Hook):
+    """Wait after step `step` (its checkpoint written) until `release` exists: a test acts on a run
+    known to be mid-way (kills a worker) instead of racing the steps."""
+
+    def __init__(self, step: int, release: str):
+        self.step, self.release = step, Path(release)
+
+    def on_step_end(self, loop: TrainingLoop, step: StepEnd) -> None:
+        if step.step != self.step:
+            return
+        deadline = time.monotonic() + BARRIER_GIVE_UP_S
+        with loop.paused():
+            while not self.release.exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{HOLD_AT_STEP_ENV}: {self.release} never appeared")
+                time.sleep(0.2)
+
+
 def fault_hooks() -> list[Hook]:
+    hooks: list[Hook] = []
     step = int(os.environ.get(FAIL_AT_STEP_ENV) or 0)
-    return [FailAtStep(step)] if step else []
+    if step:
+        hooks.append(FailAtStep(step))
+    hold = os.environ.get(HOLD_AT_STEP_ENV)
+    if hold:
+        at, _, release = hold.partition(":")
+        hooks.append(HoldAtStep(int(at), release))
+    return hooks
 
 
 def fail_trial_if_asked(label: str, attempt: int) -> None:
     """Fail the first attempt of the search trial named by the environment (Tune retries it)."""
     if os.environ.get(FAIL_TRIAL_ENV) == label and attempt == 1:
         raise RuntimeError(f"injected failure in {label} ({FAIL_TRIAL_ENV})")
+
+
+def wait_at_trial_barrier(label: str) -> None:
+    """Hold each search trial until N trials have started (files in FOLDER, one per label): with one
+    trial slot per node, N = the node count makes every node run one, whatever each node's start-up
+    time (a tiny trial would otherwise finish before a slow node's actor is up, and the head ran all)."""
+    spec = os.environ.get(TRIAL_BARRIER_ENV)
+    if not spec:
+        return
+    folder, _, count = spec.rpartition(":")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / label.replace("/", "_")).touch()
+    deadline = time.monotonic() + BARRIER_GIVE_UP_S
+    while len(list(folder.iterdir())) < int(count):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{TRIAL_BARRIER_ENV}: {int(count)} trials never ran at once")
+        time.sleep(0.2)

@@ -64,6 +64,24 @@ def plot_pareto(
     """Scatter of every trial with its 95% interval as an error bar, the front as a step line (clear
     points filled, blind-level ones crossed out), seed schedules (presets) labelled, and reference lines
     with their interval as a band (blind). Writes a PNG."""
+    fig = pareto_figure(rows, title, score_key, cost_key, reference_lines, reference_bands)
+    import matplotlib.pyplot as plt  # after pareto_figure picked the Agg backend
+
+    path = Path(path)
+    fig.savefig(path, bbox_inches="tight")  # the legend and line labels sit outside the axes
+    plt.close(fig)
+    return path
+
+
+def pareto_figure(
+    rows: Sequence[dict],
+    title: str,
+    score_key: str = "relative_score",
+    cost_key: str = "vision_tflops",
+    reference_lines: Optional[dict[str, float]] = None,
+    reference_bands: Optional[dict[str, Sequence[float]]] = None,
+):
+    """The figure `plot_pareto` writes (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,6 +116,7 @@ def plot_pareto(
             fontsize=8,
             xytext=(4, 4),
             textcoords="offset points",
+            bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7, lw=0),  # readable over the blind band
         )
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r[cost_key])
     if front:
@@ -121,14 +140,24 @@ def plot_pareto(
         if value is None:
             continue
         ax.axhline(value, ls="--", lw=0.8, c="grey")
-        ax.annotate(name, (ax.get_xlim()[1], value), fontsize=7, ha="right", va="bottom", color="grey")
+        # right of the axes: inside, the label sat on the points and the blind band
+        ax.annotate(
+            name,
+            (1.0, value),
+            xycoords=("axes fraction", "data"),
+            xytext=(3, 0),
+            textcoords="offset points",
+            fontsize=7,
+            ha="left",
+            va="center",
+            color="grey",
+            annotation_clip=False,
+        )
     ax.set_xlabel("vision TFLOPs per sample (paper formula)")
     ax.set_ylabel("relative score (% of all tokens), 95% CI")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    # below the axes: inside, it covered the low-score corner where the blind band and cheap trials are
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig

@@ -82,8 +82,8 @@ def _side(folder: Path, tracking_uri: Optional[str], tmp: Path) -> dict:  # tmp:
             check_readable(uri)
         except TrackingUnavailable as e:
             raise ProxyError(str(e)) from None
-    for t in finished:
-        dst = tmp / t["label"]
+    for i, t in enumerate(finished):
+        dst = tmp / str(i)  # never the label: it comes from a file in a shared folder and could hold '../'
         dst.mkdir(parents=True)
         try:
             local = download_artifact(uri, t["run_id"], f"{N.RECORDS_DIR}/{N.RECORDS_FILE}", dst)

@@ -3,22 +3,28 @@
 A training run lives in `<train.storage_path>/<name>/`: Ray's checkpoints and the config the run started
 with (`hidrop_config.json`, written by the driver). Re-running the same name continues it only when the
 new config agrees with that one, apart from the fields listed in CONTINUABLE, which change when a run
-goes on but not what it trains. Anything else is refused in one line before Ray starts.
+goes on but not what it trains. Anything else is refused in one line before Ray starts. It continues
+from the newest checkpoint marked complete (COMPLETE_FILE), which can be newer than Ray's latest.
 
 Checkpoints hold DeepSpeed's states as torch pickles. The storage folder is often shared, so a resume
 loads them with `torch.load(weights_only=True)` and an explicit allowlist of the classes DeepSpeed puts
-there: a planted pickle fails to load instead of running.
+there: a planted pickle fails to load instead of running. Every other torch.load during the resume is
+forced weights-only too, and DeepSpeed's universal checkpoints are refused by the config.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from hidrop_platform.config import flatten_data
+from hidrop_platform.storage import claim, refuse_foreign
 
 CONFIG_FILE = "hidrop_config.json"
 
@@ -55,14 +61,66 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return changes
 
 
+def ray_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoint folders Ray Train wrote in `folder` (`checkpoint_<date>_<time>`; Tune's
+    `checkpoint_000003`): a `checkpoint_notes/` of someone else's is none of them."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint_\d[\d_.:-]*", p.name))
+
+
+COMPLETE_FILE = "hidrop_complete.json"  # in a checkpoint folder: every rank's part of it is on storage
+
+
+def mark_complete(checkpoint: Path, step: int) -> None:
+    """Record that `checkpoint` (a step's folder on storage) holds every rank's files; rank 0 writes it
+    after all ranks uploaded. Written aside and renamed: a reader never sees half of it."""
+    temporary = checkpoint / f"{COMPLETE_FILE}.tmp"
+    temporary.write_text(json.dumps({"step": step}))
+    temporary.replace(checkpoint / COMPLETE_FILE)
+
+
+def newest_complete_checkpoint(folder: Path) -> Optional[tuple[Path, int]]:
+    """The complete checkpoint in the run folder with the highest step, and that step: what a re-run or a
+    restarted worker group continues from. Ray registers checkpoints asynchronously, so after Ctrl+C or a
+    killed worker its latest can be older than what is on storage."""
+    found = []
+    for path in ray_checkpoints(folder):
+        try:
+            found.append((path, int(json.loads((path / COMPLETE_FILE).read_text())["step"])))
+        except (OSError, ValueError, KeyError, TypeError):  # not (yet) complete
+            continue
+    return max(found, key=lambda item: (item[1], item[0].name), default=None)
+
+
 def has_checkpoint(folder: Path) -> bool:
     """Whether Ray would continue the run in `folder` (it restores its latest checkpoint there)."""
-    return folder.is_dir() and any(p.is_dir() and p.name.startswith("checkpoint_") for p in folder.iterdir())
+    return bool(ray_checkpoints(folder))
 
 
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _stored_config(stored: Path, force: bool) -> Optional[dict]:
+    """The config a run started with, None when absent; a damaged file is refused in one line (with
+    `force` the run continues as if none were stored), since nothing can be compared with it."""
+    if not stored.is_file():
+        return None
+    try:
+        old = json.loads(stored.read_text(encoding="utf-8"))
+        if not isinstance(old, dict):
+            raise ValueError(f"holds a {type(old).__name__}, not an object")
+        return old
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        if force:
+            return None
+        reason = " ".join(str(getattr(e, "strerror", None) or e).split())[:160]
+        raise ContinuationRefused(
+            f"{stored}: the run's saved config is unreadable ({reason}); pass --restart to start afresh "
+            "(the old run is kept aside), use a new name, or --force to continue it regardless"
+        ) from None
 
 
 def prepare_run_folder(folder: Path, config: dict, restart: bool = False, force: bool = False) -> Optional[str]:
@@ -72,12 +130,13 @@ def prepare_run_folder(folder: Path, config: dict, restart: bool = False, force:
     name = folder.name
     stored = folder / CONFIG_FILE
     outcome = None
+    refuse_foreign(folder, "run", legacy=[CONFIG_FILE])  # nothing of a folder we did not make is touched
     if restart and folder.exists():
         aside = folder.with_name(f"{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(folder), str(aside))
         outcome = f"the earlier run was moved to {aside}"
     elif has_checkpoint(folder):
-        old = json.loads(stored.read_text()) if stored.is_file() else None
+        old = _stored_config(stored, force)
         changes = config_changes(old, config) if old is not None else {}
         if changes and not force:
             listed = ", ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in list(changes.items())[:4])
@@ -88,7 +147,7 @@ def prepare_run_folder(folder: Path, config: dict, restart: bool = False, force:
                 "or --force to continue it with the new config"
             )
         outcome = "continuing the earlier run" + (f" with changed {', '.join(changes)} (--force)" if changes else "")
-    folder.mkdir(parents=True, exist_ok=True)
+    claim(folder, "run", legacy=[CONFIG_FILE])
     stored.write_text(json.dumps(config, indent=2))
     return outcome
 
@@ -130,18 +189,50 @@ class WeightsOnlyLoads:
             with torch.serialization.safe_globals(deepspeed_safe_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UnsafeCheckpoint(
-                f"refusing to resume from {path}: it holds more than tensors and DeepSpeed's state "
-                f"({reason[:200]}); a checkpoint folder must be writable only by you"
-            ) from None
+            raise _unsafe(path, e) from None
+
+
+def _unsafe(path: str, e: Exception) -> UnsafeCheckpoint:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UnsafeCheckpoint(
+        f"refusing to resume from {path}: it holds more than tensors and DeepSpeed's state "
+        f"({reason[:200]}); a checkpoint folder must be writable only by you"
+    )
+
+
+_FORCE, _NO_FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+@contextlib.contextmanager
+def _every_load_weights_only():
+    """Inside, every torch.load of this process is weights-only with DeepSpeed's classes allowed, even one
+    that passes weights_only=False (DeepSpeed's optimizers and universal/ZeRO-3 readers do, bypassing
+    its checkpoint engine): torch reads these variables on each call."""
+    import torch
+
+    saved = {key: os.environ.pop(key, None) for key in (_FORCE, _NO_FORCE)}
+    os.environ[_FORCE] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
 
 
 def load_deepspeed_checkpoint(engine, folder: str, tag: str, strict: bool) -> None:
-    """`engine.load_checkpoint` through WeightsOnlyLoads (DeepSpeed's own engine unpickles everything)."""
+    """`engine.load_checkpoint` through WeightsOnlyLoads (DeepSpeed's own engine unpickles everything),
+    with every other torch.load on the way weights-only too."""
+    import pickle
+
     original = engine.checkpoint_engine
     engine.checkpoint_engine = WeightsOnlyLoads(original)
     try:
-        engine.load_checkpoint(folder, tag=tag, load_module_strict=strict)
+        with _every_load_weights_only():
+            engine.load_checkpoint(folder, tag=tag, load_module_strict=strict)
+    except pickle.UnpicklingError as e:  # a load outside the checkpoint engine: its path is not known here
+        raise _unsafe(f"{folder}/{tag}", e) from None
     finally:
         engine.checkpoint_engine = original

@@ -79,4 +79,28 @@ class Spool:
         if not lines or lines[0].get("op") != "run":
             raise ValueError(f"{spool.path}: not a tracking spool file (no header line)")
         spool.pending = lines[1:]
+        for n, record in enumerate(spool.pending, start=2):
+            problem = spool._outside(record)
+            if problem:
+                raise ValueError(f"{spool.path} line {n}: {problem}; nothing of this spool was replayed")
         return lines[0], spool
+
+    def _outside(self, record: dict) -> str | None:
+        """What in a record read back from disk points outside this spool (None when nothing does). A spool
+        folder may be shared: a line must not make a sync upload any other file."""
+        for key in ("artifact_path", "artifact_file"):  # where in the run: plain relative paths only
+            value = record.get(key)
+            plain = isinstance(value, str) and not Path(value).is_absolute() and ".." not in Path(value).parts
+            if value is not None and not plain:
+                return f"{key} {value!r} leaves the run's artifact folder"
+        if record.get("op") != "artifact":
+            return None
+        path = record.get("path")
+        if not record.get("spooled") or not isinstance(path, str) or Path(path).is_absolute():
+            return f"artifact path {path!r} is not a file copied into the spool"
+        files = self.files_dir.resolve()
+        target = (self.path.parent / path).resolve()  # follows links, so a link out is caught as well
+        inside = [target, *target.rglob("*")] if target.is_dir() else [target]
+        if any(p.is_symlink() or not p.resolve().is_relative_to(files) for p in inside):
+            return f"artifact path {path!r} leads outside {files}"
+        return None

@@ -22,6 +22,7 @@ records would bypass the spool and be lost, and the monitor's samples would not 
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import math
@@ -88,12 +89,83 @@ def sqlite_path(uri: str) -> Optional[Path]:
 
 
 def _is_http(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
+    return uri.lower().startswith(("http://", "https://"))  # schemes are case-insensitive (RFC 3986)
 
 
 def redact_uri(uri: str) -> str:
-    """Drop `user:password@` from a URI before it goes into a message."""
-    return re.sub(r"^(\w+://)[^/@]+@", r"\1", uri)
+    """Drop `user:password@` from a URI before it goes into a message (any scheme, any case; up to the
+    authority's last '@', so a raw '@' inside a password goes too)."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1", uri)
+
+
+# MLflow's own tracking-store schemes (mlflow.tracking._tracking_service.utils); a plugin adds its own
+_STORE_SCHEMES = ("file", "http", "https", "databricks", "postgresql", "mysql", "sqlite", "mssql")
+# SQLAlchemy's driver module per dialect[+driver]; a driver not listed is left to SQLAlchemy
+_DB_DRIVERS = {
+    "postgresql": ("psycopg2", "psycopg2-binary"),
+    "postgresql+psycopg2": ("psycopg2", "psycopg2-binary"),
+    "postgresql+psycopg": ("psycopg", "psycopg[binary]"),
+    "postgresql+pg8000": ("pg8000", "pg8000"),
+    "mysql": ("MySQLdb", "mysqlclient"),
+    "mysql+mysqldb": ("MySQLdb", "mysqlclient"),
+    "mysql+pymysql": ("pymysql", "PyMySQL"),
+    "mysql+mysqlconnector": ("mysql.connector", "mysql-connector-python"),
+    "mssql": ("pyodbc", "pyodbc"),
+    "mssql+pyodbc": ("pyodbc", "pyodbc"),
+    "mssql+pymssql": ("pymssql", "pymssql"),
+}
+
+
+def tracking_uri_problem(uri: str, name: str = "tracking.uri") -> Optional[str]:
+    """Why MLflow could never use `uri` (a misspelled scheme, a database driver not installed, a sqlite
+    path that is no database), or None. Offline: reachability is `_probe`'s. MLflow would otherwise fail
+    with a traceback, or only when the first record is written, after the work."""
+    import difflib
+    import importlib.util
+    from importlib.metadata import entry_points
+    from urllib.parse import urlparse
+
+    shown = f"{name}={redact_uri(uri)}" if name else f"tracking URI {redact_uri(uri)}"
+    scheme = urlparse(uri).scheme.lower()
+    if len(scheme) <= 1:  # a plain path (or a Windows drive letter): MLflow's file store
+        return None
+    base = scheme.split("+", 1)[0]
+    if base not in _STORE_SCHEMES and base not in {e.name for e in entry_points(group="mlflow.tracking_store")}:
+        near = difflib.get_close_matches(base, _STORE_SCHEMES, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        return (
+            f"{shown}: unknown scheme '{scheme}'{hint}; MLflow takes http(s)://host:port, sqlite:///path.db, "
+            "postgresql://, mysql://, mssql://, file:// or a folder"
+        )
+    if base in ("http", "https") and not urlparse(uri).netloc:
+        return f"{shown}: names no host (write {base}://host:port)"
+    if scheme in _DB_DRIVERS:
+        module, package = _DB_DRIVERS[scheme]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:  # the parent package of a dotted name is missing
+            found = False
+        if not found:
+            return f"{shown}: its database driver {module} is not installed (pip install {package})"
+    db = sqlite_path(uri)
+    if db is not None:
+        if db.is_dir():
+            return f"{shown}: {db} is a folder, not a SQLite database file"
+        if db.is_file() and db.stat().st_size > 0:
+            try:
+                with open(db, "rb") as f:
+                    header = f.read(16)
+            except OSError as e:
+                return f"{shown}: cannot read {db} ({e.strerror or type(e).__name__})"
+            if header != b"SQLite format 3\x00":
+                return f"{shown}: {db} is not a SQLite database"
+        elif not db.exists():
+            from hidrop_platform.raycluster import write_problem
+
+            problem = write_problem(db, folder=False)
+            if problem is not None:
+                return f"{shown}: cannot create the store: {problem}"
+    return None
 
 
 def safe_name(name: str) -> str:
@@ -345,14 +417,31 @@ def check_readable(tracking_uri: str) -> None:
     """Raise TrackingUnavailable (one line) unless the store exists and answers. Reading commands call it
     first: mlflow would silently create an empty sqlite store, or retry an unreachable server for minutes."""
     _configure_http_env()
+    problem = tracking_uri_problem(tracking_uri, "")
+    if problem is not None:
+        raise TrackingUnavailable(problem)
     db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
         raise TrackingUnavailable(
             f"no MLflow store at {db} (run `hidrop demo` or another command first, or pass --tracking-uri)"
         )
+    if db is not None and not _holds_mlflow_tables(db):  # mlflow would create (write) its tables in it
+        raise TrackingUnavailable(f"{db} is not an MLflow store (no MLflow tables in it); pass --tracking-uri")
     reason = _probe(tracking_uri)
     if reason is not None:
         raise TrackingUnavailable(f"MLflow tracking server {redact_uri(tracking_uri)} unreachable ({reason})")
+
+
+def _holds_mlflow_tables(db: Path) -> bool:
+    """Whether a sqlite file already holds MLflow's tables; opened read-only, so reading never migrates it."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:  # not a database at all
+        return False
+    return {"experiments", "runs", "alembic_version"} <= names
 
 
 # ---------------------------------------------------------------------------------- reading back

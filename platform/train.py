@@ -54,7 +54,16 @@ from hidrop_platform.evaluate import (
 )
 from hidrop_platform.faults import fault_hooks
 from hidrop_platform.raycluster import ClusterSetupError, alive_nodes, check_fits, check_job_paths, start_ray
-from hidrop_platform.resume import ContinuationRefused, UnsafeCheckpoint, load_deepspeed_checkpoint, prepare_run_folder
+from hidrop_platform.resume import (
+    ContinuationRefused,
+    UnsafeCheckpoint,
+    load_deepspeed_checkpoint,
+    mark_complete,
+    newest_complete_checkpoint,
+    prepare_run_folder,
+    ray_checkpoints,
+)
+from hidrop_platform.storage import StorageError, hold
 from hidrop_platform.tracking import (
     Tracker,
     close_if_running,
@@ -224,7 +233,7 @@ def train_worker(config: dict) -> None:
             _tell(payload, WorkerNews(stopped=message))
         return
     total = t.max_steps or max(1, math.ceil(t.epochs * max(1, len(loader) // t.grad_accum)))
-    state, run_id = _resume(engine, frozen)
+    state, run_id = _resume(engine, frozen, _run_folder(payload))
     if run_id is None:  # no checkpoint yet: a group Ray restarted still logs into this fit's run
         run_id = _run_of_this_fit(payload)
     tracker = _worker_tracker(cfg, payload, run_id, rank, world, device, schedule)
@@ -235,10 +244,11 @@ def train_worker(config: dict) -> None:
         if run_id is not None:  # continued: the earlier attempt may have logged steps past its checkpoint
             logged_until = last_logged_step(payload.tracking_uri, run_id, N.LOSS)
             tracker.set_tags({N.RESUMED_FROM_STEP: state.step})
+            _clear_interrupted(payload.tracking_uri, run_id)
     cost = cost_report(schedule, model_shape_for_cost(cfg, vlm))
     hooks = [
         _LogMetrics(cfg, payload, tracker, module, cost, rank, logged_until),
-        _Checkpoint(engine, tracker, rank, frozen, t.checkpoint_every),
+        _Checkpoint(engine, tracker, rank, frozen, t.checkpoint_every, _run_folder(payload)),
         _Export(cfg, payload, vlm, module, tracker, rank),
         *payload.hooks,
     ]
@@ -273,21 +283,48 @@ def _worker_device(t) -> torch.device:
     return torch.device("cpu")
 
 
-def _resume(engine, frozen: bool) -> tuple[LoopState, Optional[str]]:
-    """The DeepSpeed state (model, optimizer) and our counters from Ray's latest checkpoint, with the MLflow
-    run id it carries; a fresh state without one."""
+def _resume(engine, frozen: bool, folder: Path) -> tuple[LoopState, Optional[str]]:
+    """The DeepSpeed state (model, optimizer) and our counters from the newest complete checkpoint in the
+    run folder (Ray's latest can be older: it registers checkpoints asynchronously, and Ctrl+C or a dead
+    worker loses the newest), else from Ray's latest (a run from before completion marks), with the MLflow
+    run id it carries; a fresh state without either."""
     import ray.train
 
+    newest = newest_complete_checkpoint(folder)
+    if newest is not None:
+        return _load_checkpoint(engine, frozen, newest[0])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return LoopState(), None
     with checkpoint.as_directory() as d:
-        # frozen weights are not in the checkpoint: they come from model.path, as on the first attempt;
-        # tensors and DeepSpeed's known state only: the folder may be shared storage
-        load_deepspeed_checkpoint(engine, d, tag=DS_TAG, strict=not frozen)
-        saved = json.loads((Path(d) / STATE_FILE).read_text())
+        return _load_checkpoint(engine, frozen, Path(d))
+
+
+def _load_checkpoint(engine, frozen: bool, d: Path) -> tuple[LoopState, Optional[str]]:
+    # frozen weights are not in the checkpoint: they come from model.path, as on the first attempt;
+    # tensors and DeepSpeed's known state only: the folder may be shared storage
+    load_deepspeed_checkpoint(engine, str(d), tag=DS_TAG, strict=not frozen)
+    saved = json.loads((d / STATE_FILE).read_text())
     run_id = saved.pop("run_id", None)
     return LoopState(**{k: v for k, v in saved.items() if k in LoopState.__dataclass_fields__}), run_id
+
+
+def _run_folder(payload: WorkerPayload) -> Path:
+    return Path(payload.export_dir).parent
+
+
+def _clear_interrupted(tracking_uri: str, run_id: str) -> None:
+    """A continued run is no longer interrupted: drop the tags Ctrl+C left on it (best effort: with the
+    store unreachable they stay)."""
+    from mlflow import MlflowClient
+
+    with contextlib.suppress(Exception):
+        client = MlflowClient(tracking_uri)
+        tags = client.get_run(run_id).data.tags
+        if tags.get(N.STATUS) == N.INTERRUPTED:
+            client.delete_tag(run_id, N.STATUS)
+        if N.INTERRUPTED_AT_STEP in tags:
+            client.delete_tag(run_id, N.INTERRUPTED_AT_STEP)
 
 
 def _run_file(payload: WorkerPayload) -> Path:
@@ -393,8 +430,9 @@ class _LogMetrics(Hook):
 class _Checkpoint(Hook):
     """Every `every` steps and at the end: DeepSpeed's state plus the loop's counters and the MLflow run id."""
 
-    def __init__(self, engine, tracker, rank: int, frozen: bool, every: int):
+    def __init__(self, engine, tracker, rank: int, frozen: bool, every: int, folder: Path):
         self.engine, self.tracker, self.rank, self.frozen, self.every = engine, tracker, rank, frozen, every
+        self.folder = folder  # the run folder on storage, where Ray puts each checkpoint
 
     def on_step_end(self, loop: TrainingLoop, step: StepEnd) -> None:
         if step.step % self.every and step.step != step.total:
@@ -410,7 +448,22 @@ class _Checkpoint(Hook):
                 (Path(d) / STATE_FILE).write_text(json.dumps(state))
             # the mean over workers (every rank is here: a collective), the figure MLflow logs too
             progress = {"loss": loop.runtime.mean(step.output["lm_loss"]), "step": step.step}
+            before = ray.train.get_checkpoint()
             ray.train.report(progress, checkpoint=ray.train.Checkpoint.from_directory(d))
+        self._mark_complete(before, step.step)
+
+    def _mark_complete(self, before, step: int) -> None:
+        """Each rank uploads its own part of a checkpoint; once all passed the barrier, every part is on
+        storage and rank 0 marks it complete (what a resume looks for)."""
+        import ray.train
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        persisted = ray.train.get_checkpoint()
+        if self.rank == 0 and persisted is not None and (before is None or persisted.path != before.path):
+            with contextlib.suppress(OSError):  # unmarked, it is passed over: a resume takes an older one
+                mark_complete(self.folder / Path(persisted.path).name, step)  # else Ray skipped the report
 
 
 def export_weights(vlm, t) -> str:
@@ -521,16 +574,33 @@ def run_training(
     A run of the same name in `train.storage_path` is continued only when its config agrees
     (`hidrop_platform.resume`); `restart` moves it aside, `force` continues it with the new config.
     `hooks` join every worker's loop (the overhead benchmark's turn-taking); the test faults of
-    `hidrop_platform.faults` join them when their environment variable asks."""
+    `hidrop_platform.faults` join them when their environment variable asks. One driver at a time
+    per run: a second is refused while the first runs."""
+    connect_for_training(cfg)
+    folder = Path(cfg.train.storage_path).resolve() / cfg.name
+    try:
+        with hold(folder, f"training {cfg.name!r}"):
+            return _run_held(cfg, folder, progress, hooks, restart, force)
+    except StorageError as e:
+        raise TrainSetupError(str(e)) from None
+
+
+def _run_held(
+    cfg: ExperimentConfig,
+    folder: Path,
+    progress: Optional[Callable[[dict], None]],
+    hooks: Sequence[Hook],
+    restart: bool,
+    force: bool,
+) -> dict:
+    """`run_training` once this process holds the run's folder."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
     t = cfg.train
-    connect_for_training(cfg)
     uri, experiment = prepare_for(cfg, "training")
-    storage = Path(t.storage_path).resolve()
-    folder = storage / cfg.name
+    storage = folder.parent
     try:
         continued = prepare_run_folder(folder, cfg.model_dump(mode="json"), restart=restart, force=force)
     except ContinuationRefused as e:
@@ -656,16 +726,6 @@ class TrainInterrupted(RuntimeError):
     """Ctrl+C: the message says where the run stands and how to continue it."""
 
 
-def _newest_checkpoint(folder: Path) -> Optional[tuple[Path, int]]:
-    """The complete checkpoint with the highest step, and that step."""
-    done = [
-        (p, json.loads((p / STATE_FILE).read_text()).get("step", 0))
-        for p in folder.glob("checkpoint_*")
-        if (p / STATE_FILE).is_file()
-    ]
-    return max(done, key=lambda item: item[1], default=None)
-
-
 def _interrupted(cfg: ExperimentConfig, folder: Path, uri: str, heard: dict) -> str:
     """Mark the MLflow run KILLED (tagged with its last step) and say where the last checkpoint is."""
     step = heard.get("step")
@@ -674,12 +734,13 @@ def _interrupted(cfg: ExperimentConfig, folder: Path, uri: str, heard: dict) -> 
         tags = {N.STATUS: N.INTERRUPTED, **({N.INTERRUPTED_AT_STEP: step} if step is not None else {})}
         with contextlib.suppress(Exception):  # an unreachable store must not hide the message
             close_if_running(uri, run_id, "KILLED", tags)
-    last = _newest_checkpoint(folder)
-    where = (
-        f"the last checkpoint (step {last[1]}) is {last[0]}; re-run the same command to continue from it"
-        if last
-        else "no checkpoint was written yet; a re-run starts from the beginning"
-    )
+    last = newest_complete_checkpoint(folder)  # what `_resume` picks, so the step named is the one resumed
+    if last:
+        where = f"the last checkpoint (step {last[1]}) is {last[0]}; re-run the same command to continue from it"
+    elif ray_checkpoints(folder):  # a run from before completion marks: Ray picks its latest
+        where = "re-run the same command to continue from the last checkpoint Ray registered, if any"
+    else:
+        where = "no checkpoint was written yet; a re-run starts from the beginning"
     run = f"MLflow run {run_id} is marked KILLED" if run_id else "no MLflow run was started yet"
     at = f" at step {step}" if step is not None else ""
     return f"training {cfg.name!r} interrupted{at}: {run}; {where}"
@@ -694,8 +755,8 @@ def _remove_orphans(folder: Path, result) -> list[str]:
     if not kept:
         return []
     removed = []
-    for path in folder.glob("checkpoint_*"):
-        if path.is_dir() and path.resolve() not in kept:
+    for path in ray_checkpoints(folder):  # Ray's names only: nothing else in the folder is ours to delete
+        if path.resolve() not in kept:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     return removed

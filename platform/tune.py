@@ -65,10 +65,11 @@ from hidrop_platform.evaluate import (
     seen_overlap,
     write_records,
 )
-from hidrop_platform.faults import fail_trial_if_asked
+from hidrop_platform.faults import fail_trial_if_asked, wait_at_trial_barrier
 from hidrop_platform.fidelity import RungPoint, goes_on
 from hidrop_platform.pareto import plot_pareto
 from hidrop_platform.raycluster import ClusterSetupError, alive_nodes, check_fits, check_job_paths, start_ray
+from hidrop_platform.storage import StorageError, claim, hold
 from hidrop_platform.sweep import (
     TrialRecord,
     confirm_markdown,
@@ -108,7 +109,45 @@ class TrialContext:
     threads: float
     devices_per_trial: float
     device_type: str
-    credentials: dict = dataclasses.field(default_factory=dict)  # MLflow basic auth, never in a runtime env
+    # the name of the actor that hands out MLflow basic auth (`_share_credentials`); never the secret itself,
+    # since Tune pickles this context into the sweep folder (tuner.pkl holds the progress callback)
+    credentials_from: Optional[str] = None
+
+
+class _CredentialHolder:
+    """Hands MLflow basic auth to trials from the driver's memory. Never on disk: Tune pickles the trial
+    context into the sweep folder, and Ray logs a runtime env's variables in plain text."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    def put(self, values: dict[str, str]) -> None:  # a call, not a constructor argument: GCS keeps actor specs
+        self.values = dict(values)
+
+    def get(self) -> dict[str, str]:
+        return dict(self.values)
+
+
+def _share_credentials(credentials: dict[str, str]) -> tuple[Optional[str], Any]:
+    """(name, handle) of a named actor holding `credentials` for this sweep's trials; (None, None) when
+    there are none. The actor ends when the handle is dropped: keep it while trials run."""
+    if not credentials:
+        return None, None
+    import ray
+
+    name = f"hidrop-credentials-{os.urandom(8).hex()}"  # concurrent sweeps on one cluster each have their own
+    handle = ray.remote(num_cpus=0)(_CredentialHolder).options(name=name).remote()
+    ray.get(handle.put.remote(credentials))
+    return name, handle
+
+
+def _fetch_credentials(name: Optional[str]) -> dict[str, str]:
+    """The credentials a trial sets in its own environment (none when the sweep has none)."""
+    if not name:
+        return {}
+    import ray
+
+    return ray.get(ray.get_actor(name).get.remote())
 
 
 class TuneSetupError(RuntimeError):
@@ -440,7 +479,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     from ray import tune
 
     torch.set_num_threads(max(1, int(ctx.threads)))
-    os.environ.update(ctx.credentials)  # MLflow reads basic auth from there
+    os.environ.update(_fetch_credentials(ctx.credentials_from))  # MLflow reads basic auth from there
     cfg = trial_config(ctx.base, config["overrides"])
     trial_id = tune.get_context().get_trial_id()
     record = _trial_record(ctx, config)
@@ -478,6 +517,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         params.update({f"{N.SEARCH}{k}": v for k, v in config["overrides"].items()})
         params.update({**schedule_params(schedule), N.DROP_LAYERS: [d.after_layer for d in schedule.drops]})
         tracker.log_params(params)
+        wait_at_trial_barrier(config["label"])
         fail_trial_if_asked(config["label"], attempts)
         devices = float(ctx.devices_per_trial)
         if cfg.tune.kind == "trained":
@@ -725,15 +765,34 @@ def connect_for_tune(cfg: ExperimentConfig, resume: bool = False) -> tuple[int, 
 def run_tune(
     cfg: ExperimentConfig, base: dict, resume: bool = False, progress: Optional[Callable[[str, int, int], None]] = None
 ) -> dict:
-    """Run (or resume) the sweep; returns every trial, the Pareto front and where the seeds sit."""
-    s = cfg.tune
-    name = s.name or cfg.name
-    storage = Path(s.storage_path).resolve()
-    sweep_dir = storage / name
+    """Run (or resume) the sweep; returns every trial, the Pareto front and where the seeds sit. One
+    driver at a time per sweep: a second is refused while the first runs."""
+    name = cfg.tune.name or cfg.name
+    sweep_dir = Path(cfg.tune.storage_path).resolve() / name
     share = _check_space(base, cfg)
-    note = (lambda msg: progress(msg, 0, 0)) if progress else None
     at_once, devices = connect_for_tune(cfg, resume)  # before the parent run: a failure here leaves nothing behind
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with hold(sweep_dir, f"sweep {name!r}"):
+            _check_resume(sweep_dir, name, resume)  # again: a twin started beside us may have finished since
+            claim(sweep_dir, "sweep", legacy=[SWEEP_FILE])
+            return _run_held(cfg, base, resume, progress, sweep_dir, share, at_once, devices)
+    except StorageError as e:
+        raise TuneSetupError(str(e)) from None
+
+
+def _run_held(
+    cfg: ExperimentConfig,
+    base: dict,
+    resume: bool,
+    progress: Optional[Callable[[str, int, int], None]],
+    sweep_dir: Path,
+    share: float,
+    at_once: int,
+    devices: float,
+) -> dict:
+    """`run_tune` once this process holds the sweep's folder."""
+    name = sweep_dir.name
+    note = (lambda msg: progress(msg, 0, 0)) if progress else None
     parent, cfg, base = _open_parent(cfg, base, name, sweep_dir, resume)
     s = cfg.tune
     try:
@@ -748,6 +807,7 @@ def run_tune(
         )
         if (sweep_dir / N.RECORDS_FILE).is_file():
             parent.log_artifact(sweep_dir / N.RECORDS_FILE, N.RECORDS_DIR)
+        credentials_from, _holder = _share_credentials(tracking_credentials())  # the actor lives while _holder does
         ctx = TrialContext(
             base=base,
             reference=reference,
@@ -761,7 +821,7 @@ def run_tune(
             threads=s.resources_per_trial.get("CPU", 1),
             devices_per_trial=devices,
             device_type="gpu" if s.resources_per_trial.get("GPU", 0) > 0 else "cpu",
-            credentials=tracking_credentials(),
+            credentials_from=credentials_from,
         )
         searcher = ScheduleSearcher(base, cfg)
         tuner = _tuner(cfg, ctx, searcher, _ProgressCallback(progress, searcher.total_trials, ctx), at_once, resume)

@@ -92,11 +92,154 @@ CASES = [
     ("model-bad-section", None, "eval {models}/badsection.yaml", "the 'hidrop' section must be an object"),
     ("model-not-json", None, "eval {models}/notjson.yaml", "config.json' is not a valid JSON file"),
     # --- issue 34: checkpoint options that could unpickle (1) and resume (9) ---
+    (
+        "deepspeed-load-universal",
+        "name: x\ntrain: {deepspeed: {checkpoint: {load_universal: true}}}\n",
+        "validate {exp}",
+        "train.deepspeed: checkpoint.load_universal is not supported",
+    ),
+    (
+        "train-load-universal-override",
+        None,
+        f"train {SMOKE} train.deepspeed.checkpoint.load_universal=true",
+        "checkpoint.load_universal is not supported",
+    ),
     # --- issue 34: run names (2) and concurrent sweeps (5) ---
+    ("name-escapes", None, f"validate {SMOKE} name=../../x", "name: '../../x' is not a plain folder name"),
+    ("name-absolute", None, f"train {SMOKE} name=/abs/path", "name: '/abs/path' is not a plain folder name"),
+    ("name-empty", None, f"train {SMOKE} name=''", "name: must be a folder name, not empty"),
+    ("name-unset", None, f"train {SMOKE} name=", "name: Input should be a valid string"),
+    ("name-control", 'name: "a\\x01b"\n', "validate {exp}", "name: 'a\\x01b' is not a plain folder name"),
+    ("tune-name-escapes", None, f"tune {TUNE} tune.name=../../../x", "tune.name: '../../../x' is not a plain"),
     # --- issue 34: credentials (3) and paths read from files (4) ---
+    # an upper-case scheme is still http: the password leaves the URI before any message names it
+    (
+        "report-uri-upper-scheme",
+        None,
+        "report demo --tracking-uri HTTP://user:pw-Zq81x@127.0.0.1:1",
+        "MLflow tracking server http://127.0.0.1:1 unreachable",
+    ),
     # --- issue 34: YAML bombs and shapes (6) ---
+    # alias bombs under free-form mappings: ~2 x 10^5 values once expanded (the bound is 10^5), so a
+    # regression costs seconds and ~100 MB, not gigabytes
+    (
+        "yaml-alias-bomb-options",
+        "name: x\neval:\n  benchmarks:\n  - name: easy_vqa\n    options:\n"
+        "      a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+        + "".join(f"      a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 5))
+        + "      b: [*a4, *a4]\n",
+        "validate {exp}",
+        "values once its aliases (*name) are expanded",
+    ),
+    (
+        "yaml-alias-bomb-deepspeed",
+        "name: x\ntrain:\n  deepspeed:\n    aio:\n"
+        "      a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+        + "".join(f"      a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 5))
+        + "      b: [*a4, *a4]\n",
+        "validate {exp}",
+        "YAML refused (line 9, column 11): more than 100000 values",
+    ),
+    (
+        "yaml-deep-nesting",
+        "name: x\ndescription: " + "[" * 20000 + "]" * 20000 + "\n",
+        "validate {exp}",
+        "nested deeper",
+    ),
+    ("yaml-list-key", "name: x\n[a, b]: 1\n", "validate {exp}", "a mapping key must be a plain value, not a list"),
+    (
+        "yaml-self-alias",
+        "name: x\neval: {benchmarks: [{name: easy_vqa, options: &a {x: *a}}]}\n",
+        "validate {exp}",
+        "an alias refers to a node that contains it",
+    ),
+    (  # 40 levels around 40 levels around ...: each alone is shallow
+        "yaml-alias-nesting",
+        "name: x\neval: {benchmarks: [{name: easy_vqa, options: {a0: &a0 1, "
+        + ", ".join(f"a{i}: &a{i} " + "[" * 40 + f"*a{i - 1}" + "]" * 40 for i in range(1, 30))
+        + "}}]}\n",
+        "validate {exp}",
+        "nested deeper than 64 levels once its aliases (*name) are expanded",
+    ),
+    (
+        "yaml-too-large",
+        "name: x\ndescription: " + "a" * (1 << 20) + "\n",
+        "validate {exp}",
+        "an experiment file is at most",
+    ),
     # --- issue 34: write paths and tracking URIs checked first (7) ---
+    # every place a command writes is checked before the model loads or a run starts
+    (
+        "records-under-file",
+        None,
+        f"eval {ROOT}/experiments/mini_llava_eval.yaml --records {{tmp}}/afile/r.jsonl",
+        "afile is a file, not a folder",
+    ),
+    (
+        "records-proc",
+        None,
+        f"eval {ROOT}/experiments/mini_llava_eval.yaml --records /proc/r.jsonl",
+        "--records /proc/r.jsonl: cannot write to /proc",
+    ),
+    ("report-out-file", None, "report demo --out {tmp}/afile", "afile is a file, not a folder"),
+    ("demo-out-file", None, "demo --out {tmp}/afile/sub", "/afile/sub: "),
+    ("storage-file", None, f"train {SMOKE} train.storage_path={{tmp}}/afile", "afile: "),
+    ("tune-storage-file", None, f"tune {TUNE} tune.storage_path={{tmp}}/afile", "is a file, not a folder"),
+    ("uri-htp", None, f"train {SMOKE} tracking.uri=htp://127.0.0.1:1", "unknown scheme 'htp' (did you mean 'http'?)"),
+    ("uri-sqlit", None, f"train {SMOKE} tracking.uri=sqlit:///{{tmp}}/x.db", "(did you mean 'sqlite'?)"),
+    ("uri-no-driver", None, f"train {SMOKE} tracking.uri=postgresql://u@db/x", "driver psycopg2 is not installed"),
+    ("uri-not-sqlite", None, f"train {SMOKE} tracking.uri=sqlite:///{{tmp}}/afile", "afile is not a SQLite database"),
+    ("report-uri-htp", None, "report demo --tracking-uri htp://127.0.0.1:1", "unknown scheme 'htp'"),
     # --- issue 34: numbers and values refused (8) ---
+    # records files: exp.yaml holds the JSON lines (label a@exp)
+    (
+        "records-score-inf",
+        '{"method": "a", "benchmark": "easy_vqa", "id": 1, "unit": "1", "score": Infinity}\n',
+        "compare {exp}:a --reference a@exp",
+        "score inf is not in [0, 1]",
+    ),
+    (
+        "records-score-nan",
+        '{"method": "a", "benchmark": "easy_vqa", "id": 1, "unit": "1", "score": NaN}\n',
+        "compare {exp}:a --reference a@exp",
+        "score nan is not in [0, 1]",
+    ),
+    (
+        "records-score-above-1",
+        '{"method": "a", "benchmark": "easy_vqa", "id": 1, "unit": "1", "score": 1.5}\n',
+        "compare {exp}:a --reference a@exp",
+        "score 1.5 is not in [0, 1]",
+    ),
+    (
+        "compare-resamples",
+        '{"method": "a", "benchmark": "easy_vqa", "id": 1, "unit": "1", "score": 1}\n',
+        "compare {exp}:a --reference a@exp --resamples 2000000000",
+        "give 1 to 100000",
+    ),
+    ("eval-no-benchmarks", "name: x\neval: {benchmarks: []}\n", "validate {exp}", "eval.benchmarks: List should have"),
+    ("bench-no-methods", "name: x\nbench: {methods: []}\n", "validate {exp}", "bench.methods: List should have"),
+    ("bench-search-candidates", None, f"bench search {TUNE} --candidates -3", "--candidates must be >= 1, not -3"),
+    ("bench-search-budget-nan", None, f"bench search {TUNE} --budget nan", "--budget must be a positive, finite"),
+    ("demo-samples-huge", None, "demo --samples 1000000000", "--samples must be at most 4000"),
+    (
+        "micro-batch-over-data",
+        "name: x\nmodel: {kind: tiny_llava}\ntrain: {data: [{name: easy_vqa, limit: 2}], micro_batch_size: 4}\n",
+        "validate {exp}",
+        "give at most 2 training samples: not one batch of micro_batch_size=4",
+    ),
+    ("preset-empty", "name: x\nschedule: {preset: ''}\n", "validate {exp}", "schedule.preset: an empty preset name"),
+    ("seed-65-bits", "name: x\nseed: 36893488147419103232\n", "validate {exp}", "seed: Input should be less than"),
+    ("seed-negative", "name: x\nseed: -1\n", "validate {exp}", "seed: Input should be greater than or equal to 0"),
+    ("shape-huge-layers", "name: x\nmodel: {shape: {num_layers: 100000000}}\n", "flops {exp}", "num_layers: Input"),
+    (
+        "space-int-huge",
+        "name: x\ntune: {space: {schedule.inject_layer: {int: [0, 100000000000000000000]}}}\n",
+        "validate {exp}",
+        "bounds must lie within +-1000000000",
+    ),
+    ("sync-spool-file", None, "sync --spool-dir {tmp}/afile", "/afile is not a folder"),
+    # an empty file (exp.yaml) as the store: reading must not create MLflow's tables in it
+    ("report-empty-db", "", "report demo --tracking-uri sqlite:///{exp}", "exp.yaml is not an MLflow store"),
 ]
 
 
@@ -155,3 +298,54 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, text, command, fragm
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert fragment in lines[0], lines[0]
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def _one_line_exit_2(result, fragment: str) -> None:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.output
+
+
+def test_a_truncated_gzip_records_file_is_one_line(tmp_path):
+    # issue 34 (7): an EOFError from gzip reached click, which prints only "Aborted."
+    import gzip
+
+    rows = "".join(
+        json.dumps({"method": "m", "benchmark": "easy_vqa", "id": i, "unit": f"u{i}", "score": 1.0}) + "\n"
+        for i in range(200)
+    )
+    whole = gzip.compress(rows.encode())
+    (tmp_path / "a.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "b.jsonl.gz").write_bytes(whole)
+    specs = [f"{tmp_path}/a.jsonl.gz:m=A", f"{tmp_path}/b.jsonl.gz:m=B"]
+    result = CliRunner().invoke(app, ["compare", *specs, "--reference", "B"])
+    _one_line_exit_2(result, "a.jsonl.gz: truncated (the gzip stream ends early)")
+
+
+def test_a_corrupt_saved_run_config_is_one_line(tmp_path):
+    # issue 34 (7): a damaged hidrop_config.json next to a checkpoint raised a JSONDecodeError traceback
+    from hidrop_platform.resume import CONFIG_FILE, ContinuationRefused, prepare_run_folder
+
+    folder = tmp_path / "run"
+    prepare_run_folder(folder, {"train": {"lr": 0.1}})
+    (folder / "checkpoint_000000").mkdir()
+    for damaged in (b"{not json", b"\xff\xfe", b"[1, 2]"):
+        (folder / CONFIG_FILE).write_bytes(damaged)
+        with pytest.raises(ContinuationRefused, match=r"hidrop_config.json: the run's saved config is unreadable"):
+            prepare_run_folder(folder, {"train": {"lr": 0.1}})
+    assert prepare_run_folder(folder, {"train": {"lr": 0.1}}, force=True) == "continuing the earlier run"
+    assert json.loads((folder / CONFIG_FILE).read_text()) == {"train": {"lr": 0.1}}  # rewritten
+
+
+def test_records_into_a_folder_is_refused_before_the_evaluation(tmp_path, monkeypatch):
+    # issue 34 (7): --records naming a folder failed with a traceback after the whole evaluation
+    import hidrop_platform.evaluate as evaluate
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.jsonl").mkdir()
+    monkeypatch.setattr(evaluate, "build_model", lambda cfg: pytest.fail("the model loaded before the check"))
+    experiment = str(ROOT / "experiments" / "mini_llava_eval.yaml")
+    result = CliRunner().invoke(app, ["eval", experiment, "--records", str(tmp_path / "r.jsonl")])
+    _one_line_exit_2(result, "r.jsonl is a folder, not a file")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]

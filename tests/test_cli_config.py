@@ -152,7 +152,7 @@ evaluate.run_eval = noisy
 from hidrop_platform.cli import app
 app(["eval", "experiments/mini_llava_eval.yaml", "--json"])
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"ok": 1}
     for noise in ("python-level noise", "fd-level noise", "child noise"):
@@ -192,3 +192,35 @@ def test_preset_checkpoint_is_the_schedule_the_model_carries(tmp_path):
         validate_config({**data, "model": {"kind": "tiny_llava", "path": str(tmp_path / "plain")}})
     with pytest.raises(ConfigError, match="tune.seeds.0: preset 'checkpoint'"):
         validate_config({**data, "schedule": {"preset": "vanilla"}, "compare": [], "model": {"kind": "tiny_llava"}})
+
+
+def _alias_bomb(levels: int) -> str:
+    """An experiment whose benchmark options expand to 10^levels strings through aliases (a few hundred bytes)."""
+    lines = ["name: x", "eval:", "  benchmarks:", "  - name: easy_vqa", "    options:"]
+    lines += ["      a0: &a0 [" + ", ".join(["lol"] * 10) + "]"]
+    lines += [f"      a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_is_refused_by_count_before_anything_expands(tmp_path):
+    # 10^7 values once expanded; loading alone shares the aliased lists, so a regression fails here in
+    # seconds (DID NOT RAISE) instead of growing to gigabytes the way `validate` would
+    from hidrop_platform.config import load_config_data
+
+    exp = tmp_path / "bomb.yaml"
+    exp.write_text(_alias_bomb(7))
+    assert len(exp.read_bytes()) < 600
+    with pytest.raises(ConfigError, match=r"YAML refused \(line \d+, column \d+\): more than 100000 values"):
+        load_config_data(exp)
+    exp.write_text(_alias_bomb(4))  # 10^4 values: a large but legal document still loads
+    assert len(load_config_data(exp)["eval"]["benchmarks"][0]["options"]["a3"]) == 10
+
+
+def test_override_values_are_bounded_like_files(tmp_path):
+    from hidrop_platform.config import load_config_data
+
+    exp = tmp_path / "x.yaml"
+    exp.write_text("name: x\n")
+    deep = "[" * 5000 + "]" * 5000
+    with pytest.raises(ConfigError, match="override 'description': YAML refused: nested deeper than 64 levels"):
+        load_config_data(exp, [f"description={deep}"])

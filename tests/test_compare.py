@@ -117,7 +117,7 @@ def test_bad_specs_are_one_line_errors(files, tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     ok = subprocess.run(
@@ -134,7 +134,7 @@ def test_bad_specs_are_one_line_errors(files, tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert ok.returncode == 0 and json.loads(ok.stdout)["pairs"][0]["a"] == "R"
 

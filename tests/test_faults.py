@@ -5,6 +5,7 @@ ones run the real `hidrop train` on a tiny model, with Ctrl+C sent as a real SIG
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from hidrop_platform.resume import (
     UnsafeCheckpoint,
     WeightsOnlyLoads,
     config_changes,
+    load_deepspeed_checkpoint,
     prepare_run_folder,
 )
 
@@ -80,6 +82,29 @@ def test_weights_only_loads_read_tensors_and_deepspeed_state(tmp_path):
     torch.save(state, path)
     loaded = WeightsOnlyLoads(None).load(str(path))
     assert torch.equal(loaded["module"]["w"], state["module"]["w"]) and loaded["zero_stage"] == 2
+
+
+def test_resume_keeps_deepspeed_own_unpickling_loads_weights_only(tmp_path):
+    """DeepSpeed's optimizers read universal-checkpoint files with torch.load(weights_only=False) themselves,
+    outside the checkpoint engine: within a resume that load is weights-only too."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    marker = tmp_path / "ran"
+    (tmp_path / "deepspeed" / "zero").mkdir(parents=True)
+    _plant(tmp_path / "deepspeed" / "zero" / "optimizer_state.pt", marker)
+
+    class Engine:  # what load_checkpoint does with checkpoint.load_universal: the optimizer reads zero/
+        checkpoint_engine = None
+
+        def load_checkpoint(self, folder, tag, load_module_strict):
+            ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir(object(), "bit16_groups", f"{folder}/{tag}")
+
+    with pytest.raises(UnsafeCheckpoint, match="refusing to resume from .*deepspeed: it holds more than tensors"):
+        load_deepspeed_checkpoint(Engine(), str(tmp_path), tag="deepspeed", strict=True)
+    assert not marker.exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # the rest of the process is as it was
+    torch.load(tmp_path / "deepspeed" / "zero" / "optimizer_state.pt", weights_only=False)  # the control
+    assert marker.exists()
 
 
 # ---- real runs ------------------------------------------------------------------------------------
@@ -167,13 +192,13 @@ def test_ctrl_c_marks_the_run_killed_and_a_rerun_continues_it(tmp_path):
     ]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     folder = tmp_path / "runs" / "tiny_train_smoke"
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(folder.glob("checkpoint_*/hidrop_state.json")):
+    deadline = time.time() + 900  # a hang guard: the first checkpoint on a loaded machine
+    while time.time() < deadline and not list(folder.glob("checkpoint_*/hidrop_complete.json")):
         time.sleep(1)
     assert proc.poll() is None, proc.communicate()
     time.sleep(2)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 130, stdout[-2000:] + stderr
     assert "interrupted" in stderr and "re-run the same command to continue" in stderr, stderr
     assert "Traceback" not in stderr
@@ -181,6 +206,8 @@ def test_ctrl_c_marks_the_run_killed_and_a_rerun_continues_it(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
     assert runs[0].data.tags["status"] == "interrupted" and "hidrop.interrupted_at_step" in runs[0].data.tags
     interrupted_at = int(runs[0].data.tags["hidrop.interrupted_at_step"])
+    named = re.search(r"the last checkpoint \(step (\d+)\)", stderr)
+    assert named, stderr
 
     # the same command (a shorter max_steps is allowed) continues the same run to the end
     again = subprocess.run(
@@ -196,6 +223,9 @@ def test_ctrl_c_marks_the_run_killed_and_a_rerun_continues_it(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
     assert len(steps) == len(set(steps)) and max(steps) == interrupted_at + 2  # no step logged twice
+    tags = runs[0].data.tags
+    assert tags["hidrop.resumed_from_step"] == named.group(1)  # the step the message named
+    assert "status" not in tags and "hidrop.interrupted_at_step" not in tags  # finished, not interrupted
 
 
 # ---- 3. a crashed sweep does not duplicate trials on --resume ---------------------------------------
@@ -215,7 +245,7 @@ def test_sigkilled_sweep_resumes_without_duplicating_trials(tmp_path):
         exp, tmp_path, "--json", until=lambda f: finished(f) >= 4, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     os.killpg(proc.pid, signal.SIGKILL)  # the whole session: the driver and Ray's processes
-    proc.wait(timeout=60)
+    proc.wait(timeout=300)
     finished_before = finished(runs_dir)
     assert 4 <= finished_before < 12
 
@@ -261,7 +291,7 @@ def test_two_processes_create_a_new_store_at_once(tmp_path):
         while time.time() < deadline and len(list(folder.glob("ready-*"))) < 2:
             time.sleep(0.01)
         (folder / "go").touch()  # both at once, on a store that does not exist yet
-        outs = [p.communicate(timeout=120) for p in procs]
+        outs = [p.communicate(timeout=600) for p in procs]
         assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outs]
         assert outs[0][0].strip() == outs[1][0].strip()  # the same experiment, created once
 
@@ -346,7 +376,7 @@ def test_a_store_cut_short_by_a_full_disk_can_be_created_later(tmp_path):
     from hidrop_platform.tracking import prepare
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, uri], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, uri], capture_output=True, text=True, timeout=600)
     assert "cannot create the MLflow store" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert "\n" not in proc.stdout.strip() and "[SQL:" not in proc.stdout
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # no half-migrated database left behind
@@ -400,7 +430,7 @@ def test_ctrl_c_stops_a_training_still_waiting_for_its_workers(tmp_path):
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     sent = time.time()
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 130, stdout[-2000:] + stderr
     assert time.time() - sent < 45
     assert "interrupted" in stderr and "no checkpoint was written yet" in stderr and "Traceback" not in stderr
@@ -416,3 +446,62 @@ def test_a_worker_group_restarted_before_any_checkpoint_finds_its_run(tmp_path):
     _remember_run(payload("a"), "run-1")
     assert _run_of_this_fit(payload("a")) == "run-1"  # Ray restarted the group: same fit, same run
     assert _run_of_this_fit(payload("b")) is None  # a new command starts its own run (or resumes a checkpoint)
+
+
+# ---- issue 34 (9): a re-run resumes from the newest complete checkpoint, and Ctrl+C names that step ------
+def _checkpoint(folder: Path, name: str, step: int, complete: bool) -> Path:
+    from hidrop_platform.resume import mark_complete
+    from hidrop_platform.train import STATE_FILE
+
+    path = folder / name
+    (path / "deepspeed").mkdir(parents=True)
+    (path / STATE_FILE).write_text(json.dumps({"step": step, "run_id": "run-1"}))
+    if complete:
+        mark_complete(path, step)
+    return path
+
+
+def test_resume_and_the_ctrl_c_message_agree_on_the_newest_complete_checkpoint(tmp_path, monkeypatch):
+    """Ray registered step 20; steps 40 (complete) and 50 (one rank's upload cut short: no completion mark)
+    are on storage. The re-run resumes from 40 and Ctrl+C's message names 40."""
+    import ray.train
+
+    from hidrop_platform.config import load_config
+    from hidrop_platform.train import _interrupted, _resume
+
+    folder = tmp_path / "tiny_train_smoke"
+    registered = _checkpoint(folder, "checkpoint_2026-01-01_00-00-20", 20, complete=True)
+    newest = _checkpoint(folder, "checkpoint_2026-01-01_00-00-40", 40, complete=True)
+    _checkpoint(folder, "checkpoint_2026-01-01_00-00-50", 50, complete=False)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(registered)))
+
+    class Engine:
+        checkpoint_engine, loaded = None, []
+
+        def load_checkpoint(self, folder, tag, load_module_strict):
+            self.loaded.append(Path(folder))
+
+    engine = Engine()
+    state, run_id = _resume(engine, False, folder)
+    assert (state.step, run_id, engine.loaded) == (40, "run-1", [newest])
+    message = _interrupted(load_config(SMOKE), folder, "sqlite:///unused", {"step": 47})
+    assert f"the last checkpoint (step 40) is {newest}; re-run the same command" in message
+
+
+def test_a_checkpoint_is_marked_complete_only_when_ray_persisted_a_new_one(tmp_path, monkeypatch):
+    import ray.train
+
+    from hidrop_platform.resume import newest_complete_checkpoint
+    from hidrop_platform.train import _Checkpoint
+
+    folder = tmp_path / "run"
+    old = _checkpoint(folder, "checkpoint_2026-01-01_00-00-10", 10, complete=True)
+    new = _checkpoint(folder, "checkpoint_2026-01-01_00-00-20", 20, complete=False)
+    hook = _Checkpoint(None, None, rank=0, frozen=False, every=10, folder=folder)
+    before = ray.train.Checkpoint.from_directory(str(old))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: before)
+    hook._mark_complete(before, 20)  # Ray skipped the report: nothing new was persisted
+    assert newest_complete_checkpoint(folder) == (old, 10)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(new)))
+    hook._mark_complete(before, 20)
+    assert newest_complete_checkpoint(folder) == (new, 20)

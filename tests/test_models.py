@@ -276,3 +276,39 @@ def test_an_untested_transformers_is_named():
     assert untested_transformers(TESTED_TRANSFORMERS) is None
     message = untested_transformers("5.17.0")
     assert "5.17.0" in message and TESTED_TRANSFORMERS in message
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_and_load_print_no_bars_or_deepspeed_notice(tmp_path):
+    """A first run converts SmolLM2's GGUF: a user saw three raw tqdm bars and DeepSpeed's "Setting
+    accelerator to CPU" line (on stdout). A fresh process, a fresh cache: neither, and the model loads."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from hidrop.models import load_smollm2; lm, tok = load_smollm2(); print('loaded', type(lm).__name__)"
+    env = {**os.environ, "HIDROP_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "loaded LlamaForCausalLM" in done.stdout, output[-3000:]
+    for noise in ("GGUF tensors", "Loading weights", "Writing model shards", "Setting accelerator to CPU", "\r"):
+        assert noise not in output, (noise, output[-3000:])
+    assert (tmp_path / "smollm2-135m-instruct" / "model.safetensors").is_file()
+
+
+def test_deepspeed_cpu_notice_is_dropped_and_other_messages_kept(capsys):
+    """The filter drops exactly DeepSpeed's CPU notice: its other warnings and errors still print."""
+    import logging
+
+    import hidrop.models  # noqa: F401  (installs the filter)
+
+    ds = logging.getLogger("DeepSpeed")
+    handler = logging.StreamHandler()
+    ds.addHandler(handler)
+    try:
+        ds.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        ds.error("a real DeepSpeed error")
+    finally:
+        ds.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "Setting accelerator" not in err and "a real DeepSpeed error" in err

@@ -131,3 +131,20 @@ def test_bad_input_is_one_line(store):
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr + done.stdout
     assert "a ranking needs at least 3" in done.stderr + done.stdout
+
+
+def test_a_label_from_the_summary_never_steers_where_records_are_downloaded(store):
+    """Sweep folders may be shared: a label like ../../x must not make the proxy write outside its temp
+    folder (it is only shown)."""
+    root, uri = store
+    rng = np.random.default_rng(2)
+    ref = _planted(rng, 0.8)
+    trials = {1: _planted(rng, 0.5), 5: _planted(rng, 0.6), 9: _planted(rng, 0.7)}
+    a = _sweep(root, "a", uri, ref, trials)
+    summary = json.loads((a / "summary" / "sweep.json").read_text())
+    escape = "../" * 40 + str(root / "escaped").lstrip("/")  # enough '..' to reach / from any temp folder
+    summary["trials"][0]["label"] = escape
+    (a / "summary" / "sweep.json").write_text(json.dumps(summary))
+    result = compare_sweeps(str(a), str(a), n_resamples=10)
+    assert result["schedules"] == 3 and any(escape in r["labels"] for r in result["rows"])
+    assert not (root / "escaped").exists()

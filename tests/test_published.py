@@ -440,7 +440,7 @@ def test_eval_published_is_validated(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     lines = [l for l in done.stderr.splitlines() if l.strip()]
     assert done.returncode == 2 and len(lines) == 1

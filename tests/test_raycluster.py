@@ -78,10 +78,11 @@ def test_a_job_refuses_paths_that_vanish_with_its_working_dir(monkeypatch, tmp_p
     _as_job(monkeypatch, tmp_path, {"working_dir": "gcs://_ray_pkg_abc.zip"})
     with pytest.raises(ClusterSetupError, match=r"train.storage_path='runs' is relative.*deletes after the job"):
         check_job_paths({"train.storage_path": "runs"}, "http://mlflow:5000", True)
+    shared = str(tmp_path / "shared" / "runs")  # absolute, and writable (the paths are checked too)
     with pytest.raises(ClusterSetupError, match="tracking.uri is unset"):
-        check_job_paths({"train.storage_path": "/shared/runs"}, None, True)
-    check_job_paths({"train.storage_path": "/shared/runs"}, "http://mlflow:5000", True)
-    check_job_paths({"train.storage_path": "/shared/runs"}, None, False)  # tracking off: no store to lose
+        check_job_paths({"train.storage_path": shared}, None, True)
+    check_job_paths({"train.storage_path": shared}, "http://mlflow:5000", True)
+    check_job_paths({"train.storage_path": shared}, None, False)  # tracking off: no store to lose
     # without a working_dir the job runs where it was started: relative paths stay
     _as_job(monkeypatch, tmp_path, {"env_vars": {}})
     check_job_paths({"train.storage_path": "runs"}, None, True)
@@ -95,3 +96,46 @@ def test_a_jobs_spool_lives_outside_its_working_dir(monkeypatch, tmp_path):
     assert tmp_path not in default_spool_dir().parents
     monkeypatch.setenv(SPOOL_DIR_ENV, str(tmp_path / "spool"))
     assert default_spool_dir() == (tmp_path / "spool").resolve()
+
+
+def test_write_paths_and_tracking_uris_are_checked_before_any_work(tmp_path):
+    import sqlite3
+
+    from hidrop_platform.raycluster import write_problem
+    from hidrop_platform.tracking import tracking_uri_problem
+
+    (tmp_path / "afile").write_text("text")
+    (tmp_path / "folder").mkdir()
+    assert write_problem(tmp_path / "new" / "deeper") is None  # created later, by the command
+    assert write_problem(tmp_path / "folder") is None
+    assert write_problem(tmp_path / "afile", folder=False) is None
+    assert write_problem("s3://bucket/runs") is None  # the storage's to check
+    assert "afile is a file, not a folder" in write_problem(tmp_path / "afile")
+    assert "afile is a file, not a folder" in write_problem(tmp_path / "afile" / "x.jsonl", folder=False)
+    assert "folder is a folder, not a file" in write_problem(tmp_path / "folder", folder=False)
+    assert "cannot write to /proc" in write_problem("/proc/x.jsonl", folder=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]  # the probes leave nothing
+
+    sqlite3.connect(tmp_path / "real.db").execute("create table t (x)").connection.close()
+    for good in (
+        "http://mlflow:5000",
+        "HTTPS://mlflow.example.com",
+        f"sqlite:///{tmp_path}/new.db",
+        f"sqlite:///{tmp_path}/real.db",
+        f"file://{tmp_path}/mlruns",
+        str(tmp_path / "mlruns"),
+        "databricks",
+    ):
+        assert tracking_uri_problem(good) is None, good
+    assert "did you mean 'http'" in tracking_uri_problem("htp://mlflow:5000")
+    assert "did you mean 'sqlite'" in tracking_uri_problem(f"sqlit:///{tmp_path}/x.db")
+    assert "names no host" in tracking_uri_problem("http:/mlflow:5000")
+    assert "is not a SQLite database" in tracking_uri_problem(f"sqlite:///{tmp_path}/afile")
+    assert "is a folder" in tracking_uri_problem(f"sqlite:///{tmp_path}/folder")
+    assert "afile is a file, not a folder" in tracking_uri_problem(f"sqlite:///{tmp_path}/afile/x.db")
+    assert "pip install mysql-connector-python" in tracking_uri_problem("mysql+mysqlconnector://u@db/x")
+    assert "user:secret" not in tracking_uri_problem("htp://user:secret@mlflow:5000")  # never in a message
+    with pytest.raises(ClusterSetupError, match=r"train.storage_path=.*afile is a file"):
+        check_job_paths({"train.storage_path": str(tmp_path / "afile")}, None, True)
+    with pytest.raises(ClusterSetupError, match="unknown scheme 'htp'"):
+        check_job_paths({"train.storage_path": str(tmp_path / "runs")}, "htp://mlflow:5000", True)

@@ -223,6 +223,15 @@ def test_report_errors_are_one_line(store, tmp_path):
     assert not (tmp_path / "empty" / "mlruns").exists()  # reading never creates a store
 
 
+def test_reading_an_empty_file_as_a_store_leaves_it_untouched(store, tmp_path):
+    check_readable(store["uri"])  # a store MLflow wrote holds its tables
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(TrackingUnavailable, match="empty.db is not an MLflow store"):
+        check_readable(f"sqlite:///{empty}")
+    assert empty.stat().st_size == 0 and [p.name for p in tmp_path.iterdir()] == ["empty.db"]  # not migrated
+
+
 def test_cli_report_and_errors(store, tmp_path):
     hidrop = [sys.executable, "-m", "hidrop_platform.cli"]
     done = subprocess.run(
@@ -239,7 +248,7 @@ def test_cli_report_and_errors(store, tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -252,7 +261,80 @@ def test_cli_report_and_errors(store, tmp_path):
         (["ui", "--tracking-uri", default_tracking_uri(tmp_path / "x")], "no MLflow store at"),
         (["demo", "--size", "huge"], "--size must be one of"),
     ):
-        done = subprocess.run([*hidrop, *args], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*hidrop, *args], capture_output=True, text=True, timeout=600)
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         lines = [l for l in done.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and message in lines[0], (args, done.stderr)
+
+
+def test_p_values_below_the_resolution_print_as_such_everywhere():
+    """A resampled p-value of 0 printed as "p = 0" (and "p=0.000"): it only says p < 0.001."""
+    from hidrop.evaluation.uncertainty import format_p
+    from hidrop_platform.bench_search import _best_text
+    from hidrop_platform.compare import pair_text
+
+    assert [format_p(p) for p in (0.0, 0.0004, 0.001, 0.012, 0.57, 1.0)] == [
+        "p < 0.001",
+        "p < 0.001",
+        "p = 0.001",
+        "p = 0.012",
+        "p = 0.57",
+        "p = 1",
+    ]
+    assert format_p(None) == format_p(float("nan")) == "p = n/a"
+    pair = {"a": "hidrop", "b": "blind", "difference": 30.0, "interval": [25.0, 35.0], "p_value": 0.0}
+    assert pair_text(pair).endswith("points, p < 0.001")
+    d = {"difference": 5.0, "low": 2.0, "high": 8.0, "p_value": 0.0}
+    out = {
+        "exhaustive": {"best_confirmed": [80.0], "best_under_budget": "a"},
+        "multi_fidelity": {"best_confirmed": [75.0], "best_under_budget": "b"},
+        "best_difference": d,
+    }
+    text = _best_text(out)
+    assert "(p < 0.001)" in text and "p=0" not in text and "p = 0" not in text
+
+
+def test_tiny_model_tflops_keep_significant_digits():
+    """The mini-LLaVA's vision cost (~3e-5 TFLOPs) printed as 0.0000; the LLaVA-7B figures stay fixed."""
+    from hidrop.cost import format_tflops
+
+    assert format_tflops(3.3e-05, 4) == "3.3e-05" and format_tflops(0.000123) == "0.000123"
+    assert format_tflops(0.0421, 4) == "0.0421"
+    assert format_tflops(0.421) == "0.421" and format_tflops(1.0604) == "1.060" and format_tflops(3.817, 4) == "3.8170"
+    assert format_tflops(0.0) == "0.000" and format_tflops(None) == format_tflops(float("nan")) == "-"
+
+
+def test_wide_tables_scroll_inside_the_page():
+    """The methods table (one column per benchmark) ran off the page: every table sits in a scrolling box."""
+    from hidrop_dashboards.report import STYLE, _html_table
+
+    table = _html_table(["method", *(f"benchmark {i}" for i in range(30))], [["x", *["1.0"] * 30]])
+    assert table.startswith('<div class="wide"><table>') and table.endswith("</table></div>")
+    assert re.search(r"\.wide\{[^}]*overflow-x:auto", STYLE)
+
+
+def test_pareto_legend_and_line_labels_stay_off_the_plot_area():
+    """The legend (lower right) and the blind line's label sat on the blind band and the cheap trials."""
+    import matplotlib.pyplot as plt
+
+    from hidrop_platform.pareto import pareto_figure
+
+    rows = [
+        {"label": f"seed:{name}", "seed": True, "relative_score": s, "vision_tflops": c, "pareto": True}
+        for name, s, c in (("vanilla", 100.0, 1.0), ("hidrop_tok64", 70.0, 0.1), ("tiny", 62.0, 0.01))
+    ]
+    rows.append({"label": "trial-001", "relative_score": 63.0, "vision_tflops": 0.05})
+    fig = pareto_figure(
+        rows, "t", reference_lines={"all tokens": 100.0, "blind": 62.5}, reference_bands={"blind": (58.0, 66.0)}
+    )
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        area = ax.get_window_extent(renderer)
+        assert not ax.get_legend().get_window_extent(renderer).overlaps(area)
+        labels = [t for t in ax.texts if t.get_text() in ("all tokens", "blind")]
+        assert len(labels) == 2
+        assert all(t.get_window_extent(renderer).x0 >= area.x1 for t in labels)
+    finally:
+        plt.close(fig)

@@ -1,5 +1,7 @@
 """Schedules, presets and cost accounting against the figures of method.md (sections 1 and 7)."""
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -109,3 +111,70 @@ def test_drop_event_needs_exactly_one_keep():
         DropEvent(after_layer=3, keep=5, keep_ratio=0.5)
     with pytest.raises(ValidationError, match="exactly one"):
         DropEvent(after_layer=3)
+
+
+def _readme_section(title: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index(title)
+    end = text.find("\n#", start + len(title))
+    return text[start : end if end > 0 else None]
+
+
+def _cells_agree(readme: str, printed: str) -> bool:
+    """A README figure matches the printed one at the README's precision (`100` for `100.0`)."""
+    try:
+        return float(readme) == round(float(printed), len(readme.partition(".")[2]))
+    except ValueError:
+        return readme == printed
+
+
+def test_readme_cost_table_is_what_hidrop_flops_prints(monkeypatch):
+    """The README's cost table, recomputed by `hidrop flops --json` on the command the README shows: the
+    figures cannot drift from the code again (the whole-model column once did, e.g. Tok64 1.050 vs 1.060)."""
+    import itertools
+    import json
+    import re
+
+    from typer.testing import CliRunner
+
+    from hidrop_platform.cli import app
+
+    section = _readme_section("### The paper's cost table")
+    command = re.search(r"hidrop flops (\S+)", section).group(1)
+    head, options, tail = re.fullmatch(r"(.*)\{(.*)\}(.*)", command).groups()
+    files = [head + o + tail for o in options.split(",")]
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    done = CliRunner().invoke(app, ["flops", *files, "--json"])
+    assert done.exit_code == 0, done.output
+    printed = json.loads(done.stdout)["schedules"]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("|") and not line.startswith(("|---", "| schedule"))
+    ]
+    assert len(rows) == len(printed) == len(files)
+    for row, r in itertools.zip_longest(rows, printed):
+        _, plan, avg, vision, pct, whole = row
+        assert plan == r["plan"], (row, r)
+        for cell, key in ((avg, "avg_vision_tokens"), (vision, "vision_tflops"), (pct, "vision_pct_of_vanilla")):
+            assert _cells_agree(cell, str(r[key])), (row[0], key, cell, r[key])
+        assert _cells_agree(whole, str(r["model_tflops"])), (row[0], "model_tflops", whole, r["model_tflops"])
+
+
+def test_readme_mini_recipe_token_counts_are_the_configs():
+    """The mini recipe table's avg vision tokens where the config fixes them (all but HiDrop's, which the
+    training learns): the figure `hidrop flops` prints for each experiment."""
+    import re
+
+    from hidrop_platform.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    section = _readme_section("**Recipe** (`experiments/mini_llava_tok64_")
+    rows = re.findall(r"^\| `(mini_llava_tok64_\w+)` \|.*\| ([\d.]+) \|$", section, re.M)
+    assert len(rows) == 4
+    for name, avg in rows:
+        if name.endswith("_hidrop"):
+            continue  # learned keeps (the trained checkpoint's), not the config's
+        cfg = load_config(root / "experiments" / f"{name}.yaml")
+        report = cost_report(cfg.main_schedule, cfg.model.shape)
+        assert _cells_agree(avg, str(report["avg_vision_tokens"])), (name, avg, report["avg_vision_tokens"])

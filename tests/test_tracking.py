@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -75,6 +76,49 @@ def artifact_text(uri: str, run_id: str, path: str) -> str:
 
 def tracking_warnings(caught: list) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, TrackingWarning)]
+
+
+def test_credentials_leave_the_uri_whatever_the_scheme_case(monkeypatch):
+    """Schemes are case-insensitive (RFC 3986): HTTP://user:pw@ must lose its secret like http:// does,
+    before the URI becomes a param, the config artifact or a line of output."""
+    from hidrop_platform.config import credentials_to_env, load_config
+    from hidrop_platform.tracking import _is_http, redact_uri
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, "placeholder")  # restored after the test
+        monkeypatch.delenv(key)
+    assert credentials_to_env("HTTP://alice:pw-Zq81x@127.0.0.1:9/x") == "http://127.0.0.1:9/x"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "pw-Zq81x"
+    # a raw '@' in the password: the userinfo ends at the authority's last '@', as urllib splits it
+    assert credentials_to_env("Https://bob:p@ss@host:5000") == "https://host:5000"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "p@ss"
+    assert credentials_to_env("HTTP://host:5000/a@b") == "http://host:5000/a@b"  # an '@' in the path is no userinfo
+    assert credentials_to_env("SQLITE:///x/mlflow.db") == "sqlite:///x/mlflow.db"
+    assert _is_http("HTTPS://host")
+    for uri in ("HTTP://alice:pw-Zq81x@host", "Https://alice:pw-Zq81x@x@host/p", "postgresql://a:pw-Zq81x@db/m"):
+        assert "pw-Zq81x" not in redact_uri(uri)
+    cfg = load_config(
+        ROOT / "experiments" / "tiny_train_smoke.yaml", ["tracking.uri=HTTP://alice:pw-Zq81x@127.0.0.1:9"]
+    )
+    assert cfg.tracking.uri == "http://127.0.0.1:9"
+    written = json.dumps(flatten(cfg)) + yaml.safe_dump(cfg.model_dump(mode="json"))
+    assert "pw-Zq81x" not in written and "alice" not in written
+
+
+def test_report_never_prints_the_password_of_an_upper_case_uri(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from hidrop_platform.cli import app
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, "placeholder")  # restored after the test
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["report", "demo", "--tracking-uri", "HTTP://alice:pw-Zq81x@127.0.0.1:1"])
+    assert result.exit_code == 2 and "unreachable" in result.output, result.output
+    assert "pw-Zq81x" not in result.output and "alice" not in result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_default_tracking_uri(tmp_path):
@@ -208,6 +252,50 @@ def test_server_down_spools_then_sync_spool_replays(store, down_uri, tmp_path):
     assert artifact_text(store, run_id, "notes/n.txt") == "offline note"
     assert len(runs_in(store, "exp-offline")) == 1
     assert not t.spool_path.exists() and not t.spool_path.with_suffix(".files").exists()
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        {"path": "../../outside.txt"},
+        {"path": "OUTSIDE"},  # absolute: filled in below
+        {"spooled": False, "path": "OUTSIDE"},
+        {"link": True},  # the spooled copy swapped for a link to a file elsewhere
+        {"artifact_path": "../../up"},
+    ],
+    ids=["dotdot", "absolute", "unspooled", "link", "artifact-path"],
+)
+def test_sync_refuses_spool_lines_that_point_outside_the_spool(store, down_uri, tmp_path, tamper):
+    """A spool folder may be shared: a line must not make `hidrop sync` upload any other file."""
+    from typer.testing import CliRunner
+
+    from hidrop_platform.cli import app
+
+    secret = tmp_path / "outside.txt"
+    secret.write_text("not for the store")
+    artifact = tmp_path / "log.txt"
+    artifact.write_text("original")
+    spool_dir = tmp_path / "a" / "spool"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrackingWarning)
+        t = Tracker(down_uri, "exp-tampered", run_name="t", spool_dir=spool_dir, retry_interval=0).start()
+        t.log_artifact(artifact)
+        t.finish()
+    lines = [json.loads(line) for line in t.spool_path.read_text().splitlines()]
+    record = next(r for r in lines if r["op"] == "artifact")
+    if tamper.pop("link", False):
+        copy = spool_dir / record["path"]
+        copy.unlink()
+        copy.symlink_to(secret)
+    record.update({k: str(secret) if v == "OUTSIDE" else v for k, v in tamper.items()})
+    t.spool_path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    with pytest.raises(ValueError, match="line 3: .*(outside|not a file copied|leaves the run)"):
+        sync_spool(t.spool_path, store)
+    result = CliRunner().invoke(app, ["sync", "--spool-dir", str(spool_dir), "--tracking-uri", store])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "line 3" in result.output.splitlines()[-1] and result.output.splitlines()[-1].startswith("error: ")
+    assert runs_in(store, "exp-tampered") == [] and t.spool_path.is_file()  # nothing replayed, spool kept
 
 
 def test_sync_spool_raises_while_still_down(down_uri, tmp_path):

@@ -357,17 +357,22 @@ def test_training_loop_resumes_mid_epoch_on_the_same_losses():
     assert first.losses + rest.losses == pytest.approx(through.losses, rel=1e-6)
 
 
-def test_training_loop_pauses_hook_waits_and_stops_on_divergence():
-    import time
+def test_training_loop_pauses_hook_waits_and_stops_on_divergence(monkeypatch):
+    import types
 
+    from hidrop import training
     from hidrop.training import TrainingDiverged
 
     recipe = load_config(pytest.ROOT / SMOKE).train.model_copy(update={"micro_batch_size": 4, "grad_accum": 1})
+    # a fake clock the hook advances: exact step times, whatever the host's speed or load
+    clock = [0.0]
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     class Slow(Hook):
         def on_step_end(self, loop, step):
+            clock[0] += 2.0  # work of the step's own (counted in the next step)
             with loop.paused():
-                time.sleep(0.3)
+                clock[0] += 100.0  # a wait for its turn (not the step's time)
 
     times = _Record()
     seconds = []
@@ -378,7 +383,7 @@ def test_training_loop_pauses_hook_waits_and_stops_on_divergence():
 
     loop, _ = _plain_loop(recipe, 3, [Slow(), times, Seconds()])
     loop.run()
-    assert all(s < 0.3 for s in seconds[1:])  # the paused waits are not the steps' time
+    assert seconds == [0.0, 2.0, 2.0]  # the paused waits are not the steps' time; the rest is
     assert loop.state.accel_seconds == pytest.approx(sum(seconds))
 
     loop, _ = _plain_loop(recipe.model_copy(update={"lr": 1e30}), 6, [])

@@ -369,9 +369,11 @@ def start_sweep(exp, cwd, *args, until=None, **popen):
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         **popen,
     )
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # a hang guard sized for a loaded machine
     while time.time() < deadline and not until(runs_dir):
+        assert proc.poll() is None, proc.communicate()  # ended before the point the caller acts at
         time.sleep(0.2)
+    assert until(runs_dir), "the sweep never reached the point the test acts at"
     return proc
 
 
@@ -385,7 +387,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     for _ in range(3):  # an impatient user: the 2nd and 3rd Ctrl+C land while the first is being handled
         proc.send_signal(signal.SIGINT)
         time.sleep(0.6)
-    _, err = proc.communicate(timeout=180)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 2 and "--resume" in err, err[-2000:]
     assert "Traceback" not in err, err[-3000:]
     leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
@@ -410,16 +412,60 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
             assert len(client.get_metric_history(r.info.run_id, "relative_score")) == 1
 
 
+def test_sweep_folder_never_holds_the_tracking_password(tmp_path, monkeypatch):
+    """Trials get MLflow basic auth from the driver's actor, not from the pickled trial context: Tune
+    writes that context into the sweep folder (tuner.pkl holds the progress callback)."""
+    import pickle
+
+    import ray
+    from ray import cloudpickle
+
+    from hidrop_platform import tune as T
+    from hidrop_platform.config import credentials_to_env, tracking_credentials
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, "placeholder")  # restored after the test
+        monkeypatch.delenv(key)
+    # workers start without the secret in their environment: only the actor can hand it over
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        uri = credentials_to_env("HTTP://alice:pw-Zq81x@127.0.0.1:9")  # an upper-case scheme too
+        assert uri == "http://127.0.0.1:9"
+        data = _tiny(tmp_path)
+        data["tracking"]["uri"] = uri
+        cfg = validate_config(data)
+        sweep_dir = tmp_path / "runs" / "tiny_tune"
+        name, holder = T._share_credentials(tracking_credentials())
+        ctx = T.TrialContext(
+            base=data, reference={}, sweep_dir=str(sweep_dir), sweep="tiny_tune", tracking_uri=uri,
+            experiment="x", parent_run_id=None, tracking=True, spool_dir=str(tmp_path), threads=1,
+            devices_per_trial=0, device_type="cpu", credentials_from=name,
+        )  # fmt: skip
+        searcher = T.ScheduleSearcher(data, cfg)
+        T._tuner(cfg, ctx, searcher, T._ProgressCallback(None, searcher.total_trials, ctx), 1, False)
+        assert (sweep_dir / "tuner.pkl").is_file()
+        written = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
+        written += [cloudpickle.dumps(ctx), pickle.dumps(T._ProgressCallback(None, 1, ctx))]
+        assert not [w for w in written if b"pw-Zq81x" in w]
+        in_worker = ray.remote(lambda n: (T._fetch_credentials(n), os.environ.get("MLFLOW_TRACKING_PASSWORD")))
+        got = ray.get(in_worker.remote(name))
+        assert got == ({"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw-Zq81x"}, None)
+        assert T._share_credentials({}) == (None, None) and T._fetch_credentials(None) == {}
+        del holder
+    finally:
+        ray.shutdown()
+
+
 def test_tune_cli_errors_are_one_line(tmp_path):
     exp = tmp_path / "tune.yaml"
     data = _tiny(tmp_path, resources_per_trial={"CPU": 1, "GPU": 1})
     exp.write_text(yaml.safe_dump(data))
-    proc = _cli("tune", str(exp), "--resume", cwd=tmp_path, timeout=120)
+    proc = _cli("tune", str(exp), "--resume", cwd=tmp_path, timeout=600)
     assert proc.returncode == 2 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
     proc = _cli("tune", str(exp), cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "asks for CPU=1, GPU=1 on one node, but no node has that" in proc.stderr, proc.stderr[-2000:]
-    bad = _cli("tune", str(exp), "tune.space.schedule.stages.int=[3,1]", cwd=tmp_path, timeout=120)
+    bad = _cli("tune", str(exp), "tune.space.schedule.stages.int=[3,1]", cwd=tmp_path, timeout=600)
     assert bad.returncode == 2 and "low > high" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 

@@ -202,3 +202,25 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert report["experiment"] == "mini_llava_eval" and report["samples_evaluated"] == 4
     assert [m["method"] for m in report["methods"]] == ["all_tokens", "hidrop_tok64"]
     assert report["methods"][0]["benchmarks"]["easy_vqa"]["samples"] == 4
+
+
+def test_requires_python_admits_no_python_a_pinned_dependency_refuses():
+    """`requires-python` is what pip checks before installing: its lowest Python must suit every pinned
+    dependency (transformers 5 needs 3.11), or an older Python gets hidrop and then a resolver error."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    ours = SpecifierSet(PYPROJECT["project"]["requires-python"])
+    lowest = next(f"3.{minor}.0" for minor in range(6, 30) if ours.contains(f"3.{minor}.0"))
+    checked = 0
+    for line in PYPROJECT["project"]["dependencies"]:
+        req = Requirement(line)
+        pinned = [s.version for s in req.specifier if s.operator == "=="]
+        if not pinned or md.version(req.name) != pinned[0]:
+            continue  # a range, or another version installed here: its metadata says nothing about the pin
+        theirs = md.metadata(req.name).get("Requires-Python")
+        assert not theirs or SpecifierSet(theirs).contains(lowest), (req.name, theirs, lowest)
+        checked += 1
+    assert checked  # transformers at least

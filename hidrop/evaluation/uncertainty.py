@@ -186,6 +186,15 @@ def _averaged(report, ref) -> list[str]:
     return [b for b in ref.benchmarks if over is None or b in over]
 
 
+def format_p(p: Optional[float]) -> str:
+    """`p = 0.011`, or `p < 0.001`: a resampled p-value of 0 only says it is below the resolution."""
+    if p is None or not math.isfinite(p):
+        return "p = n/a"
+    if p < 0.001:
+        return "p < 0.001"
+    return f"p = {p:.2g}"
+
+
 def format_interval(score: Optional[float], interval: Optional[Sequence[float]]) -> str:
     """`62.5 [54.2, 70.8]` (the score alone when it has no interval; "undefined" without a score, e.g. a
     relative score against a reference that scored 0)."""

@@ -1,0 +1,92 @@
+"""The folders this project writes under a storage path, and the rules that keep it inside them.
+
+- A run or sweep name is one plain path component (`check_name`): it can never reach outside
+  `storage_path`, and an odd character is refused in one line before Ray starts.
+- Every folder we create carries an owner mark (`OWNER_MARK`). Nothing is continued, moved aside or
+  cleaned up in a folder without it: an unrelated folder that happens to have the same name is refused.
+- One driver at a time per folder (`hold`): an advisory lock that the kernel drops when the driver dies
+  (SIGKILL included), so a crashed run never blocks its own resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+OWNER_MARK = ".hidrop-owned"
+LOCK_SUFFIX = ".hidrop.lock"
+MAX_NAME = 128
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+
+
+class StorageError(RuntimeError):
+    """A name or folder this project must not use (one line for the CLI)."""
+
+
+def check_name(name: str) -> str:
+    """`name` itself when it is one safe path component; else a one-line ValueError (pydantic puts the
+    field in front)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("must be a folder name, not empty")
+    if len(name) > MAX_NAME:
+        raise ValueError(f"is {len(name)} characters long; at most {MAX_NAME}")
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"{ascii(name)} is not a plain folder name: use letters, digits and _ . + = - "
+            "(no '/', '..', spaces or control characters), not starting with '.' or '-'"
+        )
+    return name
+
+
+def is_ours(folder: Path, legacy: Iterable[str] = ()) -> bool:
+    """Whether `folder` was written by this project: it has the owner mark, or (runs made before the
+    mark existed) one of the `legacy` files only we write."""
+    return (folder / OWNER_MARK).is_file() or any((folder / name).exists() for name in legacy)
+
+
+def refuse_foreign(folder: Path, what: str, legacy: Iterable[str] = ()) -> None:
+    """Raise StorageError when `folder` exists and is not ours: a file, or a folder with content and no
+    owner mark."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise StorageError(f"{folder} is a file, not a {what} folder; choose another name")
+        if not is_ours(folder, legacy) and any(folder.iterdir()):
+            raise StorageError(
+                f"{folder} already exists and was not created by hidrop (no {OWNER_MARK}); "
+                f"it is left as it is: choose another {what} name"
+            )
+
+
+def claim(folder: Path, what: str, legacy: Iterable[str] = ()) -> None:
+    """Create `folder` with its owner mark, or accept it when it is ours or empty (`refuse_foreign`)."""
+    refuse_foreign(folder, what, legacy)
+    folder.mkdir(parents=True, exist_ok=True)
+    mark = folder / OWNER_MARK
+    if not mark.exists():
+        mark.write_text(json.dumps({"what": what}) + "\n")
+
+
+@contextlib.contextmanager
+def hold(folder: Path, what: str) -> Iterator[None]:
+    """Hold `folder` for this process: a second driver on the same run or sweep is refused at once. The
+    lock file sits beside the folder, so it holds while `--restart` moves an earlier run aside."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder.parent / f".{folder.name}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            raise StorageError(
+                f"{what} is already running in {folder} (process {holder}); wait for it to end, or use another name"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
