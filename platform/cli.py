@@ -223,7 +223,7 @@ def train(
     started = time.time()
     try:
         with _stdout_to_stderr():  # Ray's start-up chatter must not reach --json output
-            connect_for_training(cfg)  # one-line cluster errors before the progress bar
+            connect_for_training(cfg, restart, force)  # one-line errors before the progress bar
         if as_json:
             with _stdout_to_stderr():
                 result = run_training(cfg, restart=restart, force=force)

@@ -123,29 +123,42 @@ def _stored_config(stored: Path, force: bool) -> Optional[dict]:
         ) from None
 
 
-def prepare_run_folder(folder: Path, config: dict, restart: bool = False, force: bool = False) -> Optional[str]:
-    """Check a re-run against the run in `folder` and record `config` there. Returns what happened to an
-    earlier run (None for a fresh one). Raises ContinuationRefused for a changed config unless `force`;
-    `restart` moves the earlier run aside (nothing is deleted) so this one starts afresh."""
-    name = folder.name
-    stored = folder / CONFIG_FILE
-    outcome = None
+def check_run_folder(folder: Path, config: dict, restart: bool = False, force: bool = False) -> Optional[str]:
+    """What a run with `config` would do to the run in `folder`, writing nothing: None (a fresh run),
+    "restart", or "continue". Raises StorageError for a folder that is not ours, and ContinuationRefused
+    for an unreadable or changed config unless `force`."""
     refuse_foreign(folder, "run", legacy=[CONFIG_FILE])  # nothing of a folder we did not make is touched
     if restart and folder.exists():
-        aside = folder.with_name(f"{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        return "restart"
+    if not has_checkpoint(folder):
+        return None
+    old = _stored_config(folder / CONFIG_FILE, force)
+    changes = config_changes(old, config) if old is not None else {}
+    if changes and not force:
+        listed = ", ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in list(changes.items())[:4])
+        more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
+        raise ContinuationRefused(
+            f"{folder} holds a run of {folder.name!r} with a different config ({listed}{more}); "
+            "pass --restart to start afresh (the old run is kept aside), use a new name, "
+            "or --force to continue it with the new config"
+        )
+    return "continue"
+
+
+def prepare_run_folder(folder: Path, config: dict, restart: bool = False, force: bool = False) -> Optional[str]:
+    """`check_run_folder`, then record `config` in `folder`. Returns what happened to an earlier run
+    (None for a fresh one); `restart` moves the earlier run aside (nothing is deleted) so this one
+    starts afresh."""
+    stored = folder / CONFIG_FILE
+    outcome = None
+    what = check_run_folder(folder, config, restart, force)
+    if what == "restart":
+        aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(folder), str(aside))
         outcome = f"the earlier run was moved to {aside}"
-    elif has_checkpoint(folder):
+    elif what == "continue":
         old = _stored_config(stored, force)
         changes = config_changes(old, config) if old is not None else {}
-        if changes and not force:
-            listed = ", ".join(f"{k}: {_short(a)} -> {_short(b)}" for k, (a, b) in list(changes.items())[:4])
-            more = f" and {len(changes) - 4} more" if len(changes) > 4 else ""
-            raise ContinuationRefused(
-                f"{folder} holds a run of {name!r} with a different config ({listed}{more}); "
-                "pass --restart to start afresh (the old run is kept aside), use a new name, "
-                "or --force to continue it with the new config"
-            )
         outcome = "continuing the earlier run" + (f" with changed {', '.join(changes)} (--force)" if changes else "")
     claim(folder, "run", legacy=[CONFIG_FILE])
     stored.write_text(json.dumps(config, indent=2))

@@ -57,6 +57,7 @@ from hidrop_platform.raycluster import ClusterSetupError, alive_nodes, check_fit
 from hidrop_platform.resume import (
     ContinuationRefused,
     UnsafeCheckpoint,
+    check_run_folder,
     load_deepspeed_checkpoint,
     mark_complete,
     newest_complete_checkpoint,
@@ -550,16 +551,18 @@ def _mean_across(value: torch.Tensor, world: int) -> float:
 
 
 # ---- the driver ---------------------------------------------------------------------------------
-def connect_for_training(cfg: ExperimentConfig) -> None:
-    """Reach Ray and check that the workers can ever be placed, before anything is written: a cluster
-    that cannot be reached or used leaves nothing behind. The CLI calls it before its progress bar;
-    `run_training` again (then it costs one node listing)."""
+def connect_for_training(cfg: ExperimentConfig, restart: bool = False, force: bool = False) -> None:
+    """Check the run folder (`check_run_folder`), reach Ray and check that the workers can ever be
+    placed, before anything is written: a refused continuation or a cluster that cannot be reached or
+    used leaves nothing behind. The CLI calls it before its progress bar; `run_training` again (then it
+    costs one node listing)."""
     t = cfg.train
     try:
         check_job_paths({"train.storage_path": t.storage_path}, cfg.tracking.uri, cfg.tracking.enabled)
+        check_run_folder(Path(t.storage_path).resolve() / cfg.name, cfg.model_dump(mode="json"), restart, force)
         start_ray(t.ray_address, "train.ray_address")
         check_fits("train.resources_per_worker", worker_bundle(t), t.num_workers, alive_nodes())
-    except ClusterSetupError as e:
+    except (ClusterSetupError, ContinuationRefused, StorageError) as e:
         raise TrainSetupError(str(e)) from None
 
 
@@ -576,7 +579,7 @@ def run_training(
     `hooks` join every worker's loop (the overhead benchmark's turn-taking); the test faults of
     `hidrop_platform.faults` join them when their environment variable asks. One driver at a time
     per run: a second is refused while the first runs."""
-    connect_for_training(cfg)
+    connect_for_training(cfg, restart, force)
     folder = Path(cfg.train.storage_path).resolve() / cfg.name
     try:
         with hold(folder, f"training {cfg.name!r}"):

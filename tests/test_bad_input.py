@@ -338,6 +338,21 @@ def test_a_corrupt_saved_run_config_is_one_line(tmp_path):
     assert json.loads((folder / CONFIG_FILE).read_text()) == {"train": {"lr": 0.1}}  # rewritten
 
 
+def test_train_refuses_a_damaged_run_before_ray_or_mlflow_start(tmp_path, monkeypatch):
+    # the continuation is checked first: no MLflow store, no run folder change, no Ray
+    import hidrop_platform.train as train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "start_ray", lambda *a: pytest.fail("Ray started before the run folder was checked"))
+    run = tmp_path / "runs" / "tiny_train_smoke"
+    (run / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    (run / "hidrop_config.json").write_text("{not json")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(app, ["train", SMOKE, f"train.storage_path={tmp_path / 'runs'}"])
+    _one_line_exit_2(result, "the run's saved config is unreadable")
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
 def test_records_into_a_folder_is_refused_before_the_evaluation(tmp_path, monkeypatch):
     # issue 34 (7): --records naming a folder failed with a traceback after the whole evaluation
     import hidrop_platform.evaluate as evaluate
