@@ -140,9 +140,8 @@ def test_batch_size_takes_what_lmms_eval_passes(fake_lmms_eval):
 
 
 def test_the_entry_point_names_the_model_class():
-    from pathlib import Path
-
     import tomllib
+    from pathlib import Path
 
     import hidrop.lmms_plugin as plugin
 
