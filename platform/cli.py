@@ -807,7 +807,7 @@ def ui_command(
     if not 1 <= port <= 65535:
         _fail(f"--port must be between 1 and 65535, not {port}")
 
-    from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri
+    from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri, redact_uri
     from hidrop_platform.ui import UI_TRAINING_VIEW, serve_ui, stop_ui, ui_base_url
 
     uri = _clean(tracking_uri) or default_tracking_uri()
@@ -823,7 +823,7 @@ def ui_command(
     except TrackingUnavailable as e:
         _fail(str(e))
     url = f"{ui_base_url(host, port)}/#/experiments{UI_TRAINING_VIEW}"
-    out.print(f"[bold green]MLflow UI[/] {url}  (store {uri}); Ctrl+C to stop", highlight=False)
+    out.print(f"[bold green]MLflow UI[/] {url}  (store {redact_uri(uri)}); Ctrl+C to stop", highlight=False)
     out.print("  reports: the sweep's parent run > Artifacts > report/report.html, or the files under reports/")
 
     def stop(signum, frame):  # Ctrl+C or `kill`: stop the server and its workers, then exit cleanly

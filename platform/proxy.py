@@ -68,7 +68,13 @@ def _key(overrides: dict) -> str:
 
 def _side(folder: Path, tracking_uri: Optional[str], tmp: Path) -> dict:  # tmp: this side's own folder
     """A sweep's finished trials (key -> label, overrides, records) and its all-tokens reference records."""
-    from hidrop_platform.tracking import TrackingUnavailable, check_readable, default_tracking_uri, download_artifact
+    from hidrop_platform.tracking import (
+        TrackingUnavailable,
+        check_readable,
+        default_tracking_uri,
+        download_artifact,
+        redact_uri,
+    )
 
     summary, own_uri = _summary(folder)
     uri = tracking_uri or own_uri or default_tracking_uri()
@@ -89,7 +95,7 @@ def _side(folder: Path, tracking_uri: Optional[str], tmp: Path) -> dict:  # tmp:
             local = download_artifact(uri, t["run_id"], f"{N.RECORDS_DIR}/{N.RECORDS_FILE}", dst)
         except Exception as e:  # an MlflowException or OSError: the run or its artifact is gone
             raise ProxyError(
-                f"{folder.name} {t['label']}: cannot read its records from {uri}: {str(e)[:160]}"
+                f"{folder.name} {t['label']}: cannot read its records from {redact_uri(uri)}: {str(e)[:160]}"
             ) from None
         trials[_key(t.get("overrides") or {})] = {
             "label": t["label"],

@@ -88,6 +88,11 @@ def check_job_paths(named_paths: dict[str, str], tracking_uri: Optional[str], tr
 
     where = job_working_dir()
     for name, value in named_paths.items():
+        if "://" in str(value):  # the driver and the workers read run folders as local paths
+            raise ClusterSetupError(
+                f"{name}={value!r}: storage URIs are not supported; mount the storage on every node "
+                "and give its path (e.g. /mnt/shared/runs)"
+            )
         if where is not None and not Path(value).is_absolute():
             raise ClusterSetupError(
                 f"{name}={value!r} is relative: as a Ray job it would resolve inside the job's unpacked "

@@ -27,6 +27,8 @@ from hidrop_platform.config import flatten_data
 from hidrop_platform.storage import claim, refuse_foreign
 
 CONFIG_FILE = "hidrop_config.json"
+# what only our runs hold, for folders from before the owner mark (the oldest have no config file)
+OURS = (CONFIG_FILE, "checkpoint_*/hidrop_state.json")
 
 # fields a continued run may change: how long it goes on and how it is watched, not what it trains
 CONTINUABLE = (
@@ -127,7 +129,7 @@ def check_run_folder(folder: Path, config: dict, restart: bool = False, force: b
     """What a run with `config` would do to the run in `folder`, writing nothing: None (a fresh run),
     "restart", or "continue". Raises StorageError for a folder that is not ours, and ContinuationRefused
     for an unreadable or changed config unless `force`."""
-    refuse_foreign(folder, "run", legacy=[CONFIG_FILE])  # nothing of a folder we did not make is touched
+    refuse_foreign(folder, "run", legacy=OURS)  # nothing of a folder we did not make is touched
     if restart and folder.exists():
         return "restart"
     if not has_checkpoint(folder):
@@ -160,7 +162,7 @@ def prepare_run_folder(folder: Path, config: dict, restart: bool = False, force:
         old = _stored_config(stored, force)
         changes = config_changes(old, config) if old is not None else {}
         outcome = "continuing the earlier run" + (f" with changed {', '.join(changes)} (--force)" if changes else "")
-    claim(folder, "run", legacy=[CONFIG_FILE])
+    claim(folder, "run", legacy=OURS)
     stored.write_text(json.dumps(config, indent=2))
     return outcome
 

@@ -98,6 +98,8 @@ class Spool:
         path = record.get("path")
         if not record.get("spooled") or not isinstance(path, str) or Path(path).is_absolute():
             return f"artifact path {path!r} is not a file copied into the spool"
+        if self.files_dir.is_symlink() or self.files_dir.resolve().parent != self.path.parent.resolve():
+            return f"{self.files_dir} is a link out of the spool folder"  # resolving it would follow the link
         files = self.files_dir.resolve()
         target = (self.path.parent / path).resolve()  # follows links, so a link out is caught as well
         inside = [target, *target.rglob("*")] if target.is_dir() else [target]

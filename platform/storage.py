@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -45,8 +46,8 @@ def check_name(name: str) -> str:
 
 def is_ours(folder: Path, legacy: Iterable[str] = ()) -> bool:
     """Whether `folder` was written by this project: it has the owner mark, or (runs made before the
-    mark existed) one of the `legacy` files only we write."""
-    return (folder / OWNER_MARK).is_file() or any((folder / name).exists() for name in legacy)
+    mark existed) a file matching one of the `legacy` patterns, which only we write."""
+    return (folder / OWNER_MARK).is_file() or any(any(folder.glob(pattern)) for pattern in legacy)
 
 
 def refuse_foreign(folder: Path, what: str, legacy: Iterable[str] = ()) -> None:
@@ -55,7 +56,11 @@ def refuse_foreign(folder: Path, what: str, legacy: Iterable[str] = ()) -> None:
     if folder.exists():
         if not folder.is_dir():
             raise StorageError(f"{folder} is a file, not a {what} folder; choose another name")
-        if not is_ours(folder, legacy) and any(folder.iterdir()):
+        try:
+            foreign = not is_ours(folder, legacy) and any(folder.iterdir())
+        except OSError as e:
+            raise StorageError(f"cannot read {folder} ({e.strerror})") from None
+        if foreign:
             raise StorageError(
                 f"{folder} already exists and was not created by hidrop (no {OWNER_MARK}); "
                 f"it is left as it is: choose another {what} name"
@@ -74,19 +79,42 @@ def claim(folder: Path, what: str, legacy: Iterable[str] = ()) -> None:
 @contextlib.contextmanager
 def hold(folder: Path, what: str) -> Iterator[None]:
     """Hold `folder` for this process: a second driver on the same run or sweep is refused at once. The
-    lock file sits beside the folder, so it holds while `--restart` moves an earlier run aside."""
+    lock file sits beside the folder, so it holds while `--restart` moves an earlier run aside. Storage
+    that cannot lock (some network mounts) runs unlocked, with a warning."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder.parent / f".{folder.name}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = folder.parent / f".{folder.name}{LOCK_SUFFIX}"
+    fd = _open_lock(lock)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
             raise StorageError(
                 f"{what} is already running in {folder} (process {holder}); wait for it to end, or use another name"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        except OSError as e:  # ENOLCK, EOPNOTSUPP: the file system has no flock
+            print(f"warning: cannot lock {lock} ({e.strerror}); a second {what} would not be refused", flush=True)
+        else:
+            with contextlib.suppress(OSError):  # a lock file shared read-only: the pid is only for messages
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _open_lock(lock: Path) -> int:
+    """The lock file, opened without following a link (a planted link must not make us write elsewhere);
+    read-only when a teammate created it (flock works on either)."""
+    flags = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(lock, flags | os.O_RDWR, 0o666)
+        except PermissionError:
+            fd = os.open(lock, flags | os.O_RDONLY, 0o666)
+    except OSError as e:  # ELOOP: a link
+        raise StorageError(f"cannot use the lock file {lock} ({e.strerror}); remove it if it is not hidrop's") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StorageError(f"{lock} is not a plain file; remove it if it is not hidrop's")
+    return fd

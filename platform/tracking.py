@@ -126,7 +126,12 @@ def tracking_uri_problem(uri: str, name: str = "tracking.uri") -> Optional[str]:
     from urllib.parse import urlparse
 
     shown = f"{name}={redact_uri(uri)}" if name else f"tracking URI {redact_uri(uri)}"
-    scheme = urlparse(uri).scheme.lower()
+    try:
+        parsed = urlparse(uri)
+        parsed.port  # noqa: B018 - raises for a port that is no number
+    except ValueError as e:  # e.g. an unclosed IPv6 bracket
+        return f"{shown} is not a valid URI ({e})"
+    scheme = parsed.scheme.lower()
     if len(scheme) <= 1:  # a plain path (or a Windows drive letter): MLflow's file store
         return None
     base = scheme.split("+", 1)[0]
@@ -137,7 +142,7 @@ def tracking_uri_problem(uri: str, name: str = "tracking.uri") -> Optional[str]:
             f"{shown}: unknown scheme '{scheme}'{hint}; MLflow takes http(s)://host:port, sqlite:///path.db, "
             "postgresql://, mysql://, mssql://, file:// or a folder"
         )
-    if base in ("http", "https") and not urlparse(uri).netloc:
+    if base in ("http", "https") and not parsed.netloc:
         return f"{shown}: names no host (write {base}://host:port)"
     if scheme in _DB_DRIVERS:
         module, package = _DB_DRIVERS[scheme]

@@ -290,10 +290,14 @@ def _resume(engine, frozen: bool, folder: Path) -> tuple[LoopState, Optional[str
     worker loses the newest), else from Ray's latest (a run from before completion marks), with the MLflow
     run id it carries; a fresh state without either."""
     import ray.train
+    import torch.distributed as dist
 
     newest = newest_complete_checkpoint(folder)
-    if newest is not None:
-        return _load_checkpoint(engine, frozen, newest[0])
+    chosen = [newest[0].name if newest else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(chosen, src=0)  # rank 0's choice: a node's stale listing must not differ
+    if chosen[0] is not None:
+        return _load_checkpoint(engine, frozen, folder / chosen[0])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return LoopState(), None

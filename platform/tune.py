@@ -136,7 +136,10 @@ def _share_credentials(credentials: dict[str, str]) -> tuple[Optional[str], Any]
     import ray
 
     name = f"hidrop-credentials-{os.urandom(8).hex()}"  # concurrent sweeps on one cluster each have their own
-    handle = ray.remote(num_cpus=0)(_CredentialHolder).options(name=name).remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # lives with us
+    handle = ray.remote(num_cpus=0)(_CredentialHolder).options(name=name, scheduling_strategy=here).remote()
     ray.get(handle.put.remote(credentials))
     return name, handle
 

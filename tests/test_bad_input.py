@@ -105,6 +105,7 @@ CASES = [
         "checkpoint.load_universal is not supported",
     ),
     # --- issue 34: run names (2) and concurrent sweeps (5) ---
+    ("storage-uri", None, f"train {SMOKE} train.storage_path=s3://bucket/runs", "storage URIs are not supported"),
     ("name-escapes", None, f"validate {SMOKE} name=../../x", "name: '../../x' is not a plain folder name"),
     ("name-absolute", None, f"train {SMOKE} name=/abs/path", "name: '/abs/path' is not a plain folder name"),
     ("name-empty", None, f"train {SMOKE} name=''", "name: must be a folder name, not empty"),
@@ -168,6 +169,7 @@ CASES = [
         "an experiment file is at most",
     ),
     # --- issue 34: write paths and tracking URIs checked first (7) ---
+    ("uri-unparsable", None, "report demo --tracking-uri http://[::1", "is not a valid URI"),
     # every place a command writes is checked before the model loads or a run starts
     (
         "records-under-file",

@@ -148,3 +148,37 @@ def test_the_same_sweep_started_twice_at_once_runs_once(tmp_path, monkeypatch):
     for r in runs:
         if r.data.tags.get("hidrop.kind") != "sweep":
             assert len(client.get_metric_history(r.info.run_id, "relative_score")) == 1
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    folder = tmp_path / "runs" / "x"
+    folder.parent.mkdir()
+    (folder.parent / ".x.hidrop.lock").symlink_to(victim)
+    with pytest.raises(StorageError, match="cannot use the lock file"):
+        with hold(folder, "training 'x'"):
+            pass
+    assert victim.read_text() == "keep me"
+
+
+def test_storage_that_cannot_lock_runs_with_a_warning(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with hold(tmp_path / "runs" / "x", "training 'x'"):
+        ran.append(True)
+    assert ran == [True]
+    assert "warning: cannot lock" in capsys.readouterr().out
+
+
+def test_a_run_from_before_config_files_is_still_ours(tmp_path):
+    old = tmp_path / "runs" / "old"
+    (old / "checkpoint_2025-01-01_00-00-00.000000").mkdir(parents=True)
+    (old / "checkpoint_2025-01-01_00-00-00.000000" / "hidrop_state.json").write_text('{"step": 4}')
+    assert prepare_run_folder(old, {"name": "old"}) == "continuing the earlier run"

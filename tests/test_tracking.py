@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -261,9 +262,10 @@ def test_server_down_spools_then_sync_spool_replays(store, down_uri, tmp_path):
         {"path": "OUTSIDE"},  # absolute: filled in below
         {"spooled": False, "path": "OUTSIDE"},
         {"link": True},  # the spooled copy swapped for a link to a file elsewhere
+        {"files_link": True},  # the whole <spool>.files folder swapped for a link to a folder elsewhere
         {"artifact_path": "../../up"},
     ],
-    ids=["dotdot", "absolute", "unspooled", "link", "artifact-path"],
+    ids=["dotdot", "absolute", "unspooled", "link", "files-link", "artifact-path"],
 )
 def test_sync_refuses_spool_lines_that_point_outside_the_spool(store, down_uri, tmp_path, tamper):
     """A spool folder may be shared: a line must not make `hidrop sync` upload any other file."""
@@ -287,10 +289,17 @@ def test_sync_refuses_spool_lines_that_point_outside_the_spool(store, down_uri, 
         copy = spool_dir / record["path"]
         copy.unlink()
         copy.symlink_to(secret)
+    if tamper.pop("files_link", False):
+        files = t.spool_path.with_suffix(".files")
+        elsewhere = tmp_path / "elsewhere"
+        (elsewhere / Path(record["path"]).relative_to(files.name)).parent.mkdir(parents=True)
+        (elsewhere / Path(record["path"]).relative_to(files.name)).write_text("not for the store")
+        shutil.rmtree(files)
+        files.symlink_to(elsewhere, target_is_directory=True)
     record.update({k: str(secret) if v == "OUTSIDE" else v for k, v in tamper.items()})
     t.spool_path.write_text("".join(json.dumps(r) + "\n" for r in lines))
 
-    with pytest.raises(ValueError, match="line 3: .*(outside|not a file copied|leaves the run)"):
+    with pytest.raises(ValueError, match="line 3: .*(outside|not a file copied|leaves the run|link out)"):
         sync_spool(t.spool_path, store)
     result = CliRunner().invoke(app, ["sync", "--spool-dir", str(spool_dir), "--tracking-uri", store])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
