@@ -721,7 +721,7 @@ def report_command(
 ):
     """Dashboards from MLflow: Pareto plot, methods x benchmarks table, training-cost table, diagnostics."""
     from hidrop_dashboards.report import ReportError, build_report
-    from hidrop_platform.raycluster import write_problem
+    from hidrop_platform.storage import write_problem
     from hidrop_platform.tracking import TrackingUnavailable, check_readable
 
     uri, name = _report_source(experiment, tracking_uri)
@@ -872,7 +872,7 @@ def demo_command(
                 _fail(f"{option} must be at most {DEMO_MAX[name]} (a local demo), not {value}")
             chosen = dataclasses.replace(chosen, **{name: value})
     from hidrop_dashboards.report import ReportError
-    from hidrop_platform.raycluster import write_problem
+    from hidrop_platform.storage import write_problem
     from hidrop_platform.train import TrainSetupError
     from hidrop_platform.tune import TuneSetupError
 

@@ -21,7 +21,7 @@ from hidrop.models import ModelLoadError, build_vlm
 from hidrop.schedule import vanilla
 from hidrop_platform import mlflow_names as N
 from hidrop_platform.config import ExperimentConfig
-from hidrop_platform.raycluster import write_problem
+from hidrop_platform.storage import write_problem
 
 
 class EvalSetupError(RuntimeError):

@@ -13,9 +13,10 @@ import logging
 import os
 import signal
 import socket
-import tempfile
 from pathlib import Path
 from typing import Optional
+
+from hidrop_platform.storage import write_problem
 
 # Ray sets this in the environment of a job's driver (`ray job submit`): the job's config, runtime env included
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -47,44 +48,11 @@ def job_working_dir() -> Optional[Path]:
     return Path.cwd().resolve() if env and env.get("working_dir") else None
 
 
-def write_problem(path: str | Path, folder: bool = True) -> Optional[str]:
-    """Why `path` cannot be written as a folder (`folder`) or a file, or None; creates nothing that stays.
-    Commands ask before their work: an error after minutes of evaluation or training loses it. Storage
-    URIs (s3://, gs://) are the storage's to check."""
-
-    if "://" in str(path):
-        return None
-    path = Path(os.path.abspath(path))
-    if os.path.exists(path):  # os.path's tests never raise (a folder we may not list)
-        if folder and not path.is_dir():
-            return f"{path} is a file, not a folder"
-        if not folder and path.is_dir():
-            return f"{path} is a folder, not a file"
-        probe = path if not folder else None
-        parent = path if folder else None
-    else:
-        parent = next(p for p in path.parents if os.path.exists(p))
-        if not os.path.isdir(parent):
-            return f"{parent} is a file, not a folder"
-        probe = None
-    try:
-        if probe is not None and not probe.is_file():  # a pipe or device: opening one may block
-            if not os.access(probe, os.W_OK):
-                raise PermissionError(13, "Permission denied")
-        elif probe is not None:
-            open(probe, "a").close()  # opening to append changes nothing
-        else:
-            with tempfile.NamedTemporaryFile(dir=parent, prefix=".hidrop-probe-"):
-                pass
-    except OSError as e:
-        return f"cannot write to {probe or parent} ({e.strerror or type(e).__name__})"
-    return None
-
-
 def check_job_paths(named_paths: dict[str, str], tracking_uri: Optional[str], tracking_enabled: bool) -> None:
-    """Refuse output folders that cannot be written and a tracking URI that can never work, before
-    anything runs. As a Ray job with a working_dir, relative paths land in Ray's unpacked copy of it and
-    vanish with the job: refuse them, and the default local MLflow store, naming the setting to change."""
+    """Refuse output folders that cannot be written, before anything runs (the tracking URI itself is
+    `tracking.check_tracking_uri`'s). As a Ray job with a working_dir, relative paths land in Ray's
+    unpacked copy of it and vanish with the job: refuse them, and the default local MLflow store, naming
+    the setting to change."""
 
     where = job_working_dir()
     for name, value in named_paths.items():
@@ -112,11 +80,6 @@ def check_job_paths(named_paths: dict[str, str], tracking_uri: Optional[str], tr
                 "an MLflow server (tracking.uri=http://host:5000) or an absolute sqlite path"
             )
         return
-    from hidrop_platform.tracking import tracking_uri_problem
-
-    problem = tracking_uri_problem(tracking_uri)
-    if problem is not None:
-        raise ClusterSetupError(problem)
 
 
 def _gcs_endpoint(address: str) -> Optional[tuple[str, int]]:

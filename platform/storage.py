@@ -16,8 +16,9 @@ import json
 import os
 import re
 import stat
+import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 OWNER_MARK = ".hidrop-owned"
 LOCK_SUFFIX = ".hidrop.lock"
@@ -118,3 +119,37 @@ def _open_lock(lock: Path) -> int:
         os.close(fd)
         raise StorageError(f"{lock} is not a plain file; remove it if it is not hidrop's")
     return fd
+
+
+def write_problem(path: str | Path, folder: bool = True) -> Optional[str]:
+    """Why `path` cannot be written as a folder (`folder`) or a file, or None; creates nothing that stays.
+    Commands ask before their work: an error after minutes of evaluation or training loses it. Storage
+    URIs (s3://, gs://) are the storage's to check."""
+
+    if "://" in str(path):
+        return None
+    path = Path(os.path.abspath(path))
+    if os.path.exists(path):  # os.path's tests never raise (a folder we may not list)
+        if folder and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if not folder and path.is_dir():
+            return f"{path} is a folder, not a file"
+        probe = path if not folder else None
+        parent = path if folder else None
+    else:
+        parent = next(p for p in path.parents if os.path.exists(p))
+        if not os.path.isdir(parent):
+            return f"{parent} is a file, not a folder"
+        probe = None
+    try:
+        if probe is not None and not probe.is_file():  # a pipe or device: opening one may block
+            if not os.access(probe, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+        elif probe is not None:
+            open(probe, "a").close()  # opening to append changes nothing
+        else:
+            with tempfile.NamedTemporaryFile(dir=parent, prefix=".hidrop-probe-"):
+                pass
+    except OSError as e:
+        return f"cannot write to {probe or parent} ({e.strerror or type(e).__name__})"
+    return None

@@ -116,6 +116,13 @@ _DB_DRIVERS = {
 }
 
 
+def check_tracking_uri(uri: Optional[str], enabled: bool = True) -> None:
+    """Raise TrackingUnavailable when MLflow could never use `uri` (`tracking_uri_problem`): before any work."""
+    problem = tracking_uri_problem(uri) if enabled and uri else None
+    if problem is not None:
+        raise TrackingUnavailable(problem)
+
+
 def tracking_uri_problem(uri: str, name: str = "tracking.uri") -> Optional[str]:
     """Why MLflow could never use `uri` (a misspelled scheme, a database driver not installed, a sqlite
     path that is no database), or None. Offline: reachability is `_probe`'s. MLflow would otherwise fail
@@ -165,7 +172,7 @@ def tracking_uri_problem(uri: str, name: str = "tracking.uri") -> Optional[str]:
             if header != b"SQLite format 3\x00":
                 return f"{shown}: {db} is not a SQLite database"
         elif not db.exists():
-            from hidrop_platform.raycluster import write_problem
+            from hidrop_platform.storage import write_problem
 
             problem = write_problem(db, folder=False)
             if problem is not None:
@@ -307,6 +314,18 @@ def close_if_running(tracking_uri: str, run_id: str, status: str, tags: dict) ->
         if _is_unreachable(err):
             return False
         raise
+
+
+def clear_interrupted(tracking_uri: str, run_id: str) -> None:
+    """A continued run is no longer interrupted: drop the tags Ctrl+C left on it (best effort: with the
+    store unreachable they stay)."""
+    with contextlib.suppress(Exception):
+        client = _client(tracking_uri)
+        tags = client.get_run(run_id).data.tags
+        if tags.get(N.STATUS) == N.INTERRUPTED:
+            client.delete_tag(run_id, N.STATUS)
+        if N.INTERRUPTED_AT_STEP in tags:
+            client.delete_tag(run_id, N.INTERRUPTED_AT_STEP)
 
 
 def last_logged_step(tracking_uri: str, run_id: str, key: str) -> Optional[int]:

@@ -67,6 +67,9 @@ from hidrop_platform.resume import (
 from hidrop_platform.storage import StorageError, hold
 from hidrop_platform.tracking import (
     Tracker,
+    TrackingUnavailable,
+    check_tracking_uri,
+    clear_interrupted,
     close_if_running,
     default_spool_dir,
     last_logged_step,
@@ -245,7 +248,7 @@ def train_worker(config: dict) -> None:
         if run_id is not None:  # continued: the earlier attempt may have logged steps past its checkpoint
             logged_until = last_logged_step(payload.tracking_uri, run_id, N.LOSS)
             tracker.set_tags({N.RESUMED_FROM_STEP: state.step})
-            _clear_interrupted(payload.tracking_uri, run_id)
+            clear_interrupted(payload.tracking_uri, run_id)
     cost = cost_report(schedule, model_shape_for_cost(cfg, vlm))
     hooks = [
         _LogMetrics(cfg, payload, tracker, module, cost, rank, logged_until),
@@ -316,20 +319,6 @@ def _load_checkpoint(engine, frozen: bool, d: Path) -> tuple[LoopState, Optional
 
 def _run_folder(payload: WorkerPayload) -> Path:
     return Path(payload.export_dir).parent
-
-
-def _clear_interrupted(tracking_uri: str, run_id: str) -> None:
-    """A continued run is no longer interrupted: drop the tags Ctrl+C left on it (best effort: with the
-    store unreachable they stay)."""
-    from mlflow import MlflowClient
-
-    with contextlib.suppress(Exception):
-        client = MlflowClient(tracking_uri)
-        tags = client.get_run(run_id).data.tags
-        if tags.get(N.STATUS) == N.INTERRUPTED:
-            client.delete_tag(run_id, N.STATUS)
-        if N.INTERRUPTED_AT_STEP in tags:
-            client.delete_tag(run_id, N.INTERRUPTED_AT_STEP)
 
 
 def _run_file(payload: WorkerPayload) -> Path:
@@ -563,10 +552,11 @@ def connect_for_training(cfg: ExperimentConfig, restart: bool = False, force: bo
     t = cfg.train
     try:
         check_job_paths({"train.storage_path": t.storage_path}, cfg.tracking.uri, cfg.tracking.enabled)
+        check_tracking_uri(cfg.tracking.uri, cfg.tracking.enabled)
         check_run_folder(Path(t.storage_path).resolve() / cfg.name, cfg.model_dump(mode="json"), restart, force)
         start_ray(t.ray_address, "train.ray_address")
         check_fits("train.resources_per_worker", worker_bundle(t), t.num_workers, alive_nodes())
-    except (ClusterSetupError, ContinuationRefused, StorageError) as e:
+    except (ClusterSetupError, TrackingUnavailable, ContinuationRefused, StorageError) as e:
         raise TrainSetupError(str(e)) from None
 
 

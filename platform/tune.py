@@ -80,6 +80,8 @@ from hidrop_platform.sweep import (
 )
 from hidrop_platform.tracking import (
     Tracker,
+    TrackingUnavailable,
+    check_tracking_uri,
     close_if_running,
     default_spool_dir,
     prepare_for,
@@ -759,9 +761,10 @@ def connect_for_tune(cfg: ExperimentConfig, resume: bool = False) -> tuple[int, 
     _check_resume(Path(cfg.tune.storage_path).resolve() / name, name, resume)
     try:
         check_job_paths({"tune.storage_path": cfg.tune.storage_path}, cfg.tracking.uri, cfg.tracking.enabled)
+        check_tracking_uri(cfg.tracking.uri, cfg.tracking.enabled)
         start_ray(cfg.tune.ray_address, "tune.ray_address")
         return _check_resources(cfg, alive_nodes())
-    except ClusterSetupError as e:
+    except (ClusterSetupError, TrackingUnavailable) as e:
         raise TuneSetupError(str(e)) from None
 
 

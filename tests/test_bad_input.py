@@ -1,6 +1,7 @@
 """Bad input, table-driven: every case must end in exit status 2 with ONE line naming the problem, no
 traceback, and nothing written. The next case costs one row."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -189,7 +190,11 @@ CASES = [
     ("tune-storage-file", None, f"tune {TUNE} tune.storage_path={{tmp}}/afile", "is a file, not a folder"),
     ("uri-htp", None, f"train {SMOKE} tracking.uri=htp://127.0.0.1:1", "unknown scheme 'htp' (did you mean 'http'?)"),
     ("uri-sqlit", None, f"train {SMOKE} tracking.uri=sqlit:///{{tmp}}/x.db", "(did you mean 'sqlite'?)"),
-    ("uri-no-driver", None, f"train {SMOKE} tracking.uri=postgresql://u@db/x", "driver psycopg2 is not installed"),
+    *(  # the driver is no dependency of ours; where it is installed this case cannot arise
+        [("uri-no-driver", None, f"train {SMOKE} tracking.uri=postgresql://u@db/x", "driver psycopg2 is not installed")]
+        if importlib.util.find_spec("psycopg2") is None
+        else []
+    ),
     ("uri-not-sqlite", None, f"train {SMOKE} tracking.uri=sqlite:///{{tmp}}/afile", "afile is not a SQLite database"),
     ("report-uri-htp", None, "report demo --tracking-uri htp://127.0.0.1:1", "unknown scheme 'htp'"),
     # --- issue 34: numbers and values refused (8) ---

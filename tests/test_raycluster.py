@@ -1,5 +1,6 @@
 """The cluster checks that run before anything waits on Ray: constructed nodes and environments."""
 
+import importlib.util
 import json
 import socket
 
@@ -101,8 +102,8 @@ def test_a_jobs_spool_lives_outside_its_working_dir(monkeypatch, tmp_path):
 def test_write_paths_and_tracking_uris_are_checked_before_any_work(tmp_path):
     import sqlite3
 
-    from hidrop_platform.raycluster import write_problem
-    from hidrop_platform.tracking import tracking_uri_problem
+    from hidrop_platform.storage import write_problem
+    from hidrop_platform.tracking import TrackingUnavailable, check_tracking_uri, tracking_uri_problem
 
     (tmp_path / "afile").write_text("text")
     (tmp_path / "folder").mkdir()
@@ -133,9 +134,11 @@ def test_write_paths_and_tracking_uris_are_checked_before_any_work(tmp_path):
     assert "is not a SQLite database" in tracking_uri_problem(f"sqlite:///{tmp_path}/afile")
     assert "is a folder" in tracking_uri_problem(f"sqlite:///{tmp_path}/folder")
     assert "afile is a file, not a folder" in tracking_uri_problem(f"sqlite:///{tmp_path}/afile/x.db")
-    assert "pip install mysql-connector-python" in tracking_uri_problem("mysql+mysqlconnector://u@db/x")
+    if importlib.util.find_spec("mysql") is None:  # the driver is no dependency of ours
+        assert "pip install mysql-connector-python" in tracking_uri_problem("mysql+mysqlconnector://u@db/x")
     assert "user:secret" not in tracking_uri_problem("htp://user:secret@mlflow:5000")  # never in a message
     with pytest.raises(ClusterSetupError, match=r"train.storage_path=.*afile is a file"):
         check_job_paths({"train.storage_path": str(tmp_path / "afile")}, None, True)
-    with pytest.raises(ClusterSetupError, match="unknown scheme 'htp'"):
-        check_job_paths({"train.storage_path": str(tmp_path / "runs")}, "htp://mlflow:5000", True)
+    with pytest.raises(TrackingUnavailable, match="unknown scheme 'htp'"):
+        check_tracking_uri("htp://mlflow:5000")
+    check_tracking_uri("htp://mlflow:5000", enabled=False)  # tracking off: the URI is never used
