@@ -28,6 +28,7 @@ from hidrop.cost import cost_report
 from hidrop.data import easy_vqa_samples, load_llava_json
 from hidrop.evaluation.offline import Probes
 from hidrop.models import ModelLoadError
+from hidrop.schedule import first_error_line
 from hidrop.training import (
     Hook,
     LoopState,
@@ -794,8 +795,12 @@ def _failure_message(e: BaseException) -> str:
     """One line for the user: a failed worker's own message when it is a mistake they can fix (a setup
     error, a bad value), else the last line of Ray's report."""
 
+    from pydantic import ValidationError
+
     user_errors = (TrainSetupError, EvalSetupError, ModelLoadError, OverheadBenchError, UnsafeCheckpoint, ValueError)
     for failure in getattr(e, "worker_failures", {}).values():
+        if isinstance(failure, ValidationError):  # its first line names only the model
+            return first_error_line(failure)
         if isinstance(failure, user_errors) and str(failure).strip():
             return str(failure).strip().splitlines()[0]
     text = str(e).strip()

@@ -426,7 +426,9 @@ def test_sweep_folder_never_holds_the_tracking_password(tmp_path, monkeypatch):
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(key, "placeholder")  # restored after the test
         monkeypatch.delenv(key)
-    # workers start without the secret in their environment: only the actor can hand it over
+    # workers start without the secret in their environment: only the actor can hand it over (a fresh
+    # local Ray: one an earlier test started in this process has workers from before these variables)
+    ray.shutdown()
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         uri = credentials_to_env("HTTP://alice:pw-Zq81x@127.0.0.1:9")  # an upper-case scheme too
