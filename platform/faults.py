@@ -41,12 +41,8 @@ class HoldAtStep(Hook):
     def on_step_end(self, loop: TrainingLoop, step: StepEnd) -> None:
         if step.step != self.step:
             return
-        deadline = time.monotonic() + BARRIER_GIVE_UP_S
         with loop.paused():
-            while not self.release.exists():
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{HOLD_AT_STEP_ENV}: {self.release} never appeared")
-                time.sleep(0.2)
+            _wait_for(self.release.exists, f"{HOLD_AT_STEP_ENV}: {self.release} never appeared")
 
 
 def fault_hooks() -> list[Hook]:
@@ -78,8 +74,15 @@ def wait_at_trial_barrier(label: str) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / label.replace("/", "_")).touch()
+    _wait_for(
+        lambda: len(list(folder.iterdir())) >= int(count), f"{TRIAL_BARRIER_ENV}: {int(count)} trials never ran at once"
+    )
+
+
+def _wait_for(condition, failure: str) -> None:
+    """Poll `condition` until it holds; past BARRIER_GIVE_UP_S (a hang guard) raise with `failure`."""
     deadline = time.monotonic() + BARRIER_GIVE_UP_S
-    while len(list(folder.iterdir())) < int(count):
+    while not condition():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{TRIAL_BARRIER_ENV}: {int(count)} trials never ran at once")
+            raise RuntimeError(failure)
         time.sleep(0.2)

@@ -125,15 +125,18 @@ def _stored_config(stored: Path, force: bool) -> Optional[dict]:
         ) from None
 
 
-def check_run_folder(folder: Path, config: dict, restart: bool = False, force: bool = False) -> Optional[str]:
+def check_run_folder(
+    folder: Path, config: dict, restart: bool = False, force: bool = False
+) -> tuple[Optional[str], dict[str, tuple[Any, Any]]]:
     """What a run with `config` would do to the run in `folder`, writing nothing: None (a fresh run),
-    "restart", or "continue". Raises StorageError for a folder that is not ours, and ContinuationRefused
-    for an unreadable or changed config unless `force`."""
+    "restart" or "continue", with the changed fields (`config_changes`) a forced continuation accepts.
+    Raises StorageError for a folder that is not ours, and ContinuationRefused for an unreadable or
+    changed config unless `force`."""
     refuse_foreign(folder, "run", legacy=OURS)  # nothing of a folder we did not make is touched
     if restart and folder.exists():
-        return "restart"
+        return "restart", {}
     if not has_checkpoint(folder):
-        return None
+        return None, {}
     old = _stored_config(folder / CONFIG_FILE, force)
     changes = config_changes(old, config) if old is not None else {}
     if changes and not force:
@@ -144,7 +147,7 @@ def check_run_folder(folder: Path, config: dict, restart: bool = False, force: b
             "pass --restart to start afresh (the old run is kept aside), use a new name, "
             "or --force to continue it with the new config"
         )
-    return "continue"
+    return "continue", changes
 
 
 def prepare_run_folder(folder: Path, config: dict, restart: bool = False, force: bool = False) -> Optional[str]:
@@ -153,14 +156,12 @@ def prepare_run_folder(folder: Path, config: dict, restart: bool = False, force:
     starts afresh."""
     stored = folder / CONFIG_FILE
     outcome = None
-    what = check_run_folder(folder, config, restart, force)
+    what, changes = check_run_folder(folder, config, restart, force)
     if what == "restart":
         aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(folder), str(aside))
         outcome = f"the earlier run was moved to {aside}"
     elif what == "continue":
-        old = _stored_config(stored, force)
-        changes = config_changes(old, config) if old is not None else {}
         outcome = "continuing the earlier run" + (f" with changed {', '.join(changes)} (--force)" if changes else "")
     claim(folder, "run", legacy=OURS)
     stored.write_text(json.dumps(config, indent=2))
