@@ -336,6 +336,16 @@ class TrackingConfig(ConfigModel):
     uri: Optional[str] = None  # None: a local sqlite store under ./mlruns; a cluster: http://host:5000
     experiment: Optional[str] = None  # None: the experiment's name
 
+    @field_validator("uri")
+    @classmethod
+    def _absolute_sqlite(cls, uri: Optional[str]) -> Optional[str]:
+        # Ray workers run in their trial folders: a relative sqlite path would open another database there
+        prefix = "sqlite:///"
+        if uri and uri.lower().startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+            path, _, query = uri[len(prefix) :].partition("?")
+            uri = prefix + Path(path).resolve().as_posix() + ("?" + query if query else "")
+        return uri
+
 
 MAX_INT_BOUND = 10**9  # of a searched int range
 MAX_GRID_POINTS = 100_000  # grid search lists every point before the first trial

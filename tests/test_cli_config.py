@@ -224,3 +224,18 @@ def test_override_values_are_bounded_like_files(tmp_path):
     deep = "[" * 5000 + "]" * 5000
     with pytest.raises(ConfigError, match="override 'description': YAML refused: nested deeper than 64 levels"):
         load_config_data(exp, [f"description={deep}"])
+
+
+def test_a_relative_sqlite_store_is_made_absolute(tmp_path, monkeypatch):
+    """Ray workers run in their trial folders: `sqlite:///mlflow.db` must name the driver's file, not one per
+    worker (a sweep with it once crashed: the driver could not find the runs its trials had logged)."""
+    monkeypatch.chdir(tmp_path)
+    base = {"name": "rel", "model": {"kind": "tiny_llava"}}
+    for given, expected in [
+        ("sqlite:///mlflow.db", f"sqlite:///{tmp_path.resolve().as_posix()}/mlflow.db"),
+        ("sqlite:///sub/m.db?timeout=5", f"sqlite:///{tmp_path.resolve().as_posix()}/sub/m.db?timeout=5"),
+        ("sqlite:////abs/m.db", "sqlite:////abs/m.db"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ]:
+        cfg = validate_config({**base, "tracking": {"uri": given}})
+        assert cfg.tracking.uri == expected

@@ -128,10 +128,10 @@ def test_ui_and_report_in_a_real_browser(demo, tmp_path):
             page.screenshot(path=str(shots / "report.png"), full_page=True)
             img = page.locator("img[alt='Pareto plot']")
             assert img.count() == 1 and img.evaluate("i => i.complete && i.naturalWidth > 300")
-            rows = page.locator("#methods ~ table").first.locator("tbody tr td:first-child").all_inner_texts()
+            rows = page.locator("#methods ~ .wide table").first.locator("tbody tr td:first-child").all_inner_texts()
             assert [r.split(" (front")[0] for r in rows[:6]] == PRESET_ROWS  # "(front: clear)" etc.
             assert rows[-1] == "blind (no image)"
-            assert page.locator("#training ~ table").first.locator("tbody tr").count() == 2
+            assert page.locator("#training ~ .wide table").first.locator("tbody tr").count() == 2
             browser.close()
         for name in ("mlflow_experiment.png", "report.png"):
             assert (shots / name).stat().st_size > 10_000
