@@ -59,11 +59,11 @@ bench: install
 	for kind in prefill generate train; do $(BIN)/hidrop bench $$kind experiments/llava15_7b_hidrop.yaml || exit 1; done
 
 # Every GPU figure in one run: gpu_check.json + a table (README "GPU figures"). Needs no install and no
-# registry: on the GPU machine run `make gpu-check` (or platform/gpu_check.sh) with the wheels in .whl/.
+# registry: on the GPU machine run `make gpu-check` (or platform/bench/gpu_check.sh) with the wheels in .whl/.
 # Dry run on any CPU: make gpu-check GPU_CHECK_ARGS="--device cpu --tiny"
 GPU_CHECK_ARGS ?=
 gpu-check:
-	platform/gpu_check.sh $(GPU_CHECK_ARGS)
+	platform/bench/gpu_check.sh $(GPU_CHECK_ARGS)
 
 # the wheels the GPU machine lacks (its Python 3.12 has torch and an older transformers), into .whl/
 GPU_WHEELS := transformers==5.23.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5

@@ -30,11 +30,9 @@ from hidrop.cost import format_tflops
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, comparison_rows, format_delta
 from hidrop.evaluation.published import PublishedError, comparisons_for, exact_preset, method_from_name, model_key
 from hidrop.evaluation.uncertainty import format_interval
-from hidrop_platform import mlflow_names as N
-from hidrop_platform.compare import columns, pair_text
-from hidrop_platform.pareto import plot_pareto
-from hidrop_platform.sweep import CONFIRM_COLUMNS, TrialRecord, confirm_rows, front_mark, summarize_sweep
-from hidrop_platform.tracking import (
+from hidrop_platform.evaluate.compare import columns, pair_text
+from hidrop_platform.tracking import names as N
+from hidrop_platform.tracking.store import (
     TrackingUnavailable,
     download_artifact,
     experiment_names,
@@ -42,6 +40,8 @@ from hidrop_platform.tracking import (
     redact_uri,
     upload_artifacts,
 )
+from hidrop_platform.tune.pareto import plot_pareto
+from hidrop_platform.tune.summary import CONFIRM_COLUMNS, TrialRecord, confirm_rows, front_mark, summarize_sweep
 
 # the order and names of the paper's rows; anything else is a searched trial
 PRESET_NAMES = {

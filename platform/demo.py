@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from hidrop_platform.config import validate_config
-from hidrop_platform.raycluster import start_ray
-from hidrop_platform.tracking import default_tracking_uri
-from hidrop_platform.train import run_training
-from hidrop_platform.tune import run_tune
+from hidrop_platform.cluster.connect import start_ray
+from hidrop_platform.config.schema import validate_config
+from hidrop_platform.tracking.store import default_tracking_uri
+from hidrop_platform.train.driver import run_training
+from hidrop_platform.tune.driver import run_tune
 
 EXPERIMENT = "demo"
 PROJECTOR = "checkpoints/mini_llava_projector"  # the shipped copies (hidrop.assets), found by build_model
@@ -121,9 +121,9 @@ def trained_config(size: DemoSize) -> dict:
 def compare_trained(size: DemoSize, sweep_dir: Path, uri: str) -> dict:
     """Score the HiDrop-trained model on the search's questions and pair it, by question, with the
     search's stored all-tokens and blind records; logged as a compare run the report shows."""
-    from hidrop_platform import mlflow_names as N
-    from hidrop_platform.compare import compare, log_comparison
-    from hidrop_platform.evaluate import run_eval, write_records
+    from hidrop_platform.evaluate.compare import compare, log_comparison
+    from hidrop_platform.evaluate.runs import run_eval, write_records
+    from hidrop_platform.tracking import names as N
 
     cfg = validate_config(trained_config(size), "hidrop demo")
     report = run_eval(cfg, keep_records=True)

@@ -332,7 +332,7 @@ def test_a_truncated_gzip_records_file_is_one_line(tmp_path):
 
 def test_a_corrupt_saved_run_config_is_one_line(tmp_path):
     # issue 34 (7): a damaged hidrop_config.json next to a checkpoint raised a JSONDecodeError traceback
-    from hidrop_platform.resume import CONFIG_FILE, ContinuationRefused, prepare_run_folder
+    from hidrop_platform.train.resume import CONFIG_FILE, ContinuationRefused, prepare_run_folder
 
     folder = tmp_path / "run"
     prepare_run_folder(folder, {"train": {"lr": 0.1}})
@@ -347,7 +347,7 @@ def test_a_corrupt_saved_run_config_is_one_line(tmp_path):
 
 def test_train_refuses_a_damaged_run_before_ray_or_mlflow_start(tmp_path, monkeypatch):
     # the continuation is checked first: no MLflow store, no run folder change, no Ray
-    import hidrop_platform.train as train
+    import hidrop_platform.train.driver as train
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train, "start_ray", lambda *a: pytest.fail("Ray started before the run folder was checked"))
@@ -362,7 +362,7 @@ def test_train_refuses_a_damaged_run_before_ray_or_mlflow_start(tmp_path, monkey
 
 def test_records_into_a_folder_is_refused_before_the_evaluation(tmp_path, monkeypatch):
     # issue 34 (7): --records naming a folder failed with a traceback after the whole evaluation
-    import hidrop_platform.evaluate as evaluate
+    import hidrop_platform.evaluate.runs as evaluate
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "r.jsonl").mkdir()

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hidrop_platform.cli import app
-from hidrop_platform.config import ConfigError, flatten, load_config, validate_config
+from hidrop_platform.config.schema import ConfigError, flatten, load_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -117,7 +117,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
 
 
 def test_stdlib_platform_is_not_shadowed_from_repo_root():
-    code = "import platform; print(platform.system()); import hidrop_platform.config"
+    code = "import platform; print(platform.system()); import hidrop_platform.config.schema"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() in ("Linux", "Darwin", "Windows")
@@ -140,7 +140,7 @@ def test_json_stdout_is_the_document_alone():
 
     code = """
 import os, subprocess, types
-import hidrop_platform.evaluate as evaluate
+import hidrop_platform.evaluate.runs as evaluate
 
 def noisy(cfg, progress=None, vlm=None, **kw):
     print("python-level noise")
@@ -205,7 +205,7 @@ def _alias_bomb(levels: int) -> str:
 def test_alias_bomb_is_refused_by_count_before_anything_expands(tmp_path):
     # 10^7 values once expanded; loading alone shares the aliased lists, so a regression fails here in
     # seconds (DID NOT RAISE) instead of growing to gigabytes the way `validate` would
-    from hidrop_platform.config import load_config_data
+    from hidrop_platform.config.schema import load_config_data
 
     exp = tmp_path / "bomb.yaml"
     exp.write_text(_alias_bomb(7))
@@ -217,7 +217,7 @@ def test_alias_bomb_is_refused_by_count_before_anything_expands(tmp_path):
 
 
 def test_override_values_are_bounded_like_files(tmp_path):
-    from hidrop_platform.config import load_config_data
+    from hidrop_platform.config.schema import load_config_data
 
     exp = tmp_path / "x.yaml"
     exp.write_text("name: x\n")

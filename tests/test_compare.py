@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from hidrop_platform.compare import CompareError, compare
+from hidrop_platform.evaluate.compare import CompareError, compare
 
 
 def _write(path, rows):
@@ -181,7 +181,7 @@ def test_families_and_the_baseline_difference_follow_hand_computation_and_mcnema
     blind level is not."""
     from scipy.stats import binomtest
 
-    from hidrop_platform.compare import above_baseline
+    from hidrop_platform.evaluate.compare import above_baseline
 
     rng = np.random.default_rng(3)
     n = 120
@@ -216,7 +216,7 @@ def test_families_and_the_baseline_difference_follow_hand_computation_and_mcnema
 def test_tracked_comparison_is_the_report_table(tmp_path, files):
     """`--track` logs one compare run; `hidrop report` renders it as its Table 1 layout with intervals."""
     from dashboards.report import build_report
-    from hidrop_platform.compare import log_comparison
+    from hidrop_platform.evaluate.compare import log_comparison
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     specs = [f"{files['a']}:all_tokens=vanilla", f"{files['a']}:hidrop_tok64=HiDrop", f"{files['b']}:pdrop_tok64=PDrop"]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from hidrop_platform.tracking import default_tracking_uri
-from hidrop_platform.ui import UI_TRAINING_VIEW
+from hidrop_platform.tracking.store import default_tracking_uri
+from hidrop_platform.tracking.ui import UI_TRAINING_VIEW
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,5 +1,5 @@
 """`make gpu-check` in its dry mode (`--device cpu --tiny`): the exact command the GPU machine runs, from
-the tree through platform/gpu_check.sh, with ray, mlflow and deepspeed made unimportable (the GPU
+the tree through platform/bench/gpu_check.sh, with ray, mlflow and deepspeed made unimportable (the GPU
 machine has none of them). Every section of the JSON must be there; the batch search is checked
 against brute force."""
 
@@ -36,7 +36,7 @@ def test_the_gpu_check_runs_dry_without_ray_mlflow_or_deepspeed(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "block")}
     done = subprocess.run(
-        ["bash", str(ROOT / "platform" / "gpu_check.sh"), "--device", "cpu", "--tiny", "--out", str(out)],
+        ["bash", str(ROOT / "platform" / "bench" / "gpu_check.sh"), "--device", "cpu", "--tiny", "--out", str(out)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -66,7 +66,7 @@ def test_the_gpu_check_runs_dry_without_ray_mlflow_or_deepspeed(tmp_path):
 
 
 def test_largest_fitting_batch_against_brute_force():
-    from hidrop_platform.gpu_check import largest_fitting
+    from hidrop_platform.bench.gpu_check import largest_fitting
 
     for limit in (0, 1, 2, 3, 7, 8, 9, 100, 4096, 5000):
         calls = []
@@ -81,7 +81,7 @@ def test_largest_fitting_batch_against_brute_force():
 
 
 def test_every_gpu_test_file_is_run_by_the_check():
-    from hidrop_platform.gpu_check import GPU_TEST_FILES
+    from hidrop_platform.bench.gpu_check import GPU_TEST_FILES
 
     marked = sorted(
         f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if re.search(r"mark\.gpu\b", p.read_text())

@@ -1,4 +1,4 @@
-"""No module but hidrop_platform.mlflow_names spells an MLflow name. Checked on the source's syntax tree,
+"""No module but hidrop_platform.tracking.names spells an MLflow name. Checked on the source's syntax tree,
 in every place a name reaches MLflow or is read back from it:
 - the keys of a dict literal or comprehension handed to log_metrics / log_params / set_tags / Tracker(tags=)
   / close_if_running, and the artifact path of log_artifact / log_dict / log_text / download_artifacts;
@@ -9,11 +9,11 @@ in every place a name reaches MLflow or is read back from it:
 import ast
 from pathlib import Path
 
-import hidrop_platform.mlflow_names as names
+import hidrop_platform.tracking.names as names
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*(ROOT / "platform").glob("*.py"), *(ROOT / "dashboards").glob("*.py")])
-OWNER = ROOT / "platform" / "mlflow_names.py"
+SOURCES = sorted([*(ROOT / "platform").rglob("*.py"), *(ROOT / "dashboards").rglob("*.py")])
+OWNER = ROOT / "platform" / "tracking" / "names.py"
 WRITE_DICT = {"log_metrics", "log_params", "set_tags", "close_if_running"}
 WRITE_PATH = {"log_artifact": 1, "log_dict": 1, "log_text": 1, "download_artifacts": 1}
 RUN_DATA = {"tags", "params", "metrics"}
@@ -112,7 +112,7 @@ def violations(path: Path, root: Path = ROOT) -> list[str]:
 def test_no_mlflow_name_is_spelled_outside_its_module():
     assert SOURCES and OWNER in SOURCES
     bad = [v for path in SOURCES if path != OWNER for v in violations(path)]
-    assert not bad, "MLflow names spelled outside hidrop_platform.mlflow_names:\n" + "\n".join(bad)
+    assert not bad, "MLflow names spelled outside hidrop_platform.tracking.names:\n" + "\n".join(bad)
 
 
 def test_the_check_finds_what_it_looks_for(tmp_path):

@@ -111,7 +111,7 @@ KINDS = {
 def test_what_sweep_training_and_analysis_write_to_mlflow(demo, tmp_path):
     import mlflow
 
-    from hidrop_platform.tracking import default_tracking_uri
+    from hidrop_platform.tracking.store import default_tracking_uri
 
     _cli("analyze", str(_write_analysis(tmp_path)), cwd=tmp_path)
     seen: dict[str, dict] = {}

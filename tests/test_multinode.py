@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hidrop_platform.faults import HOLD_AT_STEP_ENV, TRIAL_BARRIER_ENV
+from hidrop_platform.train.faults import HOLD_AT_STEP_ENV, TRIAL_BARRIER_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -177,7 +177,7 @@ def _history(url: str, run_id: str, key: str) -> list[int]:
 
 
 def _complete_steps(folder: Path) -> set[int]:
-    from hidrop_platform.resume import COMPLETE_FILE
+    from hidrop_platform.train.resume import COMPLETE_FILE
 
     return {json.loads(p.read_text())["step"] for p in folder.glob(f"checkpoint_*/{COMPLETE_FILE}")}
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.stats import kendalltau, spearmanr
 
-from hidrop_platform.proxy import ProxyError, compare_sweeps
+from hidrop_platform.tune.rank_agreement import ProxyError, compare_sweeps
 
 N_Q = 200
 

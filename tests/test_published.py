@@ -353,9 +353,9 @@ def _eval_report(scores_by_method: dict) -> EvalReport:
 def test_eval_shows_the_published_rows_with_exact_deltas(monkeypatch):
     from rich.console import Console
 
-    import hidrop_platform.cli as cli
-    from hidrop_platform.config import validate_config
-    from hidrop_platform.evaluate import attach_published
+    from hidrop_platform.cli import commands as cli
+    from hidrop_platform.config.schema import validate_config
+    from hidrop_platform.evaluate.runs import attach_published
 
     measured_ref = {b: v + 1.0 for b, v in REF.items()}
     measured_hidrop = {**HIDROP64, "mme": 1463.3}
@@ -456,7 +456,7 @@ SWEEP_HIDROP = {**HIDROP64, "mme": 1450.0, "pope": 87.4}
 
 @pytest.fixture(scope="module")
 def paper_store(tmp_path_factory) -> dict:
-    from hidrop_platform.tracking import Tracker, default_tracking_uri, prepare
+    from hidrop_platform.tracking.store import Tracker, default_tracking_uri, prepare
 
     root = tmp_path_factory.mktemp("paper_store")
     uri = default_tracking_uri(root)
@@ -574,7 +574,7 @@ def test_report_shows_published_rows_and_exact_deltas(paper_store, tmp_path):
 def test_report_without_a_published_model_shows_none(paper_store, tmp_path):
     """The same store's rows are about an unnamed model when eval.published says none."""
     from hidrop_dashboards.report import build_report
-    from hidrop_platform.tracking import Tracker, default_tracking_uri, prepare
+    from hidrop_platform.tracking.store import Tracker, default_tracking_uri, prepare
 
     uri = default_tracking_uri(tmp_path)
     prepare(uri, "other")

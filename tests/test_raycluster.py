@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from hidrop_platform.raycluster import (
+from hidrop_platform.cluster.connect import (
     JOB_CONFIG_ENV,
     SKIP_CHECK_ENV,
     ClusterSetupError,
@@ -90,7 +90,7 @@ def test_a_job_refuses_paths_that_vanish_with_its_working_dir(monkeypatch, tmp_p
 
 
 def test_a_jobs_spool_lives_outside_its_working_dir(monkeypatch, tmp_path):
-    from hidrop_platform.tracking import SPOOL_DIR_ENV, default_spool_dir
+    from hidrop_platform.tracking.store import SPOOL_DIR_ENV, default_spool_dir
 
     monkeypatch.delenv(SPOOL_DIR_ENV, raising=False)
     _as_job(monkeypatch, tmp_path, {"working_dir": "gcs://_ray_pkg_abc.zip"})
@@ -103,7 +103,7 @@ def test_write_paths_and_tracking_uris_are_checked_before_any_work(tmp_path):
     import sqlite3
 
     from hidrop_platform.storage import write_problem
-    from hidrop_platform.tracking import TrackingUnavailable, check_tracking_uri, tracking_uri_problem
+    from hidrop_platform.tracking.store import TrackingUnavailable, check_tracking_uri, tracking_uri_problem
 
     (tmp_path / "afile").write_text("text")
     (tmp_path / "folder").mkdir()

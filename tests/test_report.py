@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from hidrop_dashboards.report import ReportError, build_report, collect, methods_table
-from hidrop_platform.pareto import pareto_front
-from hidrop_platform.tracking import Tracker, TrackingUnavailable, check_readable, default_tracking_uri, prepare
+from hidrop_platform.tracking.store import Tracker, TrackingUnavailable, check_readable, default_tracking_uri, prepare
+from hidrop_platform.tune.pareto import pareto_front
 
 REFERENCE = {"easy_vqa": 60.0, "probes": 80.0}
 BLIND = {"easy_vqa": 30.0, "probes": 60.0}  # relative: (50 + 75) / 2 = 62.5
@@ -270,8 +270,8 @@ def test_cli_report_and_errors(store, tmp_path):
 def test_p_values_below_the_resolution_print_as_such_everywhere():
     """A resampled p-value of 0 printed as "p = 0" (and "p=0.000"): it only says p < 0.001."""
     from hidrop.evaluation.uncertainty import format_p
-    from hidrop_platform.bench_search import _best_text
-    from hidrop_platform.compare import pair_text
+    from hidrop_platform.bench.search import _best_text
+    from hidrop_platform.evaluate.compare import pair_text
 
     assert [format_p(p) for p in (0.0, 0.0004, 0.001, 0.012, 0.57, 1.0)] == [
         "p < 0.001",
@@ -317,7 +317,7 @@ def test_pareto_legend_and_line_labels_stay_off_the_plot_area():
     """The legend (lower right) and the blind line's label sat on the blind band and the cheap trials."""
     import matplotlib.pyplot as plt
 
-    from hidrop_platform.pareto import pareto_figure
+    from hidrop_platform.tune.pareto import pareto_figure
 
     rows = [
         {"label": f"seed:{name}", "seed": True, "relative_score": s, "vision_tflops": c, "pareto": True}

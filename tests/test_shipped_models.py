@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from hidrop.assets import shipped_path
 from hidrop.schedule import Schedule
-from hidrop_platform.config import load_config
+from hidrop_platform.config.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("vanilla", "hidrop", "pdrop", "fastv")
@@ -94,7 +94,7 @@ def test_a_shipped_model_answers_as_its_records_say(method="hidrop"):
     """The first batch of each benchmark scored again with the evaluation's own settings: the same answers
     as the shipped records of the README's evaluation (so its figures are reproducible)."""
     from hidrop.evaluation.harness import evaluate
-    from hidrop_platform.evaluate import benchmarks_for, build_model, eval_settings
+    from hidrop_platform.evaluate.runs import benchmarks_for, build_model, eval_settings
 
     cfg = load_config("mini_llava_tok64_eval", [f"model.path=checkpoints/mini_llava_tok64_{method}"])
     vlm = build_model(cfg)

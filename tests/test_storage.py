@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from hidrop_platform.resume import CONFIG_FILE, prepare_run_folder
 from hidrop_platform.storage import OWNER_MARK, StorageError, check_name, claim, hold
+from hidrop_platform.train.resume import CONFIG_FILE, prepare_run_folder
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_our_folders_carry_the_mark_and_legacy_runs_are_still_ours(tmp_path):
 
 
 def test_orphan_clean_up_removes_only_checkpoints_ray_names(tmp_path):
-    from hidrop_platform.train import _remove_orphans
+    from hidrop_platform.train.driver import _remove_orphans
 
     folder = tmp_path / "run"
     kept = folder / "checkpoint_2026-01-02_00-00-00.000000"
@@ -122,7 +122,7 @@ def test_the_same_sweep_started_twice_at_once_runs_once(tmp_path, monkeypatch):
     import yaml
     from test_tune import _cli, _runs, _tiny, start_sweep
 
-    from hidrop_platform.faults import TRIAL_BARRIER_ENV
+    from hidrop_platform.train.faults import TRIAL_BARRIER_ENV
 
     exp = tmp_path / "tune.yaml"
     exp.write_text(yaml.safe_dump(_tiny(tmp_path, seeds=["vanilla"], num_samples=1, max_concurrent=1)))

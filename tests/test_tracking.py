@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hidrop_platform.config import ExperimentConfig, flatten
-from hidrop_platform.tracking import (
+from hidrop_platform.config.schema import ExperimentConfig, flatten
+from hidrop_platform.tracking.store import (
     DEFAULT_TRACKING_DIR,
     Tracker,
     TrackingUnavailable,
@@ -82,8 +82,8 @@ def tracking_warnings(caught: list) -> list[str]:
 def test_credentials_leave_the_uri_whatever_the_scheme_case(monkeypatch):
     """Schemes are case-insensitive (RFC 3986): HTTP://user:pw@ must lose its secret like http:// does,
     before the URI becomes a param, the config artifact or a line of output."""
-    from hidrop_platform.config import credentials_to_env, load_config
-    from hidrop_platform.tracking import _is_http, redact_uri
+    from hidrop_platform.config.schema import credentials_to_env, load_config
+    from hidrop_platform.tracking.store import _is_http, redact_uri
 
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(key, "placeholder")  # restored after the test
@@ -458,7 +458,7 @@ def test_unreachable_classification():
     from mlflow.exceptions import MlflowException, RestException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    from hidrop_platform.tracking import _is_unreachable
+    from hidrop_platform.tracking.store import _is_unreachable
 
     def wrapped_connection_error() -> MlflowException:
         try:
@@ -480,7 +480,7 @@ def test_unreachable_classification():
 
 def test_system_metrics_and_versions_are_cheap_and_import_nothing_heavy():
     code = (
-        "import sys, hidrop_platform.tracking as t\n"
+        "import sys, hidrop_platform.tracking.store as t\n"
         "heavy = ('mlflow', 'requests', 'torch', 'ray', 'deepspeed', 'transformers')\n"
         "assert not [m for m in heavy if m in sys.modules], 'import'\n"
         "v = t.package_versions(); m = t.system_metrics()\n"

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from hidrop.tiny import tiny_vlm
 from hidrop.training import Hook, TrainingLoop, lr_at, set_trainable
-from hidrop_platform.config import load_config
-from hidrop_platform.train import deepspeed_config
+from hidrop_platform.config.schema import load_config
+from hidrop_platform.train.driver import deepspeed_config
 
 SMOKE = "experiments/tiny_train_smoke.yaml"
 
@@ -49,7 +49,7 @@ def test_deepspeed_config_from_yaml_and_merge():
     ],
 )
 def test_train_config_errors(bad, msg):
-    from hidrop_platform.config import ConfigError
+    from hidrop_platform.config.schema import ConfigError
 
     extra = ["train.stage=pretrain"] if "lora" in bad else []
     with pytest.raises(ConfigError, match=msg):
@@ -175,7 +175,7 @@ def test_unreachable_tracking_server_training_continues_and_spools(tmp_path, mon
     # replay into a local store: every step arrives
     import mlflow
 
-    from hidrop_platform.tracking import sync_spool
+    from hidrop_platform.tracking.store import sync_spool
 
     uri = f"sqlite:///{tmp_path / 'later.db'}"
     run_id = sync_spool(spools[0], tracking_uri=uri)
@@ -187,7 +187,7 @@ def test_unreachable_tracking_server_training_continues_and_spools(tmp_path, mon
 def test_bench_overhead_takes_turns_with_the_plain_loop(tmp_path, monkeypatch):
     import statistics
 
-    from hidrop_platform.bench import run_overhead_bench
+    from hidrop_platform.bench.overhead import run_overhead_bench
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(pytest.ROOT / SMOKE)
@@ -214,7 +214,7 @@ def test_turns_alternate_strictly_and_a_stop_ends_the_wait(tmp_path):
     import os
     import threading
 
-    from hidrop_platform.bench import OverheadBenchError, Turns
+    from hidrop_platform.bench.overhead import OverheadBenchError, Turns
 
     pipes = Turns.create(tmp_path, ("ray", "plain"))
     order: list[str] = []
@@ -279,7 +279,7 @@ def test_lora_export_merges_adapters_into_a_loadable_checkpoint(tmp_path):
 
 
 def test_precision_must_match_weights():
-    from hidrop_platform.config import ConfigError
+    from hidrop_platform.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="precision=fp32 needs model.dtype=float32"):
         load_config(SMOKE, ["model.dtype=bfloat16"])
@@ -318,7 +318,7 @@ def _plain_loop(recipe, steps, hooks, state=None):
     """The tiny model's plain training loop from the same initial weights and data."""
     from hidrop.tiny import tiny_vlm
     from hidrop.training import PlainRuntime, make_dataset, make_loader, prepare_module
-    from hidrop_platform.train import training_samples
+    from hidrop_platform.train.driver import training_samples
 
     torch.manual_seed(0)
     cfg = load_config(pytest.ROOT / SMOKE)
@@ -393,7 +393,7 @@ def test_training_loop_pauses_hook_waits_and_stops_on_divergence(monkeypatch):
 
 def test_fail_at_step_fires_on_the_first_attempt_only(monkeypatch):
     from hidrop.training import LoopState
-    from hidrop_platform.faults import FAIL_AT_STEP_ENV, FailAtStep, fault_hooks
+    from hidrop_platform.train.faults import FAIL_AT_STEP_ENV, FailAtStep, fault_hooks
 
     monkeypatch.delenv(FAIL_AT_STEP_ENV, raising=False)
     assert fault_hooks() == []
@@ -410,8 +410,8 @@ def test_fail_at_step_fires_on_the_first_attempt_only(monkeypatch):
 @pytest.mark.slow
 def test_worker_news_reach_the_driver_progress_and_stop(tmp_path, monkeypatch):
     """Rank 0's progress and its reason to stop travel through one Ray queue, not files in storage."""
-    from hidrop_platform.config import DataSpec
-    from hidrop_platform.train import TrainSetupError, run_training
+    from hidrop_platform.config.schema import DataSpec
+    from hidrop_platform.train.driver import TrainSetupError, run_training
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(pytest.ROOT / SMOKE).model_copy(deep=True)

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from hidrop.schedule import ScheduleError, hidrop, keep_curve, pyramid, spread_layers
-from hidrop_platform.config import ConfigError, load_config_data, validate_config, with_overrides
-from hidrop_platform.pareto import pareto_front
+from hidrop_platform.config.schema import ConfigError, load_config_data, validate_config, with_overrides
+from hidrop_platform.tune.pareto import pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_curve_form_in_yaml_and_config_errors(tmp_path):
 
 
 def test_every_experiment_search_space_produces_valid_trials():
-    from hidrop_platform.tune import ScheduleSearcher, trial_config
+    from hidrop_platform.tune.driver import ScheduleSearcher, trial_config
 
     searched = 0
     for path in sorted((ROOT / "experiments").glob("*.yaml")):
@@ -183,7 +183,7 @@ def _suggest_all(searcher, limit=200):
 
 @pytest.mark.parametrize("algorithm", ["random", "optuna"])
 def test_searcher_only_suggests_valid_schedules_and_counts_rejections(tmp_path, algorithm):
-    from hidrop_platform.tune import ScheduleSearcher, trial_config
+    from hidrop_platform.tune.driver import ScheduleSearcher, trial_config
 
     base = _tiny(tmp_path, algorithm=algorithm, num_samples=12, seeds=["vanilla", "fastv"])
     searcher = ScheduleSearcher(base, validate_config(base))
@@ -198,7 +198,7 @@ def test_searcher_only_suggests_valid_schedules_and_counts_rejections(tmp_path, 
 
 
 def test_grid_enumerates_exactly_the_valid_points(tmp_path):
-    from hidrop_platform.tune import ScheduleSearcher
+    from hidrop_platform.tune.driver import ScheduleSearcher
 
     space = {
         "schedule.inject_layer": {"int": [1, 5]},
@@ -230,7 +230,7 @@ def test_grid_enumerates_exactly_the_valid_points(tmp_path):
 
 def test_score_objective_rejects_schedules_over_the_budget_before_they_run(tmp_path):
     from hidrop.cost import cost_report
-    from hidrop_platform.tune import ScheduleSearcher, trial_config
+    from hidrop_platform.tune.driver import ScheduleSearcher, trial_config
 
     base = _tiny(tmp_path, objective="score", max_vision_tflops=1.5e-6, num_samples=6, seeds=[])
     searcher = ScheduleSearcher(base, validate_config(base))
@@ -242,7 +242,7 @@ def test_score_objective_rejects_schedules_over_the_budget_before_they_run(tmp_p
 
 @pytest.mark.parametrize("algorithm", ["random", "optuna"])
 def test_searcher_state_round_trip_continues_without_repeats(tmp_path, algorithm):
-    from hidrop_platform.tune import ScheduleSearcher
+    from hidrop_platform.tune.driver import ScheduleSearcher
 
     base = _tiny(tmp_path, algorithm=algorithm, num_samples=6, seeds=["vanilla", "pdrop"])
     full = _suggest_all(ScheduleSearcher(base, validate_config(base)))
@@ -281,7 +281,7 @@ def test_pareto_front_against_brute_force():
 
 
 def test_sweep_summary_counts_only_outcomes_on_the_front():
-    from hidrop_platform.sweep import TrialRecord, summarize_sweep
+    from hidrop_platform.tune.summary import TrialRecord, summarize_sweep
 
     def trial(label, status, score, tflops, **kw):
         metrics = {"relative_score": score, "vision_tflops": tflops, "accelerator_hours": 0.5, "score/a": score}
@@ -431,8 +431,8 @@ def test_sweep_folder_never_holds_the_tracking_password(tmp_path, monkeypatch):
     import ray
     from ray import cloudpickle
 
-    from hidrop_platform import tune as T
-    from hidrop_platform.config import credentials_to_env, tracking_credentials
+    from hidrop_platform.config.schema import credentials_to_env, tracking_credentials
+    from hidrop_platform.tune import driver as T
 
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(key, "placeholder")  # restored after the test
@@ -509,7 +509,7 @@ def test_trained_sweep_finetunes_each_trial_under_asha(tmp_path):
 
 
 def test_an_all_impossible_space_fails_before_any_trial(tmp_path):
-    from hidrop_platform.tune import TuneSetupError, run_tune, valid_share
+    from hidrop_platform.tune.driver import TuneSetupError, run_tune, valid_share
 
     base = _tiny(tmp_path)
     share, reasons = valid_share(base, validate_config(base))
@@ -521,7 +521,7 @@ def test_an_all_impossible_space_fails_before_any_trial(tmp_path):
 
 
 def test_significant_front_against_brute_force():
-    from hidrop_platform.pareto import significant_front
+    from hidrop_platform.tune.pareto import significant_front
 
     rng = random.Random(2)
     for _ in range(200):
@@ -545,7 +545,7 @@ def test_significant_front_against_brute_force():
 
 
 def test_a_blind_level_trial_is_tagged_and_never_a_discovery():
-    from hidrop_platform.sweep import TrialRecord, front_mark, summarize_sweep
+    from hidrop_platform.tune.summary import TrialRecord, front_mark, summarize_sweep
 
     def trial(label, score, lo, hi, tflops, blind_level, seed=False):
         metrics = {
@@ -608,7 +608,7 @@ def test_rung_subsets_are_nested_keep_units_whole_and_unseen_drops_seen_units():
 
 
 def test_pareto_halving_and_hypervolume_against_brute_force():
-    from hidrop_platform.fidelity import RungPoint, goes_on, hypervolume, pareto_layers, promoted
+    from hidrop_platform.tune.rungs import RungPoint, goes_on, hypervolume, pareto_layers, promoted
 
     rng = random.Random(5)
     for _ in range(100):
@@ -640,7 +640,7 @@ def test_pareto_halving_and_hypervolume_against_brute_force():
 def test_front_order_is_greedy_hypervolume_over_every_point_and_blind_adds_nothing():
     """The greedy pass looks only at the front; a brute-force greedy over every point (dominated ones too)
     must take the same areas step by step. Above blind's score a blind-level cheap point adds nothing."""
-    from hidrop_platform.fidelity import front_order, hypervolume, pareto_layers, promoted
+    from hidrop_platform.tune.rungs import front_order, hypervolume, pareto_layers, promoted
 
     rng = random.Random(11)
     for _ in range(60):
@@ -667,7 +667,7 @@ def test_front_order_is_greedy_hypervolume_over_every_point_and_blind_adds_nothi
     order = front_order(edge, 0.0, 1.0)
     assert order[0] == 4 and order[1] in (0, 1) and sorted(order) == list(range(5)) and order[-1] == 3
     with pytest.raises(ValueError, match="unknown promotion rule"):
-        from hidrop_platform.fidelity import RungPoint, promote
+        from hidrop_platform.tune.rungs import RungPoint, promote
 
         promote([RungPoint(1.0, 1.0)], 2, "best")
     cheap_blind, trade_off, middle, full = (50, 0.05), (80, 0.5), (60, 0.3), (100, 1.0)
@@ -677,7 +677,7 @@ def test_front_order_is_greedy_hypervolume_over_every_point_and_blind_adds_nothi
 
 
 def test_interval_promotion_stops_only_trials_behind_the_front_and_caps_the_last_cut():
-    from hidrop_platform.fidelity import RungPoint, behind_front, promote
+    from hidrop_platform.tune.rungs import RungPoint, behind_front, promote
 
     rng = random.Random(3)
     for _ in range(100):
@@ -705,7 +705,7 @@ def test_successive_halving_finds_a_planted_best_schedule_with_fewer_questions()
     last rung and the front, for fewer scored questions than evaluating everything in full."""
     import numpy as np
 
-    from hidrop_platform.fidelity import RungPoint, successive_halving
+    from hidrop_platform.tune.rungs import RungPoint, successive_halving
 
     n_full, rungs, factor = 810, 3, 3
     rng = np.random.default_rng(0)
@@ -783,7 +783,7 @@ def test_multi_fidelity_sweep_stops_trials_and_confirms_on_unseen_questions(tmp_
 
 
 def test_fidelity_and_confirm_configs_are_checked(tmp_path):
-    from hidrop_platform.tune import TuneSetupError, confirm_benchmarks
+    from hidrop_platform.tune.driver import TuneSetupError, confirm_benchmarks
 
     with pytest.raises(ConfigError, match="tune.fidelity applies to training_free"):
         validate_config(_tiny(tmp_path, kind="trained", fidelity={"rungs": 2}))
@@ -842,8 +842,8 @@ def test_bench_search_accounts_for_every_question_and_confirms_unseen(tmp_path):
 
 
 def test_a_trial_stopped_at_a_low_rung_stays_off_the_front():
-    from hidrop_platform.sweep import TrialRecord, summarize_sweep
-    from hidrop_platform.tune import ParetoHalving
+    from hidrop_platform.tune.driver import ParetoHalving
+    from hidrop_platform.tune.summary import TrialRecord, summarize_sweep
 
     def trial(label, score, tflops, rung, status):
         metrics = {"relative_score": score, "vision_tflops": tflops, "rung": rung, "score/a": score}
@@ -884,7 +884,7 @@ def test_a_trial_stopped_at_a_low_rung_stays_off_the_front():
 
 
 def test_paired_hypervolume_difference_matches_brute_force():
-    from hidrop_platform.bench_search import hypervolume_difference
+    from hidrop_platform.bench.search import hypervolume_difference
 
     rng = np.random.default_rng(4)
     draws = {k: rng.normal(loc, 5.0, size=300) for k, loc in {"a": 90.0, "b": 70.0, "c": 40.0, "d": 60.0}.items()}

@@ -1,7 +1,7 @@
 """MLflow tracking that never loses data: one resumable run per `Tracker`, spooled to disk while offline.
 
 This is the only module of the project that imports mlflow, and it does so lazily (inside functions), so
-`import hidrop_platform.tracking` stays cheap for code paths that never log (CLI help, non-zero ranks).
+`import hidrop_platform.tracking.store` stays cheap for code paths that never log (CLI help, non-zero ranks).
 
 Local default store: sqlite under `./mlruns` (`default_tracking_uri()`), artifacts in `./mlruns/artifacts`.
 The driver calls `prepare()` once before workers start, because concurrent processes creating a new
@@ -11,7 +11,7 @@ Offline behaviour: a call that fails because the store cannot be reached is appe
 a spool file (the first line names the run) and a single warning says so. Later calls replay the spool
 first, in order, into the same run; metrics keep their original step and timestamp. A spool left behind
 (the server never came back) is replayed later with `sync_spool(path)`. The spool file itself is
-`hidrop_platform.spool`.
+`hidrop_platform.tracking.spool`.
 
 What is MLflow's and what is ours: MLflow's `log_batch` splits large batches (we only cut values to its
 length limits), and its client does the HTTP retries. We keep logging synchronous and sample system
@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import psutil
 
-from hidrop_platform import mlflow_names as N
-from hidrop_platform.spool import SPOOL_VERSION, Spool
+from hidrop_platform.tracking import names as N
+from hidrop_platform.tracking.spool import SPOOL_VERSION, Spool
 
 if TYPE_CHECKING:  # only for annotations: the config module pulls in the schedule code
-    from hidrop_platform.config import ExperimentConfig
+    from hidrop_platform.config.schema import ExperimentConfig
 
 DEFAULT_TRACKING_DIR = "mlruns"
 DB_FILE = "mlflow.db"
@@ -344,7 +344,7 @@ def default_spool_dir() -> Path:
     """Where offline records wait: $HIDROP_SPOOL_DIR, else ./mlruns/spool, resolved (workers and trials
     may run elsewhere). A Ray job's working directory is deleted with the job, so there it is
     ~/.cache/hidrop/spool instead."""
-    from hidrop_platform.raycluster import job_working_dir
+    from hidrop_platform.cluster.connect import job_working_dir
 
     if os.environ.get(SPOOL_DIR_ENV):
         return Path(os.environ[SPOOL_DIR_ENV]).expanduser().resolve()
@@ -600,7 +600,7 @@ class Tracker:
             return
         import yaml
 
-        from hidrop_platform.config import flatten
+        from hidrop_platform.config.schema import flatten
 
         self.log_params(flatten(config))
         text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
@@ -845,7 +845,7 @@ class Tracker:
             why = f" ({reason})" if reason else ""
             _warn(
                 f"MLflow tracking server {redact_uri(self.tracking_uri)} unreachable{why}; buffering to "
-                f"{self.spool_path}, will retry (if it stays down: hidrop_platform.tracking.sync_spool(path))"
+                f"{self.spool_path}, will retry (if it stays down: hidrop_platform.tracking.store.sync_spool(path))"
             )
 
     def _write_spool(self) -> None:

@@ -412,7 +412,7 @@ class FidelityConfig(ConfigModel):
     of each benchmark's questions (nested: no question is scored twice). After each rung, `promotion`
     "halving" keeps the best 1/factor of the trials by what they add to the front; "interval" stops
     only the trials behind the front beyond their interval, and caps the promotion into the last rung at
-    1/factor (hidrop_platform.fidelity)."""
+    1/factor (hidrop_platform.tune.rungs)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from hidrop_platform.tracking import DEFAULT_TRACKING_DIR, TrackingUnavailable, check_readable, sqlite_path
+from hidrop_platform.tracking.store import DEFAULT_TRACKING_DIR, TrackingUnavailable, check_readable, sqlite_path
 
 # MLflow 3's UI opens on its GenAI pages; this query opens the model-training view (runs, metrics)
 UI_TRAINING_VIEW = "?workflowType=machine_learning"

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from hidrop_platform.config import flatten_data
+from hidrop_platform.config.schema import flatten_data
 from hidrop_platform.storage import claim, refuse_foreign
 
 CONFIG_FILE = "hidrop_config.json"

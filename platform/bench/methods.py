@@ -23,7 +23,7 @@ from hidrop.cost import ModelShape, model_tflops
 from hidrop.engine import ScheduledModel
 from hidrop.models import DTYPES
 from hidrop.schedule import Schedule, preset
-from hidrop_platform.config import ExperimentConfig
+from hidrop_platform.config.schema import ExperimentConfig
 
 
 def _random_lm(shape: ModelShape, dtype, device, attn: str) -> LlamaForCausalLM:

@@ -19,9 +19,9 @@ from hidrop.evaluation.results import EvalReport
 from hidrop.evaluation.subsets import unseen_select
 from hidrop.models import ModelLoadError, build_vlm
 from hidrop.schedule import vanilla
-from hidrop_platform import mlflow_names as N
-from hidrop_platform.config import ExperimentConfig
+from hidrop_platform.config.schema import ExperimentConfig
 from hidrop_platform.storage import write_problem
+from hidrop_platform.tracking import names as N
 
 
 class EvalSetupError(RuntimeError):

@@ -28,8 +28,8 @@ from scipy.stats import kendalltau, rankdata, spearmanr
 
 from hidrop.evaluation.registry import relative_benchmarks
 from hidrop.evaluation.uncertainty import N_RESAMPLES, percentile_interval, unit_weights
-from hidrop_platform import mlflow_names as N
-from hidrop_platform.compare import CompareError, read_records
+from hidrop_platform.evaluate.compare import CompareError, read_records
+from hidrop_platform.tracking import names as N
 
 MIN_MATCHED = 3  # fewer schedules leave no ranking to compare
 
@@ -68,7 +68,7 @@ def _key(overrides: dict) -> str:
 
 def _side(folder: Path, tracking_uri: Optional[str], tmp: Path) -> dict:  # tmp: this side's own folder
     """A sweep's finished trials (key -> label, overrides, records) and its all-tokens reference records."""
-    from hidrop_platform.tracking import (
+    from hidrop_platform.tracking.store import (
         TrackingUnavailable,
         check_readable,
         default_tracking_uri,

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Optional, Sequence
 
-from hidrop_platform.pareto import pareto_front
+from hidrop_platform.tune.pareto import pareto_front
 
 
 @dataclass

@@ -42,9 +42,9 @@ from hidrop.training import (
     prepare_module,
     trainable_parameters,
 )
-from hidrop_platform import mlflow_names as N
-from hidrop_platform.config import ExperimentConfig, tracking_credentials
-from hidrop_platform.evaluate import (
+from hidrop_platform.cluster.connect import ClusterSetupError, alive_nodes, check_fits, check_job_paths, start_ray
+from hidrop_platform.config.schema import ExperimentConfig, tracking_credentials
+from hidrop_platform.evaluate.runs import (
     EvalSetupError,
     benchmarks_for,
     build_model,
@@ -53,20 +53,9 @@ from hidrop_platform.evaluate import (
     model_shape_for_cost,
     score_metrics,
 )
-from hidrop_platform.faults import fault_hooks
-from hidrop_platform.raycluster import ClusterSetupError, alive_nodes, check_fits, check_job_paths, start_ray
-from hidrop_platform.resume import (
-    ContinuationRefused,
-    UnsafeCheckpoint,
-    check_run_folder,
-    load_deepspeed_checkpoint,
-    mark_complete,
-    newest_complete_checkpoint,
-    prepare_run_folder,
-    ray_checkpoints,
-)
 from hidrop_platform.storage import StorageError, hold
-from hidrop_platform.tracking import (
+from hidrop_platform.tracking import names as N
+from hidrop_platform.tracking.store import (
     Tracker,
     TrackingUnavailable,
     check_tracking_uri,
@@ -79,7 +68,18 @@ from hidrop_platform.tracking import (
     schedule_params,
     system_metrics,
 )
-from hidrop_platform.turns import OverheadBenchError
+from hidrop_platform.train.faults import fault_hooks
+from hidrop_platform.train.resume import (
+    ContinuationRefused,
+    UnsafeCheckpoint,
+    check_run_folder,
+    load_deepspeed_checkpoint,
+    mark_complete,
+    newest_complete_checkpoint,
+    prepare_run_folder,
+    ray_checkpoints,
+)
+from hidrop_platform.train.turns import OverheadBenchError
 
 STATE_FILE = "hidrop_state.json"
 RUN_FILE = "hidrop_run.json"  # in the run folder: this fit's MLflow run, for a group restarted before any checkpoint
@@ -570,9 +570,9 @@ def run_training(
 ) -> dict:
     """Run the Ray Train job; `progress(info)` is called about once a second with rank 0's latest step.
     A run of the same name in `train.storage_path` is continued only when its config agrees
-    (`hidrop_platform.resume`); `restart` moves it aside, `force` continues it with the new config.
+    (`hidrop_platform.train.resume`); `restart` moves it aside, `force` continues it with the new config.
     `hooks` join every worker's loop (the overhead benchmark's turn-taking); the test faults of
-    `hidrop_platform.faults` join them when their environment variable asks. One driver at a time
+    `hidrop_platform.train.faults` join them when their environment variable asks. One driver at a time
     per run: a second is refused while the first runs."""
     connect_for_training(cfg, restart, force)
     folder = Path(cfg.train.storage_path).resolve() / cfg.name

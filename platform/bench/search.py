@@ -5,7 +5,7 @@ Both searches see the same candidates (the seeds, then `candidates` valid random
 `tune.space`), the same model and the same questions, and pair with one reference pass (all tokens
 and blind on every question, counted apart: a sweep pays it once either way). Exhaustive scores every
 candidate on every question; multi-fidelity runs `tune.fidelity`'s rungs and promotion rule
-(hidrop_platform.fidelity). Cost: (method, question) pairs scored, method x batch passes, wall time.
+(hidrop_platform.tune.rungs). Cost: (method, question) pairs scored, method x batch passes, wall time.
 Quality: both fronts and both best-under-budget schedules are re-evaluated on questions neither search
 saw (`tune.confirm`'s benchmarks), and compared there: the confirmed score of the best schedule under
 the budget, with its interval, and the hypervolume of each front's confirmed points (relative score x
@@ -32,8 +32,8 @@ from hidrop.evaluation.uncertainty import (
     percentile_interval,
     resampled_relative,
 )
-from hidrop_platform.config import ConfirmConfig, ExperimentConfig, FidelityConfig
-from hidrop_platform.evaluate import (
+from hidrop_platform.config.schema import ConfirmConfig, ExperimentConfig, FidelityConfig
+from hidrop_platform.evaluate.runs import (
     EvalSetupError,
     benchmarks_for,
     blind_score,
@@ -44,9 +44,9 @@ from hidrop_platform.evaluate import (
     reference_pass,
     seen_overlap,
 )
-from hidrop_platform.fidelity import RungPoint, Search, hypervolume, successive_halving
-from hidrop_platform.pareto import pareto_front
-from hidrop_platform.tune import ScheduleSearcher, TuneSetupError, confirm_benchmarks, trial_config
+from hidrop_platform.tune.driver import ScheduleSearcher, TuneSetupError, confirm_benchmarks, trial_config
+from hidrop_platform.tune.pareto import pareto_front
+from hidrop_platform.tune.rungs import RungPoint, Search, hypervolume, successive_halving
 
 
 class SearchBenchError(RuntimeError):

@@ -58,7 +58,7 @@ ACCELERATOR_HOURS = "accelerator_hours"  # wall time x devices, measured
 WALL_S = "wall_s"
 SAMPLES = "samples"  # questions a trial was evaluated on
 TRAIN_STEP = "train_step"  # the step a trained trial's evaluation belongs to
-# a trial's outcome metrics, as its summary row carries them (hidrop_platform.sweep.TrialRecord)
+# a trial's outcome metrics, as its summary row carries them (hidrop_platform.tune.summary.TrialRecord)
 TRIAL_METRICS = (
     RELATIVE_SCORE,
     RELATIVE_SCORE_LOW,
@@ -111,7 +111,7 @@ SCORE_HIGH = "score_hi/"
 LEARNED_KEEP = "learned_keep/"  # learnable keep counts, per filtering layer (1-based)
 
 # ---- params -----------------------------------------------------------------------------------------
-# the experiment config, flattened to dotted names (hidrop_platform.config.flatten), plus:
+# the experiment config, flattened to dotted names (hidrop_platform.config.schema.flatten), plus:
 SEARCH = "search."  # a trial's sampled overrides
 PROPOSED = "proposed."  # analyze's proposed schedule fields
 VERSION = "version."  # package versions of a training

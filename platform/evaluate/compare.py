@@ -284,8 +284,8 @@ def log_comparison(result: dict, tracking_uri: str, experiment: str) -> Optional
     """The comparison as one MLflow run (hidrop.kind=compare): per label its relative score and bounds,
     per benchmark and family its score, and the whole result as compare/compare.json, which `hidrop
     report` reads for its Table 1 layout across evaluations. Returns the run id (None while offline)."""
-    from hidrop_platform import mlflow_names as N
-    from hidrop_platform.tracking import Tracker, prepare
+    from hidrop_platform.tracking import names as N
+    from hidrop_platform.tracking.store import Tracker, prepare
 
     prepare(tracking_uri, experiment)
     tracker = Tracker(

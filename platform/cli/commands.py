@@ -21,8 +21,8 @@ from hidrop.cost import format_tflops
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, paper_table
 from hidrop.evaluation.results import EvalReport
 from hidrop.evaluation.uncertainty import format_interval
-from hidrop_platform import mlflow_names as N
-from hidrop_platform.sweep import CONFIRM_COLUMNS, confirm_rows, front_mark, interval_text
+from hidrop_platform.tracking import names as N
+from hidrop_platform.tune.summary import CONFIRM_COLUMNS, confirm_rows, front_mark, interval_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Vision-token schedules for LLaVA-style models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Speed benchmarks (ratios measured in one run).")
@@ -60,7 +60,7 @@ def _load(path: str, overrides: Optional[List[str]] = None):
 
 def _load_with_data(path: str, overrides: Optional[List[str]] = None):
     """(validated config, raw YAML mapping with the overrides): searches rebuild trial configs from the raw one."""
-    from hidrop_platform.config import ConfigError, load_config_data, validate_config
+    from hidrop_platform.config.schema import ConfigError, load_config_data, validate_config
 
     try:
         base = load_config_data(path, overrides or [])
@@ -157,7 +157,7 @@ def eval_command(
 ):
     """Score the experiment's schedule(s) and the baselines on its benchmarks (offline ones by default), each
     score with its 95% bootstrap interval."""
-    from hidrop_platform.evaluate import EvalSetupError, build_model, check_records_path, run_eval, write_records
+    from hidrop_platform.evaluate.runs import EvalSetupError, build_model, check_records_path, run_eval, write_records
 
     cfg = _load(experiment, overrides)
     try:
@@ -215,7 +215,7 @@ def train(
 ):
     """Train with Ray Train workers running DeepSpeed (LLaVA stage 1 or 2, schedule active), tracked in MLflow.
     Re-running the same name continues its last checkpoint when the config agrees."""
-    from hidrop_platform.train import TrainInterrupted, TrainSetupError, connect_for_training, run_training
+    from hidrop_platform.train.driver import TrainInterrupted, TrainSetupError, connect_for_training, run_training
 
     cfg = _load(experiment, overrides)
     if restart and force:
@@ -359,7 +359,7 @@ def tune_command(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Ray Tune search over schedules; every trial is an MLflow run under the sweep's parent run."""
-    from hidrop_platform.tune import TuneSetupError, connect_for_tune, run_tune
+    from hidrop_platform.tune.driver import TuneSetupError, connect_for_tune, run_tune
 
     cfg, base = _load_with_data(experiment, overrides)
     started = time.time()
@@ -398,7 +398,7 @@ def tune_command(
 
 
 def _stop_ray() -> None:
-    from hidrop_platform.raycluster import stop_ray
+    from hidrop_platform.cluster.connect import stop_ray
 
     stop_ray()
 
@@ -494,7 +494,7 @@ def analyze_command(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Layer diagnostics (S_intra, S_cross, ILVAS, exit and injection sweeps) and a proposed schedule."""
-    from hidrop_platform.analyze import AnalyzeSetupError, run_analyze
+    from hidrop_platform.evaluate.analyze import AnalyzeSetupError, run_analyze
 
     cfg, base = _load_with_data(experiment, overrides)
     try:
@@ -585,8 +585,8 @@ def compare_command(
     """Methods of different evaluations (e.g. two trained models) paired on the questions they share:
     scores per benchmark and family, relative scores and every pairwise difference with 95% bootstrap
     intervals; with --baseline, where each label is significantly above it."""
-    from hidrop_platform.compare import CompareError, columns, compare, log_comparison, pair_text
-    from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri, tracking_uri_problem
+    from hidrop_platform.evaluate.compare import CompareError, columns, compare, log_comparison, pair_text
+    from hidrop_platform.tracking.store import TrackingUnavailable, default_tracking_uri, tracking_uri_problem
 
     if track and tracking_uri:  # before the bootstrap, not after it
         problem = tracking_uri_problem(tracking_uri, "--tracking-uri")
@@ -655,7 +655,7 @@ def proxy_command(
 ):
     """Does the cheap sweep rank schedules like the costly one? Trials matched by their overrides; Spearman
     and Kendall with 95% intervals over the questions, and the regret of taking the cheap sweep's pick."""
-    from hidrop_platform.proxy import ProxyError, compare_sweeps
+    from hidrop_platform.tune.rank_agreement import ProxyError, compare_sweeps
 
     try:
         result = compare_sweeps(cheap, costly, tracking_uri=_clean(tracking_uri), n_resamples=resamples)
@@ -693,14 +693,14 @@ def proxy_command(
 
 def _clean(uri: Optional[str]) -> Optional[str]:
     """A --tracking-uri without its credentials (moved into the environment, where MLflow reads them)."""
-    from hidrop_platform.config import credentials_to_env
+    from hidrop_platform.config.schema import credentials_to_env
 
     return credentials_to_env(uri) if uri else uri
 
 
 def _report_source(experiment: str, tracking_uri: Optional[str]) -> tuple[str, str]:
     """(tracking URI, MLflow experiment name) from a name or an experiment YAML's tracking section."""
-    from hidrop_platform.tracking import default_tracking_uri, tracking_target
+    from hidrop_platform.tracking.store import default_tracking_uri, tracking_target
 
     if experiment.endswith((".yaml", ".yml")):
         uri, name = tracking_target(_load(experiment))
@@ -722,7 +722,7 @@ def report_command(
     """Dashboards from MLflow: Pareto plot, methods x benchmarks table, training-cost table, diagnostics."""
     from hidrop_dashboards.report import ReportError, build_report
     from hidrop_platform.storage import write_problem
-    from hidrop_platform.tracking import TrackingUnavailable, check_readable
+    from hidrop_platform.tracking.store import TrackingUnavailable, check_readable
 
     uri, name = _report_source(experiment, tracking_uri)
     target = out_dir or f"reports/{name}"
@@ -755,7 +755,7 @@ def sync_command(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Replay MLflow records that wait in ./mlruns/spool (their store was unreachable or full) into their runs."""
-    from hidrop_platform.tracking import TrackingUnavailable, default_spool_dir, pending_spools, sync_spool
+    from hidrop_platform.tracking.store import TrackingUnavailable, default_spool_dir, pending_spools, sync_spool
 
     if spool_dir and Path(spool_dir).exists() and not Path(spool_dir).is_dir():
         _fail(f"--spool-dir {spool_dir} is not a folder")
@@ -781,7 +781,7 @@ def sync_command(
 def _warn_spooled(since: float) -> None:
     """Records the workers or trials could not write (an unreachable or full store) wait in the spool:
     say so in the driver's own output, not only in Ray's worker logs."""
-    from hidrop_platform.tracking import default_spool_dir, pending_spools
+    from hidrop_platform.tracking.store import default_spool_dir, pending_spools
 
     waiting = pending_spools(default_spool_dir(), since)
     if waiting:
@@ -807,8 +807,8 @@ def ui_command(
     if not 1 <= port <= 65535:
         _fail(f"--port must be between 1 and 65535, not {port}")
 
-    from hidrop_platform.tracking import TrackingUnavailable, default_tracking_uri, redact_uri
-    from hidrop_platform.ui import UI_TRAINING_VIEW, serve_ui, stop_ui, ui_base_url
+    from hidrop_platform.tracking.store import TrackingUnavailable, default_tracking_uri, redact_uri
+    from hidrop_platform.tracking.ui import UI_TRAINING_VIEW, serve_ui, stop_ui, ui_base_url
 
     uri = _clean(tracking_uri) or default_tracking_uri()
     if uri.startswith(("http://", "https://")):
@@ -873,8 +873,8 @@ def demo_command(
             chosen = dataclasses.replace(chosen, **{name: value})
     from hidrop_dashboards.report import ReportError
     from hidrop_platform.storage import write_problem
-    from hidrop_platform.train import TrainSetupError
-    from hidrop_platform.tune import TuneSetupError
+    from hidrop_platform.train.driver import TrainSetupError
+    from hidrop_platform.tune.driver import TuneSetupError
 
     # before minutes of search and training; runs/ and mlruns/ go into the working directory
     for what, folder in ((f"--out {out_dir}", out_dir), ("the working directory (runs/, mlruns/)", ".")):
@@ -1008,7 +1008,7 @@ _BENCH_ARGS = {
 
 def _run_method_bench(kind: str, experiment: str, overrides, device, small, as_json: bool) -> None:
     """prefill / generate / train: every method on one random-weight model, a table of ratios to vanilla."""
-    from hidrop_platform import bench
+    from hidrop_platform.bench import overhead as bench
 
     run = {
         "prefill": bench.run_prefill_bench,
@@ -1128,8 +1128,8 @@ def bench_overhead(
 ):
     """Step time of Ray Train + DeepSpeed (one worker) against a plain single-process loop, the two taking
     turns step by step; prints the median per-step ratio."""
-    from hidrop_platform.bench import OverheadBenchError, run_overhead_bench
-    from hidrop_platform.train import TrainSetupError
+    from hidrop_platform.bench.overhead import OverheadBenchError, run_overhead_bench
+    from hidrop_platform.train.driver import TrainSetupError
 
     cfg = _load(experiment, overrides)
     if steps < 1 or warmup < 0:
@@ -1179,7 +1179,7 @@ def bench_search(
 ):
     """Exhaustive evaluation vs multi-fidelity search (tune.fidelity) on one fixed candidate set: questions,
     model passes and wall time of each, and what each finds, confirmed on held-out questions."""
-    from hidrop_platform.bench_search import SearchBenchError, run_search_bench
+    from hidrop_platform.bench.search import SearchBenchError, run_search_bench
 
     cfg, base = _load_with_data(experiment, overrides)
     if cfg.tune.kind != "training_free":
@@ -1250,7 +1250,3 @@ def bench_search(
 
 def main() -> None:  # pragma: no cover
     app(prog_name="hidrop")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

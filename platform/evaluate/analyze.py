@@ -21,10 +21,10 @@ from hidrop.diagnostics import (
     sweep_statistics,
 )
 from hidrop.evaluation.harness import EvalError
-from hidrop_platform import mlflow_names as N
-from hidrop_platform.config import ExperimentConfig, flatten, validate_config
-from hidrop_platform.evaluate import EvalSetupError, benchmarks_for, build_model
-from hidrop_platform.tracking import Tracker, prepare_for
+from hidrop_platform.config.schema import ExperimentConfig, flatten, validate_config
+from hidrop_platform.evaluate.runs import EvalSetupError, benchmarks_for, build_model
+from hidrop_platform.tracking import names as N
+from hidrop_platform.tracking.store import Tracker, prepare_for
 
 
 def _check_writable(folder: Path) -> None:

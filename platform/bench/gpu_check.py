@@ -44,7 +44,7 @@ TINY_SHAPE = {  # the dry run: every code path, a model of a few hundred thousan
 
 
 def _load(experiment: Path, tiny: bool):
-    from hidrop_platform.config import load_config_data, validate_config, with_overrides
+    from hidrop_platform.config.schema import load_config_data, validate_config, with_overrides
 
     data = load_config_data(experiment)
     if tiny:
@@ -193,7 +193,7 @@ def run_decoupling_bench(cfg, device: str, tiny: bool, progress=None) -> dict:
     layers before injection) and off (encode first), round-robin, median of repeats."""
     from hidrop.engine import ScheduledModel
     from hidrop.schedule import preset
-    from hidrop_platform.bench_methods import _round_robin
+    from hidrop_platform.bench.methods import _round_robin
 
     b = cfg.bench
     shape = b.cpu_shape if tiny else cfg.model.shape
@@ -257,7 +257,7 @@ def run_memory_budget_bench(cfg, device: str, tiny: bool, memory_gib: float, pro
     the cache's own size), then that batch's tokens/s, median of repeats."""
     from hidrop.engine import ScheduledModel
     from hidrop.schedule import preset
-    from hidrop_platform.bench_methods import _cache_mib, _random_lm, _round_robin
+    from hidrop_platform.bench.methods import _cache_mib, _random_lm, _round_robin
 
     b = cfg.bench
     shape = b.cpu_shape if tiny else cfg.model.shape
@@ -326,7 +326,7 @@ def run_gpu_check(
     tests: bool = True,
     say: Callable[[str], None] = lambda msg: None,
 ) -> dict:
-    from hidrop_platform.bench_methods import run_generate_bench, run_prefill_bench, run_train_step_bench
+    from hidrop_platform.bench.methods import run_generate_bench, run_prefill_bench, run_train_step_bench
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = _load(Path(experiment), tiny)

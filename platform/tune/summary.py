@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict
 
 from hidrop.evaluation.metrics import relative_score
 from hidrop.evaluation.uncertainty import format_interval
-from hidrop_platform import mlflow_names as N
-from hidrop_platform.pareto import pareto_front, significant_front
+from hidrop_platform.tracking import names as N
+from hidrop_platform.tune.pareto import pareto_front, significant_front
 
 
 class TrialRecord(BaseModel):

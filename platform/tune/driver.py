@@ -41,8 +41,8 @@ from hidrop.evaluation.subsets import rung_select, unseen_select
 from hidrop.evaluation.uncertainty import format_interval
 from hidrop.schedule import ScheduleSpec
 from hidrop.training import Hook, StepEnd, TrainingLoop, make_dataset, plain_training
-from hidrop_platform import mlflow_names as N
-from hidrop_platform.config import (
+from hidrop_platform.cluster.connect import ClusterSetupError, alive_nodes, check_fits, check_job_paths, start_ray
+from hidrop_platform.config.schema import (
     ConfigError,
     ExperimentConfig,
     flatten,
@@ -50,7 +50,7 @@ from hidrop_platform.config import (
     validate_config,
     with_overrides,
 )
-from hidrop_platform.evaluate import (
+from hidrop_platform.evaluate.runs import (
     EvalSetupError,
     benchmarks_for,
     blind_score,
@@ -65,20 +65,9 @@ from hidrop_platform.evaluate import (
     seen_overlap,
     write_records,
 )
-from hidrop_platform.faults import fail_trial_if_asked, wait_at_trial_barrier
-from hidrop_platform.fidelity import RungPoint, goes_on
-from hidrop_platform.pareto import plot_pareto
-from hidrop_platform.raycluster import ClusterSetupError, alive_nodes, check_fits, check_job_paths, start_ray
 from hidrop_platform.storage import StorageError, claim, hold
-from hidrop_platform.sweep import (
-    TrialRecord,
-    confirm_markdown,
-    front_mark,
-    full_fidelity,
-    interval_text,
-    summarize_sweep,
-)
-from hidrop_platform.tracking import (
+from hidrop_platform.tracking import names as N
+from hidrop_platform.tracking.store import (
     Tracker,
     TrackingUnavailable,
     check_tracking_uri,
@@ -88,7 +77,18 @@ from hidrop_platform.tracking import (
     safe_name,
     schedule_params,
 )
-from hidrop_platform.train import training_samples
+from hidrop_platform.train.driver import training_samples
+from hidrop_platform.train.faults import fail_trial_if_asked, wait_at_trial_barrier
+from hidrop_platform.tune.pareto import plot_pareto
+from hidrop_platform.tune.rungs import RungPoint, goes_on
+from hidrop_platform.tune.summary import (
+    TrialRecord,
+    confirm_markdown,
+    front_mark,
+    full_fidelity,
+    interval_text,
+    summarize_sweep,
+)
 
 OBJECTIVES = {"pareto": ([N.RELATIVE_SCORE, N.VISION_TFLOPS], ["max", "min"]), "score": (N.RELATIVE_SCORE, "max")}
 OPTUNA_STREAK = 20  # rejected Optuna proposals in a row before a random valid point is enqueued for it
@@ -586,7 +586,7 @@ def _in_rungs(cfg: ExperimentConfig, ctx: TrialContext, tracker, start: float, d
 
 
 class ParetoHalving(FIFOScheduler):
-    """Multi-fidelity promotion for rung-evaluated trials (hidrop_platform.fidelity): at each rung below
+    """Multi-fidelity promotion for rung-evaluated trials (hidrop_platform.tune.rungs): at each rung below
     the last, a trial goes on only if `promotion` keeps it among the trials that reached that rung so far
     ("halving": it ranks in the best 1/factor by what it adds to the front; "interval": it is not behind
     the front beyond its interval, and at the last promotion also ranks in the best 1/factor). Seeds

@@ -1,0 +1,1 @@
+"""`hidrop bench`: the overhead benchmark, the per-method benchmarks, the search benchmark, the GPU check."""

@@ -1,0 +1,1 @@
+"""Evaluation runs on the driver: `hidrop eval`, `compare` and `analyze`."""

@@ -1,0 +1,1 @@
+"""`hidrop train`: the driver, the Ray Train worker and its hooks, resuming, turn-taking, test faults."""
