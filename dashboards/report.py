@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hidrop.cost import format_tflops
+from hidrop.errors import UserError
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, comparison_rows, format_delta
 from hidrop.evaluation.published import PublishedError, comparisons_for, exact_preset, method_from_name, model_key
 from hidrop.evaluation.uncertainty import format_interval
@@ -55,7 +56,7 @@ PRESET_NAMES = {
 MAX_SEARCHED_ROWS = 8  # searched trials in Table 1: the Pareto front, best first
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     """A report that cannot be built (no such experiment, nothing logged yet): one line for the CLI."""
 
 

@@ -41,6 +41,7 @@ from transformers import (
 
 from hidrop.adapter import Backbone
 from hidrop.engine import ScheduledModel
+from hidrop.errors import UserError
 from hidrop.schedule import Schedule, first_error_line
 from hidrop.tiny import tiny_vlm
 
@@ -61,7 +62,7 @@ FORMAT_KEY = "hidrop"  # the block in config.json that carries the schedule and 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A checkpoint or packaged asset cannot be found or read (one-line message for the CLI)."""
 
 

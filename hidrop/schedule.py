@@ -26,6 +26,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hidrop.errors import UserError
+
 
 class PositionMode(str, Enum):
     persistent = "persistent"  # every token keeps its unpruned position id (HiDrop, FastV inplace)
@@ -44,7 +46,7 @@ class Selector(str, Enum):
     dtopk_learnable = "dtopk_learnable"  # DTop-K with a learnable ratio per filtering layer + budget loss
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError, ValueError):
     """An impossible schedule. The message names the offending field."""
 
 

@@ -20,13 +20,15 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+from hidrop.errors import UserError
+
 OWNER_MARK = ".hidrop-owned"
 LOCK_SUFFIX = ".hidrop.lock"
 MAX_NAME = 128
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A name or folder this project must not use (one line for the CLI)."""
 
 

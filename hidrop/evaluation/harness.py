@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from hidrop.cost import ModelShape, VisionEncoderShape, cost_report, text_only_tflops
 from hidrop.data import Collator, encode_sample, get_template
+from hidrop.errors import UserError
 from hidrop.evaluation.metrics import evidence_recall, mean, relative_score
 from hidrop.evaluation.registry import Benchmark, relative_benchmarks
 from hidrop.evaluation.results import (
@@ -42,7 +43,7 @@ REFERENCE = "all_tokens"
 MODES = ("auto", "closed", "generate")
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """A benchmark/model combination that cannot be evaluated as asked (one-line message)."""
 
 

@@ -20,6 +20,7 @@ from typing import Iterable, Literal, Mapping, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from hidrop.errors import UserError
 from hidrop.evaluation.metrics import relative_score
 from hidrop.evaluation.paper import PAPER_BENCHMARKS, PAPER_NAMES
 from hidrop.evaluation.results import EvalReport
@@ -45,7 +46,7 @@ LAYOUT_TABLES: dict[str, tuple[str, ...]] = {
 }
 
 
-class PublishedError(ValueError):
+class PublishedError(UserError, ValueError):
     """A published-results file or request that cannot be used (one line)."""
 
 

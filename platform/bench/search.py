@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from hidrop.errors import UserError
 from hidrop.evaluation.harness import REFERENCE, EvalError, at_grid, known_records
 from hidrop.evaluation.subsets import rung_select, unseen_select
 from hidrop.evaluation.uncertainty import (
@@ -49,7 +50,7 @@ from hidrop_platform.tune.pareto import pareto_front
 from hidrop_platform.tune.rungs import RungPoint, Search, hypervolume, successive_halving
 
 
-class SearchBenchError(RuntimeError):
+class SearchBenchError(UserError, RuntimeError):
     """A search benchmark that cannot run as configured (one line for the CLI)."""
 
 

@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+from hidrop.errors import UserError
 from hidrop_platform.storage import write_problem
 
 # Ray sets this in the environment of a job's driver (`ray job submit`): the job's config, runtime env included
@@ -24,7 +25,7 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 SKIP_CHECK_ENV = "HIDROP_SKIP_RESOURCE_CHECK"
 
 
-class ClusterSetupError(RuntimeError):
+class ClusterSetupError(UserError, RuntimeError):
     """Ray cannot be reached, or a request can never be placed; one line for the CLI."""
 
 

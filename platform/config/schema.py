@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hidrop.assets import shipped_experiment, shipped_experiments, shipped_path
 from hidrop.cost import ModelShape
+from hidrop.errors import UserError
 from hidrop.evaluation.published import load_published
 from hidrop.evaluation.registry import known_benchmarks
 from hidrop.schedule import (
@@ -32,7 +33,7 @@ from hidrop.schedule import (
 from hidrop_platform.storage import check_name
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user mistake in an experiment file or override; the message is one line naming the field."""
 
 

@@ -20,6 +20,7 @@ from hidrop.diagnostics import (
     run_sweeps,
     sweep_statistics,
 )
+from hidrop.errors import UserError
 from hidrop.evaluation.harness import EvalError
 from hidrop_platform.config.schema import ExperimentConfig, flatten, validate_config
 from hidrop_platform.evaluate.runs import EvalSetupError, benchmarks_for, build_model
@@ -36,7 +37,7 @@ def _check_writable(folder: Path) -> None:
         raise AnalyzeSetupError(f"analyze.output: cannot write to {folder} ({e.strerror or e})") from None
 
 
-class AnalyzeSetupError(RuntimeError):
+class AnalyzeSetupError(UserError, RuntimeError):
     """Bad data or model for the diagnostics; one line for the user."""
 
 

@@ -28,6 +28,7 @@ from typing import Optional
 
 import numpy as np
 
+from hidrop.errors import UserError
 from hidrop.evaluation.registry import relative_benchmarks
 from hidrop.evaluation.uncertainty import (
     N_RESAMPLES,
@@ -41,7 +42,7 @@ from hidrop.evaluation.uncertainty import (
 MAX_RESAMPLES = 100_000
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """A spec or record file that cannot be compared; one line for the user."""
 
 

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 
 from hidrop.assets import shipped_path
+from hidrop.errors import UserError
 from hidrop.evaluation.harness import REFERENCE, EvalError, Known, evaluate, model_shape
 from hidrop.evaluation.published import eval_report_comparisons, model_key
 from hidrop.evaluation.registry import get_benchmark
@@ -24,7 +25,7 @@ from hidrop_platform.storage import write_problem
 from hidrop_platform.tracking import names as N
 
 
-class EvalSetupError(RuntimeError):
+class EvalSetupError(UserError, RuntimeError):
     """The experiment cannot be evaluated as configured (one line for the CLI)."""
 
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import psutil
 
+from hidrop.errors import UserError
 from hidrop_platform.tracking import names as N
 from hidrop_platform.tracking.spool import SPOOL_VERSION, Spool
 
@@ -66,7 +67,7 @@ _HTTP_ENV_DEFAULTS = {
 _TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(UserError, RuntimeError):
     """The tracking store cannot be reached; the message is one line naming the URI."""
 
 

@@ -26,6 +26,7 @@ import torch
 
 from hidrop.cost import cost_report
 from hidrop.data import easy_vqa_samples, load_llava_json
+from hidrop.errors import UserError
 from hidrop.evaluation.offline import Probes
 from hidrop.models import ModelLoadError
 from hidrop.schedule import first_error_line
@@ -86,7 +87,7 @@ RUN_FILE = "hidrop_run.json"  # in the run folder: this fit's MLflow run, for a 
 DS_TAG = "deepspeed"
 
 
-class TrainSetupError(RuntimeError):
+class TrainSetupError(UserError, RuntimeError):
     """The run cannot start or failed for a reason the user can fix (one line for the CLI)."""
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from hidrop.errors import UserError
 from hidrop_platform.config.schema import flatten_data
 from hidrop_platform.storage import claim, refuse_foreign
 
@@ -49,7 +50,7 @@ CONTINUABLE = (
 )
 
 
-class ContinuationRefused(RuntimeError):
+class ContinuationRefused(UserError, RuntimeError):
     """A re-run whose config differs from the run it would continue (one line for the CLI)."""
 
 

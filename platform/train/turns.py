@@ -9,10 +9,11 @@ import select
 from pathlib import Path
 from typing import Optional
 
+from hidrop.errors import UserError
 from hidrop.training import Hook, StepEnd, TrainingLoop
 
 
-class OverheadBenchError(RuntimeError):
+class OverheadBenchError(UserError, RuntimeError):
     """The overhead benchmark cannot run this config, or one of its two sides failed (one line for the CLI)."""
 
 

@@ -34,6 +34,7 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import Searcher
 
 from hidrop.cost import cost_report
+from hidrop.errors import UserError
 from hidrop.evaluation.harness import REFERENCE, EvalError, Known, known_records
 from hidrop.evaluation.registry import get_benchmark
 from hidrop.evaluation.results import EvalReport, QuestionRecord
@@ -155,7 +156,7 @@ def _fetch_credentials(name: Optional[str]) -> dict[str, str]:
     return ray.get(ray.get_actor(name).get.remote())
 
 
-class TuneSetupError(RuntimeError):
+class TuneSetupError(UserError, RuntimeError):
     """A sweep that cannot start or finish; one line for the user."""
 
 

@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 from scipy.stats import kendalltau, rankdata, spearmanr
 
+from hidrop.errors import UserError
 from hidrop.evaluation.registry import relative_benchmarks
 from hidrop.evaluation.uncertainty import N_RESAMPLES, percentile_interval, unit_weights
 from hidrop_platform.evaluate.compare import CompareError, read_records
@@ -34,7 +35,7 @@ from hidrop_platform.tracking import names as N
 MIN_MATCHED = 3  # fewer schedules leave no ranking to compare
 
 
-class ProxyError(ValueError):
+class ProxyError(UserError, ValueError):
     """Sweeps that cannot be paired; one line for the user."""
 
 
