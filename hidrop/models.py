@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from hidrop.adapter import Backbone
+from hidrop.cost import ModelShape
 from hidrop.engine import ScheduledModel
 from hidrop.errors import UserError
 from hidrop.schedule import Schedule, first_error_line
@@ -60,6 +61,29 @@ FORMAT_KEY = "hidrop"  # the block in config.json that carries the schedule and 
 
 # the dtype names experiment YAMLs use (model.dtype, bench.dtype)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# ModelShape's language-model fields and the LlamaConfig fields they are: read one way to build a
+# random-weight model of a shape, the other way to measure a loaded model's shape
+LLAMA_FIELDS = {
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "vocab_size": "vocab_size",
+}
+
+
+def llama_config(shape: ModelShape) -> LlamaConfig:
+    """A LlamaConfig of `shape`'s language model (public fields only; the caller picks the attention)."""
+    return LlamaConfig(
+        **{llama: getattr(shape, field) for field, llama in LLAMA_FIELDS.items()}, max_position_embeddings=4096
+    )
+
+
+def lm_shape_fields(config) -> dict[str, int]:
+    """The ModelShape fields of a loaded language model's config: `llama_config` read backwards."""
+    return {field: getattr(config, llama) for field, llama in LLAMA_FIELDS.items()}
 
 
 class ModelLoadError(UserError, RuntimeError):

@@ -18,14 +18,21 @@ The configs are built here (not read from experiments/) so the demo works from a
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import transformers
+
+from hidrop_dashboards.report import build_report
 from hidrop_platform.cluster.connect import start_ray
-from hidrop_platform.config.schema import validate_config
+from hidrop_platform.config.loader import validate_config
+from hidrop_platform.evaluate.compare import compare, log_comparison
+from hidrop_platform.evaluate.runs import run_eval, write_records
+from hidrop_platform.tracking import names as N
 from hidrop_platform.tracking.store import default_tracking_uri
 from hidrop_platform.train.driver import run_training
 from hidrop_platform.tune.driver import run_tune
@@ -70,6 +77,18 @@ TRIAL_FIELDS = (
     "significant",
 )
 PRESETS = ["vanilla", "fastv", "pdrop", "hidrop_tok48", "hidrop_tok64", "hidrop_tok80"]
+# the search summary's fields the demo's result carries as they are, in this order
+SUMMARY_FIELDS = (
+    "sweep",
+    "pareto",
+    "significant",
+    "discoveries",
+    "reference_scores",
+    "blind_relative_score",
+    "blind_relative_interval",
+    "questions_run",
+    "notes",
+)
 
 
 def _benchmarks(size: DemoSize) -> list[dict]:
@@ -121,10 +140,6 @@ def trained_config(size: DemoSize) -> dict:
 def compare_trained(size: DemoSize, sweep_dir: Path, uri: str) -> dict:
     """Score the HiDrop-trained model on the search's questions and pair it, by question, with the
     search's stored all-tokens and blind records; logged as a compare run the report shows."""
-    from hidrop_platform.evaluate.compare import compare, log_comparison
-    from hidrop_platform.evaluate.runs import run_eval, write_records
-    from hidrop_platform.tracking import names as N
-
     cfg = validate_config(trained_config(size), "hidrop demo")
     report = run_eval(cfg, keep_records=True)
     trained = sweep_dir / "trained_hidrop.jsonl.gz"
@@ -179,10 +194,6 @@ def train_config(size: DemoSize, stamp: str, method: str) -> dict:
 
 def quiet_libraries() -> None:
     """The demo's own progress bar is the output: no weight-loading bars or INFO lines from libraries."""
-    import logging
-
-    import transformers
-
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -201,8 +212,7 @@ class DemoProgress:
 
 
 def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: Optional[DemoProgress] = None) -> dict:
-    from hidrop_dashboards.report import build_report
-
+    """The four stages of the module docstring, timed; returns what each produced (the `--json` output)."""
     progress = progress or DemoProgress()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     stages = 3 + (size.train_steps > 0) * 2
@@ -231,29 +241,7 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
     trained = compare_trained(size, Path(summary["sweep_dir"]), uri)
     timings["trained_s"] = time.perf_counter() - t0
 
-    trainings = []
-    if size.train_steps > 0:
-        for i, method in enumerate(("vanilla", "hidrop")):
-            progress.stage(
-                f"training with {method}: {size.train_steps} LoRA steps on 1 Ray worker (DeepSpeed ZeRO-2), "
-                "then scored",
-                3 + i,
-                stages,
-                f"train {method}",
-            )
-            t0 = time.perf_counter()
-            result = run_training(
-                validate_config(train_config(size, stamp, method), "hidrop demo"), progress=progress.train
-            )
-            timings[f"train_{method}_s"] = time.perf_counter() - t0
-            trainings.append(
-                {
-                    "method": method,
-                    "wall_time_s": timings[f"train_{method}_s"],
-                    "loss": result["metrics"].get("loss"),
-                    "export": result["export"],
-                }
-            )
+    trainings = _train_both(size, stamp, progress, stages, timings) if size.train_steps > 0 else []
 
     progress.stage(f"report: {report_dir}", stages, stages, "report")
     t0 = time.perf_counter()
@@ -263,15 +251,7 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
         "size": asdict(size),
         "experiment": EXPERIMENT,
         "tracking_uri": uri,
-        "sweep": summary["sweep"],
-        "pareto": summary["pareto"],
-        "significant": summary["significant"],
-        "discoveries": summary["discoveries"],
-        "reference_scores": summary["reference_scores"],
-        "blind_relative_score": summary["blind_relative_score"],
-        "blind_relative_interval": summary["blind_relative_interval"],
-        "questions_run": summary["questions_run"],
-        "notes": summary["notes"],
+        **{key: summary[key] for key in SUMMARY_FIELDS},
         "confirm": summary.get("confirm"),
         "trials": [{k: r.get(k) for k in TRIAL_FIELDS} for r in summary["trials"]],
         "trained": {
@@ -287,3 +267,28 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
         "timings_s": timings,
         "wall_time_s": time.perf_counter() - start,
     }
+
+
+def _train_both(size: DemoSize, stamp: str, progress: DemoProgress, stages: int, timings: dict) -> list[dict]:
+    """Stages 3 and 4: the all-tokens and the HiDrop training, each timed into `timings`."""
+    trainings = []
+    for i, method in enumerate(("vanilla", "hidrop")):
+        progress.stage(
+            f"training with {method}: {size.train_steps} LoRA steps on 1 Ray worker (DeepSpeed ZeRO-2), then scored",
+            3 + i,
+            stages,
+            f"train {method}",
+        )
+        t0 = time.perf_counter()
+        cfg = validate_config(train_config(size, stamp, method), "hidrop demo")
+        result = run_training(cfg, progress=progress.train)
+        timings[f"train_{method}_s"] = time.perf_counter() - t0
+        trainings.append(
+            {
+                "method": method,
+                "wall_time_s": timings[f"train_{method}_s"],
+                "loss": result["metrics"].get("loss"),
+                "export": result["export"],
+            }
+        )
+    return trainings

@@ -72,8 +72,8 @@ def test_training_forward_really_shortens_the_sequence():
 
     from hidrop.engine import ScheduledModel
     from hidrop.schedule import preset
-    from hidrop_platform.bench.overhead import _random_lm
-    from hidrop_platform.config.schema import load_config_data, validate_config
+    from hidrop_platform.bench.methods import _random_lm
+    from hidrop_platform.config.loader import load_config_data, validate_config
 
     cfg = validate_config(load_config_data(_write(TINY)), "tiny")
     shape = cfg.bench.cpu_shape

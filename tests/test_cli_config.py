@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hidrop_platform.cli import app
-from hidrop_platform.config.schema import ConfigError, flatten, load_config, validate_config
+from hidrop_platform.config.loader import ConfigError, flatten, load_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -205,7 +205,7 @@ def _alias_bomb(levels: int) -> str:
 def test_alias_bomb_is_refused_by_count_before_anything_expands(tmp_path):
     # 10^7 values once expanded; loading alone shares the aliased lists, so a regression fails here in
     # seconds (DID NOT RAISE) instead of growing to gigabytes the way `validate` would
-    from hidrop_platform.config.schema import load_config_data
+    from hidrop_platform.config.loader import load_config_data
 
     exp = tmp_path / "bomb.yaml"
     exp.write_text(_alias_bomb(7))
@@ -217,7 +217,7 @@ def test_alias_bomb_is_refused_by_count_before_anything_expands(tmp_path):
 
 
 def test_override_values_are_bounded_like_files(tmp_path):
-    from hidrop_platform.config.schema import load_config_data
+    from hidrop_platform.config.loader import load_config_data
 
     exp = tmp_path / "x.yaml"
     exp.write_text("name: x\n")

@@ -34,7 +34,7 @@ from hidrop.diagnostics import (
 from hidrop.evaluation.registry import get_benchmark
 from hidrop.evaluation.results import QuestionRecord
 from hidrop.tiny import tiny_vlm
-from hidrop_platform.config.schema import load_config
+from hidrop_platform.config.loader import load_config
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_analyze_cli_writes_a_valid_yaml_plots_and_one_mlflow_run(tmp_path):
     assert all(len(iv) == 2 and iv[0] <= iv[1] for iv in sweeps["exit_diff_interval"] + sweeps["inject_diff_interval"])
     assert len(client.get_metric_history(runs[0].info.run_id, "exit_sweep_diff_lo")) == len(sweeps["layers"])
     # the proposal seeds a search as is
-    from hidrop_platform.config.schema import validate_config
+    from hidrop_platform.config.loader import validate_config
 
     data = yaml.safe_load((out / "proposed.yaml").read_text())
     data["tune"] = {"seeds": ["vanilla", data["schedule"]]}

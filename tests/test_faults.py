@@ -300,7 +300,7 @@ def test_two_processes_create_a_new_store_at_once(tmp_path):
 def test_credentials_move_from_the_uri_into_the_environment(monkeypatch):
     import yaml
 
-    from hidrop_platform.config.schema import flatten, load_config
+    from hidrop_platform.config.loader import flatten, load_config
 
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(key, "placeholder")  # restored after the test
@@ -314,9 +314,10 @@ def test_credentials_move_from_the_uri_into_the_environment(monkeypatch):
 
 # ---- 5. a reference that scores 0: undefined relative scores are reported, not a crash ---------------
 def test_sweep_with_a_zero_reference_reports_undefined_scores(tmp_path, capsys):
-    from hidrop_platform.cli import commands as cli
-    from hidrop_platform.tracking.store import Tracker
-    from hidrop_platform.tune.driver import _log_summary, _undefined_note
+    from hidrop_platform.cli import search_views as cli
+    from hidrop_platform.tracking.tracker import Tracker
+    from hidrop_platform.tune.results import _undefined_note
+    from hidrop_platform.tune.results import log_summary as _log_summary
     from hidrop_platform.tune.summary import TrialRecord, summarize_sweep
 
     reference = {"scores": {"easy_vqa": 0.0}, "blind_scores": {"easy_vqa": 0.0}, "blind_relative_score": None}
@@ -353,7 +354,7 @@ def test_sweep_with_a_zero_reference_reports_undefined_scores(tmp_path, capsys):
     }
     _log_summary(Tracker("sqlite:///unused", "x", enabled=False), record, tmp_path, "zero", reference)
     assert "undefined" in (tmp_path / "summary" / "pareto.md").read_text()
-    cli._print_sweep(record)
+    cli.print_sweep(record)
     printed = capsys.readouterr().out
     assert "2 finished trials have no relative score" in printed and "blind baseline: undefined" in printed
 
@@ -387,7 +388,8 @@ def test_spooled_records_replay_with_hidrop_sync(tmp_path, monkeypatch):
     import mlflow
 
     from hidrop_platform.cli import app
-    from hidrop_platform.tracking.store import Tracker, default_spool_dir
+    from hidrop_platform.tracking.store import default_spool_dir
+    from hidrop_platform.tracking.tracker import Tracker
 
     monkeypatch.chdir(tmp_path)
     tracker = Tracker("http://127.0.0.1:9", "exp", run_name="offline", spool_dir=default_spool_dir()).start()
@@ -437,7 +439,7 @@ def test_ctrl_c_stops_a_training_still_waiting_for_its_workers(tmp_path):
 
 
 def test_a_worker_group_restarted_before_any_checkpoint_finds_its_run(tmp_path):
-    from hidrop_platform.train.driver import WorkerPayload, _remember_run, _run_of_this_fit
+    from hidrop_platform.train.worker import WorkerPayload, _remember_run, _run_of_this_fit
 
     def payload(fit_id: str) -> WorkerPayload:
         return WorkerPayload({}, "sqlite://", "exp", str(tmp_path / "run" / "export"), str(tmp_path), fit_id=fit_id)
@@ -450,8 +452,7 @@ def test_a_worker_group_restarted_before_any_checkpoint_finds_its_run(tmp_path):
 
 # ---- issue 34 (9): a re-run resumes from the newest complete checkpoint, and Ctrl+C names that step ------
 def _checkpoint(folder: Path, name: str, step: int, complete: bool) -> Path:
-    from hidrop_platform.train.driver import STATE_FILE
-    from hidrop_platform.train.resume import mark_complete
+    from hidrop_platform.train.resume import STATE_FILE, mark_complete
 
     path = folder / name
     (path / "deepspeed").mkdir(parents=True)
@@ -466,8 +467,9 @@ def test_resume_and_the_ctrl_c_message_agree_on_the_newest_complete_checkpoint(t
     are on storage. The re-run resumes from 40 and Ctrl+C's message names 40."""
     import ray.train
 
-    from hidrop_platform.config.schema import load_config
-    from hidrop_platform.train.driver import _interrupted, _resume
+    from hidrop_platform.config.loader import load_config
+    from hidrop_platform.train.driver import _interrupted
+    from hidrop_platform.train.worker import _resume
 
     folder = tmp_path / "tiny_train_smoke"
     registered = _checkpoint(folder, "checkpoint_2026-01-01_00-00-20", 20, complete=True)
@@ -491,7 +493,7 @@ def test_resume_and_the_ctrl_c_message_agree_on_the_newest_complete_checkpoint(t
 def test_a_checkpoint_is_marked_complete_only_when_ray_persisted_a_new_one(tmp_path, monkeypatch):
     import ray.train
 
-    from hidrop_platform.train.driver import _Checkpoint
+    from hidrop_platform.train.hooks import SaveCheckpoint as _Checkpoint
     from hidrop_platform.train.resume import newest_complete_checkpoint
 
     folder = tmp_path / "run"

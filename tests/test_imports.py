@@ -92,3 +92,41 @@ def test_only_the_tracking_package_imports_mlflow():
     """Writers and readers reach MLflow through hidrop_platform.tracking (its names: tracking.names)."""
     importers = {name for name, path in _modules().items() if any(m.split(".")[0] == "mlflow" for m in _imports(path))}
     assert importers and all(m.startswith("hidrop_platform.tracking.") for m in importers), sorted(importers)
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+# what runs inside Ray workers: a training worker and its hooks, a Tune trial
+WORKER_SIDE = ("hidrop_platform.train.worker", "hidrop_platform.train.hooks", "hidrop_platform.tune.trial")
+
+
+def test_worker_side_never_reaches_the_cli_or_dashboards():
+    graph = _graph()
+    for module in WORKER_SIDE:
+        bad = sorted(m for m in _reachable(graph, module) if m.startswith(("hidrop_platform.cli", "hidrop_dashboards")))
+        assert not bad, (module, bad)
+    # the walk itself follows chains: a planted path through two modules is found
+    assert _reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}
+
+
+def _catches(path: Path, name: str) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ExceptHandler) and node.type is not None:
+            types = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
+            if any(getattr(t, "id", getattr(t, "attr", None)) == name for t in types):
+                return True
+    return False
+
+
+def test_only_the_cli_entry_point_catches_user_error():
+    """Every one-line error derives from hidrop.errors.UserError and is printed in one place."""
+    catchers = {name for name, path in _modules().items() if _catches(path, "UserError")}
+    catchers |= {str(p.relative_to(ROOT)) for p in (ROOT / "hidrop").rglob("*.py") if _catches(p, "UserError")}
+    assert catchers == {"hidrop_platform.cli.app"}, sorted(catchers)

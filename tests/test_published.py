@@ -353,8 +353,8 @@ def _eval_report(scores_by_method: dict) -> EvalReport:
 def test_eval_shows_the_published_rows_with_exact_deltas(monkeypatch):
     from rich.console import Console
 
-    from hidrop_platform.cli import commands as cli
-    from hidrop_platform.config.schema import validate_config
+    from hidrop_platform.cli import views as cli
+    from hidrop_platform.config.loader import validate_config
     from hidrop_platform.evaluate.runs import attach_published
 
     measured_ref = {b: v + 1.0 for b, v in REF.items()}
@@ -386,7 +386,7 @@ def test_eval_shows_the_published_rows_with_exact_deltas(monkeypatch):
 
     buf = io.StringIO()
     monkeypatch.setattr(cli, "out", Console(file=buf, width=400, color_system=None))
-    cli._print_eval(report)
+    cli.print_eval(report)
     text = buf.getvalue()
     assert "with the paper's rows for llava15_7b" in text
     assert "| ↳ paper: HiDrop Tok64, trained, 64 tokens | 1473.3 | 63.2 | 58.0 | 60.5 |" in text
@@ -456,7 +456,8 @@ SWEEP_HIDROP = {**HIDROP64, "mme": 1450.0, "pope": 87.4}
 
 @pytest.fixture(scope="module")
 def paper_store(tmp_path_factory) -> dict:
-    from hidrop_platform.tracking.store import Tracker, default_tracking_uri, prepare
+    from hidrop_platform.tracking.store import default_tracking_uri, prepare
+    from hidrop_platform.tracking.tracker import Tracker
 
     root = tmp_path_factory.mktemp("paper_store")
     uri = default_tracking_uri(root)
@@ -574,7 +575,8 @@ def test_report_shows_published_rows_and_exact_deltas(paper_store, tmp_path):
 def test_report_without_a_published_model_shows_none(paper_store, tmp_path):
     """The same store's rows are about an unnamed model when eval.published says none."""
     from hidrop_dashboards.report import build_report
-    from hidrop_platform.tracking.store import Tracker, default_tracking_uri, prepare
+    from hidrop_platform.tracking.store import default_tracking_uri, prepare
+    from hidrop_platform.tracking.tracker import Tracker
 
     uri = default_tracking_uri(tmp_path)
     prepare(uri, "other")

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from hidrop_dashboards.report import ReportError, build_report, collect, methods_table
-from hidrop_platform.tracking.store import Tracker, TrackingUnavailable, check_readable, default_tracking_uri, prepare
+from hidrop_dashboards.report import ReportError, build_report, collect
+from hidrop_dashboards.tables import methods_table
+from hidrop_platform.tracking.store import TrackingUnavailable, check_readable, default_tracking_uri, prepare
+from hidrop_platform.tracking.tracker import Tracker
 from hidrop_platform.tune.pareto import pareto_front
 
 REFERENCE = {"easy_vqa": 60.0, "probes": 80.0}
@@ -306,7 +308,7 @@ def test_tiny_model_tflops_keep_significant_digits():
 
 def test_wide_tables_scroll_inside_the_page():
     """The methods table (one column per benchmark) ran off the page: every table sits in a scrolling box."""
-    from hidrop_dashboards.report import STYLE, _html_table
+    from hidrop_dashboards.html_report import STYLE, _html_table
 
     table = _html_table(["method", *(f"benchmark {i}" for i in range(30))], [["x", *["1.0"] * 30]])
     assert table.startswith('<div class="wide"><table>') and table.endswith("</table></div>")

@@ -166,7 +166,7 @@ def test_readme_mini_recipe_token_counts_are_the_configs():
     training learns): the figure `hidrop flops` prints for each experiment."""
     import re
 
-    from hidrop_platform.config.schema import load_config
+    from hidrop_platform.config.loader import load_config
 
     root = Path(__file__).resolve().parents[1]
     section = _readme_section("**Recipe** (`experiments/mini_llava_tok64_")

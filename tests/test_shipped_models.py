@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from hidrop.assets import shipped_path
 from hidrop.schedule import Schedule
-from hidrop_platform.config.schema import load_config
+from hidrop_platform.config.loader import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("vanilla", "hidrop", "pdrop", "fastv")

@@ -16,16 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hidrop_platform.config.schema import ExperimentConfig, flatten
-from hidrop_platform.tracking.store import (
-    DEFAULT_TRACKING_DIR,
-    Tracker,
-    TrackingUnavailable,
-    TrackingWarning,
-    default_tracking_uri,
-    prepare,
-    sync_spool,
-)
+from hidrop_platform.config.loader import flatten
+from hidrop_platform.config.schema import ExperimentConfig
+from hidrop_platform.tracking.spool import sync_spool
+from hidrop_platform.tracking.store import DEFAULT_TRACKING_DIR, TrackingUnavailable, default_tracking_uri, prepare
+from hidrop_platform.tracking.tracker import Tracker, TrackingWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +77,8 @@ def tracking_warnings(caught: list) -> list[str]:
 def test_credentials_leave_the_uri_whatever_the_scheme_case(monkeypatch):
     """Schemes are case-insensitive (RFC 3986): HTTP://user:pw@ must lose its secret like http:// does,
     before the URI becomes a param, the config artifact or a line of output."""
-    from hidrop_platform.config.schema import credentials_to_env, load_config
+    from hidrop_platform.config.credentials import move_credentials_to_env as credentials_to_env
+    from hidrop_platform.config.loader import load_config
     from hidrop_platform.tracking.store import _is_http, redact_uri
 
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -458,7 +454,7 @@ def test_unreachable_classification():
     from mlflow.exceptions import MlflowException, RestException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    from hidrop_platform.tracking.store import _is_unreachable
+    from hidrop_platform.tracking.store import is_unreachable as _is_unreachable
 
     def wrapped_connection_error() -> MlflowException:
         try:
@@ -480,7 +476,7 @@ def test_unreachable_classification():
 
 def test_system_metrics_and_versions_are_cheap_and_import_nothing_heavy():
     code = (
-        "import sys, hidrop_platform.tracking.store as t\n"
+        "import sys, hidrop_platform.tracking.params as t\n"
         "heavy = ('mlflow', 'requests', 'torch', 'ray', 'deepspeed', 'transformers')\n"
         "assert not [m for m in heavy if m in sys.modules], 'import'\n"
         "v = t.package_versions(); m = t.system_metrics()\n"

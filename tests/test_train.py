@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from hidrop.tiny import tiny_vlm
 from hidrop.training import Hook, TrainingLoop, lr_at, set_trainable
-from hidrop_platform.config.schema import load_config
-from hidrop_platform.train.driver import deepspeed_config
+from hidrop_platform.config.loader import load_config
+from hidrop_platform.train.worker import deepspeed_config
 
 SMOKE = "experiments/tiny_train_smoke.yaml"
 
@@ -49,7 +49,7 @@ def test_deepspeed_config_from_yaml_and_merge():
     ],
 )
 def test_train_config_errors(bad, msg):
-    from hidrop_platform.config.schema import ConfigError
+    from hidrop_platform.config.loader import ConfigError
 
     extra = ["train.stage=pretrain"] if "lora" in bad else []
     with pytest.raises(ConfigError, match=msg):
@@ -175,7 +175,7 @@ def test_unreachable_tracking_server_training_continues_and_spools(tmp_path, mon
     # replay into a local store: every step arrives
     import mlflow
 
-    from hidrop_platform.tracking.store import sync_spool
+    from hidrop_platform.tracking.spool import sync_spool
 
     uri = f"sqlite:///{tmp_path / 'later.db'}"
     run_id = sync_spool(spools[0], tracking_uri=uri)
@@ -279,7 +279,7 @@ def test_lora_export_merges_adapters_into_a_loadable_checkpoint(tmp_path):
 
 
 def test_precision_must_match_weights():
-    from hidrop_platform.config.schema import ConfigError
+    from hidrop_platform.config.loader import ConfigError
 
     with pytest.raises(ConfigError, match="precision=fp32 needs model.dtype=float32"):
         load_config(SMOKE, ["model.dtype=bfloat16"])
@@ -318,7 +318,7 @@ def _plain_loop(recipe, steps, hooks, state=None):
     """The tiny model's plain training loop from the same initial weights and data."""
     from hidrop.tiny import tiny_vlm
     from hidrop.training import PlainRuntime, make_dataset, make_loader, prepare_module
-    from hidrop_platform.train.driver import training_samples
+    from hidrop_platform.train.worker import training_samples
 
     torch.manual_seed(0)
     cfg = load_config(pytest.ROOT / SMOKE)
@@ -410,7 +410,7 @@ def test_fail_at_step_fires_on_the_first_attempt_only(monkeypatch):
 @pytest.mark.slow
 def test_worker_news_reach_the_driver_progress_and_stop(tmp_path, monkeypatch):
     """Rank 0's progress and its reason to stop travel through one Ray queue, not files in storage."""
-    from hidrop_platform.config.schema import DataSpec
+    from hidrop_platform.config.training import DataSpec
     from hidrop_platform.train.driver import TrainSetupError, run_training
 
     monkeypatch.chdir(tmp_path)

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from hidrop.schedule import ScheduleError, hidrop, keep_curve, pyramid, spread_layers
-from hidrop_platform.config.schema import ConfigError, load_config_data, validate_config, with_overrides
+from hidrop_platform.config.loader import ConfigError, load_config_data, validate_config, with_overrides
 from hidrop_platform.tune.pareto import pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,8 @@ def test_curve_form_in_yaml_and_config_errors(tmp_path):
 
 
 def test_every_experiment_search_space_produces_valid_trials():
-    from hidrop_platform.tune.driver import ScheduleSearcher, trial_config
+    from hidrop_platform.tune.searcher import ScheduleSearcher
+    from hidrop_platform.tune.space import trial_config
 
     searched = 0
     for path in sorted((ROOT / "experiments").glob("*.yaml")):
@@ -183,7 +184,8 @@ def _suggest_all(searcher, limit=200):
 
 @pytest.mark.parametrize("algorithm", ["random", "optuna"])
 def test_searcher_only_suggests_valid_schedules_and_counts_rejections(tmp_path, algorithm):
-    from hidrop_platform.tune.driver import ScheduleSearcher, trial_config
+    from hidrop_platform.tune.searcher import ScheduleSearcher
+    from hidrop_platform.tune.space import trial_config
 
     base = _tiny(tmp_path, algorithm=algorithm, num_samples=12, seeds=["vanilla", "fastv"])
     searcher = ScheduleSearcher(base, validate_config(base))
@@ -198,7 +200,7 @@ def test_searcher_only_suggests_valid_schedules_and_counts_rejections(tmp_path, 
 
 
 def test_grid_enumerates_exactly_the_valid_points(tmp_path):
-    from hidrop_platform.tune.driver import ScheduleSearcher
+    from hidrop_platform.tune.searcher import ScheduleSearcher
 
     space = {
         "schedule.inject_layer": {"int": [1, 5]},
@@ -230,7 +232,8 @@ def test_grid_enumerates_exactly_the_valid_points(tmp_path):
 
 def test_score_objective_rejects_schedules_over_the_budget_before_they_run(tmp_path):
     from hidrop.cost import cost_report
-    from hidrop_platform.tune.driver import ScheduleSearcher, trial_config
+    from hidrop_platform.tune.searcher import ScheduleSearcher
+    from hidrop_platform.tune.space import trial_config
 
     base = _tiny(tmp_path, objective="score", max_vision_tflops=1.5e-6, num_samples=6, seeds=[])
     searcher = ScheduleSearcher(base, validate_config(base))
@@ -242,7 +245,7 @@ def test_score_objective_rejects_schedules_over_the_budget_before_they_run(tmp_p
 
 @pytest.mark.parametrize("algorithm", ["random", "optuna"])
 def test_searcher_state_round_trip_continues_without_repeats(tmp_path, algorithm):
-    from hidrop_platform.tune.driver import ScheduleSearcher
+    from hidrop_platform.tune.searcher import ScheduleSearcher
 
     base = _tiny(tmp_path, algorithm=algorithm, num_samples=6, seeds=["vanilla", "pdrop"])
     full = _suggest_all(ScheduleSearcher(base, validate_config(base)))
@@ -431,8 +434,12 @@ def test_sweep_folder_never_holds_the_tracking_password(tmp_path, monkeypatch):
     import ray
     from ray import cloudpickle
 
-    from hidrop_platform.config.schema import credentials_to_env, tracking_credentials
-    from hidrop_platform.tune import driver as T
+    from hidrop_platform.config.credentials import move_credentials_to_env as credentials_to_env
+    from hidrop_platform.config.credentials import tracking_credentials
+    from hidrop_platform.tune.credentials import fetch_credentials, share_credentials
+    from hidrop_platform.tune.driver import _ProgressAndRunCloser, _tuner
+    from hidrop_platform.tune.searcher import ScheduleSearcher
+    from hidrop_platform.tune.trial import TrialContext
 
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(key, "placeholder")  # restored after the test
@@ -448,22 +455,22 @@ def test_sweep_folder_never_holds_the_tracking_password(tmp_path, monkeypatch):
         data["tracking"]["uri"] = uri
         cfg = validate_config(data)
         sweep_dir = tmp_path / "runs" / "tiny_tune"
-        name, holder = T._share_credentials(tracking_credentials())
-        ctx = T.TrialContext(
+        name, holder = share_credentials(tracking_credentials())
+        ctx = TrialContext(
             base=data, reference={}, sweep_dir=str(sweep_dir), sweep="tiny_tune", tracking_uri=uri,
             experiment="x", parent_run_id=None, tracking=True, spool_dir=str(tmp_path), threads=1,
             devices_per_trial=0, device_type="cpu", credentials_from=name,
         )  # fmt: skip
-        searcher = T.ScheduleSearcher(data, cfg)
-        T._tuner(cfg, ctx, searcher, T._ProgressCallback(None, searcher.total_trials, ctx), 1, False)
+        searcher = ScheduleSearcher(data, cfg)
+        _tuner(cfg, ctx, searcher, _ProgressAndRunCloser(None, searcher.total_trials, ctx), 1, False)
         assert (sweep_dir / "tuner.pkl").is_file()
         written = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
-        written += [cloudpickle.dumps(ctx), pickle.dumps(T._ProgressCallback(None, 1, ctx))]
+        written += [cloudpickle.dumps(ctx), pickle.dumps(_ProgressAndRunCloser(None, 1, ctx))]
         assert not [w for w in written if b"pw-Zq81x" in w]
-        in_worker = ray.remote(lambda n: (T._fetch_credentials(n), os.environ.get("MLFLOW_TRACKING_PASSWORD")))
+        in_worker = ray.remote(lambda n: (fetch_credentials(n), os.environ.get("MLFLOW_TRACKING_PASSWORD")))
         got = ray.get(in_worker.remote(name))
         assert got == ({"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pw-Zq81x"}, None)
-        assert T._share_credentials({}) == (None, None) and T._fetch_credentials(None) == {}
+        assert share_credentials({}) == (None, None) and fetch_credentials(None) == {}
         del holder
     finally:
         ray.shutdown()
@@ -509,7 +516,9 @@ def test_trained_sweep_finetunes_each_trial_under_asha(tmp_path):
 
 
 def test_an_all_impossible_space_fails_before_any_trial(tmp_path):
-    from hidrop_platform.tune.driver import TuneSetupError, run_tune, valid_share
+    from hidrop_platform.tune.driver import run_tune
+    from hidrop_platform.tune.errors import TuneSetupError
+    from hidrop_platform.tune.searcher import valid_share
 
     base = _tiny(tmp_path)
     share, reasons = valid_share(base, validate_config(base))
@@ -783,7 +792,8 @@ def test_multi_fidelity_sweep_stops_trials_and_confirms_on_unseen_questions(tmp_
 
 
 def test_fidelity_and_confirm_configs_are_checked(tmp_path):
-    from hidrop_platform.tune.driver import TuneSetupError, confirm_benchmarks
+    from hidrop_platform.tune.confirm import confirm_benchmarks
+    from hidrop_platform.tune.errors import TuneSetupError
 
     with pytest.raises(ConfigError, match="tune.fidelity applies to training_free"):
         validate_config(_tiny(tmp_path, kind="trained", fidelity={"rungs": 2}))
@@ -842,7 +852,7 @@ def test_bench_search_accounts_for_every_question_and_confirms_unseen(tmp_path):
 
 
 def test_a_trial_stopped_at_a_low_rung_stays_off_the_front():
-    from hidrop_platform.tune.driver import ParetoHalving
+    from hidrop_platform.tune.scheduler import ParetoHalving
     from hidrop_platform.tune.summary import TrialRecord, summarize_sweep
 
     def trial(label, score, tflops, rung, status):

@@ -19,7 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
     from pip._vendor import tomli as tomllib
 
 from hidrop.assets import shipped_experiment, shipped_experiments, shipped_path
-from hidrop_platform.config.schema import ConfigError, load_config
+from hidrop_platform.config.loader import ConfigError, load_config
 from hidrop_platform.evaluate.runs import resolve_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         expected |= {f"{prefix}/{p.relative_to(folder)}" for kind in kinds for p in folder.rglob(kind)}
     expected = {n for n in expected if "/tests/" not in n}
     assert "hidrop/lmms_plugin/models/hidrop.py" in expected and "hidrop/experiments/mini_llava_eval.yaml" in expected
-    assert "hidrop/evaluation/harness.py" in expected and "hidrop_platform/cli/commands.py" in expected
+    assert "hidrop/evaluation/harness.py" in expected and "hidrop_platform/cli/app.py" in expected
     assert expected <= names, sorted(expected - names)
     assert not [n for n in names if n.startswith(("tests/", "platform/", "checkpoints/", "experiments/"))]
 

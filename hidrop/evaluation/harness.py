@@ -33,7 +33,7 @@ from hidrop.evaluation.results import (
     QuestionRecord,
 )
 from hidrop.evaluation.uncertainty import N_RESAMPLES, attach_intervals
-from hidrop.models import VisionLanguageModel
+from hidrop.models import VisionLanguageModel, lm_shape_fields
 from hidrop.sample import Sample
 from hidrop.schedule import Schedule, first_error_line, vanilla
 
@@ -124,12 +124,7 @@ def model_shape(vlm: VisionLanguageModel, text_tokens: int) -> ModelShape:
     if vlm.image_processor is not None and (vlm.kind != "llama" or vlm.vision_fn is not None):
         encoder = VisionEncoderShape(fixed_gmacs=_vision_gmacs(vlm))
     return ModelShape(
-        num_layers=cfg.num_hidden_layers,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        vocab_size=cfg.vocab_size,
+        **lm_shape_fields(cfg),
         num_vision_tokens=vlm.num_vision_tokens,
         text_tokens=max(0, int(round(text_tokens))),
         vision_encoder=encoder,

@@ -18,6 +18,7 @@ machine has no registry, so it runs from the tree plus carried wheels (README: "
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import statistics
@@ -28,8 +29,25 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import transformers
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
-ROOT = Path(__file__).resolve().parents[1]
+from hidrop.engine import ScheduledModel
+from hidrop.models import DTYPES, llama_config
+from hidrop.schedule import preset
+from hidrop.tiny import tiny_llama
+from hidrop_platform.bench.methods import (
+    _cache_mib,
+    _random_lm,
+    _round_robin,
+    run_generate_bench,
+    run_prefill_bench,
+    run_train_step_bench,
+)
+from hidrop_platform.config.loader import load_config_data, validate_config, with_overrides
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: platform/bench/ is two folders down
 DEFAULT_EXPERIMENT = ROOT / "experiments" / "llava15_7b_hidrop.yaml"
 TINY_SHAPE = {  # the dry run: every code path, a model of a few hundred thousand weights
     "num_layers": 8,
@@ -44,8 +62,6 @@ TINY_SHAPE = {  # the dry run: every code path, a model of a few hundred thousan
 
 
 def _load(experiment: Path, tiny: bool):
-    from hidrop_platform.config.schema import load_config_data, validate_config, with_overrides
-
     data = load_config_data(experiment)
     if tiny:
         tiny_bench = {"bench.cpu_shape": TINY_SHAPE, "bench.repeats": 2, "bench.warmup": 1, "bench.new_tokens": 4}
@@ -89,8 +105,6 @@ def run_gpu_tests(timeout_s: int = 240) -> dict:
 
 
 def _flash_attn_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("flash_attn") is not None
 
 
@@ -99,12 +113,6 @@ def run_sdpa_flash_parity(device: str, tiny: bool) -> dict:
     kernel, same fp16 weights, an unpadded batch under HiDrop (SDPA's flash kernel takes no explicit
     mask, so only the causal path reaches it); max |logit difference|. What this checks is SDPA's flash
     kernel inside the engine's pruned stages, not the flash-attn package nor padded batches."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from hidrop.engine import ScheduledModel
-    from hidrop.schedule import preset
-    from hidrop.tiny import tiny_llama
-
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     model = tiny_llama(num_layers=8, hidden_size=128, num_heads=4, num_kv_heads=2).to(device, dtype)
     g = torch.Generator().manual_seed(0)
@@ -142,8 +150,6 @@ def run_sdpa_flash_parity(device: str, tiny: bool) -> dict:
 def _llava(shape, device: str, dtype, tiny: bool):
     """A random LLaVA of the experiment's LM shape with a CLIP ViT-L/14-336-shaped encoder (tiny: the
     tiny CLIP)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
     if tiny:
         vision = CLIPVisionConfig(
             hidden_size=32,
@@ -163,15 +169,7 @@ def _llava(shape, device: str, dtype, tiny: bool):
             patch_size=14,
             projection_dim=768,
         )
-    text = LlamaConfig(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        max_position_embeddings=4096,
-    )
+    text = llama_config(shape)
     tokens = (vision.image_size // vision.patch_size) ** 2
     config = LlavaConfig(
         vision_config=vision,
@@ -191,17 +189,9 @@ def _llava(shape, device: str, dtype, tiny: bool):
 def run_decoupling_bench(cfg, device: str, tiny: bool, progress=None) -> dict:
     """HiDrop prefill from pixels, `parallel_vision` on (the encoder on a side stream beside the text-only
     layers before injection) and off (encode first), round-robin, median of repeats."""
-    from hidrop.engine import ScheduledModel
-    from hidrop.schedule import preset
-    from hidrop_platform.bench.methods import _round_robin
-
     b = cfg.bench
     shape = b.cpu_shape if tiny else cfg.model.shape
-    dtype = (
-        torch.float32
-        if device == "cpu"
-        else {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(b.dtype, torch.float32)
-    )
+    dtype = torch.float32 if device == "cpu" else DTYPES.get(b.dtype, torch.float32)
     batch = b.cpu_batch_size if tiny else b.batch_size
     torch.manual_seed(cfg.seed)
     model, n_vis = _llava(shape, device, dtype, tiny)
@@ -255,10 +245,6 @@ def run_memory_budget_bench(cfg, device: str, tiny: bool, memory_gib: float, pro
     """Per method: the largest generation batch whose peak memory stays under `memory_gib` (CUDA: the
     allocator's measured peak, an OOM counting as not fitting; the CPU dry run: weights + KV cache from
     the cache's own size), then that batch's tokens/s, median of repeats."""
-    from hidrop.engine import ScheduledModel
-    from hidrop.schedule import preset
-    from hidrop_platform.bench.methods import _cache_mib, _random_lm, _round_robin
-
     b = cfg.bench
     shape = b.cpu_shape if tiny else cfg.model.shape
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -326,13 +312,9 @@ def run_gpu_check(
     tests: bool = True,
     say: Callable[[str], None] = lambda msg: None,
 ) -> dict:
-    from hidrop_platform.bench.methods import run_generate_bench, run_prefill_bench, run_train_step_bench
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = _load(Path(experiment), tiny)
     start = time.perf_counter()
-    import transformers
-
     result = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "torch": torch.__version__,

@@ -17,25 +17,18 @@ import time
 from typing import Callable, Optional
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hidrop.cost import ModelShape, model_tflops
 from hidrop.engine import ScheduledModel
-from hidrop.models import DTYPES
+from hidrop.models import DTYPES, llama_config
 from hidrop.schedule import Schedule, preset
 from hidrop_platform.config.schema import ExperimentConfig
 
 
 def _random_lm(shape: ModelShape, dtype, device, attn: str) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        max_position_embeddings=4096,
-    )
+    """A random-weight Llama of `shape`, in `dtype` on `device`, in eval mode."""
+    config = llama_config(shape)
     config._attn_implementation = attn
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)

@@ -1,6 +1,6 @@
 """The overhead of Ray Train + DeepSpeed over a plain training loop (`hidrop bench overhead`). The
 method benchmarks (prefill, generation, training step) live in `hidrop_platform.bench.methods`, which
-imports no ray, mlflow or deepspeed; they are re-exported here."""
+imports no ray, mlflow or deepspeed."""
 
 from __future__ import annotations
 
@@ -17,16 +17,11 @@ from typing import Optional
 import torch
 
 from hidrop.training import make_dataset, plain_training
-from hidrop_platform.bench.methods import (  # noqa: F401 - re-exported: `hidrop bench prefill|generate|train`
-    _random_lm,
-    run_generate_bench,
-    run_prefill_bench,
-    run_train_step_bench,
-)
 from hidrop_platform.config.schema import ExperimentConfig
 from hidrop_platform.evaluate.runs import build_model
-from hidrop_platform.train.driver import deepspeed_config, run_training, training_samples
+from hidrop_platform.train.driver import run_training
 from hidrop_platform.train.turns import OverheadBenchError, RecordStepTimes, TakeTurns, Turns
+from hidrop_platform.train.worker import deepspeed_config, training_samples
 
 STEP_TIMES_FILE = "step_times.json"  # the Ray side's step times, under <storage>/<name>
 

@@ -45,9 +45,12 @@ from hidrop_platform.evaluate.runs import (
     reference_pass,
     seen_overlap,
 )
-from hidrop_platform.tune.driver import ScheduleSearcher, TuneSetupError, confirm_benchmarks, trial_config
+from hidrop_platform.tune.confirm import confirm_benchmarks
+from hidrop_platform.tune.errors import TuneSetupError
 from hidrop_platform.tune.pareto import pareto_front
 from hidrop_platform.tune.rungs import RungPoint, Search, hypervolume, successive_halving
+from hidrop_platform.tune.searcher import ScheduleSearcher
+from hidrop_platform.tune.space import trial_config
 
 
 class SearchBenchError(UserError, RuntimeError):
@@ -103,54 +106,17 @@ def run_search_bench(
     f = cfg.tune.fidelity or FidelityConfig()
     if cfg.tune.confirm is None:
         cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"confirm": ConfirmConfig()})})
-    try:
-        pool = candidate_set(cfg, base, candidates or cfg.tune.num_samples)
-        schedules = {
-            label: trial_config(base, o).main_schedule.model_copy(update={"name": label}) for label, o in pool.items()
-        }
-        vlm = build_model(cfg)
-        benches = benchmarks_for(cfg)
-        held_out = confirm_benchmarks(cfg)
-    except (EvalSetupError, TuneSetupError) as e:
-        raise SearchBenchError(str(e)) from None
+    schedules, vlm, benches, held_out = _setup(cfg, base, candidates)
     try:
         say("reference: all tokens and blind on every search question")
         t0 = time.perf_counter()
         ref = reference_pass(cfg, vlm, benches)
         ref_wall = time.perf_counter() - t0
         stored = known_records(ref)
-
-        exhaustive: dict[str, RungPoint] = {}
-        scored: dict[str, dict] = {}  # label -> its records on every search question
-        for i, (label, schedule) in enumerate(schedules.items()):
-            say(f"exhaustive {i + 1}/{len(schedules)}: {label}")
-            t0 = time.perf_counter()
-            report = evaluate_schedule(cfg, vlm, schedule, benches, known=known_for(stored, schedule))
-            exhaustive[label] = _point(report, schedule, time.perf_counter() - t0)
-            scored[label] = known_records(report, [report.row_for(schedule).method])
-
-        own: dict[str, dict] = {label: {} for label in schedules}
-
-        def evaluate_rung(label: str, rung: int) -> RungPoint:
-            say(f"multi-fidelity rung {rung}/{f.rungs}: {label}")
-            schedule = schedules[label]
-            t0 = time.perf_counter()
-            report = evaluate_schedule(
-                cfg,
-                vlm,
-                schedule,
-                benches,
-                known={**known_for(stored, schedule), **own[label]},
-                select=rung_select(rung, f.rungs, f.factor, cfg.seed),
-            )
-            own[label] = known_records(report, [report.row_for(schedule).method])
-            return _point(report, schedule, time.perf_counter() - t0)
-
+        exhaustive, scored = _exhaustive(cfg, vlm, schedules, benches, stored, say)
         seeds = [label for label in schedules if label.startswith("seed:")] if f.promote_seeds else []
         unpruned = ref.reference_row().vision_tflops  # the hypervolume's reference cost
-        search = successive_halving(
-            list(schedules), evaluate_rung, f.rungs, f.factor, always=seeds, rule=f.promotion, ceiling=unpruned
-        )
+        search = _multi_fidelity(cfg, vlm, schedules, benches, stored, seeds, unpruned, say)
         replays = []
         for k in range(1, orders):  # the same rule on reshuffled rung orders, from the exhaustive records
             say(f"replaying the rungs on question order {k + 1}/{orders}")
@@ -167,6 +133,57 @@ def run_search_bench(
         }
     except EvalError as e:
         raise SearchBenchError(str(e).splitlines()[0]) from None
+
+
+def _setup(cfg: ExperimentConfig, base: dict, candidates: Optional[int]) -> tuple[dict, object, list, list]:
+    """The candidate schedules by label, the model, the search's benchmarks and the held-out ones."""
+    try:
+        pool = candidate_set(cfg, base, candidates or cfg.tune.num_samples)
+        schedules = {
+            label: trial_config(base, o).main_schedule.model_copy(update={"name": label}) for label, o in pool.items()
+        }
+        return schedules, build_model(cfg), benchmarks_for(cfg), confirm_benchmarks(cfg)
+    except (EvalSetupError, TuneSetupError) as e:
+        raise SearchBenchError(str(e)) from None
+
+
+def _exhaustive(cfg, vlm, schedules: dict, benches: list, stored, say) -> tuple[dict[str, RungPoint], dict[str, dict]]:
+    """Every candidate on every search question: its point, and its records (label -> records)."""
+    exhaustive: dict[str, RungPoint] = {}
+    scored: dict[str, dict] = {}
+    for i, (label, schedule) in enumerate(schedules.items()):
+        say(f"exhaustive {i + 1}/{len(schedules)}: {label}")
+        t0 = time.perf_counter()
+        report = evaluate_schedule(cfg, vlm, schedule, benches, known=known_for(stored, schedule))
+        exhaustive[label] = _point(report, schedule, time.perf_counter() - t0)
+        scored[label] = known_records(report, [report.row_for(schedule).method])
+    return exhaustive, scored
+
+
+def _multi_fidelity(cfg, vlm, schedules: dict, benches: list, stored, seeds: list[str], ceiling, say) -> Search:
+    """The multi-fidelity search, run: each rung scores only its new questions (a candidate's earlier
+    rungs' records are reused), so its cost is what the search really pays."""
+    f = cfg.tune.fidelity or FidelityConfig()
+    own: dict[str, dict] = {label: {} for label in schedules}
+
+    def evaluate_rung(label: str, rung: int) -> RungPoint:
+        say(f"multi-fidelity rung {rung}/{f.rungs}: {label}")
+        schedule = schedules[label]
+        t0 = time.perf_counter()
+        report = evaluate_schedule(
+            cfg,
+            vlm,
+            schedule,
+            benches,
+            known={**known_for(stored, schedule), **own[label]},
+            select=rung_select(rung, f.rungs, f.factor, cfg.seed),
+        )
+        own[label] = known_records(report, [report.row_for(schedule).method])
+        return _point(report, schedule, time.perf_counter() - t0)
+
+    return successive_halving(
+        list(schedules), evaluate_rung, f.rungs, f.factor, always=seeds, rule=f.promotion, ceiling=ceiling
+    )
 
 
 def _replay(cfg, vlm, schedules, benches, stored, scored, seeds, ceiling, seed: int) -> Search:
@@ -201,77 +218,74 @@ def _best_under(points: dict[str, RungPoint], budget: float) -> Optional[str]:
     return max(fits, key=lambda k: (points[k].score, -points[k].cost)) if fits else None
 
 
+def _completed(search: Search) -> dict[str, RungPoint]:
+    # a candidate stopped at a low rung was scored on fewer questions: only full-fidelity ones compete
+    return {k: search.final()[k] for k in search.completed()}
+
+
+class _Confirmation:
+    """The held-out pass of the schedules to confirm (with all tokens and blind), and how to read it."""
+
+    def __init__(self, cfg, vlm, schedules: dict, labels: list[str], held_out: list, stored):
+        seen = {b: list(rows) for b, rows in stored[REFERENCE].items()}
+        self.schedules = schedules
+        self.report = held_out_pass(cfg, vlm, [schedules[k] for k in labels], held_out, seen)
+        self.reference = self.report.reference_row()
+        self.overlap = seen_overlap(self.report, seen)
+        select = unseen_select(seen)
+        self.plans = [(b, select(b, b.samples())) for b in at_grid(vlm, held_out)]  # the questions it just scored
+        self.blind = self.report.method("blind").relative_score  # the floor of the "above blind" hypervolume
+
+    def row_name(self, label: str) -> str:
+        return REFERENCE if self.schedules[label].is_vanilla() else label
+
+    def score(self, label: str) -> list:
+        """[confirmed relative score, low, high]."""
+        row = self.reference if self.schedules[label].is_vanilla() else self.report.method(label)
+        return [row.relative_score, *(row.relative_interval or [None, None])]
+
+    def points(self, front: list[str], share: dict[str, float]) -> list[tuple[float, float]]:
+        """(confirmed score, cost share) of a front's members that have a confirmed score."""
+        return [(self.score(k)[0], share[k]) for k in front if self.score(k)[0] is not None]
+
+
 def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, budget, say, replays=()) -> dict:
     costs = sorted(p.cost for p in exhaustive.values())
     budget = budget or cfg.tune.max_vision_tflops or costs[len(costs) // 2]  # default: the median candidate
-
-    def completed(s: Search) -> dict[str, RungPoint]:
-        # a candidate stopped at a low rung was scored on fewer questions: only full-fidelity ones compete
-        return {k: s.final()[k] for k in s.completed()}
-
-    full = completed(search)
+    full = _completed(search)
     sides = {
         "exhaustive": (exhaustive, _front(exhaustive), _best_under(exhaustive, budget)),
         "multi_fidelity": (full, _front(full), _best_under(full, budget)),
     }
-    replay_fronts = [_front(completed(r)) for r in replays]
+    replay_fronts = [_front(_completed(r)) for r in replays]
     confirm_labels = sorted(
         {k for _, front, best in sides.values() for k in [*front, best] if k} | {k for f in replay_fronts for k in f}
     )
     say(f"confirming {len(confirm_labels)} schedules on held-out questions")
-    seen = {b: list(rows) for b, rows in stored[REFERENCE].items()}
-    report = held_out_pass(cfg, vlm, [schedules[k] for k in confirm_labels], held_out, seen)
-    ref = report.reference_row()
-    overlap = seen_overlap(report, seen)
-    select = unseen_select(seen)
-    plans = [(b, select(b, b.samples())) for b in at_grid(vlm, held_out)]  # the questions it just scored
-
-    def row_name(label: str) -> str:
-        return REFERENCE if schedules[label].is_vanilla() else label
-
-    def confirmed(label: str) -> list:
-        row = ref if schedules[label].is_vanilla() else report.method(label)
-        return [row.relative_score, *(row.relative_interval or [None, None])]
-
+    confirmed = _Confirmation(cfg, vlm, schedules, confirm_labels, held_out, stored)
     max_cost = costs[-1]
     share = {k: exhaustive[k].cost / max_cost for k in confirm_labels}  # a schedule's cost, either side
-
-    def confirmed_points(front: list[str]) -> list[tuple[float, float]]:
-        """(confirmed score, cost share) of a front's members that have a confirmed score."""
-        return [(confirmed(k)[0], share[k]) for k in front if confirmed(k)[0] is not None]
-
-    blind = report.method("blind").relative_score  # the floor of the "above blind" hypervolume
-    out: dict = {"budget_vision_tflops": budget, "confirm_questions": {b.name: b.samples for b in report.benchmarks}}
-    out["blind_confirmed"] = blind
-    out["confirm_overlap"] = overlap
+    out: dict = {
+        "budget_vision_tflops": budget,
+        "confirm_questions": {b.name: b.samples for b in confirmed.report.benchmarks},
+        "blind_confirmed": confirmed.blind,
+        "confirm_overlap": confirmed.overlap,
+    }
     spent = {"exhaustive": list(exhaustive.values()), "multi_fidelity": search.every_point()}
     for side, (points, front, best) in sides.items():
-        out[side] = {
-            "questions_run": sum(p.questions_run for p in spent[side]),
-            "batches_run": sum(p.batches_run for p in spent[side]),
-            "wall_s": sum(p.wall_s for p in spent[side]),
-            "front": front,
-            "best_under_budget": best,
-            "best_search": None if best is None else [points[best].score, points[best].low, points[best].high],
-            "best_confirmed": None if best is None else confirmed(best),
-            # cost as a share of the dearest candidate's: the area is in relative-score points x cost share
-            "hypervolume_confirmed": hypervolume(confirmed_points(front), 1.0),
-            "hypervolume_search": hypervolume([(points[k].score, points[k].cost / max_cost) for k in front], 1.0),
-            # the area above blind: a blind-level point (answering as if without the image) adds nothing
-            "hypervolume_confirmed_above_blind": hypervolume(confirmed_points(front), 1.0, blind),
-        }
-    mf = out["multi_fidelity"]
+        out[side] = _side_summary(points, front, best, spent[side], confirmed, share, max_cost)
+    ex, mf = out["exhaustive"], out["multi_fidelity"]
     mf["completed"] = search.completed()
     mf["stopped"] = len(schedules) - len(search.completed())
-    ex = out["exhaustive"]
     a, b = ex["best_under_budget"], mf["best_under_budget"]
     if a and b and a != b:  # the two bests on the same held-out questions, paired
-        d = compare_methods(report, plans, row_name(a), row_name(b), cfg.seed, cfg.eval.resamples)
+        report, plans = confirmed.report, confirmed.plans
+        d = compare_methods(report, plans, confirmed.row_name(a), confirmed.row_name(b), cfg.seed, cfg.eval.resamples)
         out["best_difference"] = d.model_dump()
+    names = sorted({confirmed.row_name(k) for k in confirm_labels} | {"blind"})
+    by_row = resampled_relative(confirmed.report, confirmed.plans, names, cfg.seed, cfg.eval.resamples)
+    draws = {k: by_row[confirmed.row_name(k)] for k in confirm_labels}
     fronts = {k: v[1] for k, v in sides.items()}
-    names = sorted({row_name(k) for k in confirm_labels} | {"blind"})
-    by_row = resampled_relative(report, plans, names, cfg.seed, cfg.eval.resamples)
-    draws = {k: by_row[row_name(k)] for k in confirm_labels}
     for key, floor, area in (
         ("hypervolume_difference", None, "hypervolume_confirmed"),
         ("hypervolume_difference_above_blind", by_row["blind"], "hypervolume_confirmed_above_blind"),
@@ -283,20 +297,38 @@ def _compare(cfg, vlm, schedules, exhaustive, search: Search, held_out, stored, 
         out[key] = hv
     out["cost_ratio"] = {k: (mf[k] / ex[k] if ex[k] else None) for k in ("questions_run", "batches_run", "wall_s")}
     if replays:
-        searches = [(search, sides["multi_fidelity"][1]), *zip(replays, replay_fronts)]
-        row_args = (ex, draws, sides, share, by_row["blind"], confirmed_points, blind)
-        rows = [_order_row(r, front, *row_args) for r, front in searches]
+        searches = [(search, fronts["multi_fidelity"]), *zip(replays, replay_fronts)]
+        rows = [_order_row(r, front, ex, draws, fronts, share, by_row["blind"], confirmed) for r, front in searches]
         out["orders"] = _orders_summary(rows)
     out["verdict"] = _verdict(out)
     return out
 
 
-def _order_row(search: Search, front, ex, draws, sides, share, blind_draws, confirmed_points, blind) -> dict:
+def _side_summary(points, front, best, spent, confirmed: _Confirmation, share, max_cost: float) -> dict:
+    """One search's cost (what it spent), its front and best schedule under the budget, as searched and
+    as confirmed on held-out questions."""
+    return {
+        "questions_run": sum(p.questions_run for p in spent),
+        "batches_run": sum(p.batches_run for p in spent),
+        "wall_s": sum(p.wall_s for p in spent),
+        "front": front,
+        "best_under_budget": best,
+        "best_search": None if best is None else [points[best].score, points[best].low, points[best].high],
+        "best_confirmed": None if best is None else confirmed.score(best),
+        # cost as a share of the dearest candidate's: the area is in relative-score points x cost share
+        "hypervolume_confirmed": hypervolume(confirmed.points(front, share), 1.0),
+        "hypervolume_search": hypervolume([(points[k].score, points[k].cost / max_cost) for k in front], 1.0),
+        # the area above blind: a blind-level point (answering as if without the image) adds nothing
+        "hypervolume_confirmed_above_blind": hypervolume(confirmed.points(front, share), 1.0, confirmed.blind),
+    }
+
+
+def _order_row(search: Search, front, ex, draws, fronts, share, blind_draws, confirmed: _Confirmation) -> dict:
     """One rung order's multi-fidelity search against exhaustive: its cost ratio and its confirmed front."""
-    fronts = {"exhaustive": sides["exhaustive"][1], "multi_fidelity": front}
-    above = hypervolume_difference(draws, fronts, share, blind_draws) or {}
-    points = confirmed_points(front)
-    area = hypervolume(points, 1.0, blind)
+    pair = {"exhaustive": fronts["exhaustive"], "multi_fidelity": front}
+    above = hypervolume_difference(draws, pair, share, blind_draws) or {}
+    points = confirmed.points(front, share)
+    area = hypervolume(points, 1.0, confirmed.blind)
     return {
         "questions_ratio": sum(p.questions_run for p in search.every_point()) / ex["questions_run"],
         "completed": len(search.completed()),

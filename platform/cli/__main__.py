@@ -1,5 +1,5 @@
 """`python -m hidrop_platform.cli`: the same as the `hidrop` command."""
 
-from hidrop_platform.cli.commands import main
+from hidrop_platform.cli.app import main
 
 main()

@@ -21,11 +21,18 @@ from hidrop.diagnostics import (
     sweep_statistics,
 )
 from hidrop.errors import UserError
-from hidrop.evaluation.harness import EvalError
-from hidrop_platform.config.schema import ExperimentConfig, flatten, validate_config
+from hidrop.evaluation.harness import EvalError, evaluate
+from hidrop.schedule import vanilla
+from hidrop_platform.config.loader import flatten, validate_config
+from hidrop_platform.config.schema import ExperimentConfig
 from hidrop_platform.evaluate.runs import EvalSetupError, benchmarks_for, build_model
 from hidrop_platform.tracking import names as N
-from hidrop_platform.tracking.store import Tracker, prepare_for
+from hidrop_platform.tracking.store import prepare_for
+from hidrop_platform.tracking.tracker import Tracker
+
+
+class AnalyzeSetupError(UserError, RuntimeError):
+    """Bad data or model for the diagnostics; one line for the user."""
 
 
 def _check_writable(folder: Path) -> None:
@@ -37,95 +44,38 @@ def _check_writable(folder: Path) -> None:
         raise AnalyzeSetupError(f"analyze.output: cannot write to {folder} ({e.strerror or e})") from None
 
 
-class AnalyzeSetupError(UserError, RuntimeError):
-    """Bad data or model for the diagnostics; one line for the user."""
-
-
 def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[str], None]] = None, vlm=None) -> dict:
-
+    """The layer curves (and, with analyze.sweeps, the exit and injection sweeps) of the experiment's
+    model, the schedule they propose, written under analyze.output/<name> (proposed.yaml, analysis.json,
+    curves.png) and tracked as one run. Returns the result as written to analysis.json, plus the files."""
     a = cfg.analyze
     say = progress or (lambda msg: None)
     start = time.perf_counter()
-    _check_writable(Path(a.output) / cfg.name)  # before minutes of model work, not after
+    out = Path(a.output) / cfg.name
+    _check_writable(out)  # before minutes of model work, not after
     try:
         say(f"loading {cfg.model.kind} model")
         vlm = vlm or build_model(cfg)
-        calibration = []
-        for bench in benchmarks_for(cfg, limit=a.samples):  # the calibration set: the benchmarks' image samples
-            bench = bench.for_grid(vlm.grid) if hasattr(bench, "for_grid") and vlm.grid else bench
-            calibration += [s for s in bench.samples() if s.has_image]
-        calibration = calibration[: a.samples]
+        calibration = _calibration_samples(cfg, vlm)
         say(f"layer curves on {len(calibration)} samples")
         curves = layer_curves(
             vlm, calibration, ilvas_k=a.ilvas_k, ilvas_n=a.ilvas_n, reference=a.reference, batch_size=a.batch_size
         )
-        sweeps, signal_search = None, None
-        if a.sweeps:
-            n = a.sweep_samples
-            if n is None:  # as many questions as it takes for the image to matter measurably
-                n, signal_search = choose_sweep_samples(lambda k: _signal(cfg, vlm, k), most=a.sweep_samples_max)
-                resolved = signal_search[-1]["interval"][0] > 0
-                say(f"sweeps on {n} questions per benchmark" + (" (all tokens beats blind there)" if resolved else ""))
-            benches = benchmarks_for(cfg, limit=n)
-            say(f"exit and injection sweeps ({2 * len(range(2, vlm.num_layers + 1, a.sweep_stride))} schedules)")
-            sweeps = run_sweeps(
-                vlm,
-                benches,
-                stride=a.sweep_stride,
-                mode=cfg.eval.mode,
-                batch_size=cfg.eval.batch_size,
-                seed=cfg.seed,
-                progress=lambda done, total, label: say(f"sweeps: batch {done}/{total}"),
-            )
+        sweeps, signal_search = _sweeps(cfg, vlm, say) if a.sweeps else (None, None)
     except (EvalSetupError, EvalError) as e:
         raise AnalyzeSetupError(str(e)) from None
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         raise AnalyzeSetupError(f"analyze: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    budget = a.avg_tokens or default_budget(vlm.num_vision_tokens)
     proposal = propose(
         curves,
         sweeps,
-        avg_tokens=budget,
+        avg_tokens=a.avg_tokens or default_budget(vlm.num_vision_tokens),
         stages=a.stages,
         keep_decay=a.keep_decay,
         exit_tolerance=a.exit_tolerance,
         onset_fraction=a.onset_fraction,
     )
-    findings, warnings = {}, []
-    if sweeps is not None:
-        passive = passive_shallow_layers(sweeps, a.exit_tolerance)
-        k = sweeps["layers"].index(passive) if passive in sweeps["layers"] else None
-        quoted = (
-            describe_point(
-                f"L{passive}",
-                sweeps["inject_diff"][k],
-                sweeps["inject_diff_interval"][k],
-                a.exit_tolerance,
-                sweeps["questions"],
-            )
-            if k is not None
-            else ""
-        )
-        findings = {
-            "deepest_passive_injection": passive,
-            "shallow_layers_passive": passive > 1,
-            "summary": (
-                f"injecting the image at L{passive} is not shown to lose more than {a.exit_tolerance:g} points "
-                f"({quoted}): layers 1..{passive - 1} may do without it"
-                if passive > 1
-                else f"injecting the image after L1 already loses more than {a.exit_tolerance:g} points: "
-                "the shallow layers are not passive for this model"
-            ),
-        }
-        sig = sweeps["signal"]
-        if not sig["resolved"]:
-            lo, hi = sig["interval"]
-            warnings.append(
-                f"all tokens vs blind on the {sweeps['questions']} sweep questions: {sig['diff']:+.1f} "
-                f"[{lo:+.1f}, {hi:+.1f}] points, not significantly above blind: the sweeps cannot tell layers "
-                "apart here (raise analyze.sweep_samples, or the model barely uses the image)"
-            )
-    out = Path(a.output) / cfg.name
+    findings, warnings = _findings(sweeps, a.exit_tolerance) if sweeps is not None else ({}, [])
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "experiment": cfg.name,
@@ -139,13 +89,82 @@ def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[
         "wall_time_s": time.perf_counter() - start,
         "output": str(out),
     }
-    proposed_yaml = _proposed_experiment(base, proposal, cfg)
-    (out / "proposed.yaml").write_text(proposed_yaml)
+    (out / "proposed.yaml").write_text(_proposed_experiment(base, proposal, cfg))
     (out / "analysis.json").write_text(json.dumps(result, indent=2))
     plot_curves(result, out / "curves.png")
     result["files"] = sorted(str(p) for p in out.iterdir())
     _track(cfg, result, out)
     return result
+
+
+def _calibration_samples(cfg: ExperimentConfig, vlm) -> list:
+    """The calibration set: the benchmarks' samples with an image, at most analyze.samples of them."""
+    calibration = []
+    for bench in benchmarks_for(cfg, limit=cfg.analyze.samples):
+        bench = bench.for_grid(vlm.grid) if hasattr(bench, "for_grid") and vlm.grid else bench
+        calibration += [s for s in bench.samples() if s.has_image]
+    return calibration[: cfg.analyze.samples]
+
+
+def _sweeps(cfg: ExperimentConfig, vlm, say: Callable[[str], None]) -> tuple[dict, Optional[list[dict]]]:
+    """The exit and injection sweeps, and the search for their question count when analyze.sweep_samples
+    is not given (None when it is)."""
+    a = cfg.analyze
+    n, signal_search = a.sweep_samples, None
+    if n is None:  # as many questions as it takes for the image to matter measurably
+        n, signal_search = choose_sweep_samples(lambda k: _signal(cfg, vlm, k), most=a.sweep_samples_max)
+        resolved = signal_search[-1]["interval"][0] > 0
+        say(f"sweeps on {n} questions per benchmark" + (" (all tokens beats blind there)" if resolved else ""))
+    benches = benchmarks_for(cfg, limit=n)
+    say(f"exit and injection sweeps ({2 * len(range(2, vlm.num_layers + 1, a.sweep_stride))} schedules)")
+    sweeps = run_sweeps(
+        vlm,
+        benches,
+        stride=a.sweep_stride,
+        mode=cfg.eval.mode,
+        batch_size=cfg.eval.batch_size,
+        seed=cfg.seed,
+        progress=lambda done, total, label: say(f"sweeps: batch {done}/{total}"),
+    )
+    return sweeps, signal_search
+
+
+def _findings(sweeps: dict, exit_tolerance: float) -> tuple[dict, list[str]]:
+    """What the sweeps say about the shallow layers, and a warning when they cannot tell layers apart."""
+    passive = passive_shallow_layers(sweeps, exit_tolerance)
+    k = sweeps["layers"].index(passive) if passive in sweeps["layers"] else None
+    quoted = (
+        describe_point(
+            f"L{passive}",
+            sweeps["inject_diff"][k],
+            sweeps["inject_diff_interval"][k],
+            exit_tolerance,
+            sweeps["questions"],
+        )
+        if k is not None
+        else ""
+    )
+    findings = {
+        "deepest_passive_injection": passive,
+        "shallow_layers_passive": passive > 1,
+        "summary": (
+            f"injecting the image at L{passive} is not shown to lose more than {exit_tolerance:g} points "
+            f"({quoted}): layers 1..{passive - 1} may do without it"
+            if passive > 1
+            else f"injecting the image after L1 already loses more than {exit_tolerance:g} points: "
+            "the shallow layers are not passive for this model"
+        ),
+    }
+    warnings = []
+    sig = sweeps["signal"]
+    if not sig["resolved"]:
+        lo, hi = sig["interval"]
+        warnings.append(
+            f"all tokens vs blind on the {sweeps['questions']} sweep questions: {sig['diff']:+.1f} "
+            f"[{lo:+.1f}, {hi:+.1f}] points, not significantly above blind: the sweeps cannot tell layers "
+            "apart here (raise analyze.sweep_samples, or the model barely uses the image)"
+        )
+    return findings, warnings
 
 
 def choose_sweep_samples(measure: Callable[[int], dict], start: int = 48, most: int = 768) -> tuple[int, list[dict]]:
@@ -165,9 +184,6 @@ def choose_sweep_samples(measure: Callable[[int], dict], start: int = 48, most: 
 
 def _signal(cfg: ExperimentConfig, vlm, n: int) -> dict:
     """All tokens minus blind, paired, on `n` questions per benchmark of eval.benchmarks."""
-    from hidrop.evaluation.harness import evaluate
-    from hidrop.schedule import vanilla
-
     report = evaluate(
         vlm,
         [vanilla(vlm.num_layers, vlm.num_vision_tokens)],  # folded into all tokens: two methods are run
@@ -206,7 +222,8 @@ def _proposed_experiment(base: dict, proposal: dict, cfg: ExperimentConfig) -> s
 
 
 def plot_curves(result: dict, path: Path) -> Path:
-    import matplotlib
+    """The layer curves (and the sweeps) as one figure of stacked panels, marked with the proposal."""
+    import matplotlib  # only when a figure is drawn: slow to import, and `hidrop` starts without it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

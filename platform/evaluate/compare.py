@@ -22,7 +22,7 @@ import gzip
 import itertools
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +38,9 @@ from hidrop.evaluation.uncertainty import (
     percentile_interval,
     unit_weights,
 )
+from hidrop_platform.tracking import names as N
+from hidrop_platform.tracking.store import prepare
+from hidrop_platform.tracking.tracker import Tracker
 
 MAX_RESAMPLES = 100_000
 
@@ -125,6 +128,24 @@ def _difference(stats_a, stats_b, point: float, a: np.ndarray, b: np.ndarray, pe
     }
 
 
+@dataclass
+class _Scored:
+    """Every label's scores on the questions all specs share, per key: a benchmark or benchmark/family."""
+
+    benches: list[str]
+    questions: dict[str, int] = field(default_factory=dict)  # benchmark -> questions kept
+    families: dict[str, list[str]] = field(default_factory=dict)  # benchmark -> its families
+    points: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> key -> 100 x mean score
+    stats: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # label -> key -> resampled scores
+    raw: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # label -> key -> per-question scores
+    per_question: dict[str, bool] = field(default_factory=dict)  # key -> one question per unit (McNemar)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def family_keys(self) -> list[str]:
+        return [f"{b}/{f}" for b in self.benches for f in self.families[b]]
+
+
 def compare(
     specs: list[str],
     reference: str,
@@ -138,6 +159,33 @@ def compare(
     others are still scored, with intervals."""
     if not 1 <= n_resamples <= MAX_RESAMPLES:  # each resample is a row of a (resamples x questions) matrix
         raise CompareError(f"--resamples {n_resamples}: give 1 to {MAX_RESAMPLES}")
+    parsed = _labelled_specs(specs, reference, baseline)
+    labels = [label for label, _, _ in parsed]
+    loaded = {label: read_records(path, method) for label, path, method in parsed}
+    scored = _score_shared({label: r.questions for label, r in loaded.items()}, reference, n_resamples, seed)
+    averaged = _averaged_benchmarks(scored, reference, relative_over)
+    relative = {label: _relative_draws(scored, label, reference, averaged) for label in labels}
+    rows = [_row(scored, label, reference, baseline, averaged, relative[label], loaded[label]) for label in labels]
+    return {
+        "reference": reference,
+        "baseline": baseline,
+        "relative_over": averaged,
+        "benchmarks": scored.questions,
+        "families": {k: int(len(scored.raw[reference][k])) for k in scored.family_keys},
+        "n_resamples": n_resamples,
+        "specs": specs,
+        "rows": rows,
+        "pairs": _pairs(labels, rows, relative),
+        "notes": scored.notes
+        + [
+            "scores are 100 x the mean per-question score on the shared questions "
+            "(the official aggregate for mean metrics such as VQA accuracy)"
+        ],
+    }
+
+
+def _labelled_specs(specs: list[str], reference: str, baseline: Optional[str]) -> list[tuple[str, Path, str]]:
+    """The parsed specs, checked: distinct labels, among them the reference and the baseline."""
     parsed = [parse_spec(s) for s in specs]
     labels = [label for label, _, _ in parsed]
     if len(set(labels)) != len(labels):
@@ -146,44 +194,58 @@ def compare(
         raise CompareError(f"--reference {reference!r} is none of the labels {labels}")
     if baseline is not None and baseline not in labels:
         raise CompareError(f"--baseline {baseline!r} is none of the labels {labels}")
-    loaded = {label: read_records(path, method) for label, path, method in parsed}
-    data = {label: r.questions for label, r in loaded.items()}
+    return parsed
+
+
+def _score_shared(data: dict[str, dict], reference: str, n_resamples: int, seed: int) -> _Scored:
+    """Every label's scores on the benchmarks and questions every spec scored, resampled jointly: one
+    draw of units per benchmark (the reference's units) serves every label and family."""
     benches = sorted(set.intersection(*(set(d) for d in data.values())))
     if not benches:
         raise CompareError("the specs share no benchmark")
-    rng = np.random.default_rng(seed)
-    notes, questions = [], {}
-    stats = {label: {} for label in labels}  # benchmark or benchmark/family -> resampled scores
-    points = {label: {} for label in labels}
-    raw: dict[str, dict[str, np.ndarray]] = {label: {} for label in labels}  # per-question scores per key
-    per_question: dict[str, bool] = {}
-    families: dict[str, list[str]] = {}
+    scored = _Scored(benches, points={k: {} for k in data}, stats={k: {} for k in data}, raw={k: {} for k in data})
     unshared = sorted(set.union(*(set(d) for d in data.values())) - set(benches))
     if unshared:
-        notes.append(f"left out, not scored by every spec: {', '.join(unshared)} (the relative scores cover {benches})")
+        scored.notes.append(
+            f"left out, not scored by every spec: {', '.join(unshared)} (the relative scores cover {benches})"
+        )
+    rng = np.random.default_rng(seed)
     for bench in benches:
-        ids = sorted(set.intersection(*(set(d[bench]) for d in data.values())))
-        dropped = len(set.union(*(set(d[bench]) for d in data.values()))) - len(ids)
-        if not ids:
-            raise CompareError(f"{bench}: the specs share no question")
-        if dropped:
-            notes.append(f"{bench}: {len(ids)} questions every spec scored; {dropped} scored by some only are left out")
-        units = [data[reference][bench][i][0] for i in ids]
-        family_of = np.array([data[reference][bench][i][2] for i in ids])
-        weights = unit_weights(units, n_resamples, rng)
-        questions[bench] = len(ids)
-        one_per_unit = len(set(units)) == len(units)
-        groups = {bench: np.ones(len(ids), dtype=bool)}
-        families[bench] = sorted(f for f in set(family_of) if f) if len(set(family_of)) > 1 else []
-        for fam in families[bench]:
-            groups[f"{bench}/{fam}"] = family_of == fam
-        for label in labels:
-            scores = np.array([data[label][bench][i][1] for i in ids])
-            for key, mask in groups.items():
-                raw[label][key] = scores[mask]
-                points[label][key] = 100.0 * scores[mask].mean()
-                stats[label][key] = _weighted_means(weights[:, mask], scores[mask])
-                per_question[key] = one_per_unit
+        _score_benchmark(scored, bench, data, reference, n_resamples, rng)
+    return scored
+
+
+def _score_benchmark(scored: _Scored, bench: str, data: dict[str, dict], reference: str, n_resamples: int, rng) -> None:
+    """One benchmark's shared questions into `scored`: the benchmark and each of its families."""
+    ids = sorted(set.intersection(*(set(d[bench]) for d in data.values())))
+    dropped = len(set.union(*(set(d[bench]) for d in data.values()))) - len(ids)
+    if not ids:
+        raise CompareError(f"{bench}: the specs share no question")
+    if dropped:
+        scored.notes.append(
+            f"{bench}: {len(ids)} questions every spec scored; {dropped} scored by some only are left out"
+        )
+    units = [data[reference][bench][i][0] for i in ids]
+    family_of = np.array([data[reference][bench][i][2] for i in ids])
+    weights = unit_weights(units, n_resamples, rng)
+    scored.questions[bench] = len(ids)
+    one_per_unit = len(set(units)) == len(units)
+    groups = {bench: np.ones(len(ids), dtype=bool)}
+    scored.families[bench] = sorted(f for f in set(family_of) if f) if len(set(family_of)) > 1 else []
+    for fam in scored.families[bench]:
+        groups[f"{bench}/{fam}"] = family_of == fam
+    for label in data:
+        scores = np.array([data[label][bench][i][1] for i in ids])
+        for key, mask in groups.items():
+            scored.raw[label][key] = scores[mask]
+            scored.points[label][key] = 100.0 * scores[mask].mean()
+            scored.stats[label][key] = _weighted_means(weights[:, mask], scores[mask])
+            scored.per_question[key] = one_per_unit
+
+
+def _averaged_benchmarks(scored: _Scored, reference: str, relative_over: Optional[list[str]]) -> list[str]:
+    """The benchmarks the relative score averages, checked: each shared, none the reference scores 0 on."""
+    benches = scored.benches
     if relative_over:
         missing = [b for b in relative_over if b not in benches]
         if missing:
@@ -191,42 +253,61 @@ def compare(
     averaged = relative_benchmarks(benches, relative_over or None)
     if averaged != benches:
         why = "--relative" if relative_over else "diagnostic by default; --relative chooses"
-        notes.append(f"relative scores over {', '.join(averaged)} only ({why})")
-    zero = [b for b in averaged if points[reference][b] == 0]
+        scored.notes.append(f"relative scores over {', '.join(averaged)} only ({why})")
+    zero = [b for b in averaged if scored.points[reference][b] == 0]
     if zero:
         raise CompareError(f"the reference {reference!r} scores 0 on {', '.join(zero)}: no relative score is defined")
-    family_keys = [f"{b}/{f}" for b in benches for f in families[b]]
-    relative, rows = {}, []
-    for label in labels:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = [stats[label][b] / stats[reference][b] for b in averaged]
-        point = [points[label][b] / points[reference][b] for b in averaged]
-        relative[label] = 100.0 * np.mean(ratios, axis=0)
-        cost = loaded[label]
-        row = {
-            "label": label,
-            "scores": {b: points[label][b] for b in benches},
-            "intervals": {b: list(percentile_interval(stats[label][b])) for b in benches},
-            "families": {k: points[label][k] for k in family_keys},
-            "family_intervals": {k: list(percentile_interval(stats[label][k])) for k in family_keys},
-            "relative_score": float(100.0 * np.mean(point)),
-            "relative_interval": None if label == reference else list(percentile_interval(relative[label])),
-            "avg_vision_tokens": cost.avg_vision_tokens,
-            "vision_tflops": cost.vision_tflops,
+    return averaged
+
+
+def _relative_draws(scored: _Scored, label: str, reference: str, averaged: list[str]) -> np.ndarray:
+    """The label's relative score on every resample (NaN where a ratio is undefined)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = [scored.stats[label][b] / scored.stats[reference][b] for b in averaged]
+    return 100.0 * np.mean(ratios, axis=0)
+
+
+def _row(
+    scored: _Scored,
+    label: str,
+    reference: str,
+    baseline: Optional[str],
+    averaged: list[str],
+    relative: np.ndarray,
+    cost: Records,
+) -> dict:
+    """One label's row: scores and intervals per benchmark and family, relative score, cost, and its
+    paired differences to the baseline when there is one."""
+    points, stats, benches, family_keys = scored.points[label], scored.stats[label], scored.benches, scored.family_keys
+    point = [points[b] / scored.points[reference][b] for b in averaged]
+    row = {
+        "label": label,
+        "scores": {b: points[b] for b in benches},
+        "intervals": {b: list(percentile_interval(stats[b])) for b in benches},
+        "families": {k: points[k] for k in family_keys},
+        "family_intervals": {k: list(percentile_interval(stats[k])) for k in family_keys},
+        "relative_score": float(100.0 * np.mean(point)),
+        "relative_interval": None if label == reference else list(percentile_interval(relative)),
+        "avg_vision_tokens": cost.avg_vision_tokens,
+        "vision_tflops": cost.vision_tflops,
+    }
+    if baseline is not None and label != baseline:
+        row["vs_baseline"] = {
+            k: _difference(
+                stats[k],
+                scored.stats[baseline][k],
+                points[k] - scored.points[baseline][k],
+                scored.raw[label][k],
+                scored.raw[baseline][k],
+                scored.per_question[k],
+            )
+            for k in [*benches, *family_keys]
         }
-        if baseline is not None and label != baseline:
-            row["vs_baseline"] = {
-                k: _difference(
-                    stats[label][k],
-                    stats[baseline][k],
-                    points[label][k] - points[baseline][k],
-                    raw[label][k],
-                    raw[baseline][k],
-                    per_question[k],
-                )
-                for k in [*benches, *family_keys]
-            }
-        rows.append(row)
+    return row
+
+
+def _pairs(labels: list[str], rows: list[dict], relative: dict[str, np.ndarray]) -> list[dict]:
+    """Every pair of labels: the paired difference of their relative scores, with interval and p-value."""
     pairs = []
     for a, b in itertools.combinations(labels, 2):
         with np.errstate(invalid="ignore"):  # a resample whose ratio is undefined stays NaN, then ignored
@@ -242,22 +323,7 @@ def compare(
                 "p_value": bootstrap_p(diff),
             }
         )
-    return {
-        "reference": reference,
-        "baseline": baseline,
-        "relative_over": averaged,
-        "benchmarks": questions,
-        "families": {k: int(len(raw[reference][k])) for k in family_keys},
-        "n_resamples": n_resamples,
-        "specs": specs,
-        "rows": rows,
-        "pairs": pairs,
-        "notes": notes
-        + [
-            "scores are 100 x the mean per-question score on the shared questions "
-            "(the official aggregate for mean metrics such as VQA accuracy)"
-        ],
-    }
+    return pairs
 
 
 def columns(result: dict) -> list[str]:
@@ -285,9 +351,6 @@ def log_comparison(result: dict, tracking_uri: str, experiment: str) -> Optional
     """The comparison as one MLflow run (hidrop.kind=compare): per label its relative score and bounds,
     per benchmark and family its score, and the whole result as compare/compare.json, which `hidrop
     report` reads for its Table 1 layout across evaluations. Returns the run id (None while offline)."""
-    from hidrop_platform.tracking import names as N
-    from hidrop_platform.tracking.store import Tracker, prepare
-
     prepare(tracking_uri, experiment)
     tracker = Tracker(
         tracking_uri, experiment, run_name=f"compare:{result['reference']}", tags={N.KIND: N.KIND_COMPARE}

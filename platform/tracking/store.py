@@ -1,46 +1,27 @@
-"""MLflow tracking that never loses data: one resumable run per `Tracker`, spooled to disk while offline.
-
-This is the only module of the project that imports mlflow, and it does so lazily (inside functions), so
-`import hidrop_platform.tracking.store` stays cheap for code paths that never log (CLI help, non-zero ranks).
+"""The MLflow store: its URI (the local default, offline checks, redaction), whether it answers, its
+client and experiments, and reading runs and artifacts back.
 
 Local default store: sqlite under `./mlruns` (`default_tracking_uri()`), artifacts in `./mlruns/artifacts`.
 The driver calls `prepare()` once before workers start, because concurrent processes creating a new
 sqlite database race on its schema migration. A remote store is an MLflow server, `http://host:port`.
+Logging into a run is `hidrop_platform.tracking.tracker`'s.
 
-Offline behaviour: a call that fails because the store cannot be reached is appended as one JSON line to
-a spool file (the first line names the run) and a single warning says so. Later calls replay the spool
-first, in order, into the same run; metrics keep their original step and timestamp. A spool left behind
-(the server never came back) is replayed later with `sync_spool(path)`. The spool file itself is
-`hidrop_platform.tracking.spool`.
-
-What is MLflow's and what is ours: MLflow's `log_batch` splits large batches (we only cut values to its
-length limits), and its client does the HTTP retries. We keep logging synchronous and sample system
-metrics ourselves (psutil, at the training step): MLflow's asynchronous logging and its
-`SystemMetricsMonitor` send from their own threads straight to the store, so while it is unreachable their
-records would bypass the spool and be lost, and the monitor's samples would not line up with steps.
+Only hidrop_platform.tracking imports mlflow, and lazily (inside functions), so importing this module
+stays cheap for code paths that never log (CLI help, non-zero ranks).
 """
 
 from __future__ import annotations
 
 import contextlib
-import getpass
-import json
-import math
 import os
 import re
-import sys
-import threading
-import time
-import uuid
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-import psutil
-
 from hidrop.errors import UserError
+from hidrop_platform.cluster.connect import job_working_dir
+from hidrop_platform.storage import write_problem
 from hidrop_platform.tracking import names as N
-from hidrop_platform.tracking.spool import SPOOL_VERSION, Spool
 
 if TYPE_CHECKING:  # only for annotations: the config module pulls in the schedule code
     from hidrop_platform.config.schema import ExperimentConfig
@@ -48,11 +29,6 @@ if TYPE_CHECKING:  # only for annotations: the config module pulls in the schedu
 DEFAULT_TRACKING_DIR = "mlruns"
 DB_FILE = "mlflow.db"
 SPOOL_DIR_ENV = "HIDROP_SPOOL_DIR"
-
-# mlflow's own limits (mlflow.utils.validation), repeated here so that importing this module stays cheap
-MAX_PARAM_VAL_LENGTH = 6000
-MAX_TAG_VAL_LENGTH = 8000
-MAX_METRICS_PER_BATCH = 1000  # a spool replay groups metric records into requests of at most this many
 
 PROBE_TIMEOUT_S = 3.0
 # mlflow retries a failed request 7 times with exponential backoff by default (minutes of stalling while a
@@ -64,15 +40,10 @@ _HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
-_TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 class TrackingUnavailable(UserError, RuntimeError):
     """The tracking store cannot be reached; the message is one line naming the URI."""
-
-
-class TrackingWarning(UserWarning):
-    """Tracking went offline, came back, or left data on disk."""
 
 
 # ---------------------------------------------------------------------------------------------- URIs
@@ -126,8 +97,8 @@ def check_tracking_uri(uri: Optional[str], enabled: bool = True) -> None:
 
 def tracking_uri_problem(uri: str, name: str = "tracking.uri") -> Optional[str]:
     """Why MLflow could never use `uri` (a misspelled scheme, a database driver not installed, a sqlite
-    path that is no database), or None. Offline: reachability is `_probe`'s. MLflow would otherwise fail
-    with a traceback, or only when the first record is written, after the work."""
+    path that is no database), or None. Offline: reachability is `unreachable_reason`'s. MLflow would
+    otherwise fail with a traceback, or only when the first record is written, after the work."""
     import difflib
     import importlib.util
     from importlib.metadata import entry_points
@@ -173,8 +144,6 @@ def tracking_uri_problem(uri: str, name: str = "tracking.uri") -> Optional[str]:
             if header != b"SQLite format 3\x00":
                 return f"{shown}: {db} is not a SQLite database"
         elif not db.exists():
-            from hidrop_platform.storage import write_problem
-
             problem = write_problem(db, folder=False)
             if problem is not None:
                 return f"{shown}: cannot create the store: {problem}"
@@ -195,23 +164,16 @@ def _default_artifact_location(tracking_uri: str, experiment: str) -> Optional[s
     return (db.resolve().parent / "artifacts" / safe_name(experiment)).as_uri()
 
 
-def _configure_http_env() -> None:
+def configure_http_env() -> None:
+    """MLflow's HTTP settings for a store that may be down (`_HTTP_ENV_DEFAULTS`), unless the user set them."""
     for key, value in _HTTP_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)  # the user's own settings win
-
-
-def _warn(message: str) -> None:
-    """Warn, attributed to the first frame outside this module (calls reach here at varying depths)."""
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, TrackingWarning, stacklevel=level)
 
 
 # ---------------------------------------------------------------------------------- reachability
 
 
-def _short_reason(err: BaseException) -> str:
+def short_reason(err: BaseException) -> str:
     """One line for a network failure: '[Errno 111] Connection refused' rather than urllib3's essay."""
     text = " ".join(str(err).split())
     errno = re.search(r"\[Errno -?\d+\][^'\"()]*", text)
@@ -222,7 +184,7 @@ def _short_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
 
 
-def _probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> Optional[str]:
+def unreachable_reason(uri: str, timeout: float = PROBE_TIMEOUT_S) -> Optional[str]:
     """None when `uri` answers (or is not a server); else a short reason. Fast, unlike mlflow's retries."""
     if not _is_http(uri):
         return None
@@ -231,7 +193,7 @@ def _probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> Optional[str]:
     try:
         response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
     except requests.RequestException as err:
-        return _short_reason(err)
+        return short_reason(err)
     # any answer from the server counts (a 404 or 401 is still a live server); 5xx is a proxy without one
     return f"HTTP {response.status_code}" if response.status_code >= 500 else None
 
@@ -246,7 +208,7 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def _is_unreachable(err: BaseException) -> bool:
+def is_unreachable(err: BaseException) -> bool:
     """True for failures that a later retry may fix (network, server 5xx, a locked database)."""
     import requests
     from mlflow.exceptions import MlflowException, RestException
@@ -275,7 +237,8 @@ def _is_unreachable(err: BaseException) -> bool:
 # ---------------------------------------------------------------------------------- experiments
 
 
-def _client(tracking_uri: str) -> Any:
+def client_for(tracking_uri: str) -> Any:
+    """An MlflowClient of the store (a sqlite store's folder is created first)."""
     from mlflow import MlflowClient
 
     db = sqlite_path(tracking_uri)
@@ -284,7 +247,8 @@ def _client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def _ensure_experiment(client: Any, tracking_uri: str, name: str, artifact_root: Optional[str] = None) -> str:
+def ensure_experiment(client: Any, tracking_uri: str, name: str, artifact_root: Optional[str] = None) -> str:
+    """The id of experiment `name`, created when missing (another process may create it at the same time)."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
@@ -304,7 +268,7 @@ def close_if_running(tracking_uri: str, run_id: str, status: str, tags: dict) ->
     """End a run its own process could not end (e.g. a search trial whose actor was stopped from outside).
     Returns True when it was still running; quietly False when the store cannot be reached."""
     try:
-        client = _client(tracking_uri)
+        client = client_for(tracking_uri)
         if client.get_run(run_id).info.status != "RUNNING":
             return False
         for key, value in tags.items():
@@ -312,7 +276,7 @@ def close_if_running(tracking_uri: str, run_id: str, status: str, tags: dict) ->
         client.set_terminated(run_id, status=status)
         return True
     except Exception as err:  # noqa: BLE001 - the sweep's result must not depend on the tracking store
-        if _is_unreachable(err):
+        if is_unreachable(err):
             return False
         raise
 
@@ -321,7 +285,7 @@ def clear_interrupted(tracking_uri: str, run_id: str) -> None:
     """A continued run is no longer interrupted: drop the tags Ctrl+C left on it (best effort: with the
     store unreachable they stay)."""
     with contextlib.suppress(Exception):
-        client = _client(tracking_uri)
+        client = client_for(tracking_uri)
         tags = client.get_run(run_id).data.tags
         if tags.get(N.STATUS) == N.INTERRUPTED:
             client.delete_tag(run_id, N.STATUS)
@@ -333,9 +297,9 @@ def last_logged_step(tracking_uri: str, run_id: str, key: str) -> Optional[int]:
     """The highest step at which `key` was logged in the run (None: never, or the store is unreachable):
     a resumed training skips the steps its earlier attempt logged after its last checkpoint."""
     try:
-        history = _client(tracking_uri).get_metric_history(run_id, key)
+        history = client_for(tracking_uri).get_metric_history(run_id, key)
     except Exception as err:  # noqa: BLE001 - offline: the resumed run logs what it redoes
-        if _is_unreachable(err):
+        if is_unreachable(err):
             return None
         raise
     return max((m.step for m in history), default=None)
@@ -345,8 +309,6 @@ def default_spool_dir() -> Path:
     """Where offline records wait: $HIDROP_SPOOL_DIR, else ./mlruns/spool, resolved (workers and trials
     may run elsewhere). A Ray job's working directory is deleted with the job, so there it is
     ~/.cache/hidrop/spool instead."""
-    from hidrop_platform.cluster.connect import job_working_dir
-
     if os.environ.get(SPOOL_DIR_ENV):
         return Path(os.environ[SPOOL_DIR_ENV]).expanduser().resolve()
     if job_working_dir() is not None:
@@ -378,20 +340,20 @@ def prepare(tracking_uri: str, experiment: str, artifact_root: Optional[str] = N
 
     Raises TrackingUnavailable (one line naming the URI) when the store cannot be reached.
     """
-    _configure_http_env()
-    reason = _probe(tracking_uri)
+    configure_http_env()
+    reason = unreachable_reason(tracking_uri)
     if reason is not None:
         raise TrackingUnavailable(f"MLflow tracking server {redact_uri(tracking_uri)} unreachable ({reason})")
     try:
         with _creation_lock(tracking_uri):
             _create_store_whole(tracking_uri)
-            return _ensure_experiment(_client(tracking_uri), tracking_uri, experiment, artifact_root)
+            return ensure_experiment(client_for(tracking_uri), tracking_uri, experiment, artifact_root)
     except TrackingUnavailable:
         raise
     except Exception as err:
-        if _is_unreachable(err):
+        if is_unreachable(err):
             raise TrackingUnavailable(
-                f"MLflow tracking store {redact_uri(tracking_uri)} unavailable ({_short_reason(err)})"
+                f"MLflow tracking store {redact_uri(tracking_uri)} unavailable ({short_reason(err)})"
             ) from None
         raise
 
@@ -400,8 +362,6 @@ def _creation_lock(tracking_uri: str):
     """A new sqlite store is created and migrated by the first process that opens it; two sweeps started
     together would both run the migration (and one dies in alembic). A file lock next to the database
     lets one create it while the other waits; servers need none."""
-    import contextlib
-
     from filelock import FileLock
 
     db = sqlite_path(tracking_uri)
@@ -431,17 +391,10 @@ def _create_store_whole(tracking_uri: str) -> None:
         raise TrackingUnavailable(f"cannot create the MLflow store {db}: {reason}") from None
 
 
-def pending_spools(spool_dir: Path, since: float = 0.0) -> list[Path]:
-    """Spool files (records that could not reach their store yet) written at or after `since`."""
-    if not spool_dir.is_dir():
-        return []
-    return sorted(p for p in spool_dir.glob("*.jsonl") if p.stat().st_mtime >= since)
-
-
 def check_readable(tracking_uri: str) -> None:
     """Raise TrackingUnavailable (one line) unless the store exists and answers. Reading commands call it
     first: mlflow would silently create an empty sqlite store, or retry an unreachable server for minutes."""
-    _configure_http_env()
+    configure_http_env()
     problem = tracking_uri_problem(tracking_uri, "")
     if problem is not None:
         raise TrackingUnavailable(problem)
@@ -452,7 +405,7 @@ def check_readable(tracking_uri: str) -> None:
         )
     if db is not None and not _holds_mlflow_tables(db):  # mlflow would create (write) its tables in it
         raise TrackingUnavailable(f"{db} is not an MLflow store (no MLflow tables in it); pass --tracking-uri")
-    reason = _probe(tracking_uri)
+    reason = unreachable_reason(tracking_uri)
     if reason is not None:
         raise TrackingUnavailable(f"MLflow tracking server {redact_uri(tracking_uri)} unreachable ({reason})")
 
@@ -512,429 +465,6 @@ def download_artifact(tracking_uri: str, run_id: str, artifact_path: str, dst: s
 
 def upload_artifacts(tracking_uri: str, run_id: str, paths: list[Path], artifact_path: str) -> None:
     """Files into a finished run (the report, published on its sweep's parent run)."""
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     for path in paths:
         client.log_artifact(run_id, str(path), artifact_path)
-
-
-# ---------------------------------------------------------------------------------- the tracker
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class Tracker:
-    """One MLflow run, resumable, that never loses data when the server is down.
-
-    `enabled=False` turns every method into a no-op (non-zero ranks). `retry_interval` throttles the
-    replay attempts made implicitly by logging calls while offline (a dead host can cost a timeout per
-    attempt); `flush()` and `finish()` always try.
-    """
-
-    def __init__(
-        self,
-        tracking_uri: str,
-        experiment: str,
-        *,
-        run_id: Optional[str] = None,
-        run_name: Optional[str] = None,
-        parent_run_id: Optional[str] = None,
-        tags: Optional[dict] = None,
-        spool_dir: str | Path | None = None,
-        enabled: bool = True,
-        retry_interval: float = 5.0,
-    ) -> None:
-        self.tracking_uri = tracking_uri
-        self.experiment = experiment
-        self.run_id: Optional[str] = run_id
-        self.run_name = run_name
-        self.parent_run_id = parent_run_id
-        self.tags: dict[str, str] = {str(k): str(v) for k, v in (tags or {}).items()}
-        self.enabled = enabled
-        self.retry_interval = retry_interval
-        self.experiment_id: Optional[str] = None
-        spool_dir = Path(spool_dir) if spool_dir is not None else default_spool_dir()
-        # a random suffix: ranks or trials sharing a run name must never append to the same spool
-        stem = f"{safe_name(experiment)}-{safe_name(run_name or run_id or 'run')}-{uuid.uuid4().hex[:8]}"
-        self.spool = Spool(spool_dir.resolve() / f"{stem}.jsonl")
-
-        self._started = False
-        self._warned_offline = False
-        self._stuck = False  # a spooled record was rejected by the store: retrying will not help
-        self._last_attempt = -math.inf
-        self._warned_nonfinite: set[str] = set()
-        self._lock = threading.RLock()  # a metrics thread may log next to the training loop
-        self._client_obj: Any = None
-        self._client_uri: Optional[str] = None
-
-    # -- public API -------------------------------------------------------------------------------
-
-    def start(self) -> "Tracker":
-        """Create the run, or resume `run_id` (same run, status back to RUNNING)."""
-        if not self.enabled or self._started:
-            return self
-        _configure_http_env()
-        self._started = True
-        tags = dict(self.tags)
-        if self.parent_run_id:
-            tags[N.PARENT_RUN] = self.parent_run_id
-        record = {"op": "start", "time": _now_ms(), "run_name": self.run_name, "tags": tags}
-        reason = _probe(self.tracking_uri)  # fail fast instead of sitting through mlflow's retries
-        if reason is not None:
-            with self._lock:
-                self._last_attempt = time.monotonic()
-                self._spool(record, reason)
-        else:
-            self._submit(record)
-        return self
-
-    def log_params(self, params: dict) -> None:
-        """Values are stringified and cut to mlflow's 6000-character limit (MLflow's log_batch chunks them)."""
-        if not self.enabled or not params:
-            return
-        self._submit({"op": "params", "params": {str(k): str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in params.items()}})
-
-    def log_config(self, config: "ExperimentConfig") -> None:
-        """The flattened (dotted-name) params, plus the resolved YAML as artifact config/experiment.yaml."""
-        if not self.enabled:
-            return
-        import yaml
-
-        from hidrop_platform.config.schema import flatten
-
-        self.log_params(flatten(config))
-        text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-        self.log_text(text, N.CONFIG_YAML)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """One batch with an explicit step and timestamp; non-finite values are skipped (one warning per key)."""
-        if not self.enabled:
-            return
-        clean: dict[str, float] = {}
-        for key, value in metrics.items():
-            if value is None:  # not measured (e.g. a relative score against an all-zero reference)
-                continue
-            value = float(value)
-            if math.isfinite(value):
-                clean[str(key)] = value
-            elif key not in self._warned_nonfinite:
-                self._warned_nonfinite.add(key)
-                _warn(f"metric {key!r} is {value} at step {step}; non-finite values are not logged")
-        if clean:
-            self._submit({"op": "metrics", "metrics": clean, "step": int(step), "timestamp": _now_ms()})
-
-    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        """A file or a folder. While offline it is copied into the spool, so later edits do not leak in."""
-        if not self.enabled:
-            return
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"log_artifact: {path} does not exist")
-        self._submit({"op": "artifact", "path": str(path.resolve()), "artifact_path": artifact_path})
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        if self.enabled:
-            self._submit({"op": "text", "text": text, "artifact_file": artifact_file})
-
-    def log_dict(self, d: dict, artifact_file: str) -> None:
-        """JSON, or YAML for a .yaml/.yml name (mlflow's rule)."""
-        if self.enabled:
-            # round-trip through JSON now: the spool must hold plain data, and later mutation must not leak in
-            plain = json.loads(json.dumps(d, default=str))
-            self._submit({"op": "dict", "dict": plain, "artifact_file": artifact_file})
-
-    def set_tags(self, tags: dict) -> None:
-        if not self.enabled or not tags:
-            return
-        self._submit({"op": "tags", "tags": {str(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in tags.items()}})
-
-    def flush(self) -> bool:
-        """Try to send everything spooled; True when nothing is left."""
-        if not self.enabled:
-            return True
-        with self._lock:
-            return self._flush(implicit=False)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        """End the run (flushing the spool first). If the store stays unreachable the spool is kept."""
-        if not self.enabled:
-            return
-        if status not in _TERMINAL_STATUSES:
-            raise ValueError(f"finish: status must be one of {_TERMINAL_STATUSES}, got {status!r}")
-        if not self._started:
-            self.start()
-        with self._lock:
-            self._flush(implicit=False)
-            self._submit({"op": "finish", "status": status, "end_time": _now_ms()})
-            if self.spool.pending:
-                _warn(
-                    f"MLflow run not fully synced to {redact_uri(self.tracking_uri)}; "
-                    f"{len(self.spool.pending)} records "
-                    f"kept in {self.spool_path}. Replay them later with: "
-                    f"hidrop sync --spool-dir {self.spool_path.parent}"
-                )
-
-    @property
-    def spool_path(self) -> Path:
-        return self.spool.path
-
-    @property
-    def offline(self) -> bool:
-        """True while records wait in the spool."""
-        return bool(self.spool.pending)
-
-    def __enter__(self) -> "Tracker":
-        return self.start()
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.finish("FINISHED")
-        else:
-            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
-
-    # -- sending ----------------------------------------------------------------------------------
-
-    def _client(self) -> Any:
-        # rebuilt when the URI changes (a test, or a caller pointing a spool at another store)
-        if self._client_obj is None or self._client_uri != self.tracking_uri:
-            self._client_obj = _client(self.tracking_uri)
-            self._client_uri = self.tracking_uri
-        return self._client_obj
-
-    def _submit(self, record: dict) -> None:
-        """Send one record now, or queue it behind earlier ones when the store is unreachable."""
-        if not self._started:
-            self.start()
-        with self._lock:
-            if self.spool.pending:
-                self._flush(implicit=True)
-            if self.spool.pending:  # order matters: nothing may overtake what is already queued
-                self._spool(record)
-                return
-            try:
-                self._apply(record)
-            except Exception as err:
-                if not _is_unreachable(err):
-                    raise
-                self._last_attempt = time.monotonic()  # this was the attempt: throttle the next one
-                self._spool(record, _short_reason(err))
-
-    def _apply(self, record: dict) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
-        client = self._client()
-        op = record["op"]
-        if op == "start":
-            self._apply_start(client, record)
-        elif op == "params":
-            client.log_batch(self.run_id, params=[Param(k, v) for k, v in record["params"].items()])
-        elif op == "tags":
-            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
-        elif op == "metrics":
-            client.log_batch(
-                self.run_id,
-                metrics=[Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()],
-            )
-        elif op == "artifact":
-            client.log_artifact(self.run_id, str(self.spool.artifact_path(record)), record["artifact_path"])
-        elif op == "text":
-            client.log_text(self.run_id, record["text"], record["artifact_file"])
-        elif op == "dict":
-            client.log_dict(self.run_id, record["dict"], record["artifact_file"])
-        elif op == "finish":
-            client.set_terminated(self.run_id, record["status"], end_time=record["end_time"])
-        else:
-            raise ValueError(f"unknown spool record op {op!r}")
-
-    def _apply_start(self, client: Any, record: dict) -> None:
-        from mlflow.entities import RunTag
-
-        if self.experiment_id is None:
-            self.experiment_id = _ensure_experiment(client, self.tracking_uri, self.experiment)
-        tags = dict(record["tags"])
-        if self.run_id is None:
-            try:
-                tags.setdefault("mlflow.user", getpass.getuser())
-            except Exception:  # no user name in some containers
-                pass
-            run = client.create_run(
-                self.experiment_id, start_time=record["time"], tags=tags, run_name=record["run_name"]
-            )
-            self.run_id = run.info.run_id
-            if self.spool.pending:  # name the run in the spool at once, so a crash cannot create it twice
-                self._write_spool()
-        else:
-            client.update_run(self.run_id, status="RUNNING")
-            if tags:
-                client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-
-    def _apply_head(self) -> int:
-        """Apply the oldest queued record(s); returns how many were consumed."""
-        head = self.spool.pending[0]
-        if head["op"] != "metrics":
-            self._apply(head)
-            return 1
-        # consecutive metric records go out as one log_batch: hours offline are thousands of steps
-        from mlflow.entities import Metric
-
-        batch: list = []
-        count = 0
-        for record in self.spool.pending:
-            if record["op"] != "metrics" or len(batch) + len(record["metrics"]) > MAX_METRICS_PER_BATCH:
-                break
-            batch += [Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()]
-            count += 1
-        if count == 0:  # a single record larger than a batch
-            self._apply(head)
-            return 1
-        self._client().log_batch(self.run_id, metrics=batch)
-        return count
-
-    def _flush(self, implicit: bool, raise_errors: bool = False) -> bool:
-        if not self.spool.pending:
-            return True
-        now = time.monotonic()
-        if implicit and (self._stuck or now - self._last_attempt < self.retry_interval):
-            return False
-        self._last_attempt = now
-        if _probe(self.tracking_uri) is not None:
-            return False
-        sent = 0
-        try:
-            while self.spool.pending:
-                consumed = self._apply_head()
-                del self.spool.pending[:consumed]
-                sent += consumed
-        except Exception as err:
-            self._write_spool()  # drop what was sent, so a later replay does not repeat it
-            if _is_unreachable(err):
-                return False
-            if raise_errors:
-                raise
-            if not self._stuck:
-                self._stuck = True
-                _warn(
-                    f"MLflow store {redact_uri(self.tracking_uri)} rejected a buffered {self.spool.pending[0]['op']!r} "
-                    f"record ({_short_reason(err)}); it and later records stay in {self.spool_path}"
-                )
-            return False
-        self._remove_spool()
-        _warn(
-            f"MLflow tracking server {redact_uri(self.tracking_uri)} reachable again; synced {sent} buffered "
-            f"records into run {self.run_id}"
-        )
-        self._warned_offline = False  # a new outage gets its own warning
-        return True
-
-    # -- the spool file ---------------------------------------------------------------------------
-
-    def _header(self) -> dict:
-        return {
-            "op": "run",
-            "version": SPOOL_VERSION,
-            "tracking_uri": self.tracking_uri,
-            "experiment": self.experiment,
-            "run_id": self.run_id,
-            "run_name": self.run_name,
-        }
-
-    def _spool(self, record: dict, reason: str = "") -> None:
-        self.spool.add(record, self._header())
-        if not self._warned_offline:
-            self._warned_offline = True
-            why = f" ({reason})" if reason else ""
-            _warn(
-                f"MLflow tracking server {redact_uri(self.tracking_uri)} unreachable{why}; buffering to "
-                f"{self.spool_path}, will retry (if it stays down: hidrop_platform.tracking.store.sync_spool(path))"
-            )
-
-    def _write_spool(self) -> None:
-        self.spool.rewrite(self._header())
-
-    def _remove_spool(self) -> None:
-        self.spool.remove()
-
-
-def sync_spool(path: str | Path, tracking_uri: Optional[str] = None) -> str:
-    """Replay a spool file left by an offline Tracker; returns the run id. The file is removed once synced.
-
-    `tracking_uri` defaults to the store the spool was meant for. Raises TrackingUnavailable when it still
-    cannot be reached (the spool is kept), and mlflow's error when the store rejects a record.
-    """
-    header, spool = Spool.read(path)
-    tracker = Tracker(
-        tracking_uri or header["tracking_uri"],
-        header["experiment"],
-        run_id=header["run_id"],
-        run_name=header["run_name"],
-        spool_dir=spool.path.parent,
-    )
-    tracker.spool = spool
-    tracker._started = True
-    _configure_http_env()
-    with tracker._lock:
-        if not tracker._flush(implicit=False, raise_errors=True):
-            raise TrackingUnavailable(
-                f"MLflow tracking server {redact_uri(tracker.tracking_uri)} unreachable; spool kept at {spool.path}"
-            )
-    assert tracker.run_id is not None
-    return tracker.run_id
-
-
-# ---------------------------------------------------------------------------------- environment
-
-
-def system_metrics() -> dict[str, float]:
-    """CPU percent, process RSS, system memory used (GB = 1e9 bytes) and, when CUDA is in use, GPU memory.
-
-    Keys are prefixed `system/`. The first CPU reading of a process is not meaningful (psutil reports 0).
-    """
-    gb = 1e9
-    out: dict[str, float] = {}
-    out["system/cpu_percent"] = psutil.cpu_percent(interval=None)
-    out["system/process_rss_gb"] = psutil.Process().memory_info().rss / gb
-    vm = psutil.virtual_memory()
-    out["system/memory_used_gb"] = (vm.total - vm.available) / gb
-    # only a process that already uses torch has GPU memory of its own; never import it (or init CUDA) here
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i in range(torch.cuda.device_count()):
-            out[f"system/gpu{i}_memory_allocated_gb"] = torch.cuda.memory_allocated(i) / gb
-            out[f"system/gpu{i}_memory_reserved_gb"] = torch.cuda.memory_reserved(i) / gb
-    return out
-
-
-_VERSIONED = ("torch", "transformers", "ray", "deepspeed", "mlflow", "peft", "hidrop")
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of the stack (absent packages are left out), read from metadata, never imported."""
-    from importlib import metadata
-
-    out = {"python": ".".join(str(x) for x in sys.version_info[:3])}
-    for name in _VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def schedule_params(schedule) -> dict[str, Any]:
-    """The resolved schedule as MLflow params, the same for sweep trials and trainings: what the report
-    needs to find the paper's row of the same method and budget, and to tell runs apart that differ
-    only in position encoding (Table 10)."""
-    from hidrop.evaluation.published import schedule_method
-
-    # no key here is a field of the YAML's schedule section (flatten(cfg) logs those first)
-    return {
-        N.PLAN: schedule.describe(),
-        N.KEEP_COUNTS: schedule.keep_counts,
-        N.RESOLVED_NAME: schedule.name,
-        N.METHOD: schedule_method(schedule),
-        N.RESOLVED_AVG_TOKENS: round(schedule.avg_tokens(), 4),
-        N.RESOLVED_POSITION_MODE: schedule.position_mode.value,
-        N.RESOLVED_QUERY_RULE: schedule.query_rule.value,
-        N.RESOLVED_SELECTOR: schedule.selector.value,
-    }

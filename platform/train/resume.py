@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hidrop.errors import UserError
-from hidrop_platform.config.schema import flatten_data
+from hidrop_platform.config.loader import flatten_data
 from hidrop_platform.storage import claim, refuse_foreign
 
 CONFIG_FILE = "hidrop_config.json"
+STATE_FILE = "hidrop_state.json"  # in a checkpoint folder: the loop's counters and the MLflow run id
+DS_TAG = "deepspeed"  # DeepSpeed's tag (its subfolder) in a checkpoint folder
 # what only our runs hold, for folders from before the owner mark (the oldest have no config file)
-OURS = (CONFIG_FILE, "checkpoint_*/hidrop_state.json")
+OURS = (CONFIG_FILE, f"checkpoint_*/{STATE_FILE}")
 
 # fields a continued run may change: how long it goes on and how it is watched, not what it trains
 CONTINUABLE = (

@@ -90,6 +90,21 @@ def pareto_figure(
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, band in (reference_bands or {}).items():
         ax.axhspan(band[0], band[1], color="grey", alpha=0.15, lw=0, label=f"{name} 95% CI")
+    _draw_trials(ax, rows, score_key, cost_key)
+    _draw_front(ax, rows, score_key, cost_key)
+    _draw_reference_lines(ax, reference_lines or {})
+    ax.set_xlabel("vision TFLOPs per sample (paper formula)")
+    ax.set_ylabel("relative score (% of all tokens), 95% CI")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    # below the axes: inside, it covered the low-score corner where the blind band and cheap trials are
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _draw_trials(ax, rows: Sequence[dict], score_key: str, cost_key: str) -> None:
+    """Every trial with its interval as an error bar; seeds (presets) as labelled diamonds."""
 
     def errorbars(group: Sequence[dict], **style) -> None:
         if not group:
@@ -118,25 +133,34 @@ def pareto_figure(
             textcoords="offset points",
             bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7, lw=0),  # readable over the blind band
         )
+
+
+def _draw_front(ax, rows: Sequence[dict], score_key: str, cost_key: str) -> None:
+    """The front as a step line, its clear points circled and its blind-level ones crossed out."""
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r[cost_key])
-    if front:
-        ax.step(
-            [r[cost_key] for r in front],
-            [r[score_key] for r in front],
-            where="post",
-            c="#c23b22",
-            lw=1.5,
-            label="Pareto front (estimates)",
-        )
-        marks = {
-            "significant": dict(s=70, facecolors="none", edgecolors="#c23b22", lw=1.5, label="front with significance"),
-            "blind_level": dict(s=60, c="black", marker="x", label="blind level (no discovery)"),
-        }
-        for flag, style in marks.items():
-            marked = [r for r in front if r.get(flag)]
-            if marked:
-                ax.scatter([r[cost_key] for r in marked], [r[score_key] for r in marked], **style)
-    for name, value in (reference_lines or {}).items():
+    if not front:
+        return
+    ax.step(
+        [r[cost_key] for r in front],
+        [r[score_key] for r in front],
+        where="post",
+        c="#c23b22",
+        lw=1.5,
+        label="Pareto front (estimates)",
+    )
+    marks = {
+        "significant": dict(s=70, facecolors="none", edgecolors="#c23b22", lw=1.5, label="front with significance"),
+        "blind_level": dict(s=60, c="black", marker="x", label="blind level (no discovery)"),
+    }
+    for flag, style in marks.items():
+        marked = [r for r in front if r.get(flag)]
+        if marked:
+            ax.scatter([r[cost_key] for r in marked], [r[score_key] for r in marked], **style)
+
+
+def _draw_reference_lines(ax, reference_lines: dict[str, Optional[float]]) -> None:
+    """A dashed line per reference score (blind), named at the right edge."""
+    for name, value in reference_lines.items():
         if value is None:
             continue
         ax.axhline(value, ls="--", lw=0.8, c="grey")
@@ -153,11 +177,3 @@ def pareto_figure(
             color="grey",
             annotation_clip=False,
         )
-    ax.set_xlabel("vision TFLOPs per sample (paper formula)")
-    ax.set_ylabel("relative score (% of all tokens), 95% CI")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    # below the axes: inside, it covered the low-score corner where the blind band and cheap trials are
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
-    fig.tight_layout()
-    return fig

@@ -31,6 +31,13 @@ from hidrop.evaluation.registry import relative_benchmarks
 from hidrop.evaluation.uncertainty import N_RESAMPLES, percentile_interval, unit_weights
 from hidrop_platform.evaluate.compare import CompareError, read_records
 from hidrop_platform.tracking import names as N
+from hidrop_platform.tracking.store import (
+    TrackingUnavailable,
+    check_readable,
+    default_tracking_uri,
+    download_artifact,
+    redact_uri,
+)
 
 MIN_MATCHED = 3  # fewer schedules leave no ranking to compare
 
@@ -69,14 +76,6 @@ def _key(overrides: dict) -> str:
 
 def _side(folder: Path, tracking_uri: Optional[str], tmp: Path) -> dict:  # tmp: this side's own folder
     """A sweep's finished trials (key -> label, overrides, records) and its all-tokens reference records."""
-    from hidrop_platform.tracking.store import (
-        TrackingUnavailable,
-        check_readable,
-        default_tracking_uri,
-        download_artifact,
-        redact_uri,
-    )
-
     summary, own_uri = _summary(folder)
     uri = tracking_uri or own_uri or default_tracking_uri()
     reference_file = folder / N.RECORDS_FILE
@@ -121,6 +120,38 @@ def _ranks_corr(scores: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.n
     return rho, tau
 
 
+def _relative_scores(
+    sides: list[dict], shared: list[str], benches: list[str], n_resamples: int, rng: np.random.Generator
+) -> tuple[list[np.ndarray], dict[str, int], list[str]]:
+    """Per side, the (resamples + 1, schedules) relative scores of the `shared` trials (row 0 is the point
+    estimate), on the questions both sweeps scored for every schedule; the question count per benchmark,
+    and notes on the questions left out. Both sides and every trial are resampled with the same draws."""
+    notes = []
+    relative = [np.zeros((n_resamples + 1, len(shared))) for _ in sides]
+    questions = {}
+    for bench in benches:
+        tables = [s["reference"].get(bench, {}) for s in sides] + [
+            s["trials"][k]["records"][bench] for s in sides for k in shared
+        ]
+        ids = sorted(set.intersection(*(set(t) for t in tables)))
+        if not ids:
+            raise ProxyError(f"{bench}: the two sweeps share no question")
+        dropped = len(set.union(*(set(t) for t in tables))) - len(ids)
+        if dropped:
+            notes.append(
+                f"{bench}: {len(ids)} questions both sweeps scored for every schedule; {dropped} others left out"
+            )
+        questions[bench] = len(ids)
+        weights = np.vstack([np.ones(len(ids)), unit_weights([tables[0][i][0] for i in ids], n_resamples, rng)])
+        for s_i, side in enumerate(sides):
+            ref = weights @ np.array([side["reference"][bench][i][1] for i in ids])
+            for j, k in enumerate(shared):
+                got = weights @ np.array([side["trials"][k]["records"][bench][i][1] for i in ids])
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    relative[s_i][:, j] += 100.0 * got / ref / len(benches)
+    return relative, questions, notes
+
+
 def compare_sweeps(
     cheap: str,
     costly: str,
@@ -146,31 +177,7 @@ def compare_sweeps(
     benches = relative_benchmarks(benches)
     if not benches:
         raise ProxyError("the matched trials share no benchmark")
-    notes = []
-    rng = np.random.default_rng(seed)
-    # per side: (resamples + 1, schedules) relative scores; row 0 is the point estimate
-    relative = [np.zeros((n_resamples + 1, len(shared))) for _ in sides]
-    questions = {}
-    for bench in benches:
-        tables = [s["reference"].get(bench, {}) for s in sides] + [
-            s["trials"][k]["records"][bench] for s in sides for k in shared
-        ]
-        ids = sorted(set.intersection(*(set(t) for t in tables)))
-        if not ids:
-            raise ProxyError(f"{bench}: the two sweeps share no question")
-        dropped = len(set.union(*(set(t) for t in tables))) - len(ids)
-        if dropped:
-            notes.append(
-                f"{bench}: {len(ids)} questions both sweeps scored for every schedule; {dropped} others left out"
-            )
-        questions[bench] = len(ids)
-        weights = np.vstack([np.ones(len(ids)), unit_weights([tables[0][i][0] for i in ids], n_resamples, rng)])
-        for s_i, side in enumerate(sides):
-            ref = weights @ np.array([side["reference"][bench][i][1] for i in ids])
-            for j, k in enumerate(shared):
-                got = weights @ np.array([side["trials"][k]["records"][bench][i][1] for i in ids])
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    relative[s_i][:, j] += 100.0 * got / ref / len(benches)
+    relative, questions, notes = _relative_scores(sides, shared, benches, n_resamples, np.random.default_rng(seed))
     point_a, point_b = relative[0][0], relative[1][0]
     rho, tau = _ranks_corr(relative[0][1:], relative[1][1:])
     pick = int(np.argmax(point_a))

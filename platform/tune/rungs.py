@@ -15,7 +15,7 @@ distance. Two promotion rules use that order:
   promotion at most 1/factor go on. Early rungs stop only the hopeless; the cut spends the dearest rung
   on the trials that add most to the front.
 
-The same rules run asynchronously inside Ray Tune (`tune.ParetoHalving`, each trial against those that
+The same rules run asynchronously inside Ray Tune (`scheduler.ParetoHalving`, each trial against those that
 reached the rung before it, as ASHA does) and synchronously in `hidrop bench search`
 (`successive_halving`: each rung's trials against each other). Pure: no Ray, no MLflow, no model.
 """

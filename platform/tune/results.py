@@ -1,0 +1,165 @@
+"""A finished sweep's results, in the driver: the summary `hidrop tune` returns (and prints with `--json`)
+from Tune's result grid and the trial records, the best trial under the FLOPs budget, and the summary's
+files under `<sweep>/summary/` (pareto.md, sweep.json, pareto.png), logged with its counts on the parent run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from hidrop.evaluation.uncertainty import format_interval
+from hidrop_platform.tracking import names as N
+from hidrop_platform.tune.pareto import plot_pareto
+from hidrop_platform.tune.searcher import ScheduleSearcher
+from hidrop_platform.tune.summary import (
+    TrialRecord,
+    confirm_markdown,
+    front_mark,
+    full_fidelity,
+    interval_text,
+    summarize_sweep,
+)
+from hidrop_platform.tune.trial_runs import TrialRun
+
+
+def sweep_summary(
+    grid,
+    reference: dict,
+    searcher: Optional[ScheduleSearcher],
+    name: str,
+    at_once: int,
+    wall: float,
+    sweep_dir: str,
+    rungs: Optional[int] = None,
+) -> dict:
+    """Every trial of Tune's result grid, the front and where the blind baseline sits, JSON-ready."""
+    records = [_trial_row(result, sweep_dir, rungs) for result in grid]
+    summary = summarize_sweep(
+        records,
+        reference["scores"],
+        reference["blind_scores"],
+        reference.get("blind_relative_interval"),
+        reference.get("blind_relative_score"),
+        rungs,
+    )
+    return {
+        "sweep": name,
+        "trials": [t.to_dict() for t in summary.trials],
+        "pareto": summary.pareto,
+        "significant": summary.significant,
+        "blind_level": summary.blind_level,
+        "discoveries": summary.discoveries(),
+        "reference_scores": reference["scores"],
+        "blind_relative_score": summary.blind_relative_score,
+        "blind_relative_interval": summary.blind_relative_interval,
+        "rejections": dict(searcher.rejections) if searcher else {},
+        "rejected": sum(searcher.rejections.values()) if searcher else 0,
+        "failed": summary.failed,
+        "questions_run": int(sum(t.questions_run or 0 for t in summary.trials)),
+        "concurrency": at_once,
+        "wall_time_s": wall,
+        "accelerator_hours": summary.accelerator_hours,
+        "undefined": summary.undefined,
+        "notes": [*reference.get("notes", []), *_undefined_note(summary.undefined, reference["scores"])],
+    }
+
+
+def _trial_row(result, sweep_dir: str, rungs: Optional[int]) -> TrialRecord:
+    """One trial's record from its Tune result, with its MLflow run id from `trial_runs/`."""
+    config = result.config or {}
+    metrics = dict(result.metrics or {})
+    status = N.FAILED if result.error else N.FINISHED
+    if status == N.FINISHED and rungs and metrics.get(N.RUNG, rungs) < rungs:
+        status = N.STOPPED_EARLY  # the multi-fidelity scheduler stopped it after a rung: an outcome
+    run_id = TrialRun.read(sweep_dir, config).run_id if config else None
+    return TrialRecord.from_metrics(
+        config.get("label", "?"),
+        status,
+        metrics,
+        seed=bool(config.get("seed")),
+        overrides=config.get("overrides", {}),
+        **({"run_id": run_id} if run_id else {}),
+        **({"error": str(result.error).strip().splitlines()[-1][:300]} if result.error else {}),
+    )
+
+
+def _undefined_note(labels: list[str], reference_scores: dict) -> list[str]:
+    """Why finished trials have no relative score: a reported state, not a crash."""
+    if not labels:
+        return []
+    zero = [b for b, v in reference_scores.items() if v == 0] or list(reference_scores)
+    return [
+        f"{len(labels)} finished trials have no relative score: the all-tokens reference scores 0 on "
+        f"{', '.join(zero)} (a ratio to 0 is undefined); their per-benchmark scores are in their runs"
+    ]
+
+
+def best_under_budget(trials: list[dict], max_vision_tflops: float, rungs: Optional[int]) -> Optional[str]:
+    """Objective `score`: the label of the best trial that ran every rung within the FLOPs budget."""
+    fits = [
+        r
+        for r in trials
+        if r.get("relative_score") is not None
+        and r["vision_tflops"] <= max_vision_tflops
+        and full_fidelity(TrialRecord.model_validate(r), rungs)
+    ]
+    return max(fits, key=lambda r: r["relative_score"])["label"] if fits else None
+
+
+def log_summary(parent, summary: dict, sweep_dir: Path, name: str, reference: dict) -> None:
+    """Write `<sweep>/summary/` and log it, with the sweep's counts, on the parent run."""
+    out = sweep_dir / "summary"
+    out.mkdir(exist_ok=True)
+    ok = [r for r in summary["trials"] if TrialRecord.model_validate(r).is_outcome()]
+    blind = reference.get("blind_relative_interval")
+    (out / "pareto.md").write_text(_pareto_markdown(summary, ok, reference) + "\n")
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
+    if ok:
+        plot_pareto(
+            ok,
+            out / "pareto.png",
+            f"{name}: relative score vs vision TFLOPs",
+            reference_lines={"blind": reference["blind_relative_score"]},
+            reference_bands={"blind": blind} if blind else None,
+        )
+    for path in out.iterdir():
+        parent.log_artifact(path, N.PARETO_DIR)
+    parent.log_metrics(
+        {
+            N.TRIALS: len(summary["trials"]),
+            N.FAILED_TRIALS: summary["failed"],
+            N.REJECTED_SAMPLES: summary["rejected"],
+            N.PARETO_SIZE: len(summary["pareto"]),
+            N.ACCELERATOR_HOURS: summary["accelerator_hours"],
+            N.WALL_S: summary["wall_time_s"],
+        },
+        step=0,
+    )
+
+
+def _pareto_markdown(summary: dict, ok: list[dict], reference: dict) -> str:
+    """pareto.md: the finished trials by cost, with the front, intervals and the confirmation table."""
+    lines = [
+        "| trial | front | relative score [95% CI] | vision TFLOPs | avg tokens | schedule overrides |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(ok, key=lambda r: r["vision_tflops"]):
+        lines.append(
+            f"| {r['label']} | {front_mark(r)} | {interval_text(r)} | "
+            f"{r['vision_tflops']:.4g} | {r['avg_vision_tokens']:.1f} | `{json.dumps(_rounded(r['overrides']))}` |"
+        )
+    blind = reference.get("blind_relative_interval")
+    lines += [
+        "",
+        "front: clear = no cheaper-or-equal trial's interval reaches its lower bound; yes = on the front of the "
+        "estimates only; blind level = not significantly above answering without the image "
+        f"(blind: {format_interval(reference['blind_relative_score'], blind)}).",
+    ]
+    lines += confirm_markdown(summary.get("confirm") or {})
+    return "\n".join(lines)
+
+
+def _rounded(overrides: dict) -> dict:
+    """Sampled floats to 4 significant digits, for the table."""
+    return {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in overrides.items()}
