@@ -239,3 +239,37 @@ def test_a_relative_sqlite_store_is_made_absolute(tmp_path, monkeypatch):
     ]:
         cfg = validate_config({**base, "tracking": {"uri": given}})
         assert cfg.tracking.uri == expected
+
+
+def test_tune_and_train_check_the_cluster_once_per_command(tmp_path, monkeypatch):
+    """The CLI connects before its progress bar and hands the result on: the run does not check again."""
+    import yaml
+
+    from hidrop_platform.train import driver as train_driver
+    from hidrop_platform.tune import driver as tune_driver
+
+    calls = []
+    monkeypatch.setattr(tune_driver, "connect_for_tune", lambda cfg, resume=False: calls.append("tune") or (1, 0.0))
+    monkeypatch.setattr(tune_driver, "_run_held", lambda *a: {"ran": "tune"})
+    monkeypatch.setattr(
+        train_driver, "connect_for_training", lambda cfg, restart=False, force=False: calls.append("train")
+    )
+    monkeypatch.setattr(train_driver, "_run_held", lambda *a: {"ran": "train"})
+    monkeypatch.chdir(tmp_path)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        yaml.safe_dump(
+            {
+                "name": "once",
+                "model": {"kind": "tiny_llava"},
+                "schedule": {"inject_layer": 2, "exit_layer": 7, "stages": 2, "first_keep_ratio": 0.5},
+                "tracking": {"enabled": False},
+                "tune": {"num_samples": 1, "space": {"schedule.first_keep_ratio": {"float": [0.2, 0.8]}}},
+            }
+        )
+    )
+    for command in ("tune", "train"):
+        result = CliRunner().invoke(app, [command, str(exp), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout) == {"ran": command}
+    assert calls == ["tune", "train"]  # one check each (twice each before)

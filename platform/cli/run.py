@@ -80,10 +80,10 @@ def train(
             connect_for_training(cfg, restart, force)  # one-line errors before the progress bar
         if as_json:
             with views.stdout_to_stderr():
-                result = run_training(cfg, restart=restart, force=force)
+                result = run_training(cfg, restart=restart, force=force, connected=True)
         else:
             with progress.train_bar(cfg.name) as shown:
-                result = run_training(cfg, progress=shown, restart=restart, force=force)
+                result = run_training(cfg, progress=shown, restart=restart, force=force, connected=True)
     except TrainInterrupted as e:
         stop_ray()
         views.print_interrupted(e)

@@ -33,13 +33,13 @@ def tune_command(
     started = time.time()
     try:
         with views.stdout_to_stderr():  # Ray's start-up chatter must not reach --json output
-            connect_for_tune(cfg, resume)  # one-line cluster errors before the progress bar
+            placement = connect_for_tune(cfg, resume)  # one-line cluster errors before the progress bar
         if as_json:
             with views.stdout_to_stderr():
-                summary = run_tune(cfg, base, resume=resume)
+                summary = run_tune(cfg, base, resume=resume, placement=placement)
         else:
             with progress.sweep_bar() as shown:
-                summary = run_tune(cfg, base, resume=resume, progress=shown)
+                summary = run_tune(cfg, base, resume=resume, progress=shown, placement=placement)
     except KeyboardInterrupt as e:
         stop_ray()  # before the message: a second Ctrl+C now cannot cut Ray's shutdown short
         detail = f" ({e})" if str(e) else ""

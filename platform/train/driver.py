@@ -55,8 +55,8 @@ class TrainSetupError(UserError, RuntimeError):
 def connect_for_training(cfg: ExperimentConfig, restart: bool = False, force: bool = False) -> None:
     """Check the run folder (`check_run_folder`), reach Ray and check that the workers can ever be
     placed, before anything is written: a refused continuation or a cluster that cannot be reached or
-    used leaves nothing behind. The CLI calls it before its progress bar; `run_training` again (then it
-    costs one node listing)."""
+    used leaves nothing behind. The CLI calls it before its progress bar and tells `run_training`
+    (`connected=True`), which otherwise calls it itself."""
     t = cfg.train
     try:
         check_job_paths({"train.storage_path": t.storage_path}, cfg.tracking.uri, cfg.tracking.enabled)
@@ -74,6 +74,7 @@ def run_training(
     hooks: Sequence[Hook] = (),
     restart: bool = False,
     force: bool = False,
+    connected: bool = False,
 ) -> dict:
     """Run the Ray Train job; `progress(info)` is called about once a second with rank 0's latest step.
     A run of the same name in `train.storage_path` is continued only when its config agrees
@@ -81,7 +82,8 @@ def run_training(
     `hooks` join every worker's loop (the overhead benchmark's turn-taking); the test faults of
     `hidrop_platform.train.faults` join them when their environment variable asks. One driver at a time
     per run: a second is refused while the first runs."""
-    connect_for_training(cfg, restart, force)
+    if not connected:
+        connect_for_training(cfg, restart, force)
     folder = Path(cfg.train.storage_path).resolve() / cfg.name
     try:
         with hold(folder, f"training {cfg.name!r}"):

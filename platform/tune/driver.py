@@ -102,8 +102,8 @@ def _check_resources(cfg: ExperimentConfig, nodes: list[dict]) -> tuple[int, flo
 
 def connect_for_tune(cfg: ExperimentConfig, resume: bool = False) -> tuple[int, float]:
     """Reach Ray and check that a trial can ever be placed; returns `_check_resources`. The CLI calls it
-    before its progress bar, `run_tune` again (then it costs one node listing). A `--resume` with nothing
-    to resume is said first: it needs no cluster."""
+    before its progress bar and hands the result to `run_tune`, which otherwise calls it itself. A
+    `--resume` with nothing to resume is said first: it needs no cluster."""
     name = cfg.tune.name or cfg.name
     _check_resume(Path(cfg.tune.storage_path).resolve() / name, name, resume)
     try:
@@ -119,14 +119,21 @@ def connect_for_tune(cfg: ExperimentConfig, resume: bool = False) -> tuple[int, 
 
 
 def run_tune(
-    cfg: ExperimentConfig, base: dict, resume: bool = False, progress: Optional[Callable[[str, int, int], None]] = None
+    cfg: ExperimentConfig,
+    base: dict,
+    resume: bool = False,
+    progress: Optional[Callable[[str, int, int], None]] = None,
+    placement: Optional[tuple[int, float]] = None,
 ) -> dict:
     """Run (or resume) the sweep; returns every trial, the Pareto front and where the seeds sit. One
-    driver at a time per sweep: a second is refused while the first runs."""
+    driver at a time per sweep: a second is refused while the first runs. `placement`: what
+    `connect_for_tune` returned, when the caller already connected."""
     name = cfg.tune.name or cfg.name
     sweep_dir = Path(cfg.tune.storage_path).resolve() / name
     share = _check_space(base, cfg)
-    at_once, devices = connect_for_tune(cfg, resume)  # before the parent run: a failure here leaves nothing behind
+    at_once, devices = placement or connect_for_tune(
+        cfg, resume
+    )  # before the parent run: a failure here leaves nothing behind
     try:
         with hold(sweep_dir, f"sweep {name!r}"):
             _check_resume(sweep_dir, name, resume)  # again: a twin started beside us may have finished since
