@@ -20,7 +20,8 @@ import yaml
 
 from hidrop_platform.train.faults import HOLD_AT_STEP_ENV, TRIAL_BARRIER_ENV
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs the whole module: each test starts its own local cluster of Ray nodes
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multinode")]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
