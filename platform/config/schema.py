@@ -44,6 +44,16 @@ MINI_LLAVA_SHAPE = dict(
     vision_encoder={"fixed_gmacs": 0.3},
     projector_hidden_size=576,
 )
+# the language model's part of a shape (what a random-weight benchmark builds)
+_LM_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "num_vision_tokens",
+)
 TINY_LLAVA_SHAPE = dict(
     num_layers=8,
     hidden_size=64,
@@ -156,16 +166,7 @@ class BenchConfig(ConfigModel):
     methods: list[str] = Field(default_factory=lambda: ["vanilla", "fastv", "pdrop", "hidrop_tok64"], min_length=1)
     # used when the run is on a CPU and the experiment's shape is too large for it (the mini-LLaVA LM)
     cpu_shape: ModelShape = Field(
-        default_factory=lambda: ModelShape(
-            num_layers=30,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            vocab_size=49152,
-            num_vision_tokens=196,
-            vision_encoder=None,
-        )
+        default_factory=lambda: ModelShape(**{k: MINI_LLAVA_SHAPE[k] for k in _LM_FIELDS}, vision_encoder=None)
     )
     cpu_batch_size: int = Field(default=2, gt=0)
 
