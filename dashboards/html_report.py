@@ -19,13 +19,12 @@ from hidrop_dashboards.tables import (
     confirm_table,
     format_cell,
     published_notes,
-    relative_bounds,
     relative_text,
     scores_text,
     training_published_cells,
 )
 from hidrop_platform.evaluate.compare import pair_text
-from hidrop_platform.tune.summary import CONFIRM_COLUMNS, confirm_rows, front_mark
+from hidrop_platform.tune.summary import CONFIRM_COLUMNS, confirm_rows, table_rows
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
@@ -174,15 +173,15 @@ def _html_sweep(data: dict, table: dict, figures: dict[str, Optional[Path]]) -> 
     )
     trials_rows = [
         [
-            t["label"],
-            front_mark(t),
-            relative_text({**t, "relative_interval": relative_bounds(t)}),
-            format_cell(t.get("avg_vision_tokens")),
-            format_tflops(t.get("vision_tflops"), 4),
-            t["status"],
-            t["plan"],
+            row.label,
+            row.front,
+            row.relative,
+            format_cell(row.trial.avg_vision_tokens),
+            format_tflops(row.trial.vision_tflops, 4),
+            row.trial.status,
+            row.trial.plan,
         ]
-        for t in data["trials"]
+        for row in table_rows(data["trials"])
     ]
     confirm = confirm_table(data)
     if confirm["rows"]:

@@ -193,7 +193,7 @@ def _sweep(parent, children: list) -> dict:
         m.get(N.BLIND_RELATIVE),
         int(rungs) if rungs not in (None, "None", "") else None,
     )
-    trials = [t.to_dict() for t in summary.trials]
+    trials = summary.trials
     return {
         "name": _tag(parent, N.SWEEP),
         "run_id": parent.info.run_id,
@@ -210,7 +210,7 @@ def _sweep(parent, children: list) -> dict:
         "published_model": parent_model,
         "wall_s": m.get(N.WALL_S),
         "accelerator_hours": m.get(N.ACCELERATOR_HOURS),
-        "samples": max((int(t["samples"]) for t in trials if "samples" in t), default=None),
+        "samples": max((int(t.samples) for t in trials if t.samples is not None), default=None),
         "device_type": next((_tag(c, N.DEVICE_TYPE) for c in children if _tag(c, N.DEVICE_TYPE)), "cpu"),
         "trials": trials,
     }
@@ -302,6 +302,7 @@ def build_report(
         json.dumps(
             {
                 **data,
+                "trials": [t.to_dict() for t in data["trials"]],
                 "methods_table": table,
                 "training_table": trainings,
                 "position_tables": positions,
@@ -339,7 +340,7 @@ def _pareto_figure(data: dict, experiment: str, path: Path) -> Optional[Path]:
     """The sweep's trials as relative score vs vision TFLOPs, with the all-tokens and blind lines; None
     (nothing drawn) when no trial has both."""
     sweep_info = data["sweep"]
-    scored = [t for t in data["trials"] if "relative_score" in t and "vision_tflops" in t]
+    scored = [t.to_dict() for t in data["trials"] if t.relative_score is not None and t.vision_tflops is not None]
     if not scored:
         return None
     lines = {"all tokens": 100.0}

@@ -14,7 +14,7 @@ from hidrop.evaluation.published import comparisons_for
 from hidrop.evaluation.uncertainty import format_interval
 from hidrop_platform.evaluate.compare import columns
 from hidrop_platform.tracking import names as N
-from hidrop_platform.tune.summary import front_mark
+from hidrop_platform.tune.summary import TrialRecord, front_mark
 
 # the order and names of the paper's rows; anything else is a searched trial
 PRESET_NAMES = {
@@ -47,8 +47,8 @@ def format_cell(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def relative_bounds(t: dict) -> Optional[list[float]]:
-    lo, hi = t.get(N.RELATIVE_SCORE_LOW), t.get(N.RELATIVE_SCORE_HIGH)
+def relative_bounds(t: TrialRecord) -> Optional[list[float]]:
+    lo, hi = t.relative_score_lo, t.relative_score_hi
     return None if lo is None or hi is None else [lo, hi]
 
 
@@ -90,31 +90,31 @@ def methods_table(data: dict) -> dict:
     benches = sweep["benchmarks"]
     order = list(PRESET_NAMES)
     presets = sorted(
-        (t for t in data["trials"] if t["seed"] and "relative_score" in t),
+        (t for t in data["trials"] if t.seed and t.relative_score is not None),
         key=lambda t: (
-            order.index(t["label"].removeprefix("seed:")) if t["label"].removeprefix("seed:") in order else len(order)
+            order.index(t.label.removeprefix("seed:")) if t.label.removeprefix("seed:") in order else len(order)
         ),
     )
     searched = sorted(  # discoveries only: a blind-level front point is no finding
-        (t for t in data["trials"] if not t["seed"] and t.get("pareto") and not t.get("blind_level")),
-        key=lambda t: -t["relative_score"],
+        (t for t in data["trials"] if not t.seed and t.pareto and not t.blind_level),
+        key=lambda t: -t.relative_score,
     )[:MAX_SEARCHED_ROWS]
     rows = []
     for kind, group in (("preset", presets), ("searched", searched)):
         for t in group:
             rows.append(
                 {
-                    "method": _method_name(t["label"]),
+                    "method": _method_name(t.label),
                     "kind": kind,
-                    "pareto": bool(t.get("pareto")),
-                    "avg_vision_tokens": t.get("avg_vision_tokens"),
-                    "vision_tflops": t.get("vision_tflops"),
-                    "scores": {b: t["scores"].get(b) for b in benches},
-                    "relative_score": t["relative_score"],
+                    "pareto": bool(t.pareto),
+                    "avg_vision_tokens": t.avg_vision_tokens,
+                    "vision_tflops": t.vision_tflops,
+                    "scores": {b: t.scores.get(b) for b in benches},
+                    "relative_score": t.relative_score,
                     "relative_interval": relative_bounds(t),
                     "front": front_mark(t),
-                    "plan": t["plan"],
-                    "published": _comparisons(t, sweep["reference_scores"], "table1"),
+                    "plan": t.plan,
+                    "published": _comparisons(t.to_dict(), sweep["reference_scores"], "table1"),
                 }
             )
     if sweep["blind_relative_score"] is not None:
@@ -141,16 +141,16 @@ def confirm_table(data: dict) -> dict:
     score, both with their intervals, and the gap (search - confirmed); seeds first, then cheapest."""
     rows = []
     for t in data.get("trials") or []:
-        c = t.get("confirm") or {}
+        c = getattr(t, "confirm", None) or {}  # the report's extra: the run's confirm/... metrics
         if N.RELATIVE_SCORE not in c:
             continue
-        gap = t["relative_score"] - c[N.RELATIVE_SCORE] if t.get("relative_score") is not None else None
+        gap = t.relative_score - c[N.RELATIVE_SCORE] if t.relative_score is not None else None
         rows.append(
             {
-                "label": t["label"],
-                "seed": t["seed"],
-                "vision_tflops": t.get("vision_tflops"),
-                "search": [t.get("relative_score"), t.get(N.RELATIVE_SCORE_LOW), t.get(N.RELATIVE_SCORE_HIGH)],
+                "label": t.label,
+                "seed": t.seed,
+                "vision_tflops": t.vision_tflops,
+                "search": [t.relative_score, t.relative_score_lo, t.relative_score_hi],
                 "confirmed": [c[N.RELATIVE_SCORE], c.get(N.RELATIVE_SCORE_LOW), c.get(N.RELATIVE_SCORE_HIGH)],
                 "gap": gap,
                 "samples": c.get(N.SAMPLES),
@@ -225,9 +225,9 @@ def position_tables(data: dict, trainings: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     sweep = data["sweep"]
     for t in data["trials"]:
-        if t.get("position_mode") and "relative_score" in t and t["status"] in N.OUTCOME_STATUSES:
-            groups.setdefault(("sweep", t["signature"]), []).append(
-                {**t, "avg": t["relative_score"], "reference": sweep["reference_scores"]}
+        if getattr(t, "position_mode", None) and t.relative_score is not None and t.status in N.OUTCOME_STATUSES:
+            groups.setdefault(("sweep", t.signature), []).append(
+                {**t.to_dict(), "avg": t.relative_score, "reference": sweep["reference_scores"]}
             )
     base = _all_tokens_training(trainings)
     for t in trainings:

@@ -238,22 +238,22 @@ def run_demo(size: DemoSize, report_dir: str | Path = "reports/demo", progress: 
     )
     t0 = time.perf_counter()
     uri = default_tracking_uri()
-    trained = compare_trained(size, Path(summary["sweep_dir"]), uri)
+    trained = compare_trained(size, Path(summary.sweep_dir), uri)
     timings["trained_s"] = time.perf_counter() - t0
 
     trainings = _train_both(size, stamp, progress, stages, timings) if size.train_steps > 0 else []
 
     progress.stage(f"report: {report_dir}", stages, stages, "report")
     t0 = time.perf_counter()
-    report = build_report(uri, EXPERIMENT, report_dir, sweep=summary["sweep"])
+    report = build_report(uri, EXPERIMENT, report_dir, sweep=summary.sweep)
     timings["report_s"] = time.perf_counter() - t0
     return {
         "size": asdict(size),
         "experiment": EXPERIMENT,
         "tracking_uri": uri,
-        **{key: summary[key] for key in SUMMARY_FIELDS},
-        "confirm": summary.get("confirm"),
-        "trials": [{k: r.get(k) for k in TRIAL_FIELDS} for r in summary["trials"]],
+        **{key: getattr(summary, key) for key in SUMMARY_FIELDS},
+        "confirm": summary.confirm,
+        "trials": [{k: getattr(r, k) for k in TRIAL_FIELDS} for r in summary.trials],
         "trained": {
             "rows": [
                 {k: r[k] for k in ("label", "scores", "intervals", "relative_score", "relative_interval")}

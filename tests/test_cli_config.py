@@ -243,6 +243,8 @@ def test_a_relative_sqlite_store_is_made_absolute(tmp_path, monkeypatch):
 
 def test_tune_and_train_check_the_cluster_once_per_command(tmp_path, monkeypatch):
     """The CLI connects before its progress bar and hands the result on: the run does not check again."""
+    from types import SimpleNamespace
+
     import yaml
 
     from hidrop_platform.train import driver as train_driver
@@ -250,7 +252,8 @@ def test_tune_and_train_check_the_cluster_once_per_command(tmp_path, monkeypatch
 
     calls = []
     monkeypatch.setattr(tune_driver, "connect_for_tune", lambda cfg, resume=False: calls.append("tune") or (1, 0.0))
-    monkeypatch.setattr(tune_driver, "_run_held", lambda *a: {"ran": "tune"})
+    # run_tune returns a SweepResult: --json prints its to_dict()
+    monkeypatch.setattr(tune_driver, "_run_held", lambda *a: SimpleNamespace(to_dict=lambda: {"ran": "tune"}))
     monkeypatch.setattr(
         train_driver, "connect_for_training", lambda cfg, restart=False, force=False: calls.append("train")
     )

@@ -318,7 +318,7 @@ def test_sweep_with_a_zero_reference_reports_undefined_scores(tmp_path, capsys):
     from hidrop_platform.tracking.tracker import Tracker
     from hidrop_platform.tune.results import _undefined_note
     from hidrop_platform.tune.results import log_summary as _log_summary
-    from hidrop_platform.tune.summary import TrialRecord, summarize_sweep
+    from hidrop_platform.tune.summary import SweepReference, SweepResult, TrialRecord, summarize_sweep
 
     reference = {"scores": {"easy_vqa": 0.0}, "blind_scores": {"easy_vqa": 0.0}, "blind_relative_score": None}
     metrics = {"relative_score": None, "vision_tflops": 0.5, "avg_vision_tokens": 64.0, "score/easy_vqa": 0.0}
@@ -329,30 +329,32 @@ def test_sweep_with_a_zero_reference_reports_undefined_scores(tmp_path, capsys):
     summary = summarize_sweep(trials, reference["scores"], reference["blind_scores"])
     assert summary.pareto == [] and summary.undefined == ["seed:vanilla", "trial-001"]
     assert summary.blind_relative_score is None
-    record = {
-        "sweep": "zero",
-        "trials": [t.to_dict() for t in summary.trials],
-        "pareto": summary.pareto,
-        "significant": [],
-        "blind_level": [],
-        "discoveries": [],
-        "reference_scores": reference["scores"],
-        "blind_relative_score": None,
-        "blind_relative_interval": None,
-        "rejections": {},
-        "rejected": 0,
-        "failed": 0,
-        "concurrency": 1,
-        "wall_time_s": 1.0,
-        "accelerator_hours": 0.0,
-        "undefined": summary.undefined,
-        "notes": _undefined_note(summary.undefined, reference["scores"]),
-        "valid_share": 1.0,
-        "parent_run_id": None,
-        "tracking_uri": "sqlite:///x",
-        "sweep_dir": str(tmp_path),
-    }
-    _log_summary(Tracker("sqlite:///unused", "x", enabled=False), record, tmp_path, "zero", reference)
+    record = SweepResult(
+        sweep="zero",
+        trials=summary.trials,
+        pareto=summary.pareto,
+        significant=[],
+        blind_level=[],
+        discoveries=[],
+        reference_scores=reference["scores"],
+        blind_relative_score=None,
+        blind_relative_interval=None,
+        rejections={},
+        rejected=0,
+        failed=0,
+        questions_run=0,
+        concurrency=1,
+        wall_time_s=1.0,
+        accelerator_hours=0.0,
+        undefined=summary.undefined,
+        notes=_undefined_note(summary.undefined, reference["scores"]),
+        valid_share=1.0,
+        parent_run_id=None,
+        tracking_uri="sqlite:///x",
+        sweep_dir=str(tmp_path),
+    )
+    typed = SweepReference.model_validate(reference)
+    _log_summary(Tracker("sqlite:///unused", "x", enabled=False), record, tmp_path, "zero", typed)
     assert "undefined" in (tmp_path / "summary" / "pareto.md").read_text()
     cli.print_sweep(record)
     printed = capsys.readouterr().out

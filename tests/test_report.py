@@ -134,12 +134,12 @@ def test_collect_reads_the_newest_finished_sweep(store):
     assert data["sweep"]["run_id"] == store["parent"] and data["sweep"]["name"] == "s1"
     assert data["sweep"]["reference_scores"] == REFERENCE and data["sweep"]["blind_scores"] == BLIND
     assert data["sweep"]["blind_relative_score"] == pytest.approx(62.5)
-    assert sorted(t["label"] for t in data["trials"]) == sorted([t[0] for t in TRIALS] + ["trial-009"])
-    assert not next(t for t in data["trials"] if t["label"] == "trial-009")["pareto"]
+    assert sorted(t.label for t in data["trials"]) == sorted([t[0] for t in TRIALS] + ["trial-009"])
+    assert not next(t for t in data["trials"] if t.label == "trial-009").pareto
     # Pareto flags against brute force over what was logged
     points = [(relative(s), c) for _, _, s, _, c in TRIALS]
     expected = {TRIALS[i][0] for i in pareto_front(points)}
-    assert {t["label"] for t in data["trials"] if t["pareto"]} == expected
+    assert {t.label for t in data["trials"] if t.pareto} == expected
     assert "trial-001" in expected and "trial-002" not in expected and "trial-003" in expected
     # a chosen sweep
     assert collect(store["uri"], "exp", sweep="old")["sweep"]["run_id"] == store["old"]

@@ -579,7 +579,7 @@ def test_a_blind_level_trial_is_tagged_and_never_a_discovery():
     assert s.discoveries() == ["good", "better"]  # searched, above blind (seeds are no discoveries)
     # each clears every cheaper interval; vanilla's 100 is reached by "better"'s upper bound: not clear
     assert s.significant == ["good", "better"]
-    marks = {t.label: front_mark(t.to_dict()) for t in s.trials}
+    marks = {t.label: front_mark(t) for t in s.trials}
     assert marks == {"cheap-noise": "blind level", "good": "clear", "better": "clear", "seed:vanilla": "yes"}
     assert s.blind_relative_interval == [40.0, 60.0]
 

@@ -49,7 +49,7 @@ def tune_command(
     finally:  # after an error or an interrupt too: their records wait in the spool all the same
         views.warn_spooled(started)
     if as_json:
-        views.print_json(summary, default=str)
+        views.print_json(summary.to_dict(), default=str)
         return
     search_views.print_sweep(summary)
 

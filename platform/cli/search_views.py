@@ -14,12 +14,12 @@ from rich.table import Table
 import hidrop_platform.cli.views as views
 from hidrop.evaluation.uncertainty import format_interval
 from hidrop_platform.tracking import names as N
-from hidrop_platform.tune.summary import CONFIRM_COLUMNS, confirm_rows, front_mark, interval_text
+from hidrop_platform.tune.summary import CONFIRM_COLUMNS, SweepResult, TrialRecord, confirm_rows, table_rows
 
 
-def _questions_cell(trial: dict) -> str:
+def _questions_cell(trial: TrialRecord) -> str:
     """How many questions a trial answered, marked when the search stopped it early."""
-    return f"{trial.get('samples') or 0:.0f}" + (" (stopped)" if trial.get("status") == N.STOPPED_EARLY else "")
+    return f"{trial.samples or 0:.0f}" + (" (stopped)" if trial.status == N.STOPPED_EARLY else "")
 
 
 def _print_held_out(confirm: dict, *, no_wrap_trial: bool, gap_suffix: str) -> None:
@@ -37,81 +37,81 @@ def _print_held_out(confirm: dict, *, no_wrap_trial: bool, gap_suffix: str) -> N
         )
 
 
-def print_sweep(summary: dict) -> None:
+def print_sweep(summary: SweepResult) -> None:
     """`hidrop tune`: the finished trials by cost, the reference and blind levels, and the sweep's findings."""
-    rows = [r for r in summary["trials"]]
-    benches = list(summary["reference_scores"])
+    rows = summary.trials
+    benches = list(summary.reference_scores)
     table = Table(
-        title=f"Sweep {summary['sweep']}: {len(rows)} trials ({summary['failed']} failed), "
-        f"{summary['rejected']} invalid samples rejected, {summary['concurrency']} at a time, "
-        f"{summary['wall_time_s']:.0f} s"
+        title=f"Sweep {summary.sweep}: {len(rows)} trials ({summary.failed} failed), "
+        f"{summary.rejected} invalid samples rejected, {summary.concurrency} at a time, "
+        f"{summary.wall_time_s:.0f} s"
     )
     cols = ("trial", "front", "relative score [95% CI]", *benches, "questions", "avg tokens", "vision TFLOPs")
     cols += ("overrides",)
     for col in cols:
         table.add_column(col, justify="left" if col in ("trial", "overrides") else "right")
-    ok = sorted((r for r in rows if r.get("relative_score") is not None), key=lambda r: r["vision_tflops"])
-    for r in ok:
-        overrides = (
-            ", ".join(
-                f"{k.removeprefix('schedule.')}={v:.4g}"
-                if isinstance(v, float)
-                else f"{k.removeprefix('schedule.')}={v}"
-                for k, v in r["overrides"].items()
-            )
-            if not r["seed"]
-            else ""
-        )
+    ok = sorted((r for r in rows if r.relative_score is not None), key=lambda r: r.vision_tflops)
+    for row in table_rows(ok):
+        r = row.trial
         table.add_row(
-            r["label"],
-            front_mark(r),
-            interval_text(r),
-            *[f"{r['scores'].get(b, float('nan')):.1f}" for b in benches],
+            row.label,
+            row.front,
+            row.relative,
+            *[f"{r.scores.get(b, float('nan')):.1f}" for b in benches],
             _questions_cell(r),
-            f"{r['avg_vision_tokens']:.1f}",
-            f"{r['vision_tflops']:.4g}",
-            overrides,
+            f"{r.avg_vision_tokens:.1f}",
+            f"{r.vision_tflops:.4g}",
+            _overrides_cell(r),
         )
     views.out.print(table)
     views.out.print(
         "reference (all tokens): "
-        + ", ".join(f"{b} {v:.1f}" for b, v in summary["reference_scores"].items())
+        + ", ".join(f"{b} {v:.1f}" for b, v in summary.reference_scores.items())
         + "; blind baseline: "
-        + format_interval(summary["blind_relative_score"], summary.get("blind_relative_interval"))
+        + format_interval(summary.blind_relative_score, summary.blind_relative_interval)
         + "% relative"
     )
     for r in rows:
-        if r["status"] == N.FAILED:
-            views.out.print(f"[red]failed[/] {r['label']}: {r.get('error', '')}")
+        if r.status == N.FAILED:
+            views.out.print(f"[red]failed[/] {r.label}: {getattr(r, 'error', '')}")
     _print_sweep_findings(summary)
 
 
-def _print_sweep_findings(summary: dict) -> None:
+def _overrides_cell(r: TrialRecord) -> str:
+    """A searched trial's sampled values (schedule.x=..., floats to 4 digits); empty for a seed."""
+    if r.seed:
+        return ""
+    return ", ".join(
+        f"{k.removeprefix('schedule.')}={v:.4g}" if isinstance(v, float) else f"{k.removeprefix('schedule.')}={v}"
+        for k, v in r.overrides.items()
+    )
+
+
+def _print_sweep_findings(summary: SweepResult) -> None:
     """Below the trials table: rejections, notes, the front's legend, discoveries and the held-out check."""
-    for reason, count in summary["rejections"].items():
+    for reason, count in summary.rejections.items():
         views.out.print(f"[dim]rejected {count}x: {reason}[/]")
-    for n in summary["notes"]:
+    for n in summary.notes:
         views.out.print(f"[yellow]note:[/] {n}")
-    views.out.print(f"{summary['valid_share'] * 100:.0f}% of uniformly random samples of the space are valid schedules")
-    if "best_under_budget" in summary:
-        views.out.print(f"best under the vision-TFLOPs budget: {summary['best_under_budget'] or 'none fits'}")
+    views.out.print(f"{summary.valid_share * 100:.0f}% of uniformly random samples of the space are valid schedules")
+    if summary.has("best_under_budget"):
+        views.out.print(f"best under the vision-TFLOPs budget: {summary.best_under_budget or 'none fits'}")
     views.out.print(
         "front: clear = with significance (no cheaper-or-equal trial's interval reaches its lower bound); "
         "yes = on the estimates only; blind level = not significantly above blind (no discovery)"
     )
-    discoveries = summary.get("discoveries", [])
     views.out.print(
-        f"discoveries (searched, above blind): {', '.join(discoveries) or 'none'}; "
-        f"with significance: {', '.join(summary.get('significant', [])) or 'none'}"
+        f"discoveries (searched, above blind): {', '.join(summary.discoveries) or 'none'}; "
+        f"with significance: {', '.join(summary.significant) or 'none'}"
     )
-    confirm = summary.get("confirm")
+    confirm = summary.confirm
     if confirm and confirm.get("rows"):
         _print_held_out(confirm, no_wrap_trial=False, gap_suffix=" points")
-    if summary.get("questions_run"):
-        views.out.print(f"questions scored by the trials: {summary['questions_run']} (method x question pairs)")
+    if summary.questions_run:
+        views.out.print(f"questions scored by the trials: {summary.questions_run} (method x question pairs)")
     views.out.print(
-        f"Pareto front: {', '.join(summary['pareto'])}. Parent MLflow run {summary['parent_run_id']} "
-        f"({summary['tracking_uri']}); plot and table in {summary['sweep_dir']}/summary"
+        f"Pareto front: {', '.join(summary.pareto)}. Parent MLflow run {summary.parent_run_id} "
+        f"({summary.tracking_uri}); plot and table in {summary.sweep_dir}/summary"
     )
 
 
@@ -146,18 +146,21 @@ def print_rank_agreement(result: dict) -> None:
 
 def print_demo(result: dict) -> None:
     """`hidrop demo`: the searched schedules, the held-out check, the trained models and where to look next."""
-    rows = sorted((t for t in result["trials"] if t["relative_score"] is not None), key=lambda t: t["vision_tflops"])
+    # the demo's document carries the trials' fields (demo.TRIAL_FIELDS): the same record, unvalidated
+    trials = [TrialRecord.model_construct(**t) for t in result["trials"]]
+    rows = sorted((t for t in trials if t.relative_score is not None), key=lambda t: t.vision_tflops)
     table = Table(title=f"hidrop demo: {len(rows)} schedules on the mini-LLaVA ({result['wall_time_s']:.0f} s)")
     for col in ("schedule", "front", "relative score [95% CI]", "questions", "avg vision tokens", "vision TFLOPs"):
         table.add_column(col, justify="left" if col == "schedule" else "right", no_wrap=col == "schedule")
-    for t in rows:
+    for row in table_rows(rows):
+        t = row.trial
         table.add_row(
-            t["label"],
-            front_mark(t),
-            interval_text(t),
+            row.label,
+            row.front,
+            row.relative,
             _questions_cell(t),
-            f"{t['avg_vision_tokens']:.1f}",
-            f"{t['vision_tflops']:.4g}",
+            f"{t.avg_vision_tokens:.1f}",
+            f"{t.vision_tflops:.4g}",
         )
     views.out.print(table)
     blind = format_interval(result["blind_relative_score"], result.get("blind_relative_interval"))

@@ -24,7 +24,7 @@ from hidrop_platform.tracking import names as N
 from hidrop_platform.tracking.tracker import Tracker
 from hidrop_platform.tune.errors import TuneSetupError
 from hidrop_platform.tune.space import trial_config
-from hidrop_platform.tune.summary import TrialRecord
+from hidrop_platform.tune.summary import SweepReference, SweepResult, TrialRecord
 
 
 def confirm_benchmarks(cfg: ExperimentConfig) -> list:
@@ -45,12 +45,12 @@ def confirm_benchmarks(cfg: ExperimentConfig) -> list:
     return benchmarks_for(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"benchmarks": specs})}))
 
 
-def _seen(reference: dict) -> dict[str, list[str]]:
+def _seen(reference: SweepReference) -> dict[str, list[str]]:
     """Question ids the search evaluates, per benchmark (every rung's are among them)."""
-    return {b: [r["id"] for r in rows] for b, rows in reference.get("records", {}).get(REFERENCE, {}).items()}
+    return {b: [r["id"] for r in rows] for b, rows in reference.records.get(REFERENCE, {}).items()}
 
 
-def check_confirm(cfg: ExperimentConfig, reference: dict) -> None:
+def check_confirm(cfg: ExperimentConfig, reference: SweepReference) -> None:
     """Every confirmation benchmark has questions the search will not see (raises TuneSetupError)."""
     select = unseen_select(_seen(reference))
     for bench in confirm_benchmarks(cfg):
@@ -66,28 +66,35 @@ def check_confirm(cfg: ExperimentConfig, reference: dict) -> None:
 
 
 def confirm_into(
-    summary: dict, cfg: ExperimentConfig, base: dict, reference: dict, parent, note: Optional[Callable] = None
+    summary: SweepResult,
+    cfg: ExperimentConfig,
+    base: dict,
+    reference: SweepReference,
+    parent,
+    note: Optional[Callable] = None,
 ) -> None:
-    """`summary["confirm"]` from `confirm_front`; when the confirmation fails, the sweep's own results
+    """`summary.confirm` from `confirm_front`; when the confirmation fails, the sweep's own results
     stand: what failed is said there and in the summary's notes."""
     try:
-        summary["confirm"] = confirm_front(cfg, base, summary, reference, parent, note)
+        summary.confirm = confirm_front(cfg, base, summary, reference, parent, note)
     except TuneSetupError as e:
-        summary["confirm"] = {"rows": [], "notes": [str(e)]}
-        summary["notes"] = [*summary.get("notes", []), str(e)]
+        summary.confirm = {"rows": [], "notes": [str(e)]}
+        summary.notes = [*summary.notes, str(e)]
 
 
-def confirm_front(cfg: ExperimentConfig, base: dict, summary: dict, reference: dict, parent, note=None) -> dict:
+def confirm_front(
+    cfg: ExperimentConfig, base: dict, summary: SweepResult, reference: SweepReference, parent, note=None
+) -> dict:
     """Re-evaluate the seeds and the top_k searched front trials, with all tokens and blind, on questions
     the search never saw (checked by id); log confirm/... metrics into each trial's run. Returns the
     search-vs-confirmed table and the optimism gap (search minus confirmed) of the searched winners."""
-    picks = _picks(summary["trials"], cfg.tune.confirm.top_k)
+    picks = _picks(summary.trials, cfg.tune.confirm.top_k)
     if not picks:
         return {"rows": [], "notes": ["nothing to confirm: no finished seed or front trial"]}
     if note:
         note(f"confirming {len(picks)} schedules on held-out questions")
     seen = _seen(reference)
-    schedules = {r["label"]: trial_config(base, r["overrides"]).main_schedule for r in picks}
+    schedules = {r.label: trial_config(base, r.overrides).main_schedule for r in picks}
     try:
         named = [sch.model_copy(update={"name": label}) for label, sch in schedules.items()]
         report = held_out_pass(cfg, build_model(cfg), named, confirm_benchmarks(cfg), seen)
@@ -99,10 +106,11 @@ def confirm_front(cfg: ExperimentConfig, base: dict, summary: dict, reference: d
         raise TuneSetupError(f"tune.confirm: {overlap} held-out questions were seen by the search")
     rows = []
     for r in picks:
-        row = ref if schedules[r["label"]].is_vanilla() else report.method(r["label"])
+        row = ref if schedules[r.label].is_vanilla() else report.method(r.label)
         confirmed = _confirmed_metrics(row, ref, report.samples_evaluated)
-        if r.get("run_id") and cfg.tracking.enabled:
-            _log_confirmed(parent, r["run_id"], confirmed)
+        run_id = getattr(r, "run_id", None)  # an extra: set when the trial's run is known
+        if run_id and cfg.tracking.enabled:
+            _log_confirmed(parent, run_id, confirmed)
         rows.append(_confirm_row(r, row, ref, confirmed))
     gaps = [x["gap"] for x in rows if not x["seed"] and x["gap"] is not None]
     out = {
@@ -119,15 +127,15 @@ def confirm_front(cfg: ExperimentConfig, base: dict, summary: dict, reference: d
     return out
 
 
-def _picks(trials: list[dict], top_k: int) -> list[dict]:
+def _picks(trials: list[TrialRecord], top_k: int) -> list[TrialRecord]:
     """The trials to confirm: every finished seed, then the top_k searched front trials by score that are
     above blind level."""
-    outcomes = [r for r in trials if TrialRecord.model_validate(r).is_outcome()]
+    outcomes = [r for r in trials if r.is_outcome()]
     winners = sorted(
-        (r for r in outcomes if r.get("pareto") and not r["seed"] and not r.get("blind_level")),
-        key=lambda r: -r["relative_score"],
+        (r for r in outcomes if r.pareto and not r.seed and not r.blind_level),
+        key=lambda r: -r.relative_score,
     )[:top_k]
-    return [r for r in outcomes if r["seed"]] + winners
+    return [r for r in outcomes if r.seed] + winners
 
 
 def _confirmed_metrics(row, ref, samples: int) -> dict:
@@ -152,15 +160,15 @@ def _log_confirmed(parent, run_id: str, confirmed: dict) -> None:
     run.finish("FINISHED")
 
 
-def _confirm_row(trial: dict, row, ref, confirmed: dict) -> dict:
+def _confirm_row(trial: TrialRecord, row, ref, confirmed: dict) -> dict:
     """One line of the search-vs-confirmed table."""
     interval = row.relative_interval if finite_interval(row.relative_interval) and row is not ref else [None, None]
     return {
-        "label": trial["label"],
-        "seed": trial["seed"],
-        "vision_tflops": trial["vision_tflops"],
-        "search": [trial["relative_score"], trial.get(N.RELATIVE_SCORE_LOW), trial.get(N.RELATIVE_SCORE_HIGH)],
+        "label": trial.label,
+        "seed": trial.seed,
+        "vision_tflops": trial.vision_tflops,
+        "search": [trial.relative_score, trial.relative_score_lo, trial.relative_score_hi],
         "confirmed": [row.relative_score, *interval],
-        "gap": None if row.relative_score is None else trial["relative_score"] - row.relative_score,
+        "gap": None if row.relative_score is None else trial.relative_score - row.relative_score,
         "blind_level": confirmed.get(N.BLIND_LEVEL),
     }

@@ -50,6 +50,7 @@ from hidrop_platform.tune.reference import log_reference, sweep_reference
 from hidrop_platform.tune.results import best_under_budget, log_summary, sweep_summary
 from hidrop_platform.tune.scheduler import ParetoHalving
 from hidrop_platform.tune.searcher import ScheduleSearcher, valid_share
+from hidrop_platform.tune.summary import SweepReference, SweepResult
 from hidrop_platform.tune.trial import TrialContext, run_trial
 from hidrop_platform.tune.trial_runs import TrialRun
 
@@ -124,7 +125,7 @@ def run_tune(
     resume: bool = False,
     progress: Optional[Callable[[str, int, int], None]] = None,
     placement: Optional[tuple[int, float]] = None,
-) -> dict:
+) -> SweepResult:
     """Run (or resume) the sweep; returns every trial, the Pareto front and where the seeds sit. One
     driver at a time per sweep: a second is refused while the first runs. `placement`: what
     `connect_for_tune` returned, when the caller already connected."""
@@ -152,7 +153,7 @@ def _run_held(
     share: float,
     at_once: int,
     devices: float,
-) -> dict:
+) -> SweepResult:
     """`run_tune` once this process holds the sweep's folder: the reference, the Tuner, the summary."""
     name = sweep_dir.name
     note = (lambda msg: progress(msg, 0, 0)) if progress else None
@@ -176,15 +177,16 @@ def _run_held(
             raise SweepInterrupted(f"{grid.num_terminated + grid.num_errors} of {live.total_trials} trials finished")
         rungs = s.fidelity.rungs if s.fidelity else None
         summary = sweep_summary(grid, reference, live, name, at_once, wall, ctx.sweep_dir, rungs)
-        summary["valid_share"] = share
+        summary.valid_share = share
         if s.confirm is not None:
             confirm_into(summary, cfg, base, reference, parent, note)
         if s.objective == "score":
-            summary["best_under_budget"] = best_under_budget(summary["trials"], s.max_vision_tflops, rungs)
+            summary.best_under_budget = best_under_budget(summary.trials, s.max_vision_tflops, rungs)
         log_summary(parent, summary, sweep_dir, name, reference)
         parent.set_tags({N.STATUS: N.FINISHED})
         parent.finish("FINISHED")
-        summary.update(parent_run_id=parent.run_id, tracking_uri=parent.tracking_uri, sweep_dir=str(sweep_dir))
+        summary.parent_run_id, summary.tracking_uri = parent.run_id, parent.tracking_uri
+        summary.sweep_dir = str(sweep_dir)
         return summary
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
@@ -224,7 +226,7 @@ def _open_parent(cfg: ExperimentConfig, base: dict, name: str, sweep_dir: Path, 
 def _trial_context(
     cfg: ExperimentConfig,
     base: dict,
-    reference: dict,
+    reference: SweepReference,
     parent,
     sweep_dir: Path,
     devices: float,
@@ -266,7 +268,7 @@ def _tuner(cfg: ExperimentConfig, ctx: TrialContext, searcher, callback, at_once
             s.fidelity.promote_seeds,
             by_score=s.objective == "score",
             promotion=s.fidelity.promotion,
-            ceiling=ctx.reference.get("vision_tflops"),
+            ceiling=ctx.reference.vision_tflops,
         )
     if s.kind == "trained":
         scheduler = ASHAScheduler(

@@ -22,11 +22,14 @@ from hidrop_platform.evaluate.runs import (
 )
 from hidrop_platform.tracking import names as N
 from hidrop_platform.tune.errors import TuneSetupError
+from hidrop_platform.tune.summary import SweepReference
 
 REFERENCE_FILE = "reference.json"
 
 
-def sweep_reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callable[[str], None]]) -> dict:
+def sweep_reference(
+    cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[Callable[[str], None]]
+) -> SweepReference:
     """All-tokens and blind scores of the base model on the sweep's benchmarks, computed once per sweep."""
     path = sweep_dir / REFERENCE_FILE
     key = json.loads(
@@ -37,7 +40,7 @@ def sweep_reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[C
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key and "records" in cached:  # a sweep that did not start, run again as is
-            return cached
+            return SweepReference.model_validate(cached)
 
     if progress:
         progress("evaluating the unpruned reference")
@@ -48,44 +51,44 @@ def sweep_reference(cfg: ExperimentConfig, sweep_dir: Path, progress: Optional[C
     except (EvalSetupError, EvalError, ValueError, KeyError) as e:
         raise TuneSetupError(f"reference evaluation: {str(e).splitlines()[0]}") from None
     reference, blind = report.reference_row(), report.method("blind")
-    ref = {
-        "scores": reference.scores(),
-        "blind_scores": blind.scores(),
-        "blind_relative_score": blind.relative_score,
-        "blind_relative_interval": blind.relative_interval,
-        "signal": {b: c.model_dump() for b, c in (report.signal or {}).items()},
+    ref = SweepReference(
+        scores=reference.scores(),
+        blind_scores=blind.scores(),
+        blind_relative_score=blind.relative_score,
+        blind_relative_interval=blind.relative_interval,
+        signal={b: c.model_dump() for b, c in (report.signal or {}).items()},
         # every question's record of both: trials reuse them, paired, instead of re-running them
-        "records": {
+        records={
             m.method: {b: [r.model_dump() for r in e.records or []] for b, e in m.benchmarks.items()}
             for m in (reference, blind)
         },
-        "vision_tflops": reference.vision_tflops,
-        "notes": report.notes,
-        "samples": report.samples_evaluated,
-        "key": key,
-    }
-    path.write_text(json.dumps(ref))
+        vision_tflops=reference.vision_tflops,
+        notes=report.notes,
+        samples=report.samples_evaluated,
+        key=key,
+    )
+    path.write_text(json.dumps(ref.to_dict()))
     write_records(report, sweep_dir / N.RECORDS_FILE)  # logged on the parent run as eval/records.jsonl.gz
     del vlm
     return ref
 
 
-def _blind_bounds(reference: dict) -> dict[str, float]:
+def _blind_bounds(reference: SweepReference) -> dict[str, float]:
     """Blind's relative score and interval for the parent run (the report reads them back)."""
     out = {}
-    if reference.get("blind_relative_score") is not None:
-        out[N.BLIND_RELATIVE] = reference["blind_relative_score"]
-    interval = reference.get("blind_relative_interval")
+    if reference.blind_relative_score is not None:
+        out[N.BLIND_RELATIVE] = reference.blind_relative_score
+    interval = reference.blind_relative_interval
     if interval and all(v is not None and math.isfinite(v) for v in interval):
         out[N.BLIND_RELATIVE_LOW], out[N.BLIND_RELATIVE_HIGH] = interval
     return out
 
 
-def log_reference(parent, reference: dict, sweep_dir: Path) -> None:
+def log_reference(parent, reference: SweepReference, sweep_dir: Path) -> None:
     """The reference's and blind's scores on the parent run, and the reference pass's records."""
     parent.log_metrics(
-        N.per_benchmark(N.REFERENCE, reference["scores"])
-        | N.per_benchmark(N.BLIND, reference["blind_scores"])
+        N.per_benchmark(N.REFERENCE, reference.scores)
+        | N.per_benchmark(N.BLIND, reference.blind_scores)
         | _blind_bounds(reference),
         step=0,
     )
@@ -93,11 +96,11 @@ def log_reference(parent, reference: dict, sweep_dir: Path) -> None:
         parent.log_artifact(sweep_dir / N.RECORDS_FILE, N.RECORDS_DIR)
 
 
-def stored_known(reference: dict, schedule) -> Known:
+def stored_known(reference: SweepReference, schedule) -> Known:
     """The sweep's stored all-tokens and blind records as `evaluate(known=...)` takes them; a vanilla trial
     measures all tokens itself (it is that row)."""
     known = {
         method: {b: {r["id"]: QuestionRecord.model_validate(r) for r in rows} for b, rows in benches.items()}
-        for method, benches in reference.get("records", {}).items()
+        for method, benches in reference.records.items()
     }
     return known_for(known, schedule)

@@ -13,56 +13,57 @@ from hidrop_platform.tracking import names as N
 from hidrop_platform.tune.pareto import plot_pareto
 from hidrop_platform.tune.searcher import ScheduleSearcher
 from hidrop_platform.tune.summary import (
+    SweepReference,
+    SweepResult,
     TrialRecord,
     confirm_markdown,
-    front_mark,
     full_fidelity,
-    interval_text,
     summarize_sweep,
+    table_rows,
 )
 from hidrop_platform.tune.trial_runs import TrialRun
 
 
 def sweep_summary(
     grid,
-    reference: dict,
+    reference: SweepReference,
     searcher: Optional[ScheduleSearcher],
     name: str,
     at_once: int,
     wall: float,
     sweep_dir: str,
     rungs: Optional[int] = None,
-) -> dict:
-    """Every trial of Tune's result grid, the front and where the blind baseline sits, JSON-ready."""
+) -> SweepResult:
+    """Every trial of Tune's result grid, the front and where the blind baseline sits."""
     records = [_trial_row(result, sweep_dir, rungs) for result in grid]
     summary = summarize_sweep(
         records,
-        reference["scores"],
-        reference["blind_scores"],
-        reference.get("blind_relative_interval"),
-        reference.get("blind_relative_score"),
+        reference.scores,
+        reference.blind_scores,
+        reference.blind_relative_interval,
+        reference.blind_relative_score,
         rungs,
     )
-    return {
-        "sweep": name,
-        "trials": [t.to_dict() for t in summary.trials],
-        "pareto": summary.pareto,
-        "significant": summary.significant,
-        "blind_level": summary.blind_level,
-        "discoveries": summary.discoveries(),
-        "reference_scores": reference["scores"],
-        "blind_relative_score": summary.blind_relative_score,
-        "blind_relative_interval": summary.blind_relative_interval,
-        "rejections": dict(searcher.rejections) if searcher else {},
-        "rejected": sum(searcher.rejections.values()) if searcher else 0,
-        "failed": summary.failed,
-        "questions_run": int(sum(t.questions_run or 0 for t in summary.trials)),
-        "concurrency": at_once,
-        "wall_time_s": wall,
-        "accelerator_hours": summary.accelerator_hours,
-        "undefined": summary.undefined,
-        "notes": [*reference.get("notes", []), *_undefined_note(summary.undefined, reference["scores"])],
-    }
+    return SweepResult(
+        sweep=name,
+        trials=summary.trials,
+        pareto=summary.pareto,
+        significant=summary.significant,
+        blind_level=summary.blind_level,
+        discoveries=summary.discoveries(),
+        reference_scores=reference.scores,
+        blind_relative_score=summary.blind_relative_score,
+        blind_relative_interval=summary.blind_relative_interval,
+        rejections=dict(searcher.rejections) if searcher else {},
+        rejected=sum(searcher.rejections.values()) if searcher else 0,
+        failed=summary.failed,
+        questions_run=int(sum(t.questions_run or 0 for t in summary.trials)),
+        concurrency=at_once,
+        wall_time_s=wall,
+        accelerator_hours=summary.accelerator_hours,
+        undefined=summary.undefined,
+        notes=[*reference.notes, *_undefined_note(summary.undefined, reference.scores)],
+    )
 
 
 def _trial_row(result, sweep_dir: str, rungs: Optional[int]) -> TrialRecord:
@@ -95,68 +96,67 @@ def _undefined_note(labels: list[str], reference_scores: dict) -> list[str]:
     ]
 
 
-def best_under_budget(trials: list[dict], max_vision_tflops: float, rungs: Optional[int]) -> Optional[str]:
+def best_under_budget(trials: list[TrialRecord], max_vision_tflops: float, rungs: Optional[int]) -> Optional[str]:
     """Objective `score`: the label of the best trial that ran every rung within the FLOPs budget."""
     fits = [
         r
         for r in trials
-        if r.get("relative_score") is not None
-        and r["vision_tflops"] <= max_vision_tflops
-        and full_fidelity(TrialRecord.model_validate(r), rungs)
+        if r.relative_score is not None and r.vision_tflops <= max_vision_tflops and full_fidelity(r, rungs)
     ]
-    return max(fits, key=lambda r: r["relative_score"])["label"] if fits else None
+    return max(fits, key=lambda r: r.relative_score).label if fits else None
 
 
-def log_summary(parent, summary: dict, sweep_dir: Path, name: str, reference: dict) -> None:
+def log_summary(parent, summary: SweepResult, sweep_dir: Path, name: str, reference: SweepReference) -> None:
     """Write `<sweep>/summary/` and log it, with the sweep's counts, on the parent run."""
     out = sweep_dir / "summary"
     out.mkdir(exist_ok=True)
-    ok = [r for r in summary["trials"] if TrialRecord.model_validate(r).is_outcome()]
-    blind = reference.get("blind_relative_interval")
+    ok = [r for r in summary.trials if r.is_outcome()]
+    blind = reference.blind_relative_interval
     (out / "pareto.md").write_text(_pareto_markdown(summary, ok, reference) + "\n")
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "sweep.json").write_text(json.dumps(summary.to_dict(), indent=2, default=str))
     if ok:
         plot_pareto(
-            ok,
+            [r.to_dict() for r in ok],  # the plot reads any rows by key (the report's too)
             out / "pareto.png",
             f"{name}: relative score vs vision TFLOPs",
-            reference_lines={"blind": reference["blind_relative_score"]},
+            reference_lines={"blind": reference.blind_relative_score},
             reference_bands={"blind": blind} if blind else None,
         )
     for path in out.iterdir():
         parent.log_artifact(path, N.PARETO_DIR)
     parent.log_metrics(
         {
-            N.TRIALS: len(summary["trials"]),
-            N.FAILED_TRIALS: summary["failed"],
-            N.REJECTED_SAMPLES: summary["rejected"],
-            N.PARETO_SIZE: len(summary["pareto"]),
-            N.ACCELERATOR_HOURS: summary["accelerator_hours"],
-            N.WALL_S: summary["wall_time_s"],
+            N.TRIALS: len(summary.trials),
+            N.FAILED_TRIALS: summary.failed,
+            N.REJECTED_SAMPLES: summary.rejected,
+            N.PARETO_SIZE: len(summary.pareto),
+            N.ACCELERATOR_HOURS: summary.accelerator_hours,
+            N.WALL_S: summary.wall_time_s,
         },
         step=0,
     )
 
 
-def _pareto_markdown(summary: dict, ok: list[dict], reference: dict) -> str:
+def _pareto_markdown(summary: SweepResult, ok: list[TrialRecord], reference: SweepReference) -> str:
     """pareto.md: the finished trials by cost, with the front, intervals and the confirmation table."""
     lines = [
         "| trial | front | relative score [95% CI] | vision TFLOPs | avg tokens | schedule overrides |",
         "|---|---|---|---|---|---|",
     ]
-    for r in sorted(ok, key=lambda r: r["vision_tflops"]):
+    for row in table_rows(sorted(ok, key=lambda r: r.vision_tflops)):
+        r = row.trial
         lines.append(
-            f"| {r['label']} | {front_mark(r)} | {interval_text(r)} | "
-            f"{r['vision_tflops']:.4g} | {r['avg_vision_tokens']:.1f} | `{json.dumps(_rounded(r['overrides']))}` |"
+            f"| {row.label} | {row.front} | {row.relative} | {r.vision_tflops:.4g} | {r.avg_vision_tokens:.1f} | "
+            f"`{json.dumps(_rounded(r.overrides))}` |"
         )
-    blind = reference.get("blind_relative_interval")
+    blind = reference.blind_relative_interval
     lines += [
         "",
         "front: clear = no cheaper-or-equal trial's interval reaches its lower bound; yes = on the front of the "
         "estimates only; blind level = not significantly above answering without the image "
-        f"(blind: {format_interval(reference['blind_relative_score'], blind)}).",
+        f"(blind: {format_interval(reference.blind_relative_score, blind)}).",
     ]
-    lines += confirm_markdown(summary.get("confirm") or {})
+    lines += confirm_markdown(summary.confirm or {})
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ baseline's place out. Pure (no MLflow, no Ray): `hidrop tune` builds the records
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -80,6 +80,66 @@ class SweepSummary(BaseModel):
         return [p for p in self.pareto if p not in seeds and p not in self.blind_level]
 
 
+class SweepReference(BaseModel):
+    """The sweep's reference pass (`<sweep>/reference.json`, in this order): the all-tokens and blind
+    scores, blind's relative score and interval, the benchmarks' signal, every question's record of both
+    (trials reuse them, paired), the all-tokens vision TFLOPs, notes, questions and the config key."""
+
+    model_config = ConfigDict(extra="allow")
+
+    scores: dict[str, float]
+    blind_scores: dict[str, float]
+    blind_relative_score: Optional[float] = None
+    blind_relative_interval: Optional[list[Optional[float]]] = None
+    signal: dict[str, Any] = {}
+    records: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    vision_tflops: Optional[float] = None
+    notes: list[str] = []
+    samples: Optional[int] = None
+    key: Any = None
+
+    def to_dict(self) -> dict:
+        return self.model_dump(exclude_unset=True)
+
+
+class SweepResult(BaseModel):
+    """What `hidrop tune` returns and prints with `--json` (`to_dict`, in this order; the fields after
+    `notes` are set as the sweep gets to them, and only those set are written)."""
+
+    sweep: str
+    trials: list[TrialRecord]  # seeds first, then cheapest first
+    pareto: list[str]
+    significant: list[str]
+    blind_level: list[str]
+    discoveries: list[str]
+    reference_scores: dict[str, float]
+    blind_relative_score: Optional[float]
+    blind_relative_interval: Optional[list[float]]
+    rejections: dict[str, int]
+    rejected: int
+    failed: int
+    questions_run: int
+    concurrency: int
+    wall_time_s: float
+    accelerator_hours: float
+    undefined: list[str]
+    notes: list[str]
+    valid_share: Optional[float] = None
+    confirm: Optional[dict[str, Any]] = None  # `confirm.confirm_front`'s table (the report reads the same)
+    best_under_budget: Optional[str] = None  # objective `score`: set (None: nothing fits) only then
+    parent_run_id: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    sweep_dir: Optional[str] = None
+
+    def has(self, field: str) -> bool:
+        """Was `field` set (the optional fields are written only then)."""
+        return field in self.model_fields_set
+
+    def to_dict(self) -> dict:
+        """The `--json` document and `summary/sweep.json`: trials as `TrialRecord.to_dict`."""
+        return self.model_dump(exclude_unset=True)
+
+
 def full_fidelity(t: TrialRecord, rungs: Optional[int]) -> bool:
     """Was `t` scored on all of the sweep's questions (every trial without rungs; else the last rung)."""
     return rungs is None or t.rung is None or t.rung >= rungs
@@ -137,20 +197,35 @@ def summarize_sweep(
     )
 
 
-def front_mark(record: dict) -> str:
+def front_mark(record: TrialRecord) -> str:
     """How a trial sits on the front: "clear" (with significance), "yes" (on the estimates only),
     "blind level" (on the front, but not significantly above blind), or ""."""
-    if not record.get("pareto"):
+    if not record.pareto:
         return ""
-    if record.get("blind_level"):
+    if record.blind_level:
         return "blind level"
-    return "clear" if record.get("significant") else "yes"
+    return "clear" if record.significant else "yes"
 
 
-def interval_text(record: dict, key: str = N.RELATIVE_SCORE) -> str:
+def interval_text(record: TrialRecord) -> str:
     """`92.6 [81.0, 104.2]` from a trial's relative score and its bounds (the score alone without them)."""
-    lo, hi = record.get(f"{key}_lo"), record.get(f"{key}_hi")
-    return format_interval(record[key], None if lo is None or hi is None else (lo, hi))
+    lo, hi = record.relative_score_lo, record.relative_score_hi
+    return format_interval(record.relative_score, None if lo is None or hi is None else (lo, hi))
+
+
+class TrialCells(NamedTuple):
+    """The cells every sweep table shows for a trial (the CLI's, pareto.md and the report's "All trials")."""
+
+    trial: TrialRecord
+    label: str
+    front: str  # `front_mark`
+    relative: str  # relative score [95% CI]; "-" without a score
+
+
+def table_rows(trials: Iterable[TrialRecord]) -> Iterator[TrialCells]:
+    """The shared cells of each trial, in the order given (each table picks and orders its trials)."""
+    for t in trials:
+        yield TrialCells(t, t.label, front_mark(t), "-" if t.relative_score is None else interval_text(t))
 
 
 def _triple_text(values: Sequence[Optional[float]]) -> str:

@@ -37,6 +37,7 @@ from hidrop_platform.train.worker import training_samples
 from hidrop_platform.tune.credentials import fetch_credentials
 from hidrop_platform.tune.reference import stored_known
 from hidrop_platform.tune.space import trial_config
+from hidrop_platform.tune.summary import SweepReference
 from hidrop_platform.tune.trial_runs import TrialRun
 
 
@@ -45,7 +46,7 @@ class TrialContext:
     """What every trial of a sweep shares (Tune ships it to each trial through `with_parameters`)."""
 
     base: dict  # the experiment's raw config; a trial applies its overrides to it
-    reference: dict  # the sweep's unpruned and blind scores (`reference.sweep_reference`)
+    reference: SweepReference  # the sweep's unpruned and blind scores (`reference.sweep_reference`)
     sweep_dir: str
     sweep: str
     tracking_uri: str
@@ -179,7 +180,13 @@ def _trial_model(cfg: ExperimentConfig, fresh: bool):
 
 
 def _evaluate(
-    cfg: ExperimentConfig, vlm, reference: dict, benches: list, tracker, own: Optional[Known] = None, select=None
+    cfg: ExperimentConfig,
+    vlm,
+    reference: SweepReference,
+    benches: list,
+    tracker,
+    own: Optional[Known] = None,
+    select=None,
 ) -> tuple[dict, EvalReport]:
     """Metrics of the trial's schedule on `benches`, paired with the sweep's stored reference and blind
     records (interval, blind level); its own per-question records go to the trial's run. `own`: its
@@ -246,7 +253,9 @@ def _train_and_evaluate(
 class _EvalEvery(Hook):
     """A trained trial's loss every step, and every `eval_every` steps its scores, reported to Tune."""
 
-    def __init__(self, cfg: ExperimentConfig, vlm, reference: dict, tracker, start: float, devices: float, reported):
+    def __init__(
+        self, cfg: ExperimentConfig, vlm, reference: SweepReference, tracker, start: float, devices: float, reported
+    ):
         self.cfg, self.vlm, self.reference, self.tracker = cfg, vlm, reference, tracker
         self.start, self.devices, self.reported = start, devices, reported
         self.benches = benchmarks_for(cfg)  # built once: the trial evaluates every eval_every steps
