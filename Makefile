@@ -39,11 +39,8 @@ install: $(BIN)/.installed $(if $(WANT_LMMS),$(BIN)/.installed-lmms)
 demo: install
 	$(BIN)/hidrop demo $(DEMO_ARGS)
 
-# two pytest workers (pytest-xdist): most slow tests wait on processes starting, so two overlap well even on
-# two cores; tests sharing a session fixture or a cluster stay on one worker (xdist_group). TEST_WORKERS=0: serial
-TEST_WORKERS ?= 2
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 # ruff: the linter and the formatter's check (CI runs this); `make format` rewrites in place
 lint: install

@@ -18,8 +18,7 @@ import pytest
 from hidrop_platform.tracking.store import default_tracking_uri
 from hidrop_platform.tracking.ui import UI_TRAINING_VIEW
 
-# the `demo` fixture runs once per xdist worker: its three readers share one worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo")]
+pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # stack.md: without the background-networking flags Chromium floods the closed network
 CHROMIUM_ARGS = [

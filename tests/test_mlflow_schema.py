@@ -108,7 +108,6 @@ KINDS = {
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("demo")  # shares the session's one demo run (tests/conftest.py)
 def test_what_sweep_training_and_analysis_write_to_mlflow(demo, tmp_path):
     import mlflow
 

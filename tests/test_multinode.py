@@ -20,8 +20,7 @@ import yaml
 
 from hidrop_platform.train.faults import HOLD_AT_STEP_ENV, TRIAL_BARRIER_ENV
 
-# one xdist worker runs the whole module: each test starts its own local cluster of Ray nodes
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multinode")]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
