@@ -40,6 +40,17 @@ def test_deepspeed_config_from_yaml_and_merge():
     assert deepspeed_config(override)["zero_optimization"]["contiguous_gradients"] is True
 
 
+def test_workers_do_not_build_deepspeeds_inference_kernel():
+    """DeepSpeed would compile its shared-memory all-reduce (inference only) when a CPU worker sets up
+    communication; `skip_inference_kernels` tells it the kernel is unavailable, so nothing is built."""
+    from deepspeed.comm.torch import build_shm_op
+
+    from hidrop_platform.train.worker import skip_inference_kernels
+
+    skip_inference_kernels()
+    assert build_shm_op() is None
+
+
 @pytest.mark.parametrize(
     "bad,msg",
     [

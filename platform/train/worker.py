@@ -160,6 +160,15 @@ class DeepSpeedRuntime(Runtime):
         return None if norm is None else float(norm)
 
 
+def skip_inference_kernels() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce when it sets up communication on CPU:
+    only its tensor-parallel inference (`inference_all_reduce`) uses that kernel, and building it costs
+    about a minute of C++ compilation on a two-core machine the first time a worker starts."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def train_worker(config: dict) -> None:
     """One Ray Train worker: the model, DeepSpeed engine and data of its rank, run through the loop's hooks."""
     import deepspeed  # in the worker only (the module's docstring says why), as is every ray.train import
@@ -172,6 +181,7 @@ def train_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = _worker_device(t)
+    skip_inference_kernels()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)
 
