@@ -53,7 +53,7 @@ class _Layout:
     next_pos: torch.Tensor  # (B,) the position the first generated token takes
     pad_left: bool
     full: torch.Tensor  # (B, L + 1, H) the input embeddings
-    query_x: Optional[torch.Tensor]  # (B, L + 1) answer labels for multi-round queries, else None
+    query_x: Optional[torch.Tensor]  # (B, L + 1) the answer labels whose preceding tokens query, else None
 
 
 @dataclass
@@ -455,11 +455,17 @@ class ScheduledModel(nn.Module):
         vision_x = F.pad(vision, (0, 1))
         text_x = F.pad(text, (0, 1))
 
-        # multi-round queries: the live tokens right before an answer, found in each stage's layout
-        # (the token before an answer may itself be pruned, e.g. the last image token in plain format)
+        # with labels, queries are the live tokens right before an answer, found in each stage's layout
+        # (the token before an answer may itself be pruned, e.g. the last image token in plain format):
+        # multi-round takes every answer span, last-prompt only the first, so that training scores with
+        # the token the prompt ends with at inference and never with the answer
         query_x = None
-        if s.query_rule == QueryRule.multi_round and labels is not None:
-            query_x = F.pad(labels.masked_fill(~valid, IGNORE_INDEX), (0, 1), value=IGNORE_INDEX)
+        if labels is not None:
+            answers = labels.masked_fill(~valid, IGNORE_INDEX)
+            if s.query_rule == QueryRule.last_prompt:
+                answer = answers != IGNORE_INDEX
+                answers = answers.masked_fill(~(answer & (answer.long().cumsum(1) == 1)), IGNORE_INDEX)
+            query_x = F.pad(answers, (0, 1), value=IGNORE_INDEX)
         if (
             logits_to_keep == 1
             and not s.is_vanilla()
@@ -587,6 +593,9 @@ class ScheduledModel(nn.Module):
             lab = query_x.gather(1, stage.idx).masked_fill(~stage.ok, IGNORE_INDEX)
             qmask = torch.zeros_like(stage.ok)
             qmask[:, :-1] = (lab[:, :-1] == IGNORE_INDEX) & (lab[:, 1:] != IGNORE_INDEX) & stage.ok[:, :-1]
+            if s.query_rule == QueryRule.last_prompt:  # a row without an answer: its last token, as at inference
+                no_answer = ~qmask.any(1, keepdim=True)
+                qmask = qmask | (no_answer & (torch.arange(W, device=hidden.device)[None] == last[:, None]))
         else:
             qmask = torch.zeros_like(stage.ok)
             qmask.scatter_(1, last[:, None], True)

@@ -36,7 +36,7 @@ class PositionMode(str, Enum):
 
 
 class QueryRule(str, Enum):
-    last_prompt = "last_prompt"  # the last real prompt token
+    last_prompt = "last_prompt"  # the last prompt token: in training, the token before the first answer
     multi_round = "multi_round"  # every token right before an answer span (training); last_prompt without labels
 
 

@@ -87,9 +87,13 @@ def reference_forward(sm, embeds, vision, labels=None, forced=None):
     h = embeds.clone()
 
     def queries():
-        if s.query_rule == QueryRule.multi_round and labels is not None:
+        if labels is not None:
             cols = [j for j in range(T) if alive[j]]
-            return [a for a, b in zip(cols[:-1], cols[1:]) if labels[a] == -100 and labels[b] != -100]
+            before = [a for a, b in zip(cols[:-1], cols[1:]) if labels[a] == -100 and labels[b] != -100]
+            if s.query_rule == QueryRule.multi_round:
+                return before
+            first = next((j for j in range(T) if labels[j] != -100), None)  # last_prompt: the first answer's
+            return [max(j for j in cols if j < first)] if first is not None and first > cols[0] else [T - 1]
         return [T - 1]
 
     keeps, pending = [], None

@@ -114,6 +114,36 @@ def test_engine_matches_reference(name, left):
         assert counts == expected
 
 
+@pytest.mark.parametrize("name", list(_schedules()))
+def test_training_selection_is_the_prompts_at_inference(name):
+    """With labels, last-prompt scores with the token before the answer: the vision tokens a training
+    forward keeps are those the same prompt keeps at inference, never chosen by reading the answer."""
+    schedule = _schedules()[name]
+    sm = ScheduledModel(tiny_llama(attn_implementation="eager"), schedule, image_token_id=TINY_IMAGE_TOKEN)
+    answer = 5
+    full = make_samples(lengths=((3, 6 + answer), (0, 4 + answer), (5, 2 + answer)))
+    feats = torch.cat(vision_features(full))
+    prompts = [(ids[:-answer], vis[:-answer]) for ids, vis in full]
+    ids, vis, am = pad_batch(full, left=False)  # training batches pad right
+    labels = torch.full_like(ids, -100)
+    for row, (s_ids, _) in enumerate(full):
+        labels[row, len(s_ids) - answer : len(s_ids)] = s_ids[-answer:]
+    p_ids, p_vis, p_am = pad_batch(prompts, left=True)  # generation pads left
+    with torch.no_grad():
+        trained = sm(ids, am, vision_embeds=feats, labels=labels)
+        prompted = sm(p_ids, p_am, vision_embeds=feats)
+        read_answer = sm(ids, am, vision_embeds=feats)  # the control: scored from the answer's last token
+    assert len(trained.keep_masks) == len(schedule.drops) > 0
+    differs = False
+    for drop, (t, p, r) in enumerate(zip(trained.keep_masks, prompted.keep_masks, read_answer.keep_masks)):
+        for row in range(len(full)):
+            t_cols, p_cols = am[row].nonzero()[:, 0], p_am[row].nonzero()[:, 0]
+            kept = t[row, t_cols[: len(p_cols)]]
+            assert torch.equal(kept, p[row, p_cols]), (name, drop, row)
+            differs |= not torch.equal(r[row, t_cols[: len(p_cols)]], p[row, p_cols])
+    assert differs, "the control should keep other tokens somewhere, or the test proves nothing"
+
+
 def test_multi_round_training_matches_reference():
     schedule = _schedules()["hidrop_group"].model_copy(update={"query_rule": QueryRule.multi_round})
     schedule = Schedule.model_validate(schedule.model_dump())
