@@ -52,7 +52,7 @@ from hidrop_platform.tune.scheduler import ParetoHalving
 from hidrop_platform.tune.searcher import ScheduleSearcher, valid_share
 from hidrop_platform.tune.summary import SweepReference, SweepResult
 from hidrop_platform.tune.trial import TrialContext, run_trial
-from hidrop_platform.tune.trial_runs import TrialRun
+from hidrop_platform.tune.trial_runs import RUN_ID_KEY
 
 SWEEP_FILE = "sweep.json"
 
@@ -314,14 +314,14 @@ class _ProgressAndRunCloser(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
-        self._close_run(trial.config)
+        self._close_run(trial)
         if self.progress:
             self.progress(trial.config.get("label", trial.trial_id), self.done, self.total)
 
-    def _close_run(self, config: dict) -> None:
+    def _close_run(self, trial) -> None:
         if not self.ctx or not self.ctx.tracking:
             return
-        run_id = TrialRun.read(self.ctx.sweep_dir, config).run_id
+        run_id = (trial.last_result or {}).get(RUN_ID_KEY)
         if run_id:  # still running here means stopped early after a reported evaluation
             close_if_running(self.ctx.tracking_uri, run_id, "FINISHED", {N.STATUS: N.STOPPED_EARLY})
 

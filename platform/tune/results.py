@@ -21,7 +21,7 @@ from hidrop_platform.tune.summary import (
     summarize_sweep,
     table_rows,
 )
-from hidrop_platform.tune.trial_runs import TrialRun
+from hidrop_platform.tune.trial_runs import RUN_ID_KEY, TrialRun
 
 
 def sweep_summary(
@@ -67,13 +67,16 @@ def sweep_summary(
 
 
 def _trial_row(result, sweep_dir: str, rungs: Optional[int]) -> TrialRecord:
-    """One trial's record from its Tune result, with its MLflow run id from `trial_runs/`."""
+    """One trial's record from its Tune result, with the MLflow run id it reported (from `trial_runs/` for
+    a trial that failed before reporting anything)."""
     config = result.config or {}
     metrics = dict(result.metrics or {})
     status = N.FAILED if result.error else N.FINISHED
     if status == N.FINISHED and rungs and metrics.get(N.RUNG, rungs) < rungs:
         status = N.STOPPED_EARLY  # the multi-fidelity scheduler stopped it after a rung: an outcome
-    run_id = TrialRun.read(sweep_dir, config).run_id if config else None
+    run_id = metrics.pop(RUN_ID_KEY, None)
+    if run_id is None and result.error and config:
+        run_id = TrialRun.read(sweep_dir, config).run_id
     return TrialRecord.from_metrics(
         config.get("label", "?"),
         status,

@@ -38,7 +38,7 @@ from hidrop_platform.tune.credentials import fetch_credentials
 from hidrop_platform.tune.reference import stored_known
 from hidrop_platform.tune.space import trial_config
 from hidrop_platform.tune.summary import SweepReference
-from hidrop_platform.tune.trial_runs import TrialRun
+from hidrop_platform.tune.trial_runs import RUN_ID_KEY, TrialRun
 
 
 @dataclasses.dataclass
@@ -71,7 +71,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     if record.result is not None:
         # finished before an interruption or a crash that Tune's saved state did not see: report it
         # again, do not run it again
-        tune.report(record.result)
+        _report(record.result, record.run_id)
         return
     record.attempts += 1
     tracker = _start_run(ctx, config, record.run_id)
@@ -105,7 +105,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         tracker.finish("FAILED")
         raise
     if cfg.tune.kind != "trained" and cfg.tune.fidelity is None:  # the others reported after every evaluation
-        tune.report(metrics)  # outside the try: Tune stopping the sweep here does not undo a finished run
+        _report(metrics, record.run_id)  # outside the try: Tune stopping the sweep here does not undo a finished run
 
 
 def _start_run(ctx: TrialContext, config: dict, run_id: Optional[str]) -> Tracker:
@@ -161,7 +161,13 @@ def _log_and_report(tracker, metrics: dict, step: int, reported: dict) -> None:
     may stop the trial right here."""
     tracker.log_metrics(metrics, step=step)
     reported.update(metrics)
-    tune.report(metrics)
+    _report(metrics, tracker.run_id)
+
+
+def _report(metrics: dict, run_id: Optional[str]) -> None:
+    """A result to Tune, carrying the trial's MLflow run id: the progress callback and the sweep's
+    summary read it from there, not from the trial's record."""
+    tune.report({**metrics, **({RUN_ID_KEY: run_id} if run_id else {})})
 
 
 _MODEL_CACHE: dict[str, Any] = {}  # training-free trials in a reused actor share the loaded model

@@ -1,7 +1,9 @@
 """`<sweep>/trial_runs/`: one record per point of a sweep (label + sampled overrides -> its MLflow run id,
 its attempts and, once done, its result). A retried or resumed trial logs into the same run, and a
-finished point is never evaluated twice. The trial writes its record; the trial (on a retry), the
-progress callback (to close a run stopped from outside) and the sweep's summary (each row's run id) read it."""
+finished point is never evaluated twice. Only the trial reads and writes its record: when it starts (the
+run id, before anything can crash) and when it has its result. Everything else learns the run id from the
+results the trial reports to Tune (`RUN_ID_KEY`); only a trial that failed before reporting anything is
+looked up here by the sweep's summary."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Optional
 from hidrop_platform.tracking.store import safe_name
 
 RUNS_DIR = "trial_runs"
+RUN_ID_KEY = "trial_run_id"  # in every result a trial reports to Tune: its MLflow run id
 
 
 def point_key(config: dict) -> str:
