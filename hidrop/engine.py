@@ -78,6 +78,7 @@ class ScheduledModel(nn.Module):
         budget_weight: float = 1.0,
         budget_target: Optional[float] = None,
         budget_kind: str = "tokens",
+        budget_anneal: float = 0.0,
         parallel_vision: bool = True,
     ):
         super().__init__()
@@ -105,6 +106,11 @@ class ScheduledModel(nn.Module):
         self.budget_weight = budget_weight
         self.budget_target = schedule.avg_tokens() if budget_target is None else budget_target
         self.budget_kind = budget_kind
+        # the budget's target anneals from keeping every token to the budget over this fraction of
+        # training (0: the budget from the start); the training loop sets how far it is
+        if not 0.0 <= budget_anneal <= 1.0:
+            raise ValueError(f"budget_anneal must be in [0, 1], not {budget_anneal}")
+        self.budget_anneal, self.budget_progress = budget_anneal, 1.0
         self.gradient_checkpointing = False
         # DTop-K with a learnable ratio: one keep fraction (of the original count) per filtering layer.
         n_vis = schedule.num_vision_tokens
@@ -263,30 +269,51 @@ class ScheduledModel(nn.Module):
         return (sequences, cache, keep_masks) if return_cache else sequences
 
     def budget_loss(self) -> Optional[torch.Tensor]:
-        """Token (or paper-FLOPs) budget term for the learnable keep ratios; None when not learnable."""
+        """The one-sided budget term of the learnable keep ratios (None when they are fixed), as the DTop-K
+        reference's resource loss: zero while the cost (average vision tokens per layer, or the paper's
+        FLOPs) is within the target, quadratic above it. The target anneals from keeping every token to
+        the budget over the first `budget_anneal` of training (`budget_progress`, 0..1)."""
         if self.keep_fractions is None:
             return None
-        s, n_vis = self.schedule, self.schedule.num_vision_tokens
-        counts = [torch.tensor(float(n), device=self.keep_fraction_init.device) for n in s.tokens_per_layer()]
         fractions = self._clamped_fractions()
+        value, scale = self._budget_cost(fractions)
+        keep_all, _ = self._budget_cost(torch.ones_like(fractions))
+        ramp = 1.0 if self.budget_anneal == 0 else min(1.0, max(0.0, self.budget_progress) / self.budget_anneal)
+        target = keep_all + (self._budget_goal(value) - keep_all) * ramp
+        return self.budget_weight * (torch.relu(value - target.detach()) / scale) ** 2
+
+    def _layer_counts(self, fractions: torch.Tensor) -> torch.Tensor:
+        """Vision tokens entering each layer with the drops keeping `fractions` of the original count."""
+        s, n_vis = self.schedule, self.schedule.num_vision_tokens
+        counts = [torch.tensor(float(n), device=fractions.device) for n in s.tokens_per_layer()]
         for layer in range(s.num_layers):  # replace the fixed drop counts by the soft (learnable) ones
             if counts[layer] > 0:
                 for i, drop in enumerate(s.drops):
                     if layer + 1 > drop.after_layer:
                         counts[layer] = fractions[i] * n_vis
-        expected = torch.stack(counts)
+        return torch.stack(counts)
+
+    def _budget_cost(self, fractions: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The budget's measure of `fractions` and its scale (the cost of one layer of every token)."""
+        expected, n_vis = self._layer_counts(fractions), self.schedule.num_vision_tokens
         if self.budget_kind == "tokens":
-            value, target = expected.mean(), torch.tensor(self.budget_target, device=expected.device)
-            scale = float(n_vis)
-        else:
-            cfg = self.backbone.text_config
-            d, m = cfg.hidden_size, cfg.intermediate_size
-            value = paper_layer_macs(expected, d, m).sum()
-            # the schedule's own per-layer counts, scaled to the target average: zero loss at the default
-            planned = torch.tensor([float(n) for n in s.tokens_per_layer()], device=expected.device)
-            target = paper_layer_macs(planned * (self.budget_target / s.avg_tokens()), d, m).sum()
-            scale = float(paper_layer_macs(torch.tensor(float(n_vis)), d, m) * s.num_layers)
-        return self.budget_weight * ((value - target) / scale) ** 2
+            return expected.mean(), float(n_vis)
+        cfg = self.backbone.text_config
+        d, m = cfg.hidden_size, cfg.intermediate_size
+        scale = float(paper_layer_macs(torch.tensor(float(n_vis)), d, m) * self.schedule.num_layers)
+        return paper_layer_macs(expected, d, m).sum(), scale
+
+    def _budget_goal(self, like: torch.Tensor) -> torch.Tensor:
+        """The budget itself in the budget's measure."""
+        s = self.schedule
+        if self.budget_kind == "tokens":
+            return torch.tensor(self.budget_target, device=like.device)
+        cfg = self.backbone.text_config
+        # the schedule's own per-layer counts, scaled to the target average
+        planned = torch.tensor([float(n) for n in s.tokens_per_layer()], device=like.device)
+        return paper_layer_macs(
+            planned * (self.budget_target / s.avg_tokens()), cfg.hidden_size, cfg.intermediate_size
+        ).sum()
 
     # ---- inputs ------------------------------------------------------------------------------
     def _embed(self, input_ids, inputs_embeds, pixel_values, vision_embeds, vision_mask, defer: bool = False):

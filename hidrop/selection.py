@@ -2,10 +2,13 @@
 
 Forward always keeps the exact top-k (batches stay rectangular); the soft mask only shapes the
 backward pass through a straight-through factor on the kept tokens:
-    c'_i = mean_j 1(c_i >= c_j)            normalized rank among the live vision tokens
-    m_i  = sigmoid(lambda * (c'_i - a))     lambda = N_v, a = 1 - k / N
-The rank is piecewise constant, so the scores never receive gradient; with a learnable keep fraction
-(`a` moves with it) the fraction does. With a fixed `a` ("as released") the factor is the constant 1.
+    c'_i = mean_j 1(c_i >= c_j)            normalized rank among the N live vision tokens (the candidates)
+    m_i  = sigmoid(lambda * (c'_i - a))     lambda = N, a = 1 - k / N
+so lambda * (c'_i - a) = N * (c'_i - 1) + k. The temperature is the number of candidates being ranked at
+that drop (the paper's N_v, "the number of the visual candidate tokens"), as the DTop-K reference scales
+it: with the image's original count instead, a drop among 3 live tokens saturates the sigmoid and its
+ratio gets no gradient. The rank is piecewise constant, so the scores never receive gradient; with a
+learnable keep count k the count does. With a fixed k ("as released") the factor is the constant 1.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ def normalized_rank(scores: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 def dtopk_soft_mask(
     scores: torch.Tensor, live: torch.Tensor, keep_fraction: torch.Tensor, num_vision_tokens: int
 ) -> torch.Tensor:
-    """Soft keep mask m (B, W); differentiable in keep_fraction (of the ORIGINAL N_v), not in scores."""
+    """Soft keep mask m (B, W); differentiable in keep_fraction (of the ORIGINAL count), not in scores."""
     rank = normalized_rank(scores.detach(), live)
-    n_live = live.sum(-1, keepdim=True).clamp(min=1).float()
-    a = 1.0 - keep_fraction * num_vision_tokens / n_live
-    return torch.sigmoid(num_vision_tokens * (rank - a)) * live.float()
+    candidates = live.sum(-1, keepdim=True).clamp(min=1).float()
+    keep = keep_fraction * num_vision_tokens
+    return torch.sigmoid(candidates * (rank - 1.0) + keep) * live.float()
 
 
 def straight_through(hidden: torch.Tensor, soft: torch.Tensor, where: torch.Tensor) -> torch.Tensor:

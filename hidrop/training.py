@@ -30,6 +30,8 @@ from hidrop.sample import Sample
 from hidrop.schedule import Schedule
 
 STAGES = ("pretrain", "finetune")
+PROGRESS = "training_progress"  # set in each batch by the loop: steps done / total (anneals the DTop-K budget)
+RATIO_PARAMETER = "keep_fraction_delta"  # the engine's learnable DTop-K keep ratios
 
 
 def set_trainable(vlm: VisionLanguageModel, stage: str, lora: Optional[dict] = None) -> list[str]:
@@ -74,7 +76,9 @@ def _decoder(vlm: VisionLanguageModel) -> nn.Module:
 class TrainStep(nn.Module):
     """The module DeepSpeed wraps: a batch in, the training loss out (LM loss + budget loss)."""
 
-    def __init__(self, vlm: VisionLanguageModel, schedule: Schedule, budget_weight: float = 1.0):
+    def __init__(
+        self, vlm: VisionLanguageModel, schedule: Schedule, budget_weight: float = 1.0, budget_anneal: float = 0.0
+    ):
         super().__init__()
         self.vlm = vlm
         if isinstance(vlm.model, MiniLlava):
@@ -83,10 +87,17 @@ class TrainStep(nn.Module):
             self.lm, self.projector = vlm.model.lm, vlm.model.projector
         else:
             self.model = vlm.model  # registered so DeepSpeed sees (and partitions) every parameter
-        self.engine = ScheduledModel(vlm.lm, schedule, image_token_id=vlm.image_token_id, budget_weight=budget_weight)
+        self.engine = ScheduledModel(
+            vlm.lm,
+            schedule,
+            image_token_id=vlm.image_token_id,
+            budget_weight=budget_weight,
+            budget_anneal=budget_anneal,
+        )
 
     def forward(self, batch: dict) -> dict:
         device = next(self.parameters()).device
+        self.engine.budget_progress = float(batch.get(PROGRESS, 1.0))  # how far the budget's target has annealed
         ids = batch["input_ids"].to(device)
         vision = None
         if "pixel_values" in batch:
@@ -176,13 +187,15 @@ class Recipe(Protocol):
     weight_decay: float
     grad_clip: float
     budget_weight: float
+    budget_anneal: float
+    ratio_lr: float
     gradient_checkpointing: bool
 
 
 def prepare_module(vlm: VisionLanguageModel, schedule: Schedule, recipe: Recipe) -> TrainStep:
     """Freeze per stage (LoRA adapters injected) and wrap the model in the module that returns the loss."""
     set_trainable(vlm, recipe.stage, recipe.lora)
-    module = TrainStep(vlm, schedule, budget_weight=recipe.budget_weight)
+    module = TrainStep(vlm, schedule, budget_weight=recipe.budget_weight, budget_anneal=recipe.budget_anneal)
     if recipe.gradient_checkpointing:
         module.engine.gradient_checkpointing_enable()
     return module
@@ -190,6 +203,26 @@ def prepare_module(vlm: VisionLanguageModel, schedule: Schedule, recipe: Recipe)
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def parameter_groups(module: nn.Module, recipe: Recipe) -> list[dict]:
+    """The optimizer's groups: the trainable weights at `lr`, and the learnable DTop-K keep ratios in a
+    group of their own at `ratio_lr` without weight decay (the DTop-K reference trains its ratios far
+    faster than the weights: at the weights' rate a ratio moves a token or two in a short run). Each
+    group's `lr_scale` carries its rate through the LR schedule (`Runtime.step`)."""
+    ratios = [p for n, p in module.named_parameters() if p.requires_grad and n.endswith(RATIO_PARAMETER)]
+    taken = {id(p) for p in ratios}
+    weights = [p for p in module.parameters() if p.requires_grad and id(p) not in taken]
+    groups = [{"params": weights, "weight_decay": recipe.weight_decay, "lr_scale": 1.0}] if weights else []
+    if ratios:
+        groups.append({"params": ratios, "weight_decay": 0.0, "lr_scale": recipe.ratio_lr / recipe.lr})
+    return groups
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's learning rate for this step, scaled per group (the keep ratios have their own)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class ResumableSampler(Sampler):
@@ -295,7 +328,7 @@ class PlainRuntime(Runtime):
     def __init__(self, module: TrainStep, recipe: Recipe):
         self.module = module
         self.params = trainable_parameters(module)
-        self.optimizer = torch.optim.AdamW(self.params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        self.optimizer = torch.optim.AdamW(parameter_groups(module, recipe), lr=recipe.lr)
         self.grad_accum, self.grad_clip = recipe.grad_accum, recipe.grad_clip
         self._micro, self._norm = 0, None
 
@@ -311,8 +344,7 @@ class PlainRuntime(Runtime):
             return False
         if self.grad_clip:
             self._norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
@@ -366,6 +398,7 @@ class TrainingLoop:
             self.sampler.set_epoch(st.epoch)
             self.sampler.skip = skip * r.micro_batch_size  # batches a restarted epoch consumed: never loaded
             for i, batch in enumerate(self.loader, start=skip):
+                batch[PROGRESS] = st.step / self.total
                 out = self.runtime.forward(batch)
                 loss = self.runtime.mean(out["loss"])
                 if not math.isfinite(loss):

@@ -7,6 +7,7 @@ from reference import reference_forward
 
 from hidrop.engine import ScheduledModel
 from hidrop.schedule import DropEvent, PositionMode, QueryRule, Schedule, Selector, preset, vanilla
+from hidrop.selection import dtopk_soft_mask
 from hidrop.tiny import TINY_IMAGE_TOKEN, tiny_llama, tiny_llava
 
 ATOL = 2e-4
@@ -297,6 +298,89 @@ def test_budget_loss_pulls_keep_ratio_toward_target():
     assert loss.item() > 0 and bool((sm.keep_fraction_delta.grad > 0).all())  # gradient descent lowers the counts
     at_target = ScheduledModel(tiny_llama(), schedule)
     assert at_target.budget_loss().item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_dtopk_temperature_is_the_candidate_count():
+    """Three live candidates of an image of 196, keep 2: c' = 1/3, 2/3, 1 and lambda = 3, a = 1 - 2/3, so
+    m = sigmoid(3 c' - 1) = sigmoid(0), sigmoid(1), sigmoid(2): the boundary token sits on the slope."""
+    scores = torch.tensor([[0.1, 0.5, 0.9, 0.0]])
+    live = torch.tensor([[True, True, True, False]])
+    fraction = torch.tensor(2 / 196, requires_grad=True)
+    soft = dtopk_soft_mask(scores, live, fraction, 196)
+    expected = torch.sigmoid(torch.tensor([0.0, 1.0, 2.0]))
+    assert torch.allclose(soft[0, :3], expected, atol=1e-6) and soft[0, 3] == 0
+    soft.sum().backward()
+    # dm/dk = m (1 - m), k = 196 f: the count's gradient is alive (a temperature of 196 gives ~1e-27)
+    hand = float((expected * (1 - expected)).sum() * 196)
+    assert fraction.grad.item() == pytest.approx(hand, rel=1e-5)
+
+
+def test_every_learnable_ratio_gets_gradient_from_the_lm_loss():
+    """Drops among few live tokens still pass gradient to their ratio (live-count temperature)."""
+    schedule = Schedule(
+        num_layers=8,
+        num_vision_tokens=N_VIS,
+        inject_layer=2,
+        exit_layer=8,
+        selector=Selector.dtopk_learnable,
+        drops=[{"after_layer": layer, "keep": k} for layer, k in ((2, 8), (4, 3), (6, 2))],
+    )
+    sm = ScheduledModel(tiny_llama(), schedule, image_token_id=TINY_IMAGE_TOKEN, budget_weight=0.0)
+    sm.train()
+    ids, vis, am, feats = _llama_inputs(make_samples(), left=False)
+    sm(ids, am, vision_embeds=feats, labels=ids.masked_fill((am == 0) | vis, -100)).loss.backward()
+    assert bool((sm.keep_fraction_delta.grad != 0).all()), sm.keep_fraction_delta.grad
+
+
+def test_budget_is_one_sided_and_its_target_anneals_from_keep_all():
+    base = _schedules()["hidrop"]
+    schedule = Schedule.model_validate({**base.model_dump(), "selector": Selector.dtopk_learnable})
+    sm = ScheduledModel(tiny_llama(), schedule, budget_target=1.0, budget_anneal=0.5)
+    sm.budget_progress = 0.0  # the target is keeping every token: nothing is over it
+    assert sm.budget_loss().item() == 0.0
+    sm.budget_progress = 0.5  # annealed: the budget itself
+    at_end = sm.budget_loss().item()
+    sm.budget_progress = 1.0
+    assert at_end > 0 and sm.budget_loss().item() == at_end
+    under = ScheduledModel(tiny_llama(), schedule, budget_target=schedule.avg_tokens() + 2)
+    assert under.budget_loss().item() == 0.0  # below the budget: no pull either way
+
+
+def test_learnable_ratios_anneal_down_to_the_budget():
+    """A planted objective: a reward for every kept token (standing in for a task that wants more) against
+    a budget 3 tokens per layer under the start. The ratios, in their own group at their own rate, first
+    rise while the target is keep-all, then come down and end within a token of the budget."""
+    from hidrop.training import parameter_groups, set_lr
+
+    schedule = Schedule(
+        num_layers=8,
+        num_vision_tokens=576,
+        inject_layer=2,
+        exit_layer=8,
+        selector=Selector.dtopk_learnable,
+        drops=[{"after_layer": layer, "keep": k} for layer, k in ((3, 288), (5, 96), (6, 24))],
+    )
+    budget = schedule.avg_tokens() - 3
+    sm = ScheduledModel(tiny_llama(), schedule, budget_target=budget, budget_weight=50.0, budget_anneal=0.5)
+    recipe = type("R", (), {"lr": 1e-4, "ratio_lr": 2e-3, "weight_decay": 0.1})()
+    groups = parameter_groups(sm, recipe)
+    assert [len(g["params"]) for g in groups][-1] == 1 and groups[-1]["weight_decay"] == 0.0
+    optimizer = torch.optim.AdamW(groups, lr=recipe.lr)
+    start = [float(f) * 576 for f in sm.keep_fractions.detach()]
+    steps, peak = 600, 0.0
+    for step in range(steps):
+        sm.budget_progress = step / steps
+        average = sm._layer_counts(sm._clamped_fractions()).mean()
+        loss = sm.budget_loss() - 0.01 * average / 576  # the planted reward: more tokens kept is better
+        optimizer.zero_grad()
+        loss.backward()
+        set_lr(optimizer, recipe.lr)
+        optimizer.step()
+        peak = max(peak, float(average.detach()))
+    end = float(sm._layer_counts(sm._clamped_fractions()).mean())
+    assert peak > schedule.avg_tokens() + 3  # free to rise while the target was keep-all
+    assert abs(end - budget) <= 1.0, (start, end, budget)
+    assert all(e < s for e, s in zip((float(f) * 576 for f in sm.keep_fractions.detach()), start))
 
 
 # ---- training path -----------------------------------------------------------------------------

@@ -84,6 +84,10 @@ class TrainConfig(ConfigModel):
     gradient_checkpointing: bool = False
     deepspeed: dict[str, Any] = Field(default_factory=dict)  # merged over the generated DeepSpeed config
     budget_weight: float = Field(default=1.0, ge=0)  # dtopk_learnable: weight of the budget loss
+    # dtopk_learnable: the fraction of training over which the budget's target anneals from keeping every
+    # token to the budget, and the keep ratios' own learning rate (through the same LR schedule)
+    budget_anneal: float = Field(default=0.5, ge=0, le=1)
+    ratio_lr: float = Field(default=1e-2, gt=0)
     num_workers: int = Field(default=1, gt=0)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})

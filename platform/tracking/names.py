@@ -109,6 +109,7 @@ ALL_TOKENS = "all_tokens/"  # a trained model evaluated unpruned
 SCORE_LOW = "score_lo/"  # the 95% bootstrap interval of score/<bench>
 SCORE_HIGH = "score_hi/"
 LEARNED_KEEP = "learned_keep/"  # learnable keep counts, per filtering layer (1-based)
+KEEP_RATIO = "keep_ratio/"  # learnable keep ratios (of the image's tokens) before rounding, per filtering layer
 
 # ---- params -----------------------------------------------------------------------------------------
 # the experiment config, flattened to dotted names (hidrop_platform.config.schema.flatten), plus:

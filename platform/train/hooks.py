@@ -70,6 +70,8 @@ class LogMetrics(Hook):
             metrics[N.BUDGET_LOSS] = float(out["budget_loss"])
             for i, keep in enumerate(self.module.engine.learned_schedule().keep_counts):
                 metrics[f"{N.LEARNED_KEEP}{i + 1}"] = float(keep)
+            for i, ratio in enumerate(self.module.engine.keep_fractions.detach().cpu().tolist()):
+                metrics[f"{N.KEEP_RATIO}{i + 1}"] = ratio
         if self.rank == 0:
             redone = self.logged_until is not None and step.step <= self.logged_until
             if self.tracker.enabled and not redone:  # a redone step's first values stand: no duplicate points

@@ -30,8 +30,9 @@ from hidrop.training import (
     TrainingLoop,
     make_dataset,
     make_loader,
+    parameter_groups,
     prepare_module,
-    trainable_parameters,
+    set_lr,
 )
 from hidrop_platform.config.schema import ExperimentConfig
 from hidrop_platform.evaluate.runs import build_model, model_shape_for_cost
@@ -146,8 +147,7 @@ class DeepSpeedRuntime(Runtime):
         self.engine.backward(loss)
 
     def step(self, lr: float) -> bool:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
         return boundary
@@ -188,7 +188,7 @@ def train_worker(config: dict) -> None:
     vlm = build_model(cfg, device=str(device))
     schedule = cfg.main_schedule
     module = prepare_module(vlm, schedule, t)
-    optimizer = torch.optim.AdamW(trainable_parameters(module), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(module, t), lr=t.lr)
     engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg))
     frozen = any(not p.requires_grad for p in module.parameters())  # stage 1 and LoRA: most of the model
 
