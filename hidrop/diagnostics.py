@@ -9,9 +9,12 @@ calibration set with the model unpruned:
   image and with a reference image (uniform grey by default). Near 0 while no image information has
   reached the text.
 - ILVAS(l, l+n, K): take the K vision tokens the last prompt token attends to most at layer l (head
-  mean); for each head, the cosine between its attention over those K tokens at layer l and at l+n;
-  averaged over heads and samples. High where the choice of important tokens persists, i.e. where
-  filtering loses little (method.md's "head-wise attention vectors": one K-vector per head).
+  mean); for each of them, the cosine between its head-wise attention vector A_i (one entry per head: the
+  attention the query gives token i in that head) at layer l and at l+n; averaged over the K tokens and
+  the samples. High where the heads keep attending to the important tokens the same way, i.e. where
+  filtering loses little. As in the paper, ILVAS is measured on the model configured with the chosen
+  late injection and early exit (`ilvas_curves`): vision rows arrive raw at the injection layer and leave
+  before the exit layer, so it is defined only for layers l..l+n inside that window.
 - Sweeps: the benchmark score when every vision token leaves before layer l (exit sweep) and when they
   arrive at layer l (injection sweep), evaluated through the engine.
 
@@ -226,29 +229,19 @@ def layer_curves(
     reference: str = "gray",
     batch_size: int = 8,
 ) -> dict:
-    """S_intra, S_cross and ILVAS curves over `samples` (each must carry an image)."""
-    samples = [s for s in samples if s.has_image]
-    if not samples:
-        raise ValueError("the calibration set has no sample with an image")
+    """S_intra, S_cross and ILVAS curves over `samples` (each must carry an image), on the unpruned model.
+    The paper's ILVAS is that of the model with the chosen injection and exit: `ilvas_curves`."""
+    samples = _with_images(samples)
     L, n_vis = vlm.num_layers, vlm.num_vision_tokens
-    ks = sorted({min(int(k), n_vis) for k in ilvas_k if int(k) > 0})
-    ns = sorted({int(n) for n in ilvas_n if 0 < int(n) < L})
     per_sample = {"intra": [], "cross": []}  # (samples, L) each: the spread as well as the mean
-    ilvas_rows = {(k, n): [] for k in ks for n in ns}
+    attention = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        ref_images = _reference_images(chunk, reference, samples)
-        intra, cross, attention = _batch_stats(vlm, chunk, ref_images)
+        intra, cross, att = _batch_stats(vlm, chunk, _reference_images(chunk, reference, samples))
         per_sample["intra"].append(intra.numpy())
         per_sample["cross"].append(cross.numpy())
-        for (k, n), rows in ilvas_rows.items():
-            rows.append(_ilvas(attention, k, n).numpy())
+        attention.append(att)
     intra, cross = (np.concatenate(per_sample[key]) for key in ("intra", "cross"))
-    ilvas = {key: np.concatenate(rows) for key, rows in ilvas_rows.items()}  # (samples, L - n)
-    ilvas_mean_rows = _mean_ilvas(ilvas, len(intra), L)  # (samples, L), NaN where no (K, n) is defined
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # layers no (K, n) reaches: NaN, reported as None
-        mean_row = np.nanmean(ilvas_mean_rows, axis=0) if len(ilvas) else np.full(L, np.nan)
     return {
         "num_layers": L,
         "num_vision_tokens": n_vis,
@@ -258,15 +251,64 @@ def layer_curves(
         "s_intra_se": standard_error(intra).tolist(),
         "s_cross": cross.mean(0).tolist(),
         "s_cross_se": standard_error(cross).tolist(),
-        "ilvas": {f"K{k}_n{n}": rows.mean(0).tolist() for (k, n), rows in ilvas.items()},
+        **_ilvas_summary(attention, ilvas_k, ilvas_n, L, n_vis, (1, None)),
+    }
+
+
+@torch.no_grad()
+def ilvas_curves(
+    vlm: VisionLanguageModel,
+    samples: Sequence[Sample],
+    inject_layer: int,
+    exit_layer: Optional[int],
+    *,
+    ilvas_k: Sequence[int] = (5, 20, 50),
+    ilvas_n: Sequence[int] = (4, 8),
+    batch_size: int = 8,
+) -> dict:
+    """ILVAS as the paper measures it: on the model configured with late injection at `inject_layer` and
+    early exit before `exit_layer` (None where a layer pair leaves that window). The keys of
+    `layer_curves`' ILVAS, to replace them."""
+    samples = _with_images(samples)
+    attention = [
+        _window_attention(vlm, samples[start : start + batch_size], inject_layer, exit_layer)
+        for start in range(0, len(samples), batch_size)
+    ]
+    window = (inject_layer, exit_layer)
+    return _ilvas_summary(attention, ilvas_k, ilvas_n, vlm.num_layers, vlm.num_vision_tokens, window)
+
+
+def _with_images(samples: Sequence[Sample]) -> list[Sample]:
+    samples = [s for s in samples if s.has_image]
+    if not samples:
+        raise ValueError("the calibration set has no sample with an image")
+    return samples
+
+
+def _ilvas_summary(attention: list, ilvas_k, ilvas_n, L: int, n_vis: int, window) -> dict:
+    """ILVAS per (K, n), their mean, its standard error and per-sample values, from the chunks' head-wise
+    attention (B, L, H, N); None where undefined (outside the window, or n past the last layer)."""
+    ks = sorted({min(int(k), n_vis) for k in ilvas_k if int(k) > 0})
+    ns = sorted({int(n) for n in ilvas_n if 0 < int(n) < L})
+    ilvas = {(k, n): np.concatenate([_ilvas(a, k, n).numpy() for a in attention]) for k in ks for n in ns}
+    count = sum(a.shape[0] for a in attention)
+    rows = _mean_ilvas(ilvas, count, L)  # (samples, L), NaN where no (K, n) is defined
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # layers no (K, n) reaches: NaN, reported as None
+        mean_row = np.nanmean(rows, axis=0) if len(ilvas) else np.full(L, np.nan)
+        per_key = {key: np.nanmean(values, axis=0) for key, values in ilvas.items()}
+
+    def clean(values, digits=None):
+        return [None if math.isnan(v) else (round(float(v), digits) if digits else float(v)) for v in values]
+
+    return {
+        "ilvas": {f"K{k}_n{n}": clean(values) for (k, n), values in per_key.items()},
         "ilvas_k": ks,
         "ilvas_n": ns,
-        "ilvas_mean": [None if math.isnan(v) else float(v) for v in mean_row],
-        "ilvas_mean_se": [None if math.isnan(v) else float(v) for v in _nan_se(ilvas_mean_rows)],
-        # per calibration sample: what the maxima test pairs (rounded: the JSON stays small)
-        "ilvas_mean_per_sample": [
-            [None if math.isnan(v) else round(float(v), 5) for v in row] for row in ilvas_mean_rows
-        ],
+        "ilvas_window": list(window),  # the injection and exit layers ILVAS was measured under
+        "ilvas_mean": clean(mean_row),
+        "ilvas_mean_se": clean(_nan_se(rows)),
+        "ilvas_mean_per_sample": [clean(row, 5) for row in rows],  # what the maxima test pairs
     }
 
 
@@ -281,10 +323,10 @@ def _reference_images(chunk, reference: str, all_samples) -> list[Image.Image]:
 
 def _mean_ilvas(ilvas: dict, count: int, L: int) -> np.ndarray:
     """Per sample, ILVAS averaged over every (K, n) defined at layer l (the paper found the maxima stable
-    across them): (samples, L), NaN at layers where none is defined."""
+    across them; n reaching past the window's end is not defined): (samples, L), NaN where none is."""
     out = np.full((count, L), np.nan)
     for i in range(L):
-        cols = [rows[:, i] for (_, n), rows in ilvas.items() if i < L - n]
+        cols = [rows[:, i] for (_, n), rows in ilvas.items() if i < L - n and np.isfinite(rows[:, i]).all()]
         if cols:
             out[:, i] = np.mean(cols, axis=0)
     return out
@@ -299,40 +341,48 @@ def _nan_se(rows: np.ndarray) -> np.ndarray:
     return se
 
 
-def _batch_stats(vlm: VisionLanguageModel, chunk: Sequence[Sample], ref_images: list[Image.Image]):
-    """Per sample: S_intra (B, L), S_cross (B, L) and head-wise attention to the vision tokens (B, L, H, N)."""
+def _prompt_batch(vlm: VisionLanguageModel, chunk: Sequence[Sample], extra_images: Sequence[Image.Image] = ()):
+    """The chunk's prompts (left padded) and the projector outputs of their images, then of `extra_images`."""
     device = vlm.device
     tok = vlm.tokenizer
     template = get_template(vlm.template)
     kw = dict(image_token_id=vlm.image_token_id, num_image_tokens=vlm.num_vision_tokens, for_generation=True)
     batch = Collator.for_tokenizer(tok, padding_side="left")([encode_sample(s, tok, template, **kw) for s in chunk])
     ids, am = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    images = [s.load_image() for s in chunk] + list(extra_images)
+    pixels = torch.stack([vlm.image_processor(im) for im in images]).to(device)
+    return ids, am, ids == vlm.image_token_id, vlm.vision_embeds(pixels)  # embeds: (images, N, D)
+
+
+def _layer_mask(bb: Backbone, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The attention mask of a batch: causal over the allowed `keys`, each row seeing itself (no NaN)."""
+    T = hidden.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=hidden.device).tril()
+    allowed = (causal[None] & keys[:, None, :]) | torch.eye(T, dtype=torch.bool, device=hidden.device)[None]
+    return bb.attention_mask(allowed[:, None], hidden.dtype)
+
+
+def _batch_stats(vlm: VisionLanguageModel, chunk: Sequence[Sample], ref_images: list[Image.Image]):
+    """Per sample, on the unpruned model: S_intra (B, L), S_cross (B, L) and head-wise attention to the
+    vision tokens (B, L, H, N)."""
+    ids, am, vision, embeds_all = _prompt_batch(vlm, chunk, ref_images)  # own images, then the references
     B, T = ids.shape
-    vision = ids == vlm.image_token_id
-    pixels = torch.stack(
-        [vlm.image_processor(s.load_image()) for s in chunk] + [vlm.image_processor(im) for im in ref_images]
-    ).to(device)
-    embeds_all = vlm.vision_embeds(pixels)  # (2B, N, D): own images, then the reference images
     bb = Backbone(vlm.lm)
     text = bb.embed(ids)
-    dtype = text.dtype
     hidden = torch.cat([text, text], 0).clone()
     both_vision = torch.cat([vision, vision], 0)
-    hidden[both_vision] = embeds_all.reshape(-1, embeds_all.shape[-1]).to(dtype)
+    hidden[both_vision] = embeds_all.reshape(-1, embeds_all.shape[-1]).to(text.dtype)
     mask2 = torch.cat([am, am], 0).bool()
     pos = (mask2.long().cumsum(1) - 1).clamp(min=0)
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    allowed = causal[None] & mask2[:, None, :]
-    allowed |= torch.eye(T, dtype=torch.bool, device=device)[None]  # padded rows see themselves: no NaN
-    attn_mask = bb.attention_mask(allowed[:, None], dtype)
+    attn_mask = _layer_mask(bb, hidden, mask2)
     rope = bb.rotary(hidden, pos)
     # the instruction: real text tokens after the image; the query: the last prompt token (left padding)
     after_image = vision.long().cumsum(1) >= vlm.num_vision_tokens
     instruction = am.bool() & ~vision & after_image
     last = T - 1
     L = vlm.num_layers
-    intra = torch.zeros(B, L, dtype=torch.float64, device=device)
-    cross = torch.zeros(B, L, dtype=torch.float64, device=device)
+    intra = torch.zeros(B, L, dtype=torch.float64, device=hidden.device)
+    cross = torch.zeros(B, L, dtype=torch.float64, device=hidden.device)
     attention = []
     for idx in range(L):
         attention.append(_vision_attention(bb, idx, hidden[:B], pos[:B], rope, mask2[:B], vision, last))
@@ -343,6 +393,38 @@ def _batch_stats(vlm: VisionLanguageModel, chunk: Sequence[Sample], ref_images: 
         cross[:, idx] = 1.0 - _masked_mean(cos_x, instruction)
         hidden = new
     return intra.cpu(), cross.cpu(), torch.stack(attention, 1).cpu()  # (B, L, H, N)
+
+
+def _window_attention(vlm: VisionLanguageModel, chunk: Sequence[Sample], inject: int, exit_layer: Optional[int]):
+    """Head-wise attention to the vision tokens (B, L, H, N) on the model configured with late injection
+    at `inject` and early exit before `exit_layer`, as the engine runs it: before the injection layer only
+    text is live (the image rows wait, untouched, as the projector made them), after the exit only text
+    again; every token keeps its position. NaN at layers without vision tokens."""
+    ids, am, vision, embeds = _prompt_batch(vlm, chunk)
+    B, T = ids.shape
+    bb = Backbone(vlm.lm)
+    hidden = bb.embed(ids).clone()
+    hidden[vision] = embeds.reshape(-1, embeds.shape[-1]).to(hidden.dtype)
+    raw = hidden.clone()
+    valid = am.bool()
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+    rope = bb.rotary(hidden, pos)
+    end = vlm.num_layers + 1 if exit_layer is None else exit_layer
+    attention = []
+    for idx in range(vlm.num_layers):
+        layer = idx + 1
+        live = inject <= layer < end
+        keys = valid & (~vision if not live else torch.ones_like(vision))
+        if layer == inject:
+            hidden = torch.where(vision[..., None], raw, hidden)  # the image arrives as the projector made it
+        attn_mask = _layer_mask(bb, hidden, keys)
+        if live:
+            attention.append(_vision_attention(bb, idx, hidden, pos, rope, keys, vision, T - 1))
+        else:
+            heads = bb.text_config.num_attention_heads
+            attention.append(torch.full((B, heads, int(vision[0].sum())), float("nan"), device=hidden.device))
+        hidden = bb.run_layer(idx, hidden, attn_mask, pos, rope, None)
+    return torch.stack(attention, 1).cpu()
 
 
 def _vision_attention(bb: Backbone, idx, hidden, pos, rope, valid, vision, last: int) -> torch.Tensor:
@@ -366,15 +448,18 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _ilvas(attention: torch.Tensor, k: int, n: int) -> torch.Tensor:
-    """(B, L - n): for each layer l, take the k vision tokens with the most head-mean attention at l; per
-    head, compare its attention over those k tokens at layer l and at l + n (cosine); average the heads."""
+    """(B, L - n): for each layer l, take the k vision tokens with the most head-mean attention at l; for
+    each, the cosine between its head-wise attention vector (H entries) at layer l and at l + n; the mean
+    over the k tokens. NaN where layer l or l + n has no vision tokens (attention is NaN there)."""
     B, L, H, N = attention.shape
-    out = torch.zeros(B, L - n, dtype=torch.float64)
+    out = torch.full((B, L - n), float("nan"), dtype=torch.float64)
     for l in range(L - n):
+        if bool(torch.isnan(attention[:, l]).any() or torch.isnan(attention[:, l + n]).any()):
+            continue
         top = attention[:, l].mean(1).topk(k, dim=-1).indices  # (B, k)
         a = attention[:, l].gather(2, top[:, None, :].expand(B, H, k))  # (B, H, k)
         b = attention[:, l + n].gather(2, top[:, None, :].expand(B, H, k))
-        out[:, l] = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=2).mean(1)
+        out[:, l] = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1).mean(1)
     return out
 
 
@@ -477,20 +562,15 @@ def propose(
     exit_tolerance: float = 2.0,
     onset_fraction: float = 0.1,
 ) -> dict:
-    """A schedule (curve form fields) from the diagnostics, and the reason for every choice."""
+    """A schedule (curve form fields) from the diagnostics, and the reason for every choice. The filtering
+    layers come from the curves' ILVAS, which should be measured on the proposed window (`ilvas_curves`
+    with `propose_window`'s layers), as the paper does."""
     L, n_vis = curves["num_layers"], curves["num_vision_tokens"]
     why: dict[str, str] = {}
-    inject = _propose_inject(curves, sweeps, exit_tolerance, onset_fraction, why)
-    exit_layer = _propose_exit(sweeps, exit_tolerance, why)
+    inject, exit_layer = propose_window(
+        curves, sweeps, exit_tolerance=exit_tolerance, onset_fraction=onset_fraction, why=why
+    )
     end = L + 1 if exit_layer is None else exit_layer
-    if end - inject < 3:  # room for at least one drop: a layer before it and one after it
-        end = min(L + 1, inject + 3)
-        inject = min(inject, end - 3)
-        exit_layer = None if end > L else end
-        why["exit_layer"] += (
-            f"; the plateau starts before there is room for a drop (the image barely matters to "
-            f"this model on this data), so the window is widened to L{inject}..L{end - 1}"
-        )
     chosen = _propose_drops(curves, inject, end, stages, why)
     spec = {
         "inject_layer": inject,
@@ -508,6 +588,32 @@ def propose(
         "avg_tokens": schedule.avg_tokens(),
         "why": why,
     }
+
+
+def propose_window(
+    curves: dict,
+    sweeps: Optional[dict],
+    *,
+    exit_tolerance: float = 2.0,
+    onset_fraction: float = 0.1,
+    why: Optional[dict] = None,
+) -> tuple[int, Optional[int]]:
+    """The injection layer and the exit layer (None: vision to the end) the diagnostics propose, with
+    room for at least one drop between them; `why` receives the reasons."""
+    why = {} if why is None else why
+    L = curves["num_layers"]
+    inject = _propose_inject(curves, sweeps, exit_tolerance, onset_fraction, why)
+    exit_layer = _propose_exit(sweeps, exit_tolerance, why)
+    end = L + 1 if exit_layer is None else exit_layer
+    if end - inject < 3:  # room for at least one drop: a layer before it and one after it
+        end = min(L + 1, inject + 3)
+        inject = min(inject, end - 3)
+        exit_layer = None if end > L else end
+        why["exit_layer"] += (
+            f"; the plateau starts before there is room for a drop (the image barely matters to "
+            f"this model on this data), so the window is widened to L{inject}..L{end - 1}"
+        )
+    return inject, exit_layer
 
 
 def _propose_inject(curves: dict, sweeps: Optional[dict], tolerance: float, onset_fraction: float, why) -> int:
@@ -594,6 +700,9 @@ def _propose_drops(curves: dict, inject: int, end: int, stages: int, why) -> lis
     maxima, weak = significant_maxima(curves["ilvas_mean"], curves.get("ilvas_mean_per_sample"), lo, hi)
     chosen = sorted(maxima[:stages])
     spread = f"over {curves.get('samples', '?')} calibration samples"
+    measured = curves.get("ilvas_window") or [1, None]
+    if list(measured) != [inject, end if end <= curves["num_layers"] else None]:
+        spread += f" (ILVAS measured with injection at L{measured[0]}, exit {measured[1] or 'none'}, not this window)"
     if chosen:
         why["drop_layers"] = (
             f"ILVAS local maxima in L{lo}..L{hi} that stand out of their spread {spread} "

@@ -19,6 +19,7 @@ from hidrop.data import Collator, encode_sample, get_template
 from hidrop.diagnostics import (
     _batch_stats,
     _ilvas,
+    _window_attention,
     layer_curves,
     local_extrema,
     onset,
@@ -95,6 +96,8 @@ def test_curves_match_stock_hidden_states_and_eager_attention(vlm, samples):
 
 
 def test_ilvas_against_a_brute_force_loop():
+    """The paper's ILVAS: per top-K token, the cosine of its head-wise attention vector (one entry per head)
+    between layers l and l + n, averaged over the K tokens; undefined where a layer has no vision."""
     g = torch.Generator().manual_seed(0)
     att = torch.rand(2, 6, 3, 10, generator=g).softmax(-1)  # (B, L, H, N)
     got = _ilvas(att, k=4, n=2)
@@ -103,11 +106,72 @@ def test_ilvas_against_a_brute_force_loop():
             mean_heads = att[b, l].mean(0)
             top = sorted(range(10), key=lambda j: -float(mean_heads[j]))[:4]
             sims = []
-            for h in range(3):
-                a = torch.tensor([float(att[b, l, h, j]) for j in top], dtype=torch.float64)
-                c = torch.tensor([float(att[b, l + 2, h, j]) for j in top], dtype=torch.float64)
+            for j in top:
+                a = torch.tensor([float(att[b, l, h, j]) for h in range(3)], dtype=torch.float64)
+                c = torch.tensor([float(att[b, l + 2, h, j]) for h in range(3)], dtype=torch.float64)
                 sims.append(float(a @ c / (a.norm() * c.norm())))
-            assert float(got[b, l]) == pytest.approx(sum(sims) / 3, abs=1e-9)
+            assert float(got[b, l]) == pytest.approx(sum(sims) / 4, abs=1e-9)
+    # the head-wise cosine of one token: hand-computed on two heads
+    two = torch.zeros(1, 2, 2, 1)
+    two[0, 0, :, 0] = torch.tensor([0.6, 0.8])
+    two[0, 1, :, 0] = torch.tensor([0.8, 0.6])
+    assert float(_ilvas(two, k=1, n=1)[0, 0]) == pytest.approx(0.96)
+    windowed = att.clone()
+    windowed[:, :2] = float("nan")  # no vision before layer 3 (late injection)
+    assert torch.isnan(_ilvas(windowed, k=4, n=2)[:, :2]).all() and not torch.isnan(_ilvas(windowed, 4, 2)[:, 2:]).any()
+
+
+@torch.no_grad()
+def test_window_attention_is_the_late_injection_models(vlm, samples):
+    """Against stock transformers run the way late injection works: the text alone (original positions)
+    through the layers before the injection layer, then the raw projector outputs joining at their places
+    and the remaining stock layers, eager attention, on the whole prompt."""
+    chunk, inject = samples[:3], 3
+    got = _window_attention(vlm, chunk, inject, None)
+    assert torch.isnan(got[:, : inject - 1]).all() and not torch.isnan(got[:, inject - 1 :]).any()
+    tok, template = vlm.tokenizer, get_template(vlm.template)
+    kw = dict(image_token_id=vlm.image_token_id, num_image_tokens=vlm.num_vision_tokens, for_generation=True)
+    batch = Collator.for_tokenizer(tok, padding_side="left")([encode_sample(s, tok, template, **kw) for s in chunk])
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    vision = ids == vlm.image_token_id
+    pos = (am.cumsum(1) - 1).clamp(min=0)
+    text = am.bool() & ~vision
+    rows = [ids[b, text[b]] for b in range(len(chunk))]  # each row's text alone, left padded
+    T = max(len(r) for r in rows)
+    t_ids, t_am, t_pos = (torch.zeros(len(rows), T, dtype=torch.long) for _ in range(3))
+    for b, r in enumerate(rows):
+        t_ids[b, T - len(r) :], t_am[b, T - len(r) :], t_pos[b, T - len(r) :] = r, 1, pos[b, text[b]]
+    lm = vlm.lm.model.language_model  # the stock LlamaModel
+    layers = lm.layers
+    entering = {}
+
+    def keep(module, args, kwargs):
+        entering["h"] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+    hook = layers[inject - 1].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        lm(input_ids=t_ids, attention_mask=t_am, position_ids=t_pos)
+    finally:
+        hook.remove()
+    full = vlm.lm.get_input_embeddings()(ids).clone()
+    pixels = torch.stack([vlm.image_processor(s.load_image()) for s in chunk])
+    full[vision] = vlm.vision_embeds(pixels).reshape(-1, full.shape[-1])  # raw, untouched by earlier layers
+    for b in range(len(chunk)):
+        full[b, text[b]] = entering["h"][b, T - len(rows[b]) :]
+    vlm.lm.set_attn_implementation("eager")
+    lm.layers = layers[inject - 1 :]
+    try:
+        deep = lm(inputs_embeds=full, attention_mask=am, position_ids=pos, output_attentions=True)
+    finally:
+        lm.layers = layers
+        vlm.lm.set_attn_implementation("sdpa")
+    for j, attention in enumerate(deep.attentions):
+        for b in range(len(chunk)):
+            expect = attention[b, :, -1][:, vision[b]].float()
+            torch.testing.assert_close(got[b, inject - 1 + j], expect, atol=1e-5, rtol=1e-4)
+    exited = _window_attention(vlm, chunk, inject, 6)  # vision leaves before L6: nothing to attend to there
+    assert torch.isnan(exited[:, 5:]).all()
+    torch.testing.assert_close(exited[:, inject - 1 : 5], got[:, inject - 1 : 5])  # the same up to the exit
 
 
 def test_curve_shapes_ranges_and_determinism(vlm, samples):
@@ -221,6 +285,10 @@ def test_analyze_cli_writes_a_valid_yaml_plots_and_one_mlflow_run(tmp_path):
     assert {p.name for p in out.iterdir()} >= {"proposed.yaml", "analysis.json", "curves.png"}
     cfg = load_config(out / "proposed.yaml")
     assert cfg.main_schedule.model_dump(mode="json") == result["proposal"]["schedule"]
+    # ILVAS was measured on the model with the proposed injection and exit (the paper's setting)
+    proposed = result["proposal"]["schedule"]
+    assert result["curves"]["ilvas_window"] == [proposed["inject_layer"], proposed["exit_layer"]]
+    assert cfg.train.stage in ("pretrain", "finetune")  # `hidrop train` takes it as is (its train: defaults)
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")

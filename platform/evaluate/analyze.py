@@ -14,9 +14,11 @@ import yaml
 from hidrop.diagnostics import (
     default_budget,
     describe_point,
+    ilvas_curves,
     layer_curves,
     passive_shallow_layers,
     propose,
+    propose_window,
     run_sweeps,
     sweep_statistics,
 )
@@ -62,6 +64,13 @@ def run_analyze(cfg: ExperimentConfig, base: dict, progress: Optional[Callable[[
             vlm, calibration, ilvas_k=a.ilvas_k, ilvas_n=a.ilvas_n, reference=a.reference, batch_size=a.batch_size
         )
         sweeps, signal_search = _sweeps(cfg, vlm, say) if a.sweeps else (None, None)
+        # the paper measures ILVAS on the model with the chosen late injection and early exit
+        window = propose_window(curves, sweeps, exit_tolerance=a.exit_tolerance, onset_fraction=a.onset_fraction)
+        if window != (1, None):
+            say(f"ILVAS with injection at L{window[0]} and exit {f'before L{window[1]}' if window[1] else 'none'}")
+            curves.update(
+                ilvas_curves(vlm, calibration, *window, ilvas_k=a.ilvas_k, ilvas_n=a.ilvas_n, batch_size=a.batch_size)
+            )
     except (EvalSetupError, EvalError) as e:
         raise AnalyzeSetupError(str(e)) from None
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
@@ -253,6 +262,7 @@ def plot_curves(result: dict, path: Path) -> Path:
     axes[1].plot(layers, band(axes[1], "s_cross"), marker=".", c="#444")
     axes[1].set_ylabel("S_cross")
     for key, values in c["ilvas"].items():
+        values = [float("nan") if v is None else v for v in values]
         axes[2].plot(layers[: len(values)], values, lw=0.8, alpha=0.6, label=key)
     axes[2].plot(layers, band(axes[2], "ilvas_mean"), c="k", lw=1.6, label="mean")
     axes[2].set_ylabel("ILVAS")
