@@ -67,33 +67,51 @@ def train(
     force: bool = typer.Option(False, "--force", help="continue an existing run even though the config changed"),
 ):
     """Train with Ray Train workers running DeepSpeed (LLaVA stage 1 or 2, schedule active), tracked in MLflow.
-    Re-running the same name continues its last checkpoint when the config agrees."""
-    # lazy: Ray, DeepSpeed and torch
-    from hidrop_platform.train.driver import TrainInterrupted, connect_for_training, run_training
+    Re-running the same name continues its last checkpoint when the config agrees. With train.previous_stage
+    the earlier stages run first (a finished one is skipped) and each starts from the one before."""
+    from hidrop_platform.train.recipe import finished, recipe_stages
 
     cfg = load_experiment(experiment, overrides)
     if restart and force:
         raise OptionError("--restart and --force contradict each other: pick one")
+    stages = recipe_stages(cfg)
+    results = []
+    for stage in stages:
+        last = stage is stages[-1]
+        if not last and finished(stage):
+            views.say_stage_skipped(stage.name, as_json)
+            continue
+        # --restart and --force are about the experiment named on the command line, not its earlier stages
+        results.append(_train_stage(stage, as_json, restart and last, force and last))
+    result = results[-1] if len(results) == 1 else {**results[-1], "stages": results}
+    if as_json:
+        views.print_json(result, default=str)
+        return
+    for stage, done in zip(stages[len(stages) - len(results) :], results):
+        views.print_training(stage.name, done)
+
+
+def _train_stage(cfg, as_json: bool, restart: bool, force: bool) -> dict:
+    """One training run, with its progress bar (or none under --json); Ctrl+C exits 130 saying where it
+    stands."""
+    # lazy: Ray, DeepSpeed and torch
+    from hidrop_platform.train.driver import TrainInterrupted, connect_for_training, run_training
+
     started = time.time()
     try:
         with views.stdout_to_stderr():  # Ray's start-up chatter must not reach --json output
             connect_for_training(cfg, restart, force)  # one-line errors before the progress bar
         if as_json:
             with views.stdout_to_stderr():
-                result = run_training(cfg, restart=restart, force=force, connected=True)
-        else:
-            with progress.train_bar(cfg.name) as shown:
-                result = run_training(cfg, progress=shown, restart=restart, force=force, connected=True)
+                return run_training(cfg, restart=restart, force=force, connected=True)
+        with progress.train_bar(cfg.name) as shown:
+            return run_training(cfg, progress=shown, restart=restart, force=force, connected=True)
     except TrainInterrupted as e:
         stop_ray()
         views.print_interrupted(e)
         raise typer.Exit(130) from None
     finally:  # after an error or an interrupt too: their records wait in the spool all the same
         views.warn_spooled(started)
-    if as_json:
-        views.print_json(result, default=str)
-        return
-    views.print_training(cfg.name, result)
 
 
 def analyze_command(

@@ -75,6 +75,12 @@ def warn_spooled(since: float) -> None:
         )
 
 
+def say_stage_skipped(name: str, as_json: bool) -> None:
+    """A two-stage recipe's earlier stage that already ran to its end with the same config."""
+    if not as_json:
+        err.print(f"{name}: already trained to its end with this config, skipped", highlight=False)
+
+
 def print_interrupted(reason: BaseException) -> None:
     err.print(f"[bold yellow]interrupted:[/] {reason}", highlight=False, soft_wrap=True)
 

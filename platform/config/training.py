@@ -64,6 +64,10 @@ class TrainConfig(ConfigModel):
     model_config = ConfigDict(extra="forbid")
 
     stage: Literal["pretrain", "finetune"] = "pretrain"
+    # a two-stage recipe: the experiment YAML of the stage before this one (e.g. the projector pretraining
+    # with the same schedule active); `hidrop train` runs it first (continuing or skipping it when it has
+    # already run) and starts this stage from its exported model, so model.path stays unset
+    previous_stage: Optional[str] = None
     lora: Optional[dict[str, Any]] = None  # finetune only: LoraConfig's fields {r, alpha, dropout, target_modules}
     data: list[DataSpec] = Field(default_factory=lambda: [DataSpec(name="easy_vqa", limit=2000)])
     template: Optional[str] = None  # default: the model's (chatml for the mini-LLaVA); "plain" for LLaVA stage 1

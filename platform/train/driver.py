@@ -36,6 +36,7 @@ from hidrop_platform.tracking.store import (
     prepare_for,
 )
 from hidrop_platform.train.faults import fault_hooks
+from hidrop_platform.train.recipe import mark_finished
 from hidrop_platform.train.resume import (
     ContinuationRefused,
     UnsafeCheckpoint,
@@ -136,6 +137,7 @@ def _run_held(
         raise TrainSetupError(stopped[0].strip())
     removed = _remove_orphans(folder, result)
     metrics = dict(result.metrics or {})
+    mark_finished(cfg, int(metrics.get("step", 0)))  # a recipe's next stage may start from this one
     return {
         "experiment": cfg.name,
         "wall_time_s": time.perf_counter() - start,
