@@ -440,8 +440,12 @@ def _easy_vqa_family(answer: str) -> str:
     return "shape" if answer in _EASY_VQA_SHAPES else "color"
 
 
-def easy_vqa_samples(split: str = "train", limit: Optional[int] = None, seed: int = 0) -> list[Sample]:
-    """easy-VQA (64x64 shapes) as single-word-answer samples; `limit` draws a seeded subset in original order."""
+def easy_vqa_samples(
+    split: str = "train", limit: Optional[int] = None, seed: int = 0, per_family: Optional[int] = None
+) -> list[Sample]:
+    """easy-VQA (64x64 shapes) as single-word-answer samples; `limit` draws a seeded subset in original order.
+    `per_family` draws that many of each question family (existence, shape, colour) instead: the split is
+    mostly existence questions (colour about a tenth), which a short training otherwise barely sees."""
     import easy_vqa  # imported here: it reads its question files at import
 
     if split == "train":
@@ -455,7 +459,14 @@ def easy_vqa_samples(split: str = "train", limit: Optional[int] = None, seed: in
     candidates = tuple(sorted(easy_vqa.get_answers()))
 
     indices = np.arange(len(questions))
-    if limit is not None:
+    if per_family is not None:
+        if limit is not None:
+            raise ValueError("easy_vqa: give limit or per_family, not both")
+        rng = np.random.default_rng(seed)
+        families = np.array([_easy_vqa_family(a) for a in answers])
+        picked = [rng.permutation(np.flatnonzero(families == f))[:per_family] for f in sorted(set(families))]
+        indices = np.sort(np.concatenate(picked))
+    elif limit is not None:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         if limit < len(indices):

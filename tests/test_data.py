@@ -567,6 +567,36 @@ def test_easy_vqa_limit_is_a_seeded_ordered_subset():
         easy_vqa_samples("val")
 
 
+def test_easy_vqa_per_family_draws_each_family_equally():
+    """The split is mostly existence questions; per_family balances the families for training."""
+    import collections
+
+    natural = collections.Counter(s.family for s in easy_vqa_samples("train", limit=600, seed=0))
+    assert natural["color"] < natural["existence"] / 3  # why balancing matters
+    balanced = easy_vqa_samples("train", per_family=40, seed=0)
+    assert collections.Counter(s.family for s in balanced) == {"existence": 40, "shape": 40, "color": 40}
+    index = [int(x.id.rsplit("-", 1)[1]) for x in balanced]
+    assert index == sorted(index) and len(set(index)) == 120
+    assert [x.id for x in easy_vqa_samples("train", per_family=40, seed=0)] == [x.id for x in balanced]
+    with pytest.raises(ValueError, match="not both"):
+        easy_vqa_samples("train", limit=10, per_family=5)
+
+
+@pytest.mark.parametrize(
+    "options,limit,msg",
+    [
+        ({"per_famly": 3}, None, "unknown option 'per_famly'"),
+        ({"per_family": 0}, None, "positive"),
+        ({"per_family": 3}, 9, "not both"),
+    ],
+)
+def test_easy_vqa_data_options_are_checked(options, limit, msg):
+    from hidrop_platform.config.training import DataSpec
+
+    with pytest.raises(ValueError, match=msg):
+        DataSpec(name="easy_vqa", limit=limit, options=options)
+
+
 # ---------------------------------------------------------------------------------------------
 # collation and the dataset
 

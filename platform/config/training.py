@@ -25,6 +25,15 @@ class DataSpec(ConfigModel):
     def _path_needed(self) -> "DataSpec":
         if self.name == "llava_json" and not self.path:
             raise ValueError("data name=llava_json needs path (a LLaVA JSON/JSONL file)")
+        if self.name == "easy_vqa":
+            unknown = sorted(set(self.options) - {"per_family"})
+            if unknown:
+                raise ValueError(f"data name=easy_vqa: unknown option {unknown[0]!r} (it takes per_family)")
+            per_family = self.options.get("per_family")
+            if per_family is not None and (not isinstance(per_family, int) or per_family <= 0):
+                raise ValueError("data name=easy_vqa: options.per_family must be a positive integer")
+            if per_family is not None and self.limit is not None:
+                raise ValueError("data name=easy_vqa: give limit or options.per_family, not both")
         return self
 
 

@@ -85,7 +85,7 @@ def training_samples(cfg: ExperimentConfig, grid: int):
     samples = []
     for spec in cfg.train.data:
         if spec.name == "easy_vqa":
-            samples += easy_vqa_samples("train", limit=spec.limit, seed=cfg.seed)
+            samples += easy_vqa_samples("train", limit=spec.limit, seed=cfg.seed, **spec.options)
         elif spec.name == "probes":
             samples += Probes(
                 limit=spec.limit or 100, seed=cfg.seed, split="train", grid=grid or 14, **spec.options
