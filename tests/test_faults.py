@@ -222,39 +222,6 @@ def test_a_run_folder_through_ctrl_c_continuation_a_planted_pickle_and_restart(t
     assert not marker.exists()
 
 
-# ---- 3. a crashed sweep does not duplicate trials on --resume ---------------------------------------
-@pytest.mark.slow
-def test_sigkilled_sweep_resumes_without_duplicating_trials(tmp_path):
-    import yaml
-    from test_tune import _cli, _runs, _tiny, start_sweep
-
-    exp = tmp_path / "tune.yaml"
-    exp.write_text(yaml.safe_dump(_tiny(tmp_path, seeds=["vanilla"], num_samples=7, max_concurrent=1)))
-
-    def finished(folder: Path) -> int:
-        return sum("result" in p.read_text() for p in folder.glob("*.json"))
-
-    runs_dir = tmp_path / "runs" / "tiny_tune" / "trial_runs"
-    proc = start_sweep(
-        exp, tmp_path, "--json", until=lambda f: finished(f) >= 3, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole session: the driver and Ray's processes
-    proc.wait(timeout=300)
-    finished_before = finished(runs_dir)
-    assert 3 <= finished_before < 8
-
-    again = _cli("tune", str(exp), "--resume", "--json", cwd=tmp_path, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    summary = json.loads(again.stdout[again.stdout.index("{\n") :])
-    runs, client = _runs(tmp_path / "mlflow.db")
-    trials = [r for r in runs if r.data.tags.get("hidrop.kind") != "sweep"]
-    names = sorted(r.info.run_name for r in trials)
-    assert len(summary["trials"]) == 8 and len(names) == 8 and len(set(names)) == 8, names  # each once
-    for r in trials:
-        assert r.info.status == "FINISHED", (r.info.run_name, r.info.status)
-        assert len(client.get_metric_history(r.info.run_id, "relative_score")) == 1  # evaluated once
-
-
 # ---- 4. two processes creating one new store ----------------------------------------------------------
 _PREPARE = """
 import sys, time

@@ -391,8 +391,17 @@ def _session_processes(sid: int, patience_s: float = 120.0) -> list[str]:
         time.sleep(0.5)
 
 
+def _finished_points(folder: Path) -> int:
+    """Trial records in `trial_runs/` that hold a result."""
+    return sum("result" in p.read_text() for p in folder.glob("*.json"))
+
+
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
+def test_interrupted_then_killed_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
+    """One sweep through both ways of being stopped (one scenario: three sweep runs instead of four): three
+    quick Ctrl+C (one line, no process left behind), a resume SIGKILLed with its whole session (the driver
+    and Ray's processes), and a last resume that finishes: every trial exactly once, and a trial finished
+    before a stop is never evaluated again."""
     exp = tmp_path / "tune.yaml"
     # 12 trials of about a second each: enough left after the third starts that Ctrl+C cannot arrive after
     # the last one (a sweep that finishes before the signal lands rightly exits 0)
@@ -412,18 +421,33 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     }
     assert 1 <= len(done_before) < 12
 
+    runs_dir = tmp_path / "runs" / "tiny_tune" / "trial_runs"
+    before_kill = _finished_points(runs_dir)
+    killed = start_sweep(
+        exp,
+        tmp_path,
+        "--resume",
+        "--json",
+        until=lambda f: _finished_points(f) >= before_kill + 2,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=300)
+    assert before_kill + 2 <= _finished_points(runs_dir) < 12
+
     again = _cli("tune", str(exp), "--resume", "--json", cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout[again.stdout.index("{\n") :])
     runs, client = _runs(tmp_path / "mlflow.db")
     parents = [r for r in runs if r.data.tags.get("hidrop.kind") == "sweep"]
     trials = [r for r in runs if r.data.tags.get("hidrop.kind") != "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     names = [r.info.run_name for r in trials]
-    assert len(names) == 12 and len(set(names)) == 12  # every trial exactly once
+    assert len(summary["trials"]) == 12 and len(names) == 12 and len(set(names)) == 12  # every trial exactly once
     for r in trials:
         assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        if r.info.run_id in done_before:  # finished before the interruption: not evaluated again
-            assert len(client.get_metric_history(r.info.run_id, "relative_score")) == 1
+        assert len(client.get_metric_history(r.info.run_id, "relative_score")) == 1  # evaluated once
 
 
 def test_sweep_folder_never_holds_the_tracking_password(tmp_path, monkeypatch):
