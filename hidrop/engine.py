@@ -271,16 +271,19 @@ class ScheduledModel(nn.Module):
     def budget_loss(self) -> Optional[torch.Tensor]:
         """The one-sided budget term of the learnable keep ratios (None when they are fixed), as the DTop-K
         reference's resource loss: zero while the cost (average vision tokens per layer, or the paper's
-        FLOPs) is within the target, quadratic above it. The target anneals from keeping every token to
-        the budget over the first `budget_anneal` of training (`budget_progress`, 0..1)."""
+        FLOPs) is within the target, and the overshoot relative to the budget above it. Linear, so its pull
+        does not fade near the target: a squared term there is orders of magnitude weaker than the LM
+        loss's push for more tokens, and the ratios settle above the budget. The target anneals from
+        keeping every token to the budget over the first `budget_anneal` of training (`budget_progress`)."""
         if self.keep_fractions is None:
             return None
         fractions = self._clamped_fractions()
-        value, scale = self._budget_cost(fractions)
-        keep_all, _ = self._budget_cost(torch.ones_like(fractions))
+        value = self._budget_cost(fractions)
+        keep_all = self._budget_cost(torch.ones_like(fractions))
+        goal = self._budget_goal(value)
         ramp = 1.0 if self.budget_anneal == 0 else min(1.0, max(0.0, self.budget_progress) / self.budget_anneal)
-        target = keep_all + (self._budget_goal(value) - keep_all) * ramp
-        return self.budget_weight * (torch.relu(value - target.detach()) / scale) ** 2
+        target = keep_all + (goal - keep_all) * ramp
+        return self.budget_weight * torch.relu(value - target.detach()) / goal.detach().clamp(min=1e-12)
 
     def _layer_counts(self, fractions: torch.Tensor) -> torch.Tensor:
         """Vision tokens entering each layer with the drops keeping `fractions` of the original count."""
@@ -293,15 +296,13 @@ class ScheduledModel(nn.Module):
                         counts[layer] = fractions[i] * n_vis
         return torch.stack(counts)
 
-    def _budget_cost(self, fractions: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The budget's measure of `fractions` and its scale (the cost of one layer of every token)."""
-        expected, n_vis = self._layer_counts(fractions), self.schedule.num_vision_tokens
+    def _budget_cost(self, fractions: torch.Tensor) -> torch.Tensor:
+        """The budget's measure of `fractions`: average vision tokens per layer, or the paper's FLOPs."""
+        expected = self._layer_counts(fractions)
         if self.budget_kind == "tokens":
-            return expected.mean(), float(n_vis)
+            return expected.mean()
         cfg = self.backbone.text_config
-        d, m = cfg.hidden_size, cfg.intermediate_size
-        scale = float(paper_layer_macs(torch.tensor(float(n_vis)), d, m) * self.schedule.num_layers)
-        return paper_layer_macs(expected, d, m).sum(), scale
+        return paper_layer_macs(expected, cfg.hidden_size, cfg.intermediate_size).sum()
 
     def _budget_goal(self, like: torch.Tensor) -> torch.Tensor:
         """The budget itself in the budget's measure."""

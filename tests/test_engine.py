@@ -40,6 +40,18 @@ def _schedules(n_layers=8):
     }
 
 
+def _learnable(num_vision_tokens: int, drops: tuple) -> Schedule:
+    """A learnable-ratio schedule on the 8-layer tiny model: inject at L2, exit at L8, (after_layer, keep) drops."""
+    return Schedule(
+        num_layers=8,
+        num_vision_tokens=num_vision_tokens,
+        inject_layer=2,
+        exit_layer=8,
+        selector=Selector.dtopk_learnable,
+        drops=[{"after_layer": layer, "keep": k} for layer, k in drops],
+    )
+
+
 def _llama_inputs(samples, left=True):
     ids, vis, am = pad_batch(samples, left=left)
     feats = vision_features(samples)
@@ -317,14 +329,7 @@ def test_dtopk_temperature_is_the_candidate_count():
 
 def test_every_learnable_ratio_gets_gradient_from_the_lm_loss():
     """Drops among few live tokens still pass gradient to their ratio (live-count temperature)."""
-    schedule = Schedule(
-        num_layers=8,
-        num_vision_tokens=N_VIS,
-        inject_layer=2,
-        exit_layer=8,
-        selector=Selector.dtopk_learnable,
-        drops=[{"after_layer": layer, "keep": k} for layer, k in ((2, 8), (4, 3), (6, 2))],
-    )
+    schedule = _learnable(N_VIS, ((2, 8), (4, 3), (6, 2)))
     sm = ScheduledModel(tiny_llama(), schedule, image_token_id=TINY_IMAGE_TOKEN, budget_weight=0.0)
     sm.train()
     ids, vis, am, feats = _llama_inputs(make_samples(), left=False)
@@ -352,16 +357,9 @@ def test_learnable_ratios_anneal_down_to_the_budget():
     rise while the target is keep-all, then come down and end within a token of the budget."""
     from hidrop.training import parameter_groups, set_lr
 
-    schedule = Schedule(
-        num_layers=8,
-        num_vision_tokens=576,
-        inject_layer=2,
-        exit_layer=8,
-        selector=Selector.dtopk_learnable,
-        drops=[{"after_layer": layer, "keep": k} for layer, k in ((3, 288), (5, 96), (6, 24))],
-    )
+    schedule = _learnable(576, ((3, 288), (5, 96), (6, 24)))
     budget = schedule.avg_tokens() - 3
-    sm = ScheduledModel(tiny_llama(), schedule, budget_target=budget, budget_weight=50.0, budget_anneal=0.5)
+    sm = ScheduledModel(tiny_llama(), schedule, budget_target=budget, budget_weight=5.0, budget_anneal=0.5)
     recipe = type("R", (), {"lr": 1e-4, "ratio_lr": 2e-3, "weight_decay": 0.1})()
     groups = parameter_groups(sm, recipe)
     assert [len(g["params"]) for g in groups][-1] == 1 and groups[-1]["weight_decay"] == 0.0
@@ -371,13 +369,13 @@ def test_learnable_ratios_anneal_down_to_the_budget():
     for step in range(steps):
         sm.budget_progress = step / steps
         average = sm._layer_counts(sm._clamped_fractions()).mean()
-        loss = sm.budget_loss() - 0.01 * average / 576  # the planted reward: more tokens kept is better
+        loss = sm.budget_loss() - average / budget  # the planted reward: each 1% more tokens lowers the loss 1%
         optimizer.zero_grad()
         loss.backward()
         set_lr(optimizer, recipe.lr)
         optimizer.step()
         peak = max(peak, float(average.detach()))
-    end = float(sm._layer_counts(sm._clamped_fractions()).mean())
+    end = float(sm._layer_counts(sm._clamped_fractions()).mean().detach())
     assert peak > schedule.avg_tokens() + 3  # free to rise while the target was keep-all
     assert abs(end - budget) <= 1.0, (start, end, budget)
     assert all(e < s for e, s in zip((float(f) * 576 for f in sm.keep_fractions.detach()), start))
@@ -445,14 +443,7 @@ def test_wrong_inputs_are_named():
 
 
 def test_learned_schedule_exports_the_learned_keep_counts():
-    schedule = Schedule(
-        num_layers=8,
-        num_vision_tokens=576,
-        inject_layer=2,
-        exit_layer=8,
-        selector=Selector.dtopk_learnable,
-        drops=[{"after_layer": l, "keep": k} for l, k in ((3, 453), (4, 10), (5, 5), (6, 1))],
-    )
+    schedule = _learnable(576, ((3, 453), (4, 10), (5, 5), (6, 1)))
     sm = ScheduledModel(tiny_llama(), schedule)
     assert sm.learned_schedule() == schedule  # nothing learned yet
     with torch.no_grad():  # the first stage learned to keep 40 fewer tokens, the others collapsed below 1

@@ -96,7 +96,9 @@ class TrainConfig(ConfigModel):
     offload_param: bool = False
     gradient_checkpointing: bool = False
     deepspeed: dict[str, Any] = Field(default_factory=dict)  # merged over the generated DeepSpeed config
-    budget_weight: float = Field(default=1.0, ge=0)  # dtopk_learnable: weight of the budget loss
+    # dtopk_learnable: weight of the budget loss (its overshoot relative to the budget); at 5 it outweighs
+    # the LM loss's push for more tokens on the mini-LLaVA, so the keeps end at the budget
+    budget_weight: float = Field(default=5.0, ge=0)
     # dtopk_learnable: the fraction of training over which the budget's target anneals from keeping every
     # token to the budget, and the keep ratios' own learning rate (through the same LR schedule)
     budget_anneal: float = Field(default=0.5, ge=0, le=1)
