@@ -32,6 +32,7 @@ from hidrop.schedule import Schedule
 STAGES = ("pretrain", "finetune")
 PROGRESS = "training_progress"  # set in each batch by the loop: steps done / total (anneals the DTop-K budget)
 RATIO_PARAMETER = "keep_fraction_delta"  # the engine's learnable DTop-K keep ratios
+FIXED_LR = "fixed_lr"  # an optimizer group's constant learning rate, outside the LR schedule
 
 
 def set_trainable(vlm: VisionLanguageModel, stage: str, lora: Optional[dict] = None) -> list[str]:
@@ -207,22 +208,23 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 def parameter_groups(module: nn.Module, recipe: Recipe) -> list[dict]:
     """The optimizer's groups: the trainable weights at `lr`, and the learnable DTop-K keep ratios in a
-    group of their own at `ratio_lr` without weight decay (the DTop-K reference trains its ratios far
-    faster than the weights: at the weights' rate a ratio moves a token or two in a short run). Each
-    group's `lr_scale` carries its rate through the LR schedule (`Runtime.step`)."""
+    group of their own at a constant `ratio_lr` without weight decay (the DTop-K reference trains its
+    ratios far faster than the weights: at the weights' rate a ratio moves a token or two in a short run;
+    and the budget's target reaches the budget only part-way through training, when a decaying schedule
+    would leave the ratios too little rate to follow it)."""
     ratios = [p for n, p in module.named_parameters() if p.requires_grad and n.endswith(RATIO_PARAMETER)]
     taken = {id(p) for p in ratios}
     weights = [p for p in module.parameters() if p.requires_grad and id(p) not in taken]
-    groups = [{"params": weights, "weight_decay": recipe.weight_decay, "lr_scale": 1.0}] if weights else []
+    groups = [{"params": weights, "weight_decay": recipe.weight_decay}] if weights else []
     if ratios:
-        groups.append({"params": ratios, "weight_decay": 0.0, "lr_scale": recipe.ratio_lr / recipe.lr})
+        groups.append({"params": ratios, "weight_decay": 0.0, "lr": recipe.ratio_lr, FIXED_LR: recipe.ratio_lr})
     return groups
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule's learning rate for this step, scaled per group (the keep ratios have their own)."""
+    """The schedule's learning rate for this step; a group with a fixed rate (the keep ratios) keeps it."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = group.get(FIXED_LR, lr)
 
 
 class ResumableSampler(Sampler):

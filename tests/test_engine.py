@@ -355,7 +355,7 @@ def test_learnable_ratios_anneal_down_to_the_budget():
     """A planted objective: a reward for every kept token (standing in for a task that wants more) against
     a budget 3 tokens per layer under the start. The ratios, in their own group at their own rate, first
     rise while the target is keep-all, then come down and end within a token of the budget."""
-    from hidrop.training import parameter_groups, set_lr
+    from hidrop.training import lr_at, parameter_groups, set_lr
 
     schedule = _learnable(576, ((3, 288), (5, 96), (6, 24)))
     budget = schedule.avg_tokens() - 3
@@ -372,10 +372,11 @@ def test_learnable_ratios_anneal_down_to_the_budget():
         loss = sm.budget_loss() - average / budget  # the planted reward: each 1% more tokens lowers the loss 1%
         optimizer.zero_grad()
         loss.backward()
-        set_lr(optimizer, recipe.lr)
+        set_lr(optimizer, lr_at(step, steps, recipe.lr, "cosine", 0.0))  # the weights' rate decays
         optimizer.step()
         peak = max(peak, float(average.detach()))
     end = float(sm._layer_counts(sm._clamped_fractions()).mean().detach())
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.0, abs=1e-8), recipe.ratio_lr]
     assert peak > schedule.avg_tokens() + 3  # free to rise while the target was keep-all
     assert abs(end - budget) <= 1.0, (start, end, budget)
     assert all(e < s for e, s in zip((float(f) * 576 for f in sm.keep_fractions.detach()), start))
