@@ -87,8 +87,8 @@ def train(
     if as_json:
         views.print_json(result, default=str)
         return
-    for stage, done in zip(stages[len(stages) - len(results) :], results):
-        views.print_training(stage.name, done)
+    for done in results:  # the stages that ran (a skipped one may sit anywhere before the last)
+        views.print_training(done["experiment"], done)
 
 
 def _train_stage(cfg, as_json: bool, restart: bool, force: bool) -> dict:

@@ -36,7 +36,7 @@ from hidrop_platform.tracking.store import (
     prepare_for,
 )
 from hidrop_platform.train.faults import fault_hooks
-from hidrop_platform.train.recipe import mark_finished
+from hidrop_platform.train.recipe import mark_finished, run_folder
 from hidrop_platform.train.resume import (
     ContinuationRefused,
     UnsafeCheckpoint,
@@ -62,7 +62,7 @@ def connect_for_training(cfg: ExperimentConfig, restart: bool = False, force: bo
     try:
         check_job_paths({"train.storage_path": t.storage_path}, cfg.tracking.uri, cfg.tracking.enabled)
         check_tracking_uri(cfg.tracking.uri, cfg.tracking.enabled)
-        check_run_folder(Path(t.storage_path).resolve() / cfg.name, cfg.model_dump(mode="json"), restart, force)
+        check_run_folder(run_folder(cfg), cfg.model_dump(mode="json"), restart, force)
         start_ray(t.ray_address, "train.ray_address")
         check_fits("train.resources_per_worker", worker_bundle(t), t.num_workers, alive_nodes())
     except (ClusterSetupError, TrackingUnavailable, ContinuationRefused, StorageError) as e:
@@ -85,7 +85,7 @@ def run_training(
     per run: a second is refused while the first runs."""
     if not connected:
         connect_for_training(cfg, restart, force)
-    folder = Path(cfg.train.storage_path).resolve() / cfg.name
+    folder = run_folder(cfg)
     try:
         with hold(folder, f"training {cfg.name!r}"):
             return _run_held(cfg, folder, progress, hooks, restart, force)

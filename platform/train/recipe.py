@@ -17,7 +17,6 @@ from hidrop_platform.config.loader import load_config
 from hidrop_platform.config.schema import ExperimentConfig
 
 FINISHED_FILE = "hidrop_finished.json"  # in a run folder: the config and step of a training that ran to its end
-MAX_STAGES = 8  # a chain longer than this is a loop in the YAMLs
 
 
 class RecipeError(UserError, ValueError):
@@ -25,6 +24,7 @@ class RecipeError(UserError, ValueError):
 
 
 def run_folder(cfg: ExperimentConfig) -> Path:
+    """A training's run folder: its checkpoints, export and state, under train.storage_path."""
     return Path(cfg.train.storage_path).resolve() / cfg.name
 
 
@@ -36,10 +36,8 @@ def export_folder(cfg: ExperimentConfig) -> Path:
 def recipe_stages(cfg: ExperimentConfig) -> list[ExperimentConfig]:
     """The stages to train, first to last, ending with `cfg`: each later stage's model.path points at the
     previous stage's export."""
-    chain, seen = [cfg], {cfg.name}
+    chain, seen = [cfg], {cfg.name}  # a chain that loops repeats a name: refused below
     while chain[0].train.previous_stage:
-        if len(chain) >= MAX_STAGES:
-            raise RecipeError(f"train.previous_stage: more than {MAX_STAGES} stages; do the YAMLs name each other?")
         source = chain[0].train.previous_stage
         previous = load_config(source)
         if previous.name in seen:
