@@ -391,14 +391,32 @@ def test_ctrl_c_stops_a_training_still_waiting_for_its_workers(tmp_path):
     deadline = time.time() + 180
     while time.time() < deadline and not (tmp_path / "mlflow.db").exists():
         time.sleep(1)
-    time.sleep(10)
+    # soon after: the controller may not have reported itself yet (the driver waits for it to kill it)
+    time.sleep(3)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
-    sent = time.time()
-    stdout, stderr = proc.communicate(timeout=600)
+    stdout, stderr = proc.communicate(timeout=240)  # a hang fails here
     assert proc.returncode == 130, stdout[-2000:] + stderr
-    assert time.time() - sent < 45
     assert "interrupted" in stderr and "no checkpoint was written yet" in stderr and "Traceback" not in stderr
+
+
+def test_ctrl_c_waits_for_a_controller_not_heard_yet():
+    """Ctrl+C before the controller reported itself: its handle is waited for (a fit thread left inside
+    Ray at shutdown makes Ray end the process with status 1), but not after the fit has ended."""
+    import threading
+
+    from hidrop_platform.train.driver import _wait_for_controller
+
+    heard: dict = {}
+    fitting = threading.Thread(target=threading.Event().wait, args=(30,), daemon=True)
+    fitting.start()
+    late = threading.Timer(0.5, lambda: heard.update(controller="handle"))
+    late.start()
+    assert _wait_for_controller(heard, fitting, timeout=30) == "handle"
+    ended = threading.Thread(target=lambda: None)
+    ended.start()
+    ended.join()
+    assert _wait_for_controller({}, ended, timeout=30) is None  # returns at once: nothing to wait for
 
 
 def test_a_worker_group_restarted_before_any_checkpoint_finds_its_run(tmp_path):

@@ -52,6 +52,7 @@ def demo_command(
     """The quickstart: presets + a small schedule search, two short trainings, and the report (all local)."""
     # lazy: Ray, torch and transformers
     from hidrop_platform.demo import DEMO_MAX, SIZES, DemoProgress, run_demo
+    from hidrop_platform.train.driver import TrainInterrupted
 
     chosen = _chosen_size(SIZES, DEMO_MAX, size, trials, samples, train_steps)
     # before minutes of search and training; runs/ and mlruns/ go into the working directory
@@ -66,7 +67,7 @@ def demo_command(
         else:
             with progress.demo_bar(DemoProgress) as shown:
                 result = run_demo(chosen, out_dir, progress=shown)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrainInterrupted):  # the latter: Ctrl+C during one of its trainings
         raise UserError("demo interrupted; what finished is in MLflow (hidrop ui) and ./runs/demo") from None
     if as_json:
         views.print_json(result, default=str)

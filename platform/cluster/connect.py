@@ -8,6 +8,7 @@ these become one line naming the problem before any run is created.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -150,6 +151,7 @@ def stop_ray() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if ray.is_initialized():
+        gc.collect()  # Ray handles freed after the shutdown would make Ray end the process (status 1)
         ray.shutdown()
 
 

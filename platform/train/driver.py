@@ -104,32 +104,36 @@ def _run_held(
     """`run_training` once this process holds the run's folder."""
     from ray.util.queue import Queue
 
-    uri, experiment = prepare_for(cfg, "training")
-    try:
-        continued = prepare_run_folder(folder, cfg.model_dump(mode="json"), restart=restart, force=force)
-    except ContinuationRefused as e:
-        raise TrainSetupError(str(e)) from None
-    news = Queue(maxsize=1000, actor_options={"num_cpus": 0})
-    trainer = _trainer(cfg, folder, uri, experiment, hooks, news)
-    start = time.perf_counter()
-    done, stopped, heard = threading.Event(), [], {}
-    listener = threading.Thread(target=_listen, args=(news, progress, done, stopped, heard), daemon=True)
-    listener.start()
-    # Ray Train handles SIGINT itself when fit() runs in the main thread (it aborts and exits without a
-    # word); in a thread of its own it does not, so Ctrl+C reaches us and we can say where the run stands
-    outcome: dict = {}
-    fitting = threading.Thread(target=_fit, args=(trainer, outcome), daemon=True, name="hidrop-fit")
-    fitting.start()
-    try:
-        while fitting.is_alive():
-            fitting.join(timeout=0.5)
-    except KeyboardInterrupt:
-        raise TrainInterrupted(_stop_on_ctrl_c(cfg, folder, uri, heard, fitting, done, listener)) from None
-    finally:
-        done.set()
-        listener.join(timeout=10)
-        with contextlib.suppress(Exception):  # after Ctrl+C Ray is already down
-            news.shutdown(force=True)
+    with _ctrl_c_as_event() as ctrl_c:  # Ctrl+C is handled below, not wherever it happens to land
+        uri, experiment = prepare_for(cfg, "training")
+        try:
+            continued = prepare_run_folder(folder, cfg.model_dump(mode="json"), restart=restart, force=force)
+        except ContinuationRefused as e:
+            raise TrainSetupError(str(e)) from None
+        start = time.perf_counter()
+        done, stopped, heard, outcome = threading.Event(), [], {}, {}
+        news = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+        trainer = _trainer(cfg, folder, uri, experiment, hooks, news)
+        listener = threading.Thread(target=_listen, args=(news, progress, done, stopped, heard), daemon=True)
+        listener.start()
+        # Ray Train handles SIGINT itself when fit() runs in the main thread (it aborts and exits without a
+        # word); in a thread of its own it does not, so Ctrl+C reaches us and we can say where the run stands
+        fitting = threading.Thread(target=_fit, args=(trainer, outcome), daemon=True, name="hidrop-fit")
+        if not ctrl_c.is_set():
+            fitting.start()
+        while fitting.is_alive() and not ctrl_c.is_set():
+            fitting.join(timeout=0.2)
+        interrupted = _stop_on_ctrl_c(cfg, folder, uri, heard, fitting, done, listener) if ctrl_c.is_set() else None
+    done.set()
+    listener.join(timeout=10)
+    if interrupted is not None:
+        # the queue goes with Ray's shutdown (or with this driver, on a cluster); no Ray handle may outlive
+        # this frame: one freed after Ray's shutdown (the CLI's stop_ray) makes Ray end the process
+        news = trainer = None
+        heard.pop("controller", None)
+        raise TrainInterrupted(interrupted)
+    with contextlib.suppress(Exception):
+        news.shutdown(force=True)
     if "error" in outcome:  # WorkerGroupError carries each failed worker's exception
         raise TrainSetupError(_failure_message(outcome["error"]))
     result = outcome["result"]
@@ -188,25 +192,50 @@ def _stop_on_ctrl_c(cfg: ExperimentConfig, folder: Path, uri: str, heard: dict, 
     """After Ctrl+C: stop the run and the listener, and say where the run stands (`_interrupted`)."""
     import ray
 
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl+C must not cut this short
+    # Ray's own graceful abort (the workers stop, fit returns) once workers run; a run still waiting for
+    # its workers has nothing to save, and its controller answers only once they are placed, so it is
+    # killed (fit returns at once). A controller that has not reported itself yet is waited for: a fit
+    # thread still inside Ray at shutdown makes Ray end the process with status 1.
+    controller = _wait_for_controller(heard, fitting, CONTROLLER_WAIT_S)
+    started = heard.get("run_id") is not None or heard.get("step") is not None
+    if controller is not None:
+        with contextlib.suppress(Exception):
+            if started:
+                ray.get(controller.abort.remote(), timeout=60)
+            else:
+                ray.kill(controller, no_restart=True)
+        fitting.join(timeout=60)
+    done.set()
+    listener.join(timeout=10)
+    return _interrupted(cfg, folder, uri, heard)
+
+
+@contextlib.contextmanager
+def _ctrl_c_as_event():
+    """Ctrl+C (and any repeat of it: the stop must not be cut short) sets the yielded event instead of
+    raising KeyboardInterrupt wherever it lands. Only the main thread receives signals; elsewhere the
+    event is never set."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
     try:
-        # Ray's own graceful abort (the workers stop, fit returns) once workers run; a run still waiting
-        # for its workers has nothing to save, and its controller answers only once they are placed, so
-        # it is killed (fit returns at once; a fit thread still inside Ray at shutdown ends the process)
-        controller = heard.get("controller")
-        started = heard.get("run_id") is not None or heard.get("step") is not None
-        if controller is not None:
-            with contextlib.suppress(Exception):
-                if started:
-                    ray.get(controller.abort.remote(), timeout=60)
-                else:
-                    ray.kill(controller, no_restart=True)
-            fitting.join(timeout=60)
-        done.set()
-        listener.join(timeout=10)
-        return _interrupted(cfg, folder, uri, heard)
+        yield event
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+CONTROLLER_WAIT_S = 60.0  # a busy machine may take a while to start the controller's process
+
+
+def _wait_for_controller(heard: dict, fitting: threading.Thread, timeout: float):
+    """The controller's handle once the listener has heard it, or None if the fit ended (or `timeout`
+    passed) first."""
+    deadline = time.monotonic() + timeout
+    while heard.get("controller") is None and fitting.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return heard.get("controller")
 
 
 def worker_bundle(t) -> dict[str, float]:
