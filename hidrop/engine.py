@@ -114,16 +114,18 @@ class ScheduledModel(nn.Module):
         self.gradient_checkpointing = False
         # DTop-K with a learnable ratio: one keep fraction (of the original count) per filtering layer.
         n_vis = schedule.num_vision_tokens
-        # Stored as a fixed fp32 start plus a learned offset: mixed-precision trainers (DeepSpeed bf16)
-        # flatten every parameter into bf16, which would turn 453/576 into 452 tokens; a small offset
-        # keeps its relative precision in bf16, and the start is a buffer kept in fp32 (see _apply).
+        # Stored as a fixed fp32 start times exp(a learned log offset). Mixed-precision trainers (DeepSpeed
+        # bf16) flatten every parameter into bf16, which would turn 453/576 into 452 tokens; an offset near 0
+        # keeps its relative precision, and the start is a buffer kept in fp32 (see _apply). On a log scale
+        # one optimizer step moves every ratio by the same share of itself: in plain fractions a step sized
+        # for a 453-token drop moves a 2-token drop past the 1-token floor in one go.
         if schedule.selector == Selector.dtopk_learnable and schedule.drops:
             init = torch.tensor([k / n_vis for k in schedule.keep_counts], dtype=torch.float32)
             self.register_buffer("keep_fraction_init", init)
-            self.keep_fraction_delta = nn.Parameter(torch.zeros_like(init))
+            self.keep_fraction_log = nn.Parameter(torch.zeros_like(init))
         else:
             self.keep_fraction_init = None
-            self.keep_fraction_delta = None
+            self.keep_fraction_log = None
         # 0-indexed layer -> drop number, for the two scoring conventions
         self._score_self = {d.scored_by - 1: i for i, d in enumerate(schedule.drops) if d.scored_by == d.after_layer}
         self._score_next = {d.after_layer - 1: i for i, d in enumerate(schedule.drops) if d.scored_by != d.after_layer}
@@ -140,7 +142,7 @@ class ScheduledModel(nn.Module):
     def learned_schedule(self) -> Schedule:
         """The schedule with the learned keep counts (rounded, still strictly decreasing and >= 1): what a
         trained model exports. The schedule itself when its ratios are fixed."""
-        if self.keep_fraction_delta is None:
+        if self.keep_fraction_log is None:
             return self.schedule
         n_vis, drops, previous = self.schedule.num_vision_tokens, [], self.schedule.num_vision_tokens
         fractions = self._clamped_fractions().detach().cpu().tolist()
@@ -154,9 +156,9 @@ class ScheduledModel(nn.Module):
     @property
     def keep_fractions(self) -> Optional[torch.Tensor]:
         """Learnable keep fractions (of the original count) per filtering layer, in fp32; None when fixed."""
-        if self.keep_fraction_delta is None:
+        if self.keep_fraction_log is None:
             return None
-        return self.keep_fraction_init.float() + self.keep_fraction_delta.float()
+        return self.keep_fraction_init.float() * self.keep_fraction_log.float().exp()
 
     # ---- public API --------------------------------------------------------------------------
     @property
@@ -595,8 +597,11 @@ class ScheduledModel(nn.Module):
         return bb.run_layer(idx, hidden, stage.mask, stage.pos, stage.rope, cache)
 
     def _clamped_fractions(self) -> torch.Tensor:
-        n = self.schedule.num_vision_tokens
-        return self.keep_fractions.clamp(1.0 / n, 1.0)
+        """The keep fractions within [1 token, every token], with a straight-through gradient: a ratio held
+        at the floor (or ceiling) still hears the loss and can come back, where a plain clamp would leave
+        it there for good."""
+        n, fractions = self.schedule.num_vision_tokens, self.keep_fractions
+        return fractions + (fractions.clamp(1.0 / n, 1.0) - fractions).detach()
 
     # ---- selection ---------------------------------------------------------------------------
     def _select(self, drop_number, score_idx, hidden, stage: Stage, query_x, forced, fractions, Lx):

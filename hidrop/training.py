@@ -31,7 +31,7 @@ from hidrop.schedule import Schedule
 
 STAGES = ("pretrain", "finetune")
 PROGRESS = "training_progress"  # set in each batch by the loop: steps done / total (anneals the DTop-K budget)
-RATIO_PARAMETER = "keep_fraction_delta"  # the engine's learnable DTop-K keep ratios
+RATIO_PARAMETER = "keep_fraction_log"  # the engine's learnable DTop-K keep ratios (log offsets)
 FIXED_LR = "fixed_lr"  # an optimizer group's constant learning rate, outside the LR schedule
 
 

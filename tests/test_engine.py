@@ -1,5 +1,7 @@
 """The engine against stock transformers, a brute-force reference, itself one sample at a time, and its cache."""
 
+import math
+
 import pytest
 import torch
 from batches import N_VIS, make_samples, pad_batch, vision_features
@@ -292,7 +294,7 @@ def test_dtopk_learnable_ratio_gets_gradient_and_keeps_exact_topk():
     labels = ids.masked_fill((am == 0) | vis, -100)
     out = sm(ids, am, vision_embeds=feats, labels=labels)
     out.loss.backward()
-    assert sm.keep_fraction_delta.grad is not None and sm.keep_fraction_delta.grad.abs().sum() > 0
+    assert sm.keep_fraction_log.grad is not None and sm.keep_fraction_log.grad.abs().sum() > 0
     # the forward pass is the hard selection: identical to the released (fixed-ratio) selector
     fixed = ScheduledModel(sm.model, base, image_token_id=TINY_IMAGE_TOKEN)
     with torch.no_grad():
@@ -307,7 +309,7 @@ def test_budget_loss_pulls_keep_ratio_toward_target():
     sm = ScheduledModel(tiny_llama(), schedule, budget_target=1.0)
     loss = sm.budget_loss()
     loss.backward()
-    assert loss.item() > 0 and bool((sm.keep_fraction_delta.grad > 0).all())  # gradient descent lowers the counts
+    assert loss.item() > 0 and bool((sm.keep_fraction_log.grad > 0).all())  # gradient descent lowers the counts
     at_target = ScheduledModel(tiny_llama(), schedule)
     assert at_target.budget_loss().item() == pytest.approx(0.0, abs=1e-10)
 
@@ -334,7 +336,29 @@ def test_every_learnable_ratio_gets_gradient_from_the_lm_loss():
     sm.train()
     ids, vis, am, feats = _llama_inputs(make_samples(), left=False)
     sm(ids, am, vision_embeds=feats, labels=ids.masked_fill((am == 0) | vis, -100)).loss.backward()
-    assert bool((sm.keep_fraction_delta.grad != 0).all()), sm.keep_fraction_delta.grad
+    assert bool((sm.keep_fraction_log.grad != 0).all()), sm.keep_fraction_log.grad
+
+
+def test_small_drops_move_by_their_share_and_come_back_from_the_floor():
+    """Log-scale ratios: one optimizer step moves a 2-token drop by the same share as a 453-token one (in
+    plain fractions it crossed the 1-token floor at once), and a drop at the floor, where a plain clamp
+    passes no gradient, rises again when the loss asks for more tokens."""
+    schedule = _learnable(576, ((3, 453), (4, 10), (5, 2), (6, 1)))
+    sm = ScheduledModel(tiny_llama(), schedule, budget_weight=0.0)
+    optimizer = torch.optim.Adam([sm.keep_fraction_log], lr=1e-2)
+
+    def step(sign: float) -> list[float]:
+        optimizer.zero_grad()
+        (sign * sm._clamped_fractions() * 576).sum().backward()
+        optimizer.step()
+        return (sm._clamped_fractions() * 576).detach().tolist()
+
+    fewer = step(+1.0)  # Adam's first step is lr in every coordinate: each count shrinks by 1%
+    assert fewer[:3] == pytest.approx([k * math.exp(-1e-2) for k in (453, 10, 2)], rel=1e-4)
+    assert fewer[3] == 1.0  # held at the floor
+    for _ in range(30):
+        more = step(-1.0)
+    assert more[3] > 1.1 and all(m > k for m, k in zip(more, (453, 10, 2)))
 
 
 def test_budget_is_one_sided_and_its_target_anneals_from_keep_all():
@@ -405,7 +429,7 @@ def test_flops_budget_loss():
     sm = ScheduledModel(tiny_llama(), schedule, budget_kind="flops", budget_target=2.0)
     loss = sm.budget_loss()
     loss.backward()
-    assert loss.item() > 0 and bool((sm.keep_fraction_delta.grad > 0).all())
+    assert loss.item() > 0 and bool((sm.keep_fraction_log.grad > 0).all())
     at_target = ScheduledModel(tiny_llama(), schedule, budget_kind="flops")
     assert at_target.budget_loss().item() == pytest.approx(0.0, abs=1e-12)
 
@@ -424,9 +448,11 @@ def test_learnable_fractions_stay_fp32_under_bf16():
         p.data = flat[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
     assert [round(float(f) * 576) for f in sm.keep_fractions.detach()] == schedule.keep_counts
+    step = torch.tensor(math.log(0.9)).bfloat16()  # a learned 10% fewer tokens, as bf16 holds it
     with torch.no_grad():
-        sm.keep_fraction_delta.add_(torch.tensor(-3 / 576).bfloat16())  # a learned step of 3 tokens stays 3 tokens
-    assert [round(float(f) * 576) for f in sm.keep_fractions.detach()] == [k - 3 for k in schedule.keep_counts]
+        sm.keep_fraction_log.add_(step)
+    shrunk = [k * math.exp(float(step)) for k in schedule.keep_counts]  # the start kept in fp32, unrounded
+    assert [float(f) * 576 for f in sm.keep_fractions.detach()] == pytest.approx(shrunk, abs=1e-3)
 
 
 def test_wrong_inputs_are_named():
@@ -449,7 +475,7 @@ def test_learned_schedule_exports_the_learned_keep_counts():
     assert sm.learned_schedule() == schedule  # nothing learned yet
     with torch.no_grad():  # the first stage learned to keep 40 fewer tokens, the others collapsed below 1
         n = len(schedule.drops)
-        sm.keep_fraction_delta.copy_(torch.tensor([-40 / 576] + [-1.0] * (n - 1)))
+        sm.keep_fraction_log.copy_(torch.tensor([math.log(413 / 453)] + [-10.0] * (n - 1)))
     learned = sm.learned_schedule()
     k = schedule.keep_counts
     assert n >= 3 and learned.keep_counts == [k[0] - 40, *range(n - 1, 0, -1)]  # clamped: still decreasing, >= 1

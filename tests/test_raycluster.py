@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import socket
 
 import pytest
@@ -142,3 +143,28 @@ def test_write_paths_and_tracking_uris_are_checked_before_any_work(tmp_path):
     with pytest.raises(TrackingUnavailable, match="unknown scheme 'htp'"):
         check_tracking_uri("htp://mlflow:5000")
     check_tracking_uri("htp://mlflow:5000", enabled=False)  # tracking off: the URI is never used
+
+
+def test_a_ray_started_here_trains_without_the_preemption_watcher(monkeypatch):
+    """Ray Train's preemption watcher costs each training an actor process; a Ray this process starts has
+    no autoscaler to drain its node, so it is off there (and set before ray.init, which trials inherit),
+    and left as it is on a cluster given by address."""
+    import ray
+
+    from hidrop_platform.cluster.connect import PREEMPTION_WATCHER_ENV, start_ray
+
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append((kw["address"], os.environ.get(PREEMPTION_WATCHER_ENV))))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(PREEMPTION_WATCHER_ENV, raising=False)
+    start_ray(None)
+    monkeypatch.delenv(PREEMPTION_WATCHER_ENV)
+    with socket.socket() as s:  # a GCS address that answers (check_address connects to it)
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        start_ray(address)
+    monkeypatch.setenv(PREEMPTION_WATCHER_ENV, "1")  # the user's own choice stands
+    start_ray(None)
+    assert seen == [(None, "0"), (address, None), (None, "1")]

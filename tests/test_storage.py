@@ -120,7 +120,7 @@ def test_a_second_driver_is_refused_until_the_first_dies_even_by_sigkill(tmp_pat
 @pytest.mark.slow
 def test_the_same_sweep_started_twice_at_once_runs_once(tmp_path, monkeypatch):
     import yaml
-    from test_tune import _cli, _runs, _tiny, start_sweep
+    from test_tune import _cli_at_once, _runs, _tiny, start_sweep
 
     from hidrop_platform.train.faults import TRIAL_BARRIER_ENV
 
@@ -132,8 +132,9 @@ def test_the_same_sweep_started_twice_at_once_runs_once(tmp_path, monkeypatch):
     try:
         # while it runs: a second start is told the sweep exists, and a --resume (which would evaluate the
         # same trials again beside it) is told it is running
-        second = _cli("tune", str(exp), "--json", cwd=tmp_path, timeout=600)
-        third = _cli("tune", str(exp), "--resume", "--json", cwd=tmp_path, timeout=600)
+        second, third = _cli_at_once(
+            ("tune", str(exp), "--json"), ("tune", str(exp), "--resume", "--json"), cwd=tmp_path
+        )
     finally:
         (barrier / "release").touch()
     out, err = first.communicate(timeout=600)

@@ -333,6 +333,26 @@ def _cli(*args, env=None, **kw):
     )
 
 
+def _cli_at_once(*commands, cwd, timeout=600):
+    """`_cli` for each of `commands`, run side by side; their CompletedProcess in the same order."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "hidrop_platform.cli", *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        for args in commands
+    ]
+    done = []
+    for args, proc in zip(commands, procs):
+        out, err = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
+    return done
+
+
 @pytest.mark.slow
 def test_sweep_completes_with_one_nested_run_per_trial_and_a_failing_trial_retried(tmp_path):
     exp = tmp_path / "tune.yaml"
@@ -504,12 +524,16 @@ def test_tune_cli_errors_are_one_line(tmp_path):
     exp = tmp_path / "tune.yaml"
     data = _tiny(tmp_path, resources_per_trial={"CPU": 1, "GPU": 1})
     exp.write_text(yaml.safe_dump(data))
-    proc = _cli("tune", str(exp), "--resume", cwd=tmp_path, timeout=600)
-    assert proc.returncode == 2 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _cli("tune", str(exp), cwd=tmp_path, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "asks for CPU=1, GPU=1 on one node, but no node has that" in proc.stderr, proc.stderr[-2000:]
-    bad = _cli("tune", str(exp), "tune.space.schedule.stages.int=[3,1]", cwd=tmp_path, timeout=600)
+    # three independent mistakes, refused side by side (each process mostly starts up)
+    resume, gpu, bad = _cli_at_once(
+        ("tune", str(exp), "--resume"),
+        ("tune", str(exp)),
+        ("tune", str(exp), "tune.space.schedule.stages.int=[3,1]"),
+        cwd=tmp_path,
+    )
+    assert resume.returncode == 2 and "nothing to resume" in resume.stderr and "Traceback" not in resume.stderr
+    assert gpu.returncode == 2, gpu.stderr[-2000:]
+    assert "asks for CPU=1, GPU=1 on one node, but no node has that" in gpu.stderr, gpu.stderr[-2000:]
     assert bad.returncode == 2 and "low > high" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 

@@ -24,6 +24,8 @@ from hidrop_platform.storage import write_problem
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 # an autoscaling cluster may add the node a request needs: skip the check against the nodes alive now
 SKIP_CHECK_ENV = "HIDROP_SKIP_RESOURCE_CHECK"
+# Ray Train's actor that watches for node draining (spot preemption), one per training
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 class ClusterSetupError(UserError, RuntimeError):
@@ -131,6 +133,10 @@ def start_ray(address: Optional[str] = None, field: str = "ray_address") -> None
     address = check_address(address, field)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's boxed banner ignores verbose=0
+    if address is None:
+        # a Ray started here has no autoscaler to drain (preempt) its node: Ray Train's preemption watcher
+        # would only cost every training an actor process. Set before ray.init: Tune trials inherit it.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     ray.init(
         address=address,
         include_dashboard=False,

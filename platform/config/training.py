@@ -100,7 +100,8 @@ class TrainConfig(ConfigModel):
     # the LM loss's push for more tokens on the mini-LLaVA, so the keeps end at the budget
     budget_weight: float = Field(default=5.0, ge=0)
     # dtopk_learnable: the fraction of training over which the budget's target anneals from keeping every
-    # token to the budget, and the keep ratios' own learning rate (constant: outside the LR schedule)
+    # token to the budget, and the keep ratios' own learning rate (constant: outside the LR schedule; on
+    # their log scale, 1e-2 moves each keep by about 1% of itself per step)
     budget_anneal: float = Field(default=0.5, ge=0, le=1)
     ratio_lr: float = Field(default=1e-2, gt=0)
     num_workers: int = Field(default=1, gt=0)
