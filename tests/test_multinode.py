@@ -269,16 +269,26 @@ def test_requests_no_node_can_hold_fail_fast(cluster, tmp_path):
     exp = tmp_path / "tune.yaml"
     exp.write_text(yaml.safe_dump(data))
     smoke = str(ROOT / "experiments" / "tiny_train_smoke.yaml")
-    for args in (
+    commands = (
         ["tune", str(exp)],
         ["train", smoke, f"train.ray_address={cluster['gcs']}", "train.resources_per_worker={CPU: 2}"],
-    ):
+    )
+    procs = [  # side by side: each is refused on its own
+        subprocess.Popen(
+            [str(BIN / "hidrop"), *args],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+    for proc in procs:
         # "no waiting" is the exit itself: a request Ray could never place would wait forever (the timeout
         # is only a hang guard, not a speed bound)
-        proc = subprocess.run(
-            [str(BIN / "hidrop"), *args], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900
-        )
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        lines = proc.stderr.strip().splitlines()
+        _, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 2, stderr[-2000:]
+        lines = stderr.strip().splitlines()
         assert len(lines) == 1 and "asks for CPU=2 on one node" in lines[0] and "largest offers CPU=1" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tune.yaml"]  # no run folder, no store
