@@ -70,17 +70,24 @@ def _harness(vlm, schedule_name: str, rows: list[dict]) -> list[str]:
     return generate_answers(vlm, schedule, samples, max_new_tokens=MAX_NEW_TOKENS, batch_size=2)
 
 
-def _lmms_eval(tmp_path: Path, out: Path, model_args: str, *flags: str, env_extra=None) -> dict:
+def _lmms_eval(tmp_path: Path, out: Path, model_args: str, *flags: str, env_extra=None):
+    """`python -m lmms_eval` started (the two runs go side by side); `_lmms_eval_result` collects it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
     if "LMMS_EVAL_PLUGINS" not in (env_extra or {}):
         env.pop("LMMS_EVAL_PLUGINS", None)  # the entry point alone must find the model
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "hidrop", "--model_args", model_args]
     cmd += ["--tasks", "hidrop_local", "--include_path", str(tmp_path / "tasks"), "--output_path", str(out)]
     cmd += ["--log_samples", *flags]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, out
+
+
+def _lmms_eval_result(started) -> dict:
+    proc, out = started
+    stdout, stderr = proc.communicate(timeout=600)
     # lmms-eval exits 0 even when evaluation fails: the results file is the only proof it ran
     results = sorted(out.rglob("*_results.json"))
-    assert done.returncode == 0 and results, (done.stdout[-2000:], done.stderr[-4000:])
+    assert proc.returncode == 0 and results, (stdout[-2000:], stderr[-4000:])
     [samples] = sorted(out.rglob("*_samples_hidrop_local.jsonl"))
     rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
     return {"results": json.loads(results[-1].read_text()), "samples": sorted(rows, key=lambda r: r["doc_id"])}
@@ -108,7 +115,7 @@ def test_the_real_lmms_eval_cli_answers_like_the_harness(tmp_path):
     (tmp_path / "tasks" / "utils.py").write_text(TASK_UTILS)
     ckpt = tmp_path / "ckpt"
 
-    runs = {
+    started = {
         # the entry point (lmms_eval.models), lmms-eval's own --batch_size auto
         "vanilla": _lmms_eval(
             tmp_path,
@@ -127,6 +134,7 @@ def test_the_real_lmms_eval_cli_answers_like_the_harness(tmp_path):
             env_extra={"LMMS_EVAL_PLUGINS": "hidrop.lmms_plugin"},
         ),
     }
+    runs = {name: _lmms_eval_result(run) for name, run in started.items()}
     for name, run in runs.items():
         answers = [s["filtered_resps"] for s in run["samples"]]
         answers = [a[0] if isinstance(a, list) else a for a in answers]
