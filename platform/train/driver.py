@@ -123,9 +123,11 @@ def _run_held(
             fitting.start()
         while fitting.is_alive() and not ctrl_c.is_set():
             fitting.join(timeout=0.2)
-        interrupted = _stop_on_ctrl_c(cfg, folder, uri, heard, fitting, done, listener) if ctrl_c.is_set() else None
-    done.set()
-    listener.join(timeout=10)
+        if ctrl_c.is_set():
+            _stop_fit(heard, fitting)
+        done.set()
+        listener.join(timeout=10)  # then `heard` holds the last step rank 0 reported
+        interrupted = _interrupted(cfg, folder, uri, heard) if ctrl_c.is_set() else None
     if interrupted is not None:
         # the queue goes with Ray's shutdown (or with this driver, on a cluster); no Ray handle may outlive
         # this frame: one freed after Ray's shutdown (the CLI's stop_ray) makes Ray end the process
@@ -188,8 +190,8 @@ def _trainer(cfg: ExperimentConfig, folder: Path, uri: str, experiment: str, hoo
     )
 
 
-def _stop_on_ctrl_c(cfg: ExperimentConfig, folder: Path, uri: str, heard: dict, fitting, done, listener) -> str:
-    """After Ctrl+C: stop the run and the listener, and say where the run stands (`_interrupted`)."""
+def _stop_fit(heard: dict, fitting: threading.Thread) -> None:
+    """After Ctrl+C: end the fit, so that no thread of it is inside Ray when Ray shuts down."""
     import ray
 
     # Ray's own graceful abort (the workers stop, fit returns) once workers run; a run still waiting for
@@ -205,9 +207,6 @@ def _stop_on_ctrl_c(cfg: ExperimentConfig, folder: Path, uri: str, heard: dict, 
             else:
                 ray.kill(controller, no_restart=True)
         fitting.join(timeout=60)
-    done.set()
-    listener.join(timeout=10)
-    return _interrupted(cfg, folder, uri, heard)
 
 
 @contextlib.contextmanager
