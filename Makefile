@@ -16,10 +16,12 @@ WANT_LMMS := $(filter lmms,$(subst $(comma), ,$(EXTRAS)))
 
 # uv resolves and installs what pip would, from the same places, in seconds instead of minutes: pip's
 # configured find-links and extra indexes (where this machine keeps its CPU torch) are handed to it
+# --compile-bytecode: pip writes .pyc files at install time, uv only when asked; where PYTHONDONTWRITEBYTECODE
+# is set (CI's machines) every process would otherwise recompile torch, DeepSpeed, MLflow... on each import
 UV_VERSION := 0.13.10
 PIP_FIND_LINKS_CFG := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 PIP_EXTRA_INDEX_CFG := $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null)
-UV_PIP := $(BIN)/uv pip install --quiet --python $(BIN)/python \
+UV_PIP := $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python \
 	$(if $(filter cpu,$(TORCH)),--constraint constraints/cpu.txt) \
 	$(foreach link,$(PIP_FIND_LINKS_CFG),--find-links $(link)) \
 	$(foreach url,$(PIP_EXTRA_INDEX_CFG),--extra-index-url $(url)) \
