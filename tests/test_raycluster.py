@@ -168,3 +168,17 @@ def test_a_ray_started_here_trains_without_the_preemption_watcher(monkeypatch):
     monkeypatch.setenv(PREEMPTION_WATCHER_ENV, "1")  # the user's own choice stands
     start_ray(None)
     assert seen == [(None, "0"), (address, None), (None, "1")]
+
+
+def test_an_address_is_checked_even_where_this_process_already_runs_ray(monkeypatch):
+    """A Ray left running in the process (an earlier command called in-process) must not turn a refusal into
+    a run on that Ray: found when `hidrop tune ... tune.ray_address=http://...` ran a whole sweep there."""
+    import ray
+
+    from hidrop_platform.cluster.connect import start_ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init called"))
+    with pytest.raises(ClusterSetupError, match="is a dashboard"):
+        start_ray("http://127.0.0.1:8265", "tune.ray_address")
+    start_ray(None)  # no address: the running Ray is used as it is

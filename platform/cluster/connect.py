@@ -128,9 +128,9 @@ def start_ray(address: Optional[str] = None, field: str = "ray_address") -> None
 
     import ray
 
+    address = check_address(address, field)  # refused even where this process already runs Ray
     if ray.is_initialized():
         return
-    address = check_address(address, field)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's boxed banner ignores verbose=0
     if address is None:
