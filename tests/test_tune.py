@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from hidrop.schedule import ScheduleError, hidrop, keep_curve, pyramid, spread_layers
@@ -539,7 +540,7 @@ def test_tune_cli_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_trained_sweep_finetunes_each_trial_under_asha(tmp_path):
-    data = _tiny(tmp_path, kind="trained", seeds=["vanilla"], num_samples=3, train_steps=4, eval_every=2)
+    data = _tiny(tmp_path, kind="trained", seeds=["vanilla"], num_samples=3, train_steps=4, eval_every=2, align_steps=2)
     data["train"] = {
         "stage": "finetune",
         "data": [{"name": "easy_vqa", "limit": 32}],
@@ -561,6 +562,43 @@ def test_trained_sweep_finetunes_each_trial_under_asha(tmp_path):
         assert r.info.status == "FINISHED" and r.data.tags["status"] in ("finished", "stopped_early")
         losses = client.get_metric_history(r.info.run_id, "loss")
         assert len(losses) >= 2 and all(math.isfinite(m.value) for m in losses)
+        aligned = client.get_metric_history(r.info.run_id, "align_loss")  # stage 1 ran first, its 2 steps
+        assert sorted(m.step for m in aligned) == [1, 2] and all(math.isfinite(m.value) for m in aligned)
+
+
+def test_a_trained_trial_aligns_the_projector_alone_first(tmp_path):
+    """`tune.align_steps`: stage 1 trains the projector (and nothing of the LM) with the trial's schedule
+    active, logging each step's loss; 0 trains nothing; only trained trials take it."""
+    from hidrop.tiny import tiny_vlm
+    from hidrop.training import make_dataset
+    from hidrop_platform.train.worker import training_samples
+    from hidrop_platform.tune.trial import align_projector
+
+    data = _tiny(tmp_path, kind="trained", train_steps=2, eval_every=1, align_steps=3)
+    data["train"] = {"stage": "finetune", "data": [{"name": "easy_vqa", "limit": 16}], "micro_batch_size": 4,
+                     "lora": {"r": 4}}  # fmt: skip
+    cfg = validate_config(data)
+    vlm = tiny_vlm(seed=0)
+    before = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
+    dataset = make_dataset(vlm, training_samples(cfg, vlm.grid), template=cfg.train.template)
+
+    class Tracker:
+        logged: list = []
+
+        def log_metrics(self, metrics, step):
+            self.logged.append((step, *metrics))
+
+    align_projector(cfg, vlm, dataset, Tracker())
+    assert Tracker.logged == [(1, "align_loss"), (2, "align_loss"), (3, "align_loss")]
+    after = dict(vlm.model.named_parameters())
+    assert after.keys() == before.keys()  # no LoRA adapters in stage 1
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("projector" in n for n in changed), sorted(changed)
+    Tracker.logged.clear()
+    align_projector(validate_config({**data, "tune": {**data["tune"], "align_steps": 0}}), vlm, dataset, Tracker())
+    assert Tracker.logged == []
+    with pytest.raises(ValueError, match="tune.align_steps applies to trained trials"):
+        validate_config({**data, "tune": {**data["tune"], "kind": "training_free"}})
 
 
 def test_an_all_impossible_space_fails_before_any_trial(tmp_path):

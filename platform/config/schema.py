@@ -305,6 +305,10 @@ class SweepConfig(ConfigModel):
     # trained trials: a short finetune (train section's optimizer settings) with evaluations for ASHA
     train_steps: int = Field(default=20, gt=0)
     eval_every: int = Field(default=5, gt=0)
+    # ... after a stage 1 of align_steps (0: none) training the projector alone at align_lr (LLaVA's stage-1
+    # rate), both with the trial's schedule active
+    align_steps: int = Field(default=0, ge=0)
+    align_lr: float = Field(default=1e-3, gt=0)
     grace_period: int = Field(default=1, gt=0)  # ASHA: evaluations before a trial may be stopped
     reduction_factor: int = Field(default=2, gt=1)
     confirm: Optional[ConfirmConfig] = None
@@ -330,6 +334,8 @@ class SweepConfig(ConfigModel):
             raise ValueError(
                 "tune.confirm applies to training_free trials (a trained trial's score belongs to its finetuned model)"
             )
+        if self.align_steps and self.kind != "trained":
+            raise ValueError("tune.align_steps applies to trained trials (tune.kind: trained)")
         if self.kind == "trained" and self.eval_every > self.train_steps:
             raise ValueError(f"eval_every={self.eval_every} is more than train_steps={self.train_steps}")
         if not self.space and self.algorithm != "grid" and not self.seeds:

@@ -89,6 +89,7 @@ FAILED_TRIALS = "failed_trials"
 PARETO_SIZE = "pareto_size"
 REJECTED_SAMPLES = "rejected_samples"
 BUDGET_LOSS = "budget_loss"  # learnable keep ratios' token-budget term
+ALIGN_LOSS = "align_loss"  # a trained trial's stage 1 (projector alone, tune.align_steps), one step each
 S_INTRA = "s_intra"  # analyze's curves, one step per layer
 S_CROSS = "s_cross"
 ILVAS_MEAN = "ilvas_mean"

@@ -251,9 +251,30 @@ def _train_and_evaluate(
     t = cfg.train
     vlm = _trial_model(cfg, fresh=True)
     data = make_dataset(vlm, training_samples(cfg, vlm.grid), template=t.template, max_length=t.max_length)
+    align_projector(cfg, vlm, data, tracker)
     hook = _EvalEvery(cfg, vlm, ctx.reference, tracker, start, devices, reported)
     plain_training(vlm, cfg.main_schedule, data, t, steps=cfg.tune.train_steps, seed=cfg.seed, hooks=[hook])
     return hook.metrics
+
+
+def align_projector(cfg: ExperimentConfig, vlm, data, tracker) -> None:
+    """Stage 1 of a trained trial (`tune.align_steps`, 0: none): the projector alone trains with the trial's
+    schedule active, so an image injected at a deeper layer arrives in a form that layer reads (the paper
+    trains both stages with the schedule active); the LM stays frozen, its loss goes to `align_loss`."""
+    steps = cfg.tune.align_steps
+    if not steps:
+        return
+    recipe = cfg.train.model_copy(update={"stage": "pretrain", "lora": None, "lr": cfg.tune.align_lr})
+    hook = _LogLoss(tracker, N.ALIGN_LOSS)
+    plain_training(vlm, cfg.main_schedule, data, recipe, steps=steps, seed=cfg.seed, hooks=[hook])
+
+
+class _LogLoss(Hook):
+    def __init__(self, tracker, key: str):
+        self.tracker, self.key = tracker, key
+
+    def on_step_end(self, loop: TrainingLoop, step: StepEnd) -> None:
+        self.tracker.log_metrics({self.key: step.loss}, step=step.step)
 
 
 class _EvalEvery(Hook):
