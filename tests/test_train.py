@@ -138,7 +138,7 @@ def test_two_worker_zero2_run_spools_behind_an_unreachable_server_and_replays(tm
     result = _run(tmp_path, monkeypatch, "tracking.uri=http://user:s3cret@127.0.0.1:9")  # the port is closed
     assert result.exit_code == 0, result.output
     assert "unreachable" in result.output and "s3cret" not in result.output
-    # every Ray session started meanwhile (with xdist another worker's may be the newest)
+    # every Ray session started meanwhile (session_latest may be another Ray on the machine)
     sessions = [p for p in Path("/tmp/ray").glob("session_2*") if p.stat().st_mtime >= started - 1]
     assert sessions, "the training's Ray session left no folder in /tmp/ray"
     for path in [*tmp_path.rglob("*"), *(f for s in sessions for f in s.rglob("*"))]:
