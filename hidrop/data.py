@@ -440,12 +440,35 @@ def _easy_vqa_family(answer: str) -> str:
     return "shape" if answer in _EASY_VQA_SHAPES else "color"
 
 
+def _answer_balanced(questions: Sequence[str], answers: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+    """The indices of a seeded subset in which every question text has each of its answers equally often
+    (as often as its rarest one): "is a red shape present?" is "no" for 7 images in 8, so a model can
+    score well on the raw split without looking; on this subset the text alone says nothing."""
+    groups: dict[str, dict[str, list[int]]] = {}
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        groups.setdefault(q, {}).setdefault(a, []).append(i)
+    kept = []
+    for by_answer in groups.values():
+        if len(by_answer) < 2:
+            continue  # one answer only: the text gives it away
+        k = min(map(len, by_answer.values()))
+        for ids in by_answer.values():
+            kept.extend(rng.permutation(ids)[:k])
+    return np.sort(np.array(kept, dtype=int))
+
+
 def easy_vqa_samples(
-    split: str = "train", limit: Optional[int] = None, seed: int = 0, per_family: Optional[int] = None
+    split: str = "train",
+    limit: Optional[int] = None,
+    seed: int = 0,
+    per_family: Optional[int] = None,
+    balance_answers: bool = False,
 ) -> list[Sample]:
     """easy-VQA (64x64 shapes) as single-word-answer samples; `limit` draws a seeded subset in original order.
     `per_family` draws that many of each question family (existence, shape, colour) instead: the split is
-    mostly existence questions (colour about a tenth), which a short training otherwise barely sees."""
+    mostly existence questions (colour about a tenth), which a short training otherwise barely sees.
+    `balance_answers` first narrows the split to questions whose text does not predict the answer
+    (`_answer_balanced`): without it a model learns existence questions' priors instead of looking."""
     import easy_vqa  # imported here: it reads its question files at import
 
     if split == "train":
@@ -459,18 +482,20 @@ def easy_vqa_samples(
     candidates = tuple(sorted(easy_vqa.get_answers()))
 
     indices = np.arange(len(questions))
+    if balance_answers:
+        indices = _answer_balanced(questions, answers, np.random.default_rng(seed))
     if per_family is not None:
         if limit is not None:
             raise ValueError("easy_vqa: give limit or per_family, not both")
         rng = np.random.default_rng(seed)
-        families = np.array([_easy_vqa_family(a) for a in answers])
-        picked = [rng.permutation(np.flatnonzero(families == f))[:per_family] for f in sorted(set(families))]
+        families = np.array([_easy_vqa_family(answers[i]) for i in indices])
+        picked = [rng.permutation(indices[families == f])[:per_family] for f in sorted(set(families))]
         indices = np.sort(np.concatenate(picked))
     elif limit is not None:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
         if limit < len(indices):
-            indices = np.sort(np.random.default_rng(seed).choice(len(indices), size=limit, replace=False))
+            indices = np.sort(np.random.default_rng(seed).choice(indices, size=limit, replace=False))
     return [
         Sample(
             id=f"easyvqa-{split}-{i}",

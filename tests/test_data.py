@@ -582,12 +582,40 @@ def test_easy_vqa_per_family_draws_each_family_equally():
         easy_vqa_samples("train", limit=10, per_family=5)
 
 
+def test_easy_vqa_balanced_answers_leave_the_text_nothing_to_say():
+    """Counted by brute force: after balance_answers every question text has each of its answers equally
+    often, so the best text-only guess scores 1/answers per text; the raw split lets it score far more."""
+    import collections
+
+    def best_blind(samples):  # the score of always giving each text's most frequent answer
+        by_text = collections.defaultdict(collections.Counter)
+        for s in samples:
+            by_text[s.conversations[0]["value"]][s.answer] += 1
+        return sum(c.most_common(1)[0][1] for c in by_text.values()) / len(samples)
+
+    raw = [s for s in easy_vqa_samples("train") if s.family == "existence"]
+    balanced = easy_vqa_samples("train", balance_answers=True, seed=1)
+    existence = [s for s in balanced if s.family == "existence"]
+    by_text = collections.defaultdict(collections.Counter)
+    for s in balanced:
+        by_text[s.conversations[0]["value"]][s.answer] += 1
+    assert all(len(set(c.values())) == 1 and len(c) > 1 for c in by_text.values())
+    assert best_blind(raw) > 0.7 and best_blind(existence) == 0.5
+    assert len(existence) > 10_000 and {s.family for s in balanced} == {"existence", "shape", "color"}
+    drawn = easy_vqa_samples("train", balance_answers=True, per_family=300, seed=1)
+    assert {s.id for s in drawn} <= {s.id for s in balanced} and len(drawn) == 900
+    assert [s.id for s in drawn] == [
+        s.id for s in easy_vqa_samples("train", balance_answers=True, per_family=300, seed=1)
+    ]
+
+
 @pytest.mark.parametrize(
     "options,limit,msg",
     [
         ({"per_famly": 3}, None, "unknown option 'per_famly'"),
         ({"per_family": 0}, None, "positive"),
         ({"per_family": 3}, 9, "not both"),
+        ({"balance_answers": "yes"}, None, "true or false"),
     ],
 )
 def test_easy_vqa_data_options_are_checked(options, limit, msg):

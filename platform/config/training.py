@@ -26,9 +26,13 @@ class DataSpec(ConfigModel):
         if self.name == "llava_json" and not self.path:
             raise ValueError("data name=llava_json needs path (a LLaVA JSON/JSONL file)")
         if self.name == "easy_vqa":
-            unknown = sorted(set(self.options) - {"per_family"})
+            unknown = sorted(set(self.options) - {"per_family", "balance_answers"})
             if unknown:
-                raise ValueError(f"data name=easy_vqa: unknown option {unknown[0]!r} (it takes per_family)")
+                raise ValueError(
+                    f"data name=easy_vqa: unknown option {unknown[0]!r} (it takes per_family, balance_answers)"
+                )
+            if not isinstance(self.options.get("balance_answers", False), bool):
+                raise ValueError("data name=easy_vqa: options.balance_answers must be true or false")
             per_family = self.options.get("per_family")
             if per_family is not None and (not isinstance(per_family, int) or per_family <= 0):
                 raise ValueError("data name=easy_vqa: options.per_family must be a positive integer")
