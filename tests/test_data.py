@@ -587,19 +587,19 @@ def test_easy_vqa_balanced_answers_leave_the_text_nothing_to_say():
     often, so the best text-only guess scores 1/answers per text; the raw split lets it score far more."""
     import collections
 
-    def best_blind(samples):  # the score of always giving each text's most frequent answer
+    def answers_by_text(samples):
         by_text = collections.defaultdict(collections.Counter)
         for s in samples:
             by_text[s.conversations[0]["value"]][s.answer] += 1
-        return sum(c.most_common(1)[0][1] for c in by_text.values()) / len(samples)
+        return by_text.values()
+
+    def best_blind(samples):  # the score of always giving each text's most frequent answer
+        return sum(c.most_common(1)[0][1] for c in answers_by_text(samples)) / len(samples)
 
     raw = [s for s in easy_vqa_samples("train") if s.family == "existence"]
     balanced = easy_vqa_samples("train", balance_answers=True, seed=1)
     existence = [s for s in balanced if s.family == "existence"]
-    by_text = collections.defaultdict(collections.Counter)
-    for s in balanced:
-        by_text[s.conversations[0]["value"]][s.answer] += 1
-    assert all(len(set(c.values())) == 1 and len(c) > 1 for c in by_text.values())
+    assert all(len(set(c.values())) == 1 and len(c) > 1 for c in answers_by_text(balanced))
     assert best_blind(raw) > 0.7 and best_blind(existence) == 0.5
     assert len(existence) > 10_000 and {s.family for s in balanced} == {"existence", "shape", "color"}
     drawn = easy_vqa_samples("train", balance_answers=True, per_family=300, seed=1)
